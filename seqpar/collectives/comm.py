@@ -1,0 +1,378 @@
+"""Communication primitives for the SP algorithms, with byte accounting and bounded waits.
+
+Every byte an SP op moves goes through this module, so that
+
+* ``count_comm()`` can report, for this rank, the bytes sent, the number of calls per operation, the bytes
+  per operation and, for point-to-point sends, the bytes per peer and per ring direction; benchmarks and
+  tests compare these against the analytic formula of each algorithm;
+* every wait has a timeout (``SEQPAR_COMM_TIMEOUT_S``, default 300 s), so a missing peer becomes an error
+  on the waiting rank instead of a hang.
+
+Byte conventions (nccl-tests "bus bandwidth", what one rank puts on the wire):
+
+================  ==========================================
+send / isend      bytes of the tensor sent
+all_gather        input bytes * (P - 1)
+all_to_all        bytes of the pieces sent to other ranks (= input bytes * (P - 1) / P for equal splits)
+reduce_scatter    input bytes * (P - 1) / P   (input: the full, unscattered tensor)
+all_reduce        2 * bytes * (P - 1) // P
+================  ==========================================
+
+gloo notes: ``batch_isend_irecv`` can hang on gloo, so point-to-point transfers are issued as individual
+``isend``/``irecv`` in the same order on every rank (even ranks send first, odd ranks receive first), and
+the two ring directions use different tags so that at P = 2, where both directions connect the same two
+ranks, a message never matches the receive of the other direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from seqpar import tracing
+
+__all__ = [
+    "CommStats",
+    "PendingTransfer",
+    "all_gather",
+    "all_gather_async",
+    "all_gather_differentiable",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_differentiable",
+    "count_comm",
+    "default_timeout",
+    "group_info",
+    "recv",
+    "reduce_scatter",
+    "ring_exchange",
+    "ring_exchange_bidirectional",
+    "send",
+]
+
+# Tags keep concurrent point-to-point streams apart (gloo matches receives by (source, tag)).
+TAG_NEXT = 11  # data travelling to rank + 1
+TAG_PREV = 12  # data travelling to rank - 1
+TAG_P2P = 13  # explicit-peer transfers
+
+
+def default_timeout() -> datetime.timedelta:
+    """The bound on every wait in seqpar, from ``SEQPAR_COMM_TIMEOUT_S`` (default 300 s)."""
+    return datetime.timedelta(seconds=float(os.environ.get("SEQPAR_COMM_TIMEOUT_S", "300")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------------
+
+
+def group_info(group: dist.ProcessGroup | None = None) -> tuple[dist.ProcessGroup, int, int]:
+    """Return ``(group, rank_in_group, group_size)`` for ``group`` (``None``: the default group).
+
+    Raises:
+        ValueError: torch.distributed is not initialised, or this process is not a member of ``group``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "group: torch.distributed is not initialised; call torch.distributed.init_process_group() "
+            "(torchrun does the rendezvous) before using seqpar's distributed ops"
+        )
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not a member of the given group; "
+            "pass a group this rank belongs to (every rank calls the op with its own group)"
+        )
+    return group, rank, dist.get_world_size(group)
+
+
+def _global_rank(group: dist.ProcessGroup, group_rank: int) -> int:
+    if group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accounting
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommStats:
+    """What this rank sent inside a ``count_comm()`` block.
+
+    Attributes:
+        bytes_sent: total bytes, by the conventions in the module docstring.
+        calls: operation name -> number of calls.
+        bytes_by_op: operation name -> bytes.
+        bytes_by_peer: global rank of the receiver -> bytes, for point-to-point sends.
+        bytes_by_direction: ``"next"`` / ``"prev"`` -> bytes, for ring sends.
+    """
+
+    bytes_sent: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_by_op: dict[str, int] = field(default_factory=dict)
+    bytes_by_peer: dict[int, int] = field(default_factory=dict)
+    bytes_by_direction: dict[str, int] = field(default_factory=dict)
+
+    def _add(self, op: str, nbytes: int, peer: int | None, direction: str | None) -> None:
+        self.bytes_sent += nbytes
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + nbytes
+        if peer is not None:
+            self.bytes_by_peer[peer] = self.bytes_by_peer.get(peer, 0) + nbytes
+        if direction is not None:
+            self.bytes_by_direction[direction] = self.bytes_by_direction.get(direction, 0) + nbytes
+
+
+_active_counters: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def count_comm() -> Iterator[CommStats]:
+    """Count what this rank sends inside the block (nests: every open counter sees every transfer)."""
+    stats = CommStats()
+    _active_counters.append(stats)
+    try:
+        yield stats
+    finally:
+        _active_counters.remove(stats)
+
+
+def _record(op: str, nbytes: int, *, peer: int | None = None, direction: str | None = None) -> None:
+    for stats in _active_counters:
+        stats._add(op, int(nbytes), peer, direction)
+    tracing.record("comm", op=op, bytes=int(nbytes), peer=peer, direction=direction)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Point-to-point
+# ----------------------------------------------------------------------------------------------------
+
+
+class PendingTransfer:
+    """In-flight point-to-point or collective work; ``wait()`` blocks (with the timeout) and returns the result."""
+
+    def __init__(self, works: Sequence[dist.Work], result: object, describe: str) -> None:
+        self._works = list(works)
+        self._result = result
+        self._describe = describe
+        self._done = False
+
+    def wait(self, timeout: datetime.timedelta | None = None):
+        if not self._done:
+            timeout = timeout or default_timeout()
+            for work in self._works:
+                try:
+                    work.wait(timeout)
+                except RuntimeError as err:  # gloo reports both timeouts and dead peers as RuntimeError
+                    raise RuntimeError(f"seqpar: {self._describe} failed or timed out after {timeout}: {err}") from err
+            self._done = True
+        tracing.record("wait", what=self._describe)
+        return self._result
+
+
+def _p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]], rank: int) -> list:
+    """Issue sends and receives in an order that pairs up on every rank: even ranks send first."""
+    ops = []
+
+    def issue_sends() -> None:
+        for tensor, dst, tag in sends:
+            ops.append(dist.isend(tensor, dst, tag=tag))
+
+    def issue_recvs() -> None:
+        for tensor, src, tag in recvs:
+            ops.append(dist.irecv(tensor, src, tag=tag))
+
+    if rank % 2 == 0:
+        issue_sends()
+        issue_recvs()
+    else:
+        issue_recvs()
+        issue_sends()
+    return ops
+
+
+def ring_exchange(
+    tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None, direction: str = "next"
+) -> PendingTransfer:
+    """Send ``tensor`` one step around the ring and receive the neighbour's tensor of the same shape.
+
+    ``direction="next"`` sends to rank + 1 and receives from rank - 1; ``"prev"`` the reverse. Returns at once;
+    ``.wait()`` gives the received tensor. The caller keeps ``tensor`` alive and unmodified until then (double
+    buffering: compute on the current block while the next one is in flight).
+    """
+    return ring_exchange_bidirectional(
+        tensor if direction == "next" else None, tensor if direction == "prev" else None, group=group
+    )
+
+
+def ring_exchange_bidirectional(
+    to_next: torch.Tensor | None,
+    to_prev: torch.Tensor | None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> PendingTransfer:
+    """Send ``to_next`` to rank + 1 and ``to_prev`` to rank - 1 at the same time; receive their counterparts.
+
+    ``.wait()`` returns ``(from_prev, from_next)``: the tensor rank - 1 sent forward (shaped like ``to_next``)
+    and the tensor rank + 1 sent backward (shaped like ``to_prev``); ``None`` for a direction not used.
+    """
+    group, rank, size = group_info(group)
+    if size == 1:  # a ring of one: the neighbour is this rank, nothing crosses a link
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return PendingTransfer([], (clone(to_next), clone(to_prev)), "ring exchange with itself")
+    nxt, prv = _global_rank(group, (rank + 1) % size), _global_rank(group, (rank - 1) % size)
+    sends, recvs = [], []
+    from_prev = from_next = None
+    if to_next is not None:
+        to_next = to_next.contiguous()
+        from_prev = torch.empty_like(to_next)
+        sends.append((to_next, nxt, TAG_NEXT))
+        recvs.append((from_prev, prv, TAG_NEXT))
+        _record("send", _nbytes(to_next), peer=nxt, direction="next")
+    if to_prev is not None:
+        to_prev = to_prev.contiguous()
+        from_next = torch.empty_like(to_prev)
+        sends.append((to_prev, prv, TAG_PREV))
+        recvs.append((from_next, nxt, TAG_PREV))
+        _record("send", _nbytes(to_prev), peer=prv, direction="prev")
+    works = _p2p(sends, recvs, rank)
+    return PendingTransfer(works, (from_prev, from_next), f"ring exchange on rank {rank} (peers {prv}, {nxt})")
+
+
+def send(tensor: torch.Tensor, dst: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
+    """Asynchronously send ``tensor`` to group rank ``dst``."""
+    group, rank, _ = group_info(group)
+    peer = _global_rank(group, dst)
+    tensor = tensor.contiguous()
+    _record("send", _nbytes(tensor), peer=peer)
+    return PendingTransfer([dist.isend(tensor, peer, tag=tag)], None, f"send from rank {rank} to rank {dst}")
+
+
+def recv(tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
+    """Asynchronously receive into ``tensor`` from group rank ``src``; ``.wait()`` returns ``tensor``."""
+    group, rank, _ = group_info(group)
+    work = dist.irecv(tensor, _global_rank(group, src), tag=tag)
+    return PendingTransfer([work], tensor, f"receive on rank {rank} from rank {src}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives
+# ----------------------------------------------------------------------------------------------------
+
+
+def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> PendingTransfer:
+    """Start an all-gather of equal-shaped tensors; ``.wait()`` returns them stacked on a new dim 0 (rank order)."""
+    group, rank, size = group_info(group)
+    tensor = tensor.contiguous()
+    flat = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    _record("all_gather", _nbytes(tensor) * (size - 1))
+    work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
+    return PendingTransfer([work], flat.view(size, *tensor.shape), f"all_gather on rank {rank}")
+
+
+# torch renamed all_gather_into_tensor to all_gather_single (2.10+); the old name warns there.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather; returns the ranks' tensors stacked on a new dim 0, in rank order."""
+    return all_gather_async(tensor, group=group).wait()
+
+
+def all_to_all(
+    inputs: Sequence[torch.Tensor],
+    *,
+    group: dist.ProcessGroup | None = None,
+    output_shapes: Sequence[torch.Size | tuple[int, ...]] | None = None,
+) -> list[torch.Tensor]:
+    """Send ``inputs[j]`` to rank j; return the list whose j-th entry came from rank j.
+
+    Pieces may differ in size (uneven splits): pass ``output_shapes[j]``, the shape of the piece rank j sends
+    here. Without it, the piece from rank j is assumed shaped like ``inputs[j]`` (the even case).
+    """
+    group, rank, size = group_info(group)
+    if len(inputs) != size:
+        raise ValueError(f"inputs: all_to_all needs one piece per rank ({size}), got {len(inputs)}")
+    inputs = [t.contiguous() for t in inputs]
+    shapes = output_shapes if output_shapes is not None else [t.shape for t in inputs]
+    outputs = [torch.empty(shape, dtype=t.dtype, device=t.device) for shape, t in zip(shapes, inputs)]
+    _record("all_to_all", sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank))
+    work = dist.all_to_all(outputs, inputs, group=group, async_op=True)
+    return PendingTransfer([work], outputs, f"all_to_all on rank {rank}").wait()
+
+
+def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over ranks and return this rank's slice of dim 0 (dim 0 must divide by P)."""
+    group, rank, size = group_info(group)
+    if tensor.shape[0] % size:
+        raise ValueError(f"tensor: dim 0 ({tensor.shape[0]}) must be divisible by the group size {size}")
+    tensor = tensor.contiguous()
+    out = torch.empty((tensor.shape[0] // size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _record("reduce_scatter", _nbytes(tensor) * (size - 1) // size)
+    work = dist.reduce_scatter_tensor(out, tensor, group=group, async_op=True)
+    return PendingTransfer([work], out, f"reduce_scatter on rank {rank}").wait()
+
+
+def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place and return it."""
+    group, rank, size = group_info(group)
+    _record("all_reduce", 2 * _nbytes(tensor) * (size - 1) // size)
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}").wait()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differentiable collectives (their adjoints are collectives too)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group):
+        ctx.group = group
+        return all_gather(tensor, group=group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank used the gathered copy, so the gradient of a shard is the sum of all ranks' gradients for it.
+        return reduce_scatter(grad.contiguous(), group=ctx.group).squeeze(0), None
+
+
+def all_gather_differentiable(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``all_gather`` whose backward reduce-scatters the gradient (stacked on a new dim 0)."""
+    return _AllGather.apply(tensor, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, *inputs: torch.Tensor):
+        ctx.group = group
+        ctx.input_shapes = [t.shape for t in inputs]
+        outputs = all_to_all(list(inputs), group=group)
+        ctx.output_shapes = [t.shape for t in outputs]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        grads = [torch.zeros(s) if g is None else g for g, s in zip(grads, ctx.output_shapes)]
+        return (None, *all_to_all(grads, group=ctx.group, output_shapes=ctx.input_shapes))
+
+
+def all_to_all_differentiable(
+    inputs: Sequence[torch.Tensor], *, group: dist.ProcessGroup | None = None
+) -> list[torch.Tensor]:
+    """``all_to_all`` whose backward is the reverse all-to-all."""
+    return list(_AllToAll.apply(group, *inputs))

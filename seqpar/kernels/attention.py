@@ -1,0 +1,387 @@
+"""The softmax-attention block kernel the SP algorithms call, behind a backend registry.
+
+Contract (every backend):
+
+* ``forward(q, k, v, *, causal, scale) -> (out, lse)``: q (B, Sq, H, D), k/v (B, Sk, H_kv, D) with
+  H % H_kv == 0; out (B, Sq, H, D) in q's dtype; lse (B, H, Sq) in float32 (float64 for float64 input).
+* ``backward(dout, q, k, v, out, lse, *, causal, scale) -> (dq, dk, dv)`` in the inputs' dtypes.
+* ``causal`` is bottom-right aligned (flash-attn's convention): query i sees key j when j <= i + Sk - Sq.
+  Rows that see no key give out = 0 and lse = -inf, never NaN.
+* Packed variable-length forms take (T, H, D) tensors and int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` and return
+  lse of shape (H, T); sequence i of q attends only to sequence i of k.
+
+The torch backend uses aten's fused CPU flash kernel (which returns the LSE) and falls back to plain math
+elsewhere; Triton and flash-attn register themselves here when they import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from seqpar import tracing
+
+__all__ = [
+    "AttentionBackend",
+    "attention",
+    "attention_block",
+    "attention_block_backward",
+    "attention_block_varlen",
+    "attention_block_varlen_backward",
+    "available_attention_backends",
+    "get_attention_backend",
+    "merge_attention_outputs",
+    "register_attention_backend",
+]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A set of attention kernels. ``forward_varlen``/``backward_varlen`` may be None: the dispatcher then
+    runs the padded kernels sequence by sequence. ``supports(device, dtype)`` says where it can run."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[torch.device, torch.dtype], bool]
+    forward_varlen: Callable | None = None
+    backward_varlen: Callable | None = None
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+_AUTO_ORDER = ("flash_attn", "triton", "torch")
+
+
+def register_attention_backend(backend: AttentionBackend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_attention_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """Resolve ``name`` (``"auto"`` or a registered name) for tensors on ``device`` of ``dtype``.
+
+    Raises:
+        ValueError: unknown backend, or a named backend that cannot run on this device/dtype.
+    """
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            backend = _BACKENDS.get(candidate)
+            if backend is not None and backend.supports(device, dtype):
+                return backend
+        raise ValueError(f"backend: no attention backend supports {device.type}/{dtype}")
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: unknown attention backend {name!r}; registered: {sorted(_BACKENDS)} or 'auto'")
+    backend = _BACKENDS[name]
+    if not backend.supports(device, dtype):
+        raise ValueError(f"backend: {name!r} cannot run on {device.type} with {dtype}; use backend='auto'")
+    return backend
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial results and LSEs are kept in float32, or float64 when the inputs are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The out/LSE merge
+# ----------------------------------------------------------------------------------------------------
+
+
+def merge_attention_outputs(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax-attention partials over disjoint key sets; -inf safe, in float32 (float64 for float64).
+
+    out: (..., S, H, D) with lse (..., H, S) -- the kernels' layout. ``out=None`` starts from ``block_*``.
+    """
+    acc = accumulation_dtype(block_out.dtype)
+    block_out, block_lse = block_out.to(acc), block_lse.to(acc)
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    # Where both are -inf the row has seen no key yet: keep zeros instead of exp(nan).
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_old = torch.exp(lse - safe).transpose(-1, -2).unsqueeze(-1)
+    w_new = torch.exp(block_lse - safe).transpose(-1, -2).unsqueeze(-1)
+    return out * w_old + block_out * w_new, new_lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torch backend
+# ----------------------------------------------------------------------------------------------------
+
+
+def _causal_bias(sq: int, sk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill(j > i + (sk - sq), float("-inf"))
+
+
+def _math_forward(q, k, v, causal, scale):
+    """Plain softmax in the accumulation dtype: (B, H, Sq, D) in, (out, lse) out. For devices without a fused kernel."""
+    acc = accumulation_dtype(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, 1).to(acc)
+    vv = v.repeat_interleave(group, 1).to(acc)
+    scores = q.to(acc) @ kk.transpose(-1, -2) * scale
+    if causal:
+        scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
+    return (probs @ vv).to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    acc = accumulation_dtype(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    qa, doa, oa = q.to(acc), dout.to(acc), out.to(acc)
+    kk = k.repeat_interleave(group, 1).to(acc)
+    vv = v.repeat_interleave(group, 1).to(acc)
+    scores = qa @ kk.transpose(-1, -2) * scale
+    if causal:
+        scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
+    probs = torch.nan_to_num(torch.exp(scores - lse.to(acc)[..., None]), nan=0.0)
+    dv = probs.transpose(-1, -2) @ doa
+    dp = doa @ vv.transpose(-1, -2)
+    delta = (doa * oa).sum(-1, keepdim=True)
+    ds = probs * (dp - delta) * scale
+    dq = ds @ kk
+    dk = ds.transpose(-1, -2) @ qa
+    b, h_kv, sk, d = k.shape
+    dk = dk.view(b, h_kv, group, sk, d).sum(2)
+    dv = dv.view(b, h_kv, group, sk, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _use_cpu_flash(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _torch_forward_bhsd(q, k, v, causal, scale):
+    """(B, H, S, D) tensors, every query row sees at least one key."""
+    if not _use_cpu_flash(q):
+        return _math_forward(q, k, v, causal, scale)
+    sq, sk = q.shape[2], k.shape[2]
+    if causal and sq != sk:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_causal_bias(sq, sk, q.dtype, q.device), scale=scale
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _torch_backward_bhsd(dout, q, k, v, out, lse, causal, scale):
+    if not _use_cpu_flash(q):
+        return _math_backward(dout, q, k, v, out, lse, causal, scale)
+    sq, sk = q.shape[2], k.shape[2]
+    mask = _causal_bias(sq, sk, q.dtype, q.device) if causal and sq != sk else None
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal and mask is None, attn_mask=mask, scale=scale
+    )
+
+
+def _torch_forward(q, k, v, *, causal, scale):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    acc = accumulation_dtype(q.dtype)
+    out = q.new_zeros(b, sq, h, v.shape[-1])
+    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    # With bottom-right causal alignment the first Sq - Sk rows see no key: leave them at (0, -inf).
+    first = max(sq - sk, 0) if causal else 0
+    if sk == 0 or first == sq:
+        return out, lse
+    o, l = _torch_forward_bhsd(
+        q[:, first:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale
+    )
+    out[:, first:] = o.transpose(1, 2)
+    lse[:, :, first:] = l.to(acc)
+    return out, lse
+
+
+def _torch_backward(dout, q, k, v, out, lse, *, causal, scale):
+    sq, sk = q.shape[1], k.shape[1]
+    first = max(sq - sk, 0) if causal else 0
+    dq = torch.zeros_like(q)
+    if sk == 0 or first == sq:
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 -- (B, S, H, D) <-> (B, H, S, D)
+    lse_rows = lse[:, :, first:]
+    if _use_cpu_flash(q):
+        lse_rows = lse_rows.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    g_q, g_k, g_v = _torch_backward_bhsd(
+        t(dout[:, first:]).contiguous(), t(q[:, first:]).contiguous(), t(k).contiguous(), t(v).contiguous(),
+        t(out[:, first:]).contiguous(), lse_rows, causal, scale,
+    )
+    dq[:, first:] = t(g_q)
+    return dq, t(g_k).contiguous(), t(g_v).contiguous()
+
+
+register_attention_backend(
+    AttentionBackend(
+        name="torch",
+        forward=_torch_forward,
+        backward=_torch_backward,
+        supports=lambda device, dtype: dtype.is_floating_point,
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+
+
+def attention_block(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q against one block of keys; returns ``(out, lse)``. See the module docstring for shapes."""
+    impl = get_attention_backend(backend, q.device, q.dtype)
+    tracing.record("kernel", name="attention_block", causal=causal, sq=q.shape[1], sk=k.shape[1])
+    return impl.forward(q, k, v, causal=causal, scale=_default_scale(q, scale))
+
+
+def attention_block_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_block``. ``out``/``lse`` are the FINAL (merged) ones when the block is part of a
+    larger softmax: then ``dq`` etc. are this block's share of the gradient."""
+    impl = get_attention_backend(backend, q.device, q.dtype)
+    tracing.record("kernel", name="attention_block_backward", causal=causal, sq=q.shape[1], sk=k.shape[1])
+    return impl.backward(dout, q, k, v, out, lse, causal=causal, scale=_default_scale(q, scale))
+
+
+def attention_block_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed form: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq)."""
+    impl = get_attention_backend(backend, q.device, q.dtype)
+    scale = _default_scale(q, scale)
+    tracing.record("kernel", name="attention_block_varlen", causal=causal, sq=q.shape[0], sk=k.shape[0])
+    if impl.forward_varlen is not None:
+        return impl.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    outs, lses = [], []
+    for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
+        o, l = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, -1)
+
+
+def attention_block_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_block_varlen``."""
+    impl = get_attention_backend(backend, q.device, q.dtype)
+    scale = _default_scale(q, scale)
+    tracing.record("kernel", name="attention_block_varlen_backward", causal=causal, sq=q.shape[0], sk=k.shape[0])
+    if impl.backward_varlen is not None:
+        return impl.backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
+        g = impl.backward(
+            dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], out[None, qa:qb],
+            lse[None, :, qa:qb], causal=causal, scale=scale,
+        )
+        dq[qa:qb], dk[ka:kb], dv[ka:kb] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+def _pairs(cu_q: torch.Tensor, cu_k: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_k: {len(bk) - 1} sequences but cu_seqlens_q has {len(bq) - 1}")
+    return list(zip(zip(bq, bq[1:]), zip(bk, bk[1:])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differentiable single-device attention (what Ulysses and all-gather-KV run after their collectives)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k):
+        if cu_seqlens_q is None:
+            out, lse = attention_block(q, k, v, causal=causal, scale=scale, backend=backend)
+        else:
+            out, lse = attention_block_varlen(
+                q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale,
+                backend=backend,
+            )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (causal, scale, backend, cu_seqlens_q, cu_seqlens_k)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, backend, cu_q, cu_k = ctx.options
+        if cu_q is None:
+            grads = attention_block_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, backend=backend)
+        else:
+            grads = attention_block_varlen_backward(
+                dout, q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, scale=scale,
+                backend=backend,
+            )
+        return (*grads, None, None, None, None, None)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable single-device attention over the block kernels (padded, or packed with cu_seqlens)."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_k: pass both cu_seqlens_q and cu_seqlens_k, or neither")
+    return _Attention.apply(q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k)

@@ -1,0 +1,143 @@
+"""Chunked linear attention with decay, initial state in and final state out (torch backend).
+
+Recurrence: S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
+
+Chunked form (chunk of C tokens, b_t = sum of g over the chunk up to and including t):
+
+* intra-chunk:  o_t  = scale * sum_{s <= t} exp(b_t - b_s) (q_t . k_s) v_s       (C x C per chunk)
+* inter-chunk:  o_t += scale * exp(b_t) q_t^T S_prev
+* state:        S    = exp(b_C) S_prev + sum_s exp(b_C - b_s) k_s v_s^T
+
+Every exponent is <= 0 (g <= 0, s <= t), so nothing overflows. Time O(S * C), not O(S^2). Autograd runs
+through these torch ops; bf16/fp16 inputs are computed in float32 and returned in their own dtype.
+
+``log_decay`` kinds: None (no decay), (H,) per-head constant (lightning attention, RetNet), (B, S, H) per-token
+per-head (simple GLA, Mamba2). The SP algorithms (LASP-2, ZeCO) use the pieces separately: the local chunk's
+state contribution with zero initial state, its total decay, and the correction a rank adds once its incoming
+state is known (``linear_attention_inter``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "expand_log_decay",
+    "linear_attention_chunk",
+    "linear_attention_inter",
+    "total_log_decay",
+    "validate_linear_inputs",
+]
+
+
+def validate_linear_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> None:
+    """Raise ValueError naming the argument when shapes, dtypes or decay values are wrong. No communication."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected (B, S, H, Dk), got shape {tuple(q.shape)}")
+    b, s, h, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape {tuple(q.shape)} like q, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected (B, S, H, Dv) = ({b}, {s}, {h}, Dv), got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: dtypes must match q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    if log_decay is not None:
+        if tuple(log_decay.shape) not in ((h,), (b, s, h)):
+            raise ValueError(
+                f"log_decay: expected None, shape ({h},) per head, or ({b}, {s}, {h}) per token; "
+                f"got {tuple(log_decay.shape)}"
+            )
+        if bool((log_decay.detach() > 0).any()):
+            raise ValueError("log_decay: must be <= 0 (it is the log of a decay factor in (0, 1]); e.g. use -softplus(x)")
+    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, v.shape[-1]):
+        raise ValueError(
+            f"initial_state: expected (B, H, Dk, Dv) = ({b}, {h}, {dk}, {v.shape[-1]}), got {tuple(initial_state.shape)}"
+        )
+
+
+def expand_log_decay(log_decay: torch.Tensor | None, b: int, s: int, h: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Any decay kind as a (B, S, H) per-token tensor (zeros for no decay); differentiable."""
+    if log_decay is None:
+        return torch.zeros(b, s, h, dtype=dtype, device=device)
+    if log_decay.dim() == 1:
+        return log_decay.to(dtype)[None, None, :].expand(b, s, h)
+    return log_decay.to(dtype)
+
+
+def total_log_decay(log_decay: torch.Tensor | None, b: int, s: int, h: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Sum of g over the local sequence, (B, H): the log of the factor the whole chunk applies to an incoming state."""
+    return expand_log_decay(log_decay, b, s, h, dtype, device).sum(1)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_attention_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked linear attention; returns ``(o, final_state)`` (final_state None unless requested).
+
+    Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,) or (B, S, H), all <= 0;
+    initial_state (B, H, Dk, Dv); o (B, S, H, Dv) in q's dtype; final_state (B, H, Dk, Dv) float32
+    (float64 for float64 input).
+
+    Raises:
+        ValueError: shape/dtype mismatch, positive log_decay, chunk_size < 1.
+    """
+    validate_linear_inputs(q, k, v, log_decay, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    b, s, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    cdt = _compute_dtype(q.dtype)
+    g = expand_log_decay(log_decay, b, s, h, cdt, q.device)
+    state = (
+        torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device) if initial_state is None else initial_state.to(cdt)
+    )
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    outs = []
+    for start in range(0, s, chunk_size):
+        end = min(start + chunk_size, s)
+        qi, ki, vi = (x[:, start:end].transpose(1, 2) for x in (qc, kc, vc))  # (B, H, C, D)
+        bcum = g[:, start:end].transpose(1, 2).cumsum(-1)  # (B, H, C)
+        c = end - start
+        diff = bcum[..., :, None] - bcum[..., None, :]  # b_t - b_s
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        weights = torch.exp(diff.masked_fill(~causal, float("-inf")))
+        scores = (qi @ ki.transpose(-1, -2)) * weights
+        o = scores @ vi + torch.exp(bcum)[..., None] * (qi @ state)
+        outs.append((scale * o).transpose(1, 2))
+        to_end = torch.exp(bcum[..., -1:] - bcum)[..., None]  # exp(b_C - b_s)
+        state = torch.exp(bcum[..., -1])[..., None, None] * state + (ki * to_end).transpose(-1, -2) @ vi
+    o = torch.cat(outs, 1).to(q.dtype)
+    return o, (state if output_final_state else None)
+
+
+def linear_attention_inter(
+    q: torch.Tensor, state: torch.Tensor, *, log_decay: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """The incoming-state term of the local output: scale * exp(b_t) q_t^T S_in, with b_t the local cumulative
+    log decay. q (B, S, H, Dk), state (B, H, Dk, Dv) -> (B, S, H, Dv) in the compute dtype."""
+    b, s, h, dk = q.shape
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    cdt = _compute_dtype(q.dtype)
+    bcum = expand_log_decay(log_decay, b, s, h, cdt, q.device).cumsum(1)  # (B, S, H)
+    return scale * torch.exp(bcum)[..., None] * torch.einsum("bshk,bhkv->bshv", q.to(cdt), state.to(cdt))

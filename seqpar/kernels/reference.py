@@ -1,0 +1,93 @@
+"""Obviously-right references for tests: naive math, no tricks, run them in float64.
+
+Nothing here is fast; everything here is written so that a reader can check it against the formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["reference_attention", "reference_linear_attention"]
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention by the definition; returns ``(out, lse)``.
+
+    Shapes: q (B, Sq, H, D), k/v (B, Sk, H_kv, D) -> out (B, Sq, H, D), lse (B, H, Sq); packed with
+    ``cu_seqlens``: q/k/v (T, H, D) -> out (T, H, D), lse (H, T), tokens of different sequences never attend
+    to each other. Causal masking compares positions: key j is visible to query i when
+    ``k_positions[j] <= q_positions[i]``; by default positions are bottom-right aligned
+    (``q_positions = arange(Sq) + Sk - Sq``), the flash-attn convention, which for Sq == Sk is the usual mask.
+    Rows that see no key give out = 0 and lse = -inf.
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outs, lses = [], []
+        for a, b in zip(bounds, bounds[1:]):
+            o, l = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal, scale=scale)
+            outs.append(o[0])
+            lses.append(l[0])
+        return torch.cat(outs, 0), torch.cat(lses, -1)
+    _, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = h // h_kv
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        qp = torch.arange(sq) + (sk - sq) if q_positions is None else q_positions.cpu()
+        kp = torch.arange(sk) if k_positions is None else k_positions.cpu()
+        visible = (kp[None, :] <= qp[:, None]).to(q.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: exp(-inf - -inf)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out, lse
+
+
+def reference_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear-attention recurrence, one token at a time; returns ``(o, final_state)``.
+
+    S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
+
+    Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,) or (B, S, H);
+    initial_state (B, H, Dk, Dv); o (B, S, H, Dv); final_state (B, H, Dk, Dv).
+    """
+    b, s, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(dk) if scale is None else scale
+    state = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state
+    outs = []
+    for t in range(s):
+        if log_decay is None:
+            decay = None
+        elif log_decay.dim() == 1:
+            decay = torch.exp(log_decay)[None, :, None, None]
+        else:
+            decay = torch.exp(log_decay[:, t])[:, :, None, None]
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        state = kv + (state if decay is None else decay * state)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state
