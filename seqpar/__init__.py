@@ -2,6 +2,9 @@
 
 from seqpar.collectives import (
     CommStats,
+    allgather_kv_attention,
+    ring_attention,
+    ulysses_attention,
     PaddedSequence,
     count_comm,
     local_positions,
@@ -14,6 +17,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CommStats",
+    "allgather_kv_attention",
+    "ring_attention",
+    "ulysses_attention",
     "PaddedSequence",
     "count_comm",
     "local_positions",

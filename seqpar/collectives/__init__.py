@@ -1,5 +1,6 @@
 """SP algorithms over torch.distributed, the communication primitives they share, and sequence layouts."""
 
+from seqpar.collectives.allgather_kv import allgather_kv_attention
 from seqpar.collectives.comm import CommStats, count_comm
 from seqpar.collectives.layout import (
     PaddedSequence,
@@ -8,9 +9,14 @@ from seqpar.collectives.layout import (
     shard_sequence,
     unshard_sequence,
 )
+from seqpar.collectives.ring import ring_attention
+from seqpar.collectives.ulysses import ulysses_attention
 
 __all__ = [
     "CommStats",
+    "allgather_kv_attention",
+    "ring_attention",
+    "ulysses_attention",
     "PaddedSequence",
     "count_comm",
     "local_positions",

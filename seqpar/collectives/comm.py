@@ -205,16 +205,20 @@ def _p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Ten
 
 
 def ring_exchange(
-    tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None, direction: str = "next"
+    tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None, direction: str = "next", stream: int = 0
 ) -> PendingTransfer:
     """Send ``tensor`` one step around the ring and receive the neighbour's tensor of the same shape.
 
     ``direction="next"`` sends to rank + 1 and receives from rank - 1; ``"prev"`` the reverse. Returns at once;
     ``.wait()`` gives the received tensor. The caller keeps ``tensor`` alive and unmodified until then (double
-    buffering: compute on the current block while the next one is in flight).
+    buffering: compute on the current block while the next one is in flight). Transfers with different
+    ``stream`` numbers never match each other's receives, so an algorithm can keep two streams in flight in
+    the same direction (ring attention's backward: K/V blocks and their gradient accumulators).
     """
+    if direction not in ("next", "prev"):
+        raise ValueError(f"direction: must be 'next' or 'prev', got {direction!r}")
     return ring_exchange_bidirectional(
-        tensor if direction == "next" else None, tensor if direction == "prev" else None, group=group
+        tensor if direction == "next" else None, tensor if direction == "prev" else None, group=group, stream=stream
     )
 
 
@@ -223,6 +227,7 @@ def ring_exchange_bidirectional(
     to_prev: torch.Tensor | None,
     *,
     group: dist.ProcessGroup | None = None,
+    stream: int = 0,
 ) -> PendingTransfer:
     """Send ``to_next`` to rank + 1 and ``to_prev`` to rank - 1 at the same time; receive their counterparts.
 
@@ -234,19 +239,20 @@ def ring_exchange_bidirectional(
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         return PendingTransfer([], (clone(to_next), clone(to_prev)), "ring exchange with itself")
     nxt, prv = _global_rank(group, (rank + 1) % size), _global_rank(group, (rank - 1) % size)
+    tag_next, tag_prev = TAG_NEXT + 100 * stream, TAG_PREV + 100 * stream
     sends, recvs = [], []
     from_prev = from_next = None
     if to_next is not None:
         to_next = to_next.contiguous()
         from_prev = torch.empty_like(to_next)
-        sends.append((to_next, nxt, TAG_NEXT))
-        recvs.append((from_prev, prv, TAG_NEXT))
+        sends.append((to_next, nxt, tag_next))
+        recvs.append((from_prev, prv, tag_next))
         _record("send", _nbytes(to_next), peer=nxt, direction="next")
     if to_prev is not None:
         to_prev = to_prev.contiguous()
         from_next = torch.empty_like(to_prev)
-        sends.append((to_prev, prv, TAG_PREV))
-        recvs.append((from_next, nxt, TAG_PREV))
+        sends.append((to_prev, prv, tag_prev))
+        recvs.append((from_next, nxt, tag_prev))
         _record("send", _nbytes(to_prev), peer=prv, direction="prev")
     works = _p2p(sends, recvs, rank)
     return PendingTransfer(works, (from_prev, from_next), f"ring exchange on rank {rank} (peers {prv}, {nxt})")
@@ -273,6 +279,11 @@ def recv(tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = No
 # ----------------------------------------------------------------------------------------------------
 
 
+# torch renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (2.10+); the old names warn there.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> PendingTransfer:
     """Start an all-gather of equal-shaped tensors; ``.wait()`` returns them stacked on a new dim 0 (rank order)."""
     group, rank, size = group_info(group)
@@ -281,10 +292,6 @@ def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = 
     _record("all_gather", _nbytes(tensor) * (size - 1))
     work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
     return PendingTransfer([work], flat.view(size, *tensor.shape), f"all_gather on rank {rank}")
-
-
-# torch renamed all_gather_into_tensor to all_gather_single (2.10+); the old name warns there.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -322,7 +329,7 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] // size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     _record("reduce_scatter", _nbytes(tensor) * (size - 1) // size)
-    work = dist.reduce_scatter_tensor(out, tensor, group=group, async_op=True)
+    work = _reduce_scatter_single(out, tensor, group=group, async_op=True)
     return PendingTransfer([work], out, f"reduce_scatter on rank {rank}").wait()
 
 
@@ -358,21 +365,25 @@ def all_gather_differentiable(tensor: torch.Tensor, *, group: dist.ProcessGroup 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, *inputs: torch.Tensor):
+    def forward(ctx, group, output_shapes, *inputs: torch.Tensor):
         ctx.group = group
         ctx.input_shapes = [t.shape for t in inputs]
-        outputs = all_to_all(list(inputs), group=group)
+        outputs = all_to_all(list(inputs), group=group, output_shapes=output_shapes)
         ctx.output_shapes = [t.shape for t in outputs]
+        ctx.dtype, ctx.device = inputs[0].dtype, inputs[0].device
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
-        grads = [torch.zeros(s) if g is None else g for g, s in zip(grads, ctx.output_shapes)]
-        return (None, *all_to_all(grads, group=ctx.group, output_shapes=ctx.input_shapes))
+        grads = [torch.zeros(s, dtype=ctx.dtype, device=ctx.device) if g is None else g for g, s in zip(grads, ctx.output_shapes)]
+        return (None, None, *all_to_all(grads, group=ctx.group, output_shapes=ctx.input_shapes))
 
 
 def all_to_all_differentiable(
-    inputs: Sequence[torch.Tensor], *, group: dist.ProcessGroup | None = None
+    inputs: Sequence[torch.Tensor],
+    *,
+    group: dist.ProcessGroup | None = None,
+    output_shapes: Sequence[torch.Size | tuple[int, ...]] | None = None,
 ) -> list[torch.Tensor]:
     """``all_to_all`` whose backward is the reverse all-to-all."""
-    return list(_AllToAll.apply(group, *inputs))
+    return list(_AllToAll.apply(group, output_shapes, *inputs))

@@ -25,6 +25,7 @@ LAYOUTS = ("contiguous", "zigzag")
 __all__ = [
     "LAYOUTS",
     "Layout",
+    "chunk_ranges",
     "PaddedSequence",
     "layout_multiple",
     "local_positions",
@@ -64,7 +65,7 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None, *, n
     return bounds
 
 
-def _chunk_ranges(seq_len: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:
+def chunk_ranges(seq_len: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:
     """The [start, end) ranges of one sequence that ``rank`` holds, in local order."""
     multiple = layout_multiple(layout, world_size)
     if seq_len % multiple:
@@ -90,7 +91,7 @@ def shard_indices(
     bounds = [0, seq_len] if cu_seqlens is None else validate_cu_seqlens(cu_seqlens, seq_len)
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
-        for a, b in _chunk_ranges(end - start, world_size, rank, layout):
+        for a, b in chunk_ranges(end - start, world_size, rank, layout):
             pieces.append(torch.arange(start + a, start + b))
     return torch.cat(pieces)
 

@@ -292,6 +292,14 @@ def attention_block_varlen(
     tracing.record("kernel", name="attention_block_varlen", causal=causal, sq=q.shape[0], sk=k.shape[0])
     if impl.forward_varlen is not None:
         return impl.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
+    if batched is not None:  # equal lengths: one padded call instead of a loop
+        n, sq, sk = batched
+        out, lse = impl.forward(
+            q.view(n, sq, *q.shape[1:]), k.view(n, sk, *k.shape[1:]), v.view(n, sk, *v.shape[1:]),
+            causal=causal, scale=scale,
+        )
+        return out.view(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
     outs, lses = [], []
     for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
         o, l = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
@@ -320,6 +328,16 @@ def attention_block_varlen_backward(
     tracing.record("kernel", name="attention_block_varlen_backward", causal=causal, sq=q.shape[0], sk=k.shape[0])
     if impl.backward_varlen is not None:
         return impl.backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
+    if batched is not None:
+        n, sq, sk = batched
+        as_q = lambda x: x.reshape(n, sq, *x.shape[1:])  # noqa: E731
+        as_k = lambda x: x.reshape(n, sk, *x.shape[1:])  # noqa: E731
+        g = impl.backward(
+            as_q(dout), as_q(q), as_k(k), as_k(v), as_q(out), lse.view(lse.shape[0], n, sq).transpose(0, 1),
+            causal=causal, scale=scale,
+        )
+        return g[0].reshape(q.shape), g[1].reshape(k.shape), g[2].reshape(v.shape)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
         g = impl.backward(
@@ -328,6 +346,16 @@ def attention_block_varlen_backward(
         )
         dq[qa:qb], dk[ka:kb], dv[ka:kb] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
+
+
+def _as_batch(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[int, int, int] | None:
+    """(n, Sq, Sk) when every packed sequence has the same lengths, else None."""
+    lq, lk = torch.diff(cu_q), torch.diff(cu_k)
+    if lq.numel() != lk.numel() or lq.numel() == 0:
+        return None
+    if bool((lq == lq[0]).all()) and bool((lk == lk[0]).all()):
+        return lq.numel(), int(lq[0]), int(lk[0])
+    return None
 
 
 def _pairs(cu_q: torch.Tensor, cu_k: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:

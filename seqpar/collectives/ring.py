@@ -1,0 +1,148 @@
+"""Ring attention: K/V blocks travel around the ring while every rank attends its queries to them.
+
+Forward, P ranks, step s = 0 .. P-1: rank r holds the K/V shard of rank j = r - s. Before running the block
+kernel of step s it issues the transfer that brings the shard of step s + 1 (send to r + 1, receive from
+r - 1), so the transfer overlaps the kernel. Partial (out, lse) are merged in float32 with the -inf safe
+update. Blocks that a causal mask hides completely are skipped (see ``softmax_common.block_kind``; with the
+zigzag layout every rank then does the same work).
+
+Backward, same ring: at step s rank r holds the K/V shard of rank j = r - s again (re-sent, overlapped the same
+way) and a float32 accumulator of dK/dV for shard j that travels one step behind it: created empty at step 1,
+it collects the contribution of every rank it visits and, after the last step, arrives home at rank j, which
+adds its own contribution (kept local since step 0). dQ never leaves the rank. Saved for backward: q, k, v,
+out, lse only.
+
+Bytes sent per rank (b: element size of the inputs, T: local tokens, all sequences together):
+
+=========  ==============================================================
+forward    (P - 1) * 2 * T * H_kv * D * b                         (K and V)
+backward   (P - 1) * 2 * T * H_kv * D * b  +  (P - 1) * 2 * T * H_kv * D * 4
+           (K and V again, then the float32 dK/dV accumulators)
+=========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.collectives import comm
+from seqpar.collectives.softmax_common import (
+    SoftmaxSP,
+    attend_block,
+    attend_block_backward,
+    block_kind,
+    merge_rows,
+    prepare_softmax_sp,
+)
+from seqpar.kernels.attention import accumulation_dtype
+
+__all__ = ["ring_attention"]
+
+_KV_STREAM, _DKV_STREAM = 0, 1
+
+
+def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (T, H, D) out in the accumulation dtype and (H, T) lse."""
+    kv = torch.stack([sp.k, sp.v])
+    out = lse = None
+    for step in range(sp.world_size):
+        pending = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
+        kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
+        if kind != "skip":
+            rows, block_out, block_lse = attend_block(sp, sp.q, kv[0], kv[1], kind, backend)
+            out, lse = merge_rows(out, lse, rows, block_out, block_lse, sp.q.shape[0])
+        if pending is not None:
+            kv = pending.wait()[0]
+    return out, lse
+
+
+def _ring_backward(
+    sp: SoftmaxSP, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(sp.q.dtype)
+    dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
+    own_dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
+    kv = torch.stack([sp.k, sp.v])
+    traveling = None  # dK/dV accumulator of the shard currently held (None at step 0: that one is own_dkv)
+    pending_dkv = None
+    for step in range(sp.world_size):
+        pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
+        kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
+        target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
+        if kind != "skip":
+            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind, backend)
+            _add_rows(dq, q_rows, g_q)
+            _add_rows(target[0], kv_rows, g_k)
+            _add_rows(target[1], kv_rows, g_v)
+        if step > 0:
+            if pending_dkv is not None:  # what the previous rank accumulated for this shard so far
+                target += pending_dkv.wait()[0]
+            pending_dkv = comm.ring_exchange(target, group=sp.group, stream=_DKV_STREAM)
+        if pending_kv is not None:
+            kv = pending_kv.wait()[0]
+    if pending_dkv is not None:  # after the last step the accumulator of our own shard arrives home
+        own_dkv += pending_dkv.wait()[0]
+    return dq.to(sp.q.dtype), own_dkv[0].to(sp.k.dtype), own_dkv[1].to(sp.v.dtype)
+
+
+def _add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
+    if rows is None:
+        target += values
+    else:
+        target.index_add_(0, rows, values.to(target.dtype))
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str):
+        out, lse = _ring_forward(sp, backend)
+        out = out.to(q.dtype)
+        ctx.sp, ctx.backend = sp, backend
+        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
+        return sp.unpack(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        sp = ctx.sp
+        sp.q, sp.k, sp.v = q, k, v
+        dq, dk, dv = _ring_backward(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
+        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sequence-parallel softmax attention over ``group`` by passing K/V around a ring. Differentiable.
+
+    Args:
+        q: this rank's queries, (B, S_local, H, D), or packed (T_local, H, D) with ``cu_seqlens``.
+        k, v: this rank's keys/values, (B, S_local, H_kv, D) or (T_local, H_kv, D); H % H_kv == 0.
+        group: the SP process group (default: the world).
+        causal: causal mask in GLOBAL token positions.
+        softmax_scale: default 1 / sqrt(D).
+        layout: how the shards were cut, ``"zigzag"`` (balanced causal work) or ``"contiguous"``; exactly as
+            ``seqpar.shard_sequence`` makes them.
+        cu_seqlens: int32 LOCAL cumulative lengths of a packed batch (from ``shard_sequence(..., cu_seqlens=)``).
+        backend: kernel backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"``.
+
+    Returns:
+        This rank's output, shaped like ``q``, in q's dtype.
+
+    Raises:
+        ValueError: bad shapes, dtypes, layout, ``cu_seqlens`` or group, on every rank, before any communication.
+    """
+    sp = prepare_softmax_sp(
+        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens
+    )
+    return _RingAttention.apply(q, k, v, sp, backend)

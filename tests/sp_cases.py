@@ -1,0 +1,70 @@
+"""Rank-side checks shared by the softmax SP op tests: build global inputs from a seed on every rank, run the
+float64 single-device reference on the unsharded tensors, shard everything, run the op, compare."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from checks import rel_err
+
+import seqpar.collectives as collectives
+from seqpar.collectives import count_comm
+from seqpar.collectives.layout import shard_sequence
+from seqpar.kernels.reference import reference_attention
+
+
+def softmax_op(name: str):
+    return getattr(collectives, name)
+
+
+def global_inputs(seed, *, batch, seq_len, h, h_kv, d, lens=None):
+    gen = torch.Generator().manual_seed(seed)
+    if lens is None:
+        shapes = [(batch, seq_len, h, d), (batch, seq_len, h_kv, d), (batch, seq_len, h_kv, d), (batch, seq_len, h, d)]
+        cu = None
+    else:
+        total = sum(lens)
+        shapes = [(total, h, d), (total, h_kv, d), (total, h_kv, d), (total, h, d)]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, dout = (torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
+    return q, k, v, dout, cu
+
+
+def check_against_reference(
+    op_name, *, seed=0, batch=1, seq_len=None, lens=None, h=4, h_kv=2, d=32, causal=True, layout="zigzag",
+    dtype=torch.float32, scale=None,
+):
+    """Return {'out': err, 'dq': err, 'dk': err, 'dv': err} for this rank's shard."""
+    q, k, v, dout, cu = global_inputs(seed, batch=batch, seq_len=seq_len, h=h, h_kv=h_kv, d=d, lens=lens)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _ = reference_attention(*leaves, causal=causal, scale=scale, cu_seqlens=cu)
+    ref_grads = torch.autograd.grad(ref_out, leaves, dout)
+
+    def shard(t):
+        return shard_sequence(t, layout=layout) if cu is None else shard_sequence(t, layout=layout, cu_seqlens=cu)[0]
+
+    local_cu = None if cu is None else shard_sequence(q, layout=layout, cu_seqlens=cu)[1]
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_(True) for t in (q, k, v))
+    out = softmax_op(op_name)(ql, kl, vl, causal=causal, softmax_scale=scale, layout=layout, cu_seqlens=local_cu)
+    out.backward(shard(dout).to(dtype))
+    result = {"out": rel_err(out, shard(ref_out))}
+    for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), ref_grads):
+        result[name] = rel_err(got, shard(ref))
+    result["dtype_ok"] = out.dtype == dtype and ql.grad.dtype == dtype
+    return result
+
+
+def measure_bytes(op_name, *, seq_len, h, h_kv, d, layout="zigzag", causal=True, dtype=torch.float32):
+    """Bytes this rank sends in forward and in backward, and the per-op call counts."""
+    size = dist.get_world_size()
+    q, k, v, dout, _ = global_inputs(1, batch=2, seq_len=seq_len, h=h, h_kv=h_kv, d=d)
+    ql, kl, vl = (shard_sequence(t, layout=layout).to(dtype).requires_grad_(True) for t in (q, k, v))
+    with count_comm() as fwd:
+        out = softmax_op(op_name)(ql, kl, vl, causal=causal, layout=layout)
+    with count_comm() as bwd:
+        out.backward(shard_sequence(dout, layout=layout).to(dtype))
+    return {
+        "fwd": fwd.bytes_sent, "bwd": bwd.bytes_sent, "fwd_calls": fwd.calls, "bwd_calls": bwd.calls,
+        "fwd_direction": fwd.bytes_by_direction, "bwd_direction": bwd.bytes_by_direction,
+        "local_tokens": ql.shape[0] * ql.shape[1], "world_size": size,
+    }
