@@ -68,3 +68,25 @@ def measure_bytes(op_name, *, seq_len, h, h_kv, d, layout="zigzag", causal=True,
         "fwd_direction": fwd.bytes_by_direction, "bwd_direction": bwd.bytes_by_direction,
         "local_tokens": ql.shape[0] * ql.shape[1], "world_size": size,
     }
+
+
+def matrix_configs(op_name: str, world_size: int) -> list[dict]:
+    """A covering set of cases for one op at one world size: causal x layout, GQA ratios, head dims, varlen,
+    bfloat16. Ulysses needs H % P == 0, so its head counts follow P (H=6 at P=3 also exercises uneven GQA)."""
+    p = world_size
+    h = 6 if (op_name == "ulysses_attention" and p == 3) else 8
+    cases = []
+    for causal in (True, False):
+        for layout in ("zigzag", "contiguous"):
+            cases.append(dict(batch=2, seq_len=2 * p * 3, h=h, h_kv=2, d=32, causal=causal, layout=layout))
+    cases.append(dict(batch=1, seq_len=2 * p * 4, h=h, h_kv=1, d=64, causal=True, layout="zigzag"))
+    cases.append(dict(batch=1, seq_len=2 * p * 2, h=h, h_kv=h, d=128, causal=False, layout="zigzag"))
+    cases.append(dict(lens=[2 * p * m for m in (1, 3, 2, 5, 1)], h=h, h_kv=2, d=32, causal=True, layout="zigzag"))
+    cases.append(dict(lens=[p * m for m in (2, 1, 4, 3, 1)], h=h, h_kv=1, d=32, causal=True, layout="contiguous"))
+    cases.append(dict(batch=1, seq_len=2 * p * 4, h=h, h_kv=2, d=32, causal=True, layout="zigzag", dtype=torch.bfloat16))
+    return cases
+
+
+def check_matrix(op_name: str, seed: int = 0) -> list[tuple[dict, dict]]:
+    size = dist.get_world_size()
+    return [(case, check_against_reference(op_name, seed=seed + i, **case)) for i, case in enumerate(matrix_configs(op_name, size))]

@@ -313,12 +313,17 @@ def all_to_all(
     group, rank, size = group_info(group)
     if len(inputs) != size:
         raise ValueError(f"inputs: all_to_all needs one piece per rank ({size}), got {len(inputs)}")
-    inputs = [t.contiguous() for t in inputs]
-    shapes = output_shapes if output_shapes is not None else [t.shape for t in inputs]
-    outputs = [torch.empty(shape, dtype=t.dtype, device=t.device) for shape, t in zip(shapes, inputs)]
+    shapes = [torch.Size(s) for s in output_shapes] if output_shapes is not None else [t.shape for t in inputs]
+    # gloo's list all_to_all wants equal sizes: send one flat buffer with per-rank splits instead.
+    send_buf = torch.cat([t.reshape(-1) for t in inputs])
+    recv_buf = send_buf.new_empty(sum(s.numel() for s in shapes))
     _record("all_to_all", sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank))
-    work = dist.all_to_all(outputs, inputs, group=group, async_op=True)
-    return PendingTransfer([work], outputs, f"all_to_all on rank {rank}").wait()
+    work = dist.all_to_all_single(
+        recv_buf, send_buf, output_split_sizes=[s.numel() for s in shapes],
+        input_split_sizes=[t.numel() for t in inputs], group=group, async_op=True,
+    )
+    PendingTransfer([work], None, f"all_to_all on rank {rank}").wait()
+    return [piece.view(shape) for piece, shape in zip(recv_buf.split([s.numel() for s in shapes]), shapes)]
 
 
 def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -9,10 +9,12 @@ GQA: rank j needs the K/V heads its query heads read. When H_kv >= P and P divid
 otherwise (e.g. H_kv < P) a K/V head is sent to every rank whose query heads use it, which replicates each head
 as little as needed.
 
-Bytes sent per rank and direction (T: local tokens, b: element size, n_j: K/V heads rank j needs):
+Three all-to-alls each way (K and V travel stacked in one). Bytes sent by rank r (T: local tokens,
+b: element size, n_j: K/V heads rank j needs):
 
-    forward  = (P-1)/P * T*H*D*b  (q)  +  2 * sum_{j != r} T*n_j*D*b  (k, v)  +  (P-1)/P * T*H*D*b  (out)
-    backward = the same four sizes again (dout, dq, dk, dv)
+    forward  = (P-1)/P * T*H*D*b (q)  +  2 * sum_{j != r} T*n_j*D*b (k, v)  +  (P-1)/P * T*H*D*b (out)
+    backward = (P-1)/P * T*H*D*b (dout)  +  (P-1) * 2*T*n_r*D*b (dk, dv of the heads r received)
+               +  (P-1)/P * T*H*D*b (dq)
 """
 
 from __future__ import annotations
