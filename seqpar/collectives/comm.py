@@ -6,7 +6,11 @@ Every byte an SP op moves goes through this module, so that
   per operation and, for point-to-point sends, the bytes per peer and per ring direction; benchmarks and
   tests compare these against the analytic formula of each algorithm;
 * every wait has a timeout (``SEQPAR_COMM_TIMEOUT_S``, default 300 s), so a missing peer becomes an error
-  on the waiting rank instead of a hang.
+  on the waiting rank instead of a hang;
+* benchmarks can emulate a network slower than the compute (``set_link_emulation`` or
+  ``SEQPAR_EMULATE_LINK="GBPS[,LATENCY_US]"``): a transfer then completes no earlier than
+  latency + bytes / bandwidth after it could start on its link, one link per peer and direction, so
+  overlap and bidirectional schedules show on a CPU what they buy on a slow network. Off by default.
 
 Byte conventions (nccl-tests "bus bandwidth", what one rank puts on the wire):
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -39,6 +44,8 @@ from seqpar import tracing
 
 __all__ = [
     "CommStats",
+    "LinkEmulation",
+    "set_link_emulation",
     "PendingTransfer",
     "all_gather",
     "all_gather_async",
@@ -157,6 +164,50 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Link emulation (benchmarks only)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkEmulation:
+    """Every link carries ``gbps`` gigabits per second per direction after ``latency_s``."""
+
+    gbps: float
+    latency_s: float = 0.0
+
+
+def _link_from_env() -> LinkEmulation | None:
+    spec = os.environ.get("SEQPAR_EMULATE_LINK", "").strip()
+    if not spec:
+        return None
+    parts = [float(x) for x in spec.split(",")]
+    return LinkEmulation(parts[0], parts[1] * 1e-6 if len(parts) > 1 else 0.0)
+
+
+_link: LinkEmulation | None = _link_from_env()
+_link_free_at: dict[object, float] = {}
+
+
+def set_link_emulation(link: LinkEmulation | None) -> None:
+    """Turn link emulation on (a ``LinkEmulation``) or off (None) for this process."""
+    global _link
+    if link is not None and link.gbps <= 0:
+        raise ValueError(f"link: gbps must be > 0, got {link.gbps}")
+    _link = link
+    _link_free_at.clear()
+
+
+def _emulated_finish(link_key: object, nbytes: int) -> float | None:
+    """When a transfer of ``nbytes`` issued now on ``link_key`` would finish on the emulated link."""
+    if _link is None:
+        return None
+    start = max(time.perf_counter(), _link_free_at.get(link_key, 0.0))
+    finish = start + _link.latency_s + nbytes * 8 / (_link.gbps * 1e9)
+    _link_free_at[link_key] = finish
+    return finish
+
+
+# ----------------------------------------------------------------------------------------------------
 # Point-to-point
 # ----------------------------------------------------------------------------------------------------
 
@@ -164,11 +215,14 @@ def _nbytes(t: torch.Tensor) -> int:
 class PendingTransfer:
     """In-flight point-to-point or collective work; ``wait()`` blocks (with the timeout) and returns the result."""
 
-    def __init__(self, works: Sequence[dist.Work], result: object, describe: str) -> None:
+    def __init__(
+        self, works: Sequence[dist.Work], result: object, describe: str, emulated_finish: float | None = None
+    ) -> None:
         self._works = list(works)
         self._result = result
         self._describe = describe
         self._done = False
+        self._emulated_finish = emulated_finish
 
     def wait(self, timeout: datetime.timedelta | None = None):
         if not self._done:
@@ -178,6 +232,8 @@ class PendingTransfer:
                     work.wait(timeout)
                 except RuntimeError as err:  # gloo reports both timeouts and dead peers as RuntimeError
                     raise RuntimeError(f"seqpar: {self._describe} failed or timed out after {timeout}: {err}") from err
+            if self._emulated_finish is not None:
+                time.sleep(max(0.0, self._emulated_finish - time.perf_counter()))
             self._done = True
         tracing.record("wait", what=self._describe)
         return self._result
@@ -255,7 +311,9 @@ def ring_exchange_bidirectional(
         recvs.append((from_next, nxt, tag_prev))
         _record("send", _nbytes(to_prev), peer=prv, direction="prev")
     works = _p2p(sends, recvs, rank)
-    return PendingTransfer(works, (from_prev, from_next), f"ring exchange on rank {rank} (peers {prv}, {nxt})")
+    finishes = [_emulated_finish(("p2p", dst), _nbytes(t)) for t, dst, _ in sends]
+    finish = max(finishes) if finishes and finishes[0] is not None else None
+    return PendingTransfer(works, (from_prev, from_next), f"ring exchange on rank {rank} (peers {prv}, {nxt})", finish)
 
 
 def send(tensor: torch.Tensor, dst: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
@@ -264,7 +322,8 @@ def send(tensor: torch.Tensor, dst: int, *, group: dist.ProcessGroup | None = No
     peer = _global_rank(group, dst)
     tensor = tensor.contiguous()
     _record("send", _nbytes(tensor), peer=peer)
-    return PendingTransfer([dist.isend(tensor, peer, tag=tag)], None, f"send from rank {rank} to rank {dst}")
+    finish = _emulated_finish(("p2p", peer), _nbytes(tensor))
+    return PendingTransfer([dist.isend(tensor, peer, tag=tag)], None, f"send from rank {rank} to rank {dst}", finish)
 
 
 def recv(tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
@@ -289,9 +348,11 @@ def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = 
     group, rank, size = group_info(group)
     tensor = tensor.contiguous()
     flat = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    _record("all_gather", _nbytes(tensor) * (size - 1))
+    nbytes = _nbytes(tensor) * (size - 1)
+    _record("all_gather", nbytes)
     work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
-    return PendingTransfer([work], flat.view(size, *tensor.shape), f"all_gather on rank {rank}")
+    finish = _emulated_finish("collective", nbytes)
+    return PendingTransfer([work], flat.view(size, *tensor.shape), f"all_gather on rank {rank}", finish)
 
 
 def all_gather(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -317,12 +378,13 @@ def all_to_all(
     # gloo's list all_to_all wants equal sizes: send one flat buffer with per-rank splits instead.
     send_buf = torch.cat([t.reshape(-1) for t in inputs])
     recv_buf = send_buf.new_empty(sum(s.numel() for s in shapes))
-    _record("all_to_all", sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank))
+    nbytes = sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank)
+    _record("all_to_all", nbytes)
     work = dist.all_to_all_single(
         recv_buf, send_buf, output_split_sizes=[s.numel() for s in shapes],
         input_split_sizes=[t.numel() for t in inputs], group=group, async_op=True,
     )
-    PendingTransfer([work], None, f"all_to_all on rank {rank}").wait()
+    PendingTransfer([work], None, f"all_to_all on rank {rank}", _emulated_finish("collective", nbytes)).wait()
     return [piece.view(shape) for piece, shape in zip(recv_buf.split([s.numel() for s in shapes]), shapes)]
 
 
@@ -333,17 +395,19 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
         raise ValueError(f"tensor: dim 0 ({tensor.shape[0]}) must be divisible by the group size {size}")
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] // size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    _record("reduce_scatter", _nbytes(tensor) * (size - 1) // size)
+    nbytes = _nbytes(tensor) * (size - 1) // size
+    _record("reduce_scatter", nbytes)
     work = _reduce_scatter_single(out, tensor, group=group, async_op=True)
-    return PendingTransfer([work], out, f"reduce_scatter on rank {rank}").wait()
+    return PendingTransfer([work], out, f"reduce_scatter on rank {rank}", _emulated_finish("collective", nbytes)).wait()
 
 
 def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place and return it."""
     group, rank, size = group_info(group)
-    _record("all_reduce", 2 * _nbytes(tensor) * (size - 1) // size)
+    nbytes = 2 * _nbytes(tensor) * (size - 1) // size
+    _record("all_reduce", nbytes)
     work = dist.all_reduce(tensor, group=group, async_op=True)
-    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}").wait()
+    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}", _emulated_finish("collective", nbytes)).wait()
 
 
 # ----------------------------------------------------------------------------------------------------
