@@ -12,6 +12,8 @@ from seqpar.collectives import (
     shard_sequence,
     unshard_sequence,
 )
+from seqpar.integrations import register_adapter
+from seqpar.parallelize import SPModel, SPOutput, parallelize
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,10 @@ __all__ = [
     "count_comm",
     "local_positions",
     "pad_for_layout",
+    "parallelize",
+    "register_adapter",
+    "SPModel",
+    "SPOutput",
     "shard_sequence",
     "unshard_sequence",
 ]

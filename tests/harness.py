@@ -118,8 +118,10 @@ class WorkerPool:
             try:
                 got_id, rank, answer = self.results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                if not self.alive():
-                    break
+                if not self.alive():  # a rank died: give the others a moment to report what they saw
+                    deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+                    if all(r in answers for r, p in enumerate(self.procs) if p.is_alive()):
+                        break
                 continue
             if got_id != task_id:
                 continue  # a late answer from an earlier, abandoned task

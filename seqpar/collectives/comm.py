@@ -53,6 +53,9 @@ __all__ = [
     "all_reduce",
     "all_to_all",
     "all_to_all_differentiable",
+    "broadcast_bytes",
+    "check_consistent",
+    "set_consistency_checks",
     "count_comm",
     "default_timeout",
     "group_info",
@@ -408,6 +411,60 @@ def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) 
     _record("all_reduce", nbytes)
     work = dist.all_reduce(tensor, group=group, async_op=True)
     return PendingTransfer([work], tensor, f"all_reduce on rank {rank}", _emulated_finish("collective", nbytes)).wait()
+
+
+def broadcast_bytes(payload: bytes | None, *, src: int = 0, group: dist.ProcessGroup | None = None) -> bytes:
+    """Broadcast a byte string from group rank ``src`` (its length first, then the bytes); returns it on every
+    rank. Counted as ``broadcast`` with the payload's size on the source rank."""
+    group, rank, _ = group_info(group)
+    if rank == src and payload is None:
+        raise ValueError("payload: the source rank must pass the bytes to broadcast")
+    root = _global_rank(group, src)
+    length = torch.tensor([len(payload) if rank == src else 0], dtype=torch.int64)
+    PendingTransfer([dist.broadcast(length, root, group=group, async_op=True)], None, f"broadcast on rank {rank}").wait()
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if rank == src else torch.empty(int(length), dtype=torch.uint8)
+    if rank == src:
+        _record("broadcast", 8 + len(payload))
+    PendingTransfer([dist.broadcast(data, root, group=group, async_op=True)], None, f"broadcast on rank {rank}").wait()
+    return bytes(data.numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-rank consistency (opt-in)
+# ----------------------------------------------------------------------------------------------------
+
+_consistency_checks = os.environ.get("SEQPAR_DEBUG", "") not in ("", "0")
+
+
+def set_consistency_checks(enabled: bool) -> None:
+    """Turn the cross-rank argument check of every SP op on or off (also ``SEQPAR_DEBUG=1``)."""
+    global _consistency_checks
+    _consistency_checks = bool(enabled)
+
+
+def consistency_checks_enabled() -> bool:
+    return _consistency_checks
+
+
+def check_consistent(fingerprint: str, *, group: dist.ProcessGroup | None = None, what: str = "call") -> None:
+    """Raise on every rank when ranks of ``group`` passed different ``fingerprint`` strings (shapes, dtypes,
+    options of one SP op call). One all-gather of a 64-bit digest, plus one of the strings when they differ."""
+    import hashlib
+
+    group, rank, size = group_info(group)
+    digest = int.from_bytes(hashlib.sha256(fingerprint.encode()).digest()[:8], "little", signed=True)
+    digests = all_gather(torch.tensor([digest], dtype=torch.int64), group=group).view(-1).tolist()
+    if len(set(digests)) == 1:
+        return
+    groups: dict[int, list[int]] = {}
+    for r, d in enumerate(digests):
+        groups.setdefault(d, []).append(r)
+    majority = max(groups.values(), key=len)
+    differ = sorted(r for members in groups.values() if members is not majority for r in members)
+    raise ValueError(
+        f"{what}: ranks {differ} of the group called it with different arguments than ranks {majority}; "
+        f"this rank ({rank}) passed: {fingerprint}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

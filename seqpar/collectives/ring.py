@@ -143,6 +143,7 @@ def ring_attention(
         ValueError: bad shapes, dtypes, layout, ``cu_seqlens`` or group, on every rank, before any communication.
     """
     sp = prepare_softmax_sp(
-        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens
+        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
+        op="ring_attention",
     )
     return _RingAttention.apply(q, k, v, sp, backend)

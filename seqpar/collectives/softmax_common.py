@@ -94,6 +94,7 @@ def prepare_softmax_sp(
     softmax_scale: float | None,
     layout: str,
     cu_seqlens: torch.Tensor | None,
+    op: str = "softmax attention",
 ) -> SoftmaxSP:
     """Check one call's arguments and return the packed view.
 
@@ -151,6 +152,12 @@ def prepare_softmax_sp(
                 f"got {odd[:4]}; shard with seqpar.shard_sequence (pad with seqpar.pad_for_layout)"
             )
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if comm.consistency_checks_enabled():
+        comm.check_consistent(
+            f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} {q.dtype} causal={bool(causal)} "
+            f"layout={layout} scale={scale} cu_seqlens={bounds if packed else None}",
+            group=group, what=op,
+        )
     return SoftmaxSP(qp, kp, vp, cu, bounds, group, rank, size, layout, bool(causal), scale, padded_shape)
 
 

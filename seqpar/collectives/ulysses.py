@@ -57,7 +57,8 @@ def ulysses_attention(
             size (Ulysses splits heads across ranks: use ``ring_attention`` or ``token_ring_attention`` there).
     """
     sp = prepare_softmax_sp(
-        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens
+        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
+        op="ulysses_attention",
     )
     p, h, h_kv = sp.world_size, sp.q.shape[1], sp.k.shape[1]
     if h % p:
