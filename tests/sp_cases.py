@@ -48,10 +48,30 @@ def check_against_reference(
     out = softmax_op(op_name)(ql, kl, vl, causal=causal, softmax_scale=scale, layout=layout, cu_seqlens=local_cu)
     out.backward(shard(dout).to(dtype))
     result = {"out": rel_err(out, shard(ref_out))}
+    # squared error and squared reference norms, so a test can also form the error over the whole tensor
+    result["sq"] = {"out": _squares(out, shard(ref_out))}
     for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), ref_grads):
         result[name] = rel_err(got, shard(ref))
+        result["sq"][name] = _squares(got, shard(ref))
     result["dtype_ok"] = out.dtype == dtype and ql.grad.dtype == dtype
+    result["finite"] = all(bool(torch.isfinite(t).all()) for t in (out, ql.grad, kl.grad, vl.grad))
     return result
+
+
+def _squares(got, ref):
+    got, ref = got.detach().double(), ref.detach().double()
+    return float(((got - ref) ** 2).sum()), float((ref**2).sum()), ref.numel()
+
+
+def global_rel_err(results, name, *, floor_per_element=0.0):
+    """Relative error of tensor ``name`` over all ranks' shards together (the whole unsharded tensor).
+
+    ``floor_per_element``: the reference norm is taken as at least this times sqrt(numel), for tensors whose
+    true value can be exactly zero (dq of a one-token sequence: the softmax over one key has no gradient)."""
+    err = sum(r["sq"][name][0] for r in results)
+    ref = sum(r["sq"][name][1] for r in results)
+    numel = sum(r["sq"][name][2] for r in results)
+    return (err / max(ref, floor_per_element**2 * numel)) ** 0.5
 
 
 def measure_bytes(op_name, *, seq_len, h, h_kv, d, layout="zigzag", causal=True, dtype=torch.float32):
