@@ -10,12 +10,14 @@ from seqpar.collectives.layout import (
     unshard_sequence,
 )
 from seqpar.collectives.ring import ring_attention
+from seqpar.collectives.token_ring import token_ring_attention
 from seqpar.collectives.ulysses import ulysses_attention
 
 __all__ = [
     "CommStats",
     "allgather_kv_attention",
     "ring_attention",
+    "token_ring_attention",
     "ulysses_attention",
     "PaddedSequence",
     "count_comm",

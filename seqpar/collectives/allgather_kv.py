@@ -47,6 +47,7 @@ def allgather_kv_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="allgather_kv_attention",
+        backend=backend,
     )
     p = sp.world_size
     kv = torch.stack([sp.k, sp.v])  # (2, T, H_kv, D): one all-gather for both

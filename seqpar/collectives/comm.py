@@ -319,12 +319,20 @@ def ring_exchange_bidirectional(
     return PendingTransfer(works, (from_prev, from_next), f"ring exchange on rank {rank} (peers {prv}, {nxt})", finish)
 
 
-def send(tensor: torch.Tensor, dst: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
-    """Asynchronously send ``tensor`` to group rank ``dst``."""
+def send(
+    tensor: torch.Tensor,
+    dst: int,
+    *,
+    group: dist.ProcessGroup | None = None,
+    tag: int = TAG_P2P,
+    direction: str | None = None,
+) -> PendingTransfer:
+    """Asynchronously send ``tensor`` to group rank ``dst``. ``direction`` (``"next"``/``"prev"``), when given,
+    is the ring direction the algorithm sends in, for ``CommStats.bytes_by_direction``."""
     group, rank, _ = group_info(group)
     peer = _global_rank(group, dst)
     tensor = tensor.contiguous()
-    _record("send", _nbytes(tensor), peer=peer)
+    _record("send", _nbytes(tensor), peer=peer, direction=direction)
     finish = _emulated_finish(("p2p", peer), _nbytes(tensor))
     return PendingTransfer([dist.isend(tensor, peer, tag=tag)], None, f"send from rank {rank} to rank {dst}", finish)
 

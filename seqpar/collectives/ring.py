@@ -30,6 +30,7 @@ from seqpar.collectives import comm
 from seqpar.collectives.softmax_common import (
     SoftmaxSP,
     attend_block,
+    add_rows,
     attend_block_backward,
     block_kind,
     merge_rows,
@@ -72,9 +73,9 @@ def _ring_backward(
         target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
         if kind != "skip":
             q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind, backend)
-            _add_rows(dq, q_rows, g_q)
-            _add_rows(target[0], kv_rows, g_k)
-            _add_rows(target[1], kv_rows, g_v)
+            add_rows(dq, q_rows, g_q)
+            add_rows(target[0], kv_rows, g_k)
+            add_rows(target[1], kv_rows, g_v)
         if step > 0:
             if pending_dkv is not None:  # what the previous rank accumulated for this shard so far
                 target += pending_dkv.wait()[0]
@@ -85,12 +86,6 @@ def _ring_backward(
         own_dkv += pending_dkv.wait()[0]
     return dq.to(sp.q.dtype), own_dkv[0].to(sp.k.dtype), own_dkv[1].to(sp.v.dtype)
 
-
-def _add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
-    if rows is None:
-        target += values
-    else:
-        target.index_add_(0, rows, values.to(target.dtype))
 
 
 class _RingAttention(torch.autograd.Function):
@@ -145,5 +140,6 @@ def ring_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ring_attention",
+        backend=backend,
     )
     return _RingAttention.apply(q, k, v, sp, backend)

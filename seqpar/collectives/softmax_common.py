@@ -21,6 +21,7 @@ from seqpar.kernels.attention import (
     accumulation_dtype,
     attention_block_varlen,
     attention_block_varlen_backward,
+    get_attention_backend,
     merge_attention_outputs,
 )
 
@@ -95,6 +96,7 @@ def prepare_softmax_sp(
     layout: str,
     cu_seqlens: torch.Tensor | None,
     op: str = "softmax attention",
+    backend: str = "auto",
 ) -> SoftmaxSP:
     """Check one call's arguments and return the packed view.
 
@@ -102,7 +104,8 @@ def prepare_softmax_sp(
         ValueError: naming the argument: wrong ranks of tensors, q/k/v shape, dtype or device mismatch,
             H % H_kv != 0, an unknown layout, a local length the layout cannot produce (zigzag needs an even
             number of local tokens per sequence), ``cu_seqlens`` that are not int32 / increasing / do not end at
-            the number of local tokens, or a group this rank is not in.
+            the number of local tokens, a kernel backend that cannot run these tensors, or a group this rank is
+            not in.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: unknown layout {layout!r}; use one of {LAYOUTS}")
@@ -128,6 +131,7 @@ def prepare_softmax_sp(
     h, h_kv = q.shape[-2], k.shape[-2]
     if h % h_kv:
         raise ValueError(f"k: q's {h} heads must be a multiple of k/v's {h_kv} heads (GQA)")
+    get_attention_backend(backend, q.device, q.dtype)  # an unusable backend fails here, before any transfer
     group, rank, size = comm.group_info(group)
 
     if packed:
@@ -253,3 +257,11 @@ def merge_rows(
     out, lse = out.clone(), lse.clone()
     out[rows], lse[:, rows] = sub_out, sub_lse
     return out, lse
+
+
+def add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
+    """``target[rows] += values`` in target's dtype (rows None: all rows)."""
+    if rows is None:
+        target += values
+    else:
+        target.index_add_(0, rows, values.to(target.dtype))

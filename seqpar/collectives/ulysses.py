@@ -59,6 +59,7 @@ def ulysses_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ulysses_attention",
+        backend=backend,
     )
     p, h, h_kv = sp.world_size, sp.q.shape[1], sp.k.shape[1]
     if h % p:

@@ -1,0 +1,378 @@
+"""TokenRing: query blocks travel one way around the ring while the partial results computed for them travel
+back the other way (Wang et al. 2024, arXiv 2412.20501). K and V never leave their rank.
+
+Forward, P ranks, step s = 0 .. P-1: rank r holds the query shard of rank o = r + s (the shard of rank i
+visits rank i - s at step s: queries move to rank - 1) and attends it to its own K/V. Before the kernel of
+step s it issues, together,
+
+* the queries of step s + 1: the shard it holds goes to rank r - 1, the one of rank r + s + 1 arrives from
+  rank r + 1;
+* the partial (out, lse) it computed at step s - 1 for the queries of rank r + s - 1, sent to that owner, and
+  the partial of its own queries that rank r - s + 1 computed at step s - 1;
+
+so both transfers overlap the kernel, and while queries leave towards rank - 1 the partials head back the way
+the queries came. Step 0 is the local block. After the last kernel one transfer is left: the partials of step
+P - 1, which go to rank r - 1. The owner merges the partials in float32 (float64 for float64 input) in the
+order ring attention does (K/V shard r, r - 1, r - 2, ...), so the two ops agree to rounding.
+
+Why partials go straight to their owner instead of one hop per step: the partial of step s is s hops behind
+the query on its way home. Returned one hop per step (forwarded, or merged along the way) the partial of the
+last step reaches its owner only after 2(P-1) steps, none of the return traffic overlaps a kernel, and
+TokenRing would be slower than ring attention. Sent to the owner (the paper's full-mesh setting: NVLink or a
+PCIe switch; ``comm.send``, one emulated link per peer) every partial arrives one step after it is computed.
+At P = 2 and P = 3 every destination is a ring neighbour anyway.
+
+Only what is needed moves (``block_kind``). A block that a causal mask hides completely is not computed and
+its partial is not sent, and neither is the query shard to a rank that would skip it. Zigzag with a causal
+mask: a query shard first visits lower ranks ("k_first_half", all of it is needed), and after the wrap the
+higher ones ("q_second_half", only its second chunk is needed), so after the wrap only the second half of the
+queries travels and only those rows of the partial come back. The rows a rank needs are always a subset of
+the rows it received, so the shard can be forwarded.
+
+Backward, the same schedule: the query shard travels again, now with everything the remote block needs,
+(lse, q, dout, out) of the owner, and the block's dQ comes back to the owner, who adds it to a float32
+accumulator. dK and dV never move: each rank adds the contributions of every query shard that visits it to
+its own float32 dK/dV. Saved for backward: q, k, v, out, lse only (O(local)); in flight at any time: one query
+shard each way (sent and received) and one partial each way.
+
+Each transfer is one message (tensors of one direction and step packed as bytes, the float32 lse first).
+Queries use tag ``_TAG_QUERIES`` and partials ``_TAG_PARTIALS``, so at P = 2, where both go to the same peer, a
+message never matches the receive of the other stream.
+
+Bytes per step
+--------------
+
+b: element size of q/k/v, a: accumulation element size (4; 8 for float64 input). B * S_local is the number of
+local tokens (packed input: all local tokens of all sequences). w: how much of the query shard the block the
+message serves reads: 1, or 1/2 for zigzag causal after the wrap ("q_second_half"), or 0 for a skipped block
+(contiguous causal after the wrap; nothing is sent). Queries: q forward; lse, q, dout, out backward. Partials:
+lse and out forward; dQ backward. Ring attention sends nothing towards rank - 1.
+
+===============================  =================================  =====================================
+per step s                       forward                            backward
+===============================  =================================  =====================================
+TokenRing, queries to rank - 1   w * B * S_local * H * D * b        w * B * S_local * H * (3 * D * b + a)
+TokenRing, partials to rank + s  w * B * S_local * H * (D * b + a)  w * B * S_local * H * D * b
+ring attention, K/V to rank + 1  2 * B * S_local * H_kv * D * b     2 * B * S_local * H_kv * D * (b + 4)
+===============================  =================================  =====================================
+
+With H == H_kv each TokenRing direction carries less than ring's one direction (forward: D * b + a < 2 * D * b;
+backward: 3 * D * b + a < 2 * D * (b + 4) for b <= 4). With GQA (g = H / H_kv) the forward queries are g/2 times
+ring's K/V bytes (the partials (1 + a / (D * b)) times that), so ring sends less once g > 2.
+
+Summed over the steps, rank r sends the step formula with w replaced by W (d = (r - 1) mod P is the rank the
+queries go to):
+
+====================  =====================  =====================  =====================
+                      no mask                zigzag, causal         contiguous, causal
+====================  =====================  =====================  =====================
+queries, W_q          P - 1                  P - 1 - d / 2          P - 1 - d
+partials, W_o         P - 1                  P - 1 - r / 2          P - 1 - r
+mean over ranks       P - 1                  0.75 * (P - 1)         0.5 * (P - 1)
+====================  =====================  =====================  =====================
+
+so, with T = B * S_local,
+
+    forward  = W_q * T * H * D * b            + W_o * T * H * (D * b + a)
+    backward = W_q * T * H * (3 * D * b + a)  + W_o * T * H * D * b
+
+against ring's (P - 1) * 2 * T * H_kv * D * b forward and (P - 1) * 2 * T * H_kv * D * (b + 4) backward.
+``count_comm()`` records them as point-to-point ``send`` bytes per peer and per direction: queries go to
+rank r - 1 (``"prev"``), the partial of step s to rank r + s (``"next"``, the opposite way round the ring).
+
+Anchor (the paper, 4 x A10 over PCIe, S = 24,000, H = 32, D = 128, bf16): a query shard is
+6000 * 32 * 128 * 2 = 49.2 MB per step (about 3.5 ms at 14 GB/s; 4.6 ms measured once the outputs also cross),
+ring's K+V 98.3 MB (7.6 ms).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from seqpar.collectives import comm
+from seqpar.collectives.softmax_common import (
+    SoftmaxSP,
+    attend_block,
+    add_rows,
+    attend_block_backward,
+    block_kind,
+    merge_rows,
+    prepare_softmax_sp,
+)
+from seqpar.kernels.attention import accumulation_dtype
+
+__all__ = ["token_ring_attention"]
+
+_TAG_QUERIES = comm.TAG_PREV + 1000  # query shards (backward: with dout, out, lse) on their way to rank - 1
+_TAG_PARTIALS = comm.TAG_NEXT + 1000  # partial results on their way back to the owner of the queries
+
+
+# ----------------------------------------------------------------------------------------------------
+# Messages: token-major tensors (rows on dim 0), a subset of their rows, packed as bytes
+# ----------------------------------------------------------------------------------------------------
+
+_SKIP = "skip"
+
+
+def _rows_needed(sp: SoftmaxSP, kind: str) -> torch.Tensor | None | str:
+    """Which rows of a query shard a block of ``kind`` reads: None (all), the second-chunk rows, or _SKIP."""
+    if kind == "skip":
+        return _SKIP
+    return sp.chunk_indices("second") if kind == "q_second_half" else None
+
+
+def _n_rows(sp: SoftmaxSP, rows: torch.Tensor | None) -> int:
+    return sp.q.shape[0] if rows is None else rows.numel()
+
+
+def _pack(parts: list[torch.Tensor], rows: torch.Tensor | None, dtypes: list[torch.dtype]) -> torch.Tensor:
+    """One uint8 message holding ``rows`` (None: all) of every part, each cast to its dtype."""
+    return torch.cat(
+        [(p if rows is None else p[rows]).to(d).contiguous().view(-1).view(torch.uint8) for p, d in zip(parts, dtypes)]
+    )
+
+
+def _nbytes(tails: list[tuple[int, ...]], dtypes: list[torch.dtype], n_rows: int) -> int:
+    return sum(n_rows * math.prod(t) * d.itemsize for t, d in zip(tails, dtypes))
+
+
+def _unpack(
+    buf: torch.Tensor, tails: list[tuple[int, ...]], dtypes: list[torch.dtype], n_rows: int
+) -> list[torch.Tensor]:
+    """Views into ``buf`` shaped (n_rows, *tail). Parts come in decreasing element size, so each starts at an
+    offset its dtype can be viewed at."""
+    parts, offset = [], 0
+    for tail, dtype in zip(tails, dtypes):
+        n = n_rows * math.prod(tail) * dtype.itemsize
+        parts.append(buf[offset : offset + n].view(dtype).view(n_rows, *tail))
+        offset += n
+    return parts
+
+
+def _place(own: list[torch.Tensor], parts: list[torch.Tensor], rows: torch.Tensor | None) -> list[torch.Tensor]:
+    """Full-size shard tensors from received rows (rows the block does not read stay zero)."""
+    if rows is None:
+        return parts
+    full = [torch.zeros_like(t) for t in own]
+    for f, part in zip(full, parts):
+        f[rows] = part
+    return full
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule, shared by forward and backward
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Transfers:
+    """One step's point-to-point transfers, started together (even ranks send first, odd ranks receive first,
+    like ``comm``'s ring exchange) and finished together."""
+
+    def __init__(self, sp: SoftmaxSP) -> None:
+        self.sp, self.sends, self.recvs = sp, [], {}
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        self.sends.append((tensor, dst % self.sp.world_size, tag))
+
+    def recv(self, name: str, nbytes: int, src: int, tag: int) -> None:
+        self.recvs[name] = (nbytes, src % self.sp.world_size, tag)
+
+    def start(self) -> "_Transfers":
+        sp = self.sp
+
+        def start_sends():
+            self.sent = [
+                comm.send(t, dst, group=sp.group, tag=tag, direction="prev" if tag == _TAG_QUERIES else "next")
+                for t, dst, tag in self.sends
+            ]
+
+        def start_recvs():
+            self.received = {
+                name: comm.recv(torch.empty(n, dtype=torch.uint8, device=sp.q.device), src, group=sp.group, tag=tag)
+                for name, (n, src, tag) in self.recvs.items()
+            }
+
+        first, second = (start_sends, start_recvs) if sp.rank % 2 == 0 else (start_recvs, start_sends)
+        first()
+        second()
+        return self
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for pending in self.sent:
+            pending.wait()
+        return {name: pending.wait() for name, pending in self.received.items()}
+
+
+def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Tensor], compute, absorb) -> None:
+    """Run the TokenRing steps (module docstring) on rank ``sp.rank``.
+
+    own: this rank's travelling tensors, token-major (T, ...), in decreasing element size.
+    result_like: one tensor per result part with the part's (T, ...) shape and dtype (sizes of the messages).
+    compute(kind, visiting) -> (rows, results): the block of a visiting shard against the local K/V, with the
+        rows of the shard (None: all) the token-major results cover.
+    absorb(rows, results): fold a partial of this rank's own queries into its accumulator.
+    """
+    p, r = sp.world_size, sp.rank
+    kind_of = lambda q_rank, kv_rank: block_kind(sp.layout, sp.causal, q_rank % p, kv_rank % p)  # noqa: E731
+    tails, dtypes = [tuple(t.shape[1:]) for t in own], [t.dtype for t in own]
+    r_tails, r_dtypes = [tuple(t.shape[1:]) for t in result_like], [t.dtype for t in result_like]
+
+    def return_partials(transfers: _Transfers, step: int, outgoing) -> torch.Tensor | None | str:
+        """Add the transfers that take the partials computed at ``step`` home; returns the rows of ours."""
+        if outgoing is not None:  # ours, for the queries of rank r + step
+            transfers.send(_pack(outgoing[1], None, r_dtypes), r + step, _TAG_PARTIALS)
+        rows = _rows_needed(sp, kind_of(r, r - step))  # what rank r - step computed for our queries
+        if rows is not _SKIP:
+            transfers.recv("partial", _nbytes(r_tails, r_dtypes, _n_rows(sp, rows)), r - step, _TAG_PARTIALS)
+        return rows
+
+    def absorb_partial(received: dict, rows) -> None:
+        if "partial" in received:
+            absorb(rows, _unpack(received["partial"], r_tails, r_dtypes, _n_rows(sp, rows)))
+
+    visiting, outgoing = own, None
+    for step in range(p):
+        owner = r + step  # whose queries this rank holds now
+        transfers = _Transfers(sp)
+        if step + 1 < p:  # pass the shard on to rank r - 1, receive the one of step + 1 from rank r + 1
+            send_rows = _rows_needed(sp, kind_of(owner, r - 1))
+            next_rows = _rows_needed(sp, kind_of(owner + 1, r))
+            if send_rows is not _SKIP:
+                transfers.send(_pack(visiting, send_rows, dtypes), r - 1, _TAG_QUERIES)
+            if next_rows is not _SKIP:
+                transfers.recv("queries", _nbytes(tails, dtypes, _n_rows(sp, next_rows)), r + 1, _TAG_QUERIES)
+        incoming_rows = return_partials(transfers, step - 1, outgoing) if step > 1 else _SKIP  # step 0: local
+        transfers.start()
+
+        kind = kind_of(owner, r)
+        outgoing = None
+        if kind != "skip":
+            rows, results = compute(kind, visiting)
+            if step == 0:
+                absorb(rows, results)
+            else:
+                outgoing = (rows, results)
+
+        received = transfers.finish()
+        absorb_partial(received, incoming_rows)
+        if "queries" in received:
+            visiting = _place(own, _unpack(received["queries"], tails, dtypes, _n_rows(sp, next_rows)), next_rows)
+        elif step + 1 < p:
+            visiting = None  # the next block is skipped; rank r - 1 skips it too (the rows needed only shrink)
+    if p > 1:  # the partials of the last step go home
+        transfers = _Transfers(sp)
+        incoming_rows = return_partials(transfers, p - 1, outgoing)
+        absorb_partial(transfers.start().finish(), incoming_rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward and backward
+# ----------------------------------------------------------------------------------------------------
+
+
+def _token_ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (T, H, D) out in the accumulation dtype and (H, T) lse."""
+    acc = accumulation_dtype(sp.q.dtype)
+    t, h = sp.q.shape[:2]
+    state = {"out": None, "lse": None}
+
+    def compute(kind, visiting):
+        rows, out, lse = attend_block(sp, visiting[0], sp.k, sp.v, kind, backend)
+        return rows, [lse.t(), out]  # token-major: lse as (rows, H)
+
+    def absorb(rows, results):
+        lse_t, out = results
+        state["out"], state["lse"] = merge_rows(state["out"], state["lse"], rows, out, lse_t.t(), t)
+
+    result_like = [sp.q.new_empty((t, h), dtype=acc), sp.q]  # lse first (the larger element), then out
+    _schedule(sp, [sp.q], result_like, compute, absorb)
+    return state["out"], state["lse"]
+
+
+def _token_ring_backward(
+    sp: SoftmaxSP, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(sp.q.dtype)
+    dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
+    dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
+
+    def compute(kind, visiting):
+        lse_t, q, d_out, o = visiting
+        q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
+            sp, d_out, q, sp.k, sp.v, o, lse_t.t().contiguous(), kind, backend
+        )
+        add_rows(dkv[0], kv_rows, g_k)  # dK/dV stay home: every visiting shard adds its share here
+        add_rows(dkv[1], kv_rows, g_v)
+        return q_rows, [g_q]
+
+    def absorb(rows, results):
+        add_rows(dq, rows, results[0])
+
+    own = [lse.t().contiguous(), sp.q, dout, out]  # lse (accumulation dtype) first
+    _schedule(sp, own, [sp.q], compute, absorb)
+    return dq.to(sp.q.dtype), dkv[0].to(sp.k.dtype), dkv[1].to(sp.v.dtype)
+
+
+
+class _TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str):
+        out, lse = _token_ring_forward(sp, backend)
+        out = out.to(q.dtype)
+        ctx.sp, ctx.backend = sp, backend
+        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
+        return sp.unpack(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        sp = ctx.sp
+        sp.q, sp.k, sp.v = q, k, v
+        dq, dk, dv = _token_ring_backward(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
+        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None
+
+
+def token_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sequence-parallel softmax attention over ``group``, TokenRing schedule: query shards travel to rank - 1,
+    partial results come straight back to their owner, K/V stay home. Differentiable.
+
+    Same arguments, shapes, layouts, varlen/GQA support, dtypes and result as ``seqpar.ring_attention``; the
+    bytes per step and per direction are in the module docstring.
+
+    Args:
+        q: this rank's queries, (B, S_local, H, D), or packed (T_local, H, D) with ``cu_seqlens``.
+        k, v: this rank's keys/values, (B, S_local, H_kv, D) or (T_local, H_kv, D); H % H_kv == 0.
+        group: the SP process group (default: the world).
+        causal: causal mask in GLOBAL token positions.
+        softmax_scale: default 1 / sqrt(D).
+        layout: ``"zigzag"`` or ``"contiguous"``, exactly as ``seqpar.shard_sequence`` cut the shards.
+        cu_seqlens: int32 LOCAL cumulative lengths of a packed batch.
+        backend: kernel backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"``.
+
+    Returns:
+        This rank's output, shaped like ``q``, in q's dtype.
+
+    Raises:
+        ValueError: bad shapes, dtypes, layout, ``cu_seqlens``, group or backend, on every rank, before any
+            communication.
+    """
+    sp = prepare_softmax_sp(
+        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
+        op="token_ring_attention",
+        backend=backend,
+    )
+    return _TokenRingAttention.apply(q, k, v, sp, backend)
