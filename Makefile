@@ -23,7 +23,11 @@ test: install-dev
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m seqpar.launch.demo
+	$(BIN)/pip install -q -e ".[train]"
+	rm -f demo/metrics.jsonl
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m seqpar.launch.train --model llama-tiny \
+		--data longtail --strategy auto --steps 20 --tokens-per-step 4096 --max-len 1024 \
+		--metrics demo/metrics.jsonl --plot demo/loss.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,37 +1,77 @@
-"""seqpar: sequence-parallel runtime for long-context training with PyTorch."""
+"""seqpar: sequence-parallel runtime for long-context training with PyTorch.
 
-from seqpar.collectives import (
-    CommStats,
-    allgather_kv_attention,
-    ring_attention,
-    token_ring_attention,
-    ulysses_attention,
-    PaddedSequence,
-    count_comm,
-    local_positions,
-    pad_for_layout,
-    shard_sequence,
-    unshard_sequence,
-)
-from seqpar.integrations import register_adapter
-from seqpar.parallelize import SPModel, SPOutput, parallelize
+Public names are imported on first use, so that ``import seqpar.solver`` (pure Python) does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CommStats",
-    "allgather_kv_attention",
-    "ring_attention",
-    "token_ring_attention",
-    "ulysses_attention",
-    "PaddedSequence",
-    "count_comm",
-    "local_positions",
-    "pad_for_layout",
-    "parallelize",
-    "register_adapter",
-    "SPModel",
-    "SPOutput",
-    "shard_sequence",
-    "unshard_sequence",
-]
+_EXPORTS = {
+    # layouts and accounting
+    "CommStats": "seqpar.collectives.comm",
+    "count_comm": "seqpar.collectives.comm",
+    "PaddedSequence": "seqpar.collectives.layout",
+    "local_positions": "seqpar.collectives.layout",
+    "pad_for_layout": "seqpar.collectives.layout",
+    "shard_sequence": "seqpar.collectives.layout",
+    "unshard_sequence": "seqpar.collectives.layout",
+    # softmax-attention SP
+    "ring_attention": "seqpar.collectives.ring",
+    "token_ring_attention": "seqpar.collectives.token_ring",
+    "ulysses_attention": "seqpar.collectives.ulysses",
+    "allgather_kv_attention": "seqpar.collectives.allgather_kv",
+    # linear-attention SP
+    "lasp2_linear_attention": "seqpar.collectives.lasp2",
+    "zeco_linear_attention": "seqpar.collectives.zeco",
+    "all_scan": "seqpar.collectives.zeco",
+    # the wrapper
+    "parallelize": "seqpar.wrapper",
+    "SPModel": "seqpar.wrapper",
+    "SPOutput": "seqpar.wrapper",
+    "register_adapter": "seqpar.integrations",
+    # the planner
+    "Cluster": "seqpar.solver",
+    "ModelSpec": "seqpar.solver",
+    "CostModel": "seqpar.solver",
+    "Plan": "seqpar.solver",
+    "Group": "seqpar.solver",
+    "plan_step": "seqpar.solver",
+    "static_plan": "seqpar.solver",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'seqpar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from seqpar.collectives.allgather_kv import allgather_kv_attention
+    from seqpar.collectives.comm import CommStats, count_comm
+    from seqpar.collectives.layout import (
+        PaddedSequence,
+        local_positions,
+        pad_for_layout,
+        shard_sequence,
+        unshard_sequence,
+    )
+    from seqpar.collectives.ring import ring_attention
+    from seqpar.collectives.token_ring import token_ring_attention
+    from seqpar.collectives.ulysses import ulysses_attention
+    from seqpar.integrations import register_adapter
+    from seqpar.wrapper import SPModel, SPOutput, parallelize
+    from seqpar.solver import Cluster, CostModel, Group, ModelSpec, Plan, plan_step, static_plan

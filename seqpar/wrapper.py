@@ -440,7 +440,11 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
         ffn_hidden=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
         layer_kinds=kinds,
     )
-    cluster = Cluster(world_size=world_size, gpus_per_node=world_size, peak_tflops=100.0, mem_bytes=80 * 2**30,
-                      intra_node_gbps=1600.0, inter_node_gbps=200.0)
+    if torch.cuda.is_available():  # a generic GPU node; calibrate for real numbers
+        cluster = Cluster(world_size=world_size, gpus_per_node=min(world_size, 8), peak_tflops=300.0,
+                          mem_bytes=80 * 2**30, intra_node_gbps=200.0, inter_node_gbps=25.0)
+    else:  # CPU ranks over gloo: ~10 GFLOP/s per rank, millisecond-scale latency
+        cluster = Cluster(world_size=world_size, gpus_per_node=world_size, peak_tflops=0.01, mem_bytes=8 * 2**30,
+                          intra_node_gbps=5.0, inter_node_gbps=5.0, latency_s=0.005)
     return CostModel(cluster, spec)
 

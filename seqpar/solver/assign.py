@@ -1,0 +1,236 @@
+"""Assigning sequences to fixed groups, and a greedy way to choose the groups.
+
+* ``lpt``: longest processing time first onto the least-loaded of identical groups (Graham 1969, within
+  4/3 of optimal) — the static baseline and the fill of identical groups.
+* ``earliest_finish``: longest first, each sequence to the group where it would finish earliest (groups of
+  different shapes: the list-scheduling rule for unrelated machines).
+* ``improve``: local search on the slowest group: move one sequence out, or swap one with another group,
+  whenever that lowers the slowest group without creating a new one as slow.
+* ``greedy_groups``: binary search on a target makespan T; sequences, longest first, join the open group
+  where they cost the fewest rank-seconds while finishing within T, or open a group of their cheapest
+  shape; short ones are poured in as rank-seconds; the smallest T whose groups fit on the world wins and
+  ``earliest_finish`` assigns the sequences to its groups. The fallback when there is no MILP solution,
+  and a candidate (and warm start) otherwise.
+
+Groups are given as a list of shape indices into ``Problem.shapes``; an assignment is an int array
+``assign[i]`` = group of sequence i.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+import numpy as np
+
+from seqpar.solver.problem import Problem
+
+__all__ = ["lpt", "earliest_finish", "improve", "greedy_groups", "fill_ranks"]
+
+
+def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
+    """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups."""
+    assign = np.empty(times.size, dtype=np.int64)
+    heap = [(0.0, g) for g in range(n_groups)]
+    for i in np.argsort(-times, kind="stable").tolist():
+        load, g = heap[0]
+        assign[i] = g
+        heapq.heapreplace(heap, (load + float(times[i]), g))
+    return assign
+
+
+def earliest_finish(problem: Problem, group_shapes: list[int]) -> np.ndarray | None:
+    """Assign longest first, each sequence to the feasible group finishing it earliest; None if one fits nowhere."""
+    shape_ids = sorted(set(group_shapes))
+    heaps = {s: [] for s in shape_ids}
+    for g, s in enumerate(group_shapes):
+        heaps[s].append((0.0, g))
+    top = np.zeros(len(shape_ids))  # least load among each shape's groups (heaps start all zero)
+    times = problem.times[shape_ids]
+    fits = problem.fits[shape_ids]
+    assign = np.empty(problem.n, dtype=np.int64)
+    for i in np.argsort(-problem.best_time, kind="stable").tolist():
+        finish = np.where(fits[:, i], top + times[:, i], np.inf)
+        k = int(np.argmin(finish))
+        if not np.isfinite(finish[k]):
+            return None
+        heap = heaps[shape_ids[k]]
+        _, g = heap[0]
+        assign[i] = g
+        heapq.heapreplace(heap, (float(finish[k]), g))
+        top[k] = heap[0][0]
+    return assign
+
+
+def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
+            deadline: float | None = None, max_rounds: int = 10_000) -> np.ndarray:
+    """Local search lowering the makespan: moves and swaps out of the slowest group (a new array)."""
+    assign = assign.copy()
+    shapes = np.asarray(group_shapes)
+    n_groups = shapes.size
+    cols = np.arange(problem.n)
+    times, fits = problem.times, problem.fits
+    loads = np.zeros(n_groups)
+    np.add.at(loads, assign, times[shapes[assign], cols])
+    for _ in range(max_rounds):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        worst = int(np.argmax(loads))
+        peak = loads[worst]
+        tol = peak * 1e-12
+        mine = np.flatnonzero(assign == worst)
+        if mine.size == 0:
+            break
+        own = times[shapes[worst], mine]
+        others = loads.copy()
+        others[worst] = np.inf
+        best_gain, best_move = 0.0, None
+        # moves: sequence i of the worst group -> the least-loaded group of each shape
+        for s in np.unique(shapes).tolist():
+            candidates = np.flatnonzero(shapes == s)
+            g = int(candidates[np.argmin(others[candidates])])
+            if g == worst:
+                continue
+            new_target = loads[g] + times[s, mine]
+            new_peak = np.maximum(new_target, peak - own)
+            new_peak = np.where(fits[s, mine], new_peak, np.inf)
+            k = int(np.argmin(new_peak))
+            if peak - new_peak[k] > max(best_gain, tol):
+                best_gain, best_move = peak - new_peak[k], ("move", int(mine[k]), g)
+        # swaps: i of the worst group with j of any other group
+        if best_move is None:
+            other_seqs = np.flatnonzero(assign != worst)
+            if other_seqs.size:
+                g_j = assign[other_seqs]
+                s_j = shapes[g_j]
+                t_j_home = times[s_j, other_seqs]
+                t_j_worst = np.where(fits[shapes[worst], other_seqs], times[shapes[worst], other_seqs], np.inf)
+                for k, i in enumerate(mine.tolist()):
+                    t_i_there = np.where(fits[s_j, i], times[s_j, i], np.inf)
+                    new_worst = peak - own[k] + t_j_worst
+                    new_other = loads[g_j] - t_j_home + t_i_there
+                    new_peak = np.maximum(new_worst, new_other)
+                    m = int(np.argmin(new_peak))
+                    if peak - new_peak[m] > max(best_gain, tol):
+                        best_gain, best_move = peak - new_peak[m], ("swap", i, int(other_seqs[m]))
+        if best_move is None:
+            break
+        kind, i, x = best_move
+        if kind == "move":
+            loads[worst] -= times[shapes[worst], i]
+            loads[x] += times[shapes[x], i]
+            assign[i] = x
+        else:
+            j, g = x, int(assign[x])
+            loads[worst] += times[shapes[worst], j] - times[shapes[worst], i]
+            loads[g] += times[shapes[g], i] - times[shapes[g], j]
+            assign[i], assign[j] = g, worst
+    return assign
+
+
+def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> list[int]:
+    """``group_shapes`` plus degree-1 groups (shape 0) on the ranks left over, so the world is covered."""
+    return list(group_shapes) + [0] * (problem.world - used_ranks)
+
+
+def _pack(problem: Problem, target: float) -> list[int] | None:
+    """Group shapes meeting ``target`` on the world (sequences placed tentatively), or None if they need
+    more ranks than there are.
+
+    Each sequence may use the shapes that fit it and finish it within ``target``. Long ones (more than
+    ``target / 32``), longest first, join the open group where they cost the fewest rank-seconds and still
+    finish by ``target`` (the least-loaded group of each shape is the one to try), else open a group of
+    their cheapest shape. Short ones are poured in afterwards as rank-seconds, costed on the shape they
+    land on: into the spare time of the open groups, then into new groups. The caller assigns for real.
+    """
+    feasible = problem.fits & (problem.times <= target)
+    area = np.where(feasible, problem.times * problem.degrees[:, None], np.inf)
+    choice = np.argmin(area, axis=0)
+    cols = np.arange(problem.n)
+    if not np.isfinite(area[choice, cols]).all():
+        return None
+    degrees = problem.degrees
+    heaps: dict[int, list[float]] = {}
+    least = np.full(len(problem.shapes), np.inf)  # least load among each shape's open groups
+    ranks = 0
+    own_time = problem.times[choice, cols]
+    long_ones = np.flatnonzero(own_time > target / 32)
+    for i in long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist():
+        join = np.where(least + problem.times[:, i] <= target, area[:, i], np.inf)
+        s = int(np.argmin(join))
+        if np.isfinite(join[s]):
+            heapq.heapreplace(heaps[s], least[s] + float(problem.times[s, i]))
+        else:
+            s = int(choice[i])
+            ranks += int(degrees[s])
+            if ranks > problem.world:
+                return None
+            heapq.heappush(heaps.setdefault(s, []), float(problem.times[s, i]))
+        least[s] = heaps[s][0]
+    group_shapes = [s for s, h in heaps.items() for _ in h]
+    short = np.setdiff1d(cols, long_ones, assume_unique=True)
+    if short.size:
+        # the short ones as one fluid: pouring a fraction f of them into shape s costs f * pour[s]
+        # rank-seconds; fill the spare time of open groups, cheapest shapes first, then open new groups
+        ok = feasible[:, short].all(axis=1)
+        pour = np.where(ok, (problem.times[:, short] * degrees[:, None]).sum(axis=1), np.inf)
+        left = 1.0
+        for s in sorted(heaps, key=lambda s: pour[s]):
+            if left <= 0 or not np.isfinite(pour[s]):
+                continue
+            spare = float(degrees[s]) * (len(heaps[s]) * target - sum(heaps[s]))
+            left -= min(left, spare / pour[s])
+        if left > 0:
+            s = int(np.argmin(pour))
+            if not np.isfinite(pour[s]):  # no single shape takes them all: each its own cheapest
+                for s in np.unique(choice[short]).tolist():
+                    need = float(area[s, short[choice[short] == s]].sum()) * left
+                    extra = int(np.ceil(need / (degrees[s] * target) - 1e-12))
+                    ranks += extra * int(degrees[s])
+                    group_shapes += [s] * extra
+            else:
+                extra = int(np.ceil(left * pour[s] / (degrees[s] * target) - 1e-12))
+                ranks += extra * int(degrees[s])
+                group_shapes += [s] * extra
+            if ranks > problem.world:
+                return None
+    return fill_ranks(problem, group_shapes, ranks)
+
+
+def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
+                  deadline: float | None = None) -> tuple[list[int], np.ndarray] | None:
+    """Groups and assignment from the binary search on the target makespan in [lower bound, ``upper``].
+
+    ``_pack``'s rank-second estimates can be optimistic, so every group set it accepts is assigned for
+    real (``earliest_finish``) and the fastest wins; the search stops within 0.2% or at ``deadline``.
+    """
+    lo, hi = problem.refined_lower_bound(), upper
+    best: tuple[float, list[int], np.ndarray] | None = None
+
+    def consider(shapes: list[int]) -> None:
+        nonlocal best
+        assign = earliest_finish(problem, shapes)
+        if assign is not None:
+            makespan = problem.makespan(shapes, assign)
+            if best is None or makespan < best[0]:
+                best = (makespan, shapes, assign)
+
+    packed = _pack(problem, hi)
+    if packed is None:
+        return None
+    consider(packed)
+    near_bound = _pack(problem, lo * 1.002)  # often met when one sequence dominates the batch
+    if near_bound is not None:
+        consider(near_bound)
+        hi = lo
+    for _ in range(iterations):
+        if hi <= lo * 1.002 or (deadline is not None and time.perf_counter() > deadline):
+            break
+        mid = 0.5 * (lo + hi)
+        packed = _pack(problem, mid)
+        if packed is None:
+            lo = mid
+        else:
+            hi = mid
+            consider(packed)
+    return None if best is None else (best[1], best[2])

@@ -1,0 +1,402 @@
+"""The MILP (PuLP + CBC) that picks the groups and how many sequences of each length bucket each one runs.
+
+Bucketing
+---------
+Sequences are sorted and cut into at most ``max_buckets`` buckets of consecutive lengths (more only if
+needed so that all members of a bucket fit on the same group shapes). In group loads each bucket is
+costed as its LONGEST member, so bucketed loads never understate true loads (pools, below, use the mean).
+The cuts minimise the total overstatement
+``sum_i t1(max of i's bucket) - t1(l_i)`` (``t1``: degree-1 time) by dynamic programming; with at most
+``max_buckets`` distinct lengths every length has its own bucket and the model is exact.
+
+Formulation
+-----------
+With ``R0 = max(1, world // SLOTS)``, groups of degree ``>= R0`` are *units*: ``min(world // c,
+n_sequences)`` slots of each power-of-two size ``c`` from ``R0`` to ``world``, each either unused or one SP
+group of one shape. Groups of degree ``< R0`` form *pools*, one per shape, whose groups share the ranks
+the units leave (a fluid relaxation: only their total rank-seconds is constrained, costed at each
+bucket's MEAN time since a pool runs many sequences). For ``world <= SLOTS`` (``R0 = 1``) there are no
+pools and the model is exact on the bucketed lengths.
+
+Variables: ``z[u, s]`` binary (unit u is a group of shape s), ``n[u, s, b]`` and ``p[s, b]`` integers
+(sequences of bucket b in unit u / in pool s), ``T`` the makespan, ``y[s, b]`` binary (pool s holds a
+sequence of bucket b), ``w[u] = T * used[u]`` (linearised).
+
+    minimise   T
+    s.t.       sum_s z[u, s] <= 1                                     one shape per unit
+               n[u, s, b] <= N_b z[u, s]                              only in a used unit
+               sum_{u, s} n[u, s, b] + sum_s p[s, b] = N_b            every sequence placed
+               load[u] = sum_{s, b} tmax[s, b] n[u, s, b] <= T        unit (group) load
+               sum_u c_u used[u] <= world                             ranks
+               used[u] >= used[u+1], load[u] >= load[u+1]             same-size units in order (symmetry)
+               sum_{s, b} d_s tmean[s, b] p[s, b] <= world T - sum_u c_u w[u]     pools fit the other ranks
+               w[u] >= T - T_ub (1 - used[u]),  w[u] >= 0
+               p[s, b] <= N_b y[s, b],  tmax[s, b] y[s, b] <= T       a pooled sequence finishes within T
+               T >= lower bound
+
+Only pairs (s, b) where the bucket fits in memory and ``tmax[s, b]`` does not exceed the warm start's
+makespan ``T_ub`` get a variable; a strategy slower or equal on every bucket than another of the same
+degree, and fitting no more, is dropped. CBC starts from the better (in these terms) of the best
+homogeneous plan and the greedy plan (``warmStart``), runs single-threaded with a wall-clock limit, and
+stops at ``rel_gap``. ``sol_status`` (not ``status``, which PuLP reports as "Optimal" even after a
+time-limited stop) says whether the solution is proven optimal.
+
+Decoding: each used unit is a group; within a bucket the longest sequences go to the widest groups; each
+pool gets one group and then, one at a time, more groups to the pool with the most work per group while
+ranks remain; sequences go to a pool's groups by LPT; left-over ranks become idle degree-1 groups.
+
+Bound: with R0 = 1 and a proven-optimal solve, the decoded plan's true makespan is at most
+``(1 + rel_gap) * bucket_cost_ratio * OPT`` (take the true optimum's assignment; costing each sequence as
+its bucket's longest multiplies no load by more than the ratio; buckets never straddle a memory limit, so
+that assignment stays feasible; the decoded plan's true loads are at most its bucketed loads).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from seqpar.solver.assign import fill_ranks, lpt
+from seqpar.solver.problem import Problem
+
+__all__ = ["SLOTS", "Buckets", "make_buckets", "MilpResult", "solve_milp"]
+
+SLOTS = 8  # unit slots of the smallest unit size; keeps the model small at any world size
+_DP_CANDIDATES = 384  # bucket ends the DP considers when there are many distinct lengths
+
+
+@dataclass
+class Buckets:
+    members: list[np.ndarray]  # sequence indices of each bucket, by ascending length
+    longest: np.ndarray  # index of each bucket's longest sequence
+    cost_ratio: float  # max over buckets and fitting shapes of t(longest) / t(shortest)
+
+
+def make_buckets(problem: Problem, max_buckets: int) -> Buckets:
+    """Cut the sorted lengths into buckets (see the module docstring)."""
+    order = np.argsort(problem.lengths, kind="stable")
+    lengths = problem.lengths[order]
+    starts = np.flatnonzero(np.r_[True, lengths[1:] != lengths[:-1]])  # first index of each distinct length
+    counts = np.diff(np.r_[starts, lengths.size])
+    reps = order[starts]  # one sequence per distinct length
+    # segment id changes wherever the set of shapes a length fits on changes
+    sig = problem.fits[:, reps].T
+    seg = np.cumsum(np.r_[0, np.any(sig[1:] != sig[:-1], axis=1)])
+    n_unique = reps.size
+    if n_unique <= max_buckets:
+        ends = list(range(n_unique))
+    else:
+        ends = _dp_ends(problem.times[0, reps], counts, seg, max(max_buckets, int(seg[-1]) + 1))
+    members, longest, ratio, lo = [], [], 1.0, 0
+    for e in ends:
+        idx = order[starts[lo]: starts[e] + counts[e]]
+        members.append(idx)
+        longest.append(reps[e])
+        ok = problem.fits[:, reps[e]]
+        ratio = max(ratio, float(np.max(problem.times[ok, reps[e]] / problem.times[ok, reps[lo]])))
+        lo = e + 1
+    return Buckets(members, np.array(longest), ratio)
+
+
+def _dp_ends(proxy: np.ndarray, counts: np.ndarray, seg: np.ndarray, n_buckets: int) -> list[int]:
+    """Last distinct-length index of each bucket, minimising the total overstatement of ``proxy``.
+
+    ``best_k[b]``: least overstatement covering distinct lengths ``0 .. cand[b]`` with at most k buckets;
+    a bucket may start at 0 or right after an earlier candidate end, and never spans two segments.
+    """
+    n = proxy.size
+    # candidate ends: every one of the longest lengths (they cost the most), quantiles below, segment ends
+    half = _DP_CANDIDATES // 2
+    body = np.linspace(0, max(0, n - half - 1), half).round().astype(int)
+    seg_ends = np.flatnonzero(np.r_[seg[1:] != seg[:-1], True])
+    cand = np.unique(np.r_[body, np.arange(max(0, n - half), n), seg_ends, n - 1]).astype(int)
+    c_prefix = np.r_[0, np.cumsum(counts)]
+    q_prefix = np.r_[0.0, np.cumsum(counts * proxy)]
+    starts = np.r_[0, cand + 1]  # row 0: a bucket starting at the shortest length; row a+1: after cand[a]
+    end = cand[None, :]
+    cost = (proxy[end] * (c_prefix[end + 1] - c_prefix[starts[:, None]])
+            - (q_prefix[end + 1] - q_prefix[starts[:, None]]))
+    valid = (starts[:, None] <= end) & (seg[np.minimum(starts, n - 1)][:, None] == seg[end])
+    cost = np.where(valid, cost, np.inf)
+    best = cost[0].copy()
+    back = [np.zeros(cand.size, dtype=np.int64)]
+    for _ in range(1, n_buckets):
+        total = np.r_[0.0, best][:, None] + cost  # row 0 (start fresh) keeps "at most k" buckets
+        arg = np.argmin(total, axis=0)
+        best = total[arg, np.arange(cand.size)]
+        back.append(arg)
+    ends, b = [], cand.size - 1
+    for level in range(n_buckets - 1, -1, -1):
+        ends.append(int(cand[b]))
+        row = int(back[level][b])
+        if row == 0:
+            break
+        b = row - 1
+    return sorted(ends)
+
+
+@dataclass
+class MilpResult:
+    group_shapes: list[int]
+    assign: np.ndarray
+    status: str  # "optimal" or "feasible"
+    objective: float
+    note: str
+
+
+@dataclass
+class _Unit:
+    size: int
+    slot: int
+    shapes: list[int]  # candidate shapes (all of degree ``size``)
+
+
+def _undominated(problem: Problem, tb: np.ndarray, fb: np.ndarray) -> dict[int, int]:
+    """Map each shape to itself or to a same-degree shape at least as fast on every bucket, fitting as many."""
+    keep: dict[int, int] = {}
+    for s, (d, _) in enumerate(problem.shapes):
+        keep[s] = s
+        for r, (d2, _) in enumerate(problem.shapes):
+            if r == s or d2 != d:
+                continue
+            at_least_as_good = np.all(np.where(fb[s], tb[r] <= tb[s], True)) and np.all(fb[r] >= fb[s])
+            strictly = np.any(fb[s] & (tb[r] < tb[s])) or np.any(fb[r] > fb[s]) or r < s
+            if at_least_as_good and strictly:
+                keep[s] = r
+                break
+    for s in keep:  # follow chains to a shape that maps to itself
+        while keep[keep[s]] != keep[s]:
+            keep[s] = keep[keep[s]]
+    return keep
+
+
+class _Warm:
+    """A plan (group shapes + assignment) in the MILP's terms: unit loads and pooled counts, bucketed."""
+
+    def __init__(self, problem: Problem, r0: int, tb: np.ndarray, tm: np.ndarray, bucket_of: np.ndarray,
+                 mapping: dict[int, int], group_shapes: list[int], assign: np.ndarray) -> None:
+        nb = tb.shape[1]
+        counts = np.zeros((len(group_shapes), nb), dtype=np.int64)
+        np.add.at(counts, (assign, bucket_of), 1)
+        self.units: dict[int, list[tuple[float, int, np.ndarray]]] = {}  # size -> [(load, shape, counts)]
+        self.pools: dict[int, np.ndarray] = {}  # small shape -> counts
+        big_ranks, small_area, small_item = 0, 0.0, 0.0
+        for g, s in enumerate(group_shapes):
+            s = mapping[s]
+            d = problem.shapes[s][0]
+            if not counts[g].any():
+                continue
+            if d >= r0:
+                self.units.setdefault(d, []).append((float(counts[g] @ tb[s]), s, counts[g]))
+                big_ranks += d
+            else:
+                self.pools[s] = self.pools.get(s, 0) + counts[g]
+                small_area += d * float(counts[g] @ tm[s])
+                small_item = max(small_item, float(tb[s][counts[g] > 0].max()))
+        for entries in self.units.values():
+            entries.sort(key=lambda e: -e[0])
+        self.ranks_ok = big_ranks <= problem.world
+        unit_peak = max((e[0] for entries in self.units.values() for e in entries), default=0.0)
+        left = problem.world - big_ranks
+        area_peak = small_area / left if left > 0 else (np.inf if small_area > 0 else 0.0)
+        self.makespan = max(unit_peak, small_item, area_peak, problem.lower_bound())
+
+
+def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[int], np.ndarray]], *,
+               time_limit_s: float, rel_gap: float, solver: str) -> MilpResult | str:
+    """Solve; a ``MilpResult``, or a string saying why there is no solution.
+
+    ``warm_plans`` are complete plans ``(group shapes, assignment)``; the one that is best in bucketed
+    terms is the warm start (and bounds which (shape, bucket) pairs get a variable).
+    """
+    nb = len(buckets.members)
+    counts = np.array([m.size for m in buckets.members])
+    bucket_of = np.empty(problem.n, dtype=np.int64)
+    for b, m in enumerate(buckets.members):
+        bucket_of[m] = b
+    tb = problem.times[:, buckets.longest]  # (shapes, buckets): a bucket costs as its longest member
+    fb = problem.fits[:, buckets.longest]
+    # pooled groups share many sequences: their area uses each bucket's mean time, not its longest
+    tm = np.stack([problem.times[:, m].mean(axis=1) for m in buckets.members], axis=1)
+    mapping = _undominated(problem, tb, fb)
+    kept = sorted(set(mapping.values()))
+    world, r0 = problem.world, max(1, problem.world // SLOTS)
+    lower = problem.lower_bound()
+    warms = [_Warm(problem, r0, tb, tm, bucket_of, mapping, *w) for w in warm_plans]
+    warm = min((w for w in warms if w.ranks_ok), key=lambda w: w.makespan)
+    t_cap = warm.makespan * (1 + 1e-9)
+    allowed = fb & (tb <= t_cap)
+
+    units: list[_Unit] = []
+    size = r0
+    while size <= world:
+        shapes = [s for s in kept if problem.shapes[s][0] == size]
+        if shapes:
+            units += [_Unit(size, j, shapes) for j in range(min(world // size, problem.n))]
+        size *= 2
+    pooled = [s for s in kept if problem.shapes[s][0] < r0]
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    prob = pulp.LpProblem("seqpar_plan", pulp.LpMinimize)
+    T = prob.add_variable("T", lowBound=lower * (1 - 1e-9), upBound=t_cap)
+    prob += T
+    z, n, p, y, w = {}, {}, {}, {}, {}
+    loads, used = [], []
+    by_size: dict[int, list[int]] = {}
+    for ui, u in enumerate(units):
+        by_size.setdefault(u.size, []).append(ui)
+        load_terms, zs = [], []
+        for s in u.shapes:
+            z[ui, s] = prob.add_variable(f"z_{ui}_{s}", cat="Binary")
+            zs.append(z[ui, s])
+            for b in np.flatnonzero(allowed[s]).tolist():
+                var = n[ui, s, b] = prob.add_variable(f"n_{ui}_{s}_{b}", 0, int(counts[b]), cat="Integer")
+                prob += var <= int(counts[b]) * z[ui, s]
+                load_terms.append(float(tb[s, b]) * var)
+        prob += pulp.lpSum(zs) <= 1
+        used.append(pulp.lpSum(zs))
+        loads.append(pulp.lpSum(load_terms))
+        prob += loads[-1] <= T
+    for s in pooled:
+        for b in np.flatnonzero(allowed[s]).tolist():
+            p[s, b] = prob.add_variable(f"p_{s}_{b}", 0, int(counts[b]), cat="Integer")
+            if tb[s, b] > lower:  # a sequence this long must still finish within T
+                y[s, b] = prob.add_variable(f"y_{s}_{b}", cat="Binary")
+                prob += p[s, b] <= int(counts[b]) * y[s, b]
+                prob += float(tb[s, b]) * y[s, b] <= T
+    for b in range(nb):
+        prob += (pulp.lpSum(v for (_, _, bb), v in n.items() if bb == b)
+                 + pulp.lpSum(v for (_, bb), v in p.items() if bb == b)) == int(counts[b])
+    prob += pulp.lpSum(u.size * used[ui] for ui, u in enumerate(units)) <= world
+    for members in by_size.values():  # same-size units are interchangeable: keep them in order
+        for a, c in zip(members, members[1:]):
+            prob += used[a] >= used[c]
+            prob += loads[a] >= loads[c]
+    if p:
+        # pooled small groups share the ranks the units leave: area <= T * (world - unit ranks);
+        # w[u] = T * used[u] (linearised: the solver wants w small, so lower bounds suffice)
+        for ui, u in enumerate(units):
+            w[ui] = prob.add_variable(f"w_{ui}", lowBound=0)
+            prob += w[ui] >= T - t_cap * (1 - used[ui])
+        area = pulp.lpSum(problem.shapes[s][0] * float(tm[s, b]) * v for (s, b), v in p.items())
+        prob += area <= world * T - pulp.lpSum(u.size * w[ui] for ui, u in enumerate(units))
+
+    # ---- warm values ---------------------------------------------------------------------------------------
+    for var in prob.variables():
+        if var is not T:
+            var.setInitialValue(0)
+    T.setInitialValue(warm.makespan)
+    for size, entries in warm.units.items():
+        for (load, s, c), ui in zip(entries, by_size[size]):
+            z[ui, s].setInitialValue(1)
+            for b in np.flatnonzero(c).tolist():
+                n[ui, s, b].setInitialValue(int(c[b]))
+            if w:
+                w[ui].setInitialValue(warm.makespan)
+    for s, c in warm.pools.items():
+        for b in np.flatnonzero(c).tolist():
+            p[s, b].setInitialValue(int(c[b]))
+            if (s, b) in y:
+                y[s, b].setInitialValue(1)
+
+    # ---- solve ---------------------------------------------------------------------------------------------
+    backend = _backend(solver, time_limit_s, rel_gap)
+    if isinstance(backend, str):
+        return backend
+    started = time.perf_counter()
+    try:
+        prob.solve(backend)
+    except pulp.PulpSolverError as err:
+        return f"{solver} failed: {err}"
+    elapsed = time.perf_counter() - started
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        status = "optimal"
+    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status = "feasible"
+    else:
+        return f"{solver} found no solution in {time_limit_s:.2f} s ({pulp.LpSolution.get(prob.sol_status)})"
+    decoded = _decode(problem, buckets, units, z, n, p)
+    if isinstance(decoded, str):
+        return f"{solver} solution unusable: {decoded}"
+    objective = float(pulp.value(T))
+    note = (f"milp {status} in {elapsed:.2f} s ({len(units)} units, {len(pooled)} pooled shapes, "
+            f"{len(n) + len(p)} count variables, {nb} buckets, objective {objective:.6g} s, "
+            f"warm start {warm.makespan:.6g} s)")
+    return MilpResult(*decoded, status, objective, note)
+
+
+def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: dict, p: dict):
+    """Groups and assignment of a solution: units as groups, pools split into groups by their load."""
+    def count(var) -> int:
+        return int(round(var.value() or 0))
+
+    blocks: list[tuple[int, int, bool, dict[int, int]]] = []  # (degree, shape, pooled, bucket counts)
+    unit_ranks = 0
+    for ui, u in enumerate(units):
+        for s in u.shapes:
+            if (z[ui, s].value() or 0) > 0.5:
+                blocks.append((u.size, s, False, {b: count(v) for (uu, ss, b), v in n.items() if uu == ui and ss == s}))
+                unit_ranks += u.size
+    for s in sorted({s for s, _ in p}):
+        bc = {b: count(v) for (ss, b), v in p.items() if ss == s}
+        if any(bc.values()):
+            blocks.append((problem.shapes[s][0], s, True, bc))
+    if unit_ranks > problem.world:
+        return f"units use {unit_ranks} ranks"
+    members: list[list[int]] = [[] for _ in blocks]
+    widest_first = sorted(range(len(blocks)), key=lambda k: -blocks[k][0])
+    for b, bucket in enumerate(buckets.members):
+        seqs = bucket[np.argsort(-problem.lengths[bucket], kind="stable")].tolist()
+        for k in widest_first:  # the longest sequences of a bucket go to the widest groups
+            take = blocks[k][3].get(b, 0)
+            members[k] += seqs[:take]
+            seqs = seqs[take:]
+        if seqs:
+            return f"{len(seqs)} sequences of bucket {b} unplaced"
+    # pools: one group each, then more groups to the pool with the highest load per group
+    pools = [k for k in range(len(blocks)) if blocks[k][2]]
+    n_groups = {k: 1 for k in pools}
+    left = problem.world - unit_ranks - sum(blocks[k][0] for k in pools)
+    if left < 0:
+        return "pooled shapes need more ranks than the units leave"
+    work = {k: float(problem.times[blocks[k][1], members[k]].sum()) for k in pools}
+    while pools:
+        fits = [k for k in pools if blocks[k][0] <= left and n_groups[k] < len(members[k])]
+        if not fits:
+            break
+        k = max(fits, key=lambda k: work[k] / n_groups[k])
+        n_groups[k] += 1
+        left -= blocks[k][0]
+    group_shapes: list[int] = []
+    assign = np.full(problem.n, -1, dtype=np.int64)
+    for k, (degree, s, pooled, _) in enumerate(blocks):
+        g = n_groups[k] if pooled else 1
+        seqs = np.array(members[k], dtype=np.int64)
+        if seqs.size:
+            assign[seqs] = len(group_shapes) + lpt(problem.times[s, seqs], g)
+        group_shapes += [s] * g
+    used = sum(problem.shapes[s][0] for s in group_shapes)
+    return fill_ranks(problem, group_shapes, used), assign
+
+
+def _backend(solver: str, time_limit_s: float, rel_gap: float):
+    if solver == "cbc":
+        # PuLP 3.3 flags PULP_CBC_CMD as going away in PuLP 4, which also stops bundling CBC; we pin
+        # pulp<4 precisely to keep the bundled binary, so the warning is noise here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
+                                        warmStart=True, threads=1, timeMode="elapsed")
+    elif solver == "highs":
+        backend = pulp.HiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
+        if not backend.available():  # highspy missing: try a highs executable on PATH
+            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap)
+    else:
+        raise ValueError(f"unknown MILP solver {solver!r}")
+    if not backend.available():
+        return f"{solver} is not available"
+    return backend

@@ -1,0 +1,145 @@
+"""What the planner returns: SP groups, the sequences each one runs, and the predicted step time.
+
+A ``Plan`` is plain data so that rank 0 can solve it and broadcast ``to_json()`` bytes; ``from_json`` gives
+back an equal ``Plan`` (floats survive JSON exactly: ``json`` writes ``repr``, which round-trips).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from seqpar.solver.cost_model import CostModel, is_power_of_two
+
+__all__ = ["Group", "Plan", "SOLVER_STATUSES"]
+
+SOLVER_STATUSES = ("optimal", "feasible", "greedy", "static")
+_JSON_VERSION = 1
+
+
+@dataclass
+class Group:
+    """One SP group: its ``ranks`` (ascending), its ``strategy``, the sequences it runs (indices into the
+    step's ``seq_lens``, ascending) and their ``predicted_time_s`` (``CostModel.group_time``)."""
+
+    ranks: tuple[int, ...]
+    strategy: str
+    seq_indices: list[int]
+    predicted_time_s: float
+
+    @property
+    def degree(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass
+class Plan:
+    """One step's split of the world into SP groups.
+
+    Attributes:
+        groups: disjoint groups covering every rank, largest first.
+        makespan_s: the slowest group's ``predicted_time_s``.
+        solver_status: ``"optimal"`` (the MILP was proven optimal within its relative gap, on the
+            bucketed lengths), ``"feasible"`` (the MILP stopped at its time limit with a solution),
+            ``"greedy"`` (no MILP solution: CBC missing, timed out or asked not to run; ``note`` says
+            which), ``"static"`` (built by ``static_plan``).
+        note: how the plan was chosen (human readable).
+        bucket_cost_ratio: largest ratio, over length buckets and group shapes, of the bucket's longest
+            sequence's time to its shortest's; 1.0 when every distinct length had its own bucket. When
+            ``solver_status == "optimal"`` and the world needs no block approximation, the plan's makespan
+            is at most ``bucket_cost_ratio * (1 + gap)`` times the true optimum.
+    """
+
+    groups: list[Group]
+    makespan_s: float
+    solver_status: str
+    note: str = ""
+    bucket_cost_ratio: float = 1.0
+
+    @property
+    def proven_optimal(self) -> bool:
+        """True when the MILP proved its (bucketed) solution optimal."""
+        return self.solver_status == "optimal"
+
+    def group_of_sequence(self) -> dict[int, int]:
+        """Sequence index -> index in ``groups``."""
+        return {i: g for g, group in enumerate(self.groups) for i in group.seq_indices}
+
+    def to_json(self) -> str:
+        """The plan as a JSON string; ``Plan.from_json(plan.to_json()) == plan``."""
+        payload = {"version": _JSON_VERSION, **asdict(self)}
+        return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        """Parse ``to_json`` output (str or UTF-8 bytes). Raises ValueError on anything else."""
+        try:
+            payload = json.loads(text)
+            if payload.pop("version") != _JSON_VERSION:
+                raise ValueError("unsupported plan version")
+            groups = [Group(tuple(int(r) for r in g["ranks"]), str(g["strategy"]),
+                            [int(i) for i in g["seq_indices"]], float(g["predicted_time_s"]))
+                      for g in payload.pop("groups")]
+            return cls(groups=groups, makespan_s=float(payload["makespan_s"]),
+                       solver_status=str(payload["solver_status"]), note=str(payload["note"]),
+                       bucket_cost_ratio=float(payload["bucket_cost_ratio"]))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+            raise ValueError(f"text is not a Plan.to_json() document: {err}") from err
+
+    def validate(self, seq_lens: Sequence[int], cost_model: CostModel, *, rel_tol: float = 1e-9) -> None:
+        """Check the plan against the step's lengths and the cost model; raise ValueError on the first problem.
+
+        Checks: groups disjoint and covering ranks 0..world_size-1; power-of-two sizes; a group never
+        straddles a node boundary unless it is made of whole nodes; each strategy valid at its degree;
+        every sequence in exactly one group; every sequence's memory per rank within ``mem_bytes``;
+        ``predicted_time_s`` and ``makespan_s`` equal to the cost model's within ``rel_tol``.
+        """
+        cluster = cost_model.cluster
+        world, per_node = cluster.world_size, cluster.gpus_per_node
+        seen_ranks: set[int] = set()
+        seen_seqs: set[int] = set()
+        # structure first: ranks, placement, strategies, which sequences go where
+        for gi, g in enumerate(self.groups):
+            ranks = list(g.ranks)
+            if not ranks or not is_power_of_two(len(ranks)):
+                raise ValueError(f"group {gi} has {len(ranks)} ranks; SP groups must have a power-of-two size")
+            if ranks != sorted(set(ranks)) or ranks[0] < 0 or ranks[-1] >= world:
+                raise ValueError(f"group {gi} ranks {ranks} must be distinct, ascending and in [0, {world})")
+            if seen_ranks & set(ranks):
+                raise ValueError(f"group {gi} shares ranks {sorted(seen_ranks & set(ranks))} with another group")
+            seen_ranks |= set(ranks)
+            nodes = {r // per_node for r in ranks}
+            if len(nodes) > 1 and not all(set(range(n * per_node, (n + 1) * per_node)) <= set(ranks) for n in nodes):
+                raise ValueError(f"group {gi} ranks {ranks} straddle a node boundary without covering whole nodes")
+            if not cost_model.strategy_valid(len(ranks), g.strategy):
+                raise ValueError(f"group {gi}: strategy {g.strategy!r} cannot run at degree {len(ranks)}")
+            for i in g.seq_indices:
+                if not 0 <= i < len(seq_lens):
+                    raise ValueError(f"group {gi} names sequence {i}, but there are {len(seq_lens)}")
+                if i in seen_seqs:
+                    raise ValueError(f"sequence {i} is in more than one group")
+                seen_seqs.add(i)
+        if seen_ranks != set(range(world)):
+            raise ValueError(f"groups leave ranks {sorted(set(range(world)) - seen_ranks)} out")
+        if seen_seqs != set(range(len(seq_lens))):
+            raise ValueError(f"sequences {sorted(set(range(len(seq_lens))) - seen_seqs)} are in no group")
+        # then memory and times, against the cost model
+        for gi, g in enumerate(self.groups):
+            lengths = [seq_lens[i] for i in g.seq_indices]
+            for i, length in zip(g.seq_indices, lengths):
+                mem = cost_model.seq_memory(length, len(g.ranks), g.strategy)
+                if mem > cluster.mem_bytes:
+                    raise ValueError(
+                        f"sequence {i} (length {length}) needs {mem:.4g} bytes per rank in group {gi} "
+                        f"(degree {len(g.ranks)}, {g.strategy}), more than mem_bytes={cluster.mem_bytes:.4g}"
+                    )
+            expected = cost_model.group_time(lengths, len(g.ranks), g.strategy)
+            if not math.isclose(g.predicted_time_s, expected, rel_tol=rel_tol, abs_tol=0.0):
+                raise ValueError(f"group {gi} predicted_time_s={g.predicted_time_s!r}, cost model says {expected!r}")
+        worst = max((g.predicted_time_s for g in self.groups), default=0.0)
+        if not math.isclose(self.makespan_s, worst, rel_tol=rel_tol, abs_tol=0.0):
+            raise ValueError(f"makespan_s={self.makespan_s!r} but the slowest group takes {worst!r}")
+        if self.solver_status not in SOLVER_STATUSES:
+            raise ValueError(f"solver_status={self.solver_status!r} is not one of {SOLVER_STATUSES}")

@@ -1,0 +1,207 @@
+"""Per-step heterogeneous SP planning (FlexSP, arXiv 2412.01523, extended).
+
+``plan_step`` splits the world into power-of-two, node-aligned SP groups of possibly different sizes and
+strategies (degree 1 allowed; ulysses, ring or token_ring for softmax layers, lasp2 or zeco for linear
+ones, whichever the cost model prefers) and gives every sequence to one group, minimising the makespan.
+It builds several plans, re-scores each on the TRUE lengths with ``CostModel.group_time`` and returns the
+fastest:
+
+1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
+   slower than ``static_plan``;
+2. the best homogeneous plan improved by local search;
+3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
+4. the MILP plan (``milp.solve_milp``, warm-started from the best homogeneous plan), its assignment
+   improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+
+``time_limit_s`` bounds the whole call: the MILP gets what is left after the cheap candidates, less a
+reserve for the re-balancing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from seqpar.solver.assign import earliest_finish, greedy_groups, improve, lpt
+from seqpar.solver.cost_model import CostModel, is_power_of_two
+from seqpar.solver.milp import SLOTS, MilpResult, make_buckets, solve_milp
+from seqpar.solver.plan import Plan
+from seqpar.solver.problem import Problem, build_plan, check_seq_lens
+
+__all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
+
+SOLVERS = ("cbc", "highs", "greedy")
+DEFAULT_STRATEGIES = ("ulysses", "ring", "token_ring")
+DEFAULT_LINEAR_STRATEGIES = ("lasp2", "zeco")
+
+
+def plan_step(
+    seq_lens: Sequence[int],
+    cost_model: CostModel,
+    *,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    linear_strategies: Sequence[str] = DEFAULT_LINEAR_STRATEGIES,
+    time_limit_s: float = 1.0,
+    solver: str = "cbc",
+    max_buckets: int = 16,
+    rel_gap: float | None = None,
+) -> Plan:
+    """The fastest plan found for one step's sequences.
+
+    Args:
+        seq_lens: token count of every sequence of the step (positive integers).
+        cost_model: the cluster, the model and the coefficients.
+        strategies: softmax-layer strategies a group may use (ulysses only where the degree divides the
+            head count).
+        linear_strategies: linear-attention strategies a group may use.
+        time_limit_s: wall-clock budget of the whole call, in seconds.
+        solver: ``"cbc"`` (bundled with PuLP), ``"highs"`` (if installed) or ``"greedy"`` (no MILP).
+        max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
+        rel_gap: relative optimality gap at which the MILP stops; default 1e-9 when the formulation is
+            exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
+
+    Returns:
+        A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says whether the
+        MILP proved optimality, stopped at the time limit, or was unavailable (greedy fallback).
+
+    Raises:
+        ValueError: empty ``seq_lens``, a non-positive or non-integer length, a sequence that does not fit
+            in memory even on all ranks, a world size that is not a power of two (times
+            ``gpus_per_node`` across nodes), an unknown strategy or solver, or a bad option value.
+    """
+    started = time.perf_counter()
+    if not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+        raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
+    if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+        raise ValueError(f"max_buckets must be a positive integer, got {max_buckets!r}")
+    if rel_gap is not None and not (0 <= rel_gap < 1):
+        raise ValueError(f"rel_gap must be in [0, 1) or None, got {rel_gap!r}")
+    deadline = started + time_limit_s
+    problem = Problem(seq_lens, cost_model, strategies=strategies, linear_strategies=linear_strategies)
+
+    candidates: list[tuple[str, list[int], np.ndarray]] = []
+    homogeneous = [(problem.makespan(shapes, assign), s, shapes, assign) for s, shapes, assign in _homogeneous(problem)]
+    fastest = min(h[0] for h in homogeneous)
+    # every homogeneous plan is a static_plan; keep all that tie with the fastest (sums may round apart)
+    candidates += [(f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}", shapes, assign)
+                   for makespan, s, shapes, assign in homogeneous if makespan <= fastest * (1 + 1e-9)]
+    best_homo = min(homogeneous, key=lambda h: h[0])[1:]
+    # budget: cheap candidates first (each phase bounded by its own share), then the MILP, then a
+    # reserve to re-balance the MILP's plan
+    reserve = 0.1 + 0.2 * time_limit_s
+    candidates.append(("homogeneous + local search", best_homo[1],
+                       improve(problem, best_homo[1], best_homo[2], deadline=_after(0.1 * time_limit_s))))
+    warm_plans = [(best_homo[1], best_homo[2])]
+    greedy = greedy_groups(problem, problem.makespan(best_homo[1], best_homo[2]),
+                           deadline=_after(0.25 * time_limit_s))
+    if greedy is not None:
+        greedy_assign = improve(problem, *greedy, deadline=_after(0.05 * time_limit_s))
+        candidates.append(("greedy", greedy[0], greedy_assign))
+        warm_plans.append((greedy[0], greedy_assign))
+
+    status, why, bucket_ratio, milp_note = "greedy", "", 1.0, ""
+    if solver == "greedy":
+        why = "solver='greedy'"
+    else:
+        buckets = make_buckets(problem, max_buckets)
+        bucket_ratio = buckets.cost_ratio
+        gap = rel_gap if rel_gap is not None else (1e-9 if problem.world <= SLOTS else 1e-3)
+        budget = deadline - time.perf_counter() - reserve
+        if budget < 0.02:
+            why = f"no time left for the MILP within time_limit_s={time_limit_s}"
+        else:
+            result = solve_milp(problem, buckets, warm_plans, time_limit_s=budget,
+                                rel_gap=gap, solver=solver)
+            if isinstance(result, MilpResult):
+                status, milp_note = result.status, result.note
+                candidates.append(("milp", result.group_shapes, result.assign))
+                rebalance_deadline = max(deadline, time.perf_counter() + 0.02)
+                candidates.append(("milp + local search", result.group_shapes,
+                                   improve(problem, result.group_shapes, result.assign, deadline=rebalance_deadline)))
+                refill = earliest_finish(problem, result.group_shapes)
+                if refill is not None:
+                    candidates.append(("milp groups re-filled", result.group_shapes,
+                                       improve(problem, result.group_shapes, refill, deadline=rebalance_deadline)))
+            else:
+                why = result
+
+    plans = [(name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio))
+             for name, shapes, assign in candidates]
+    name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the earlier, simpler candidate
+    static = [(n, p) for n, p in plans if n.startswith("homogeneous ") and n != "homogeneous + local search"]
+    shown = static[:1] + [(n, p) for n, p in plans if (n, p) not in static]
+    scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in shown)
+    best.note = (f"chose {name}; " + (milp_note if milp_note else f"no MILP: {why}")
+                 + f"; candidates: {scores}; lower bound {problem.lower_bound():.6g} s"
+                 + f"; {time.perf_counter() - started:.2f} s")
+    return best
+
+
+def _after(seconds: float) -> float:
+    return time.perf_counter() + seconds
+
+
+def _homogeneous(problem: Problem) -> list[tuple[int, list[int], np.ndarray]]:
+    """Every shape on which all sequences fit, as ``(shape, group shapes, LPT assignment)``."""
+    out = []
+    for s, (degree, _) in enumerate(problem.shapes):
+        if problem.fits[s].all():
+            n_groups = problem.world // degree
+            out.append((s, [s] * n_groups, lpt(problem.times[s], n_groups)))
+    if not out:  # cannot happen: the full world fits every sequence, or Problem raised
+        raise ValueError("no single group shape fits every sequence")
+    return out
+
+
+def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, strategy: str) -> Plan:
+    """The baseline: ``world_size // degree`` groups of one ``degree`` and ``strategy``, sequences by LPT.
+
+    Raises:
+        ValueError: bad ``seq_lens``; a world that cannot be split (see ``Cluster.check_plannable``);
+            ``degree`` not a power of two dividing the world; ``strategy`` unknown or invalid at
+            ``degree``; a sequence that does not fit in memory at this degree and strategy.
+    """
+    lengths = check_seq_lens(seq_lens)
+    cluster = cost_model.cluster
+    cluster.check_plannable()
+    is_int = isinstance(degree, (int, np.integer)) and not isinstance(degree, bool)
+    if not is_int or not is_power_of_two(int(degree)) or degree > cluster.world_size:
+        raise ValueError(f"degree={degree!r} must be a power of two no larger than world_size={cluster.world_size}")
+    times = cost_model.seq_times(lengths, degree, strategy)  # raises for a bad strategy
+    mems = cost_model.seq_memories(lengths, degree, strategy)
+    too_big = np.flatnonzero(mems > cluster.mem_bytes)
+    if too_big.size:
+        i = int(too_big[0])
+        raise ValueError(
+            f"seq_lens[{i}]={int(lengths[i])} needs {mems[i]:.4g} bytes per rank at degree={degree} with "
+            f"{strategy}, more than cluster.mem_bytes={cluster.mem_bytes:.4g}; use a larger degree"
+        )
+    n_groups = cluster.world_size // int(degree)
+    return build_plan(cost_model, lengths, [(int(degree), strategy)] * n_groups, lpt(times, n_groups),
+                      status="static", note=f"static {strategy} x{degree}, LPT")
+
+
+def makespan_lower_bound(
+    seq_lens: Sequence[int],
+    cost_model: CostModel,
+    *,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    linear_strategies: Sequence[str] = DEFAULT_LINEAR_STRATEGIES,
+    refined: bool = False,
+) -> float:
+    """No plan is faster than this.
+
+    Simple (default): max(the slowest sequence's best time, total fewest rank-seconds / world size).
+    ``refined=True``: for each sequence i and each shape it could run on, the makespan is at least its
+    time there and at least (its rank-seconds there + everyone else's fewest) / world size; the bound is
+    the max over i of the min over shapes (never below the simple one; much tighter when one sequence
+    dominates the batch).
+
+    Raises ValueError like ``plan_step``.
+    """
+    problem = Problem(seq_lens, cost_model, strategies=strategies, linear_strategies=linear_strategies)
+    return problem.refined_lower_bound() if refined else problem.lower_bound()

@@ -1,0 +1,560 @@
+"""seqpar.solver: cost-model formulas, plan validity, optimality against brute force, fallbacks, errors.
+
+Optimality is checked against an independent brute force: every multiset of power-of-two group sizes that
+sums to the world, every assignment of sequences to groups (subset DP), each group on its best strategy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import numpy as np
+import pulp
+import pytest
+
+from seqpar.launch.data import long_tail_lengths
+from seqpar.solver.milp import _dp_ends, make_buckets, solve_milp
+from seqpar.solver.planner import _homogeneous
+from seqpar.solver.problem import Problem
+from seqpar.solver import (
+    Cluster,
+    CostCoefficients,
+    CostModel,
+    Measurement,
+    ModelSpec,
+    Plan,
+    PlanPrefetcher,
+    makespan_lower_bound,
+    plan_step,
+    static_plan,
+)
+
+SMALL = ModelSpec(num_layers=4, hidden=1024, num_heads=8, num_kv_heads=2, head_dim=128, ffn_hidden=2816, vocab=32000)
+
+
+def small_model(world: int, gpus_per_node: int, fit_tokens: int = 16384, *, intra_gbps: float = 200.0,
+                latency_s: float = 20e-6) -> CostModel:
+    """A small cluster where a sequence of about ``fit_tokens`` tokens just fits on one GPU."""
+    state = SMALL.state_bytes_per_param * SMALL.num_params / world
+    mem = state + SMALL.token_activation_bytes() * fit_tokens
+    cluster = Cluster(world, gpus_per_node, 100.0, mem, intra_gbps, intra_gbps / 8, latency_s=latency_s)
+    return CostModel(cluster, SMALL)
+
+
+def slow_links_model(world: int, gpus_per_node: int) -> CostModel:
+    """Slow links, high latency, little memory: short sequences want few ranks, long ones need many,
+    so the optimum mixes group sizes and neither static plans nor the greedy find it."""
+    return small_model(world, gpus_per_node, fit_tokens=4000, intra_gbps=10.0, latency_s=3e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cost model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_comm_bytes_match_the_collectives_formulas():
+    model = ModelSpec(num_layers=2, hidden=4096, num_heads=32, num_kv_heads=2, head_dim=128, ffn_hidden=11008,
+                      vocab=32000)
+    cm = CostModel(Cluster(8, 8, 989.0, 80e9, 450.0, 50.0), model)
+    S, P, b, H, kv, D = 8192, 4, 2, 32, 2, 128
+    s = S / P
+    assert cm.layer_comm_bytes(S, P, "ring") == pytest.approx(
+        ((P - 1) * 2 * s * kv * D * b, (P - 1) * 2 * s * kv * D * b + (P - 1) * 2 * s * kv * D * 4), rel=1e-12)
+    # seqpar.collectives.token_ring's docstring: zigzag causal mean factor 0.75 in both directions
+    tr_fwd = 0.75 * (P - 1) * (s * H * D * b + s * H * (D * b + 4))
+    tr_bwd = 0.75 * (P - 1) * (s * H * (3 * D * b + 4) + s * H * D * b)
+    assert cm.layer_comm_bytes(S, P, "token_ring") == pytest.approx((tr_fwd, tr_bwd), rel=1e-12)
+    # H_kv = 2 < P = 4: k and v heads are replicated to P heads before the all-to-all
+    ulysses = (P - 1) / P * (s * H * D * b + 2 * s * P * D * b + s * H * D * b)
+    assert cm.layer_comm_bytes(S, P, "ulysses") == pytest.approx((ulysses, ulysses), rel=1e-12)
+    ag = (P - 1) * 2 * s * kv * D * b
+    assert cm.layer_comm_bytes(S, P, "allgather_kv") == pytest.approx((ag, ag), rel=1e-12)
+    state = H * D * D * b + H * D * 4
+    assert cm.layer_comm_bytes(S, P, "lasp2") == pytest.approx(((P - 1) * state,) * 2, rel=1e-12)
+    assert cm.layer_comm_bytes(S, P, "zeco") == pytest.approx((state, state), rel=1e-12)
+    for name in ("ring", "token_ring", "ulysses", "allgather_kv", "lasp2", "zeco"):
+        assert cm.layer_comm_bytes(S, 1, name) == (0.0, 0.0)
+
+
+def test_seq_time_matches_hand_computed_flops_and_overlap():
+    coeffs = CostCoefficients(attention_efficiency=0.4, dense_efficiency=0.5, bandwidth_efficiency=0.9,
+                              latency_scale=1.0, sequence_overhead_s=0.0)
+    cluster = Cluster(16, 8, 500.0, 1e12, 300.0, 40.0, latency_s=5e-6)
+    cm = CostModel(cluster, SMALL, coeffs)
+    L, h, H, kv, D, f, V = 4, 1024, 8, 2, 128, 2816, 32000
+    matmul = h * (H * D + 2 * kv * D) + H * D * h + 3 * h * f
+    S = 20000
+    dense = 6 * (L * matmul + h * V) * S / (500e12 * 0.5)
+    attn_fwd = 2 * S * S * H * D / (500e12 * 0.4)
+    assert cm.seq_time(S, 1, "ring") == pytest.approx(dense + L * 3.5 * attn_fwd, rel=1e-12)
+
+    # ring across two nodes (P = 16 > 8 GPUs per node): inter-node bandwidth, overlap per step
+    P, s = 16, S / 16
+    beta = 40e9 * 0.9
+    a_f, a_b = attn_fwd / P, 2.5 * attn_fwd / P
+    fwd = a_f / P + (P - 1) * (max(a_f / P, 2 * s * kv * D * 2 / beta) + 5e-6)
+    bwd = a_b / P + (P - 1) * (max(a_b / P, 2 * s * kv * D * 6 / beta) + 5e-6)
+    assert cm.seq_time(S, P, "ring") == pytest.approx(dense / P + L * (fwd + bwd), rel=1e-12)
+
+    # ulysses inside one node (P = 8): not overlapped, four all-to-alls each way
+    P, s = 8, S / 8
+    beta = 300e9 * 0.9
+    one_way = (P - 1) / P * (2 * s * H * D * 2 + 2 * s * max(kv, P) * D * 2) / beta + 4 * (P - 1) * 5e-6
+    expected = dense / P + L * (3.5 * attn_fwd / P + 2 * one_way)
+    assert cm.seq_time(S, P, "ulysses") == pytest.approx(expected, rel=1e-12)
+
+
+def test_degree_one_is_the_same_for_every_strategy():
+    cm = small_model(8, 8)
+    times = {name: cm.seq_time(5000, 1, name) for name in ("ulysses", "ring", "token_ring", "allgather_kv")}
+    assert len(set(times.values())) == 1
+    mems = {name: cm.seq_memory(5000, 1, name) for name in ("ulysses", "ring", "token_ring", "allgather_kv")}
+    assert len(set(mems.values())) == 1
+
+
+@pytest.mark.parametrize("kv_heads, winner", [(32, "token_ring"), (8, "ring")])
+def test_ring_beats_token_ring_exactly_when_gqa_ratio_exceeds_two(kv_heads, winner):
+    model = ModelSpec(num_layers=2, hidden=4096, num_heads=32, num_kv_heads=kv_heads, head_dim=128,
+                      ffn_hidden=11008, vocab=32000)
+    cm = CostModel(Cluster.dgx_h100(64), model)
+    # communication-bound: short shards across nodes
+    ring, token = cm.seq_time(4096, 64, "ring"), cm.seq_time(4096, 64, "token_ring")
+    assert (ring < token) == (winner == "ring")
+
+
+def test_ulysses_needs_the_degree_to_divide_the_heads():
+    cm = small_model(16, 8)  # 8 heads
+    assert cm.strategy_valid(8, "ulysses") and not cm.strategy_valid(16, "ulysses")
+    with pytest.raises(ValueError, match="ulysses"):
+        cm.seq_time(1000, 16, "ulysses")
+    assert "ulysses" not in cm.strategy_names(16)
+
+
+def test_memory_grows_with_length_and_shrinks_with_degree():
+    cm = small_model(16, 8)
+    for name in ("ring", "token_ring", "ulysses"):
+        assert cm.seq_memory(2000, 2, name) < cm.seq_memory(4000, 2, name)
+        assert cm.seq_memory(40000, 4, name) < cm.seq_memory(40000, 2, name)
+    assert cm.seq_memory(1, 1, "ring") > cm.model_state_bytes()
+
+
+def test_hybrid_models_name_both_strategies():
+    hybrid = CostModel(Cluster.dgx_h100(64), ModelSpec.llama("2-7b").with_linear_layers(4))
+    assert hybrid.model.num_linear_layers == 24 and hybrid.model.num_softmax_layers == 8
+    # many ranks: LASP-2's all-gather moves P-1 states, ZeCO's pipeline one; few ranks: ZeCO's hops dominate
+    assert hybrid.seq_time(8192, 64, "ring+zeco") < hybrid.seq_time(8192, 64, "ring+lasp2")
+    assert hybrid.seq_time(8192, 2, "ring+lasp2") < hybrid.seq_time(8192, 2, "ring+zeco")
+    with pytest.raises(ValueError, match="ring\\+zeco"):
+        hybrid.seq_time(8192, 4, "ring")
+    assert "ulysses+zeco" in hybrid.strategy_names(4)
+
+
+def test_calibrate_recovers_the_coefficients_that_made_the_measurements():
+    cluster = Cluster(16, 8, 400.0, 1e12, 200.0, 25.0, latency_s=10e-6)
+    truth = CostModel(cluster, SMALL, CostCoefficients(0.37, 0.71, 0.55, 2.0, 3e-4))
+    data = [Measurement(length, degree, name, truth.seq_time(length, degree, name))
+            for length in (256, 2048, 16384, 65536) for degree in (1, 2, 8, 16) for name in ("ulysses", "ring")
+            if truth.strategy_valid(degree, name)]
+    fitted = CostModel(cluster, SMALL).calibrate(data)
+    for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale",
+                 "sequence_overhead_s"):
+        assert getattr(fitted.coefficients, name) == pytest.approx(getattr(truth.coefficients, name), rel=1e-3)
+    for m in data:
+        assert fitted.seq_time(m.length, m.degree, m.strategy) == pytest.approx(m.seconds, rel=1e-5)
+
+
+def test_cost_model_rejects_bad_input():
+    with pytest.raises(ValueError, match="world_size"):
+        Cluster(0, 8, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelSpec(2, 64, 8, 3, 8, 128, 100)
+    with pytest.raises(ValueError, match="layer_kinds"):
+        ModelSpec(2, 64, 8, 2, 8, 128, 100, layer_kinds=("softmax", "mamba"))
+    cm = small_model(8, 8)
+    with pytest.raises(ValueError, match="length"):
+        cm.seq_time(0, 1, "ring")
+    with pytest.raises(ValueError, match="degree"):
+        cm.seq_time(10, 16, "ring")
+    with pytest.raises(ValueError, match="strategy"):
+        cm.seq_time(10, 2, "ringg")
+    with pytest.raises(ValueError, match="measurements"):
+        cm.calibrate([])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# brute force
+# ---------------------------------------------------------------------------------------------------------
+
+
+def power_of_two_partitions(world: int) -> list[tuple[int, ...]]:
+    """Every multiset of powers of two summing to ``world`` (non-increasing tuples)."""
+    out = []
+
+    def rec(left: int, largest: int, acc: tuple[int, ...]) -> None:
+        if left == 0:
+            out.append(acc)
+            return
+        d = largest
+        while d >= 1:
+            if d <= left:
+                rec(left - d, d, acc + (d,))
+            d //= 2
+
+    rec(world, world, ())
+    return out
+
+
+def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=("ulysses", "ring", "token_ring")) -> float:
+    n = len(lengths)
+    full = (1 << n) - 1
+    mem = cm.cluster.mem_bytes
+
+    @lru_cache(maxsize=None)
+    def subset_cost(degree: int, mask: int) -> float:
+        seqs = [lengths[i] for i in range(n) if mask >> i & 1]
+        best = math.inf
+        for name in strategies:
+            if not cm.strategy_valid(degree, name):
+                continue
+            if all(cm.seq_memory(l, degree, name) <= mem for l in seqs):
+                best = min(best, cm.group_time(seqs, degree, name))
+        return best
+
+    best = math.inf
+    for partition in power_of_two_partitions(cm.cluster.world_size):
+        # f[mask]: best makespan giving exactly the sequences in mask to the groups seen so far
+        f = {0: 0.0}
+        for degree in partition:
+            g = {}
+            for mask in range(full + 1):
+                value = math.inf
+                sub = mask
+                while True:  # every subset ``sub`` of ``mask`` goes to this group
+                    rest = mask ^ sub
+                    if rest in f:
+                        value = min(value, max(f[rest], subset_cost(degree, sub)))
+                    if sub == 0:
+                        break
+                    sub = (sub - 1) & mask
+                if value < math.inf:
+                    g[mask] = value
+            f = g
+        best = min(best, f.get(full, math.inf))
+    return best
+
+
+def tiny_instances():
+    """(world, gpus per node, lengths, cost model family), seeded."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for world, per_node in ((4, 4), (8, 4), (8, 8)):
+        for n in (1, 3, 5, 8):  # long-tail lengths on a fast cluster
+            lengths = np.exp(rng.uniform(np.log(200), np.log(60000), n)).astype(int).tolist()
+            cases.append((world, per_node, lengths, "fast"))
+        for n in (4, 6, 8):  # similar lengths on slow links: the mix of group sizes matters
+            cases.append((world, per_node, rng.integers(200, 9000, n).tolist(), "slow"))
+    return cases
+
+
+def tiny_model(world: int, per_node: int, family: str) -> CostModel:
+    return small_model(world, per_node) if family == "fast" else slow_links_model(world, per_node)
+
+
+def best_static_makespan(lengths, cm) -> float:
+    best = math.inf
+    degree = 1
+    while degree <= cm.cluster.world_size:
+        for name in ("ulysses", "ring", "token_ring"):
+            try:
+                best = min(best, static_plan(lengths, cm, degree, name).makespan_s)
+            except ValueError:
+                pass
+        degree *= 2
+    return best
+
+
+@pytest.mark.parametrize("world, per_node, lengths, family", tiny_instances())
+def test_plan_matches_brute_force_optimum_on_tiny_instances(world, per_node, lengths, family):
+    cm = tiny_model(world, per_node, family)
+    plan = plan_step(lengths, cm, time_limit_s=20.0)
+    plan.validate(lengths, cm)
+    optimum = brute_force_makespan(lengths, cm)
+    assert plan.solver_status == "optimal"
+    assert plan.bucket_cost_ratio == 1.0
+    assert plan.makespan_s == pytest.approx(optimum, rel=1e-9)
+    lower = makespan_lower_bound(lengths, cm)
+    refined = makespan_lower_bound(lengths, cm, refined=True)
+    assert lower <= refined <= optimum * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("world, per_node, lengths, family", [c for c in tiny_instances() if c[3] == "slow"])
+def test_milp_alone_finds_the_optimum(world, per_node, lengths, family):
+    # plan_step also tries greedy and homogeneous plans; here the MILP must find the optimum by itself,
+    # warm-started only from the best homogeneous plan
+    cm = tiny_model(world, per_node, family)
+    problem = Problem(lengths, cm, strategies=("ulysses", "ring", "token_ring"), linear_strategies=())
+    homogeneous = min(_homogeneous(problem), key=lambda h: problem.makespan(h[1], h[2]))
+    result = solve_milp(problem, make_buckets(problem, 16), [(homogeneous[1], homogeneous[2])],
+                        time_limit_s=20.0, rel_gap=1e-9, solver="cbc")
+    assert result.status == "optimal"
+    assert problem.makespan(result.group_shapes, result.assign) == pytest.approx(
+        brute_force_makespan(lengths, cm), rel=1e-9)
+
+
+def test_tiny_instances_are_hard_enough_to_catch_a_weak_planner():
+    # Guard for the tests above: on several slow-link instances the best static plan (the MILP's warm
+    # start) is clearly worse than the optimum, so only a real optimiser passes.
+    gaps = 0
+    for world, per_node, lengths, family in tiny_instances():
+        if family == "slow":
+            cm = tiny_model(world, per_node, family)
+            gaps += best_static_makespan(lengths, cm) > 1.05 * brute_force_makespan(lengths, cm)
+    assert gaps >= 3
+
+
+def test_bucketing_error_stays_within_the_documented_bound():
+    cm = small_model(8, 4)
+    lengths = [300, 900, 2500, 4000, 7000, 12000, 21000, 50000]
+    plan = plan_step(lengths, cm, time_limit_s=20.0, max_buckets=3)
+    plan.validate(lengths, cm)
+    optimum = brute_force_makespan(lengths, cm)
+    assert plan.solver_status == "optimal"
+    assert plan.bucket_cost_ratio > 1.0
+    assert optimum * (1 - 1e-12) <= plan.makespan_s <= optimum * plan.bucket_cost_ratio * (1 + 1e-9)
+
+
+def test_bucket_cuts_minimise_the_overstatement_exhaustively():
+    rng = np.random.default_rng(3)
+
+    def overstatement(ends, proxy, counts):
+        total, lo = 0.0, 0
+        for e in ends:
+            total += float(((proxy[e] - proxy[lo:e + 1]) * counts[lo:e + 1]).sum())
+            lo = e + 1
+        return total
+
+    for _ in range(150):
+        n = int(rng.integers(2, 9))
+        proxy, counts = np.sort(rng.random(n) * 10), rng.integers(1, 5, n)
+        seg = np.sort(rng.integers(0, 2, n))  # a memory limit may split the lengths in two segments
+        k = max(int(rng.integers(1, 5)), int(seg[-1] - seg[0]) + 1)
+        ends = _dp_ends(proxy, counts, seg, k)
+        best = math.inf
+        for r in range(min(k, n)):
+            for cuts in itertools.combinations(range(n - 1), r):
+                e, lo, ok = list(cuts) + [n - 1], 0, True
+                for x in e:
+                    ok &= seg[lo] == seg[x]
+                    lo = x + 1
+                if ok:
+                    best = min(best, overstatement(e, proxy, counts))
+        assert len(ends) <= k and ends[-1] == n - 1
+        assert overstatement(ends, proxy, counts) == pytest.approx(best, abs=1e-9)
+
+
+def test_memory_decides_the_degree_when_a_sequence_is_too_long_for_one_gpu():
+    cm = small_model(8, 8, fit_tokens=4000)
+    lengths = [30000, 500, 500, 500]
+    plan = plan_step(lengths, cm, time_limit_s=20.0)
+    plan.validate(lengths, cm)
+    long_group = next(g for g in plan.groups if 0 in g.seq_indices)
+    assert long_group.degree >= 8  # 30000 / 4000 tokens per GPU, rounded up to a power of two
+
+
+# ---------------------------------------------------------------------------------------------------------
+# long-tail batches, baselines, fallbacks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_tail():
+    cm = CostModel(Cluster.dgx_h100(64), ModelSpec.llama("2-7b"))
+    lengths = long_tail_lengths(512, seed=3, max_len=131072).tolist()
+    return cm, lengths, plan_step(lengths, cm, time_limit_s=1.0)
+
+
+def test_plan_is_valid_and_never_slower_than_any_static_plan(long_tail):
+    cm, lengths, plan = long_tail
+    plan.validate(lengths, cm)
+    assert plan.solver_status in ("optimal", "feasible")
+    degrees = {g.degree for g in plan.groups if g.seq_indices}
+    assert len(degrees) > 1, "a long-tail batch should use groups of different sizes"
+    for degree in (1, 2, 4, 8, 16, 32, 64):
+        for name in ("ulysses", "ring", "token_ring"):
+            try:
+                static = static_plan(lengths, cm, degree, name)
+            except ValueError:
+                continue  # too long for this degree, or ulysses cannot split the heads
+            static.validate(lengths, cm)
+            assert plan.makespan_s <= static.makespan_s
+    assert plan.makespan_s >= makespan_lower_bound(lengths, cm, refined=True)
+
+
+def test_plan_round_trips_through_json_exactly(long_tail):
+    _, _, plan = long_tail
+    text = plan.to_json()
+    again = Plan.from_json(text.encode())
+    assert again == plan and again.to_json() == text
+    with pytest.raises(ValueError, match="Plan.to_json"):
+        Plan.from_json('{"groups": 3}')
+
+
+def test_validate_catches_broken_plans():
+    cm = small_model(8, 4)
+    lengths = [1000, 2000, 3000]
+    good = static_plan(lengths, cm, 2, "ring")
+
+    def broken(edit) -> Plan:
+        plan = Plan.from_json(good.to_json())
+        edit(plan)
+        return plan
+
+    def overlap(p):
+        p.groups[1].ranks = p.groups[0].ranks
+
+    def straddle(p):  # (3, 4) crosses the node boundary at rank 4 without covering whole nodes
+        p.groups[1].ranks, p.groups[2].ranks = (3, 4), (2, 5)
+
+    def lost(p):
+        for g in p.groups:
+            g.seq_indices = [i for i in g.seq_indices if i != 1]
+
+    def slower(p):
+        p.makespan_s *= 1.01
+
+    for edit, message in ((overlap, "shares ranks"), (straddle, "straddle"), (lost, "sequences \\[1\\]"),
+                          (slower, "makespan_s")):
+        with pytest.raises(ValueError, match=message):
+            broken(edit).validate(lengths, cm)
+    tight = small_model(8, 4, fit_tokens=1500)
+    with pytest.raises(ValueError, match="mem_bytes"):
+        good.validate(lengths, tight)
+
+
+def test_falls_back_to_greedy_when_cbc_is_missing(monkeypatch):
+    cm = small_model(8, 4)
+    lengths = [400, 1200, 30000, 9000]
+    monkeypatch.setattr(pulp.PULP_CBC_CMD, "available", lambda self: False)
+    plan = plan_step(lengths, cm, time_limit_s=5.0)
+    plan.validate(lengths, cm)
+    assert plan.solver_status == "greedy" and "cbc is not available" in plan.note
+
+
+def test_falls_back_to_greedy_when_the_solver_finds_nothing(monkeypatch):
+    cm = small_model(8, 4)
+    lengths = [400, 1200, 30000, 9000]
+
+    def no_solution(self, solver=None, **kwargs):
+        self.status, self.sol_status = pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound
+        return self.status
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", no_solution)
+    plan = plan_step(lengths, cm, time_limit_s=5.0)
+    plan.validate(lengths, cm)
+    assert plan.solver_status == "greedy" and "no solution" in plan.note
+    assert plan_step(lengths, cm, solver="greedy").solver_status == "greedy"
+
+
+def test_hybrid_model_plans_use_linear_strategies():
+    cm = CostModel(Cluster.dgx_h100(16), ModelSpec.llama("3-8b").with_linear_layers(4))
+    lengths = long_tail_lengths(64, seed=1, max_len=65536).tolist()
+    plan = plan_step(lengths, cm, time_limit_s=2.0)
+    plan.validate(lengths, cm)
+    assert all("+" in g.strategy for g in plan.groups)
+
+
+def test_prefetcher_hands_back_the_plan_of_each_step():
+    cm = small_model(8, 4)
+    steps = {0: [500, 7000, 20000], 1: [100, 200, 300, 40000]}
+    with PlanPrefetcher(cm, use_process=False, time_limit_s=10.0) as prefetcher:
+        for step, lengths in steps.items():
+            prefetcher.submit(step, lengths)
+        for step, lengths in steps.items():
+            plan = prefetcher.get(step, timeout=30)
+            plan.validate(lengths, cm)
+            assert plan.makespan_s == pytest.approx(brute_force_makespan(lengths, cm), rel=1e-9)
+        with pytest.raises(ValueError, match="not submitted"):
+            prefetcher.get(5)
+        prefetcher.submit(2, [])
+        with pytest.raises(ValueError, match="empty"):
+            prefetcher.get(2, timeout=30)
+
+
+def test_prefetcher_worker_process_returns_a_broadcastable_plan():
+    cm = small_model(8, 4)
+    lengths = [500, 7000, 20000]
+    with PlanPrefetcher(cm, time_limit_s=10.0) as prefetcher:
+        prefetcher.submit(0, lengths)
+        plan = prefetcher.get(0, timeout=60)
+    plan.validate(lengths, cm)
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ([], "empty"),
+    ([100, 0], "seq_lens\\[1\\]=0 must be positive"),
+    ([100, -5], "positive"),
+    ([100, 2.5], "integer"),
+    ([10_000_000], "does not fit in memory even on all 8 ranks"),
+])
+def test_plan_step_rejects_bad_lengths(lengths, message):
+    with pytest.raises(ValueError, match=message):
+        plan_step(lengths, small_model(8, 4))
+
+
+def test_plan_step_rejects_bad_clusters_and_options():
+    lengths = [100, 200]
+    with pytest.raises(ValueError, match="power of two"):
+        plan_step(lengths, CostModel(Cluster(24, 8, 100.0, 80e9, 200.0, 25.0), SMALL))
+    with pytest.raises(ValueError, match="gpus_per_node=6"):
+        plan_step(lengths, CostModel(Cluster(16, 6, 100.0, 80e9, 200.0, 25.0), SMALL))
+    cm = small_model(8, 4)
+    with pytest.raises(ValueError, match="strategies"):
+        plan_step(lengths, cm, strategies=("ring", "megatron"))
+    with pytest.raises(ValueError, match="solver"):
+        plan_step(lengths, cm, solver="gurobi")
+    with pytest.raises(ValueError, match="time_limit_s"):
+        plan_step(lengths, cm, time_limit_s=0)
+    with pytest.raises(ValueError, match="degree"):
+        static_plan(lengths, cm, 3, "ring")
+    with pytest.raises(ValueError, match="ulysses"):
+        static_plan(lengths, small_model(16, 8), 16, "ulysses")
+    with pytest.raises(ValueError, match="use a larger degree"):
+        static_plan([30000], small_model(8, 4, fit_tokens=4000), 2, "ring")
+
+
+def test_world_within_one_node_need_not_fill_it():
+    cm = CostModel(Cluster(4, 8, 100.0, 80e9, 200.0, 25.0), SMALL)
+    plan = plan_step([100, 5000, 9000], cm, time_limit_s=5.0)
+    plan.validate([100, 5000, 9000], cm)
+    assert sorted(r for g in plan.groups for r in g.ranks) == list(range(4))
+
+
+def test_solver_sources_never_import_torch():
+    # seqpar.solver must run where torch.distributed is absent (rank 0's planning worker); note that
+    # ``import seqpar.solver`` still runs seqpar/__init__.py, so this checks the solver's own imports
+    import ast
+    import pathlib
+
+    import seqpar.solver
+
+    for path in pathlib.Path(seqpar.solver.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), path.name
+
+
+def test_partition_enumeration_is_complete():
+    # the brute force is only as good as its enumeration: 8 has 10 partitions into powers of two
+    parts = power_of_two_partitions(8)
+    assert len(parts) == len(set(parts)) == 10
+    assert all(sum(p) == 8 for p in parts)
+    assert set(itertools.chain.from_iterable(parts)) == {1, 2, 4, 8}

@@ -1,0 +1,89 @@
+"""seqpar-train: exact resume, a crash during a checkpoint write, and option errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch.distributed as dist
+from harness import RankError, RankTimeout, run_distributed
+
+pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
+
+from seqpar.launch import train as train_mod  # noqa: E402
+
+BASE = ["--model", "llama-tiny", "--data", "uniform", "--tokens-per-step", "768", "--max-len", "256",
+        "--strategy", "ring", "--lr", "1e-2", "--no-progress"]
+
+
+def run_train(argv):
+    args = train_mod.build_parser().parse_args(argv)
+    train_mod.validate_args(args)
+    return [h["loss"] for h in train_mod.train(args)]
+
+
+def crash_during_checkpoint(argv, crash_at_step):
+    """Train, but rank 1 dies inside the checkpoint write of ``crash_at_step`` (after writing its shard,
+    before the rename that completes it)."""
+    original = train_mod.torch.save
+
+    def dying_save(obj, path, *a, **k):
+        original(obj, path, *a, **k)
+        if isinstance(obj, dict) and obj.get("step") == crash_at_step and dist.get_rank() == 1:
+            os._exit(3)
+
+    train_mod.torch.save = dying_save
+    try:
+        return run_train(argv)
+    finally:
+        train_mod.torch.save = original
+
+
+def test_resume_continues_the_exact_run(tmp_path):
+    straight = run_distributed(run_train, 2, BASE + ["--steps", "6"])[0]
+    ckpt = tmp_path / "ckpt"
+    first = run_distributed(run_train, 2, BASE + ["--steps", "3", "--checkpoint-dir", str(ckpt)])[0]
+    second = run_distributed(run_train, 2, BASE + ["--steps", "6", "--checkpoint-dir", str(ckpt), "--resume"])[0]
+    assert len(first) == 3 and len(second) == 3
+    assert straight[0] > straight[-1]  # it learns
+    for a, b in zip(straight, first + second):
+        assert abs(a - b) <= 1e-6 * abs(a), (straight, first + second)
+
+
+def test_a_crash_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    argv = BASE + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
+    with pytest.raises((RankError, RankTimeout)):
+        run_distributed(crash_during_checkpoint, 2, argv, 4, timeout=60)
+    assert (ckpt / "latest").read_text() == "step_2"  # step 4 never completed
+    assert (ckpt / "step_4.tmp").exists() and not (ckpt / "step_4").exists()
+    resumed = run_distributed(run_train, 2, argv + ["--resume"])[0]
+    straight = run_distributed(run_train, 2, BASE + ["--steps", "4"])[0]
+    assert len(resumed) == 2
+    for a, b in zip(straight[2:], resumed):
+        assert abs(a - b) <= 1e-6 * abs(a)
+    shutil.rmtree(ckpt)
+
+
+def test_metrics_file_has_one_line_per_step(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    run_distributed(run_train, 2, BASE + ["--steps", "2", "--metrics", str(metrics)])
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert all(x["bytes_sent_rank"] > 0 and x["tokens"] > 0 and x["plan"] for x in lines)
+
+
+@pytest.mark.parametrize("argv, starts", [
+    (["--strategy", "spiral"], "--strategy:"),
+    (["--linear-strategy", "x"], "--linear-strategy:"),
+    (["--model", "no-such-model"], "--model:"),
+    (["--data", "nowhere.npy"], "--data:"),
+    (["--steps", "0"], "--steps:"),
+    (["--lr", "-1"], "--lr:"),
+    (["--resume"], "--resume:"),
+])
+def test_bad_options_are_named(argv, starts):
+    args = train_mod.build_parser().parse_args(argv)
+    with pytest.raises(ValueError) as err:
+        train_mod.validate_args(args)
+    assert str(err.value).startswith(starts)
