@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/pip install -q -e ".[train]"
 	rm -f demo/metrics.jsonl
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m seqpar.launch.train --model llama-tiny \
-		--data longtail --strategy auto --steps 20 --tokens-per-step 4096 --max-len 1024 \
+		--data longtail --strategy auto --steps 20 --tokens-per-step 8192 --max-len 4096 \
 		--metrics demo/metrics.jsonl --plot demo/loss.png
 
 clean:
