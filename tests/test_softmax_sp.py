@@ -203,3 +203,27 @@ def test_bad_input_is_a_value_error_on_every_rank_before_any_communication(op_na
             assert message.startswith(name.split("-")[0] + ":") or message.startswith(name.split("-")[0][0] + ", "), (name, message)
         if "q-heads-vs-P" in messages:
             assert "ring_attention" in messages["q-heads-vs-P"]
+
+
+def fused_merge_ring():
+    from seqpar.kernels.fused_merge import has_fused_merge
+
+    q, k, v, dout, _ = global_inputs(4, batch=1, seq_len=2 * dist.get_world_size() * 4, h=2, h_kv=1, d=32)
+    fused = has_fused_merge("triton_interpret", q.device, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = reference_attention(*leaves, causal=True)[0]
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    ql, kl, vl = (shard_sequence(t).float().requires_grad_(True) for t in (q, k, v))
+    with trace_events() as events:
+        out = ring_attention(ql, kl, vl, causal=True, backend="triton_interpret")
+    out.backward(shard_sequence(dout).float())
+    unfused_kernels = [e for e in events if e["kind"] == "kernel"]  # the unfused path records each block kernel
+    errors = [rel_err(out, shard_sequence(ref))] + [rel_err(g, shard_sequence(r)) for g, r in zip((ql.grad, kl.grad, vl.grad), ref_grads)]
+    return fused, len(unfused_kernels), errors
+
+
+def test_ring_merges_inside_the_kernel_when_the_backend_fuses_it():
+    pytest.importorskip("triton", reason="triton not installed")
+    for fused, unfused_kernels, errors in run_distributed(fused_merge_ring, 2):
+        assert fused and unfused_kernels == 0
+        assert errors[0] < 1e-5 and max(errors[1:]) < 1e-4, errors

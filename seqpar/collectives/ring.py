@@ -3,8 +3,8 @@
 Forward, P ranks, step s = 0 .. P-1: rank r holds the K/V shard of rank j = r - s. Before running the block
 kernel of step s it issues the transfer that brings the shard of step s + 1 (send to r + 1, receive from
 r - 1), so the transfer overlaps the kernel. Partial (out, lse) are merged in float32 with the -inf safe
-update. Blocks that a causal mask hides completely are skipped (see ``softmax_common.block_kind``; with the
-zigzag layout every rank then does the same work).
+update, inside the kernel's epilogue when the backend fuses it (Triton). Blocks that a causal mask hides
+completely are skipped (see ``softmax_common.block_kind``; with zigzag every rank does the same work).
 
 Backward, same ring: at step s rank r holds the K/V shard of rank j = r - s again (re-sent, overlapped the same
 way) and a float32 accumulator of dK/dV for shard j that travels one step behind it: created empty at step 1,
@@ -29,11 +29,10 @@ import torch.distributed as dist
 from seqpar.collectives import comm
 from seqpar.collectives.softmax_common import (
     SoftmaxSP,
-    attend_block,
     add_rows,
+    attend_and_merge,
     attend_block_backward,
     block_kind,
-    merge_rows,
     prepare_softmax_sp,
 )
 from seqpar.kernels.attention import accumulation_dtype
@@ -51,8 +50,7 @@ def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tens
         pending = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
         kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
         if kind != "skip":
-            rows, block_out, block_lse = attend_block(sp, sp.q, kv[0], kv[1], kind, backend)
-            out, lse = merge_rows(out, lse, rows, block_out, block_lse, sp.q.shape[0])
+            out, lse = attend_and_merge(sp, kv[0], kv[1], kind, out, lse, backend)
         if pending is not None:
             kv = pending.wait()[0]
     return out, lse

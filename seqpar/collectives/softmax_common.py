@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from seqpar.collectives import comm
 from seqpar.collectives.layout import LAYOUTS, shard_indices, validate_cu_seqlens
+from seqpar.kernels.fused_merge import attention_block_merge
 from seqpar.kernels.attention import (
     accumulation_dtype,
     attention_block_varlen,
@@ -209,6 +210,44 @@ def attend_block(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal", scale=sp.scale, backend=backend
     )
     return rows, out, lse
+
+
+def attend_and_merge(
+    sp: SoftmaxSP,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend this rank's queries to one K/V shard and fold the result into the running packed (T, H, D) out and
+    (H, T) lse; in the kernel epilogue when the backend fuses the merge (Triton), else as a second pass."""
+    cu, half = sp.cu_seqlens, sp.half_cu_seqlens()
+    q, rows = sp.q, None
+    if kind == "k_first_half":
+        first = sp.chunk_indices("first")
+        k, v, cu_q, cu_k = k[first], v[first], cu, half
+    elif kind == "q_second_half":
+        rows = sp.chunk_indices("second")
+        q, cu_q, cu_k = q[rows], half, cu
+    else:
+        cu_q = cu_k = cu
+    if rows is not None and out is None:
+        acc = accumulation_dtype(q.dtype)
+        out = q.new_zeros((sp.q.shape[0], q.shape[1], v.shape[-1]), dtype=acc)
+        lse = torch.full((q.shape[1], sp.q.shape[0]), float("-inf"), dtype=acc, device=q.device)
+    sub_out = out if rows is None or out is None else out[rows]
+    sub_lse = lse if rows is None or lse is None else lse[:, rows]
+    new_out, new_lse = attention_block_merge(
+        q, k, v, sub_out, sub_lse, causal=kind == "causal", scale=sp.scale, backend=backend,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    )
+    if rows is None:
+        return new_out, new_lse
+    out, lse = out.clone(), lse.clone()
+    out[rows], lse[:, rows] = new_out, new_lse
+    return out, lse
 
 
 def attend_block_backward(

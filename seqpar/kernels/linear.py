@@ -24,12 +24,17 @@ import math
 import torch
 
 __all__ = [
+    "LINEAR_BACKENDS",
     "expand_log_decay",
     "linear_attention_chunk",
     "linear_attention_inter",
+    "resolve_linear_backend",
     "total_log_decay",
     "validate_linear_inputs",
 ]
+
+LINEAR_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def validate_linear_inputs(
@@ -81,6 +86,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _triton_linear():
+    """The Triton module, or None when triton is not importable (imported on first use only)."""
+    try:
+        from seqpar.kernels import triton_linear
+    except Exception:  # noqa: BLE001 -- a missing or broken triton must only disable this backend
+        return None
+    return triton_linear
+
+
+def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` in ``LINEAR_BACKENDS``.
+
+    ``"auto"`` is Triton on CUDA (fp16/bf16/fp32, triton importable), else torch -- so on CPU it is always torch.
+    ``"triton"`` runs on CUDA, and on CPU only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+    triton is imported; the tests).
+
+    Raises:
+        ValueError: unknown backend, or ``"triton"`` where it cannot run.
+    """
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"backend: unknown linear-attention backend {backend!r}; use one of {LINEAR_BACKENDS}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    module = _triton_linear() if dtype in _TRITON_DTYPES else None
+    runnable = module is not None and (device.type == "cuda" or (device.type == "cpu" and module.INTERPRETED))
+    if backend == "auto":
+        return "triton" if runnable else "torch"
+    if not runnable:
+        raise ValueError(
+            f"backend: 'triton' linear attention cannot run on {device.type} with {dtype} (needs triton, "
+            "fp16/bf16/fp32, and CUDA or TRITON_INTERPRET=1); use backend='auto'"
+        )
+    return "triton"
+
+
 def linear_attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,19 +131,26 @@ def linear_attention_chunk(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked linear attention; returns ``(o, final_state)`` (final_state None unless requested).
 
     Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,) or (B, S, H), all <= 0;
     initial_state (B, H, Dk, Dv); o (B, S, H, Dv) in q's dtype; final_state (B, H, Dk, Dv) float32
-    (float64 for float64 input).
+    (float64 for float64 input). ``backend``: see ``resolve_linear_backend`` (torch on CPU unless
+    ``"triton"`` is asked for; the Triton path rounds ``chunk_size``, see ``triton_linear.chunk_size_for``).
 
     Raises:
-        ValueError: shape/dtype mismatch, positive log_decay, chunk_size < 1.
+        ValueError: shape/dtype mismatch, positive log_decay, chunk_size < 1, a backend that cannot run here.
     """
     validate_linear_inputs(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    if resolve_linear_backend(backend, q.device, q.dtype) == "triton":
+        return _triton_linear().triton_linear_attention(
+            q, k, v, log_decay=log_decay, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )
     b, s, h, dk = q.shape
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
