@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         history = train(args)
         if dist.get_rank() == 0:
             print_summary(history, args)
+        dist.barrier()  # tearing gloo down while a peer still sends aborts that peer
     finally:
         dist.destroy_process_group()
     return 0
