@@ -239,11 +239,6 @@ def compare_zeco(world: int = 256, length: float = 8 * M) -> dict:
     head["zeco_over_single_gpu"] = head["zeco_s"] / head["single_gpu_same_tokens_s"]
     small = linear_steps("H100", 64, 1 * M)
     head["zeco_1m_64_over_single_16k"] = small["zeco_s"] / small["single_gpu_same_tokens_s"]
-    # the states in float32, as seqpar.collectives.lasp2 / zeco send them (the cost model counts bytes_per_param)
-    fp32 = linear_steps("H100", world, length, replace_bytes(LINEAR_LLAMA3_1B, 4))
-    head["fp32_states"] = {"lasp2_over_zeco": fp32["lasp2_s"] / fp32["zeco_s"],
-                           "layer_lasp2_over_zeco": fp32["lasp2_layer_s"] / fp32["zeco_layer_s"],
-                           "zeco_over_single_gpu": fp32["zeco_s"] / fp32["single_gpu_same_tokens_s"]}
     _, lam = _beta_lam(CostModel(cluster("H100", world), LINEAR_LLAMA3_1B), world)
     head["zeco_scan_latency_share"] = 2 * (world - 1 + ZECO_PIECES - 1) * lam / head["zeco_layer_s"]
     fast = linear_steps("H100", world, length, latency_s=2e-6)

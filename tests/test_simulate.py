@@ -99,8 +99,6 @@ def test_zeco_beats_lasp2(zeco):
     big = [r for r in sweep if r["world"] >= 64]
     assert all(r["zeco_s"] < r["lasp2_s"] for r in big)
     assert h["zeco_over_single_gpu"] >= 1
-    # float32 states (what the collectives send) double LASP-2's bytes: ZeCO's lead grows
-    assert h["fp32_states"]["layer_lasp2_over_zeco"] > h["layer_lasp2_over_zeco"]
 
 
 def test_tokenring_transfers_match_the_paper_anchor(tokenring):

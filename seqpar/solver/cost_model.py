@@ -44,8 +44,9 @@ all-gathers and the pairwise all-to-all). ``A_f``, ``A_b`` are one layer's atten
 * allgather_kv (LASP-2H softmax layers, Sun et al. 2025, arXiv 2502.07563; Llama-3 CP). Forward one
   all-gather of K,V: ``(P-1) * 2 s H_kv D b``; backward one reduce-scatter of dK,dV of the same size. Not
   overlapped.
-* lasp2 (LASP-2, Sun et al. 2025). One all-gather of the memory state ``H D_k D_v b`` plus its decay
-  ``H D_k 4`` forward and one backward: ``(P-1) * state`` each, overlapped with the intra-chunk compute:
+* lasp2 (LASP-2, Sun et al. 2025; seqpar.collectives.lasp2). One all-gather of the memory state, which
+  travels in float32 whatever the model dtype (``H D_k D_v 4``; a per-token decay adds ``H 4``, neglected),
+  forward and one backward: ``(P-1) * state`` each, overlapped with the intra-chunk compute:
   ``t = max(L, (P-1) * (state/beta + lam))``.
 * zeco (ZeCO All-Scan, Chou et al. 2025, arXiv 2507.01004). The state is cut in ``K = ZECO_PIECES`` pieces
   passed rank to rank; each rank sends exactly one state forward and one backward, and the last rank waits
@@ -437,8 +438,9 @@ class CostModel:
         raise ValueError(f"strategy={strategy!r} is not one of {SOFTMAX_STRATEGIES + LINEAR_STRATEGIES}")
 
     def _state_bytes(self) -> float:
+        """One layer's linear-attention state as the collectives send it: float32 (B = 1, D_k = D_v = D)."""
         m = self.model
-        return m.num_heads * m.head_dim * m.head_dim * m.bytes_per_param + m.num_heads * m.head_dim * ACCUM_BYTES
+        return m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES
 
     # ---- time -----------------------------------------------------------------------------------------------
 
