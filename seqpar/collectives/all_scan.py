@@ -1,0 +1,231 @@
+"""All-Scan (ZeCO, Chou et al. 2025, arXiv 2507.01004): a pipelined exclusive prefix scan of decayed states.
+
+Rank r holds a state contribution M_r (..., Dk, Dv) and the log of its chunk's total decay D_r (...). The scan
+hands rank r the state entering its chunk,
+
+    S_in(0) = I  (the initial state, zeros by default),   S_in(r + 1) = exp(D_r) * S_in(r) + M_r,
+
+without any rank waiting for a whole state: the state is cut into ``num_pieces`` pieces along Dk and rank r
+forwards piece j to rank r + 1 as soon as piece j has arrived from rank r - 1 and been combined with its own
+M_r, so while rank r + 1 forwards piece j, piece j + 1 is still on its way to it. The last rank's result
+reaches rank P - 1 after P - 1 + num_pieces - 1 piece hops instead of (P - 1) whole-state hops.
+
+``reverse=True`` runs the same scan right to left (rank r receives from rank r + 1; the last rank starts from
+the initial state): the adjoint of the forward scan, which is what ZeCO's backward runs for dS.
+
+Bytes sent (e: element size of the state, N: elements of one state):
+
+    every rank but the last in the scan direction:   N * e   (one state, as ``num_pieces`` sends)
+    the last rank (P - 1, or 0 when reverse):         0
+
+No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created, so
+a caller (``zeco_linear_attention``) can create it, run its local compute while the pieces travel, and only
+then relay. Tags: 7000 + j (forward) and 8000 + j (reverse) for piece j; transfers with the same tag between
+the same two ranks are matched in order, so consecutive scans (one per layer) never mix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.collectives import comm
+
+__all__ = ["DEFAULT_PIECES", "MAX_PIECES", "ScanRelay", "all_scan", "piece_sizes"]
+
+DEFAULT_PIECES = 8
+MAX_PIECES = 999  # keeps the piece tags of the two directions apart
+TAG_SCAN_NEXT = 7000
+TAG_SCAN_PREV = 8000
+
+def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
+    """Sizes along Dk of the ``num_pieces`` pieces (default ``min(DEFAULT_PIECES, dk)``), as equal as possible.
+
+    Raises:
+        ValueError: ``num_pieces`` not an int in [1, min(dk, MAX_PIECES)].
+    """
+    if num_pieces is None:
+        num_pieces = min(DEFAULT_PIECES, dk)
+    if isinstance(num_pieces, bool) or not isinstance(num_pieces, int) or not 1 <= num_pieces <= min(dk, MAX_PIECES):
+        raise ValueError(
+            f"num_pieces: must be an int in [1, {min(dk, MAX_PIECES)}] (the state is cut along Dk = {dk}), "
+            f"got {num_pieces!r}"
+        )
+    base, extra = divmod(dk, num_pieces)
+    return [base + (1 if j < extra else 0) for j in range(num_pieces)]
+
+
+class ScanRelay:
+    """This rank's part of one pipelined scan, in two steps so that compute can run between them.
+
+    Creating it posts the receives of every piece from the previous rank in the scan direction (nothing is
+    sent, nothing waited). ``relay`` then combines and forwards piece by piece; ``finish`` waits for the sends.
+    Every rank of the group must create its relay for the same shapes and direction.
+    """
+
+    def __init__(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        group: dist.ProcessGroup | None = None,
+        num_pieces: int | None = None,
+        reverse: bool = False,
+    ) -> None:
+        self.group, rank, size = comm.group_info(group)
+        self.shape = torch.Size(shape)
+        self.dtype, self.device = dtype, device
+        self.sizes = piece_sizes(self.shape[-2], num_pieces)
+        step = -1 if reverse else 1
+        self.src = rank - step if 0 <= rank - step < size else None
+        self.dst = rank + step if 0 <= rank + step < size else None
+        self.tag = TAG_SCAN_PREV if reverse else TAG_SCAN_NEXT
+        self.direction = "prev" if reverse else "next"
+        self._sends: list[comm.PendingTransfer] = []
+        self._sent: list[torch.Tensor] = []  # keeps the send buffers alive until finish()
+        self._recvs = []
+        if self.src is not None:
+            for j, n in enumerate(self.sizes):
+                buf = torch.empty(*self.shape[:-2], n, self.shape[-1], dtype=dtype, device=device)
+                self._recvs.append(comm.recv(buf, self.src, group=self.group, tag=self.tag + j))
+
+    @property
+    def is_first(self) -> bool:
+        """True on the rank where the scan starts (rank 0, or the last rank when reverse)."""
+        return self.src is None
+
+    def relay(
+        self,
+        local_state: torch.Tensor,
+        local_log_decay: torch.Tensor | None,
+        *,
+        initial_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Receive, combine and forward every piece; return ``(incoming, outgoing)``.
+
+        ``incoming`` is the state entering this rank (``initial_state`` or zeros on the first rank), ``outgoing``
+        = exp(local_log_decay) * incoming + local_state, what this rank passes on (computed on the last rank
+        too, where it is the scan's total). Piece j is forwarded before piece j + 1 is waited for.
+        """
+        factor = None if local_log_decay is None else torch.exp(local_log_decay.to(self.dtype))[..., None, None]
+        ins, outs, start = [], [], 0
+        for j, n in enumerate(self.sizes):
+            sl = slice(start, start + n)
+            start += n
+            if self._recvs:
+                incoming = self._recvs[j].wait()
+            elif initial_state is not None:
+                incoming = initial_state[..., sl, :].to(self.dtype)
+            else:
+                incoming = torch.zeros(*self.shape[:-2], n, self.shape[-1], dtype=self.dtype, device=self.device)
+            mine = local_state[..., sl, :].to(self.dtype)
+            outgoing = (mine + incoming if factor is None else mine + factor * incoming).contiguous()
+            if self.dst is not None:
+                self._sent.append(outgoing)
+                self._sends.append(
+                    comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction)
+                )
+            ins.append(incoming)
+            outs.append(outgoing)
+        return torch.cat(ins, -2), torch.cat(outs, -2)
+
+    def finish(self) -> None:
+        """Wait until every forwarded piece has left (bounded by the comm timeout)."""
+        for pending in self._sends:
+            pending.wait()
+        self._sends.clear()
+        self._sent.clear()
+
+
+def _validate(local_state, local_log_decay, initial_state, num_pieces) -> None:
+    if not isinstance(local_state, torch.Tensor) or local_state.dim() < 2 or not local_state.dtype.is_floating_point:
+        raise ValueError("local_state: expected a floating-point tensor (..., Dk, Dv), e.g. (B, H, Dk, Dv)")
+    piece_sizes(local_state.shape[-2], num_pieces)
+    if local_log_decay is not None:
+        if not isinstance(local_log_decay, torch.Tensor) or tuple(local_log_decay.shape) != tuple(local_state.shape[:-2]):
+            raise ValueError(
+                f"local_log_decay: expected None or shape {tuple(local_state.shape[:-2])} (local_state without its "
+                f"last two dims), got {getattr(local_log_decay, 'shape', local_log_decay)}"
+            )
+        g = local_log_decay.detach()
+        if not bool(torch.isfinite(g).all()) or bool((g > 0).any()):
+            raise ValueError("local_log_decay: must be finite and <= 0 (the log of the chunk's total decay factor)")
+    if initial_state is not None and (
+        not isinstance(initial_state, torch.Tensor) or initial_state.shape != local_state.shape
+    ):
+        raise ValueError(
+            f"initial_state: expected None or shape {tuple(local_state.shape)} like local_state, "
+            f"got {getattr(initial_state, 'shape', initial_state)}"
+        )
+
+
+class _AllScan(torch.autograd.Function):
+    """Forward: the scan. Backward: the scan in the other direction over the output gradients (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, local_state, local_log_decay, initial_state, group, num_pieces, reverse):
+        dtype = local_state.dtype
+        relay = ScanRelay(local_state.shape, dtype, local_state.device, group=group, num_pieces=num_pieces,
+                          reverse=reverse)
+        incoming, _ = relay.relay(local_state, local_log_decay, initial_state=initial_state)
+        relay.finish()
+        ctx.group, ctx.num_pieces, ctx.reverse, ctx.is_first = group, num_pieces, reverse, relay.is_first
+        ctx.has_initial = initial_state is not None
+        ctx.save_for_backward(local_log_decay, incoming)
+        return incoming
+
+    @staticmethod
+    def backward(ctx, grad_incoming):
+        # y_r = incoming on rank r, y_{r+1} = exp(D_r) y_r + M_r. The adjoint a_r of y_r is
+        # a_r = dy_r + exp(D_r) a_{r+1}: the same scan run the other way over dy, where rank r receives
+        # a_{r+1} = dM_r and its "outgoing" is a_r (the initial state's gradient on the first rank).
+        log_decay, incoming = ctx.saved_tensors
+        relay = ScanRelay(incoming.shape, incoming.dtype, incoming.device, group=ctx.group,
+                          num_pieces=ctx.num_pieces, reverse=not ctx.reverse)
+        d_state, d_incoming = relay.relay(grad_incoming.contiguous(), log_decay)
+        relay.finish()
+        d_decay = None
+        if log_decay is not None:
+            d_decay = (d_state * torch.exp(log_decay.to(incoming.dtype))[..., None, None] * incoming).sum((-2, -1))
+            d_decay = d_decay.to(log_decay.dtype)
+        d_initial = None
+        if ctx.has_initial:  # whole-held input: the first rank's partial is all of it, the others' zero
+            d_initial = d_incoming if ctx.is_first else torch.zeros_like(d_incoming)
+        return d_state, d_decay, d_initial, None, None, None
+
+
+def all_scan(
+    local_state: torch.Tensor,
+    local_log_decay: torch.Tensor | None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    num_pieces: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """The state entering this rank's chunk: S_in(r) = exp(D_{r-1}) * S_in(r-1) + M_{r-1}. Differentiable.
+
+    Args:
+        local_state: M_r, (..., Dk, Dv), e.g. (B, H, Dk, Dv); every rank the same shape and dtype.
+        local_log_decay: D_r <= 0, shaped like ``local_state`` without its last two dims (e.g. (B, H)), or None
+            for no decay.
+        num_pieces: pieces along Dk the state travels in (default ``min(8, Dk)``).
+        initial_state: S_in(0), shaped like ``local_state``; read on the first rank only. Whole-held: its
+            gradient on the first rank is the full gradient, zeros elsewhere (sum over ranks = full gradient).
+        reverse: scan right to left (rank P - 1 starts; rank r receives from r + 1).
+
+    Returns:
+        S_in(r) in ``local_state``'s dtype; ``initial_state`` (or zeros) on the first rank.
+
+    Bytes sent: ``N * e`` (one state, in ``num_pieces`` sends) on every rank but the last in the scan
+    direction, 0 there; the backward sends the same in the other direction.
+
+    Raises:
+        ValueError: ``local_state`` not floating or under 2 dims, a decay of the wrong shape, non-finite or
+            positive, an ``initial_state`` of another shape, a bad ``num_pieces``, or a group this rank is not
+            in; all before any communication.
+    """
+    _validate(local_state, local_log_decay, initial_state, num_pieces)
+    group, _, _ = comm.group_info(group)
+    return _AllScan.apply(local_state, local_log_decay, initial_state, group, num_pieces, bool(reverse))

@@ -1,0 +1,113 @@
+"""All-Scan alone: equal to a sequential prefix scan (both directions, with and without initial state, any
+piece count), its gradient equal to autograd through the sequential scan, one state sent per rank, bad input
+raising before any transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_distributed
+from seqpar.collectives import comm
+from seqpar.collectives.all_scan import all_scan
+from seqpar.tracing import trace_events
+
+SHAPE = (2, 3, 5, 4)  # (B, H, Dk, Dv)
+
+
+def sequential_scan(states, decays, initial, reverse):
+    """Exclusive scan on one process: entry r is the state entering rank r."""
+    order = range(len(states) - 1, -1, -1) if reverse else range(len(states))
+    state = torch.zeros_like(states[0]) if initial is None else initial
+    out = [None] * len(states)
+    for r in order:
+        out[r] = state
+        state = torch.exp(decays[r])[..., None, None] * state + states[r]
+    return out
+
+
+def scan_cases():
+    rank, p = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(5)
+    states = torch.randn(p, *SHAPE, generator=gen, dtype=torch.float64)
+    decays = -torch.rand(p, *SHAPE[:2], generator=gen, dtype=torch.float64)
+    initial = torch.randn(*SHAPE, generator=gen, dtype=torch.float64)
+    weights = torch.randn(p, *SHAPE, generator=gen, dtype=torch.float64)  # loss weights of each rank's output
+    results = []
+    for reverse in (False, True):
+        for pieces in (None, 1, 2, SHAPE[2]):
+            for with_decay, init in ((True, None), (True, initial), (False, initial)):
+                d_all = decays if with_decay else torch.zeros_like(decays)
+                ref_leaves = [t.clone().requires_grad_(True) for t in (states, d_all)]
+                init_leaf = None if init is None else init.clone().requires_grad_(True)
+                ref = sequential_scan(ref_leaves[0], ref_leaves[1], init_leaf, reverse)
+                ref_loss = sum((ref[r] * weights[r]).sum() for r in range(p))
+                ref_loss = ref_loss + 0 * sum(t.sum() for t in ref_leaves)  # P = 1: may not depend on them
+                wanted = ref_leaves + ([init_leaf] if init_leaf is not None else [])
+                ref_grads = torch.autograd.grad(ref_loss, wanted, allow_unused=True)
+
+                m = states[rank].clone().requires_grad_(True)
+                d = decays[rank].clone().requires_grad_(True) if with_decay else None
+                i0 = None if init is None else init.clone().requires_grad_(True)
+                with comm.count_comm() as stats:
+                    got = all_scan(m, d, num_pieces=pieces, initial_state=i0, reverse=reverse)
+                (got * weights[rank]).sum().backward()
+                results.append({
+                    "case": (reverse, pieces, with_decay, init is not None),
+                    "value": (got - ref[rank].detach()).abs().max().item(),
+                    "dM": (m.grad - ref_grads[0][rank]).abs().max().item(),
+                    "dD": 0.0 if d is None else (d.grad - ref_grads[1][rank]).abs().max().item(),
+                    "d_initial": None if i0 is None else i0.grad,
+                    "ref_d_initial": None if i0 is None else ref_grads[2],
+                    "bytes": stats.bytes_sent,
+                    "sends": stats.calls.get("send", 0),
+                })
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_all_scan_equals_the_sequential_prefix_scan(world_size):
+    per_rank = run_distributed(scan_cases, world_size)
+    state_bytes = 8 * 2 * 3 * 5 * 4
+    for index, first in enumerate(per_rank[0]):
+        reverse, pieces, _, has_init = first["case"]
+        for rank, results in enumerate(per_rank):
+            res = results[index]
+            assert max(res["value"], res["dM"], res["dD"]) < 1e-12, (rank, res["case"])
+            last = 0 if reverse else world_size - 1
+            assert res["bytes"] == (0 if rank == last else state_bytes), (rank, res["case"])
+            assert res["sends"] == (0 if rank == last else (pieces or SHAPE[2]))
+        if has_init:  # whole-held: the partials over ranks sum to the full gradient
+            total = sum(results[index]["d_initial"] for results in per_rank)
+            assert (total - first["ref_d_initial"]).abs().max().item() < 1e-12
+
+
+def scan_bad_input():
+    m = torch.zeros(*SHAPE)
+    calls = {
+        "local_state": lambda: all_scan(torch.zeros(3), None),
+        "local_log_decay": lambda: all_scan(m, torch.zeros(2, 4)),
+        "positive": lambda: all_scan(m, torch.full(SHAPE[:2], 0.5)),
+        "num_pieces": lambda: all_scan(m, None, num_pieces=SHAPE[2] + 1),
+        "initial_state": lambda: all_scan(m, None, initial_state=torch.zeros(2, 3, 5, 5)),
+    }
+    out = {}
+    for name, call in calls.items():
+        with comm.count_comm() as stats, trace_events() as events:
+            try:
+                call()
+                message = None
+            except ValueError as err:
+                message = str(err)
+        out[name] = (message, stats.bytes_sent, len(events))
+    return out
+
+
+def test_all_scan_bad_input_raises_on_every_rank_before_any_transfer():
+    expected = {"local_state": "local_state", "local_log_decay": "local_log_decay", "positive": "local_log_decay",
+                "num_pieces": "num_pieces", "initial_state": "initial_state"}
+    for out in run_distributed(scan_bad_input, 2):
+        for name, (message, sent, events) in out.items():
+            assert message is not None and message.startswith(expected[name] + ":"), (name, message)
+            assert sent == 0 and events == 0
