@@ -36,7 +36,7 @@ def die_mid_ring(phase):
     """Rank 1 exits abruptly when its second block kernel of the given phase starts."""
     os.environ["SEQPAR_COMM_TIMEOUT_S"] = "5"  # the bound on every wait; the test asserts it is honoured
     calls = {"n": 0}
-    name = "attend_block" if phase == "forward" else "attend_block_backward"
+    name = "attend_and_merge" if phase == "forward" else "attend_block_backward"
     original = getattr(softmax_common, name)
 
     def dying(*args, **kwargs):
@@ -47,6 +47,7 @@ def die_mid_ring(phase):
 
     import seqpar.collectives.ring as ring
 
+    assert hasattr(ring, name), name  # the patch must hit the function the ring really calls
     setattr(ring, name, dying)
     q = torch.randn(1, 16, 2, 8, requires_grad=True)
     start = time.monotonic()
@@ -68,4 +69,38 @@ def test_a_rank_dying_mid_ring_step_gives_errors_naming_the_peer(phase):
     for rank, peers in ((0, "3, 1"), (2, "1, 3"), (3, "2, 0")):
         assert f"--- rank {rank} raised" in message
         assert f"seqpar: ring exchange on rank {rank} (peers {peers}) failed or timed out" in message
+    assert time.monotonic() - start < 45
+
+
+def die_mid_all_scan():
+    """Rank 1 exits after forwarding the first piece of its state; the ranks after it wait on the rest."""
+    os.environ["SEQPAR_COMM_TIMEOUT_S"] = "5"
+    from seqpar.collectives import all_scan as all_scan_module
+
+    original = all_scan_module.comm.send
+    sent = {"n": 0}
+
+    def dying_send(*args, **kwargs):
+        sent["n"] += 1
+        if dist.get_rank() == 1 and sent["n"] == 2:
+            os._exit(19)
+        return original(*args, **kwargs)
+
+    all_scan_module.comm.send = dying_send
+    try:
+        state = torch.randn(1, 2, 8, 4)
+        return all_scan_module.all_scan(state, -torch.rand(1, 2), num_pieces=4)
+    finally:
+        all_scan_module.comm.send = original
+
+
+def test_a_rank_dying_mid_all_scan_gives_errors_on_the_others():
+    start = time.monotonic()
+    with pytest.raises((RankError, RankTimeout)) as info:
+        run_distributed(die_mid_all_scan, 4, timeout=60)
+    message = str(info.value)
+    assert "ranks [1] did not answer" in message  # every survivor raised instead of hanging
+    for rank in (2, 3):  # downstream of the dead rank: they raise instead of waiting forever
+        assert f"--- rank {rank} raised" in message
+    assert "seqpar: receive on rank 2 from rank 1 failed or timed out" in message  # names the missing peer
     assert time.monotonic() - start < 45
