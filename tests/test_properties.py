@@ -104,3 +104,27 @@ def test_length_one_sequences_in_a_packed_batch():
     for outs in run_distributed(length_one_sequences, 2):
         for name, (err, finite) in outs.items():
             assert finite and err < 1e-5, (name, err)
+
+
+def linear_case(op_name, seed, s_local, kind, with_init, with_final, dv):
+    from test_lasp2 import make_inputs, reference, run_case
+
+    x = make_inputs(seed, dist.get_world_size(), s_local, kind, with_init, dv)
+    ref = reference(x, with_final)
+    whole = {n: ref["grads"][n] for n in ("log_decay", "initial_state") if x[n] is not None and x[n].dim() in (1, 4)}
+    return run_case(op_name, x, ref, with_final), whole
+
+
+@given(
+    st.sampled_from(WORLD_SIZES), st.sampled_from(["lasp2", "zeco"]), st.integers(1, 9),
+    st.sampled_from(["none", "head", "token"]), st.booleans(), st.booleans(), st.sampled_from([4, 8, 12]),
+    st.integers(0, 2**16),
+)
+def test_linear_ops_match_the_recurrence_on_random_shapes(p, op_name, s_local, kind, with_init, with_final, dv, seed):
+    per_rank = run_distributed(linear_case, p, op_name, seed, s_local, kind, with_init, with_final, dv)
+    for res, _ in per_rank:
+        for name, err in res["errors"].items():
+            assert err < (1e-5 if name in ("o", "final") else 1e-4), (p, op_name, s_local, kind, name, err)
+    for name, ref in per_rank[0][1].items():  # whole-held inputs: the partial gradients sum to the full one
+        total = sum(res["partial"][name] for res, _ in per_rank)
+        assert rel_err(total, ref) < 1e-4, (name, rel_err(total, ref))
