@@ -38,6 +38,7 @@ MAX_PIECES = 999  # keeps the piece tags of the two directions apart
 TAG_SCAN_NEXT = 7000
 TAG_SCAN_PREV = 8000
 
+
 def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
     """Sizes along Dk of the ``num_pieces`` pieces (default ``min(DEFAULT_PIECES, dk)``), as equal as possible.
 
@@ -60,7 +61,8 @@ class ScanRelay:
 
     Creating it posts the receives of every piece from the previous rank in the scan direction (nothing is
     sent, nothing waited). ``relay`` then combines and forwards piece by piece; ``finish`` waits for the sends.
-    Every rank of the group must create its relay for the same shapes and direction.
+    Every rank of the group must create its relay for the same shapes and direction, and call ``relay`` once
+    it has: receives left posted by a rank that gave up would match the next scan's pieces.
     """
 
     def __init__(

@@ -161,11 +161,13 @@ def linear_attention_chunk(
     )
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     outs = []
-    for start in range(0, s, chunk_size):
-        end = min(start + chunk_size, s)
-        qi, ki, vi = (x[:, start:end].transpose(1, 2) for x in (qc, kc, vc))  # (B, H, C, D)
-        bcum = g[:, start:end].transpose(1, 2).cumsum(-1)  # (B, H, C)
-        c = end - start
+    # split, not slice: the backward of one split is one concatenation, while every slice's backward would
+    # allocate a full-length gradient (quadratic in S over all chunks)
+    chunks = zip(*(x.split(chunk_size, dim=1) for x in (qc, kc, vc, g)))
+    for q_c, k_c, v_c, g_c in chunks:
+        qi, ki, vi = (x.transpose(1, 2) for x in (q_c, k_c, v_c))  # (B, H, C, D)
+        bcum = g_c.transpose(1, 2).cumsum(-1)  # (B, H, C)
+        c = q_c.shape[1]
         diff = bcum[..., :, None] - bcum[..., None, :]  # b_t - b_s
         causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
         weights = torch.exp(diff.masked_fill(~causal, float("-inf")))
