@@ -27,7 +27,7 @@ _EXPORTS = {
     # linear-attention SP
     "lasp2_linear_attention": "seqpar.collectives.lasp2",
     "zeco_linear_attention": "seqpar.collectives.zeco",
-    "all_scan": "seqpar.collectives.all_scan",
+    "all_scan": "seqpar.collectives.scan",
     # the wrapper
     "parallelize": "seqpar.wrapper",
     "SPModel": "seqpar.wrapper",

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from harness import run_distributed
 from seqpar.collectives import comm
-from seqpar.collectives.all_scan import all_scan
+from seqpar.collectives.scan import all_scan
 from seqpar.tracing import trace_events
 
 SHAPE = (2, 3, 5, 4)  # (B, H, Dk, Dv)

@@ -11,7 +11,7 @@ from harness import run_distributed
 
 import seqpar
 from seqpar.collectives import count_comm
-from seqpar.collectives.all_scan import all_scan
+from seqpar.collectives.scan import all_scan
 from seqpar.launch import train as train_mod
 
 q4 = lambda *shape: torch.randn(*shape)  # noqa: E731

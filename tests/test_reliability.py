@@ -75,9 +75,9 @@ def test_a_rank_dying_mid_ring_step_gives_errors_naming_the_peer(phase):
 def die_mid_all_scan():
     """Rank 1 exits after forwarding the first piece of its state; the ranks after it wait on the rest."""
     os.environ["SEQPAR_COMM_TIMEOUT_S"] = "5"
-    from seqpar.collectives import all_scan as all_scan_module
+    from seqpar.collectives import scan as scan_module
 
-    original = all_scan_module.comm.send
+    original = scan_module.comm.send
     sent = {"n": 0}
 
     def dying_send(*args, **kwargs):
@@ -86,12 +86,12 @@ def die_mid_all_scan():
             os._exit(19)
         return original(*args, **kwargs)
 
-    all_scan_module.comm.send = dying_send
+    scan_module.comm.send = dying_send
     try:
         state = torch.randn(1, 2, 8, 4)
-        return all_scan_module.all_scan(state, -torch.rand(1, 2), num_pieces=4)
+        return scan_module.all_scan(state, -torch.rand(1, 2), num_pieces=4)
     finally:
-        all_scan_module.comm.send = original
+        scan_module.comm.send = original
 
 
 def test_a_rank_dying_mid_all_scan_gives_errors_on_the_others():

@@ -1,6 +1,6 @@
 """SP algorithms over torch.distributed, the communication primitives they share, and sequence layouts."""
 
-from seqpar.collectives.all_scan import all_scan
+from seqpar.collectives.scan import all_scan
 from seqpar.collectives.allgather_kv import allgather_kv_attention
 from seqpar.collectives.comm import CommStats, count_comm
 from seqpar.collectives.layout import (

@@ -34,6 +34,7 @@ from seqpar.collectives.softmax_common import (
     attend_block_backward,
     block_kind,
     prepare_softmax_sp,
+    run_scheduled,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -85,25 +86,6 @@ def _ring_backward(
     return dq.to(sp.q.dtype), own_dkv[0].to(sp.k.dtype), own_dkv[1].to(sp.v.dtype)
 
 
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str):
-        out, lse = _ring_forward(sp, backend)
-        out = out.to(q.dtype)
-        ctx.sp, ctx.backend = sp, backend
-        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
-        return sp.unpack(out)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        sp = ctx.sp
-        sp.q, sp.k, sp.v = q, k, v
-        dq, dk, dv = _ring_backward(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
-        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,4 +122,4 @@ def ring_attention(
         op="ring_attention",
         backend=backend,
     )
-    return _RingAttention.apply(q, k, v, sp, backend)
+    return run_scheduled(q, k, v, sp, backend, _ring_forward, _ring_backward)

@@ -304,3 +304,30 @@ def add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tens
         target += values
     else:
         target.index_add_(0, rows, values.to(target.dtype))
+
+
+class _ScheduledAttention(torch.autograd.Function):
+    """Autograd for ops with their own forward/backward schedules (ring, TokenRing): saves only q, k, v, out
+    and lse, and hands the packed dout to the backward schedule."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str, forward_fn, backward_fn):
+        out, lse = forward_fn(sp, backend)
+        out = out.to(q.dtype)
+        ctx.sp, ctx.backend, ctx.backward_fn = sp, backend, backward_fn
+        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
+        return sp.unpack(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        sp = ctx.sp
+        sp.q, sp.k, sp.v = q, k, v
+        dq, dk, dv = ctx.backward_fn(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
+        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None, None, None
+
+
+def run_scheduled(q, k, v, sp: SoftmaxSP, backend: str, forward_fn, backward_fn) -> torch.Tensor:
+    """Apply an op given as ``forward_fn(sp, backend) -> (packed out, lse)`` and
+    ``backward_fn(sp, dout, out, lse, backend) -> (dq, dk, dv)``; differentiable in q, k, v."""
+    return _ScheduledAttention.apply(q, k, v, sp, backend, forward_fn, backward_fn)

@@ -101,6 +101,7 @@ from seqpar.collectives.softmax_common import (
     block_kind,
     merge_rows,
     prepare_softmax_sp,
+    run_scheduled,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -316,25 +317,6 @@ def _token_ring_backward(
     return dq.to(sp.q.dtype), dkv[0].to(sp.k.dtype), dkv[1].to(sp.v.dtype)
 
 
-
-class _TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str):
-        out, lse = _token_ring_forward(sp, backend)
-        out = out.to(q.dtype)
-        ctx.sp, ctx.backend = sp, backend
-        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
-        return sp.unpack(out)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        sp = ctx.sp
-        sp.q, sp.k, sp.v = q, k, v
-        dq, dk, dv = _token_ring_backward(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
-        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None
-
-
 def token_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -375,4 +357,4 @@ def token_ring_attention(
         op="token_ring_attention",
         backend=backend,
     )
-    return _TokenRingAttention.apply(q, k, v, sp, backend)
+    return run_scheduled(q, k, v, sp, backend, _token_ring_forward, _token_ring_backward)

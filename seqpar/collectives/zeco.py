@@ -2,7 +2,7 @@
 
 Same math and notation as ``seqpar.collectives.lasp2`` (M_r, D_r, S_in(r), L_r, a_r). Where LASP-2 gathers
 every rank's state on every rank, ZeCO passes one state along the chain: rank r receives exactly S_in(r)
-(``seqpar.collectives.all_scan``), so per rank the bytes are one state whatever P is.
+(``seqpar.collectives.scan``), so per rank the bytes are one state whatever P is.
 
 How the compute overlaps the scan (one thread per rank, asynchronous point-to-point transfers):
 
@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from seqpar import tracing
 from seqpar.collectives import comm
-from seqpar.collectives.all_scan import ScanRelay, piece_sizes
+from seqpar.collectives.scan import ScanRelay, piece_sizes
 from seqpar.collectives.lasp2 import (
     LinearSP,
     add_grads,

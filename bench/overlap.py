@@ -1,0 +1,135 @@
+"""Overlap efficiency of the SP ops on an emulated link that is exactly as slow as the compute.
+
+    python bench/overlap.py [--world-size 4] [--seq-len 4096]
+
+For each op, on P gloo ranks (one thread each):
+
+1. ``compute``: forward and backward times with no link emulation (loopback transfers are nearly free);
+2. ``comm``: the time the emulated link needs for what each phase sends, from ``count_comm()``: the busiest
+   direction's bytes / bandwidth + latency per transfer (collectives: all their bytes);
+3. the bandwidth is set so that the link time of the whole step equals its compute time (the hardest case
+   for overlap), and ``measured`` is the step time with emulation on.
+
+Forward and backward are separate overlapped regions (the backward cannot start before the loss), so the
+best achievable step time is max(compute_fwd, comm_fwd) + max(compute_bwd, comm_bwd), and
+
+    overlap efficiency = that bound / measured
+
+1.0 means every transfer is hidden behind compute; an op that does not overlap at all scores about
+max(C, M) / (C + M) = 0.5 here. Medians of repeats. Writes bench/results/overlap.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time, print_table, run_ranks, save_results  # noqa: E402
+
+from seqpar.collectives import comm  # noqa: E402
+from seqpar.collectives.layout import shard_sequence  # noqa: E402
+
+LATENCY_S = 20e-6
+SOFTMAX = ["ring_attention", "token_ring_attention", "ulysses_attention", "allgather_kv_attention"]
+LINEAR = ["lasp2_linear_attention", "zeco_linear_attention"]
+
+
+def _op(name):
+    import importlib
+
+    module = {"lasp2_linear_attention": "seqpar.collectives.lasp2", "zeco_linear_attention": "seqpar.collectives.zeco"}
+    return getattr(importlib.import_module(module.get(name, "seqpar.collectives")), name)
+
+
+def _inputs(name: str, seq_len: int):
+    gen = torch.Generator().manual_seed(0)
+    if name in LINEAR:  # contiguous layout, state 8 heads x 64 x 64
+        q, k, v, do = (torch.randn(1, seq_len, 8, 64, generator=gen) * 0.3 for _ in range(4))
+        return [shard_sequence(t, layout="contiguous") for t in (q, k, v, do)], {}
+    q, k, v, do = (torch.randn(1, seq_len, 8, 64, generator=gen) for _ in range(4))
+    return [shard_sequence(t) for t in (q, k, v, do)], {"causal": True}
+
+
+def measure(names: list[str], seq_len: int, repeats: int) -> dict:
+    results = {}
+    for name in names:
+        try:
+            op = _op(name)
+        except (ImportError, AttributeError):
+            continue
+        local, options = _inputs(name, seq_len)
+
+        def forward():
+            leaves = [t.clone().requires_grad_(True) for t in local[:3]]
+            out = op(*leaves, **options)
+            return out[0] if isinstance(out, tuple) else out
+
+        def step():
+            forward().backward(local[3])
+
+        def phase_bytes():
+            with comm.count_comm() as fwd_stats:
+                out = forward()
+            with comm.count_comm() as bwd_stats:
+                out.backward(local[3])
+            return [_link_bytes(fwd_stats), _link_bytes(bwd_stats)]
+
+        comm.set_link_emulation(None)
+        compute_fwd = median_time(forward, repeats=repeats, sync=True)
+        compute = median_time(step, repeats=repeats, sync=True)
+        (fwd_bytes, fwd_calls), (bwd_bytes, bwd_calls) = phase_bytes()
+        worst = torch.tensor([float(fwd_bytes), float(bwd_bytes), float(fwd_calls), float(bwd_calls), compute_fwd, compute])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        fwd_bytes, bwd_bytes, fwd_calls, bwd_calls, compute_fwd, compute = worst.tolist()
+        if fwd_bytes + bwd_bytes == 0:
+            continue
+        compute_bwd = max(compute - compute_fwd, 0.0)
+        latency = (fwd_calls + bwd_calls) * LATENCY_S
+        gbps = (fwd_bytes + bwd_bytes) * 8 / max(compute - latency, 1e-6) / 1e9  # link time == compute time
+        link = lambda nbytes, calls: nbytes * 8 / (gbps * 1e9) + calls * LATENCY_S  # noqa: E731
+        comm_fwd, comm_bwd = link(fwd_bytes, fwd_calls), link(bwd_bytes, bwd_calls)
+        comm.set_link_emulation(comm.LinkEmulation(gbps=gbps, latency_s=LATENCY_S))
+        measured = median_time(step, repeats=repeats, sync=True)
+        comm.set_link_emulation(None)
+        bound = max(compute_fwd, comm_fwd) + max(compute_bwd, comm_bwd)
+        results[name] = {"compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd, "comm_fwd_s": comm_fwd,
+                         "comm_bwd_s": comm_bwd, "measured_s": measured, "gbps": gbps,
+                         "link_bytes": fwd_bytes + bwd_bytes, "efficiency": bound / measured,
+                         "serial_efficiency": bound / (compute + comm_fwd + comm_bwd)}
+    return results
+
+
+def _link_bytes(stats: comm.CommStats) -> tuple[int, int]:
+    """(bytes on the busiest link, number of transfers) of one phase."""
+    p2p = stats.bytes_by_direction
+    nbytes = (max(p2p.values()) if p2p else 0) + sum(v for k, v in stats.bytes_by_op.items() if k != "send")
+    return nbytes, sum(stats.calls.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    res = run_ranks(measure, args.world_size, SOFTMAX + LINEAR, args.seq_len, args.repeats)[0]
+    rows = [{"op": name, "overlap efficiency": r["efficiency"], "if fully serial": r["serial_efficiency"],
+             "compute fwd/bwd ms": f"{1e3 * r['compute_fwd_s']:.0f}/{1e3 * r['compute_bwd_s']:.0f}",
+             "comm fwd/bwd ms": f"{1e3 * r['comm_fwd_s']:.0f}/{1e3 * r['comm_bwd_s']:.0f}",
+             "measured ms": f"{1e3 * r['measured_s']:.0f}", "emulated Gbit/s": r["gbps"],
+             "MB on busiest link": r["link_bytes"] / 1e6}
+            for name, r in res.items()]
+    print(f"\noverlap on an emulated link as slow as the compute: P={args.world_size}, S={args.seq_len}, fwd+bwd")
+    print_table(rows, list(rows[0]))
+    path = save_results("overlap", {"config": {**vars(args), "latency_s": LATENCY_S, "heads": 8, "head_dim": 64},
+                                    "ops": res, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
