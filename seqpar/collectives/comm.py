@@ -242,17 +242,28 @@ class PendingTransfer:
         return self._result
 
 
+@contextlib.contextmanager
+def _issuing(describe: str) -> Iterator[None]:
+    """Posting a transfer to a peer whose connection is gone fails at once (not at the wait): name it the same way."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise RuntimeError(f"seqpar: {describe} failed or timed out: {err}") from err
+
+
 def _p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]], rank: int) -> list:
     """Issue sends and receives in an order that pairs up on every rank: even ranks send first."""
     ops = []
 
     def issue_sends() -> None:
         for tensor, dst, tag in sends:
-            ops.append(dist.isend(tensor, dst, tag=tag))
+            with _issuing(f"send from rank {rank} to global rank {dst}"):
+                ops.append(dist.isend(tensor, dst, tag=tag))
 
     def issue_recvs() -> None:
         for tensor, src, tag in recvs:
-            ops.append(dist.irecv(tensor, src, tag=tag))
+            with _issuing(f"receive on rank {rank} from global rank {src}"):
+                ops.append(dist.irecv(tensor, src, tag=tag))
 
     if rank % 2 == 0:
         issue_sends()
@@ -334,14 +345,19 @@ def send(
     tensor = tensor.contiguous()
     _record("send", _nbytes(tensor), peer=peer, direction=direction)
     finish = _emulated_finish(("p2p", peer), _nbytes(tensor))
-    return PendingTransfer([dist.isend(tensor, peer, tag=tag)], None, f"send from rank {rank} to rank {dst}", finish)
+    describe = f"send from rank {rank} to rank {dst}"
+    with _issuing(describe):
+        work = dist.isend(tensor, peer, tag=tag)
+    return PendingTransfer([work], None, describe, finish)
 
 
 def recv(tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = None, tag: int = TAG_P2P) -> PendingTransfer:
     """Asynchronously receive into ``tensor`` from group rank ``src``; ``.wait()`` returns ``tensor``."""
     group, rank, _ = group_info(group)
-    work = dist.irecv(tensor, _global_rank(group, src), tag=tag)
-    return PendingTransfer([work], tensor, f"receive on rank {rank} from rank {src}")
+    describe = f"receive on rank {rank} from rank {src}"
+    with _issuing(describe):
+        work = dist.irecv(tensor, _global_rank(group, src), tag=tag)
+    return PendingTransfer([work], tensor, describe)
 
 
 # ----------------------------------------------------------------------------------------------------
