@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from checks import value_errors
 from harness import run_distributed
 from seqpar.collectives.layout import (
     local_positions,
@@ -95,14 +96,7 @@ def bad_layout_calls():
         "cu_seqlens-order": lambda: shard_sequence(good, cu_seqlens=torch.tensor([0, 8, 8, 16], dtype=torch.int32)),
         "cu_seqlens-total": lambda: shard_sequence(good, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)),
     }
-    messages = {}
-    for name, call in calls.items():
-        try:
-            call()
-            messages[name] = None
-        except ValueError as err:
-            messages[name] = str(err)
-    return messages
+    return value_errors(calls)
 
 
 def test_bad_input_raises_value_error_naming_the_argument_on_every_rank():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import rel_err
+from checks import rel_err, value_errors
 from harness import run_distributed
 
 import seqpar
@@ -216,14 +216,7 @@ def parallelize_errors():
             vocab_size=32, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=3,
             num_key_value_heads=3)), strategy="ulysses"),
     }
-    messages = {}
-    for name, call in cases.items():
-        try:
-            call()
-            messages[name] = None
-        except ValueError as err:
-            messages[name] = str(err)
-    return messages
+    return value_errors(cases)
 
 
 def test_unreachable_or_unsupported_attention_fails_at_parallelize_time():

@@ -4,7 +4,7 @@ with exact communication volumes, the overlap schedule, and bad input."""
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
+from checks import rel_err, value_errors
 from harness import run_distributed
 from sp_cases import check_matrix, global_inputs, measure_bytes
 
@@ -184,14 +184,7 @@ def bad_calls(op_name):
     }
     if op_name == "ulysses_attention":
         cases["q-heads-vs-P"] = lambda: op(torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16))
-    messages = {}
-    for name, call in cases.items():
-        try:
-            call()
-            messages[name] = None
-        except ValueError as err:
-            messages[name] = str(err)
-    return messages
+    return value_errors(cases)
 
 
 @pytest.mark.parametrize("op_name", OPS)

@@ -191,25 +191,34 @@ def block_kind(layout: str, causal: bool, q_rank: int, kv_rank: int) -> str:
     return "k_first_half" if kv_rank < q_rank else "q_second_half"
 
 
+def block_operands(
+    sp: SoftmaxSP, kind: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(q_rows, kv_rows, cu_seqlens_q, cu_seqlens_k)`` of a block kind: which local rows of the query and of
+    the K/V shard take part (None: all) and the packed boundaries of those rows. ``kind`` is not "skip"."""
+    cu = sp.cu_seqlens
+    if kind == "k_first_half":
+        return None, sp.chunk_indices("first"), cu, sp.half_cu_seqlens()
+    if kind == "q_second_half":
+        return sp.chunk_indices("second"), None, sp.half_cu_seqlens(), cu
+    return None, None, cu, cu
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    return t if rows is None else t.index_select(dim, rows)
+
+
 def attend_block(
     sp: SoftmaxSP, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, backend: str = "auto"
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Run the kernel on one block; returns ``(rows, out, lse)``: the query rows it covers (None: all), their
     partial output and LSE (H, rows). ``kind`` must not be "skip"."""
-    cu, half = sp.cu_seqlens, sp.half_cu_seqlens()
-    rows = None
-    if kind == "k_first_half":
-        first = sp.chunk_indices("first")
-        k, v, cu_k, cu_q = k[first], v[first], half, cu
-    elif kind == "q_second_half":
-        rows = sp.chunk_indices("second")
-        q, cu_q, cu_k = q[rows], half, cu
-    else:
-        cu_q = cu_k = cu
+    q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
     out, lse = attention_block_varlen(
-        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal", scale=sp.scale, backend=backend
+        _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        causal=kind == "causal", scale=sp.scale, backend=backend,
     )
-    return rows, out, lse
+    return q_rows, out, lse
 
 
 def attend_and_merge(
@@ -223,22 +232,14 @@ def attend_and_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend this rank's queries to one K/V shard and fold the result into the running packed (T, H, D) out and
     (H, T) lse; in the kernel epilogue when the backend fuses the merge (Triton), else as a second pass."""
-    cu, half = sp.cu_seqlens, sp.half_cu_seqlens()
-    q, rows = sp.q, None
-    if kind == "k_first_half":
-        first = sp.chunk_indices("first")
-        k, v, cu_q, cu_k = k[first], v[first], cu, half
-    elif kind == "q_second_half":
-        rows = sp.chunk_indices("second")
-        q, cu_q, cu_k = q[rows], half, cu
-    else:
-        cu_q = cu_k = cu
+    rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
+    q, k, v = _rows(sp.q, rows), _rows(k, kv_rows), _rows(v, kv_rows)
     if rows is not None and out is None:
         acc = accumulation_dtype(q.dtype)
         out = q.new_zeros((sp.q.shape[0], q.shape[1], v.shape[-1]), dtype=acc)
         lse = torch.full((q.shape[1], sp.q.shape[0]), float("-inf"), dtype=acc, device=q.device)
-    sub_out = out if rows is None or out is None else out[rows]
-    sub_lse = lse if rows is None or lse is None else lse[:, rows]
+    sub_out = None if out is None else _rows(out, rows)
+    sub_lse = None if lse is None else _rows(lse, rows, dim=1)
     new_out, new_lse = attention_block_merge(
         q, k, v, sub_out, sub_lse, causal=kind == "causal", scale=sp.scale, backend=backend,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -263,20 +264,11 @@ def attend_block_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the FINAL out/lse of the query rows; returns
     ``(q_rows, dq, kv_rows, dk, dv)`` where rows None means all rows of the shard."""
-    cu, half = sp.cu_seqlens, sp.half_cu_seqlens()
-    q_rows = kv_rows = None
-    if kind == "k_first_half":
-        kv_rows = sp.chunk_indices("first")
-        k, v, cu_q, cu_k = k[kv_rows], v[kv_rows], cu, half
-    elif kind == "q_second_half":
-        q_rows = sp.chunk_indices("second")
-        dout, q, out, lse = dout[q_rows], q[q_rows], out[q_rows], lse[:, q_rows]
-        cu_q, cu_k = half, cu
-    else:
-        cu_q = cu_k = cu
+    q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
     dq, dk, dv = attention_block_varlen_backward(
-        dout, q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal", scale=sp.scale,
-        backend=backend,
+        _rows(dout, q_rows), _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), _rows(out, q_rows),
+        _rows(lse, q_rows, dim=1), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal",
+        scale=sp.scale, backend=backend,
     )
     return q_rows, dq, kv_rows, dk, dv
 
