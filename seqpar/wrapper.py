@@ -132,7 +132,7 @@ class SPModel(torch.nn.Module):
         if pad:
             ids = F.pad(ids, (0, pad))
             shifted = F.pad(shifted, (0, pad), value=IGNORE_INDEX)
-        index = shard_indices(ids.shape[1], self.world_size, self.rank, layout=self.layout)
+        index = shard_indices(ids.shape[1], self.world_size, self.rank, layout=self.layout).to(ids.device)
         positions = index[None].expand(ids.shape[0], -1)
         step = StepShard(self.group, self.strategy, None)
         return {"input_ids": ids[:, index], "position_ids": positions.contiguous(), "labels": shifted[:, index],
@@ -152,11 +152,16 @@ class SPModel(torch.nn.Module):
             labs.append(F.pad(lab, (0, pad), value=IGNORE_INDEX))
             pos.append(torch.arange(seq.numel() + pad))
             bounds.append(bounds[-1] + seq.numel() + pad)
+        device = sequences[0].device
+        if not ids:  # this rank's group got no sequence this step: it only joins the loss and gradient sums
+            empty = torch.zeros(1, 0, dtype=torch.long, device=device)
+            step = StepShard(group, strategy, None, plan_json)
+            return {"input_ids": empty, "position_ids": empty, "labels": empty, "seqpar_step": step}
         cu = torch.tensor(bounds, dtype=torch.int32)
-        index = shard_indices(bounds[-1], size, rank, layout=self.layout, cu_seqlens=cu)
-        local_cu = (cu // size).to(torch.int32)
+        index = shard_indices(bounds[-1], size, rank, layout=self.layout, cu_seqlens=cu).to(device)
+        local_cu = (cu // size).to(device=device, dtype=torch.int32)
         step = StepShard(group, strategy, local_cu, plan_json)
-        return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos)[index][None],
+        return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos).to(device)[index][None],
                 "labels": torch.cat(labs)[index][None], "seqpar_step": step}
 
     def _prepare_auto(self, sequences: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, Any]:

@@ -133,7 +133,8 @@ class WorkerPool:
         if errors or missing:
             parts = [f"--- rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())]
             if missing:
-                parts.append(f"--- ranks {missing} did not answer within the timeout ({timeout:.0f} s)")
+                grace = f", or {FAILURE_GRACE_S:.0f} s after another rank failed" if errors else ""
+                parts.append(f"--- ranks {missing} did not answer within the timeout ({timeout:.0f} s{grace})")
             message = f"{fn.__qualname__} on world size {self.world_size}:\n" + "\n".join(parts)
             raise (RankError if errors else RankTimeout)(message)
         return [answers[r][1] for r in range(self.world_size)]

@@ -228,3 +228,11 @@ def test_unreachable_or_unsupported_attention_fails_at_parallelize_time():
     assert "sliding" in messages["sliding"]
     assert "attention_dropout" in messages["dropout"]
     assert "Ulysses" in messages["ulysses-heads"] and "ring" in messages["ulysses-heads"]
+
+
+def test_auto_with_fewer_sequences_than_groups_leaves_idle_ranks_correct():
+    # two short sequences on four ranks: some groups get no sequence; their ranks still join the loss and the
+    # gradient all-reduce, and everything equals the single-process run
+    results = run_distributed(sp_matches_reference, 4, "llama", "auto", [24, 16])
+    for loss_err, grad_err, _, plan_sizes in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err, plan_sizes)
