@@ -16,22 +16,29 @@ from seqpar.solver.cost_model import CostModel, is_power_of_two
 __all__ = ["Group", "Plan", "SOLVER_STATUSES"]
 
 SOLVER_STATUSES = ("optimal", "feasible", "greedy", "static")
-_JSON_VERSION = 1
+_JSON_VERSION = 2
 
 
 @dataclass
 class Group:
-    """One SP group: its ``ranks`` (ascending), its ``strategy``, the sequences it runs (indices into the
-    step's ``seq_lens``, ascending) and their ``predicted_time_s`` (``CostModel.group_time``)."""
+    """One SP group: its ``ranks`` (ascending), the SP strategy its softmax-attention layers run and the one its
+    linear-attention layers run (None for a layer kind the model does not have), the sequences it runs (indices
+    into the step's ``seq_lens``, ascending) and their ``predicted_time_s`` (``CostModel.group_time``)."""
 
     ranks: tuple[int, ...]
-    strategy: str
+    softmax_strategy: str | None
+    linear_strategy: str | None
     seq_indices: list[int]
     predicted_time_s: float
 
     @property
     def degree(self) -> int:
         return len(self.ranks)
+
+    @property
+    def strategy(self) -> str:
+        """The cost model's name of the pair: ``"ring"``, ``"zeco"`` or ``"ring+zeco"``."""
+        return "+".join(s for s in (self.softmax_strategy, self.linear_strategy) if s)
 
 
 @dataclass
@@ -79,8 +86,9 @@ class Plan:
             payload = json.loads(text)
             if payload.pop("version") != _JSON_VERSION:
                 raise ValueError("unsupported plan version")
-            groups = [Group(tuple(int(r) for r in g["ranks"]), str(g["strategy"]),
-                            [int(i) for i in g["seq_indices"]], float(g["predicted_time_s"]))
+            groups = [Group(tuple(int(r) for r in g["ranks"]), _optional_str(g["softmax_strategy"]),
+                            _optional_str(g["linear_strategy"]), [int(i) for i in g["seq_indices"]],
+                            float(g["predicted_time_s"]))
                       for g in payload.pop("groups")]
             return cls(groups=groups, makespan_s=float(payload["makespan_s"]),
                        solver_status=str(payload["solver_status"]), note=str(payload["note"]),
@@ -143,3 +151,7 @@ class Plan:
             raise ValueError(f"makespan_s={self.makespan_s!r} but the slowest group takes {worst!r}")
         if self.solver_status not in SOLVER_STATUSES:
             raise ValueError(f"solver_status={self.solver_status!r} is not one of {SOLVER_STATUSES}")
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -120,7 +120,8 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         degree, strategy = group_shapes[g]
         seqs = members[g]
         time = cost_model.group_time(lengths[seqs].tolist(), degree, strategy)
-        groups.append(Group(tuple(range(start, start + degree)), strategy, seqs, time))
+        softmax, linear = cost_model.split_strategy(strategy)
+        groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time))
         start += degree
     if start != cost_model.cluster.world_size:
         raise AssertionError(f"groups cover {start} ranks, world is {cost_model.cluster.world_size}")
