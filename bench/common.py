@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -18,41 +17,12 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from seqpar.launch.ranks import run_ranks
+
+__all__ = ["RESULTS", "median_time", "print_table", "run_ranks", "save_results"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=300),
-    )
-    try:
-        out_queue.put((rank, fn(*args)))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` fresh gloo ranks (one thread each); results in rank order."""
-    ctx = mp.get_context("spawn")
-    out_queue = ctx.Queue()
-    port = _free_port()
-    workers = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, out_queue)) for r in range(world_size)]
-    for w in workers:
-        w.start()
-    results = dict(out_queue.get(timeout=1800) for _ in workers)
-    for w in workers:
-        w.join()
-    return [results[r] for r in range(world_size)]
 
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, sync: bool = False) -> float:
