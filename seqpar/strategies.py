@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "COMM_BYTES_OVER_RANKS",
     "KINDS",
+    "OP_KEYWORDS",
     "LayerShape",
     "Link",
     "Strategy",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 KINDS = ("softmax", "linear")
+# the keyword arguments the runtime passes to an op of each kind, after the local (q, k, v) shards
+OP_KEYWORDS = {
+    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend"),
+    "linear": ("log_decay", "group", "scale", "layout", "backend"),
+}
 COMM_BYTES_OVER_RANKS = ("each", "mean", "max")
 
 ACCUM_BYTES = 4  # float32 accumulators and states (dK/dV in ring, partial outputs, linear-attention states)
@@ -86,9 +92,8 @@ class Strategy:
     Attributes:
         name: what users and plans call it (``"ring"``).
         kind: ``"softmax"`` or ``"linear"``: which attention layers it serves.
-        op: ``"module:function"`` of the SP op; the function takes local shards and the keyword arguments of
-            its kind (softmax: ``group, causal, softmax_scale, layout, cu_seqlens, backend``; linear:
-            ``log_decay, group, scale, layout, backend``).
+        op: ``"module:function"`` of the SP op; the function takes the local ``q, k, v`` shards and the keyword
+            arguments of its kind (``OP_KEYWORDS``); any other parameter has a default.
         summary: one line for docs and ``--help``.
         comm_bytes: ``(shape) -> (forward, backward)`` bytes one rank sends for one layer; equal to what
             ``seqpar.count_comm`` records for the op.
@@ -185,7 +190,8 @@ def get(name: str, kind: str | None = None, *, argument: str = "strategy") -> St
     """
     strategy = _REGISTRY.get(name) if isinstance(name, str) else None
     if strategy is None or (kind is not None and strategy.kind != kind):
-        raise ValueError(f"{argument}: unknown {kind + ' ' if kind else ''}strategy {name!r}; choose one of {names(kind)}")
+        of_kind = f"{kind} " if kind else ""
+        raise ValueError(f"{argument}: unknown {of_kind}strategy {name!r}; choose one of {names(kind)}")
     return strategy
 
 
