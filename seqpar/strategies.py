@@ -95,19 +95,21 @@ class Strategy:
         op: ``"module:function"`` of the SP op; the function takes the local ``q, k, v`` shards and the keyword
             arguments of its kind (``OP_KEYWORDS``); any other parameter has a default.
         summary: one line for docs and ``--help``.
-        comm_bytes: ``(shape) -> (forward, backward)`` bytes one rank sends for one layer; equal to what
-            ``seqpar.count_comm`` records for the op.
+        comm_bytes: ``(shape) -> (forward, backward)`` bytes one rank sends for one causal layer (batch 1);
+            what ``seqpar.count_comm`` records for the op, in the sense of ``comm_bytes_over_ranks``. Zero at
+            degree 1, where the layer's time must be its compute alone (the planner keeps one strategy there).
         layer_time: ``(shape, compute_fwd_s, compute_bwd_s, link) -> seconds`` of one layer forward + backward on
             one rank, where ``compute_*`` is the layer's attention compute on this rank (already divided by P).
-        transient_bytes: ``(shape) -> bytes`` the op holds on one rank while a layer runs, beyond activations.
+        transient_bytes: ``(shape) -> bytes`` the op holds on one rank while a layer runs, beyond activations
+            (the cost model counts none at degree 1).
         layouts: token layouts it accepts.
         min_degree: the smallest group size it is meant for (1: it also runs alone).
         invalid_reason: ``(degree, heads, kv_heads) -> str | None``: why it cannot run at this degree with
             these head counts (None: it can).
         planner_default: whether ``plan_step`` considers it when not told which strategies to use.
         comm_bytes_over_ranks: how ``comm_bytes`` relates to the bytes the group's ranks send for a causal layer
-            in the zigzag layout (linear: contiguous): ``"each"`` every rank sends exactly that, ``"mean"``
-            their mean, ``"max"`` the busiest rank's (tests/test_registry.py checks it under ``count_comm``).
+            in its first layout (zigzag for softmax, contiguous for linear): ``"each"`` every rank sends exactly
+            that, ``"mean"`` their mean, ``"max"`` the busiest rank's (tests/test_registry.py checks it).
     """
 
     name: str
@@ -208,8 +210,8 @@ def get(name: str, kind: str | None = None, *, argument: str = "strategy") -> St
 
 def _ring_step_bytes(x: LayerShape) -> tuple[Any, Any]:
     """One ring step: K,V forward; K,V again and the float32 dK,dV accumulators backward."""
-    return 2 * x.local_tokens * x.kv_heads * x.head_dim * x.elem_bytes, \
-        2 * x.local_tokens * x.kv_heads * x.head_dim * (x.elem_bytes + ACCUM_BYTES)
+    kv_elements = 2 * x.local_tokens * x.kv_heads * x.head_dim
+    return kv_elements * x.elem_bytes, kv_elements * (x.elem_bytes + ACCUM_BYTES)
 
 
 def ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:

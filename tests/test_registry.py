@@ -119,11 +119,15 @@ def test_comm_bytes_equal_what_the_op_sends(world_size):
                 assert max(sent) == pytest.approx(expected, rel=1e-12), (name, dtype, phase, sent)
 
 
-def test_comm_bytes_of_one_rank_are_zero():
+def test_one_rank_sends_nothing_and_takes_its_compute_alone():
+    # the planner keeps one strategy at degree 1, so every strategy that runs alone must cost the same there
+    link = strategies.Link(bytes_per_s=1e9, latency_s=1e-3)
     for name in strategies.names():
         strategy = strategies.get(name)
         if strategy.min_degree == 1:
-            assert strategy.comm_bytes(layer_shape(1, 4, 2, torch.float32)) == (0, 0), name
+            shape = layer_shape(1, 4, 2, torch.float32)
+            assert strategy.comm_bytes(shape) == (0, 0), name
+            assert strategy.layer_time(shape, 0.25, 0.5, link) == 0.75, name
 
 
 # ----------------------------------------------------------------------------------------------------
