@@ -126,6 +126,8 @@ class Strategy:
     comm_bytes_over_ranks: str = "each"
 
     def __post_init__(self) -> None:
+        if not self.name or "+" in self.name:
+            raise ValueError(f"name: must be non-empty and without '+' (it joins a hybrid's pair), got {self.name!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind: must be one of {KINDS}, got {self.kind!r}")
         if ":" not in self.op:
