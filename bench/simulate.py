@@ -3,8 +3,9 @@
     python bench/simulate.py           # well under a minute on 2 cores (the FlexSP part runs plan_step)
     python bench/simulate.py --quick   # FlexSP part at 8..64 ranks only
 
-Nothing here runs on a GPU: every time is ``seqpar.solver.CostModel`` (formulas in its module docstring) with
-the hardware the paper names, so a disagreement with a paper measures what the model leaves out. Reproduced:
+Nothing here runs on a GPU: every time is ``seqpar.solver.CostModel`` (formulas in its module docstring and, per
+strategy, in ``seqpar/strategies.py``) with the hardware the paper names, so a disagreement with a paper
+measures what the model leaves out. Reproduced:
 
 1. LASP-2 vs Ring Attention and vs LASP-1 (Sun et al. 2025, arXiv 2502.07563): Linear-Llama3-1B, sequence
    2048K, 64 A100 GPUs; the paper: LASP-2 15.2% faster than LASP-1 and 36.6% faster than Ring Attention.
@@ -71,7 +72,7 @@ import numpy as np
 
 from seqpar.launch.data import long_tail_lengths
 from seqpar.solver import Cluster, CostCoefficients, CostModel, ModelSpec, plan_step, static_plan
-from seqpar.solver.cost_model import LINEAR_STRATEGIES, TOKEN_RING_ZIGZAG_QUERY_FRACTION, ZECO_PIECES
+from seqpar.strategies import ZECO_PIECES, ZIGZAG_CAUSAL_QUERY_FRACTION
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -113,8 +114,7 @@ def cluster(hardware: str, world: int, latency_s: float = LATENCY_S) -> Cluster:
 def attention_layer_time(cm: CostModel, length: float, degree: int, strategy: str) -> float:
     """Seconds of one attention layer, forward + backward, on one rank of ``degree`` (``strategy`` names one
     layer kind: ``ring``, ``zeco``, ...). The per-layer term ``CostModel.seq_time`` adds up."""
-    terms = cm._linear_layer_times if strategy in LINEAR_STRATEGIES else cm._softmax_layer_times
-    return float(terms(np.array([float(length)]), degree, strategy)[0])
+    return float(cm.layer_times([float(length)], degree, strategy)[0])
 
 
 def dense_time(cm: CostModel, length: float, degree: int, strategy: str) -> float:
@@ -268,7 +268,7 @@ def tokenring_step_ms(length: float = 24000, world: int = 4, model: ModelSpec | 
     ring_fwd, _ = cm.layer_comm_bytes(length, world, "ring")
     tr_fwd, _ = cm.layer_comm_bytes(length, world, "token_ring")
     kv_step = ring_fwd / steps
-    both_dirs = tr_fwd / (TOKEN_RING_ZIGZAG_QUERY_FRACTION * steps)  # zigzag mean undone: one full block
+    both_dirs = tr_fwd / (ZIGZAG_CAUSAL_QUERY_FRACTION * steps)  # zigzag mean undone: one full block
     query = length / world * model.num_heads * model.head_dim * model.bytes_per_param  # s H D b
     partial = both_dirs - query  # s H (D b + 4): out and the float32 lse
     return {"world": world, "length": length, "query_bytes": query, "partial_bytes": partial, "kv_bytes": kv_step,

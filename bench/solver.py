@@ -34,12 +34,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from seqpar.launch.data import long_tail_lengths  # noqa: E402
 from seqpar.solver import Cluster, CostModel, ModelSpec, makespan_lower_bound, plan_step, static_plan  # noqa: E402
+from seqpar.strategies import planner_defaults  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORLDS = (8, 16, 32, 64, 128, 256, 512, 1024)
 SEQS_PER_RANK = 8
 MAX_LEN = 131072
-STRATEGIES = ("ulysses", "ring", "token_ring")
+STRATEGIES = planner_defaults("softmax")  # the static baselines choose among what the planner considers
 
 
 def static_plans(lengths: list[int], cm: CostModel) -> dict[tuple[int, str], float]:
@@ -49,7 +50,7 @@ def static_plans(lengths: list[int], cm: CostModel) -> dict[tuple[int, str], flo
         for name in STRATEGIES:
             try:
                 out[degree, name] = static_plan(lengths, cm, degree, name).makespan_s
-            except ValueError:  # does not fit, or ulysses cannot split the heads
+            except ValueError:  # does not fit, or the strategy cannot run at this degree (e.g. split the heads)
                 pass
         degree *= 2
     return out

@@ -17,17 +17,34 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 __all__ = [
+    "COMM_BYTES_OVER_RANKS",
     "KINDS",
+    "OP_KEYWORDS",
     "LayerShape",
     "Link",
     "Strategy",
     "get",
     "names",
+    "planner_defaults",
     "register",
+    "unregister",
 ]
 
 KINDS = ("softmax", "linear")
+# the keyword arguments the runtime passes to an op of each kind, after the local (q, k, v) shards
+OP_KEYWORDS = {
+    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend"),
+    "linear": ("log_decay", "group", "scale", "layout", "backend"),
+}
+COMM_BYTES_OVER_RANKS = ("each", "mean", "max")
+
+ACCUM_BYTES = 4  # float32 accumulators and states (dK/dV in ring, partial outputs, linear-attention states)
+LSE_BYTES = 4  # float32 log-sum-exp per (token, head)
+ZIGZAG_CAUSAL_QUERY_FRACTION = 0.75  # TokenRing, causal zigzag: a quarter of the query blocks is skipped
+ZECO_PIECES = 8  # pieces the ZeCO All-Scan cuts a state into (the cost model's pipeline depth)
 
 
 @dataclass(frozen=True)
@@ -75,19 +92,24 @@ class Strategy:
     Attributes:
         name: what users and plans call it (``"ring"``).
         kind: ``"softmax"`` or ``"linear"``: which attention layers it serves.
-        op: ``"module:function"`` of the SP op; the function takes local shards and the keyword arguments of
-            its kind (softmax: ``group, causal, softmax_scale, layout, cu_seqlens, backend``; linear:
-            ``log_decay, group, scale, layout, backend``).
+        op: ``"module:function"`` of the SP op; the function takes the local ``q, k, v`` shards and the keyword
+            arguments of its kind (``OP_KEYWORDS``); any other parameter has a default.
         summary: one line for docs and ``--help``.
-        comm_bytes: ``(shape) -> (forward, backward)`` bytes one rank sends for one layer; equal to what
-            ``seqpar.count_comm`` records for the op.
+        comm_bytes: ``(shape) -> (forward, backward)`` bytes one rank sends for one causal layer (batch 1);
+            what ``seqpar.count_comm`` records for the op, in the sense of ``comm_bytes_over_ranks``. Zero at
+            degree 1, where the layer's time must be its compute alone (the planner keeps one strategy there).
         layer_time: ``(shape, compute_fwd_s, compute_bwd_s, link) -> seconds`` of one layer forward + backward on
             one rank, where ``compute_*`` is the layer's attention compute on this rank (already divided by P).
-        transient_bytes: ``(shape) -> bytes`` the op holds on one rank while a layer runs, beyond activations.
+        transient_bytes: ``(shape) -> bytes`` the op holds on one rank while a layer runs, beyond activations
+            (the cost model counts none at degree 1).
         layouts: token layouts it accepts.
         min_degree: the smallest group size it is meant for (1: it also runs alone).
         invalid_reason: ``(degree, heads, kv_heads) -> str | None``: why it cannot run at this degree with
             these head counts (None: it can).
+        planner_default: whether ``plan_step`` considers it when not told which strategies to use.
+        comm_bytes_over_ranks: how ``comm_bytes`` relates to the bytes the group's ranks send for a causal layer
+            in its first layout (zigzag for softmax, contiguous for linear): ``"each"`` every rank sends exactly
+            that, ``"mean"`` their mean, ``"max"`` the busiest rank's (tests/test_registry.py checks it).
     """
 
     name: str
@@ -100,15 +122,29 @@ class Strategy:
     layouts: tuple[str, ...] = ("zigzag", "contiguous")
     min_degree: int = 1
     invalid_reason: Callable[[int, int, int], str | None] = _always_valid
+    planner_default: bool = True
+    comm_bytes_over_ranks: str = "each"
 
     def __post_init__(self) -> None:
+        if not self.name or "+" in self.name:
+            raise ValueError(f"name: must be non-empty and without '+' (it joins a hybrid's pair), got {self.name!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind: must be one of {KINDS}, got {self.kind!r}")
         if ":" not in self.op:
             raise ValueError(f"op: expected 'module:function', got {self.op!r}")
+        if self.comm_bytes_over_ranks not in COMM_BYTES_OVER_RANKS:
+            raise ValueError(
+                f"comm_bytes_over_ranks: must be one of {COMM_BYTES_OVER_RANKS}, got {self.comm_bytes_over_ranks!r}"
+            )
 
     def valid(self, degree: int, heads: int, kv_heads: int) -> bool:
-        return degree >= self.min_degree and self.invalid_reason(degree, heads, kv_heads) is None
+        return self.why_invalid(degree, heads, kv_heads) is None
+
+    def why_invalid(self, degree: int, heads: int, kv_heads: int) -> str | None:
+        """Why it cannot run on ``degree`` ranks with these head counts, or None when it can."""
+        if degree < self.min_degree:
+            return f"{self.name} needs at least {self.min_degree} ranks"
+        return self.invalid_reason(degree, heads, kv_heads)
 
     def load_op(self) -> Callable[..., Any]:
         """Import and return the SP op (this imports torch.distributed)."""
@@ -127,11 +163,27 @@ def register(strategy: Strategy) -> Strategy:
     return strategy
 
 
+def unregister(name: str) -> Strategy:
+    """Remove and return a registered strategy (for tests that register a stand-in).
+
+    Raises:
+        ValueError: naming ``name`` when no such strategy is registered.
+    """
+    strategy = get(name, argument="name")
+    del _REGISTRY[name]
+    return strategy
+
+
 def names(kind: str | None = None) -> tuple[str, ...]:
     """Registered strategy names, in registration order, of one ``kind`` or all."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind: must be one of {KINDS} or None, got {kind!r}")
     return tuple(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def planner_defaults(kind: str) -> tuple[str, ...]:
+    """The strategies of ``kind`` that ``plan_step`` considers unless told otherwise (``planner_default``)."""
+    return tuple(n for n in names(kind) if _REGISTRY[n].planner_default)
 
 
 def get(name: str, kind: str | None = None, *, argument: str = "strategy") -> Strategy:
@@ -142,7 +194,8 @@ def get(name: str, kind: str | None = None, *, argument: str = "strategy") -> St
     """
     strategy = _REGISTRY.get(name) if isinstance(name, str) else None
     if strategy is None or (kind is not None and strategy.kind != kind):
-        raise ValueError(f"{argument}: unknown {kind + ' ' if kind else ''}strategy {name!r}; choose one of {names(kind)}")
+        of_kind = f"{kind} " if kind else ""
+        raise ValueError(f"{argument}: unknown {of_kind}strategy {name!r}; choose one of {names(kind)}")
     return strategy
 
 
@@ -150,14 +203,233 @@ def get(name: str, kind: str | None = None, *, argument: str = "strategy") -> St
 # Softmax attention
 # ----------------------------------------------------------------------------------------------------
 
-# (ring, token_ring, ulysses, allgather_kv entries)
+# Conventions of the formulas below (one layer, one rank of a group of P, for the sequence's S tokens):
+# s = S / P local tokens, b = elem_bytes, H / H_kv / D the heads, K/V heads and head size; A_f, A_b the
+# layer's attention compute on this rank forward / backward (already divided by P), beta = link.bytes_per_s,
+# lam = link.latency_s. Bytes are what ``seqpar.count_comm`` records: what one rank puts on the wire.
+# Registration order is the planner's order of preference among equally fast strategies.
+
+
+def _ring_step_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """One ring step: K,V forward; K,V again and the float32 dK,dV accumulators backward."""
+    kv_elements = 2 * x.local_tokens * x.kv_heads * x.head_dim
+    return kv_elements * x.elem_bytes, kv_elements * (x.elem_bytes + ACCUM_BYTES)
+
+
+def ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """(P-1) ring steps each way: ``(P-1) 2 s H_kv D b`` forward, ``(P-1) 2 s H_kv D (b + 4)`` backward."""
+    forward_step, backward_step = _ring_step_bytes(x)
+    return (x.degree - 1) * forward_step, (x.degree - 1) * backward_step
+
+
+def overlapped_ring_time(compute_s: Any, step_bytes: Any, steps: int, degree: int, link: Link) -> Any:
+    """One pass of a ring whose every step overlaps one of ``degree`` equal blocks of ``compute_s`` with one
+    transfer of ``step_bytes``: ``A/P + (P-1) (max(A/P, step_bytes / beta) + lam)``."""
+    block = compute_s / degree
+    return block + steps * (np.maximum(block, step_bytes / link.bytes_per_s) + link.latency_s)
+
+
+def ring_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    forward_step, backward_step = _ring_step_bytes(x)
+    steps = x.degree - 1
+    return (overlapped_ring_time(compute_fwd_s, forward_step, steps, x.degree, link)
+            + overlapped_ring_time(compute_bwd_s, backward_step, steps, x.degree, link))
+
+
+def ring_transient_bytes(x: LayerShape) -> Any:
+    """Double-buffered K,V blocks and float32 dK,dV in the backward."""
+    return 2 * 2 * x.local_tokens * x.kv_heads * x.head_dim * (x.elem_bytes + ACCUM_BYTES)
+
+
+def _token_ring_step_bytes(x: LayerShape) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """One TokenRing step per direction, ``((queries, partials) forward, (queries, partials) backward)``, as the
+    mean over ranks: with causal zigzag a quarter of the blocks need only half the queries (factor 0.75)."""
+    w, s, H, D, b = ZIGZAG_CAUSAL_QUERY_FRACTION, x.local_tokens, x.heads, x.head_dim, x.elem_bytes
+    forward = (w * s * H * D * b, w * s * H * (D * b + LSE_BYTES))  # q; out + float32 lse
+    backward = (w * s * H * (3 * D * b + LSE_BYTES), w * s * H * D * b)  # q, dout, out, lse; dq partials
+    return forward, backward
+
+
+def token_ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """Forward ``0.75 (P-1) (s H D b + s H (D b + 4))``, backward ``0.75 (P-1) (s H (3 D b + 4) + s H D b)``
+    (the mean over ranks; per direction the forward queries are ``g/2`` times ring's bytes, ``g = H / H_kv``,
+    so ring sends less for GQA with ``g > 2``)."""
+    steps = x.degree - 1
+    return tuple(steps * (queries + partials) for queries, partials in _token_ring_step_bytes(x))
+
+
+def token_ring_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Overlapped like ring; both link directions are busy at once, so a step takes the busier one."""
+    (q_fwd, o_fwd), (q_bwd, o_bwd) = _token_ring_step_bytes(x)
+    steps = x.degree - 1
+    return (overlapped_ring_time(compute_fwd_s, np.maximum(q_fwd, o_fwd), steps, x.degree, link)
+            + overlapped_ring_time(compute_bwd_s, np.maximum(q_bwd, o_bwd), steps, x.degree, link))
+
+
+def token_ring_transient_bytes(x: LayerShape) -> Any:
+    """Double-buffered query block and the float32 partial out + lse."""
+    return 2 * x.local_tokens * x.heads * (x.head_dim * x.elem_bytes + ACCUM_BYTES * x.head_dim + LSE_BYTES)
+
+
+def _ulysses_tensor_bytes(x: LayerShape) -> Any:
+    """q and out (``s H D b`` each) and k, v with their heads replicated to ``max(H_kv, P)``."""
+    s, D, b = x.local_tokens, x.head_dim, x.elem_bytes
+    return 2 * s * x.heads * D * b + 2 * s * max(x.kv_heads, x.degree) * D * b
+
+
+def ulysses_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """Each all-to-all keeps 1/P of its tensor: ``(P-1)/P (2 s H D b + 2 s max(H_kv, P) D b)`` each way."""
+    one_pass = (x.degree - 1) / x.degree * _ulysses_tensor_bytes(x)
+    return one_pass, one_pass
+
+
+def ulysses_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Not overlapped: ``A_f + A_b + 2 (bytes / beta + 4 (P-1) lam)``. The latency counts q, k, v and out as
+    four all-to-alls of P-1 steps; the op stacks k and v into one, so this is one all-to-all's latency more
+    than it pays per pass (kept: calibrated coefficients stay comparable)."""
+    steps = x.degree - 1
+    one_pass = steps / x.degree * _ulysses_tensor_bytes(x) / link.bytes_per_s + 4 * steps * link.latency_s
+    return compute_fwd_s + compute_bwd_s + 2 * one_pass
+
+
+def ulysses_transient_bytes(x: LayerShape) -> Any:
+    """Full-length, head-sharded q, k, v, out and their gradients."""
+    return 2 * _ulysses_tensor_bytes(x)
+
+
+def ulysses_invalid_reason(degree: int, heads: int, kv_heads: int) -> str | None:
+    if heads % degree == 0 and (kv_heads % degree == 0 or degree % kv_heads == 0):
+        return None
+    return (f"ulysses needs the degree {degree} to divide num_heads={heads}, and num_kv_heads={kv_heads} to divide "
+            "it or be divided by it; use ring or token_ring, or another degree")
+
+
+def allgather_kv_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """One all-gather of K,V forward and one reduce-scatter of dK,dV backward: ``(P-1) 2 s H_kv D b`` each."""
+    one_pass = (x.degree - 1) * 2 * x.local_tokens * x.kv_heads * x.head_dim * x.elem_bytes
+    return one_pass, one_pass
+
+
+def allgather_kv_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Not overlapped: ``A_f + A_b + 2 (bytes / beta + (P-1) lam)``."""
+    steps = x.degree - 1
+    one_pass = allgather_kv_comm_bytes(x)[0] / link.bytes_per_s + steps * link.latency_s
+    return compute_fwd_s + compute_bwd_s + 2 * one_pass
+
+
+def allgather_kv_transient_bytes(x: LayerShape) -> Any:
+    """The gathered K,V and the float32 dK,dV before the reduce-scatter (whole sequence)."""
+    return 2 * x.seq_len * x.kv_heads * x.head_dim * (x.elem_bytes + ACCUM_BYTES)
+
+
+register(Strategy(
+    name="ulysses",
+    kind="softmax",
+    op="seqpar.collectives.ulysses:ulysses_attention",
+    summary="DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv 2309.14509): all-to-all to head-sharded and back",
+    comm_bytes=ulysses_comm_bytes,
+    layer_time=ulysses_layer_time,
+    transient_bytes=ulysses_transient_bytes,
+    invalid_reason=ulysses_invalid_reason,
+))
+register(Strategy(
+    name="ring",
+    kind="softmax",
+    op="seqpar.collectives.ring:ring_attention",
+    summary="Ring Attention (Liu et al. 2023; zigzag after Brandon et al. 2023): K,V blocks rotate, overlapped",
+    comm_bytes=ring_comm_bytes,
+    layer_time=ring_layer_time,
+    transient_bytes=ring_transient_bytes,
+))
+register(Strategy(
+    name="token_ring",
+    kind="softmax",
+    op="seqpar.collectives.token_ring:token_ring_attention",
+    summary="TokenRing (Wang et al. 2024, arXiv 2412.20501): queries one way, partial outputs the other",
+    comm_bytes=token_ring_comm_bytes,
+    layer_time=token_ring_layer_time,
+    transient_bytes=token_ring_transient_bytes,
+    comm_bytes_over_ranks="mean",
+))
+register(Strategy(
+    name="allgather_kv",
+    kind="softmax",
+    op="seqpar.collectives.allgather_kv:allgather_kv_attention",
+    summary="All-gather K,V (LASP-2H softmax layers, Sun et al. 2025; Llama-3 CP), not overlapped",
+    comm_bytes=allgather_kv_comm_bytes,
+    layer_time=allgather_kv_layer_time,
+    transient_bytes=allgather_kv_transient_bytes,
+    planner_default=False,
+))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Linear attention
 # ----------------------------------------------------------------------------------------------------
 
-# (lasp2, zeco entries)
+# ``state_bytes`` is one layer's state as the collectives send it: float32 whatever the model dtype
+# (``H D_k D_v 4``; a per-token decay adds ``H 4`` per state, neglected). L_f, L_b: the chunkwise compute.
+
+
+def lasp2_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """One all-gather of the memory state forward and one backward: ``(P-1) state`` each."""
+    one_pass = (x.degree - 1) * x.state_bytes
+    return one_pass, one_pass
+
+
+def lasp2_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """The all-gather overlaps the intra-chunk compute: ``max(L, (P-1) (state / beta + lam))`` each way."""
+    comm = (x.degree - 1) * (x.state_bytes / link.bytes_per_s + link.latency_s)
+    return np.maximum(compute_fwd_s, comm) + np.maximum(compute_bwd_s, comm)
+
+
+def lasp2_transient_bytes(x: LayerShape) -> Any:
+    """The P gathered states."""
+    return x.degree * x.state_bytes
+
+
+def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """One state each way per rank (the busiest rank's: the last sends none forward, the first none backward)."""
+    one_pass = x.state_bytes if x.degree > 1 else 0.0
+    return one_pass, one_pass
+
+
+def zeco_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """The state, cut in ``K = ZECO_PIECES`` pieces, is relayed rank to rank; the last rank waits
+    ``P - 1 + K - 1`` pipelined hops of one piece: ``max(L, (P-1+K-1) (state / K / beta + lam))`` each way."""
+    if x.degree == 1:
+        return np.maximum(compute_fwd_s, 0.0) + np.maximum(compute_bwd_s, 0.0)
+    hops = x.degree - 1 + ZECO_PIECES - 1
+    comm = hops * (x.state_bytes / ZECO_PIECES / link.bytes_per_s + link.latency_s)
+    return np.maximum(compute_fwd_s, comm) + np.maximum(compute_bwd_s, comm)
+
+
+def zeco_transient_bytes(x: LayerShape) -> Any:
+    """The incoming and the outgoing state."""
+    return 2 * x.state_bytes
+
+
+register(Strategy(
+    name="lasp2",
+    kind="linear",
+    op="seqpar.collectives.lasp2:lasp2_linear_attention",
+    summary="LASP-2 (Sun et al. 2025, arXiv 2502.07563): one all-gather of the states, overlapped",
+    comm_bytes=lasp2_comm_bytes,
+    layer_time=lasp2_layer_time,
+    transient_bytes=lasp2_transient_bytes,
+    layouts=("contiguous",),
+))
+register(Strategy(
+    name="zeco",
+    kind="linear",
+    op="seqpar.collectives.zeco:zeco_linear_attention",
+    summary="ZeCO All-Scan (Chou et al. 2025, arXiv 2507.01004): one state per rank, pipelined in pieces",
+    comm_bytes=zeco_comm_bytes,
+    layer_time=zeco_layer_time,
+    transient_bytes=zeco_transient_bytes,
+    layouts=("contiguous",),
+    comm_bytes_over_ranks="max",
+))
 
 
 # ----------------------------------------------------------------------------------------------------

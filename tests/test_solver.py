@@ -433,6 +433,31 @@ def test_validate_catches_broken_plans():
         good.validate(lengths, tight)
 
 
+def test_validate_checks_each_groups_strategy_pair_against_the_registry_and_the_layer_kinds():
+    lengths = [1000, 2000, 3000]
+    softmax_only = small_model(16, 8)
+    hybrid = CostModel(softmax_only.cluster, SMALL.with_linear_layers(2))
+    cases = [  # (cost model, static plan's strategy, group field, wrong value, message)
+        (softmax_only, "ring", "linear_strategy", "zeco", "linear_strategy='zeco', but the model has no linear"),
+        (softmax_only, "ring", "softmax_strategy", None, "softmax_strategy is None, but the model has softmax"),
+        (softmax_only, "ring", "softmax_strategy", "zeco", "softmax_strategy: unknown softmax strategy 'zeco'"),
+        (softmax_only, "ring", "softmax_strategy", "megatron", "softmax_strategy: unknown softmax strategy 'megatron'"),
+        (hybrid, "ring+zeco", "linear_strategy", None, "linear_strategy is None, but the model has linear"),
+        (hybrid, "ring+zeco", "linear_strategy", "ring", "linear_strategy: unknown linear strategy 'ring'"),
+    ]
+    for cm, strategy, field, value, message in cases:
+        plan = static_plan(lengths, cm, 2, strategy)
+        plan.validate(lengths, cm)
+        setattr(plan.groups[1], field, value)
+        with pytest.raises(ValueError, match=f"group 1 {message}"):
+            plan.validate(lengths, cm)
+    # a registered pair at a degree where it cannot run: 8 heads do not split 16 ways
+    plan = static_plan(lengths, softmax_only, 16, "ring")
+    plan.groups[0].softmax_strategy = "ulysses"
+    with pytest.raises(ValueError, match="cannot run at degree 16: ulysses needs the degree 16 to divide num_heads=8"):
+        plan.validate(lengths, softmax_only)
+
+
 def test_falls_back_to_greedy_when_cbc_is_missing(monkeypatch):
     cm = small_model(8, 4)
     lengths = [400, 1200, 30000, 9000]

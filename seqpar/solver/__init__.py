@@ -3,9 +3,8 @@
 Never imports torch or torch.distributed: rank 0 plans, the runtime broadcasts ``Plan.to_json()``.
 """
 
+from seqpar import strategies as _registry
 from seqpar.solver.cost_model import (
-    LINEAR_STRATEGIES,
-    SOFTMAX_STRATEGIES,
     Cluster,
     CostCoefficients,
     CostModel,
@@ -15,6 +14,15 @@ from seqpar.solver.cost_model import (
 from seqpar.solver.plan import Group, Plan
 from seqpar.solver.planner import makespan_lower_bound, plan_step, static_plan
 from seqpar.solver.prefetch import PlanPrefetcher
+
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # SOFTMAX_STRATEGIES / LINEAR_STRATEGIES: the registered names of each kind, read when asked
+    if name in ("SOFTMAX_STRATEGIES", "LINEAR_STRATEGIES"):
+        return _registry.names(name.split("_")[0].lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Cluster",

@@ -13,44 +13,22 @@ Compute (FLOPs over ``peak_tflops * efficiency``)
 * Softmax attention, quadratic in ``S``: causal forward ``2 * S^2 * H * D`` per layer (``4 S^2 H D`` for the
   two GEMMs QK^T and PV, halved by the causal mask), backward ``2.5x`` forward (FlashAttention-2, Dao 2023,
   Sec. 3: five GEMMs backward against two forward). Divided by ``P``: every strategy balances causal work
-  (zigzag layout for ring/token_ring/allgather_kv, head split for ulysses). Efficiency ``attention_efficiency``.
+  (by the zigzag layout or by splitting heads). Efficiency ``attention_efficiency``.
 * Linear attention, linear in ``S``: chunkwise form (GLA, Yang et al. 2024, Sec. 3): per token per head the
   masked intra-chunk product ``C * (D_k + D_v)`` plus ``2 D_k D_v`` for ``q S`` and ``2 D_k D_v`` for the
   state update; backward 2x forward. Efficiency ``attention_efficiency``.
 
-Communication (bytes per layer per rank, exactly what ``seqpar.collectives`` sends; ``layer_comm_bytes``)
--------------------------------------------------------------------------------------------------------
-Bandwidth ``beta`` is ``intra_node_gbps`` if the group fits in one node (``P <= gpus_per_node``), else
-``inter_node_gbps`` (the slowest hop bounds every ring step / all-to-all), times ``bandwidth_efficiency``.
-``lam`` = ``latency_s * latency_scale`` is paid per step of every collective ((P - 1) steps for rings,
-all-gathers and the pairwise all-to-all). ``A_f``, ``A_b`` are one layer's attention compute on this rank.
-
-* ring (Liu et al. 2023, Ring Attention; zigzag from Brandon et al. 2023 / Megatron CP). K,V rotate:
-  forward ``(P-1) * 2 s H_kv D b``; backward ``(P-1) * 2 s H_kv D b + (P-1) * 2 s H_kv D 4`` (K,V again and
-  the float32 dK,dV accumulators). Overlapped step by step:
-  ``t = A/P + (P-1) * (max(A/P, step_bytes/beta) + lam)`` for forward and backward.
-* token_ring (TokenRing, Wang et al. 2024, arXiv 2412.20501; seqpar.collectives.token_ring). Q blocks go
-  one way, partial (out, lse) come back the other way, both link directions busy at once. With zigzag causal
-  a quarter of the blocks need only half the queries, in both directions (mean factor 0.75 over ranks).
-  Forward: queries ``0.75 (P-1) s H D b``, partials ``0.75 (P-1) s H (D b + 4)`` (out plus float32 lse);
-  backward: queries travel with dout, out and lse ``0.75 (P-1) s H (3 D b + 4)``, dQ partials come back
-  ``0.75 (P-1) s H D b``. Step time is the busier direction, overlapped like ring. Per direction the
-  forward queries are ``g/2`` times ring's bytes for ``g = H / H_kv``, so ring wins for GQA with ``g > 2``.
-* ulysses (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509). 4 all-to-alls forward (q, k, v, out)
-  and 4 backward (dout, dq, dk, dv), each moving ``(P-1)/P`` of the local tensor; K/V heads replicated to
-  ``max(H_kv, P)`` (q, out: ``s H D b``; k, v: ``s max(H_kv, P) D b`` each). Not overlapped:
-  ``t = A + sum_i ((P-1)/P * X_i / beta + (P-1) lam)``. Only where ``P`` divides ``H`` (and ``H_kv``
-  divides or is divided by ``P``).
-* allgather_kv (LASP-2H softmax layers, Sun et al. 2025, arXiv 2502.07563; Llama-3 CP). Forward one
-  all-gather of K,V: ``(P-1) * 2 s H_kv D b``; backward one reduce-scatter of dK,dV of the same size. Not
-  overlapped.
-* lasp2 (LASP-2, Sun et al. 2025; seqpar.collectives.lasp2). One all-gather of the memory state, which
-  travels in float32 whatever the model dtype (``H D_k D_v 4``; a per-token decay adds ``H 4``, neglected),
-  forward and one backward: ``(P-1) * state`` each, overlapped with the intra-chunk compute:
-  ``t = max(L, (P-1) * (state/beta + lam))``.
-* zeco (ZeCO All-Scan, Chou et al. 2025, arXiv 2507.01004). The state is cut in ``K = ZECO_PIECES`` pieces
-  passed rank to rank; each rank sends exactly one state forward and one backward, and the last rank waits
-  ``P - 1 + K - 1`` pipeline hops of one piece: ``t = max(L, (P-1+K-1) * (state/K/beta + lam))``.
+Communication and SP time per layer: the strategy registry (``seqpar/strategies.py``)
+--------------------------------------------------------------------------------------
+Each strategy's entry holds its paper, the bytes one rank sends per layer forward and backward (exactly what
+``seqpar.count_comm`` records for its op; tests/test_registry.py checks that), how those overlap with the
+layer's attention compute, and the transient memory it holds. This module supplies the pieces the entries
+take: the layer's shape (``s = S / P``, ``b``, ``H``, ``H_kv``, ``D``; linear layers: the float32 state
+``H D^2 4``), the compute ``A_f``, ``A_b`` above on this rank, and the link: bandwidth ``beta`` is
+``intra_node_gbps`` if the group fits in one node (``P <= gpus_per_node``), else ``inter_node_gbps`` (the
+slowest hop bounds every ring step / all-to-all), times ``bandwidth_efficiency``; ``lam`` =
+``latency_s * latency_scale`` is paid per step of every collective ((P - 1) steps for rings, all-gathers and
+the pairwise all-to-all). Every strategy the model names comes from the registry; none is written here.
 
 A sequence's time is the dense time plus, per layer, its strategy's attention time, plus
 ``sequence_overhead_s``. Sequences given to one group run one after another (each its own SP forward and
@@ -64,22 +42,24 @@ Memory (bytes per rank, ``seq_memory``)
 parameter, Rajbhandari et al. 2020), activations are ``activation_bytes_per_token * s`` (default: no
 recomputation, bf16, flash attention so no ``S^2`` term; counted tensor by tensor in
 ``ModelSpec.token_activation_bytes``, after Korthikanti et al. 2022), and the transient buffers are those
-the collective holds while a layer runs (double-buffered receive blocks for ring and token_ring, the
-head-sharded full-length tensors for ulysses, the gathered K,V for allgather_kv, the gathered states for
-lasp2). Sequences of one group run one after another, so the group's peak is the largest ``seq_memory``.
+the collective holds while a layer runs (each entry's ``transient_bytes``, e.g. double-buffered receive
+blocks or gathered K,V; the larger of the two kinds' for a hybrid; none at degree 1). Sequences of one
+group run one after another, so the group's peak is the largest ``seq_memory``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from seqpar import strategies
+from seqpar.strategies import ACCUM_BYTES, LSE_BYTES, LayerShape, Link, Strategy, planner_defaults
+
 __all__ = [
-    "SOFTMAX_STRATEGIES",
-    "LINEAR_STRATEGIES",
     "Cluster",
     "ModelSpec",
     "CostCoefficients",
@@ -87,16 +67,10 @@ __all__ = [
     "CostModel",
 ]
 
-SOFTMAX_STRATEGIES = ("ulysses", "ring", "token_ring", "allgather_kv")
-LINEAR_STRATEGIES = ("lasp2", "zeco")
-LAYER_KINDS = ("softmax", "linear")
+LAYER_KINDS = strategies.KINDS
 
 ATTENTION_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward / forward FLOPs
 LINEAR_BWD_OVER_FWD = 2.0
-TOKEN_RING_ZIGZAG_QUERY_FRACTION = 0.75  # causal zigzag: a quarter of the query blocks is skipped
-ZECO_PIECES = 8
-LSE_BYTES = 4  # float32 log-sum-exp per (token, head)
-ACCUM_BYTES = 4  # float32 accumulators (dK/dV in ring, partial outputs, linear-attention states)
 
 
 def is_power_of_two(n: int) -> bool:
@@ -336,9 +310,10 @@ class Measurement:
 class CostModel:
     """Per-rank time and memory of sequences under each SP strategy and degree (formulas: module docstring).
 
-    Strategy names: for a model with only softmax layers one of ``SOFTMAX_STRATEGIES``, with only linear
-    layers one of ``LINEAR_STRATEGIES``, for a hybrid ``"<softmax>+<linear>"`` such as ``"ring+zeco"``.
-    At degree 1 every strategy costs the same (no communication).
+    Strategy names: for a model with one attention kind a registered name of that kind
+    (``seqpar.strategies.names(kind)``), for a hybrid ``"<softmax>+<linear>"`` such as ``"ring+zeco"``
+    (``split_strategy`` gives the pair a plan group carries). At degree 1 every strategy costs the same (no
+    communication).
     """
 
     cluster: Cluster
@@ -347,44 +322,63 @@ class CostModel:
 
     # ---- strategies -------------------------------------------------------------------------------------
 
+    def _kinds(self) -> tuple[str, ...]:
+        """The attention kinds this model's layers use, in ``strategies.KINDS`` order."""
+        return tuple(k for k in strategies.KINDS if k in self.model.layer_kinds)
+
     def split_strategy(self, strategy: str) -> tuple[str | None, str | None]:
         """``(softmax_strategy, linear_strategy)`` of a strategy name; None for a kind the model lacks.
 
-        Raises ValueError if the name does not fit the model's layer kinds.
+        A model with one attention kind takes one registered name of that kind, a hybrid
+        ``"<softmax>+<linear>"``.
+
+        Raises:
+            ValueError: the name does not fit the model's layer kinds (the message lists the names that do).
         """
-        has_s, has_l = self.model.num_softmax_layers > 0, self.model.num_linear_layers > 0
         if not isinstance(strategy, str):
             raise ValueError(f"strategy must be a string, got {strategy!r}")
+        kinds = self._kinds()
         parts = strategy.split("+")
-        if has_s and has_l:
-            if len(parts) == 2 and parts[0] in SOFTMAX_STRATEGIES and parts[1] in LINEAR_STRATEGIES:
-                return parts[0], parts[1]
-            raise ValueError(
-                f"strategy={strategy!r}: this hybrid model needs '<softmax>+<linear>' with softmax in "
-                f"{SOFTMAX_STRATEGIES} and linear in {LINEAR_STRATEGIES}, e.g. 'ring+zeco'"
-            )
-        allowed = SOFTMAX_STRATEGIES if has_s else LINEAR_STRATEGIES
-        if strategy not in allowed:
-            kind = "softmax" if has_s else "linear-attention"
-            raise ValueError(f"strategy={strategy!r} is not one of {allowed} (the model has only {kind} layers)")
-        return (strategy, None) if has_s else (None, strategy)
+        known = len(parts) == len(kinds) and all(
+            p in strategies.names(kind) for p, kind in zip(parts, kinds))
+        if not known:
+            choices = self.strategy_names(None, strategies.names("softmax"), strategies.names("linear"))
+            layers = " and ".join(kinds)
+            raise ValueError(f"strategy={strategy!r} does not fit this model's {layers} layers; "
+                             f"choose one of {tuple(choices)}")
+        pair = dict(zip(kinds, parts))
+        return pair.get("softmax"), pair.get("linear")
+
+    def _registered(self, strategy: str) -> list[Strategy]:
+        """The registry entries a strategy name stands for (one per layer kind of the model)."""
+        return [strategies.get(name) for name in self.split_strategy(strategy) if name is not None]
+
+    def why_invalid(self, degree: int, strategy: str) -> str | None:
+        """Why ``strategy`` cannot run at ``degree`` (its entries' reasons), or None when it can.
+
+        Raises ValueError for a name that does not fit the model (``split_strategy``).
+        """
+        m = self.model
+        reasons = [r for s in self._registered(strategy)
+                   if (r := s.why_invalid(degree, m.num_heads, m.num_kv_heads)) is not None]
+        return "; ".join(reasons) if reasons else None
 
     def strategy_valid(self, degree: int, strategy: str) -> bool:
-        """Whether ``strategy`` can run at ``degree`` (ulysses needs the degree to split the heads)."""
-        softmax, _ = self.split_strategy(strategy)
-        if softmax == "ulysses":
-            H, kv = self.model.num_heads, self.model.num_kv_heads
-            return H % degree == 0 and (kv % degree == 0 or degree % kv == 0)
-        return True
+        """Whether ``strategy`` can run at ``degree`` (each entry's ``min_degree`` and ``invalid_reason``).
 
-    def strategy_names(self, degree: int, strategies: Sequence[str] = ("ulysses", "ring", "token_ring"),
-                       linear_strategies: Sequence[str] = ("lasp2", "zeco")) -> list[str]:
-        """The strategy names valid at ``degree`` built from the allowed softmax and linear strategies."""
-        has_s, has_l = self.model.num_softmax_layers > 0, self.model.num_linear_layers > 0
-        soft = list(strategies) if has_s else [None]
-        lin = list(linear_strategies) if has_l else [None]
-        names = ["+".join(p for p in (s, l) if p) for s in soft for l in lin]
-        return [n for n in names if self.strategy_valid(degree, n)]
+        Raises ValueError for a name that does not fit the model (``split_strategy``).
+        """
+        return self.why_invalid(degree, strategy) is None
+
+    def strategy_names(self, degree: int | None, strategies: Sequence[str] | None = None,
+                       linear_strategies: Sequence[str] | None = None) -> list[str]:
+        """The strategy names valid at ``degree`` (every name when None) built from the allowed softmax and linear
+        strategies (default: the registry's ``planner_defaults``), in the order given."""
+        allowed = {"softmax": strategies, "linear": linear_strategies}
+        per_kind = [list(planner_defaults(kind) if allowed[kind] is None else allowed[kind])
+                    for kind in self._kinds()]
+        names = ["+".join(parts) for parts in itertools.product(*per_kind)]
+        return [n for n in names if degree is None or self.strategy_valid(degree, n)]
 
     def _check(self, degree: int, strategy: str) -> tuple[str | None, str | None]:
         if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
@@ -392,12 +386,9 @@ class CostModel:
         if degree > self.cluster.world_size:
             raise ValueError(f"degree={degree} exceeds cluster.world_size={self.cluster.world_size}")
         parts = self.split_strategy(strategy)
-        if not self.strategy_valid(degree, strategy):
-            raise ValueError(
-                f"strategy={strategy!r} cannot run at degree={degree}: ulysses needs the degree to divide "
-                f"num_heads={self.model.num_heads} (and num_kv_heads={self.model.num_kv_heads} to divide it "
-                "or be divided by it); use ring or token_ring, or another degree"
-            )
+        why = self.why_invalid(degree, strategy)
+        if why is not None:
+            raise ValueError(f"strategy={strategy!r} cannot run at degree={degree}: {why}")
         return parts
 
     @staticmethod
@@ -407,102 +398,65 @@ class CostModel:
             raise ValueError("lengths must be positive and finite")
         return arr
 
+    def _layer_shape(self, lengths, degree: int) -> LayerShape:
+        m = self.model
+        return LayerShape(seq_len=lengths, degree=degree, heads=m.num_heads, kv_heads=m.num_kv_heads,
+                          head_dim=m.head_dim, elem_bytes=m.bytes_per_param,
+                          state_bytes=m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES)
+
+    def _link(self, degree: int) -> Link:
+        c = self.coefficients
+        return Link(self.cluster.link_bytes_per_s(degree) * c.bandwidth_efficiency,
+                    self.cluster.latency_s * c.latency_scale)
+
     # ---- communication volumes ----------------------------------------------------------------------------
 
     def layer_comm_bytes(self, length: float, degree: int, strategy: str) -> tuple[float, float]:
         """Bytes one rank sends for one layer, ``(forward, backward)``; ``strategy`` names one layer kind.
 
-        These are the volumes of the module docstring (and of ``seqpar.collectives``' accounting).
+        The registry entry's ``comm_bytes`` (``seqpar.count_comm``'s accounting of the op).
         Raises ValueError for an unknown strategy.
         """
-        m, P = self.model, degree
-        s, b, H, kv, D = length / P, m.bytes_per_param, m.num_heads, m.num_kv_heads, m.head_dim
-        steps = P - 1
-        if strategy == "ring":
-            kv_bytes = 2 * s * kv * D * b
-            return steps * kv_bytes, steps * kv_bytes + steps * 2 * s * kv * D * ACCUM_BYTES
-        if strategy == "token_ring":
-            w = steps * TOKEN_RING_ZIGZAG_QUERY_FRACTION
-            forward = w * (s * H * D * b + s * H * (D * b + LSE_BYTES))
-            backward = w * (s * H * (3 * D * b + LSE_BYTES) + s * H * D * b)
-            return forward, backward
-        if strategy == "ulysses":
-            local = 2 * s * H * D * b + 2 * s * max(kv, P) * D * b
-            return steps / P * local, steps / P * local
-        if strategy == "allgather_kv":
-            return steps * 2 * s * kv * D * b, steps * 2 * s * kv * D * b
-        if strategy in LINEAR_STRATEGIES:
-            state = self._state_bytes()
-            per_pass = steps * state if strategy == "lasp2" else (state if P > 1 else 0.0)
-            return per_pass, per_pass
-        raise ValueError(f"strategy={strategy!r} is not one of {SOFTMAX_STRATEGIES + LINEAR_STRATEGIES}")
-
-    def _state_bytes(self) -> float:
-        """One layer's linear-attention state as the collectives send it: float32 (B = 1, D_k = D_v = D)."""
-        m = self.model
-        return m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES
+        return strategies.get(strategy).comm_bytes(self._layer_shape(length, degree))
 
     # ---- time -----------------------------------------------------------------------------------------------
 
     def _flops_per_s(self, efficiency: float) -> float:
         return self.cluster.peak_tflops * 1e12 * efficiency
 
-    def _softmax_layer_times(self, S: np.ndarray, P: int, strategy: str) -> np.ndarray:
-        m, c = self.model, self.coefficients
-        s, b, H, kv, D = S / P, m.bytes_per_param, m.num_heads, m.num_kv_heads, m.head_dim
-        beta = self.cluster.link_bytes_per_s(P) * c.bandwidth_efficiency
-        lam = self.cluster.latency_s * c.latency_scale
-        a_f = 2.0 * S * S * H * D / P / self._flops_per_s(c.attention_efficiency)
-        a_b = ATTENTION_BWD_OVER_FWD * a_f
-        steps = P - 1
-        if strategy in ("ring", "token_ring"):
-            if strategy == "ring":
-                fwd_step = 2 * s * kv * D * b
-                bwd_step = 2 * s * kv * D * (b + ACCUM_BYTES)
-            else:  # the busier of the two directions: partials forward, queries (+ dout, out, lse) backward
-                fwd_step = TOKEN_RING_ZIGZAG_QUERY_FRACTION * s * H * (D * b + LSE_BYTES)
-                bwd_step = TOKEN_RING_ZIGZAG_QUERY_FRACTION * s * H * (3 * D * b + LSE_BYTES)
-            fwd = a_f / P + steps * (np.maximum(a_f / P, fwd_step / beta) + lam)
-            bwd = a_b / P + steps * (np.maximum(a_b / P, bwd_step / beta) + lam)
-            return fwd + bwd
-        if strategy == "ulysses":
-            tensors = 2 * s * H * D * b + 2 * s * max(kv, P) * D * b  # q + out, k + v
-            one_pass = steps / P * tensors / beta + 4 * steps * lam
-            return a_f + a_b + 2 * one_pass
-        if strategy == "allgather_kv":
-            one_pass = steps * 2 * s * kv * D * b / beta + steps * lam
-            return a_f + a_b + 2 * one_pass
-        raise ValueError(f"unknown softmax strategy {strategy!r}")
-
-    def _linear_layer_times(self, S: np.ndarray, P: int, strategy: str) -> np.ndarray:
-        m, c = self.model, self.coefficients
+    def _attention_compute(self, S: np.ndarray, P: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """One attention layer's compute on one rank, ``(forward, backward)`` seconds (module docstring)."""
+        m = self.model
+        flops_per_s = self._flops_per_s(self.coefficients.attention_efficiency)
+        if kind == "softmax":
+            forward = 2.0 * S * S * m.num_heads * m.head_dim / P / flops_per_s
+            return forward, ATTENTION_BWD_OVER_FWD * forward
         H, D, C = m.num_heads, m.head_dim, m.linear_chunk
-        beta = self.cluster.link_bytes_per_s(P) * c.bandwidth_efficiency
-        lam = self.cluster.latency_s * c.latency_scale
-        fwd = S / P * H * (2 * C * D + 4 * D * D) / self._flops_per_s(c.attention_efficiency)
-        bwd = LINEAR_BWD_OVER_FWD * fwd
-        state = self._state_bytes()
-        if P == 1:
-            comm = 0.0
-        elif strategy == "lasp2":
-            comm = (P - 1) * (state / beta + lam)
-        elif strategy == "zeco":
-            comm = (P - 1 + ZECO_PIECES - 1) * (state / ZECO_PIECES / beta + lam)
-        else:
-            raise ValueError(f"unknown linear strategy {strategy!r}")
-        return np.maximum(fwd, comm) + np.maximum(bwd, comm)
+        forward = S / P * H * (2 * C * D + 4 * D * D) / flops_per_s
+        return forward, LINEAR_BWD_OVER_FWD * forward
+
+    def layer_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
+        """Seconds of one attention layer, forward + backward, on one rank of a group of ``degree`` for each of
+        ``lengths``; ``strategy`` names one layer kind. The per-layer term ``seq_times`` adds up.
+
+        Raises ValueError for an unknown strategy.
+        """
+        entry = strategies.get(strategy)
+        S = self._lengths(lengths)
+        forward, backward = self._attention_compute(S, degree, entry.kind)
+        return np.asarray(entry.layer_time(self._layer_shape(S, degree), forward, backward, self._link(degree)),
+                          dtype=np.float64)
 
     def seq_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
         """``seq_time`` of many lengths at once (a float64 array). Raises as ``seq_time``."""
-        softmax, linear = self._check(degree, strategy)
+        parts = self._check(degree, strategy)
         S = self._lengths(lengths)
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-        if softmax is not None:
-            t = t + m.num_softmax_layers * self._softmax_layer_times(S, degree, softmax)
-        if linear is not None:
-            t = t + m.num_linear_layers * self._linear_layer_times(S, degree, linear)
+        for kind, name in zip(strategies.KINDS, parts):
+            if name is not None:
+                t = t + m.layer_kinds.count(kind) * self.layer_times(S, degree, name)
         return np.asarray(t, dtype=np.float64)
 
     def seq_time(self, length: float, degree: int, strategy: str) -> float:
@@ -527,31 +481,22 @@ class CostModel:
         """Parameter, gradient and optimizer bytes per rank (sharded over the whole world)."""
         return self.model.state_bytes_per_param * self.model.num_params / self.cluster.world_size
 
-    def _transient_bytes(self, S: np.ndarray, P: int, softmax: str | None, linear: str | None) -> np.ndarray:
-        if P == 1:
-            return np.zeros_like(S)
-        m = self.model
-        s, b, H, kv, D = S / P, m.bytes_per_param, m.num_heads, m.num_kv_heads, m.head_dim
+    def _transient_bytes(self, S: np.ndarray, P: int, strategy: str) -> np.ndarray:
+        """The largest of the strategy's entries' ``transient_bytes``; none at degree 1 (no SP buffers)."""
         out = np.zeros_like(S)
-        if softmax == "ring":  # double-buffered K,V and float32 dK,dV in the backward
-            out = 2 * 2 * s * kv * D * (b + ACCUM_BYTES)
-        elif softmax == "token_ring":  # double-buffered query block and float32 partial out + lse
-            out = 2 * s * H * (D * b + ACCUM_BYTES * D + LSE_BYTES)
-        elif softmax == "ulysses":  # full-length, head-sharded q, k, v, out and their gradients
-            out = 2 * (2 * s * H * D * b + 2 * s * max(kv, P) * D * b)
-        elif softmax == "allgather_kv":  # gathered K,V and the float32 dK,dV before the reduce-scatter
-            out = 2 * S * kv * D * (b + ACCUM_BYTES)
-        if linear is not None:
-            states = P if linear == "lasp2" else 2
-            out = np.maximum(out, states * H * D * D * ACCUM_BYTES)
+        if P == 1:
+            return out
+        shape = self._layer_shape(S, P)
+        for entry in self._registered(strategy):
+            out = np.maximum(out, entry.transient_bytes(shape))
         return out
 
     def seq_memories(self, lengths, degree: int, strategy: str) -> np.ndarray:
         """``seq_memory`` of many lengths at once. Raises as ``seq_memory``."""
-        softmax, linear = self._check(degree, strategy)
+        self._check(degree, strategy)
         S = self._lengths(lengths)
         act = self.model.token_activation_bytes() * S / degree
-        return self.model_state_bytes() + act + self._transient_bytes(S, degree, softmax, linear)
+        return self.model_state_bytes() + act + self._transient_bytes(S, degree, strategy)
 
     def seq_memory(self, length: float, degree: int, strategy: str) -> float:
         """Peak bytes per rank while one sequence runs on a group of ``degree`` (model state included).

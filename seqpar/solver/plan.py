@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from seqpar import strategies as registry
 from seqpar.solver.cost_model import CostModel, is_power_of_two
 
 __all__ = ["Group", "Plan", "SOLVER_STATUSES"]
@@ -100,7 +101,9 @@ class Plan:
         """Check the plan against the step's lengths and the cost model; raise ValueError on the first problem.
 
         Checks: groups disjoint and covering ranks 0..world_size-1; power-of-two sizes; a group never
-        straddles a node boundary unless it is made of whole nodes; each strategy valid at its degree;
+        straddles a node boundary unless it is made of whole nodes; each group's ``softmax_strategy`` a
+        registered softmax strategy exactly when the model has softmax layers (else None), its
+        ``linear_strategy`` likewise for linear layers, both valid at the group's degree;
         every sequence in exactly one group; every sequence's memory per rank within ``mem_bytes``;
         ``predicted_time_s`` and ``makespan_s`` equal to the cost model's within ``rel_tol``.
         """
@@ -121,8 +124,10 @@ class Plan:
             nodes = {r // per_node for r in ranks}
             if len(nodes) > 1 and not all(set(range(n * per_node, (n + 1) * per_node)) <= set(ranks) for n in nodes):
                 raise ValueError(f"group {gi} ranks {ranks} straddle a node boundary without covering whole nodes")
-            if not cost_model.strategy_valid(len(ranks), g.strategy):
-                raise ValueError(f"group {gi}: strategy {g.strategy!r} cannot run at degree {len(ranks)}")
+            _check_pair(gi, g, cost_model)
+            why = cost_model.why_invalid(len(ranks), g.strategy)
+            if why is not None:
+                raise ValueError(f"group {gi}: strategy {g.strategy!r} cannot run at degree {len(ranks)}: {why}")
             for i in g.seq_indices:
                 if not 0 <= i < len(seq_lens):
                     raise ValueError(f"group {gi} names sequence {i}, but there are {len(seq_lens)}")
@@ -151,6 +156,20 @@ class Plan:
             raise ValueError(f"makespan_s={self.makespan_s!r} but the slowest group takes {worst!r}")
         if self.solver_status not in SOLVER_STATUSES:
             raise ValueError(f"solver_status={self.solver_status!r} is not one of {SOLVER_STATUSES}")
+
+
+def _check_pair(gi: int, group: Group, cost_model: CostModel) -> None:
+    """Each of the group's two strategies: registered, of its kind, and set exactly when the model has that kind."""
+    layer_kinds = set(cost_model.model.layer_kinds)
+    for kind, name in (("softmax", group.softmax_strategy), ("linear", group.linear_strategy)):
+        field = f"group {gi} {kind}_strategy"
+        if kind not in layer_kinds:
+            if name is not None:
+                raise ValueError(f"{field}={name!r}, but the model has no {kind} attention layers; it must be None")
+            continue
+        if name is None:
+            raise ValueError(f"{field} is None, but the model has {kind} attention layers; name the strategy they run")
+        registry.get(name, kind, argument=field)
 
 
 def _optional_str(value: object) -> str | None:

@@ -1,8 +1,9 @@
 """Per-step heterogeneous SP planning (FlexSP, arXiv 2412.01523, extended).
 
 ``plan_step`` splits the world into power-of-two, node-aligned SP groups of possibly different sizes and
-strategies (degree 1 allowed; ulysses, ring or token_ring for softmax layers, lasp2 or zeco for linear
-ones, whichever the cost model prefers) and gives every sequence to one group, minimising the makespan.
+strategies (degree 1 allowed; for each layer kind, any of the allowed strategies of the registry,
+``seqpar.strategies``, valid at the group's degree, whichever the cost model prefers) and gives every sequence
+to one group, minimising the makespan.
 It builds several plans, re-scores each on the TRUE lengths with ``CostModel.group_time`` and returns the
 fastest:
 
@@ -33,16 +34,14 @@ from seqpar.solver.problem import Problem, build_plan, check_seq_lens
 __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
 SOLVERS = ("cbc", "highs", "greedy")
-DEFAULT_STRATEGIES = ("ulysses", "ring", "token_ring")
-DEFAULT_LINEAR_STRATEGIES = ("lasp2", "zeco")
 
 
 def plan_step(
     seq_lens: Sequence[int],
     cost_model: CostModel,
     *,
-    strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    linear_strategies: Sequence[str] = DEFAULT_LINEAR_STRATEGIES,
+    strategies: Sequence[str] | None = None,
+    linear_strategies: Sequence[str] | None = None,
     time_limit_s: float = 1.0,
     solver: str = "cbc",
     max_buckets: int = 16,
@@ -53,9 +52,11 @@ def plan_step(
     Args:
         seq_lens: token count of every sequence of the step (positive integers).
         cost_model: the cluster, the model and the coefficients.
-        strategies: softmax-layer strategies a group may use (ulysses only where the degree divides the
-            head count).
-        linear_strategies: linear-attention strategies a group may use.
+        strategies: softmax-layer strategies a group may use, each only at the degrees where it is valid
+            (its ``min_degree``, its head divisibility). Default: ``seqpar.strategies.planner_defaults("softmax")``,
+            read at each call, so a newly registered strategy is considered.
+        linear_strategies: linear-attention strategies a group may use; default
+            ``seqpar.strategies.planner_defaults("linear")``.
         time_limit_s: wall-clock budget of the whole call, in seconds.
         solver: ``"cbc"`` (bundled with PuLP), ``"highs"`` (if installed) or ``"greedy"`` (no MILP).
         max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
@@ -189,8 +190,8 @@ def makespan_lower_bound(
     seq_lens: Sequence[int],
     cost_model: CostModel,
     *,
-    strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    linear_strategies: Sequence[str] = DEFAULT_LINEAR_STRATEGIES,
+    strategies: Sequence[str] | None = None,
+    linear_strategies: Sequence[str] | None = None,
     refined: bool = False,
 ) -> float:
     """No plan is faster than this.

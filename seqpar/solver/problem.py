@@ -1,7 +1,8 @@
 """One step's planning problem, prepared once: checked lengths, candidate group shapes, time and fit tables.
 
-A group *shape* is ``(degree, strategy)``. Every valid shape of every power-of-two degree up to the world
-size is a candidate; at degree 1 all strategies cost the same, so only the first is kept.
+A group *shape* is ``(degree, strategy)``, the strategy a cost-model name (``CostModel.split_strategy``). Every
+valid shape of every power-of-two degree up to the world size is a candidate (the allowed strategies default to
+the registry's ``planner_defaults``); at degree 1 all strategies cost the same, so only the first is kept.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from seqpar.solver.cost_model import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, CostModel
+from seqpar import strategies as registry
+from seqpar.solver.cost_model import CostModel
 from seqpar.solver.plan import Group, Plan
 
 __all__ = ["Problem", "check_seq_lens", "build_plan"]
@@ -42,12 +44,14 @@ class Problem:
     """
 
     def __init__(self, seq_lens: Sequence[int], cost_model: CostModel, *,
-                 strategies: Sequence[str], linear_strategies: Sequence[str]) -> None:
+                 strategies: Sequence[str] | None = None, linear_strategies: Sequence[str] | None = None) -> None:
         self.lengths = check_seq_lens(seq_lens)
         self.cost_model = cost_model
         cluster = cost_model.cluster
         cluster.check_plannable()
         self.world = cluster.world_size
+        strategies = registry.planner_defaults("softmax") if strategies is None else strategies
+        linear_strategies = registry.planner_defaults("linear") if linear_strategies is None else linear_strategies
         _check_names(cost_model, strategies, linear_strategies)
         self.shapes: list[tuple[int, str]] = []
         degree = 1
@@ -129,8 +133,8 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
 
 
 def _check_names(cost_model: CostModel, strategies: Sequence[str], linear_strategies: Sequence[str]) -> None:
-    for arg, allowed, values in (("strategies", SOFTMAX_STRATEGIES, strategies),
-                                 ("linear_strategies", LINEAR_STRATEGIES, linear_strategies)):
+    for arg, allowed, values in (("strategies", registry.names("softmax"), strategies),
+                                 ("linear_strategies", registry.names("linear"), linear_strategies)):
         if isinstance(values, str):
             raise ValueError(f"{arg} must be a sequence of names, got the string {values!r}; wrap it in a tuple")
         bad = [v for v in values if v not in allowed]
