@@ -50,31 +50,31 @@ def run_case(*, u, seed=0, batch=1, seq_len=None, lens=None, h=8, h_kv=2, d=16, 
 def reference_cases(world_size):
     p = world_size
     if p == 4:  # u = 2, r = 2, and the two 1-D ends
-        cases = [dict(u=2, batch=2, seq_len=2 * p * 3, causal=causal, layout=layout)
+        cases = [{"u": 2, "batch": 2, "seq_len": 2 * p * 3, "causal": causal, "layout": layout}
                  for causal in (True, False) for layout in ("zigzag", "contiguous")]
         cases += [
-            dict(u=2, batch=1, seq_len=2 * p * 4, h_kv=1, d=32),  # GQA, one K/V head for all
-            dict(u=2, batch=1, seq_len=2 * p * 2, h_kv=8, causal=False),  # MHA
-            dict(u=2, batch=1, seq_len=2 * p * 2, h=6, h_kv=3),  # the query heads of a rank straddle K/V heads
-            dict(u=2, lens=[2 * p * m for m in (1, 3, 2, 5, 1)], h_kv=2),  # packed varlen, zigzag
-            dict(u=2, lens=[p * m for m in (2, 1, 4, 3, 1)], h_kv=1, layout="contiguous"),  # packed varlen
-            dict(u=2, batch=1, seq_len=2 * p * 4, dtype=torch.bfloat16),
-            dict(u=None, batch=1, seq_len=2 * p * 2),  # the default degree (2 here)
-            dict(u=1, batch=1, seq_len=2 * p * 2),  # pure ring
-            dict(u=4, batch=1, seq_len=2 * p * 2),  # pure Ulysses
+            {"u": 2, "batch": 1, "seq_len": 2 * p * 4, "h_kv": 1, "d": 32},  # GQA, one K/V head for all
+            {"u": 2, "batch": 1, "seq_len": 2 * p * 2, "h_kv": 8, "causal": False},  # MHA
+            {"u": 2, "batch": 1, "seq_len": 2 * p * 2, "h": 6, "h_kv": 3},  # a rank's query heads straddle K/V heads
+            {"u": 2, "lens": [2 * p * m for m in (1, 3, 2, 5, 1)], "h_kv": 2},  # packed varlen, zigzag
+            {"u": 2, "lens": [p * m for m in (2, 1, 4, 3, 1)], "h_kv": 1, "layout": "contiguous"},  # packed varlen
+            {"u": 2, "batch": 1, "seq_len": 2 * p * 4, "dtype": torch.bfloat16},
+            {"u": None, "batch": 1, "seq_len": 2 * p * 2},  # the default degree (2 here)
+            {"u": 1, "batch": 1, "seq_len": 2 * p * 2},  # pure ring
+            {"u": 4, "batch": 1, "seq_len": 2 * p * 2},  # pure Ulysses
         ]
         return cases
     # P = 8: few cases per split (the machine is small), each covering several features
     cases = []
     for u in (2, 4):
         cases += [
-            dict(u=u, batch=2, seq_len=2 * p * 2, h_kv=2, causal=True, layout="zigzag"),
-            dict(u=u, batch=1, seq_len=p * 3, h_kv=1, causal=False, layout="contiguous"),
-            dict(u=u, lens=[2 * p * m for m in (2, 1, 3)], h_kv=2, causal=True, layout="zigzag"),
-            dict(u=u, lens=[p * m for m in (3, 1, 2)], h_kv=1, causal=True, layout="contiguous"),
+            {"u": u, "batch": 2, "seq_len": 2 * p * 2, "h_kv": 2, "causal": True, "layout": "zigzag"},
+            {"u": u, "batch": 1, "seq_len": p * 3, "h_kv": 1, "causal": False, "layout": "contiguous"},
+            {"u": u, "lens": [2 * p * m for m in (2, 1, 3)], "h_kv": 2, "causal": True, "layout": "zigzag"},
+            {"u": u, "lens": [p * m for m in (3, 1, 2)], "h_kv": 1, "causal": True, "layout": "contiguous"},
         ]
     # u=4 with H=12, H_kv=3: inner ranks read 1, 2, 2, 1 K/V heads, two of them irregularly
-    cases.append(dict(u=4, batch=1, seq_len=2 * p * 2, h=12, h_kv=3, causal=True, layout="zigzag"))
+    cases.append({"u": 4, "batch": 1, "seq_len": 2 * p * 2, "h": 12, "h_kv": 3, "causal": True, "layout": "zigzag"})
     return cases
 
 
@@ -104,7 +104,7 @@ def test_matches_float64_reference(world_size):
 def usp_and_ring_on_the_same_shards():
     results = []
     for layout in ("zigzag", "contiguous"):
-        case = dict(u=2, seed=3, lens=[32, 8, 16], h=8, h_kv=2, causal=True, layout=layout)
+        case = {"u": 2, "seed": 3, "lens": [32, 8, 16], "h": 8, "h_kv": 2, "causal": True, "layout": layout}
         usp_err, usp_tensors = run_case(**case)
         ring_err, ring_tensors = run_case(**case, op=ring_attention)
         diffs = [rel_err(a, b) for a, b in zip(usp_tensors, ring_tensors)]
@@ -162,12 +162,12 @@ def measure_bytes(u, *, seq_len, h, h_kv, d, layout="zigzag", dtype=torch.float3
 
 
 BYTES_CASES = [
-    (4, 2, dict(h=8, h_kv=2, d=32)),
-    (4, 2, dict(h=6, h_kv=3, d=16)),  # the ring carries 3 expanded K/V heads, the all-to-all 2
-    (4, 2, dict(h=8, h_kv=2, d=32, dtype=torch.bfloat16)),
-    (8, 2, dict(h=8, h_kv=2, d=32)),
-    (8, 4, dict(h=8, h_kv=2, d=32, layout="contiguous")),
-    (8, 4, dict(h=12, h_kv=3, d=16)),  # inner ranks read 1, 2, 2, 1 K/V heads: bytes differ per rank
+    (4, 2, {"h": 8, "h_kv": 2, "d": 32}),
+    (4, 2, {"h": 6, "h_kv": 3, "d": 16}),  # the ring carries 3 expanded K/V heads, the all-to-all 2
+    (4, 2, {"h": 8, "h_kv": 2, "d": 32, "dtype": torch.bfloat16}),
+    (8, 2, {"h": 8, "h_kv": 2, "d": 32}),
+    (8, 4, {"h": 8, "h_kv": 2, "d": 32, "layout": "contiguous"}),
+    (8, 4, {"h": 12, "h_kv": 3, "d": 16}),  # inner ranks read 1, 2, 2, 1 K/V heads: bytes differ per rank
 ]
 
 
@@ -199,8 +199,9 @@ def test_bytes_at_the_1d_ends_are_ring_and_ulysses():
     # u = 1: ring over P ranks; u = P: Ulysses over P ranks. The general formula covers both.
     results = run_distributed(measure_bytes_ends, 4)
     for rank, (ring_like, ulysses_like) in enumerate(results):
-        assert (ring_like["fwd"], ring_like["bwd"]) == expected_bytes(rank, 4, 1, ring_like["tokens"], 8, 2, 32, 4)
-        assert (ulysses_like["fwd"], ulysses_like["bwd"]) == expected_bytes(rank, 4, 4, ring_like["tokens"], 8, 2, 32, 4)
+        tokens = ring_like["tokens"]
+        assert (ring_like["fwd"], ring_like["bwd"]) == expected_bytes(rank, 4, 1, tokens, 8, 2, 32, 4)
+        assert (ulysses_like["fwd"], ulysses_like["bwd"]) == expected_bytes(rank, 4, 4, tokens, 8, 2, 32, 4)
         assert "all_to_all" not in ring_like["fwd_calls"] and "send" not in ulysses_like["fwd_calls"]
 
 

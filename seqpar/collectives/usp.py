@@ -60,7 +60,9 @@ def _check_ulysses_degree(ulysses_degree: int | None, world_size: int, num_heads
         return usp_ulysses_degree(world_size, num_heads)
     allowed = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0]
     if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
-        raise ValueError(f"ulysses_degree: expected a positive int or None, got {ulysses_degree!r}; use one of {allowed}")
+        raise ValueError(
+            f"ulysses_degree: expected a positive int or None, got {ulysses_degree!r}; use one of {allowed}"
+        )
     if world_size % ulysses_degree:
         raise ValueError(
             f"ulysses_degree: {ulysses_degree} does not divide the group size {world_size} (inner groups are "
@@ -129,7 +131,9 @@ def usp_attention(
     )
     p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
     u = _check_ulysses_degree(ulysses_degree, p, h)
-    options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens, backend=backend)
+    options = {
+        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens, "backend": backend
+    }
     if u == 1:
         return ring_attention(q, k, v, group=sp.group, **options)
     if u == p:
