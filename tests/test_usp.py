@@ -17,6 +17,7 @@ from seqpar.collectives import count_comm, ring_attention
 from seqpar.collectives.layout import shard_sequence
 from seqpar.collectives.usp import usp_attention
 from seqpar.kernels.reference import reference_attention
+from seqpar.tracing import trace_events
 
 # ---------------------------------------------------------------------------------------------------
 # against the float64 reference
@@ -119,6 +120,31 @@ def test_each_rank_gets_the_output_shard_ring_attention_gives_it():
                 assert err["out"] < 1e-5 and max(err["dq"], err["dk"], err["dv"]) < 1e-4, (rank, layout, err)
             # out, dq, dk, dv of this rank's tokens: the same up to float32 rounding
             assert max(diffs) < 1e-5, (rank, layout, diffs)
+
+
+def usp_forward_events(u):
+    q, k, v, _, _ = global_inputs(0, batch=1, seq_len=2 * dist.get_world_size() * 2, h=4, h_kv=2, d=32)
+    ql, kl, vl = (shard_sequence(t).float() for t in (q, k, v))
+    with trace_events() as events:
+        usp_attention(ql, kl, vl, ulysses_degree=u, causal=True)
+    return [(e["kind"], e.get("op") or e.get("name"), e.get("sq", 0) * e.get("sk", 0)) for e in events]
+
+
+def test_ring_part_overlaps_each_transfer_with_a_kernel_and_balances_causal_work():
+    p, u = 8, 2
+    r = p // u
+    results = run_distributed(usp_forward_events, p, u)
+    for events in results:
+        comms = [(i, op) for i, (kind, op, _) in enumerate(events) if kind == "comm"]
+        kernels = [i for i, (kind, *_) in enumerate(events) if kind == "kernel"]
+        # q and K/V all-to-alls, then the ring's r - 1 K/V sends, then the output's all-to-all
+        assert [op for _, op in comms] == ["all_to_all"] * 2 + ["send"] * (r - 1) + ["all_to_all"], comms
+        assert len(kernels) == r  # zigzag: no block of the ring is skipped
+        sends = [i for i, op in comms if op == "send"]
+        for step in range(r - 1):  # the K/V of step + 1 is in flight while the kernel of step runs
+            assert sends[step] < kernels[step], events
+    areas = [sum(area for kind, _, area in events if kind == "kernel") for events in results]
+    assert len(set(areas)) == 1, areas  # every rank attends the same query x key area
 
 
 # ---------------------------------------------------------------------------------------------------
