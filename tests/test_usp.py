@@ -14,6 +14,7 @@ from sp_cases import global_inputs
 
 from seqpar import strategies
 from seqpar.collectives import count_comm, ring_attention
+from seqpar.collectives.groups import subgroup
 from seqpar.collectives.layout import shard_sequence
 from seqpar.collectives.usp import usp_attention
 from seqpar.kernels.reference import reference_attention
@@ -25,7 +26,7 @@ from seqpar.tracing import trace_events
 
 
 def run_case(*, u, seed=0, batch=1, seq_len=None, lens=None, h=8, h_kv=2, d=16, causal=True, layout="zigzag",
-             dtype=torch.float32, op=usp_attention):
+             dtype=torch.float32, op=usp_attention, group=None):
     """This rank's relative errors (out, dq, dk, dv) against the float64 reference on the unsharded inputs, and
     its output shard and gradients."""
     q, k, v, dout, cu = global_inputs(seed, batch=batch, seq_len=seq_len, h=h, h_kv=h_kv, d=d, lens=lens)
@@ -34,12 +35,14 @@ def run_case(*, u, seed=0, batch=1, seq_len=None, lens=None, h=8, h_kv=2, d=16, 
     ref_grads = torch.autograd.grad(ref_out, leaves, dout)
 
     def shard(t):
-        return shard_sequence(t, layout=layout) if cu is None else shard_sequence(t, layout=layout, cu_seqlens=cu)[0]
+        if cu is None:
+            return shard_sequence(t, group=group, layout=layout)
+        return shard_sequence(t, group=group, layout=layout, cu_seqlens=cu)[0]
 
-    local_cu = None if cu is None else shard_sequence(q, layout=layout, cu_seqlens=cu)[1]
+    local_cu = None if cu is None else shard_sequence(q, group=group, layout=layout, cu_seqlens=cu)[1]
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(True) for t in (q, k, v))
     options = {} if op is ring_attention else {"ulysses_degree": u}
-    out = op(ql, kl, vl, causal=causal, layout=layout, cu_seqlens=local_cu, **options)
+    out = op(ql, kl, vl, group=group, causal=causal, layout=layout, cu_seqlens=local_cu, **options)
     out.backward(shard(dout).to(dtype))
     errors = {"out": rel_err(out, shard(ref_out))}
     for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), ref_grads):
@@ -81,14 +84,26 @@ def reference_cases(world_size):
 
 def check_reference_cases():
     world_size = dist.get_world_size()
-    return [(case, run_case(seed=i, **case)[0]) for i, case in enumerate(reference_cases(world_size))]
+    results = [(case, run_case(seed=i, **case)[0]) for i, case in enumerate(reference_cases(world_size))]
+    if world_size == 8:  # USP over a sub-group, as a plan's SP group runs it: ranks {0..3} and {4..7}, 2x2 each
+        first = dist.get_rank() // 4 * 4
+        half = subgroup(None, range(first, first + 4))
+        for i, case in enumerate(SUBGROUP_CASES):
+            results.append((case, run_case(seed=100 + i, group=half, **case)[0]))
+    return results
+
+
+SUBGROUP_CASES = [
+    {"u": 2, "batch": 1, "seq_len": 24, "h_kv": 2, "causal": True, "layout": "zigzag"},
+    {"u": 2, "lens": [8, 24, 16], "h_kv": 1, "causal": True, "layout": "zigzag"},
+]
 
 
 @pytest.mark.parametrize("world_size", [4, 8])
 def test_matches_float64_reference(world_size):
     results = run_distributed(check_reference_cases, world_size)
     for rank, cases in enumerate(results):
-        assert len(cases) == len(reference_cases(world_size))
+        assert len(cases) == len(reference_cases(world_size)) + (len(SUBGROUP_CASES) if world_size == 8 else 0)
         for case, err in cases:
             bf16 = case.get("dtype") == torch.bfloat16
             out_tol, grad_tol = (2e-2, 2e-2) if bf16 else (1e-5, 1e-4)
