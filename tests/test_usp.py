@@ -26,7 +26,7 @@ from seqpar.tracing import trace_events
 
 
 def run_case(*, u, seed=0, batch=1, seq_len=None, lens=None, h=8, h_kv=2, d=16, causal=True, layout="zigzag",
-             dtype=torch.float32, op=usp_attention, group=None):
+             dtype=torch.float32, op=usp_attention, group=None, backend="auto"):
     """This rank's relative errors (out, dq, dk, dv) against the float64 reference on the unsharded inputs, and
     its output shard and gradients."""
     q, k, v, dout, cu = global_inputs(seed, batch=batch, seq_len=seq_len, h=h, h_kv=h_kv, d=d, lens=lens)
@@ -42,7 +42,7 @@ def run_case(*, u, seed=0, batch=1, seq_len=None, lens=None, h=8, h_kv=2, d=16, 
     local_cu = None if cu is None else shard_sequence(q, group=group, layout=layout, cu_seqlens=cu)[1]
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(True) for t in (q, k, v))
     options = {} if op is ring_attention else {"ulysses_degree": u}
-    out = op(ql, kl, vl, group=group, causal=causal, layout=layout, cu_seqlens=local_cu, **options)
+    out = op(ql, kl, vl, group=group, causal=causal, layout=layout, cu_seqlens=local_cu, backend=backend, **options)
     out.backward(shard(dout).to(dtype))
     errors = {"out": rel_err(out, shard(ref_out))}
     for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), ref_grads):
@@ -110,6 +110,22 @@ def test_matches_float64_reference(world_size):
             assert err["dtype_ok"], case
             assert err["out"] < out_tol, (rank, case, err)
             assert max(err["dq"], err["dk"], err["dv"]) < grad_tol, (rank, case, err)
+
+
+def triton_case():
+    # the ring part on the Triton kernels (interpreted on the CPU); they fuse the merge into the kernel, so the
+    # forward records no separate block kernel, which the torch backend would
+    with trace_events() as events:
+        err = run_case(u=2, seed=7, lens=[16, 8], h=4, h_kv=2, causal=True, backend="triton_interpret")[0]
+    unfused = [e for e in events if e["kind"] == "kernel" and e["name"] == "attention_block_varlen"]
+    return err, len(unfused)
+
+
+def test_kernel_backend_reaches_the_ring_part():
+    pytest.importorskip("triton", reason="triton not installed")
+    for rank, (err, unfused) in enumerate(run_distributed(triton_case, 4)):
+        assert unfused == 0, rank
+        assert err["out"] < 1e-5 and max(err["dq"], err["dk"], err["dv"]) < 1e-4, (rank, err)
 
 
 # ---------------------------------------------------------------------------------------------------
