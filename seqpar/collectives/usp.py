@@ -1,0 +1,177 @@
+"""USP attention (arXiv 2405.07719): Ulysses all-to-all inside groups of consecutive ranks x ring across them.
+
+The P ranks of ``group`` form r = P / u inner groups of u = ``ulysses_degree`` CONSECUTIVE ranks; rank g*u + i
+is inner rank i of inner group g, and the outer group of that rank is {i, u + i, 2u + i, ...} (of size r, where
+it is outer rank g).
+
+Token placement is the 1-D ops' at the same world size: with ``layout="zigzag"`` rank g*u + i holds zigzag
+chunks g*u + i and 2P-1-g*u-i of every sequence, exactly what ``ring_attention`` would hold, so the shards need
+no re-layout when a model switches strategy. After the inner all-to-all (sequence-sharded -> head-sharded) the
+tokens of inner group g are chunks {g*u .. g*u+u-1} and {2P-u-g*u .. 2P-1-g*u}: the zigzag shard of outer rank
+g on a ring of r ranks cut into 2r super-chunks (contiguous: the contiguous shard of outer rank g). So:
+
+1. inner all-to-all of q and of k, v (stacked), like ``ulysses_attention`` on the inner group: every rank
+   receives H/u query heads and the K/V heads they read (``ulysses_kv_heads``) of all u * T tokens;
+2. the received tokens are put in the outer ring's local order (per sequence for packed batches);
+3. ``ring_attention`` over the outer group on those heads: its transfer/compute overlap, the skipping of
+   masked blocks, the zigzag balance and its backward come with it;
+4. the inverse permutation and one all-to-all bring the output back to (T, all heads).
+
+The backward is autograd's: the adjoint all-to-alls and ring's own backward schedule. ``ulysses_degree=1`` is
+``ring_attention`` and ``ulysses_degree=P`` is ``ulysses_attention`` (the same contract, and the formula below
+with u = 1 or r = 1); they run as those ops.
+
+GQA: when the query heads of inner rank i read their K/V heads in a regular pattern (query head t of the rank's
+H/u uses local K/V head t // (H/u / n_i)), the ring carries the n_i = len(ulysses_kv_heads(H, H_kv, u, i))
+heads; otherwise (e.g. H=6, H_kv=3, u=2) the K/V heads are expanded to one per query head first and the ring
+carries m_i = H/u of them. Write m_i for what the ring carries (n_i in the regular case).
+
+Bytes sent by rank g*u + i (T: its local tokens, all sequences together; b: element size of the inputs; a: the
+accumulation element size, 4, or 8 for float64 inputs):
+
+    forward  = (u-1)/u * T*H*D*b (q)  +  2 * sum_{j != i} T*n_j*D*b (k, v)  +  (u-1)/u * T*H*D*b (out)
+               +  (r-1) * 2 * (u*T) * m_i * D * b                                         (ring: K and V)
+    backward = (u-1)/u * T*H*D*b (dout)  +  (u-1) * 2*T*n_i*D*b (dk, dv)  +  (u-1)/u * T*H*D*b (dq)
+               +  (r-1) * 2 * (u*T) * m_i * D * (b + a)                 (ring: K and V, then dK/dV accumulators)
+
+i.e. the Ulysses volume on the inner group (P = u) plus the ring volume on the outer group (P = r, local tokens
+u*T, m_i K/V heads). ``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.collectives import comm
+from seqpar.collectives.groups import split_consecutive
+from seqpar.collectives.layout import shard_indices
+from seqpar.collectives.ring import ring_attention
+from seqpar.collectives.softmax_common import SoftmaxSP, prepare_softmax_sp
+from seqpar.collectives.ulysses import ulysses_attention, ulysses_kv_heads
+from seqpar.strategies import usp_ulysses_degree
+
+__all__ = ["usp_attention"]
+
+
+def _check_ulysses_degree(ulysses_degree: int | None, world_size: int, num_heads: int) -> int:
+    """The Ulysses degree to use (the registry's default rule for None). Local and identical on every rank."""
+    if ulysses_degree is None:
+        return usp_ulysses_degree(world_size, num_heads)
+    allowed = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0]
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
+        raise ValueError(
+            f"ulysses_degree: expected a positive int or None, got {ulysses_degree!r}; use one of {allowed}"
+        )
+    if world_size % ulysses_degree:
+        raise ValueError(
+            f"ulysses_degree: {ulysses_degree} does not divide the group size {world_size} (inner groups are "
+            f"{ulysses_degree} consecutive ranks); use one of {allowed}, or None for the default"
+        )
+    if num_heads % ulysses_degree:
+        raise ValueError(
+            f"ulysses_degree: the inner all-to-all splits the {num_heads} query heads over {ulysses_degree} ranks, "
+            f"which needs H % ulysses_degree == 0; use one of {allowed}, or None for the default"
+        )
+    return ulysses_degree
+
+
+def _ring_order(sp: SoftmaxSP, inner_size: int, outer_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_ring, from_ring)``: ``received[to_ring]`` puts the tokens an inner all-to-all delivers (inner rank
+    0's shard, then inner rank 1's, ...) in the local order of outer rank ``outer_rank``'s shard on a ring of
+    P / u ranks with the same layout; ``ring_local[from_ring]`` undoes it."""
+    world_size = sp.world_size
+    global_cu = sp.global_cu_seqlens()
+    total = int(global_cu[-1])
+    first = outer_rank * inner_size
+    received = torch.cat(
+        [shard_indices(total, world_size, first + j, layout=sp.layout, cu_seqlens=global_cu) for j in range(inner_size)]
+    )
+    wanted = shard_indices(total, world_size // inner_size, outer_rank, layout=sp.layout, cu_seqlens=global_cu)
+    position = torch.full((total,), -1, dtype=torch.long)  # where each global token sits in `received`
+    position[received] = torch.arange(received.numel())
+    to_ring = position[wanted]
+    from_ring = torch.empty_like(to_ring)
+    from_ring[to_ring] = torch.arange(to_ring.numel())
+    return to_ring.to(sp.q.device), from_ring.to(sp.q.device)
+
+
+def usp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    ulysses_degree: int | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sequence-parallel softmax attention in two dimensions: Ulysses inside groups of ``ulysses_degree``
+    consecutive ranks, ring attention across them (USP). Differentiable.
+
+    Same arguments, shapes, token placement and result as ``seqpar.ring_attention``, plus:
+
+    Args:
+        ulysses_degree: u, the size of the inner (Ulysses) groups; must divide the group size P and the number
+            of query heads H. Default (None): ``seqpar.strategies.usp_ulysses_degree(P, H)``, the largest such
+            u below P (so the ring has at least 2 ranks), 1 when there is none. u = 1 runs ``ring_attention``,
+            u = P runs ``ulysses_attention``.
+
+    Raises:
+        ValueError: as ``ring_attention``; also when ``ulysses_degree`` is not a positive int dividing both P
+            and H. On every rank, before any communication.
+    """
+    sp = prepare_softmax_sp(
+        q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
+        op="usp_attention",
+        backend=backend,
+    )
+    p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
+    u = _check_ulysses_degree(ulysses_degree, p, h)
+    options = {
+        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens, "backend": backend
+    }
+    if u == 1:
+        return ring_attention(q, k, v, group=sp.group, **options)
+    if u == p:
+        return ulysses_attention(q, k, v, group=sp.group, **options)
+
+    inner, outer = split_consecutive(sp.group, u)
+    g, i = divmod(sp.rank, u)
+    per_rank = h // u
+    needed = [ulysses_kv_heads(h, h_kv, u, j) for j in range(u)]
+    mine = needed[i]
+    tokens = sp.q.shape[0]
+
+    # 1. sequence-sharded -> head-sharded over the inner group (K and V stacked in one all-to-all)
+    q_parts = comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=inner)
+    kv = torch.stack([sp.k, sp.v], dim=1)  # (T, 2, H_kv, D)
+    kv_parts = comm.all_to_all_differentiable(
+        [kv[:, :, needed[j]] for j in range(u)], group=inner, output_shapes=[(tokens, 2, len(mine), d)] * u
+    )
+    # 2. into the outer ring's local order
+    to_ring, from_ring = _ring_order(sp, u, g)
+    q_ring = torch.cat(q_parts, 0)[to_ring]  # (u*T, H/u, D)
+    kv_ring = torch.cat(kv_parts, 0)[to_ring]  # (u*T, 2, n_i, D)
+    k_ring, v_ring = kv_ring[:, 0], kv_ring[:, 1]
+    # The ring's kernels map query head t to K/V head t // (H/u / n_i); expand K/V when the heads don't fall so.
+    group_size = h // h_kv
+    kv_of_q = [(i * per_rank + t) // group_size - mine[0] for t in range(per_rank)]
+    ratio = per_rank // len(mine) if per_rank % len(mine) == 0 else 0
+    if not ratio or kv_of_q != [t // ratio for t in range(per_rank)]:
+        index = torch.tensor(kv_of_q, device=q.device)
+        k_ring, v_ring = k_ring[:, index], v_ring[:, index]
+
+    # 3. ring attention across the inner groups on these heads
+    ring_cu = (sp.cu_seqlens.long() * u).to(torch.int32)
+    out_ring = ring_attention(
+        q_ring, k_ring, v_ring, group=outer, causal=sp.causal, softmax_scale=sp.scale, layout=sp.layout,
+        cu_seqlens=ring_cu, backend=backend,
+    )
+    # 4. back to this rank's tokens with all heads
+    out_parts = list(out_ring[from_ring].split(tokens, dim=0))
+    out = torch.cat(comm.all_to_all_differentiable(out_parts, group=inner), dim=1)
+    return sp.unpack(out)
