@@ -436,9 +436,6 @@ register(Strategy(
 # 2-D: USP (Ulysses inside consecutive ranks x ring across them)
 # ----------------------------------------------------------------------------------------------------
 
-# (usp entry)
-
-_USP_ACCUM_BYTES = 4  # the ring's dK/dV accumulators travel in float32
 _USP_ALL_TO_ALLS_PER_PASS = 4  # latency charged per inner step and pass, as the cost model charges Ulysses
 
 
@@ -471,7 +468,7 @@ def _usp_rank_bytes(shape: LayerShape, inner_rank: int) -> tuple[Any, Any]:
     kv_sent = 2 * T * D * b * sum(c[0] for j, c in enumerate(counts) if j != inner_rank)
     ring_kv = (r - 1) * 2 * (u * T) * m * D
     forward = 2 * q_or_out + kv_sent + ring_kv * b
-    backward = 2 * q_or_out + (u - 1) * 2 * T * n * D * b + ring_kv * (b + _USP_ACCUM_BYTES)
+    backward = 2 * q_or_out + (u - 1) * 2 * T * n * D * b + ring_kv * (b + ACCUM_BYTES)
     return forward, backward
 
 
@@ -479,8 +476,6 @@ def _usp_comm_bytes(shape: LayerShape) -> tuple[Any, Any]:
     """The busiest rank's bytes: Ulysses on the inner group (P = u) + ring on the outer one (P = r, u*T tokens).
     The formula per rank is in seqpar/collectives/usp.py's docstring; ranks differ only when GQA gives inner
     ranks different numbers of K/V heads, and then this is the rank that sends most forward + backward."""
-    import numpy as np
-
     u = usp_ulysses_degree(shape.degree, shape.heads)
     per_rank = [_usp_rank_bytes(shape, i) for i in range(u)]
     # every term grows linearly with the tokens, so the same rank is the busiest at every length
@@ -490,8 +485,6 @@ def _usp_comm_bytes(shape: LayerShape) -> tuple[Any, Any]:
 def _usp_layer_time(shape: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
     """The inner all-to-alls are not overlapped (charged like Ulysses on u ranks); the ring across the r inner
     groups overlaps each K/V transfer with one of its r block kernels (charged like ring on r ranks)."""
-    import numpy as np
-
     P, H, D, b = shape.degree, shape.heads, shape.head_dim, shape.elem_bytes
     u = usp_ulysses_degree(P, H)
     r = P // u
@@ -502,11 +495,9 @@ def _usp_layer_time(shape: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, l
     one_pass = ((u - 1) / u * 2 * T * H * D * b + (u - 1) * 2 * T * n * D * b) / beta
     inner = 2 * (one_pass + _USP_ALL_TO_ALLS_PER_PASS * (u - 1) * lam)
     fwd_step = 2 * (u * T) * m * D * b
-    bwd_step = 2 * (u * T) * m * D * (b + _USP_ACCUM_BYTES)
-    a_f, a_b = compute_fwd_s / r, compute_bwd_s / r  # one ring step's block
-    fwd = a_f + (r - 1) * (np.maximum(a_f, fwd_step / beta) + lam)
-    bwd = a_b + (r - 1) * (np.maximum(a_b, bwd_step / beta) + lam)
-    return inner + fwd + bwd
+    bwd_step = 2 * (u * T) * m * D * (b + ACCUM_BYTES)
+    return (inner + overlapped_ring_time(compute_fwd_s, fwd_step, r - 1, r, link)
+            + overlapped_ring_time(compute_bwd_s, bwd_step, r - 1, r, link))
 
 
 def _usp_transient_bytes(shape: LayerShape) -> Any:
@@ -517,7 +508,7 @@ def _usp_transient_bytes(shape: LayerShape) -> Any:
     T = shape.local_tokens
     m = max(_usp_kv_heads(H, shape.kv_heads, u, i)[1] for i in range(u))
     head_sharded = 2 * (2 * T * H * D * b + 2 * (u * T) * m * D * b)
-    ring = 2 * 2 * (u * T) * m * D * (b + _USP_ACCUM_BYTES)
+    ring = 2 * 2 * (u * T) * m * D * (b + ACCUM_BYTES)
     return head_sharded + ring
 
 

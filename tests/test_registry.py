@@ -254,7 +254,9 @@ def test_registry_rejects_bad_entries_and_names():
                          ("comm_bytes_over_ranks", "median")):
         with pytest.raises(ValueError, match=field):
             Strategy(**{**good, field: value})
-    assert strategies.planner_defaults("softmax") == ("ulysses", "ring", "token_ring")  # allgather_kv opts out
+    # every softmax strategy is planned for by default except allgather_kv, which opts out
+    assert strategies.planner_defaults("softmax")[:3] == ("ulysses", "ring", "token_ring")
+    assert set(strategies.planner_defaults("softmax")) == set(strategies.names("softmax")) - {"allgather_kv"}
     assert strategies.planner_defaults("linear") == ("lasp2", "zeco")
 
 

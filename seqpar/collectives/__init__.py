@@ -14,6 +14,7 @@ from seqpar.collectives.lasp2 import lasp2_linear_attention
 from seqpar.collectives.ring import ring_attention
 from seqpar.collectives.token_ring import token_ring_attention
 from seqpar.collectives.ulysses import ulysses_attention
+from seqpar.collectives.usp import usp_attention
 from seqpar.collectives.zeco import zeco_linear_attention
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ring_attention",
     "token_ring_attention",
     "ulysses_attention",
+    "usp_attention",
     "PaddedSequence",
     "count_comm",
     "local_positions",
