@@ -10,6 +10,7 @@ from harness import RankError, RankTimeout, run_distributed
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
+from seqpar.launch import checkpoint as checkpoint_mod  # noqa: E402
 from seqpar.launch import train as train_mod  # noqa: E402
 
 BASE = ["--model", "llama-tiny", "--data", "uniform", "--tokens-per-step", "768", "--max-len", "256",
@@ -25,18 +26,18 @@ def run_train(argv):
 def crash_during_checkpoint(argv, crash_at_step):
     """Train, but rank 1 dies inside the checkpoint write of ``crash_at_step`` (after writing its shard,
     before the rename that completes it)."""
-    original = train_mod.torch.save
+    original = checkpoint_mod.write_rank_state
 
-    def dying_save(obj, path, *a, **k):
-        original(obj, path, *a, **k)
-        if isinstance(obj, dict) and obj.get("step") == crash_at_step and dist.get_rank() == 1:
+    def dying_write(tmp, rank, step):
+        original(tmp, rank, step)
+        if step == crash_at_step and dist.get_rank() == 1:
             os._exit(3)
 
-    train_mod.torch.save = dying_save
+    checkpoint_mod.write_rank_state = dying_write
     try:
         return run_train(argv)
     finally:
-        train_mod.torch.save = original
+        checkpoint_mod.write_rank_state = original
 
 
 def test_resume_continues_the_exact_run(tmp_path):
