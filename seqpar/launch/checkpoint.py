@@ -64,10 +64,7 @@ _STEP_NAME = re.compile(r"step_(\d+)")
 # Point-to-point tag of the agreement messages; keeps them apart from the SP ops' streams (comm's tags are
 # 11-13, token_ring's 1011-1012, the scan's 7000+).
 TAG_AGREE = 9100
-_MESSAGE_BYTES = 2048
-# The coordinator (rank 0) stops collecting reports at this fraction of the timeout, so that it can still tell
-# the waiting ranks which rank is missing before their own wait (the full timeout) ends.
-_COORDINATOR_SHARE = 0.8
+_MESSAGE_BYTES = 1024  # a report: a status byte and the start of the error message
 
 
 class CheckpointError(RuntimeError):
@@ -108,14 +105,14 @@ def _decode(buf: torch.Tensor) -> str:
 def agree(stage: str, error: BaseException | None) -> None:
     """Meet the other ranks at the end of ``stage``; raise on every rank if any rank failed or did not arrive.
 
-    Each rank reports whether its part of the stage failed (``error``). Rank 0 collects the reports, waiting at
-    most 0.8 of the timeout, and answers every rank that reported with the verdict; the others wait at most the
-    timeout for it. So every rank raises within ``SEQPAR_COMM_TIMEOUT_S`` of entering the stage.
+    Every rank sends its report (empty, or its error) to every other rank and waits for theirs until
+    ``SEQPAR_COMM_TIMEOUT_S`` after it arrived: each rank sees for itself which rank failed or never came (a
+    coordinator could not pass that on: after a gloo timeout the process's connections are closed).
 
     Raises:
         the rank's own ``error`` if it has one (after telling the others), else
-        CheckpointError: another rank failed (its message), did not arrive, or rank 0 did not answer in time.
-            ``.all_reported`` is True when every rank reported (nobody can still be writing).
+        CheckpointError: other ranks failed (their messages) or did not arrive in time (named).
+            ``.all_reported`` is True when every rank reported (so nobody can still be writing).
     """
     rank, world = _rank_and_world()
     if world == 1:
@@ -123,52 +120,45 @@ def agree(stage: str, error: BaseException | None) -> None:
             raise error
         return
     timeout = _timeout_s()
+    deadline = time.monotonic() + timeout
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = f"{type(error).__name__}: {error}" if error is not None else ""
-    if rank == 0:
-        deadline = time.monotonic() + _COORDINATOR_SHARE * timeout
-        problems, reported = ([f"rank 0 failed: {mine}"] if error is not None else []), []
-        buffers = {r: torch.empty(_MESSAGE_BYTES, dtype=torch.uint8, device=device) for r in range(1, world)}
-        pending = {}
-        for r, buf in buffers.items():  # post every receive first: the waits below then overlap
+    mine = "" if error is None else str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+    message = _encode(mine, device)
+    peers = [r for r in range(world) if r != rank]
+    buffers = {r: torch.empty(_MESSAGE_BYTES, dtype=torch.uint8, device=device) for r in peers}
+    problems, reported, sends, recvs = [], [], [], {}
+    if dist.get_backend() == "nccl":  # nccl wants the pairs' sends and receives posted together
+        ops = [dist.P2POp(dist.isend, message, r, tag=TAG_AGREE) for r in peers]
+        ops += [dist.P2POp(dist.irecv, buffers[r], r, tag=TAG_AGREE) for r in peers]
+        works = dist.batch_isend_irecv(ops)
+        sends, recvs = works[: len(peers)], dict(zip(peers, works[len(peers):]))
+    else:  # gloo: batch_isend_irecv can hang; individual posts do not
+        for r in peers:
             try:
-                pending[r] = dist.irecv(buf, src=r, tag=TAG_AGREE)
+                sends.append(dist.isend(message, dst=r, tag=TAG_AGREE))
+                recvs[r] = dist.irecv(buffers[r], src=r, tag=TAG_AGREE)
             except RuntimeError as err:  # a dead peer's connection fails at once
-                problems.append(f"rank {r} did not arrive (dead: {err})")
-        for r, work in pending.items():
-            try:
-                work.wait(datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
-            except RuntimeError as err:  # gloo reports both a timeout and a dead peer as RuntimeError
-                problems.append(f"rank {r} did not arrive within {_COORDINATOR_SHARE * timeout:.0f} s "
-                                f"(stopped, dead or slow; SEQPAR_COMM_TIMEOUT_S={timeout:g}): {err}")
-                continue
-            reported.append(r)
-            if text := _decode(buffers[r]):
-                problems.append(f"rank {r} failed: {text}")
-        verdict = "; ".join(problems)
-        all_reported = len(reported) == world - 1
-        for r in reported:
-            try:
-                dist.isend(_encode(verdict or "", device), dst=r, tag=TAG_AGREE).wait(
-                    datetime.timedelta(seconds=timeout))
-            except RuntimeError:
-                pass  # that rank is gone since it reported; the others still get their answer
-    else:
-        deadline = time.monotonic() + timeout
+                problems.append(f"rank {r} did not arrive (gone: {err})")
+    for r, work in recvs.items():
         try:
-            dist.isend(_encode(mine, device), dst=0, tag=TAG_AGREE).wait(datetime.timedelta(seconds=timeout))
-            answer = torch.empty(_MESSAGE_BYTES, dtype=torch.uint8, device=device)
-            dist.irecv(answer, src=0, tag=TAG_AGREE).wait(
-                datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
-            verdict, all_reported = _decode(answer), True
-        except RuntimeError as err:
-            verdict, all_reported = (f"rank 0 (the coordinator) did not answer within {timeout:.0f} s "
-                                     f"(stopped, dead or slow; SEQPAR_COMM_TIMEOUT_S={timeout:g}): {err}"), False
+            work.wait(datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
+        except RuntimeError as err:  # gloo reports both a timeout and a dead peer as RuntimeError
+            problems.append(f"rank {r} did not arrive within {timeout:g} s (stopped, dead or slow; "
+                            f"SEQPAR_COMM_TIMEOUT_S={timeout:g}): {err}")
+            continue
+        reported.append(r)
+        if text := _decode(buffers[r]):
+            problems.append(f"rank {r} failed: {text}")
+    for work in sends:
+        try:
+            work.wait(datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
+        except RuntimeError:
+            pass  # that peer is gone or stuck: its receive was reported above
     if error is not None:
         raise error
-    if verdict:
-        failure = CheckpointError(f"seqpar-train: {stage}: {verdict}")
-        failure.all_reported = all_reported
+    if problems:
+        failure = CheckpointError(f"seqpar-train: {stage}: {'; '.join(problems)}")
+        failure.all_reported = len(reported) == len(peers)
         raise failure
 
 
@@ -491,8 +481,8 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
             agree(f"{where}: {name}", error)
         except BaseException as failure:
             if rank == 0 and (error is not None or getattr(failure, "all_reported", False)):
-                shutil.rmtree(tmp, ignore_errors=True)  # nobody writes there any more
-                if error is not None and isinstance(failure, CheckpointError):
+                shutil.rmtree(tmp, ignore_errors=True)  # every rank reported: nobody writes there any more
+                if isinstance(failure, CheckpointError):
                     failure.args = (f"{failure.args[0]}; removed the partial {tmp}",)
             raise
 

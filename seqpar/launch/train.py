@@ -286,7 +286,8 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
                 progress.update(1)
         if skipped > args.skip_nonfinite:
             raise NonFiniteLossError(
-                f"step {step + 1}: the loss is {record['loss']} and the gradient norm {grad_norm}; stopped before the "
+                f"step {step + 1}: non-finite loss or gradient (loss {record['loss']}, gradient norm {grad_norm}); "
+                "stopped before the "
                 f"optimizer step, so no non-finite weights were applied or saved (last checkpoint: "
                 f"{f'step_{saved}' if saved else 'none'}). Lower --lr, or pass --skip-nonfinite N to skip up to N "
                 f"such steps ({skipped} so far, {args.skip_nonfinite} allowed)")
