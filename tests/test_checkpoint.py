@@ -187,7 +187,8 @@ def test_the_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
     lock.release()
     assert not (tmp_path / ".lock").exists()
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                                 "started": "2026-01-01T00:00:00+00:00"}))
     lock = ckpt.DirectoryLock(tmp_path).acquire()  # the holder is gone: stale

@@ -82,9 +82,27 @@ def test_metrics_file_has_one_line_per_step(tmp_path):
     (["--steps", "0"], "--steps:"),
     (["--lr", "-1"], "--lr:"),
     (["--resume"], "--resume:"),
+    (["--lr", "inf"], "--lr:"),
+    (["--lr", "nan"], "--lr:"),
+    (["--weight-decay", "-0.1"], "--weight-decay:"),
+    (["--max-len", "1"], "--max-len:"),
+    (["--tokens-per-step", "0"], "--tokens-per-step:"),
+    (["--keep-last", "-1"], "--keep-last:"),
+    (["--skip-nonfinite", "-1"], "--skip-nonfinite:"),
+    (["--checkpoint-every", "-2"], "--checkpoint-every:"),
+    (["--data-dtype", "uint16"], "--data-dtype:"),  # synthetic data has no dtype
+    (["--data", __file__, "--data-dtype", "int32"], "--data-dtype:"),  # not a .bin file
 ])
 def test_bad_options_are_named(argv, starts):
     args = train_mod.build_parser().parse_args(argv)
     with pytest.raises(ValueError) as err:
         train_mod.validate_args(args)
     assert str(err.value).startswith(starts)
+
+
+def test_a_bin_file_needs_an_integer_dtype(tmp_path):
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(bytes(64))
+    args = train_mod.build_parser().parse_args(["--data", str(path), "--data-dtype", "float32"])
+    with pytest.raises(ValueError, match="--data-dtype: 'float32' is not an integer dtype"):
+        train_mod.validate_args(args)

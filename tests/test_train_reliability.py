@@ -6,6 +6,8 @@ peer or a full disk during a save fails every rank within the timeout, naming th
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -56,6 +58,8 @@ def test_steps_below_the_checkpoint_are_refused_and_nothing_is_written(tmp_path)
     for kind, message in refused:  # every rank, before training
         assert kind == "ValueError" and message.startswith("--steps: 2 is below the step of the checkpoint"), message
     assert run_distributed(outcome, 2, argv + ["--steps", "4", "--resume"]) == [("ok", [])] * 2  # nothing to do
+    for kind, message in run_distributed(outcome, 2, argv + ["--steps", "4"]):  # a fresh run would overwrite it
+        assert kind == "ValueError" and "already holds checkpoints of a run (latest: 'step_4')" in message, message
     assert snapshot(ckpt) == before  # step_2, step_4 and latest untouched; the lock was released
 
 
@@ -88,7 +92,8 @@ def test_a_nonfinite_loss_stops_training_before_the_optimizer_step(tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     argv = BASE + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--metrics", str(metrics)]
     for kind, message in run_distributed(nan_on_calls, 2, argv, {2}):
-        assert kind == "NonFiniteLossError" and message.startswith("step 2: non-finite loss or gradient (loss nan"), message
+        assert kind == "NonFiniteLossError", message
+        assert message.startswith("step 2: non-finite loss or gradient (loss nan"), message
         assert "last checkpoint: step_1" in message
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_1"]  # no step 2; the lock released
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -112,7 +117,7 @@ def test_skip_nonfinite_skips_the_optimizer_step(tmp_path):
 def test_a_huge_learning_rate_ends_in_an_error_and_no_nonfinite_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     argv = BASE + ["--steps", "8", "--lr", "1e4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1",
-                   "--keep-last", "0"]
+                   "--keep-last", "0"]  # the issue's attack, in process; the command's exit code is tested below
     for kind, message in run_distributed(outcome, 2, argv):  # the gradient overflows at step 2
         assert kind == "NonFiniteLossError" and "gradient norm nan" in message, message
         assert message.startswith("step 2:") and "last checkpoint: step_1" in message, message
@@ -253,3 +258,18 @@ def test_a_peer_stopped_during_a_save_fails_every_other_rank_within_the_timeout(
         assert "seqpar-train: checkpoint step 1: write: rank 1 did not arrive" in part, part[-1500:]
         elapsed = float(re.search(r"AssertionError: raised ([0-9.]+) s into the write stage", part).group(1))
         assert elapsed <= TIMEOUT_S + 1.0, part[-1500:]
+
+
+def test_the_command_exits_non_zero_when_the_loss_turns_nonfinite(tmp_path):
+    """The issue's attack as a user runs it (torchrun, 2 processes): --lr 1e4 used to train on at NaN and exit 0."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, SEQPAR_COMM_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "seqpar.launch.train", *BASE, "--lr", "1e4", "--steps", "6", "--checkpoint-dir", str(ckpt),
+               "--checkpoint-every", "1"]
+    run = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"seqpar-train: error (rank {rank}): step 2: non-finite loss or gradient" in run.stderr, run.stderr[-4000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_1"]  # nothing after the bad step; lock gone

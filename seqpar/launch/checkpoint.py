@@ -122,7 +122,8 @@ def agree(stage: str, error: BaseException | None) -> None:
     timeout = _timeout_s()
     deadline = time.monotonic() + timeout
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = "" if error is None else str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+    mine = "" if error is None else f"{type(error).__name__}: {error}"
+    mine = str(error) if isinstance(error, CheckpointError) else mine  # its message names it already
     message = _encode(mine, device)
     peers = [r for r in range(world) if r != rank]
     buffers = {r: torch.empty(_MESSAGE_BYTES, dtype=torch.uint8, device=device) for r in peers}
@@ -225,7 +226,7 @@ class DirectoryLock:
         self.path = self.directory / LOCK
         self.held = False
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         """Take the lock.
 
         Raises:
@@ -429,7 +430,7 @@ def _load(file: Path) -> object:
     # run code; it raises on anything else.
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- the unpickler raises several types
+    except Exception as err:  # the restricted unpickler raises several types
         raise ValueError(f"--resume: {file} does not load as plain tensors and numbers ({type(err).__name__}: "
                          f"{str(err)[:300]}); it is not a seqpar-train checkpoint file") from err
 

@@ -139,8 +139,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     """Train as ``args`` say (every rank calls it); returns one record per step trained by this call.
 
     Raises:
-        ValueError: a bad token file, checkpoint directory (a file, not writable, full, locked by another job)
-            or checkpoint (corrupted, not loadable without code, ``--steps`` below its step): on every rank,
+        ValueError: a bad token file, checkpoint directory (a file, not writable, full, locked by another job,
+            holding another run's checkpoints without ``--resume``) or checkpoint (corrupted, not loadable without code, ``--steps`` below its step): on every rank,
             before training.
         NonFiniteLossError: more steps with a non-finite loss or gradient than ``--skip-nonfinite``.
         CheckpointError: a checkpoint stage failed or a rank did not arrive in time (names the stage and rank).
@@ -157,6 +157,11 @@ def train(args: argparse.Namespace) -> list[dict]:
                          seed=args.seed, dtype=args.data_dtype)
     if args.checkpoint_dir is not None:
         checkpoint.check_directory(args.checkpoint_dir, needed_bytes=checkpoint.estimated_size(model))
+        latest = args.checkpoint_dir / "latest"
+        if not args.resume and (latest.exists() or latest.is_symlink()):
+            raise ValueError(f"--checkpoint-dir: {args.checkpoint_dir} already holds checkpoints of a run (latest: "
+                             f"{latest.read_text().strip()[:40]!r}); pass --resume to continue it, or another "
+                             "directory to start over")
     lock = checkpoint.DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir is not None and rank == 0 else None
     try:
         if args.checkpoint_dir is not None:
