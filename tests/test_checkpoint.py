@@ -96,6 +96,14 @@ def test_a_corrupted_file_is_named_on_load(tmp_path):
         loaded_weight(tmp_path / "step_3")
 
 
+def test_a_changed_manifest_is_refused(tmp_path):
+    save(tmp_path, 3)
+    manifest_file = tmp_path / "step_3" / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text().replace('"step": 3', '"step": 8'))  # e.g. a flipped digit
+    with pytest.raises(ValueError, match="manifest.json is corrupted"):
+        loaded_weight(tmp_path / "step_3")
+
+
 class RunsACommand:
     def __init__(self, command):
         self.command = command
@@ -110,9 +118,11 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path):
     path = tmp_path / "step_1"
     (path / "optim.pt").unlink()
     torch.save({"state": RunsACommand(f"touch {marker}")}, path / "optim.pt")
-    manifest = json.loads((path / "manifest.json").read_text())  # the attacker rewrites the checksum too
+    manifest = json.loads((path / "manifest.json").read_text())  # the attacker rewrites the checksums too
+    del manifest["sha256"]
     manifest["files"]["optim.pt"] = ckpt._sha256(path / "optim.pt")
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").unlink()
+    ckpt._write_json(path / "manifest.json", manifest)
     with pytest.raises(ValueError, match="optim.pt does not load as plain tensors"):
         loaded_weight(path)
     assert not marker.exists()
@@ -226,8 +236,9 @@ def test_a_rank_without_a_saved_rng_state_gets_the_derived_seed(tmp_path):
     save(tmp_path, 3)
     (tmp_path / "step_3" / "rng_rank0.pt").unlink()
     manifest = json.loads((tmp_path / "step_3" / "manifest.json").read_text())
-    del manifest["files"]["rng_rank0.pt"]  # as if rank 0 had not been part of the writing world
-    (tmp_path / "step_3" / "manifest.json").write_text(json.dumps(manifest))
+    del manifest["files"]["rng_rank0.pt"], manifest["sha256"]  # as if rank 0 had not been in the writing world
+    (tmp_path / "step_3" / "manifest.json").unlink()
+    ckpt._write_json(tmp_path / "step_3" / "manifest.json", manifest)
     loaded_weight(tmp_path / "step_3")
     after_load = torch.rand(3)
     torch.manual_seed(ckpt.derived_seed(0, 3, 0))

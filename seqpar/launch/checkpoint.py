@@ -70,6 +70,8 @@ _MESSAGE_BYTES = 1024  # a report: a status byte and the start of the error mess
 class CheckpointError(RuntimeError):
     """A checkpoint save, load or agreement failed; the message names the step, the stage and the rank."""
 
+    all_reported = False  # set by ``agree``: every rank reported back, so none can still be writing
+
 
 # ---------------------------------------------------------------------------------------------------
 # ranks and the bounded agreement
@@ -105,9 +107,9 @@ def _decode(buf: torch.Tensor) -> str:
 def agree(stage: str, error: BaseException | None) -> None:
     """Meet the other ranks at the end of ``stage``; raise on every rank if any rank failed or did not arrive.
 
-    Every rank sends its report (empty, or its error) to every other rank and waits for theirs until
-    ``SEQPAR_COMM_TIMEOUT_S`` after it arrived: each rank sees for itself which rank failed or never came (a
-    coordinator could not pass that on: after a gloo timeout the process's connections are closed).
+    Every rank sends its report (empty, or its error) to every other rank and waits for theirs, at most
+    ``SEQPAR_COMM_TIMEOUT_S`` in all: each rank sees for itself which rank failed or never came (a coordinator
+    could not pass that on: after a gloo timeout the process's connections are closed).
 
     Raises:
         the rank's own ``error`` if it has one (after telling the others), else
@@ -376,9 +378,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _digest_of(manifest: dict) -> str:
+    """sha256 of the manifest's content (the step and data position in it must not change unnoticed either)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def _write_json(path: Path, obj: dict) -> None:
     with open(path, "x") as f:
-        json.dump(obj, f, indent=1)
+        json.dump({**obj, "sha256": _digest_of(obj)}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 
@@ -397,11 +404,15 @@ def read_manifest(path: Path) -> dict:
                          "--checkpoint-dir")
     try:
         manifest = json.loads(file.read_text())
+        intact = manifest.pop("sha256") == _digest_of(manifest)
         ok = manifest.get("format") == FORMAT and isinstance(manifest.get("files"), dict)
         int(manifest["step"]), int(manifest["world_size"]), dict(manifest["data"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"--resume: {file} is unreadable or corrupted ({err}); resume from an earlier checkpoint "
                          f"by writing its name into {path.parent / 'latest'}") from err
+    if not intact:
+        raise ValueError(f"--resume: {file} is corrupted (its sha256 does not match its content); resume from an "
+                         f"earlier checkpoint by writing its name into {path.parent / 'latest'}")
     if not ok:
         raise ValueError(f"--resume: {file} is not a format-{FORMAT} seqpar-train manifest")
     return manifest
@@ -481,7 +492,7 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
         try:
             agree(f"{where}: {name}", error)
         except BaseException as failure:
-            if rank == 0 and (error is not None or getattr(failure, "all_reported", False)):
+            if rank == 0 and tmp.exists() and (error is not None or getattr(failure, "all_reported", False)):
                 shutil.rmtree(tmp, ignore_errors=True)  # every rank reported: nobody writes there any more
                 if isinstance(failure, CheckpointError):
                     failure.args = (f"{failure.args[0]}; removed the partial {tmp}",)

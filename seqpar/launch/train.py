@@ -140,8 +140,8 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     Raises:
         ValueError: a bad token file, checkpoint directory (a file, not writable, full, locked by another job,
-            holding another run's checkpoints without ``--resume``) or checkpoint (corrupted, not loadable without code, ``--steps`` below its step): on every rank,
-            before training.
+            holding another run's checkpoints without ``--resume``) or checkpoint (corrupted, not loadable without
+            running code, ``--steps`` below its step): on every rank, before training.
         NonFiniteLossError: more steps with a non-finite loss or gradient than ``--skip-nonfinite``.
         CheckpointError: a checkpoint stage failed or a rank did not arrive in time (names the stage and rank).
     """
@@ -159,9 +159,8 @@ def train(args: argparse.Namespace) -> list[dict]:
         checkpoint.check_directory(args.checkpoint_dir, needed_bytes=checkpoint.estimated_size(model))
         latest = args.checkpoint_dir / "latest"
         if not args.resume and (latest.exists() or latest.is_symlink()):
-            raise ValueError(f"--checkpoint-dir: {args.checkpoint_dir} already holds checkpoints of a run (latest: "
-                             f"{latest.read_text().strip()[:40]!r}); pass --resume to continue it, or another "
-                             "directory to start over")
+            raise ValueError(f"--checkpoint-dir: {args.checkpoint_dir} already holds checkpoints of a run (it has "
+                             "a 'latest'); pass --resume to continue it, or another directory to start over")
     lock = checkpoint.DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir is not None and rank == 0 else None
     try:
         if args.checkpoint_dir is not None:
@@ -290,12 +289,12 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
                                      plan=record["plan"])
                 progress.update(1)
         if skipped > args.skip_nonfinite:
+            last = f"step_{saved}" if saved else "none"
             raise NonFiniteLossError(
                 f"step {step + 1}: non-finite loss or gradient (loss {record['loss']}, gradient norm {grad_norm}); "
-                "stopped before the "
-                f"optimizer step, so no non-finite weights were applied or saved (last checkpoint: "
-                f"{f'step_{saved}' if saved else 'none'}). Lower --lr, or pass --skip-nonfinite N to skip up to N "
-                f"such steps ({skipped} so far, {args.skip_nonfinite} allowed)")
+                f"stopped before the optimizer step, so no non-finite weights were applied or saved (last "
+                f"checkpoint: {last}). Lower --lr, or pass --skip-nonfinite N to skip up to N such steps "
+                f"({skipped} so far, {args.skip_nonfinite} allowed)")
         if args.checkpoint_dir is not None and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             save(step + 1)
             saved = step + 1
