@@ -106,3 +106,13 @@ def test_a_bin_file_needs_an_integer_dtype(tmp_path):
     args = train_mod.build_parser().parse_args(["--data", str(path), "--data-dtype", "float32"])
     with pytest.raises(ValueError, match="--data-dtype: 'float32' is not an integer dtype"):
         train_mod.validate_args(args)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "longtail"])
+def test_a_short_max_len_gives_sequences_up_to_it(kind):
+    import numpy as np
+
+    from seqpar.launch.data import step_lengths
+
+    lengths = step_lengths(kind, 64, 4, np.random.default_rng(0))  # the 16-token floor used to exceed --max-len 4
+    assert sum(lengths) <= 64 and all(2 <= n <= 4 for n in lengths), lengths
