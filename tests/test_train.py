@@ -10,6 +10,7 @@ from harness import RankError, RankTimeout, run_distributed
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
+from seqpar.launch import checkpoint as checkpoint_mod  # noqa: E402
 from seqpar.launch import train as train_mod  # noqa: E402
 
 BASE = ["--model", "llama-tiny", "--data", "uniform", "--tokens-per-step", "768", "--max-len", "256",
@@ -25,18 +26,18 @@ def run_train(argv):
 def crash_during_checkpoint(argv, crash_at_step):
     """Train, but rank 1 dies inside the checkpoint write of ``crash_at_step`` (after writing its shard,
     before the rename that completes it)."""
-    original = train_mod.torch.save
+    original = checkpoint_mod.write_rank_state
 
-    def dying_save(obj, path, *a, **k):
-        original(obj, path, *a, **k)
-        if isinstance(obj, dict) and obj.get("step") == crash_at_step and dist.get_rank() == 1:
+    def dying_write(tmp, rank, step):
+        original(tmp, rank, step)
+        if step == crash_at_step and dist.get_rank() == 1:
             os._exit(3)
 
-    train_mod.torch.save = dying_save
+    checkpoint_mod.write_rank_state = dying_write
     try:
         return run_train(argv)
     finally:
-        train_mod.torch.save = original
+        checkpoint_mod.write_rank_state = original
 
 
 def test_resume_continues_the_exact_run(tmp_path):
@@ -81,9 +82,37 @@ def test_metrics_file_has_one_line_per_step(tmp_path):
     (["--steps", "0"], "--steps:"),
     (["--lr", "-1"], "--lr:"),
     (["--resume"], "--resume:"),
+    (["--lr", "inf"], "--lr:"),
+    (["--lr", "nan"], "--lr:"),
+    (["--weight-decay", "-0.1"], "--weight-decay:"),
+    (["--max-len", "1"], "--max-len:"),
+    (["--tokens-per-step", "0"], "--tokens-per-step:"),
+    (["--keep-last", "-1"], "--keep-last:"),
+    (["--skip-nonfinite", "-1"], "--skip-nonfinite:"),
+    (["--checkpoint-every", "-2"], "--checkpoint-every:"),
+    (["--data-dtype", "uint16"], "--data-dtype:"),  # synthetic data has no dtype
+    (["--data", __file__, "--data-dtype", "int32"], "--data-dtype:"),  # not a .bin file
 ])
 def test_bad_options_are_named(argv, starts):
     args = train_mod.build_parser().parse_args(argv)
     with pytest.raises(ValueError) as err:
         train_mod.validate_args(args)
     assert str(err.value).startswith(starts)
+
+
+def test_a_bin_file_needs_an_integer_dtype(tmp_path):
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(bytes(64))
+    args = train_mod.build_parser().parse_args(["--data", str(path), "--data-dtype", "float32"])
+    with pytest.raises(ValueError, match="--data-dtype: 'float32' is not an integer dtype"):
+        train_mod.validate_args(args)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "longtail"])
+def test_a_short_max_len_gives_sequences_up_to_it(kind):
+    import numpy as np
+
+    from seqpar.launch.data import step_lengths
+
+    lengths = step_lengths(kind, 64, 4, np.random.default_rng(0))  # the 16-token floor used to exceed --max-len 4
+    assert sum(lengths) <= 64 and all(2 <= n <= 4 for n in lengths), lengths

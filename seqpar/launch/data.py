@@ -17,6 +17,7 @@ percent at a million samples).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -95,9 +96,9 @@ def step_lengths(kind: str, tokens_per_step: int, max_len: int, rng: np.random.G
     lengths, total = [], 0
     while True:
         if kind == "uniform":
-            n = int(rng.integers(16, max_len + 1))
+            n = int(rng.integers(min(16, max_len), max_len + 1))
         else:
-            n = int(long_tail_lengths(1, seed=int(rng.integers(2**31)), max_len=max_len, min_len=16)[0])
+            n = int(long_tail_lengths(1, seed=int(rng.integers(2**31)), max_len=max_len, min_len=min(16, max_len))[0])
         if lengths and total + n > tokens_per_step:
             return lengths
         lengths.append(min(n, tokens_per_step))
@@ -139,20 +140,50 @@ class SyntheticTokens:
 
 
 class TokenFile:
-    """Token ids from a ``.npy`` array or a flat ``.bin`` of uint16 (nanoGPT style), cut into long-tail-length
-    documents in order, wrapping at the end. The read position is the state."""
+    """Token ids from a ``.npy`` array or a flat headerless ``.bin`` (nanoGPT style: ``dtype`` must be given), cut
+    into long-tail-length documents in order, wrapping at the end. The read position is the state.
 
-    def __init__(self, path: str, *, vocab: int, tokens_per_step: int, max_len: int, seed: int) -> None:
+    The whole file is checked when opened (every rank does it before any collective): integer ids, all in
+    ``[0, vocab)``, at least ``tokens_per_step`` of them.
+
+    Raises:
+        ValueError: unknown suffix; a ``.bin`` without ``dtype`` or whose size does not divide by it; a ``dtype``
+            that contradicts a ``.npy``; non-integer values; an id < 0 or >= ``vocab``; too few tokens.
+    """
+
+    def __init__(self, path: str, *, vocab: int, tokens_per_step: int, max_len: int, seed: int,
+                 dtype: str | None = None) -> None:
+        want = _integer_dtype(dtype) if dtype is not None else None
         if path.endswith(".npy"):
             self.tokens = np.load(path, mmap_mode="r").reshape(-1)
+            if want is not None and self.tokens.dtype != want:
+                raise ValueError(f"--data-dtype: {path!r} is a .npy of {self.tokens.dtype}, not {want}; a .npy "
+                                 "records its dtype, so drop --data-dtype")
         elif path.endswith(".bin"):
-            self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            if want is None:
+                raise ValueError(f"--data-dtype: {path!r} is a headerless .bin; say how its ids are stored "
+                                 "(uint16 for nanoGPT-style files, or uint32 / int32 / int64)")
+            size = os.path.getsize(path)
+            if size % want.itemsize:
+                raise ValueError(f"data: {path!r} has {size} bytes, not a multiple of {want} ({want.itemsize} bytes); "
+                                 "check --data-dtype")
+            self.tokens = np.memmap(path, dtype=want, mode="r") if size else np.zeros(0, dtype=want)
         else:
             raise ValueError(f"data: {path!r} must end in .npy or .bin")
-        if self.tokens.size < 2:
-            raise ValueError(f"data: {path!r} holds fewer than 2 tokens")
-        if int(self.tokens.max()) >= vocab:
-            raise ValueError(f"data: {path!r} has token id {int(self.tokens.max())} >= the model's vocab {vocab}")
+        if not np.issubdtype(self.tokens.dtype, np.integer):
+            raise ValueError(f"data: {path!r} holds {self.tokens.dtype} values; token ids must be integers "
+                             "(convert the file, e.g. array.astype(np.int32))")
+        needed = max(2, tokens_per_step)
+        if self.tokens.size < needed:
+            raise ValueError(f"data: {path!r} holds {self.tokens.size} tokens, fewer than one step's "
+                             f"{needed} (--tokens-per-step); lower --tokens-per-step or use more data")
+        low, high = int(self.tokens.min()), int(self.tokens.max())
+        if low < 0:
+            where = int(np.argmax(np.asarray(self.tokens) < 0))
+            raise ValueError(f"data: {path!r} has a negative token id ({low}, first at index {where}); "
+                             f"ids must lie in [0, {vocab})")
+        if high >= vocab:
+            raise ValueError(f"data: {path!r} has token id {high} >= the model's vocab {vocab}")
         self.tokens_per_step, self.max_len, self.seed = tokens_per_step, min(max_len, self.tokens.size), seed
         self.position, self.step = 0, 0
 
@@ -175,8 +206,24 @@ class TokenFile:
         self.position, self.step = int(state["position"]), int(state["step"])
 
 
-def make_source(data: str, *, vocab: int, tokens_per_step: int, max_len: int, seed: int):
-    """A batch source for ``--data``: a synthetic kind or a token file path."""
+def _integer_dtype(name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"--data-dtype: {name!r} is not an integer dtype; use uint16, uint32, int32 or int64")
+    return dtype
+
+
+def make_source(data: str, *, vocab: int, tokens_per_step: int, max_len: int, seed: int, dtype: str | None = None):
+    """A batch source for ``--data``: a synthetic kind or a token file path (``dtype``: a ``.bin`` file's ids).
+
+    Raises:
+        ValueError: see ``TokenFile``; ``dtype`` given for synthetic data.
+    """
     if data in SYNTHETIC_KINDS:
+        if dtype is not None:
+            raise ValueError(f"--data-dtype: only for .bin token files, not synthetic data {data!r}")
         return SyntheticTokens(data, vocab=vocab, tokens_per_step=tokens_per_step, max_len=max_len, seed=seed)
-    return TokenFile(data, vocab=vocab, tokens_per_step=tokens_per_step, max_len=max_len, seed=seed)
+    return TokenFile(data, vocab=vocab, tokens_per_step=tokens_per_step, max_len=max_len, seed=seed, dtype=dtype)

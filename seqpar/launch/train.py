@@ -5,19 +5,23 @@
 
 Every rank builds the same model (seeded) and reads the same global batch each step; ``seqpar.parallelize``
 shards it. nccl on CUDA, gloo otherwise. Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and
-appends one JSON line per step to ``--metrics``. Checkpoints (``torch.distributed.checkpoint``: model,
-optimizer, step, data position, RNG) are written to a temporary directory and renamed when complete, so a run
-killed mid-write resumes from the last complete one; ``--resume`` continues the exact run.
+appends one JSON line per step to ``--metrics``. Checkpoints (``seqpar.launch.checkpoint``: model, optimizer,
+step, data position, RNG; sha256-verified, pickle-free) are written to a temporary directory and renamed when
+complete, so a run killed mid-write resumes from the last complete one; ``--resume`` continues the exact run.
+
+Safety rails: options, the token file and the checkpoint directory are checked on every rank before any
+collective; rank 0 holds a lock on the checkpoint directory for the run; a non-finite loss or gradient stops
+training before the optimizer step (``--skip-nonfinite N`` skips up to N such steps instead); every wait is
+bounded by ``SEQPAR_COMM_TIMEOUT_S``. Exit codes: 0 done, 1 training or checkpoint failure, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,22 +32,39 @@ import torch.distributed as dist
 
 BUILTIN_MODELS = ("llama-tiny", "minimax-tiny")
 DATA_KINDS = ("fixed", "uniform", "longtail")
+# Optimizer settings that the command line may change on resume; None in the parsed options means "not given":
+# a fresh run then uses the default, a resumed one keeps the checkpoint's value.
+OPTIMIZER_DEFAULTS = {"lr": 3e-3, "weight_decay": 0.0}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient more often than ``--skip-nonfinite`` allows."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar-train", description="Sequence-parallel causal-LM training (torchrun).")
     p.add_argument("--model", default="llama-tiny", help=f"{' | '.join(BUILTIN_MODELS)} or a transformers config JSON path")
     p.add_argument("--data", default="longtail", help=f"{' | '.join(DATA_KINDS)} (synthetic) or a .npy/.bin token file")
+    p.add_argument("--data-dtype", default=None, help="how a headerless .bin file stores ids: uint16 (nanoGPT), "
+                   "uint32, int32, int64 (required for .bin)")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="tokens in each global batch")
     p.add_argument("--max-len", type=int, default=2048, help="longest sequence (synthetic data is clipped to it)")
     p.add_argument("--strategy", default="auto", help="auto | ring | token_ring | ulysses | allgather_kv")
     p.add_argument("--linear-strategy", default="zeco", help="zeco | lasp2 (models with linear attention)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {OPTIMIZER_DEFAULTS['lr']}; "
+                   "on --resume: the checkpoint's unless given)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0; on --resume: "
+                   "the checkpoint's unless given)")
+    p.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is not "
+                   "finite (no optimizer step on them) before stopping with an error")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", type=Path, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end; "
+                   "the last step is always saved)")
+    p.add_argument("--keep-last", type=int, default=3, help="keep the K newest checkpoints (0: keep all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint; --steps "
+                   "below its step is refused")
     p.add_argument("--metrics", type=Path, default=None, help="JSONL file, one line per step (rank 0)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the loss curve (rank 0, needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,11 +84,24 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--strategy: unknown {args.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if args.linear_strategy not in LINEAR_STRATEGIES:
         raise ValueError(f"--linear-strategy: unknown {args.linear_strategy!r}; choose one of {', '.join(LINEAR_STRATEGIES)}")
-    for name in ("tokens_per_step", "max_len", "steps"):
+    for name in ("tokens_per_step", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr: must be > 0, got {args.lr}")
+    if args.max_len < 2:
+        raise ValueError(f"--max-len: must be >= 2 (a 1-token sequence has nothing to predict), got {args.max_len}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: must be finite and > 0, got {args.lr}")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay: must be finite and >= 0, got {args.weight_decay}")
+    for name in ("checkpoint_every", "keep_last", "skip_nonfinite"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    if args.data_dtype is not None:
+        if args.data in DATA_KINDS or not args.data.endswith(".bin"):
+            raise ValueError(f"--data-dtype: only for .bin token files, not --data {args.data!r}")
+        from seqpar.launch.data import _integer_dtype
+
+        _integer_dtype(args.data_dtype)
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume: needs --checkpoint-dir")
 
@@ -91,55 +125,6 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: Path, step: int, model, optimizer, data_state: dict) -> None:
-    """Write step ``step`` to ``directory/step_N.tmp`` and rename it once every rank has written; ``latest``
-    then names it. A crash before the rename leaves the previous checkpoint as the latest complete one."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = dist.get_rank()
-    final, tmp = directory / f"step_{step}", directory / f"step_{step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    extra = {"step": step, "data": data_state, "rng": torch.get_rng_state()}
-    torch.save(extra, tmp / f"extra_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = directory / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, directory / "latest")
-    dist.barrier()
-
-
-def load_checkpoint(directory: Path, model, optimizer) -> dict | None:
-    """Load the latest complete checkpoint into model and optimizer; returns its extra state (or None)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    pointer = directory / "latest"
-    if not pointer.is_file():
-        return None
-    path = directory / pointer.read_text().strip()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / f"extra_rank{dist.get_rank()}.pt", weights_only=False)
-    torch.set_rng_state(extra["rng"])
-    return extra
-
-
-# ---------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------
 
@@ -151,31 +136,121 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 def train(args: argparse.Namespace) -> list[dict]:
-    import seqpar
-    from seqpar.collectives import count_comm
+    """Train as ``args`` say (every rank calls it); returns one record per step trained by this call.
+
+    Raises:
+        ValueError: a bad token file, checkpoint directory (a file, not writable, full, locked by another job,
+            holding another run's checkpoints without ``--resume``) or checkpoint (corrupted, not loadable without
+            running code, ``--steps`` below its step): on every rank, before training.
+        NonFiniteLossError: more steps with a non-finite loss or gradient than ``--skip-nonfinite``.
+        CheckpointError: a checkpoint stage failed or a rank did not arrive in time (names the stage and rank).
+    """
+    from seqpar.launch import checkpoint
     from seqpar.launch.data import make_source
 
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(args.model, args.seed).to(device)
     vocab = model.config.vocab_size
+    # Local checks, the same on every rank and before any collective, so a bad input fails everywhere at once.
     source = make_source(args.data, vocab=vocab, tokens_per_step=args.tokens_per_step, max_len=args.max_len,
-                         seed=args.seed)
-    sp_model = seqpar.parallelize(model, strategy=args.strategy, linear_strategy=args.linear_strategy)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+                         seed=args.seed, dtype=args.data_dtype)
+    if args.checkpoint_dir is not None:
+        checkpoint.check_directory(args.checkpoint_dir, needed_bytes=checkpoint.estimated_size(model))
+        latest = args.checkpoint_dir / "latest"
+        if not args.resume and (latest.exists() or latest.is_symlink()):
+            raise ValueError(f"--checkpoint-dir: {args.checkpoint_dir} already holds checkpoints of a run (it has "
+                             "a 'latest'); pass --resume to continue it, or another directory to start over")
+    lock = checkpoint.DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir is not None and rank == 0 else None
+    try:
+        if args.checkpoint_dir is not None:
+            error = None
+            if lock is not None:  # rank 0 holds the lock for the whole run
+                try:
+                    lock.acquire()
+                    for note in checkpoint.recover(args.checkpoint_dir):
+                        print(f"seqpar-train: {args.checkpoint_dir}: {note}")
+                except (ValueError, OSError) as err:
+                    error = err
+            checkpoint.agree("start: lock the checkpoint directory", error)
+        return _train(args, model, source, device)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    start_step = 0
+
+def _resume(args: argparse.Namespace, model, optimizer, source) -> int:
+    """Load the latest checkpoint (if any) on every rank; returns its step (0: none)."""
+    from seqpar.launch import checkpoint
+
+    path = checkpoint.latest_checkpoint(args.checkpoint_dir)
+    if path is None:
+        if dist.get_rank() == 0:
+            print(f"seqpar-train: no checkpoint in {args.checkpoint_dir} yet; starting from step 0")
+        return 0
+    manifest = checkpoint.read_manifest(path)
+    step = int(manifest["step"])
+    if args.steps < step:
+        raise ValueError(f"--steps: {args.steps} is below the step of the checkpoint {path} ({step}); pass --steps "
+                         f">= {step} to continue it, or another --checkpoint-dir to start over (nothing was written)")
+    checkpoint.load_checkpoint(path, model=model, optimizer=optimizer, seed=args.seed)
+    source.load_state(manifest["data"])
+    if dist.get_rank() == 0 and int(manifest["world_size"]) != dist.get_world_size():
+        print(f"seqpar-train: {path} was written by {manifest['world_size']} ranks, resuming on "
+              f"{dist.get_world_size()}: weights, optimizer and data position carry over; ranks without a saved "
+              "RNG state get a seed derived from --seed, the step and the rank")
+    return step
+
+
+def _optimizer_overrides(args: argparse.Namespace, optimizer) -> dict:
+    """Apply the optimizer settings given on the command line over the checkpoint's; returns the changes
+    ``{name: [checkpoint's value, new value]}``."""
+    changes = {}
+    for name in OPTIMIZER_DEFAULTS:
+        given = getattr(args, name)
+        stored = optimizer.param_groups[0][name]
+        if given is not None and given != stored:
+            for group in optimizer.param_groups:
+                group[name] = given
+            changes[name] = [stored, given]
+    return changes
+
+
+def _train(args: argparse.Namespace, model, source, device: torch.device) -> list[dict]:
+    import seqpar
+    from seqpar.collectives import count_comm
+    from seqpar.launch import checkpoint
+
+    rank = dist.get_rank()
+    sp_model = seqpar.parallelize(model, strategy=args.strategy, linear_strategy=args.linear_strategy)
+    settings = {name: default if getattr(args, name) is None else getattr(args, name)
+                for name, default in OPTIMIZER_DEFAULTS.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), **settings)
+
+    start_step, overrides = 0, {}
     if args.resume:
-        extra = load_checkpoint(args.checkpoint_dir, model, optimizer)
-        if extra is not None:
-            start_step = extra["step"]
-            source.load_state(extra["data"])
+        error = None
+        try:
+            start_step = _resume(args, model, optimizer, source)
+        except (ValueError, OSError) as err:
+            error = err
+        checkpoint.agree("start: resume from the latest checkpoint", error)
+        overrides = _optimizer_overrides(args, optimizer) if start_step else {}
+        if overrides and rank == 0:
+            changed = ", ".join(f"--{k.replace('_', '-')} {new} (the checkpoint had {old})"
+                                for k, (old, new) in overrides.items())
+            print(f"seqpar-train: resuming at step {start_step} with {changed}")
+
+    def save(step: int) -> None:
+        checkpoint.save_checkpoint(args.checkpoint_dir, step, model=model, optimizer=optimizer,
+                                   data_state=source.state(), keep_last=args.keep_last)
+
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start_step, desc="seqpar-train", file=sys.stdout)
-    history = []
+    history, skipped, saved = [], 0, start_step
     for step in range(start_step, args.steps):
         batch = [t.to(device) for t in source.next_batch()]
         start = time.perf_counter()
@@ -184,7 +259,13 @@ def train(args: argparse.Namespace) -> list[dict]:
             out = sp_model(**local)
             out.loss.backward()
             sp_model.sync_gradients()
-        optimizer.step()
+        # The loss and the synchronised gradients are the same on every rank, so every rank decides alike.
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        finite = math.isfinite(out.loss.item()) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         record = {
@@ -193,6 +274,10 @@ def train(args: argparse.Namespace) -> list[dict]:
             "plan": _plan_summary(local["seqpar_step"], args.strategy), "peak_memory_bytes": _peak_memory_bytes(device),
         }
         record["tokens_per_s"] = record["tokens"] / elapsed
+        if not finite:
+            record["skipped_nonfinite"] = True
+        if overrides and step == start_step:
+            record["optimizer_overrides"] = overrides
         history.append(record)
         if rank == 0:
             if args.metrics is not None:
@@ -203,12 +288,20 @@ def train(args: argparse.Namespace) -> list[dict]:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                      plan=record["plan"])
                 progress.update(1)
+        if skipped > args.skip_nonfinite:
+            last = f"step_{saved}" if saved else "none"
+            raise NonFiniteLossError(
+                f"step {step + 1}: non-finite loss or gradient (loss {record['loss']}, gradient norm {grad_norm}); "
+                f"stopped before the optimizer step, so no non-finite weights were applied or saved (last "
+                f"checkpoint: {last}). Lower --lr, or pass --skip-nonfinite N to skip up to N such steps "
+                f"({skipped} so far, {args.skip_nonfinite} allowed)")
         if args.checkpoint_dir is not None and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, source.state())
+            save(step + 1)
+            saved = step + 1
     if progress is not None:
         progress.close()
-    if args.checkpoint_dir is not None and not args.checkpoint_every:
-        save_checkpoint(args.checkpoint_dir, args.steps, model, optimizer, source.state())
+    if args.checkpoint_dir is not None and history and saved != args.steps:
+        save(args.steps)
     return history
 
 
@@ -266,16 +359,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"seqpar-train: error: {err}", file=sys.stderr)
         return 2
+    from seqpar.collectives import comm
+    from seqpar.launch.checkpoint import CheckpointError, agree
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(backend, timeout=comm.default_timeout())  # bounds every collective, torch's own too
     try:
-        history = train(args)
+        try:
+            history = train(args)
+        except ValueError as err:
+            print(f"seqpar-train: error (rank {dist.get_rank()}): {err}", file=sys.stderr)
+            return 2
+        except (NonFiniteLossError, CheckpointError) as err:
+            print(f"seqpar-train: error (rank {dist.get_rank()}): {err}", file=sys.stderr)
+            return 1
         if dist.get_rank() == 0:
             print_summary(history, args)
-        dist.barrier()  # tearing gloo down while a peer still sends aborts that peer
+        agree("finish", None)  # tearing gloo down while a peer still sends aborts that peer
     finally:
         dist.destroy_process_group()
     return 0
