@@ -128,6 +128,12 @@ def _causal_bias(sq: int, sk: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill(j > i + (sk - sq), float("-inf"))
 
 
+def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """softmax probabilities exp(scores - lse); 0 in rows that see no key (lse = -inf, where the subtraction
+    gives NaN). Not nan_to_num: a NaN that comes from NaN input must reach the output."""
+    return torch.exp(scores - lse[..., None]).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+
+
 def _math_forward(q, k, v, causal, scale):
     """Plain softmax in the accumulation dtype: (B, H, Sq, D) in, (out, lse) out. For devices without a fused kernel."""
     acc = accumulation_dtype(q.dtype)
@@ -138,8 +144,7 @@ def _math_forward(q, k, v, causal, scale):
     if causal:
         scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
     lse = torch.logsumexp(scores, -1)
-    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
-    return (probs @ vv).to(q.dtype), lse
+    return (_probabilities(scores, lse) @ vv).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
@@ -151,7 +156,7 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     scores = qa @ kk.transpose(-1, -2) * scale
     if causal:
         scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
-    probs = torch.nan_to_num(torch.exp(scores - lse.to(acc)[..., None]), nan=0.0)
+    probs = _probabilities(scores, lse.to(acc))
     dv = probs.transpose(-1, -2) @ doa
     dp = doa @ vv.transpose(-1, -2)
     delta = (doa * oa).sum(-1, keepdim=True)
@@ -168,10 +173,18 @@ def _use_cpu_flash(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _unit_stride_head_dim(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors with a unit-stride head dim (copied only where needed): aten's CPU flash kernel indexes the
+    head dim without its stride, so x[..., ::2] or a (B, S, D, H).transpose(-1, -2) view would be read out of
+    bounds. Every other stride it honours, so the (B, S, H, D) -> (B, H, S, D) transposes stay views."""
+    return [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in ts]
+
+
 def _torch_forward_bhsd(q, k, v, causal, scale):
     """(B, H, S, D) tensors, every query row sees at least one key."""
     if not _use_cpu_flash(q):
         return _math_forward(q, k, v, causal, scale)
+    q, k, v = _unit_stride_head_dim(q, k, v)
     sq, sk = q.shape[2], k.shape[2]
     if causal and sq != sk:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -200,11 +213,13 @@ def _torch_forward(q, k, v, *, causal, scale):
     first = max(sq - sk, 0) if causal else 0
     if sk == 0 or first == sq:
         return out, lse
-    o, l = _torch_forward_bhsd(
-        q[:, first:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale
-    )
-    out[:, first:] = o.transpose(1, 2)
-    lse[:, :, first:] = l.to(acc)
+    q_rows = q[:, first:]
+    o, l = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    # aten's CPU kernel returns out 0, lse 0 for a query row holding NaN (a silent finite answer); the softmax of
+    # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) One pass over q, cheap next to S^2.
+    nan_rows = torch.isnan(q_rows).any(-1)  # (B, Sq - first, H)
+    out[:, first:] = o.transpose(1, 2).masked_fill(nan_rows[..., None], float("nan"))
+    lse[:, :, first:] = l.to(acc).masked_fill(nan_rows.transpose(1, 2), float("nan"))
     return out, lse
 
 
