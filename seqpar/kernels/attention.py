@@ -314,7 +314,7 @@ def attention_block_varlen(
             q.view(n, sq, *q.shape[1:]), k.view(n, sk, *k.shape[1:]), v.view(n, sk, *v.shape[1:]),
             causal=causal, scale=scale,
         )
-        return out.view(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
+        return out.reshape(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
     outs, lses = [], []
     for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
         o, l = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
@@ -349,7 +349,7 @@ def attention_block_varlen_backward(
         as_q = lambda x: x.reshape(n, sq, *x.shape[1:])  # noqa: E731
         as_k = lambda x: x.reshape(n, sk, *x.shape[1:])  # noqa: E731
         g = impl.backward(
-            as_q(dout), as_q(q), as_k(k), as_k(v), as_q(out), lse.view(lse.shape[0], n, sq).transpose(0, 1),
+            as_q(dout), as_q(q), as_k(k), as_k(v), as_q(out), lse.reshape(lse.shape[0], n, sq).transpose(0, 1),
             causal=causal, scale=scale,
         )
         return g[0].reshape(q.shape), g[1].reshape(k.shape), g[2].reshape(v.shape)
