@@ -9,6 +9,10 @@ Contract (every backend):
   Rows that see no key give out = 0 and lse = -inf, never NaN.
 * Packed variable-length forms take (T, H, D) tensors and int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` and return
   lse of shape (H, T); sequence i of q attends only to sequence i of k.
+* Any strides (a backend copies what its kernel cannot index, e.g. a head dim with stride != 1; it never reads
+  outside a tensor). NaN in q, k or v gives NaN out (and lse, for q and k) in every row that sees it: a finite
+  answer from NaN input would be silent corruption. (Rows that do not see it may turn NaN too: 0 * NaN.)
+  tests/test_strided.py checks both for every backend.
 
 The torch backend uses aten's fused CPU flash kernel (which returns the LSE) and falls back to plain math
 elsewhere; Triton and flash-attn register themselves here when they import.

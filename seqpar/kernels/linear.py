@@ -184,7 +184,7 @@ def linear_attention_chunk(
     initial_state (B, H, Dk, Dv); o (B, S, H, Dv) in q's dtype; final_state (B, H, Dk, Dv) float32
     (float64 for float64 input). ``backend``: see ``get_linear_backend`` (torch on CPU unless
     ``"triton"`` is asked for; the Triton path rounds ``chunk_size``, see ``triton_linear.chunk_size_for``).
-    ``backend``: ``"auto"`` or a registered name, see ``get_linear_backend``.
+    Any strides. A NaN in q, k or v reaches the outputs that depend on it.
 
     Raises:
         ValueError: shape/dtype mismatch, positive log_decay, chunk_size < 1, a backend that cannot run here.
