@@ -1,11 +1,13 @@
 """Torch-backend kernels against the float64 references (which are the definitions, not the kernels)."""
 
+import importlib
 import math
 
 import pytest
 import torch
 from checks import rel_err
 
+from seqpar.collectives.layout import validate_cu_seqlens as layout_validate_cu_seqlens
 from seqpar.kernels.attention import (
     attention,
     attention_block,
@@ -14,8 +16,9 @@ from seqpar.kernels.attention import (
     attention_block_varlen_backward,
     merge_attention_outputs,
 )
-from seqpar.kernels.linear import linear_attention_chunk
+from seqpar.kernels.linear import chunk_state, linear_attention_chunk
 from seqpar.kernels.reference import reference_attention, reference_linear_attention
+from seqpar.kernels.varlen import validate_cu_seqlens
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-11), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -150,3 +153,55 @@ def test_linear_attention_rejects_bad_input():
         linear_attention_chunk(q, q, q, initial_state=torch.zeros(1, 2, 8, 9))
     with pytest.raises(ValueError, match="v: expected"):
         linear_attention_chunk(q, q, torch.randn(1, 5, 2, 8))
+
+
+def test_linear_backend_registry_dispatches_by_name_and_names_backend_in_errors(monkeypatch):
+    """A registered LinearBackend is what ``backend=`` selects; "auto" on CPU is torch; unknown names and
+    backends that cannot run here raise ValueError naming ``backend``."""
+    linear = importlib.import_module("seqpar.kernels.linear")
+    calls = []
+
+    def doubled(q, k, v, **options):  # a backend whose answer differs from torch's: dispatch is visible
+        calls.append(options)
+        o, state = linear.get_linear_backend("torch", q.device, q.dtype).chunk(q, k, v, **options)
+        return 2 * o, state
+
+    backend = linear.LinearBackend(name="doubled", chunk=doubled, supports=lambda device, dtype: dtype == torch.float32)
+    monkeypatch.setitem(linear._BACKENDS, "doubled", backend)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 9, 2, 4, generator=gen) for _ in range(3))
+    ref, _ = reference_linear_attention(q.double(), k.double(), v.double(), scale=0.5)
+    o, _ = linear_attention_chunk(q, k, v, scale=0.5, backend="doubled")
+    assert rel_err(o, 2 * ref) < 1e-5 and calls[0]["scale"] == 0.5 and calls[0]["chunk_size"] == 64
+    assert linear.get_linear_backend("auto", torch.device("cpu"), torch.float32).name == "torch"
+    assert "doubled" in linear.available_linear_backends()
+    with pytest.raises(ValueError, match="^backend: unknown linear-attention backend 'nope'"):
+        linear_attention_chunk(q, k, v, backend="nope")
+    with pytest.raises(ValueError, match="^backend: 'doubled' linear attention cannot run on cpu with torch.float64"):
+        linear_attention_chunk(q.double(), k.double(), v.double(), backend="doubled")
+
+
+def test_chunk_state_is_the_final_state_without_initial_state():
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(2, 13, 3, 4, generator=gen, dtype=torch.float64), torch.randn(2, 13, 3, 5, generator=gen,
+                                                                                      dtype=torch.float64)
+    for log_decay in (None, -torch.rand(3, generator=gen, dtype=torch.float64),
+                      -torch.rand(2, 13, 3, generator=gen, dtype=torch.float64)):
+        _, ref_state = reference_linear_attention(torch.zeros_like(k), k, v, log_decay=log_decay)
+        assert rel_err(chunk_state(k, v, log_decay), ref_state) < 1e-12
+
+
+def test_one_cu_seqlens_check_for_every_layer():
+    """layout's validate_cu_seqlens is the kernels' one; the kernels' form also accepts empty sequences."""
+    assert layout_validate_cu_seqlens is validate_cu_seqlens
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    assert validate_cu_seqlens(cu, 7, allow_empty=True) == [0, 3, 3, 7]
+    assert validate_cu_seqlens(torch.tensor([0], dtype=torch.int32), 0, allow_empty=True) == [0]
+    with pytest.raises(ValueError, match="^cu_seqlens: must be strictly increasing"):
+        validate_cu_seqlens(cu, 7)
+    with pytest.raises(ValueError, match="^cu_seqlens_q: must not decrease"):
+        validate_cu_seqlens(torch.tensor([0, 4, 3], dtype=torch.int32), 3, name="cu_seqlens_q", allow_empty=True)
+    with pytest.raises(ValueError, match="^cu_seqlens_k: must be int32"):
+        validate_cu_seqlens(cu.long(), 7, name="cu_seqlens_k")
+    with pytest.raises(ValueError, match="^cu_seqlens: last entry 7 must equal the number of tokens 8"):
+        validate_cu_seqlens(torch.tensor([0, 7], dtype=torch.int32), 8)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from seqpar import tracing
 from seqpar.collectives import comm
 from seqpar.kernels.linear import (
-    expand_log_decay,
+    chunk_state,
     linear_attention_chunk,
     linear_attention_inter,
     resolve_linear_backend,
@@ -141,21 +141,6 @@ def prepare_linear_sp(
             group=group, what=op,
         )
     return LinearSP(group, rank, size, scale, kind, cdt, (b, s, h, dk, v.shape[-1]))
-
-
-def chunk_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None) -> torch.Tensor:
-    """M = sum_t exp(D - b_t) k_t v_t^T, a slice's state contribution with zero incoming state; differentiable.
-
-    k (B, S, H, Dk), v (B, S, H, Dv) -> (B, H, Dk, Dv) in the compute dtype. The same value as the final
-    state of ``linear_attention_chunk`` without initial state, but without the intra-chunk output: LASP-2
-    needs M before that output so that the all-gather can fly while the output is computed.
-    TODO(kernels): belongs in kernels/linear.py (a fused state-only kernel for the Triton backend).
-    """
-    b, s, h, _ = k.shape
-    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
-    bcum = expand_log_decay(log_decay, b, s, h, cdt, k.device).cumsum(1)  # (B, S, H)
-    to_end = torch.exp(bcum[:, -1:] - bcum)  # exp(D - b_t) <= 1
-    return torch.einsum("bshk,bshv->bhkv", k.to(cdt) * to_end[..., None], v.to(cdt))
 
 
 def decay_factor(log_decay: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 from seqpar.collectives import comm
 
+# validate_cu_seqlens is re-exported here (in __all__): one check of packed boundaries for every layer.
+from seqpar.kernels.varlen import validate_cu_seqlens
+
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -42,27 +45,6 @@ def layout_multiple(layout: str, world_size: int) -> int:
     if layout not in LAYOUTS:
         raise ValueError(f"layout: unknown layout {layout!r}; use one of {LAYOUTS}")
     return 2 * world_size if layout == "zigzag" else world_size
-
-
-def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None, *, name: str = "cu_seqlens") -> list[int]:
-    """Check packed-batch boundaries and return them as a Python list.
-
-    Raises:
-        ValueError: not a 1-D int32 tensor, does not start at 0, not strictly increasing, or (with ``total``)
-            the last entry differs from the number of tokens.
-    """
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name}: expected a 1-D tensor [0, len_0, len_0+len_1, ...] with at least 2 entries")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{name}: must be int32 (got {cu_seqlens.dtype}); use cu_seqlens.to(torch.int32)")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(f"{name}: must start at 0 (got {bounds[0]})")
-    if any(b <= a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{name}: must be strictly increasing (every sequence at least one token), got {bounds}")
-    if total is not None and bounds[-1] != total:
-        raise ValueError(f"{name}: last entry {bounds[-1]} must equal the number of tokens {total}")
-    return bounds
 
 
 def chunk_ranges(seq_len: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:

@@ -9,6 +9,10 @@ Contract (every backend):
   Rows that see no key give out = 0 and lse = -inf, never NaN.
 * Packed variable-length forms take (T, H, D) tensors and int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` and return
   lse of shape (H, T); sequence i of q attends only to sequence i of k.
+* Any strides (a backend copies what its kernel cannot index, e.g. a head dim with stride != 1; it never reads
+  outside a tensor). NaN in q, k or v gives NaN out (and lse, for q and k) in every row that sees it: a finite
+  answer from NaN input would be silent corruption. (Rows that do not see it may turn NaN too: 0 * NaN.)
+  tests/test_strided.py checks both for every backend.
 
 The torch backend uses aten's fused CPU flash kernel (which returns the LSE) and falls back to plain math
 elsewhere; Triton and flash-attn register themselves here when they import.
@@ -128,6 +132,12 @@ def _causal_bias(sq: int, sk: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill(j > i + (sk - sq), float("-inf"))
 
 
+def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """softmax probabilities exp(scores - lse); 0 in rows that see no key (lse = -inf, where the subtraction
+    gives NaN). Not nan_to_num: a NaN that comes from NaN input must reach the output."""
+    return torch.exp(scores - lse[..., None]).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+
+
 def _math_forward(q, k, v, causal, scale):
     """Plain softmax in the accumulation dtype: (B, H, Sq, D) in, (out, lse) out. For devices without a fused kernel."""
     acc = accumulation_dtype(q.dtype)
@@ -138,8 +148,7 @@ def _math_forward(q, k, v, causal, scale):
     if causal:
         scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
     lse = torch.logsumexp(scores, -1)
-    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
-    return (probs @ vv).to(q.dtype), lse
+    return (_probabilities(scores, lse) @ vv).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
@@ -151,7 +160,7 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     scores = qa @ kk.transpose(-1, -2) * scale
     if causal:
         scores = scores + _causal_bias(q.shape[2], k.shape[2], acc, q.device)
-    probs = torch.nan_to_num(torch.exp(scores - lse.to(acc)[..., None]), nan=0.0)
+    probs = _probabilities(scores, lse.to(acc))
     dv = probs.transpose(-1, -2) @ doa
     dp = doa @ vv.transpose(-1, -2)
     delta = (doa * oa).sum(-1, keepdim=True)
@@ -168,10 +177,18 @@ def _use_cpu_flash(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _unit_stride_head_dim(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors with a unit-stride head dim (copied only where needed): aten's CPU flash kernel indexes the
+    head dim without its stride, so x[..., ::2] or a (B, S, D, H).transpose(-1, -2) view would be read out of
+    bounds. Every other stride it honours, so the (B, S, H, D) -> (B, H, S, D) transposes stay views."""
+    return [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in ts]
+
+
 def _torch_forward_bhsd(q, k, v, causal, scale):
     """(B, H, S, D) tensors, every query row sees at least one key."""
     if not _use_cpu_flash(q):
         return _math_forward(q, k, v, causal, scale)
+    q, k, v = _unit_stride_head_dim(q, k, v)
     sq, sk = q.shape[2], k.shape[2]
     if causal and sq != sk:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -200,11 +217,13 @@ def _torch_forward(q, k, v, *, causal, scale):
     first = max(sq - sk, 0) if causal else 0
     if sk == 0 or first == sq:
         return out, lse
-    o, l = _torch_forward_bhsd(
-        q[:, first:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale
-    )
-    out[:, first:] = o.transpose(1, 2)
-    lse[:, :, first:] = l.to(acc)
+    q_rows = q[:, first:]
+    o, l = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    # aten's CPU kernel returns out 0, lse 0 for a query row holding NaN (a silent finite answer); the softmax of
+    # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) One pass over q, cheap next to S^2.
+    nan_rows = torch.isnan(q_rows).any(-1)  # (B, Sq - first, H)
+    out[:, first:] = o.transpose(1, 2).masked_fill(nan_rows[..., None], float("nan"))
+    lse[:, :, first:] = l.to(acc).masked_fill(nan_rows.transpose(1, 2), float("nan"))
     return out, lse
 
 
@@ -299,7 +318,7 @@ def attention_block_varlen(
             q.view(n, sq, *q.shape[1:]), k.view(n, sk, *k.shape[1:]), v.view(n, sk, *v.shape[1:]),
             causal=causal, scale=scale,
         )
-        return out.view(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
+        return out.reshape(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
     outs, lses = [], []
     for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
         o, l = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
@@ -334,7 +353,7 @@ def attention_block_varlen_backward(
         as_q = lambda x: x.reshape(n, sq, *x.shape[1:])  # noqa: E731
         as_k = lambda x: x.reshape(n, sk, *x.shape[1:])  # noqa: E731
         g = impl.backward(
-            as_q(dout), as_q(q), as_k(k), as_k(v), as_q(out), lse.view(lse.shape[0], n, sq).transpose(0, 1),
+            as_q(dout), as_q(q), as_k(k), as_k(v), as_q(out), lse.reshape(lse.shape[0], n, sq).transpose(0, 1),
             causal=causal, scale=scale,
         )
         return g[0].reshape(q.shape), g[1].reshape(k.shape), g[2].reshape(v.shape)

@@ -76,6 +76,8 @@ def _out_lse(result: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pad8(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """flash-attn needs a unit-stride head dim that is a multiple of 8: copy or zero-pad to that (any other
+    strides it honours)."""
     d = ts[0].shape[-1]
     if d % 8 == 0:
         return [t.contiguous() if t.stride(-1) != 1 else t for t in ts]
@@ -109,6 +111,11 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale):
     return dq[..., :d], dk[..., :d], dv[..., :d]
 
 
+def _device_cu(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """cu_seqlens as flash-attn reads them: contiguous int32 on the inputs' device (a strided view is not)."""
+    return cu.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _max_len(cu: torch.Tensor) -> int:
     return int(torch.diff(cu).max()) if cu.numel() > 1 else 0
 
@@ -118,7 +125,7 @@ def _forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale):
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
     qp, kp, vp = _pad8(q, k, v)
-    cu_q, cu_k = cu_q.to(q.device), cu_k.to(q.device)
+    cu_q, cu_k = _device_cu(cu_q, q.device), _device_cu(cu_k, q.device)
     args = (qp, kp, vp, cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), 0.0, scale, causal)
     out, lse = _out_lse(_call(_FWD_VARLEN, args, _FWD_OPTIONS))
     if lse.dim() != 2:  # very old 2.x returned (B, H, max_seqlen_q); we need (H, T)
@@ -131,7 +138,7 @@ def _backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale):
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dp, qp, kp, vp, op = _pad8(dout, q, k, v, out)
-    cu_q, cu_k = cu_q.to(q.device), cu_k.to(q.device)
+    cu_q, cu_k = _device_cu(cu_q, q.device), _device_cu(cu_k, q.device)
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
     args = (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), 0.0,
             scale, causal)

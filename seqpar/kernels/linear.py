@@ -14,27 +14,107 @@ through these torch ops; bf16/fp16 inputs are computed in float32 and returned i
 ``log_decay`` kinds: None (no decay), (H,) per-head constant (lightning attention, RetNet), (B, S, H) per-token
 per-head (simple GLA, Mamba2). The SP algorithms (LASP-2, ZeCO) use the pieces separately: the local chunk's
 state contribution with zero initial state, its total decay, and the correction a rank adds once its incoming
-state is known (``linear_attention_inter``).
+state is known (``linear_attention_inter``), and the state contribution alone (``chunk_state``).
+
+Backends: a registry like softmax attention's (``LinearBackend``, ``register_linear_backend``,
+``get_linear_backend``). ``"torch"`` is defined here; ``"triton"`` registers itself from
+``seqpar.kernels`` when triton imports (``triton_linear.register``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 __all__ = [
     "LINEAR_BACKENDS",
+    "LinearBackend",
+    "available_linear_backends",
+    "chunk_state",
     "expand_log_decay",
+    "get_linear_backend",
     "linear_attention_chunk",
     "linear_attention_inter",
+    "register_linear_backend",
     "resolve_linear_backend",
     "total_log_decay",
     "validate_linear_inputs",
 ]
 
+
+@dataclass(frozen=True)
+class LinearBackend:
+    """A chunked linear-attention kernel.
+
+    Attributes:
+        name: what ``backend=`` selects it by.
+        chunk: ``chunk(q, k, v, *, log_decay, scale, initial_state, output_final_state, chunk_size)
+            -> (o, final_state or None)``, differentiable, with the contract of ``linear_attention_chunk``
+            (inputs already validated; ``scale`` already resolved to a float).
+        supports: ``supports(device, dtype)``: where asking for it by name may run it.
+        auto_supports: where ``backend="auto"`` may pick it (default: wherever it ``supports``). Triton runs
+            on CPU under the interpreter when asked by name, but ``"auto"`` must not pick a numpy emulation.
+        needs: a short requirement for the error message when it cannot run (e.g. "CUDA").
+    """
+
+    name: str
+    chunk: Callable
+    supports: Callable[[torch.device, torch.dtype], bool]
+    auto_supports: Callable[[torch.device, torch.dtype], bool] | None = None
+    needs: str = ""
+
+
+_BACKENDS: dict[str, LinearBackend] = {}
+_AUTO_ORDER = ("triton", "torch")
 LINEAR_BACKENDS = ("auto", "torch", "triton")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Backend names this package defines (``"triton"`` is registered only when triton imports). Kept for
+compatibility; ``available_linear_backends()`` lists what is registered now."""
+
+
+def register_linear_backend(backend: LinearBackend) -> None:
+    """Add (or replace) a linear-attention backend under ``backend.name``."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_linear_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> LinearBackend:
+    """Resolve ``name`` (``"auto"`` or a registered name) for tensors on ``device`` of ``dtype``.
+
+    ``"auto"`` is the first of ``("triton", "torch")`` whose ``auto_supports`` holds: Triton on CUDA
+    (fp16/bf16/fp32), else torch, so on CPU it is always torch.
+
+    Raises:
+        ValueError: naming ``backend``: an unknown name, or a named backend that cannot run on this device/dtype.
+    """
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            backend = _BACKENDS.get(candidate)
+            if backend is not None and (backend.auto_supports or backend.supports)(device, dtype):
+                return backend
+        raise ValueError(f"backend: no linear-attention backend supports {device.type}/{dtype}")
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"backend: unknown linear-attention backend {name!r}; registered: {sorted(_BACKENDS)} or 'auto'"
+        )
+    backend = _BACKENDS[name]
+    if not backend.supports(device, dtype):
+        needs = f" (needs {backend.needs})" if backend.needs else ""
+        raise ValueError(
+            f"backend: {name!r} linear attention cannot run on {device.type} with {dtype}{needs}; use backend='auto'"
+        )
+    return backend
+
+
+def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The name ``get_linear_backend`` resolves ``backend`` to (compatibility helper for callers that only
+    check or log the choice). Raises ValueError as ``get_linear_backend``."""
+    return get_linear_backend(backend, device, dtype).name
 
 
 def validate_linear_inputs(
@@ -86,41 +166,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _triton_linear():
-    """The Triton module, or None when triton is not importable (imported on first use only)."""
-    try:
-        from seqpar.kernels import triton_linear
-    except Exception:  # noqa: BLE001 -- a missing or broken triton must only disable this backend
-        return None
-    return triton_linear
-
-
-def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``"torch"`` or ``"triton"`` for ``backend`` in ``LINEAR_BACKENDS``.
-
-    ``"auto"`` is Triton on CUDA (fp16/bf16/fp32, triton importable), else torch -- so on CPU it is always torch.
-    ``"triton"`` runs on CUDA, and on CPU only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-    triton is imported; the tests).
-
-    Raises:
-        ValueError: unknown backend, or ``"triton"`` where it cannot run.
-    """
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"backend: unknown linear-attention backend {backend!r}; use one of {LINEAR_BACKENDS}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return "torch"
-    module = _triton_linear() if dtype in _TRITON_DTYPES else None
-    runnable = module is not None and (device.type == "cuda" or (device.type == "cpu" and module.INTERPRETED))
-    if backend == "auto":
-        return "triton" if runnable else "torch"
-    if not runnable:
-        raise ValueError(
-            f"backend: 'triton' linear attention cannot run on {device.type} with {dtype} (needs triton, "
-            "fp16/bf16/fp32, and CUDA or TRITON_INTERPRET=1); use backend='auto'"
-        )
-    return "triton"
-
-
 def linear_attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,8 +182,9 @@ def linear_attention_chunk(
 
     Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,) or (B, S, H), all <= 0;
     initial_state (B, H, Dk, Dv); o (B, S, H, Dv) in q's dtype; final_state (B, H, Dk, Dv) float32
-    (float64 for float64 input). ``backend``: see ``resolve_linear_backend`` (torch on CPU unless
+    (float64 for float64 input). ``backend``: see ``get_linear_backend`` (torch on CPU unless
     ``"triton"`` is asked for; the Triton path rounds ``chunk_size``, see ``triton_linear.chunk_size_for``).
+    Any strides. A NaN in q, k or v reaches the outputs that depend on it.
 
     Raises:
         ValueError: shape/dtype mismatch, positive log_decay, chunk_size < 1, a backend that cannot run here.
@@ -146,14 +192,17 @@ def linear_attention_chunk(
     validate_linear_inputs(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
-    if resolve_linear_backend(backend, q.device, q.dtype) == "triton":
-        return _triton_linear().triton_linear_attention(
-            q, k, v, log_decay=log_decay, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, chunk_size=chunk_size,
-        )
+    impl = get_linear_backend(backend, q.device, q.dtype)
+    return impl.chunk(
+        q, k, v, log_decay=log_decay, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
+    )
+
+
+def _torch_chunk(q, k, v, *, log_decay, scale, initial_state, output_final_state, chunk_size):
+    """The torch backend: the chunked form in torch ops (autograd runs through them); any strides."""
     b, s, h, dk = q.shape
     dv = v.shape[-1]
-    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     cdt = _compute_dtype(q.dtype)
     g = expand_log_decay(log_decay, b, s, h, cdt, q.device)
     state = (
@@ -190,3 +239,24 @@ def linear_attention_inter(
     cdt = _compute_dtype(q.dtype)
     bcum = expand_log_decay(log_decay, b, s, h, cdt, q.device).cumsum(1)  # (B, S, H)
     return scale * torch.exp(bcum)[..., None] * torch.einsum("bshk,bhkv->bshv", q.to(cdt), state.to(cdt))
+
+
+register_linear_backend(
+    LinearBackend(name="torch", chunk=_torch_chunk, supports=lambda device, dtype: dtype.is_floating_point)
+)
+
+
+def chunk_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None) -> torch.Tensor:
+    """M = sum_t exp(D - b_t) k_t v_t^T, a slice's state contribution with zero incoming state; differentiable.
+
+    k (B, S, H, Dk), v (B, S, H, Dv), log_decay None / (H,) / (B, S, H) -> (B, H, Dk, Dv) in the compute dtype
+    (float64 for float64 input, else float32); b_t is the cumulative log decay and D = b at the last token.
+    The same value as the final state of ``linear_attention_chunk`` without initial state, but without the
+    intra-chunk output: LASP-2 needs M before that output so that its all-gather can fly while the output is
+    computed. One einsum, O(S Dk Dv), on every backend (a Triton state-only kernel would save no pass).
+    """
+    b, s, h, _ = k.shape
+    cdt = _compute_dtype(k.dtype)
+    bcum = expand_log_decay(log_decay, b, s, h, cdt, k.device).cumsum(1)  # (B, S, H)
+    to_end = torch.exp(bcum[:, -1:] - bcum)  # exp(D - b_t) <= 1
+    return torch.einsum("bshk,bshv->bhkv", k.to(cdt) * to_end[..., None], v.to(cdt))

@@ -54,7 +54,8 @@ def reference_attention(
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: exp(-inf - -inf)
+    # rows with no visible key: exp(-inf - -inf) is NaN, the answer is 0. Only those: NaN input stays NaN.
+    probs = probs.masked_fill(torch.isneginf(lse)[..., None], 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out, lse
 

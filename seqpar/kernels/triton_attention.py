@@ -1,23 +1,14 @@
-"""Triton softmax-attention block kernels: forward with LSE, backward, packed varlen, GQA, fused out/LSE merge.
+"""Launch code of the Triton softmax-attention kernels: configs, argument checks, entry points, registration.
+
+The ``@triton.jit`` kernels live in ``triton_attention_kernels.py``; this module decides block sizes, checks
+arguments, lays tensors out for the kernels and registers the backends.
 
 Shapes and conventions are those of ``seqpar.kernels.attention`` (the contract): q (B, Sq, H, D), k/v
 (B, Sk, H_kv, D) with H % H_kv == 0, out in q's dtype, lse (B, H, Sq) float32; packed form (T, H, D) with
 int32 ``cu_seqlens_q``/``cu_seqlens_k`` and lse (H, T); causal is bottom-right aligned (query i sees key j
 when j <= i + Sk - Sq); rows that see no key give out = 0, lse = -inf. fp16/bf16/fp32 inputs, float32
-accumulation, D <= 256 (any D; non powers of two are masked).
-
-Kernels (flash-attention 2 structure, no S x S buffer anywhere):
-
-* ``_attn_fwd_kernel``: one program per (BLOCK_M query rows, sequence x head). Online softmax over key blocks
-  in the log2 domain; blocks fully below the causal diagonal run without masks, only the diagonal blocks
-  are masked. With ``MERGE`` the epilogue also reads a running (out_acc float32, lse_acc) for the same rows
-  and writes the merged pair instead, so ring/TokenRing need no separate merge pass.
-* ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) in float32.
-* ``_attn_bwd_dkdv_kernel``: one program per (BLOCK_N keys, sequence x kv-head); loops over the q heads of
-  its GQA group and over the query blocks that can see its keys, so K/V are never repeated and dK/dV need
-  no atomics.
-* ``_attn_bwd_dq_kernel``: one program per (BLOCK_M queries, sequence x head), same key range as forward.
-
+accumulation, D <= 256 (any D; non powers of two are masked). Any strides: tensors whose head dim is not
+unit-stride are copied (the kernels add head-dim offsets without a stride); every other stride is passed on.
 Padded batches run as the packed form with a batch stride (``VARLEN=False``), so there is one code path.
 
 Backends registered by ``register()``:
@@ -36,7 +27,15 @@ import math
 
 import torch
 import triton
-import triton.language as tl
+
+from seqpar.kernels.triton_attention_kernels import (
+    LOG2E,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_bwd_preprocess_kernel,
+    _attn_fwd_kernel,
+)
+from seqpar.kernels.varlen import validate_cu_seqlens
 
 __all__ = [
     "INTERPRETED",
@@ -48,402 +47,9 @@ __all__ = [
     "triton_attention_merge",
 ]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# Kernels may only read globals that are tl.constexpr instances.
-_K_LOG2E = tl.constexpr(LOG2E)
-_K_LN2 = tl.constexpr(LN2)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
-
-# ----------------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with float32 accumulation. UPCAST: the interpreter stores bf16 as uint16 and its dot would
-    multiply the raw integers, so operands (already rounded to bf16) are widened first -- same numbers."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _load_kv(ptrs, cols, offs_d, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-             TRANSPOSED: tl.constexpr):
-    """Load a key/value tile ((D, N) if TRANSPOSED else (N, D)) with only the masks it needs: the key range on
-    the diagonal/last blocks, the head dim when it is not a power of two. Mask-free loads vectorise best."""
-    if TRANSPOSED:
-        in_range = cols[None, :] < seqlen_k
-        d_ok = offs_d[:, None] < HEAD_DIM
-    else:
-        in_range = cols[:, None] < seqlen_k
-        d_ok = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        if HEAD_DIM == BLOCK_D:
-            x = tl.load(ptrs, mask=in_range, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=in_range & d_ok, other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_ok, other=0.0)
-    return x
-
-
-@triton.jit
-def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k, diag,
-    qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One key block of the online softmax. Scores are in log2 units (scale * log2(e) folded in)."""
-    cols = start_n + offs_n
-    kt = _load_kv(k_base + cols[None, :] * stride_ks + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
-                  MASKED, True)  # (D, N)
-    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
-    if MASKED:
-        visible = cols[None, :] < seqlen_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no key yet has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
-                 MASKED, False)  # (N, D)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, OutAcc, LseAcc, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh, stride_ls,
-    stride_ab, stride_as, stride_ah,
-    stride_alb, stride_alh, stride_als,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    h_kv = h // group
-    b64 = b.to(tl.int64)
-    q_start = b64 * 0  # token offset of this sequence (int64: packed batches can be long)
-    k_start = b64 * 0
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seqlen_q = tl.load(CuQ + b + 1) - tl.load(CuQ + b)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        seqlen_k = tl.load(CuK + b + 1) - tl.load(CuK + b)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:  # varlen grids are sized for the longest sequence
-        return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b64 * stride_qb + h * stride_qh + q_start * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    k_base = K + b64 * stride_kb + h_kv * stride_kh + k_start * stride_ks
-    v_base = V + b64 * stride_vb + h_kv * stride_vh + k_start * stride_vs
-
-    # Key j is visible to query i when j <= i + diag (bottom-right aligned causal mask).
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        full = tl.minimum(seqlen_k, tl.maximum(m0 + diag + 1, 0))  # keys every row of this block sees
-        hi = tl.minimum(seqlen_k, tl.maximum(m0 + BLOCK_M + diag, 0))  # keys any row sees
-    else:
-        full = seqlen_k
-        hi = seqlen_k
-    n_full = (full // BLOCK_N) * BLOCK_N  # whole blocks that need neither causal nor length masks
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k,
-            diag, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST,
-        )
-    for start_n in range(n_full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k,
-            diag, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST,
-        )
-
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    out_mask = row_ok[:, None] & d_ok[None, :]
-    if MERGE:
-        # Merge with the running partial of the same rows (-inf safe, as merge_attention_outputs).
-        acc_lse2 = tl.load(
-            LseAcc + b64 * stride_alb + h * stride_alh + q_start * stride_als + offs_m * stride_als,
-            mask=row_ok, other=float("-inf"),
-        ) * _K_LOG2E
-        acc_out = tl.load(
-            OutAcc + b64 * stride_ab + h * stride_ah + q_start * stride_as + offs_m[:, None] * stride_as + offs_d[None, :],
-            mask=out_mask, other=0.0,
-        )
-        top = tl.maximum(acc_lse2, lse2)
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.math.exp2(acc_lse2 - top_safe) + tl.math.exp2(lse2 - top_safe)
-        new_lse2 = tl.where(total > 0.0, top_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
-        new_safe = tl.where(new_lse2 == float("-inf"), 0.0, new_lse2)
-        out = acc_out * tl.math.exp2(acc_lse2 - new_safe)[:, None] + out * tl.math.exp2(lse2 - new_safe)[:, None]
-        lse2 = new_lse2
-    tl.store(
-        Out + b64 * stride_ob + h * stride_oh + q_start * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
-        out.to(Out.dtype.element_ty), mask=out_mask,
-    )
-    tl.store(Lse + b64 * stride_lb + h * stride_lh + q_start * stride_ls + offs_m * stride_ls, lse2 * _K_LN2, mask=row_ok)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, CuQ,
-    stride_ob, stride_os, stride_oh,
-    stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, stride_ls,
-    seqlen_q, n_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """delta = rowsum(dO * O) in float32, stored in the lse layout."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    b64 = b.to(tl.int64)
-    q_start = b64 * 0
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seqlen_q = tl.load(CuQ + b + 1) - tl.load(CuQ + b)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seqlen_q
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o_base = Out + b64 * stride_ob + h * stride_oh + q_start * stride_os
-    do_base = DOut + b64 * stride_db + h * stride_dh + q_start * stride_ds
-    o = tl.load(o_base + rows[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b64 * stride_lb + h * stride_lh + q_start * stride_ls + rows * stride_ls, delta, mask=row_ok)
-
-
-@triton.jit
-def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls, start_m, offs_n,
-    offs_d, seqlen_q, diag, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One query block's contribution to dK/dV of this key block, in transposed (keys x queries) form."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    qt = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Rows past the end and rows that saw no key (lse = -inf) get lse = +inf, hence p = 0.
-    lse = tl.load(lse_base + offs_m * stride_ls, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _K_LOG2E
-    delta = tl.load(delta_base + offs_m * stride_ls, mask=row_ok, other=0.0)
-    st = _dot(k, qt, PRECISION, UPCAST) * qk_scale  # (N, M)
-    if MASKED:  # mask before exp2: a hidden score may exceed the row's lse by far
-        st = tl.where(offs_m[None, :] + diag >= offs_n[:, None], st, float("-inf"))
-    pt = tl.math.exp2(st - lse2[None, :])
-    dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-    dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
-    dst = pt * (dpt - delta[None, :])
-    dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, stride_ls,
-    stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh,
-    seqlen_q, seqlen_k, n_kv_heads, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    h_kv = pid_bh % n_kv_heads
-    b64 = b.to(tl.int64)
-    q_start = b64 * 0  # token offset of this sequence (int64: packed batches can be long)
-    k_start = b64 * 0
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seqlen_q = tl.load(CuQ + b + 1) - tl.load(CuQ + b)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        seqlen_k = tl.load(CuK + b + 1) - tl.load(CuK + b)
-    n0 = pid_n * BLOCK_N
-    if n0 >= seqlen_k:
-        return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b64 * stride_kb + h_kv * stride_kh + k_start * stride_ks + offs_n[:, None] * stride_ks
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + h_kv * stride_vh + k_start * stride_vs + offs_n[:, None] * stride_vs
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        # Query i sees key j when i >= j - diag: queries before `lo` see none of this block, queries from
-        # `full_lo` on see all of it; only [lo, full_lo) needs the mask.
-        lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-        masked_hi = tl.minimum(full_lo, seqlen_q)
-    else:
-        lo = 0
-        full_lo = 0
-        masked_hi = 0
-    # Key rows past seqlen_k are zeros: their dK/dV are never stored and they add nothing elsewhere.
-    for g in range(group):  # GQA: every q head of this kv head, K/V loaded once
-        h = h_kv * group + g
-        q_base = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qs
-        do_base = DOut + b64 * stride_db + h * stride_dh + q_start * stride_ds
-        lse_base = Lse + b64 * stride_lb + h * stride_lh + q_start * stride_ls
-        delta_base = Delta + b64 * stride_lb + h * stride_lh + q_start * stride_ls
-        for start_m in range(lo, masked_hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, stride_ls, start_m,
-                offs_n, offs_d, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, True, PRECISION, UPCAST,
-            )
-        for start_m in range(full_lo, seqlen_q, BLOCK_M):
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, stride_ls, start_m,
-                offs_n, offs_d, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, False, PRECISION, UPCAST,
-            )
-    dk_base = DK + b64 * stride_dkb + h_kv * stride_dkh + k_start * stride_dks
-    dv_base = DV + b64 * stride_dvb + h_kv * stride_dvh + k_start * stride_dvs
-    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k, diag,
-    qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    cols = start_n + offs_n
-    kt = _load_kv(k_base + cols[None, :] * stride_ks + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
-                  MASKED, True)  # (D, N)
-    vt = _load_kv(v_base + cols[None, :] * stride_vs + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
-                  MASKED, True)
-    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
-    if MASKED:  # mask before exp2: a hidden score may exceed the row's lse by far
-        visible = cols[None, :] < seqlen_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-        s = tl.where(visible, s, float("-inf"))
-    p = tl.math.exp2(s - lse2[:, None])
-    dp = _dot(do, vt, PRECISION, UPCAST)
-    ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, stride_ls,
-    stride_dqb, stride_dqs, stride_dqh,
-    seqlen_q, seqlen_k, n_heads, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    h_kv = h // group
-    b64 = b.to(tl.int64)
-    q_start = b64 * 0  # token offset of this sequence (int64: packed batches can be long)
-    k_start = b64 * 0
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seqlen_q = tl.load(CuQ + b + 1) - tl.load(CuQ + b)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        seqlen_k = tl.load(CuK + b + 1) - tl.load(CuK + b)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seqlen_q
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_base = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qs
-    do_base = DOut + b64 * stride_db + h * stride_dh + q_start * stride_ds
-    l_off = b64 * stride_lb + h * stride_lh + q_start * stride_ls
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
-    lse = tl.load(Lse + l_off + offs_m * stride_ls, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _K_LOG2E  # rows that saw no key: p = 0
-    delta = tl.load(Delta + l_off + offs_m * stride_ls, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + h_kv * stride_kh + k_start * stride_ks
-    v_base = V + b64 * stride_vb + h_kv * stride_vh + k_start * stride_vs
-
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        full = tl.minimum(seqlen_k, tl.maximum(m0 + diag + 1, 0))
-        hi = tl.minimum(seqlen_k, tl.maximum(m0 + BLOCK_M + diag, 0))
-    else:
-        full = seqlen_k
-        hi = seqlen_k
-    n_full = (full // BLOCK_N) * BLOCK_N
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_full, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n,
-                           offs_d, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST)
-    for start_n in range(n_full, hi, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n,
-                           offs_d, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST)
-    dq_base = DQ + b64 * stride_dqb + h * stride_dqh + q_start * stride_dqs
-    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,14 +145,15 @@ class _Problem:
             raise ValueError(f"q: head dim {self.d} > {MAX_HEAD_DIM} is not supported by the triton kernels")
         self.group = self.h // self.h_kv
         if self.varlen:
-            bq = _check_cu(cu_q, "cu_seqlens_q", q.shape[0])
-            bk = _check_cu(cu_k, "cu_seqlens_k", k.shape[0])
+            bq = validate_cu_seqlens(cu_q, q.shape[0], name="cu_seqlens_q", allow_empty=True)
+            bk = validate_cu_seqlens(cu_k, k.shape[0], name="cu_seqlens_k", allow_empty=True)
             if len(bq) != len(bk):
                 raise ValueError(f"cu_seqlens_k: {len(bk) - 1} sequences but cu_seqlens_q has {len(bq) - 1}")
             self.batch = len(bq) - 1
             self.seqlen_q = max((b - a for a, b in zip(bq, bq[1:])), default=0)
             self.seqlen_k = max((b - a for a, b in zip(bk, bk[1:])), default=0)
-            self.cu_q, self.cu_k = cu_q.to(q.device), cu_k.to(q.device)
+            # the kernels read entry b at Cu + b: unit stride (a cu_seqlens[::2] view would be read wrongly)
+            self.cu_q, self.cu_k = cu_q.to(q.device).contiguous(), cu_k.to(q.device).contiguous()
         else:
             self.batch, self.seqlen_q, self.seqlen_k = q.shape[0], q.shape[1], k.shape[1]
             self.cu_q = self.cu_k = q  # never read when VARLEN is False; any pointer will do
@@ -563,15 +170,6 @@ class _Problem:
 
     def lse_shape(self, q: torch.Tensor) -> tuple[int, ...]:
         return (self.h, q.shape[0]) if self.varlen else (q.shape[0], self.h, q.shape[1])
-
-
-def _check_cu(cu: torch.Tensor, name: str, total: int) -> list[int]:
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name}: expected a 1-D int32 tensor of cumulative lengths")
-    bounds = cu.tolist()
-    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{name}: must start at 0, not decrease and end at {total} tokens; got {bounds[:8]}...")
-    return bounds
 
 
 def _lastdim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:

@@ -495,3 +495,29 @@ def triton_linear_attention(
         return o, (final if output_final_state else None)
     o, final = _ChunkLinearAttention.apply(q, k, v, g, initial_state, scale, chunk)
     return o, (final if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------
+
+
+def _supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """By name: CUDA, or CPU tensors when the kernels run in the interpreter (TRITON_INTERPRET=1, the tests)."""
+    return dtype in SUPPORTED_DTYPES and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
+
+
+def _auto_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in SUPPORTED_DTYPES and device.type == "cuda"
+
+
+def register() -> None:
+    """Register the ``"triton"`` linear-attention backend (``backend="auto"`` picks it on CUDA only)."""
+    from seqpar.kernels.linear import LinearBackend, register_linear_backend
+
+    register_linear_backend(
+        LinearBackend(
+            name="triton", chunk=triton_linear_attention, supports=_supports, auto_supports=_auto_supports,
+            needs="triton, fp16/bf16/fp32, and CUDA or TRITON_INTERPRET=1",
+        )
+    )
