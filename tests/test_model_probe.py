@@ -8,7 +8,6 @@ nor disturb the caller's RNG streams or train/eval flags."""
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from checks import rel_err
 from harness import run_distributed
 from strategy_shim import ensure_builtin_strategies
