@@ -28,10 +28,12 @@ __all__ = ["PROBE_MIN_TOKENS", "verify_model"]
 # The probe batch has at least this many tokens (rounded up to the layout's multiple): enough that a local
 # shard has tokens after a short convolution's window, few enough to cost little.
 PROBE_MIN_TOKENS = 32
-# Largest per-token relative difference that still counts as rounding, by the model's parameter dtype. Real
-# mixing on a local shard changes the affected tokens by O(1) relative.
+# Largest per-token relative difference that still counts as rounding, by the model's parameter dtype. Measured
+# on the tiny Llama / MiniMax / GPT at 4 ranks: rounding reaches 5e-7 (float32) and 1e-2 (bfloat16); the
+# Gated DeltaNet of a tiny Qwen3-Next differs by 1.4 (O(1): real mixing on a local shard).
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 _LOW_PRECISION_TOLERANCE = 5e-2  # bfloat16, float16
+_AMPLIFICATION = 10.0
 
 
 def verify_model(
@@ -91,11 +93,14 @@ def verify_model(
         if key not in sharded:
             return
         local_inputs, local_outputs = sharded.pop(key)
-        errors = _errors(local_inputs, _leaves((args, kwargs)), index, seq_len)
-        if any(e > tolerance for e in errors):
+        inputs = max(_errors(local_inputs, _leaves((args, kwargs)), index, seq_len), default=0.0)
+        if inputs > tolerance:
             return
         worst = max(_errors(local_outputs, _leaves(output), index, seq_len), default=0.0)
-        if worst > tolerance and (first is None or finish_order[key] < first[0]):
+        # Rounding in low precision comes close to the tolerance; a module that merely passes on (or slightly
+        # amplifies) a difference it was given is not the culprit, one that creates a 10x larger one is.
+        culprit = worst > max(tolerance, _AMPLIFICATION * inputs)
+        if culprit and (first is None or finish_order[key] < first[0]):
             first = (finish_order[key], key[0], worst)
 
     with _probing(model, device):
