@@ -61,7 +61,7 @@ def verify_model(
     seq_len = multiple * math.ceil(PROBE_MIN_TOKENS / multiple)
     params = [p for p in model.parameters() if p.is_floating_point()]
     device = params[0].device if params else torch.device("cpu")
-    dtype = min((p.dtype for p in params), key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    dtype = max((p.dtype for p in params), key=lambda d: torch.finfo(d).eps, default=torch.float32)  # coarsest
     tolerance = _TOLERANCE.get(dtype, _LOW_PRECISION_TOLERANCE)
     ids = torch.randint(0, _vocab_size(model), (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     index = shard_indices(seq_len, size, rank, layout=layout).to(device)
