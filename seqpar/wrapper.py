@@ -222,6 +222,13 @@ def parallelize(
     Args:
         model: a transformers model, a module calling ``F.scaled_dot_product_attention``, or one whose attention
             modules have adapters (``seqpar.register_adapter``).
+        config: every option at once; the keyword options below override its fields.
+        group, strategy, linear_strategy, layout, backend, cost_model, check_consistency, verify_model: the
+            ``SPConfig`` fields of these names.
+
+    Returns:
+        An ``SPModel``: ``prepare(batch)`` -> this rank's inputs, ``forward(**inputs)`` -> ``SPOutput`` (loss,
+        local logits, the executed plan), ``sync_gradients()``.
 
     With ``verify_model`` (the default) on more than one rank, the model is run once on a short random batch
     unsharded and through the SP path (cost: one forward of each on ``seqpar.runtime.probe.PROBE_MIN_TOKENS``

@@ -227,14 +227,16 @@ def consistency_scope():
     model = MODELS["gpt"]()
     seen = []
     model.register_forward_hook(lambda *_: seen.append(comm.consistency_checks_enabled()))
-    sp_model = seqpar.parallelize(model, config=seqpar.SPConfig(check_consistency=True, verify_model=False))
+    config = seqpar.SPConfig(check_consistency=True, strategy="ulysses")
+    sp_model = seqpar.parallelize(model, config=config, strategy="token_ring", verify_model=False)  # overrides
     sp_model(**sp_model.prepare(sequences_for([32])))
-    return before, seen, comm.consistency_checks_enabled()
+    return before, seen, comm.consistency_checks_enabled(), sp_model.config
 
 
 def test_check_consistency_is_scoped_to_the_forward():
-    for before, during, after in run_distributed(consistency_scope, 2):
+    for before, during, after, config in run_distributed(consistency_scope, 2):
         assert before is False and during == [True] and after is False
+        assert (config.strategy, config.check_consistency, config.verify_model) == ("token_ring", True, False)
 
 
 def test_sp_config_validates_each_field_by_name():
@@ -252,6 +254,9 @@ def test_sp_config_validates_each_field_by_name():
         with pytest.raises(ValueError) as err:
             seqpar.SPConfig(**options).validate()
         assert str(err.value).startswith(f"{field}:"), (field, str(err.value))
+    with pytest.raises(ValueError) as err:
+        seqpar.parallelize(torch.nn.Linear(2, 2), config={"strategy": "ring"})
+    assert str(err.value).startswith("config:")
     config = seqpar.SPConfig(strategy="auto", linear_strategy=strategies.names("linear")[0])
     assert config.validate() is config
     with pytest.raises(AttributeError):
