@@ -33,16 +33,7 @@ import torch.nn.functional as F
 
 from seqpar import integrations, strategies
 from seqpar.collectives import comm
-from seqpar.runtime import (
-    IGNORE_INDEX,
-    SPConfig,
-    SPContext,
-    StepRunner,
-    StepShard,
-    current_context,
-    sp_context,
-    verify_model,
-)
+from seqpar.runtime import IGNORE_INDEX, SPConfig, SPContext, StepRunner, StepShard, current_context, probe, sp_context
 from seqpar.runtime.packing import pack_padded
 
 __all__ = ["SPConfig", "SPModel", "SPOutput", "parallelize"]
@@ -314,8 +305,8 @@ def _verify(sp_model: SPModel, reference_attention: str | None) -> None:
         with _attention_implementation(model, reference_attention):
             model(**_model_kwargs(model, ids, positions, {}))
 
-    verify_model(model, group=sp_model.group, layout=sp_model.layout, sharded_forward=sharded,
-                 unsharded_forward=unsharded)
+    probe.verify_model(model, group=sp_model.group, layout=sp_model.layout, sharded_forward=sharded,
+                       unsharded_forward=unsharded)
 
 
 @contextlib.contextmanager
