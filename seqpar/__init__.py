@@ -28,8 +28,9 @@ _EXPORTS = {
     "lasp2_linear_attention": "seqpar.collectives.lasp2",
     "zeco_linear_attention": "seqpar.collectives.zeco",
     "all_scan": "seqpar.collectives.scan",
-    # the wrapper
+    # the wrapper and its runtime
     "parallelize": "seqpar.wrapper",
+    "SPConfig": "seqpar.runtime",
     "SPModel": "seqpar.wrapper",
     "SPOutput": "seqpar.wrapper",
     "register_adapter": "seqpar.integrations",
@@ -59,9 +60,10 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
 
 
-if TYPE_CHECKING:  # static analysers see the real names
+if TYPE_CHECKING:  # static analysers see the real names; keep in step with _EXPORTS
     from seqpar.collectives.allgather_kv import allgather_kv_attention
     from seqpar.collectives.comm import CommStats, count_comm
+    from seqpar.collectives.lasp2 import lasp2_linear_attention
     from seqpar.collectives.layout import (
         PaddedSequence,
         local_positions,
@@ -70,8 +72,11 @@ if TYPE_CHECKING:  # static analysers see the real names
         unshard_sequence,
     )
     from seqpar.collectives.ring import ring_attention
+    from seqpar.collectives.scan import all_scan
     from seqpar.collectives.token_ring import token_ring_attention
     from seqpar.collectives.ulysses import ulysses_attention
+    from seqpar.collectives.zeco import zeco_linear_attention
     from seqpar.integrations import register_adapter
-    from seqpar.wrapper import SPModel, SPOutput, parallelize
+    from seqpar.runtime import SPConfig
     from seqpar.solver import Cluster, CostModel, Group, ModelSpec, Plan, plan_step, static_plan
+    from seqpar.wrapper import SPModel, SPOutput, parallelize

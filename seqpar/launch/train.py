@@ -271,7 +271,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
         record = {
             "step": step + 1, "loss": out.loss.item(), "tokens": sum(int(t.numel()) for t in batch),
             "sequences": len(batch), "seconds": elapsed, "bytes_sent_rank": stats.bytes_sent,
-            "plan": _plan_summary(local["seqpar_step"], args.strategy), "peak_memory_bytes": _peak_memory_bytes(device),
+            "plan": _plan_summary(out), "peak_memory_bytes": _peak_memory_bytes(device),
         }
         record["tokens_per_s"] = record["tokens"] / elapsed
         if not finite:
@@ -305,13 +305,13 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
     return history
 
 
-def _plan_summary(step: Any, strategy: str) -> str:
-    if step.plan_json is None:
-        return f"{strategy} x{dist.get_world_size(step.group)}"
-    from seqpar.solver import Plan
-
-    plan = Plan.from_json(step.plan_json)
-    return " ".join(f"{g.strategy}x{len(g.ranks)}[{len(g.seq_indices)}]" for g in plan.groups)
+def _plan_summary(out: Any) -> str:
+    """What the step ran, from ``SPOutput``: ``"ring x4"`` (fixed strategy) or each plan group's
+    ``strategy x ranks [sequences]``."""
+    if out.plan is None:
+        pair = "+".join(s for s in (out.softmax_strategy, out.linear_strategy) if s)
+        return f"{pair} x{len(out.group_ranks)}"
+    return " ".join(f"{g.strategy}x{len(g.ranks)}[{len(g.seq_indices)}]" for g in out.plan.groups)
 
 
 def print_summary(history: list[dict], args: argparse.Namespace) -> None:

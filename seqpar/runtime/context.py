@@ -1,40 +1,25 @@
-"""Per-step execution state: which SP group, strategy and packed layout the attention calls of the current
+"""Per-step execution state: which SP group, strategies and packed layout the attention calls of the current
 forward use.
 
-``parallelize`` enters an ``SPContext`` around the wrapped model's forward; every interception point (the
+``SPModel.forward`` enters an ``SPContext`` around the wrapped model's forward; every interception point (the
 Hugging Face attention function, the SDPA interceptor, module adapters) calls ``softmax_attention`` or
-``linear_attention`` here, which dispatch to the SP op the context names. Outside a context they raise: an
-attention call that reaches seqpar without a plan would silently compute local-only attention otherwise.
+``linear_attention`` here, which run the op that the strategy registry (``seqpar.strategies``) gives for the
+context's strategy. Outside a context they raise: an attention call that reaches seqpar without a plan would
+silently compute local-only attention otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-SOFTMAX_STRATEGIES = {
-    "ring": ("seqpar.collectives.ring", "ring_attention"),
-    "token_ring": ("seqpar.collectives.token_ring", "token_ring_attention"),
-    "ulysses": ("seqpar.collectives.ulysses", "ulysses_attention"),
-    "allgather_kv": ("seqpar.collectives.allgather_kv", "allgather_kv_attention"),
-}
-LINEAR_STRATEGIES = {
-    "lasp2": ("seqpar.collectives.lasp2", "lasp2_linear_attention"),
-    "zeco": ("seqpar.collectives.zeco", "zeco_linear_attention"),
-}
+from seqpar import strategies
 
-
-def resolve_op(table: dict[str, tuple[str, str]], name: str, argument: str):
-    """The SP op function for strategy ``name``; ValueError naming ``argument`` if unknown."""
-    if name not in table:
-        raise ValueError(f"{argument}: unknown strategy {name!r}; choose one of {sorted(table)}")
-    module, attr = table[name]
-    return getattr(importlib.import_module(module), attr)
+__all__ = ["SPContext", "current_context", "linear_attention", "softmax_attention", "sp_context"]
 
 
 @dataclass
@@ -43,7 +28,8 @@ class SPContext:
 
     Attributes:
         group: this rank's SP group for the step.
-        strategy / linear_strategy: the SP ops for softmax and linear attention layers.
+        softmax_strategy / linear_strategy: registered strategy names for the softmax and the linear attention
+            layers (None: this group was planned without that kind of layer; a call of that kind is an error).
         layout: how tokens were sharded (``zigzag`` or ``contiguous``).
         cu_seqlens: LOCAL int32 boundaries when the batch is packed (input of shape (1, T_local)); None for a
             padded (B, S_local) batch.
@@ -52,8 +38,8 @@ class SPContext:
     """
 
     group: dist.ProcessGroup
-    strategy: str
-    linear_strategy: str
+    softmax_strategy: str | None
+    linear_strategy: str | None
     layout: str
     cu_seqlens: torch.Tensor | None
     backend: str = "auto"
@@ -65,6 +51,7 @@ _active: list[SPContext] = []
 
 @contextlib.contextmanager
 def sp_context(ctx: SPContext) -> Iterator[SPContext]:
+    """Make ``ctx`` the context that attention calls route through until the block exits."""
     _active.append(ctx)
     try:
         yield ctx
@@ -73,6 +60,7 @@ def sp_context(ctx: SPContext) -> Iterator[SPContext]:
 
 
 def current_context() -> SPContext | None:
+    """The innermost active ``SPContext``, or None outside a seqpar-parallelized forward."""
     return _active[-1] if _active else None
 
 
@@ -86,13 +74,24 @@ def _require_context(what: str) -> SPContext:
     return ctx
 
 
+def _op(name: str | None, kind: str):
+    """The SP op of the registered strategy ``name`` of ``kind``."""
+    argument = "strategy" if kind == "softmax" else "linear_strategy"
+    if name is None:
+        raise ValueError(
+            f"{argument}: this step's plan gave the group no {kind} strategy, but the model ran {kind} attention; "
+            f"plan with a cost model whose ModelSpec.layer_kinds lists the model's {kind} layers"
+        )
+    return strategies.get(name, kind, argument=argument).load_op()
+
+
 def softmax_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None
 ) -> torch.Tensor:
     """Route one softmax attention call of the model: q (B, S_local, H, D), k/v (B, S_local, H_kv, D)."""
     ctx = _require_context("attention")
     ctx.calls += 1
-    op = resolve_op(SOFTMAX_STRATEGIES, ctx.strategy, "strategy")
+    op = _op(ctx.softmax_strategy, "softmax")
     options = dict(group=ctx.group, causal=causal, softmax_scale=scale, layout=ctx.layout, backend=ctx.backend)
     if ctx.cu_seqlens is None:
         return op(q, k, v, **options)
@@ -113,7 +112,7 @@ def linear_attention(
             "layout: linear attention needs the contiguous layout (its state flows left to right); "
             "parallelize(..., layout='contiguous') or leave layout='auto'"
         )
-    op = resolve_op(LINEAR_STRATEGIES, ctx.linear_strategy, "linear_strategy")
+    op = _op(ctx.linear_strategy, "linear")
     if ctx.cu_seqlens is None:
         return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale)
     if log_decay is not None and log_decay.dim() != 1:

@@ -1,0 +1,134 @@
+"""Turning a GLOBAL batch into one rank's inputs: label shift, padding to the layout's multiple, sharding,
+global positions and ``cu_seqlens``.
+
+Labels are shifted over the whole sequence BEFORE sharding (no label is lost at a shard edge); each sequence
+is padded to the multiple the layout needs (padding carries label -100 and is never attended by real tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from seqpar.collectives import comm
+from seqpar.collectives.layout import layout_multiple, shard_indices, validate_cu_seqlens
+
+__all__ = ["IGNORE_INDEX", "StepShard", "pack_padded", "pack_sequences", "shift_labels", "split_batch"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepShard:
+    """What ``prepare`` decided for this rank; passed back to the model's forward as ``seqpar_step``.
+
+    Attributes:
+        group: this rank's SP group for the step.
+        group_ranks: the members of that group, as ranks of the parent group (``SPConfig.group``).
+        softmax_strategy / linear_strategy: what the group's softmax / linear attention layers run (None: a kind
+            the plan did not give this group).
+        cu_seqlens: LOCAL int32 boundaries of a packed batch; None for a padded one.
+        plan: the step's ``seqpar.solver.Plan`` (None for a fixed strategy).
+    """
+
+    group: dist.ProcessGroup
+    group_ranks: tuple[int, ...]
+    softmax_strategy: str | None
+    linear_strategy: str | None
+    cu_seqlens: torch.Tensor | None
+    plan: Any = None
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM labels: position t predicts token t+1 of the SAME sequence; the last position predicts nothing."""
+    return torch.cat([labels[1:], labels.new_full((1,), IGNORE_INDEX)])
+
+
+def split_batch(batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """(sequences, labels, is_padded_batch) from any batch form ``SPModel.prepare`` accepts.
+
+    Raises:
+        ValueError: malformed batch (names the key), a padding attention_mask, an empty batch.
+    """
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise ValueError("batch: empty list of sequences")
+        for i, seq in enumerate(batch):
+            if not isinstance(seq, torch.Tensor) or seq.dim() != 1 or seq.numel() == 0:
+                raise ValueError(f"batch: item {i} must be a non-empty 1-D tensor of token ids")
+        return list(batch), list(batch), False
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError(
+            "batch: pass a dict with 'input_ids' (and optional 'labels', 'cu_seqlens') or a list of 1-D tensors"
+        )
+    ids = batch["input_ids"]
+    labels = batch.get("labels", ids)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} must equal input_ids' {tuple(ids.shape)}")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((mask != 0).all()):
+        raise ValueError(
+            "attention_mask: padding masks are not supported; pass a list of unpadded sequences (or cu_seqlens) "
+            "and seqpar packs them"
+        )
+    if batch.get("cu_seqlens") is not None:
+        flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
+        bounds = validate_cu_seqlens(batch["cu_seqlens"], flat_ids.numel())
+        pairs = [(flat_ids[a:b], flat_labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [p[0] for p in pairs], [p[1] for p in pairs], False
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"input_ids: expected a non-empty (B, S) tensor, got shape {tuple(ids.shape)}")
+    return list(ids), list(labels), True
+
+
+def pack_padded(
+    sequences: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], *, layout: str, step: StepShard
+) -> dict[str, Any]:
+    """Equal-length sequences as one (B, S_local) batch of ``step.group``'s rank: every sequence padded at the end
+    to the layout's multiple, then the same token positions taken from each.
+
+    Returns ``{"input_ids", "position_ids", "labels"}`` (B, S_local) and ``"seqpar_step": step``.
+    """
+    _, rank, size = comm.group_info(step.group)
+    ids = torch.stack(list(sequences))
+    shifted = torch.stack([shift_labels(lab) for lab in labels])
+    pad = (-ids.shape[1]) % layout_multiple(layout, size)
+    if pad:
+        ids = F.pad(ids, (0, pad))
+        shifted = F.pad(shifted, (0, pad), value=IGNORE_INDEX)
+    index = shard_indices(ids.shape[1], size, rank, layout=layout).to(ids.device)
+    positions = index[None].expand(ids.shape[0], -1)
+    return {"input_ids": ids[:, index], "position_ids": positions.contiguous(), "labels": shifted[:, index],
+            "seqpar_step": step}
+
+
+def pack_sequences(
+    sequences: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], chosen: Sequence[int], *, layout: str,
+    step: StepShard, device: torch.device,
+) -> dict[str, Any]:
+    """The ``chosen`` sequences packed into one (1, T_local) row of ``step.group``'s rank, each padded to the
+    layout's multiple; ``step.cu_seqlens`` is set to the local boundaries. With no sequence chosen (a group the
+    plan left idle) the row is empty: the rank then only joins the loss and gradient sums."""
+    _, rank, size = comm.group_info(step.group)
+    multiple = layout_multiple(layout, size)
+    ids, labs, pos, bounds = [], [], [], [0]
+    for i in chosen:
+        seq, lab = sequences[i], shift_labels(labels[i])
+        pad = (-seq.numel()) % multiple
+        ids.append(F.pad(seq, (0, pad)))
+        labs.append(F.pad(lab, (0, pad), value=IGNORE_INDEX))
+        pos.append(torch.arange(seq.numel() + pad))
+        bounds.append(bounds[-1] + seq.numel() + pad)
+    if not ids:
+        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
+        step.cu_seqlens = None
+        return {"input_ids": empty, "position_ids": empty, "labels": empty, "seqpar_step": step}
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    index = shard_indices(bounds[-1], size, rank, layout=layout, cu_seqlens=cu).to(device)
+    step.cu_seqlens = (cu // size).to(device=device, dtype=torch.int32)
+    return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos).to(device)[index][None],
+            "labels": torch.cat(labs)[index][None], "seqpar_step": step}

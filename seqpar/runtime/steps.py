@@ -1,0 +1,126 @@
+"""Per-step execution: the plan every rank runs, the process groups it needs, and this rank's share of the batch.
+
+With a fixed strategy every step runs on the whole group. With ``strategy="auto"`` (or a plan passed to
+``prepare``) rank 0 plans, the plan is broadcast (time-limited solves can differ between ranks: everyone runs
+rank 0's), and each rank runs its plan group's sequences with that group's ``(softmax_strategy,
+linear_strategy)`` pair. A plan group's process group is created the first time a plan uses it and cached per
+parent group (``seqpar.collectives.groups.subgroup``), so later steps and other plans reuse it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.distributed as dist
+
+from seqpar import strategies
+from seqpar.collectives import comm
+from seqpar.collectives.groups import subgroup
+from seqpar.runtime.config import SPConfig
+from seqpar.runtime.packing import StepShard, pack_padded, pack_sequences, split_batch
+
+__all__ = ["StepRunner", "check_plan"]
+
+# A broadcast payload starting with this carries rank 0's planning error instead of a plan (JSON never starts so).
+_FAILED = b"\x00error:"
+
+
+class StepRunner:
+    """Turns each step's GLOBAL batch into this rank's inputs, with the plan and group it runs.
+
+    Args:
+        config: the validated options (group, strategy, linear_strategy, cost_model, ...).
+        layout: the resolved token layout (``zigzag`` or ``contiguous``).
+        has_linear: whether the model has linear-attention layers (a fixed strategy's step then names
+            ``config.linear_strategy``; otherwise None).
+        heads / kv_heads: the model's attention head counts when known, to check plan strategies against.
+    """
+
+    def __init__(self, config: SPConfig, *, layout: str, has_linear: bool, heads: int | None = None,
+                 kv_heads: int | None = None) -> None:
+        self.config = config
+        self.group, self.rank, self.world_size = comm.group_info(config.group)
+        self.layout = layout
+        self.has_linear = has_linear
+        self.heads, self.kv_heads = heads, kv_heads
+
+    def fixed_step(self, softmax_strategy: str | None = None) -> StepShard:
+        """A step on the whole group with the configured strategies (or ``softmax_strategy``)."""
+        linear = self.config.linear_strategy if self.has_linear else None
+        return StepShard(self.group, tuple(range(self.world_size)), softmax_strategy or self.config.strategy,
+                         linear, None)
+
+    def prepare(self, batch: Any, *, plan: Any = None) -> dict[str, Any]:
+        """This rank's inputs for a GLOBAL batch (identical on every rank); see ``SPModel.prepare``."""
+        sequences, labels, padded_batch = split_batch(batch)
+        if plan is None and self.config.strategy != "auto":
+            step = self.fixed_step()
+            if padded_batch:
+                return pack_padded(sequences, labels, layout=self.layout, step=step)
+            return pack_sequences(sequences, labels, range(len(sequences)), layout=self.layout, step=step,
+                                  device=sequences[0].device)
+        plan = self.agree_on_plan([int(s.numel()) for s in sequences], plan)
+        mine = next(g for g in plan.groups if self.rank in g.ranks)  # check_plan: exactly one
+        step = StepShard(self.group_for(mine.ranks), tuple(mine.ranks), mine.softmax_strategy, mine.linear_strategy,
+                         None, plan)
+        return pack_sequences(sequences, labels, mine.seq_indices, layout=self.layout, step=step,
+                              device=sequences[0].device)
+
+    def agree_on_plan(self, seq_lens: Sequence[int], plan: Any = None) -> Any:
+        """The plan every rank runs this step: ``plan`` (or, when None, ``plan_step`` with the config's cost
+        model) as rank 0 has it, broadcast to the group and checked (``check_plan``) on every rank."""
+        from seqpar.solver import Plan, plan_step
+
+        if plan is not None and not isinstance(plan, Plan):
+            raise ValueError(f"plan: expected a seqpar.solver.Plan, got {type(plan).__name__}")
+        payload = None
+        if self.rank == 0:
+            try:
+                chosen = plan if plan is not None else plan_step(list(seq_lens), self.config.cost_model)
+                payload = chosen.to_json().encode()
+            except ValueError as err:  # tell the other ranks, which wait in the broadcast, instead of hanging them
+                payload = _FAILED + str(err).encode()
+        payload = comm.broadcast_bytes(payload, src=0, group=self.group)
+        if payload.startswith(_FAILED):
+            raise ValueError(payload[len(_FAILED):].decode())
+        agreed = Plan.from_json(payload)
+        check_plan(agreed, world_size=self.world_size, num_sequences=len(seq_lens), heads=self.heads,
+                   kv_heads=self.kv_heads)
+        return agreed
+
+    def group_for(self, ranks: Sequence[int]) -> dist.ProcessGroup:
+        """The process group of ``ranks`` (ranks of the parent group), created once and cached."""
+        return subgroup(self.group, tuple(ranks))
+
+
+def check_plan(plan: Any, *, world_size: int, num_sequences: int, heads: int | None = None,
+               kv_heads: int | None = None) -> None:
+    """Check that ``plan`` can run: its groups partition ranks ``0..world_size-1``, every sequence is in one
+    group, and each group's strategies are registered, of the right kind and valid at its size.
+
+    Raises:
+        ValueError: ``plan: ...`` naming the group and what is wrong.
+    """
+    seen_ranks: set[int] = set()
+    seen_seqs: list[int] = []
+    for gi, g in enumerate(plan.groups):
+        ranks = list(g.ranks)
+        if not ranks or ranks != sorted(set(ranks)) or ranks[0] < 0 or ranks[-1] >= world_size:
+            raise ValueError(f"plan: group {gi} ranks {ranks} must be distinct, ascending and in [0, {world_size})")
+        if seen_ranks & set(ranks):
+            raise ValueError(f"plan: group {gi} shares ranks {sorted(seen_ranks & set(ranks))} with another group")
+        seen_ranks |= set(ranks)
+        seen_seqs += list(g.seq_indices)
+        for name, kind in ((g.softmax_strategy, "softmax"), (g.linear_strategy, "linear")):
+            if name is None:
+                continue
+            strategy = strategies.get(name, kind, argument="plan")
+            reason = None
+            if heads is not None:
+                reason = strategy.invalid_reason(len(ranks), heads, kv_heads or heads)
+            if reason is not None:
+                raise ValueError(f"plan: group {gi} ({len(ranks)} ranks) cannot run {name!r}: {reason}")
+    if seen_ranks != set(range(world_size)):
+        raise ValueError(f"plan: ranks {sorted(set(range(world_size)) - seen_ranks)} are in no group")
+    if sorted(seen_seqs) != list(range(num_sequences)):
+        raise ValueError(f"plan: every sequence 0..{num_sequences - 1} must be in exactly one group, got {seen_seqs}")
