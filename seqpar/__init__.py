@@ -24,6 +24,7 @@ _EXPORTS = {
     "token_ring_attention": "seqpar.collectives.token_ring",
     "ulysses_attention": "seqpar.collectives.ulysses",
     "allgather_kv_attention": "seqpar.collectives.allgather_kv",
+    "usp_attention": "seqpar.collectives.usp",
     # linear-attention SP
     "lasp2_linear_attention": "seqpar.collectives.lasp2",
     "zeco_linear_attention": "seqpar.collectives.zeco",
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # static analysers see the real names; keep in step with _EXP
     from seqpar.collectives.scan import all_scan
     from seqpar.collectives.token_ring import token_ring_attention
     from seqpar.collectives.ulysses import ulysses_attention
+    from seqpar.collectives.usp import usp_attention
     from seqpar.collectives.zeco import zeco_linear_attention
     from seqpar.integrations import register_adapter
     from seqpar.runtime import SPConfig

@@ -301,7 +301,8 @@ def ulysses_invalid_reason(degree: int, heads: int, kv_heads: int) -> str | None
     if heads % degree == 0 and (kv_heads % degree == 0 or degree % kv_heads == 0):
         return None
     return (f"ulysses needs the degree {degree} to divide num_heads={heads}, and num_kv_heads={kv_heads} to divide "
-            "it or be divided by it; use ring or token_ring, or another degree")
+            "it or be divided by it (Ulysses splits the heads across the ranks); use ring or token_ring, or another "
+            "degree")
 
 
 def allgather_kv_comm_bytes(x: LayerShape) -> tuple[Any, Any]:

@@ -322,14 +322,6 @@ def _attention_implementation(model: torch.nn.Module, name: str | None) -> Itera
         model.set_attn_implementation(integrations.HF_ATTENTION_NAME)
 
 
-def __getattr__(name: str):
-    # Transitional, for seqpar-train's validate_args until it reads seqpar.strategies: a view of the registry,
-    # not a table. Remove once nothing imports it.
-    if name == "STRATEGIES":
-        return strategies.names("softmax") + ("auto",)
-    raise AttributeError(f"module 'seqpar.wrapper' has no attribute {name!r}")
-
-
 def _install_adapters(model: torch.nn.Module) -> list[str]:
     """Route modules with adapters through them (inside SP forwards only); return the linear-attention ones."""
     linear = []

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from checks import rel_err
 from harness import run_distributed
-from strategy_shim import ensure_builtin_strategies
 from test_parallelize import MODELS, CausalSelfAttention, sp_matches_reference
 
 import seqpar
@@ -18,7 +17,6 @@ from seqpar.collectives import count_comm
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
-ensure_builtin_strategies()  # TEMPORARY: the lead removes this with tests/strategy_shim.py at merge
 
 
 def tiny_qwen3_next():

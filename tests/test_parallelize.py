@@ -10,11 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from checks import rel_err, value_errors
 from harness import run_distributed
-from strategy_shim import ensure_builtin_strategies
 
 import seqpar
 
-ensure_builtin_strategies()  # TEMPORARY: the lead removes this with tests/strategy_shim.py at merge
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 from checks import rel_err
 from harness import run_distributed
-from strategy_shim import ensure_builtin_strategies
 from test_parallelize import MODELS, reference_loss_and_grads
 
 import seqpar
@@ -21,7 +20,6 @@ from seqpar.solver import Group, Plan
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
-ensure_builtin_strategies()  # TEMPORARY: the lead removes this with tests/strategy_shim.py at merge
 
 WORLD = 4
 HEADS, KV_HEADS = 4, 2  # the tiny Llama's and the tiny MiniMax's

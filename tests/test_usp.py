@@ -387,7 +387,6 @@ def llama_usp_matches_one_process():
     return abs(out.loss.item() - ref_loss.item()) / abs(ref_loss.item()), max(grad_errors.values()), missing
 
 
-@pytest.mark.xfail(reason="needs the registry-driven runtime", strict=False)
 def test_parallelize_llama_with_usp_equals_one_process():
     pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
     for loss_err, grad_err, missing in run_distributed(llama_usp_matches_one_process, 4):

@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "uint32, int32, int64 (required for .bin)")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="tokens in each global batch")
     p.add_argument("--max-len", type=int, default=2048, help="longest sequence (synthetic data is clipped to it)")
-    p.add_argument("--strategy", default="auto", help="auto | ring | token_ring | ulysses | allgather_kv")
-    p.add_argument("--linear-strategy", default="zeco", help="zeco | lasp2 (models with linear attention)")
+    p.add_argument("--strategy", default="auto", help="softmax-attention SP: auto (planned per step) or a registered "
+                   "strategy (seqpar.strategies: ring, token_ring, ulysses, allgather_kv, usp)")
+    p.add_argument("--linear-strategy", default="zeco", help="linear-attention SP: a registered linear strategy "
+                   "(zeco, lasp2), for models with linear attention")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {OPTIMIZER_DEFAULTS['lr']}; "
                    "on --resume: the checkpoint's unless given)")
@@ -73,17 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every rank checks the options before any collective, so a typo fails everywhere at once."""
-    from seqpar.wrapper import STRATEGIES
-    from seqpar.runtime import LINEAR_STRATEGIES
+    from seqpar import strategies
 
+    softmax_choices = strategies.names("softmax") + ("auto",)
+    linear_choices = strategies.names("linear")
     if args.model not in BUILTIN_MODELS and not Path(args.model).is_file():
         raise ValueError(f"--model: {args.model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a config file")
     if args.data not in DATA_KINDS and not Path(args.data).is_file():
         raise ValueError(f"--data: {args.data!r} is neither {', '.join(DATA_KINDS)} nor a .npy/.bin token file")
-    if args.strategy not in STRATEGIES:
-        raise ValueError(f"--strategy: unknown {args.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if args.linear_strategy not in LINEAR_STRATEGIES:
-        raise ValueError(f"--linear-strategy: unknown {args.linear_strategy!r}; choose one of {', '.join(LINEAR_STRATEGIES)}")
+    if args.strategy not in softmax_choices:
+        raise ValueError(f"--strategy: unknown {args.strategy!r}; choose one of {', '.join(softmax_choices)}")
+    if args.linear_strategy not in linear_choices:
+        raise ValueError(
+            f"--linear-strategy: unknown {args.linear_strategy!r}; choose one of {', '.join(linear_choices)}"
+        )
     for name in ("tokens_per_step", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

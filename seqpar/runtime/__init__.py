@@ -30,13 +30,3 @@ __all__ = [
     "split_batch",
     "verify_model",
 ]
-
-
-def __getattr__(name: str):
-    # Transitional, for seqpar-train's validate_args until it reads seqpar.strategies: a view of the registry,
-    # not a table. Remove once nothing imports it.
-    if name == "LINEAR_STRATEGIES":
-        from seqpar import strategies
-
-        return strategies.names("linear")
-    raise AttributeError(f"module 'seqpar.runtime' has no attribute {name!r}")
