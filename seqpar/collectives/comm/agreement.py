@@ -137,7 +137,7 @@ def check_agreement(
         return
     entries = [(name, str(value).replace("\n", " ")) for name, value in fields.items()]
     for name, t in (contents or {}).items():
-        value = "None" if t is None else f"{tuple(t.shape)} {t.dtype} #{tensor_digest(t)}"
+        value = "None" if t is None else f"{tuple(t.shape)} {t.dtype}, contents hash {tensor_digest(t)}"
         entries.append((name, value))
     _compare(what, entries, group, rank, full=_settings.debug)
 
