@@ -110,3 +110,122 @@ def not_a_member():
 def test_group_the_caller_is_not_in_is_a_value_error():
     results = run_distributed(not_a_member, 3, timeout=30)
     assert results[2].startswith("group: this process")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batched exchange: every point-to-point post in seqpar
+# ----------------------------------------------------------------------------------------------------
+
+
+def batched_exchange():
+    """Every rank sends a different tensor to every other rank (explicit-peer tag) and one to rank + 1 (ring tag),
+    all in one exchange; receive buffers given as tensors and as (shape, dtype)."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    peers = [j for j in range(p) if j != rank]
+    sends = [(torch.full((j + 1,), float(100 * rank + j)), j, comm.tags.P2P) for j in peers]
+    sends.append((torch.full((2, 3), float(rank), dtype=torch.float64), (rank + 1) % p, comm.tags.ring_tag("next", 0)))
+    recvs = [(torch.empty(rank + 1), j, comm.tags.P2P) for j in peers]
+    recvs.append((((2, 3), torch.float64), (rank - 1) % p, comm.tags.ring_tag("next", 0)))
+    with comm.count_comm() as c, trace_events() as events:
+        got = comm.exchange(sends, recvs).wait()
+    return {
+        "from_peers": [t.tolist() for t in got[:-1]],
+        "from_prev": got[-1].tolist(),
+        "by_peer": c.bytes_by_peer,
+        "by_direction": c.bytes_by_direction,
+        "calls": c.calls,
+        "waits": sum(e["kind"] == "wait" for e in events),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_exchange_pairs_up_many_messages_and_counts_them_per_peer_and_direction(world_size):
+    p = world_size
+    for rank, res in enumerate(run_distributed(batched_exchange, p)):
+        peers = [j for j in range(p) if j != rank]
+        assert res["from_peers"] == [[float(100 * j + rank)] * (rank + 1) for j in peers]
+        assert res["from_prev"] == [[float((rank - 1) % p)] * 3] * 2
+        expected = {j: 4 * (j + 1) for j in peers}
+        expected[(rank + 1) % p] += 48  # the float64 (2, 3) ring message
+        assert res["by_peer"] == expected
+        assert res["by_direction"] == {"next": 48}  # the explicit-peer tag is not a ring direction
+        assert res["calls"] == {"send": p}
+        assert res["waits"] == 1  # one PendingTransfer for the whole batch
+
+
+def exchange_with_itself():
+    try:
+        comm.exchange([(torch.zeros(1), dist.get_rank(), comm.tags.P2P)], [])
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_exchange_refuses_a_peer_that_is_this_rank_before_posting():
+    for message in run_distributed(exchange_with_itself, 2):
+        assert message is not None and message.startswith("dst: peers must be other ranks")
+
+
+def test_every_tag_in_seqpar_is_in_the_one_table_with_its_direction():
+    from seqpar.collectives import scan, token_ring, zeco
+
+    owner = {tag: block for block in comm.tags.TABLE for tag in block.tags()}
+    assert len(owner) == sum(block.count for block in comm.tags.TABLE)  # no tag in two blocks
+    used = {
+        token_ring._TAG_QUERIES: "prev", token_ring._TAG_PARTIALS: "next",
+        scan.TAG_SCAN_NEXT: "next", scan.TAG_SCAN_NEXT + scan.MAX_PIECES - 1: "next",
+        scan.TAG_SCAN_PREV: "prev", scan.TAG_SCAN_PREV + scan.MAX_PIECES - 1: "prev",
+        zeco.TAG_FINAL_STATE: None, zeco.TAG_FINAL_GRAD: None, comm.TAG_P2P: None,
+        comm.tags.ring_tag("next", comm.tags.RING_STREAMS - 1): "next", comm.tags.ring_tag("prev", 1): "prev",
+    }
+    for tag, direction in used.items():
+        assert tag in owner, tag
+        assert comm.tags.direction_of(tag) == direction, (tag, owner[tag].name)
+    with pytest.raises(ValueError, match="stream"):
+        comm.tags.ring_tag("next", comm.tags.RING_STREAMS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SEQPAR_COMM_TIMEOUT_S: validated, not silently unbounded or broken
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "inf", "nan", "1e30"])
+def test_bad_timeout_is_a_value_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("SEQPAR_COMM_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=r"^SEQPAR_COMM_TIMEOUT_S: must be a finite number of seconds > 0") as info:
+        comm.default_timeout()
+    assert repr(value) in str(info.value) and "unset it" in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 300.0), ("", 300.0), ("2.5", 2.5), (" 600 ", 600.0)])
+def test_valid_timeout_is_used(monkeypatch, value, seconds):
+    if value is None:
+        monkeypatch.delenv("SEQPAR_COMM_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("SEQPAR_COMM_TIMEOUT_S", value)
+    assert comm.default_timeout().total_seconds() == seconds
+
+
+def op_with_bad_timeout():
+    import os
+
+    import seqpar
+
+    previous = os.environ.get("SEQPAR_COMM_TIMEOUT_S")
+    os.environ["SEQPAR_COMM_TIMEOUT_S"] = "-1"
+    try:
+        with comm.count_comm() as c:
+            q = torch.randn(1, 4, 2, 8)
+            seqpar.ring_attention(q, q, q, causal=True)
+        return None, c.calls
+    except ValueError as err:
+        return str(err), c.calls
+    finally:
+        os.environ["SEQPAR_COMM_TIMEOUT_S"] = previous if previous is not None else "60"
+
+
+def test_a_bad_timeout_fails_every_rank_before_anything_is_sent():
+    for message, calls in run_distributed(op_with_bad_timeout, 2, timeout=30):
+        assert message is not None and message.startswith("SEQPAR_COMM_TIMEOUT_S"), message
+        assert calls == {}

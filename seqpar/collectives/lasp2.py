@@ -106,7 +106,10 @@ def prepare_linear_sp(
         ValueError: naming the argument: a layout other than ``"contiguous"``, non-floating or mixed-device
             tensors, shapes that do not fit (B, S_local, H, Dk) / (B, S_local, H, Dv), an empty local sequence,
             ``log_decay`` of another shape, positive or non-finite, ``initial_state`` not (B, H, Dk, Dv), a
-            non-finite ``scale``, a kernel backend that cannot run here, or a group this rank is not in.
+            non-finite ``scale``, a kernel backend that cannot run here, or a group this rank is not in; and, on
+            every rank, when the ranks of the group disagree on shapes, dtype, scale, the decay kind, the options
+            in ``extra`` ("name=value" words) or the contents of a per-head ``log_decay`` / ``initial_state``
+            (``comm.check_agreement``, on by default).
     """
     if layout != "contiguous":
         raise ValueError(
@@ -134,12 +137,17 @@ def prepare_linear_sp(
     group, rank, size = comm.group_info(group)
     kind = "none" if log_decay is None else ("head" if log_decay.dim() == 1 else "token")
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if comm.consistency_checks_enabled():
-        comm.check_consistent(
-            f"q {tuple(q.shape)} v {tuple(v.shape)} {q.dtype} decay={kind} initial={initial_state is not None} "
-            f"scale={scale} {extra}",
-            group=group, what=op,
-        )
+    # every rank of the group must agree on these (a collective, on by default: comm.agreement_checks);
+    # whole-held inputs by their contents, per-token ones (different on every rank) by shape and dtype only
+    fields = {"op": op, "q shape": tuple(q.shape), "k shape": tuple(k.shape), "v shape": tuple(v.shape),
+              "dtype": q.dtype, "scale": scale, "decay kind": kind}
+    fields.update(item.split("=", 1) for item in extra.split())
+    contents = {"initial_state": initial_state}
+    if kind == "token":
+        fields["log_decay"] = f"{tuple(log_decay.shape)} {log_decay.dtype}"
+    else:
+        contents["log_decay"] = log_decay
+    comm.check_agreement(op, fields, group=group, contents=contents)
     return LinearSP(group, rank, size, scale, kind, cdt, (b, s, h, dk, v.shape[-1]))
 
 
@@ -322,6 +330,7 @@ def lasp2_linear_attention(
         ValueError: see ``prepare_linear_sp``; on every rank given the bad input, before any communication.
     """
     sp = prepare_linear_sp(q, k, v, log_decay, initial_state, group=group, scale=scale, layout=layout,
-                           backend=backend, op="lasp2_linear_attention", extra=f"final={bool(output_final_state)}")
+                           backend=backend, op="lasp2_linear_attention",
+                           extra=f"output_final_state={bool(output_final_state)}")
     o, final = _Lasp2.apply(q, k, v, log_decay, initial_state, sp, bool(output_final_state), backend)
     return (o, final) if output_final_state else o

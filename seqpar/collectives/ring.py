@@ -40,7 +40,7 @@ from seqpar.kernels.attention import accumulation_dtype
 
 __all__ = ["ring_attention"]
 
-_KV_STREAM, _DKV_STREAM = 0, 1
+_KV_STREAM, _DKV_STREAM = 0, 1  # ring_exchange streams: their tags are in comm.tags (RING_NEXT + 100 * stream)
 
 
 def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,10 @@ Bytes sent (e: element size of the state, N: elements of one state):
 
 No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created, so
 a caller (``zeco_linear_attention``) can create it, run its local compute while the pieces travel, and only
-then relay. Tags: 7000 + j (forward) and 8000 + j (reverse) for piece j; transfers with the same tag between
-the same two ranks are matched in order, so consecutive scans (one per layer) never mix.
+then relay. Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
+with the same tag between the same two ranks are matched in order, so consecutive scans (one per layer) never
+mix. Every piece is one ``comm.recv`` / ``comm.send``, each an ``exchange`` of one message: the relay waits for
+piece j and forwards it before it waits for piece j + 1, so the pieces cannot share one exchange.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from seqpar.collectives import comm
 __all__ = ["DEFAULT_PIECES", "MAX_PIECES", "ScanRelay", "all_scan", "piece_sizes"]
 
 DEFAULT_PIECES = 8
-MAX_PIECES = 999  # keeps the piece tags of the two directions apart
-TAG_SCAN_NEXT = 7000
-TAG_SCAN_PREV = 8000
+MAX_PIECES = comm.tags.SCAN_PIECES  # piece j travels with tag SCAN_NEXT + j (SCAN_PREV + j reversed)
+TAG_SCAN_NEXT = comm.tags.SCAN_NEXT
+TAG_SCAN_PREV = comm.tags.SCAN_PREV
 
 
 def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:

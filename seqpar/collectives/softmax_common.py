@@ -106,7 +106,8 @@ def prepare_softmax_sp(
             H % H_kv != 0, an unknown layout, a local length the layout cannot produce (zigzag needs an even
             number of local tokens per sequence), ``cu_seqlens`` that are not int32 / increasing / do not end at
             the number of local tokens, a kernel backend that cannot run these tensors, or a group this rank is
-            not in.
+            not in; and, on every rank, when the ranks of the group disagree on q/k/v shapes, dtype, causal,
+            layout, scale or cu_seqlens (``comm.check_agreement``, on by default).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: unknown layout {layout!r}; use one of {LAYOUTS}")
@@ -157,12 +158,12 @@ def prepare_softmax_sp(
                 f"got {odd[:4]}; shard with seqpar.shard_sequence (pad with seqpar.pad_for_layout)"
             )
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if comm.consistency_checks_enabled():
-        comm.check_consistent(
-            f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} {q.dtype} causal={bool(causal)} "
-            f"layout={layout} scale={scale} cu_seqlens={bounds if packed else None}",
-            group=group, what=op,
-        )
+    # every rank of the group must agree on these (a collective, on by default: comm.agreement_checks)
+    comm.check_agreement(op, {
+        "op": op, "q shape": tuple(q.shape), "k shape": tuple(k.shape), "v shape": tuple(v.shape),
+        "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
+        "cu_seqlens": bounds if packed else None,
+    }, group=group)
     return SoftmaxSP(qp, kp, vp, cu, bounds, group, rank, size, layout, bool(causal), scale, padded_shape)
 
 

@@ -107,8 +107,8 @@ from seqpar.kernels.attention import accumulation_dtype
 
 __all__ = ["token_ring_attention"]
 
-_TAG_QUERIES = comm.TAG_PREV + 1000  # query shards (backward: with dout, out, lse) on their way to rank - 1
-_TAG_PARTIALS = comm.TAG_NEXT + 1000  # partial results on their way back to the owner of the queries
+_TAG_QUERIES = comm.tags.TOKEN_RING_QUERIES  # query shards (backward: with dout, out, lse) on their way to rank - 1
+_TAG_PARTIALS = comm.tags.TOKEN_RING_PARTIALS  # partial results on their way back to the owner of the queries
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,42 +169,25 @@ def _place(own: list[torch.Tensor], parts: list[torch.Tensor], rows: torch.Tenso
 
 
 class _Transfers:
-    """One step's point-to-point transfers, started together (even ranks send first, odd ranks receive first,
-    like ``comm``'s ring exchange) and finished together."""
+    """One step's point-to-point transfers, posted together by one ``comm.exchange`` and finished together.
+    Bytes count under the ring direction of their tag: queries "prev", partials "next"."""
 
     def __init__(self, sp: SoftmaxSP) -> None:
-        self.sp, self.sends, self.recvs = sp, [], {}
+        self.sp, self.sends, self.recvs, self.names = sp, [], [], []
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.sends.append((tensor, dst % self.sp.world_size, tag))
 
     def recv(self, name: str, nbytes: int, src: int, tag: int) -> None:
-        self.recvs[name] = (nbytes, src % self.sp.world_size, tag)
+        self.names.append(name)
+        self.recvs.append((((nbytes,), torch.uint8), src % self.sp.world_size, tag))
 
     def start(self) -> "_Transfers":
-        sp = self.sp
-
-        def start_sends():
-            self.sent = [
-                comm.send(t, dst, group=sp.group, tag=tag, direction="prev" if tag == _TAG_QUERIES else "next")
-                for t, dst, tag in self.sends
-            ]
-
-        def start_recvs():
-            self.received = {
-                name: comm.recv(torch.empty(n, dtype=torch.uint8, device=sp.q.device), src, group=sp.group, tag=tag)
-                for name, (n, src, tag) in self.recvs.items()
-            }
-
-        first, second = (start_sends, start_recvs) if sp.rank % 2 == 0 else (start_recvs, start_sends)
-        first()
-        second()
+        self.pending = comm.exchange(self.sends, self.recvs, group=self.sp.group, device=self.sp.q.device)
         return self
 
     def finish(self) -> dict[str, torch.Tensor]:
-        for pending in self.sent:
-            pending.wait()
-        return {name: pending.wait() for name, pending in self.received.items()}
+        return dict(zip(self.names, self.pending.wait()))
 
 
 def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Tensor], compute, absorb) -> None:

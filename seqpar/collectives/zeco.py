@@ -56,8 +56,8 @@ from seqpar.kernels.linear import linear_attention_chunk, linear_attention_inter
 
 __all__ = ["zeco_linear_attention"]
 
-TAG_FINAL_STATE = 7999  # rank P-1 -> every rank: the final state
-TAG_FINAL_GRAD = 8999  # every rank -> rank P-1: its final-state gradient
+TAG_FINAL_STATE = comm.tags.ZECO_FINAL_STATE  # rank P-1 -> every rank: the final state
+TAG_FINAL_GRAD = comm.tags.ZECO_FINAL_GRAD  # every rank -> rank P-1: its final-state gradient
 
 
 class _Zeco(torch.autograd.Function):
@@ -171,10 +171,10 @@ def zeco_linear_attention(
         ValueError: see ``seqpar.collectives.lasp2.prepare_linear_sp``, or a bad ``num_pieces``; on every rank
             given the bad input, before any communication.
     """
-    if isinstance(q, torch.Tensor) and q.dim() == 4:  # before prepare_linear_sp's optional consistency check
+    if isinstance(q, torch.Tensor) and q.dim() == 4:  # before prepare_linear_sp's agreement check
         piece_sizes(q.shape[-1], num_pieces)
     sp = prepare_linear_sp(q, k, v, log_decay, initial_state, group=group, scale=scale, layout=layout,
                            backend=backend, op="zeco_linear_attention",
-                           extra=f"final={bool(output_final_state)} pieces={num_pieces}")
+                           extra=f"output_final_state={bool(output_final_state)} num_pieces={num_pieces}")
     o, final = _Zeco.apply(q, k, v, log_decay, initial_state, sp, bool(output_final_state), backend, num_pieces)
     return (o, final) if output_final_state else o
