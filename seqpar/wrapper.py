@@ -148,21 +148,13 @@ class SPModel(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _agreement_checks(enabled: bool) -> Iterator[None]:
-    """Cross-rank argument checks on for the block when ``enabled``, the process-wide setting untouched."""
-    if not enabled:
+def _agreement_checks(enabled: bool | None) -> Iterator[None]:
+    """Cross-rank argument checks forced on or off for the block (None: the process default), scoped."""
+    if enabled is None:
         yield
         return
-    if hasattr(comm, "agreement_checks"):
-        with comm.agreement_checks(True):
-            yield
-        return
-    before = comm.consistency_checks_enabled()
-    comm.set_consistency_checks(True)
-    try:
+    with comm.agreement_checks(enabled):
         yield
-    finally:
-        comm.set_consistency_checks(before)
 
 
 def _model_kwargs(model: torch.nn.Module, input_ids, position_ids, extra: dict) -> dict:

@@ -221,14 +221,15 @@ def test_a_plan_that_cannot_run_is_refused_on_every_rank():
 
 
 def consistency_scope():
-    before = comm.consistency_checks_enabled()
-    model = MODELS["gpt"]()
-    seen = []
-    model.register_forward_hook(lambda *_: seen.append(comm.consistency_checks_enabled()))
-    config = seqpar.SPConfig(check_consistency=True, strategy="ulysses")
-    sp_model = seqpar.parallelize(model, config=config, strategy="token_ring", verify_model=False)  # overrides
-    sp_model(**sp_model.prepare(sequences_for([32])))
-    return before, seen, comm.consistency_checks_enabled(), sp_model.config
+    with comm.agreement_checks(False):  # the surrounding setting the model's forward must not change for good
+        before = comm.agreement_checks_enabled()
+        model = MODELS["gpt"]()
+        seen = []
+        model.register_forward_hook(lambda *_: seen.append(comm.agreement_checks_enabled()))
+        config = seqpar.SPConfig(check_consistency=True, strategy="ulysses")
+        sp_model = seqpar.parallelize(model, config=config, strategy="token_ring", verify_model=False)  # overrides
+        sp_model(**sp_model.prepare(sequences_for([32])))
+        return before, seen, comm.agreement_checks_enabled(), sp_model.config
 
 
 def test_check_consistency_is_scoped_to_the_forward():

@@ -298,6 +298,18 @@ def test_bad_input_is_a_value_error_on_every_rank_before_any_communication():
         assert sent == 0 and calls == {}
 
 
+def disagreeing_ulysses_degree():
+    q = torch.randn(1, 16, 8, 16)
+    k = torch.randn(1, 16, 2, 16)
+    u = 2 if dist.get_rank() < 2 else 4  # both valid at P = 4, but the ranks must pass the same one
+    return value_errors({"ulysses_degree": lambda: usp_attention(q, k, k, ulysses_degree=u)})["ulysses_degree"]
+
+
+def test_ranks_passing_different_ulysses_degrees_fail_together():
+    for message in run_distributed(disagreeing_ulysses_degree, 4, timeout=60):
+        assert message is not None and message.startswith("usp_attention:") and "ulysses_degree" in message
+
+
 # ---------------------------------------------------------------------------------------------------
 # the registry entry (pure Python)
 # ---------------------------------------------------------------------------------------------------

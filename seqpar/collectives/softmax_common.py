@@ -98,8 +98,10 @@ def prepare_softmax_sp(
     cu_seqlens: torch.Tensor | None,
     op: str = "softmax attention",
     backend: str = "auto",
+    agree: dict[str, object] | None = None,
 ) -> SoftmaxSP:
-    """Check one call's arguments and return the packed view.
+    """Check one call's arguments and return the packed view. ``agree``: the op's own options that every rank
+    must pass equal too (checked with the common ones).
 
     Raises:
         ValueError: naming the argument: wrong ranks of tensors, q/k/v shape, dtype or device mismatch,
@@ -162,7 +164,7 @@ def prepare_softmax_sp(
     comm.check_agreement(op, {
         "op": op, "q shape": tuple(q.shape), "k shape": tuple(k.shape), "v shape": tuple(v.shape),
         "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
-        "cu_seqlens": bounds if packed else None,
+        "cu_seqlens": bounds if packed else None, **(agree or {}),
     }, group=group)
     return SoftmaxSP(qp, kp, vp, cu, bounds, group, rank, size, layout, bool(causal), scale, padded_shape)
 

@@ -127,7 +127,7 @@ def usp_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="usp_attention",
-        backend=backend,
+        backend=backend, agree={"ulysses_degree": ulysses_degree},
     )
     p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
     u = _check_ulysses_degree(ulysses_degree, p, h)

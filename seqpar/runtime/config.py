@@ -31,9 +31,11 @@ class SPConfig:
         backend: kernel backend of the attention blocks (``"auto"``: the best available).
         cost_model: a ``seqpar.solver.CostModel`` for ``strategy="auto"`` (None: one from the model's config
             for a generic cluster of this world size).
-        check_consistency: during each forward, check before every SP op that the group's ranks pass the same
-            shapes, dtypes and options, and raise on every rank naming what differs (one small all-gather per
-            op call). Scoped to the wrapped model's forwards; the process-wide setting is left as it was.
+        check_consistency: whether every SP op of the wrapped model's forwards first checks that the group's
+            ranks pass the same shapes, dtypes, options and small whole-held inputs, raising on every rank naming
+            what differs (one 16-byte all-gather per op call; ``seqpar.collectives.comm.agreement``). None: the
+            process default, on unless ``SEQPAR_CHECK_AGREEMENT=0``; True / False: forced for these forwards only
+            (the process-wide setting is left as it was).
         verify_model: at ``parallelize`` time, run the model once on a short random batch unsharded and through
             the SP path and refuse it (ValueError naming the module) if a module seqpar does not route mixes
             tokens along the sequence; costs one unsharded and one SP forward of that batch.
@@ -45,7 +47,7 @@ class SPConfig:
     layout: str = "auto"
     backend: str = "auto"
     cost_model: Any = None
-    check_consistency: bool = False
+    check_consistency: bool | None = None
     verify_model: bool = True
 
     def validate(self) -> SPConfig:
@@ -69,9 +71,10 @@ class SPConfig:
             raise ValueError(
                 f"cost_model: only strategy='auto' plans with a cost model; strategy={self.strategy!r} is fixed"
             )
-        for name in ("check_consistency", "verify_model"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.check_consistency is not None and not isinstance(self.check_consistency, bool):
+            raise ValueError(f"check_consistency: expected True, False or None, got {self.check_consistency!r}")
+        if not isinstance(self.verify_model, bool):
+            raise ValueError(f"verify_model: expected True or False, got {self.verify_model!r}")
         return self
 
     @classmethod
