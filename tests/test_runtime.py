@@ -151,6 +151,21 @@ def test_the_auto_plan_is_returned_and_equal_on_every_rank():
         assert group_ranks == mine.ranks and softmax == mine.softmax_strategy
 
 
+def test_auto_on_a_hybrid_model_with_the_default_cost_model_mixes_group_sizes_and_equals_one_process():
+    # one long sequence and several short ones: the long one wants a group of several ranks, the short ones
+    # are cheapest alone, so the planned groups differ in size (and every group runs a softmax + linear pair)
+    results = run_distributed(step_errors, WORLD, "minimax", [512, 24, 16, 8, 40, 32], strategy="auto")
+    plans = [Plan.from_json(r[3][0]) for r in results]
+    assert all(p == plans[0] for p in plans)
+    assert len({g.degree for g in plans[0].groups}) > 1, plans[0]
+    assert all(g.softmax_strategy and g.linear_strategy for g in plans[0].groups), plans[0]
+    for rank, (loss_err, grad_err, missing, (_, group_ranks, softmax, linear), _, ran) in enumerate(results):
+        assert loss_err < 1e-6 and grad_err < 1e-6 and not missing, (loss_err, grad_err, missing)
+        mine = next(g for g in plans[0].groups if rank in g.ranks)
+        assert (group_ranks, softmax, linear) == (mine.ranks, mine.softmax_strategy, mine.linear_strategy)
+        assert set(ran) <= {softmax, linear}, ran
+
+
 # ---------------------------------------------------------------------------------------------------
 # process groups: created once per (parent, ranks), reused by later steps and other plans
 # ---------------------------------------------------------------------------------------------------

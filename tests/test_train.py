@@ -23,6 +23,18 @@ def run_train(argv):
     return [h["loss"] for h in train_mod.train(args)]
 
 
+def test_a_hybrid_model_trains_with_auto_plans(tmp_path):
+    # the solver names a hybrid group's strategies as a (softmax, linear) pair; the runtime runs exactly that
+    argv = ["--model", "minimax-tiny", "--strategy", "auto", "--data", "longtail", "--tokens-per-step", "1024",
+            "--max-len", "512", "--steps", "3", "--lr", "1e-2", "--no-progress",
+            "--metrics", str(tmp_path / "m.jsonl")]
+    losses = run_distributed(run_train, 4, argv, timeout=600)
+    assert all(len(run) == 3 and run == pytest.approx(losses[0], rel=1e-6) for run in losses), losses
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all("+" in line["plan"] for line in lines), [line["plan"] for line in lines]  # softmax+linear pairs
+
+
 def crash_during_checkpoint(argv, crash_at_step):
     """Train, but rank 1 dies inside the checkpoint write of ``crash_at_step`` (after writing its shard,
     before the rename that completes it)."""
