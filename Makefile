@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 
-.PHONY: test demo install install-dev clean
+.PHONY: test lint demo install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install-dev: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check .
 
 demo: install
 	$(BIN)/pip install -q -e ".[train]"
