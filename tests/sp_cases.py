@@ -103,10 +103,13 @@ def matrix_configs(op_name: str, world_size: int) -> list[dict]:
     cases.append(dict(batch=1, seq_len=2 * p * 2, h=h, h_kv=h, d=128, causal=False, layout="zigzag"))
     cases.append(dict(lens=[2 * p * m for m in (1, 3, 2, 5, 1)], h=h, h_kv=2, d=32, causal=True, layout="zigzag"))
     cases.append(dict(lens=[p * m for m in (2, 1, 4, 3, 1)], h=h, h_kv=1, d=32, causal=True, layout="contiguous"))
-    cases.append(dict(batch=1, seq_len=2 * p * 4, h=h, h_kv=2, d=32, causal=True, layout="zigzag", dtype=torch.bfloat16))
+    cases.append(
+        dict(batch=1, seq_len=2 * p * 4, h=h, h_kv=2, d=32, causal=True, layout="zigzag", dtype=torch.bfloat16)
+    )
     return cases
 
 
 def check_matrix(op_name: str, seed: int = 0) -> list[tuple[dict, dict]]:
     size = dist.get_world_size()
-    return [(case, check_against_reference(op_name, seed=seed + i, **case)) for i, case in enumerate(matrix_configs(op_name, size))]
+    cases = matrix_configs(op_name, size)
+    return [(case, check_against_reference(op_name, seed=seed + i, **case)) for i, case in enumerate(cases)]

@@ -4,7 +4,6 @@ no rank may take more than 10 s."""
 
 import time
 
-import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
@@ -15,6 +14,10 @@ from seqpar.collectives.scan import all_scan
 from seqpar.launch import train as train_mod
 
 q4 = lambda *shape: torch.randn(*shape)  # noqa: E731
+
+
+def train_args(argv):
+    return train_mod.validate_args(train_mod.build_parser().parse_args(argv))
 
 
 def _cases():
@@ -31,7 +34,8 @@ def _cases():
         ("shard-dim", "dim", lambda: seqpar.shard_sequence(q4(1, 8, 2), dim=3)),
         ("shard-cu-dtype", "cu_seqlens", lambda: seqpar.shard_sequence(q4(8, 2), cu_seqlens=torch.tensor([0, 8]))),
         ("pad-world", "world_size", lambda: seqpar.pad_for_layout(q4(1, 8, 2), world_size=0)),
-        ("unshard-cu", "cu_seqlens", lambda: seqpar.unshard_sequence(q4(4, 2), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32))),
+        ("unshard-cu", "cu_seqlens",
+         lambda: seqpar.unshard_sequence(q4(4, 2), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32))),
     ]
     for op_name in ("ring_attention", "token_ring_attention", "ulysses_attention", "allgather_kv_attention"):
         op = getattr(seqpar, op_name)
@@ -46,9 +50,11 @@ def _cases():
     for op_name in ("lasp2_linear_attention", "zeco_linear_attention"):
         op = getattr(seqpar, op_name)
         cases += [
-            (f"{op_name}-decay-sign", "log_decay", lambda op=op: op(lin, lin, lin, log_decay=torch.tensor([0.5, -0.1]))),
+            (f"{op_name}-decay-sign", "log_decay",
+             lambda op=op: op(lin, lin, lin, log_decay=torch.tensor([0.5, -0.1]))),
             (f"{op_name}-decay-shape", "log_decay", lambda op=op: op(lin, lin, lin, log_decay=torch.zeros(3))),
-            (f"{op_name}-state", "initial_state", lambda op=op: op(lin, lin, lin, initial_state=torch.zeros(1, 2, 8, 9))),
+            (f"{op_name}-state", "initial_state",
+             lambda op=op: op(lin, lin, lin, initial_state=torch.zeros(1, 2, 8, 9))),
             (f"{op_name}-layout", "layout", lambda op=op: op(lin, lin, lin, layout="zigzag")),
             (f"{op_name}-v", "v", lambda op=op: op(lin, lin, q4(1, 5, 2, 8))),
         ]
@@ -57,7 +63,8 @@ def _cases():
         ("all_scan-pieces", "num_pieces", lambda: all_scan(torch.zeros(1, 2, 4, 4), None, num_pieces=0)),
         # the wrapper
         ("parallelize-strategy", "strategy", lambda: seqpar.parallelize(torch.nn.Linear(2, 2), strategy="spiral")),
-        ("parallelize-linear", "linear_strategy", lambda: seqpar.parallelize(torch.nn.Linear(2, 2), linear_strategy="x")),
+        ("parallelize-linear", "linear_strategy",
+         lambda: seqpar.parallelize(torch.nn.Linear(2, 2), linear_strategy="x")),
         ("parallelize-layout", "layout", lambda: seqpar.parallelize(torch.nn.Linear(2, 2), layout="diagonal")),
         ("parallelize-unreachable", "model", lambda: seqpar.parallelize(torch.nn.Linear(2, 2))),
         # the solver
@@ -65,8 +72,8 @@ def _cases():
         ("solver-negative", "seq_lens", lambda: seqpar.plan_step([100, -5], _cost_model())),
         ("solver-too-long", "seq_lens", lambda: seqpar.plan_step([10**12], _cost_model())),
         # seqpar-train options
-        ("train-strategy", "--strategy", lambda: train_mod.validate_args(train_mod.build_parser().parse_args(["--strategy", "x"]))),
-        ("train-steps", "--steps", lambda: train_mod.validate_args(train_mod.build_parser().parse_args(["--steps", "0"]))),
+        ("train-strategy", "--strategy", lambda: train_args(["--strategy", "x"])),
+        ("train-steps", "--steps", lambda: train_args(["--steps", "0"])),
     ]
     return cases
 
@@ -76,7 +83,8 @@ def _cost_model():
 
     return CostModel(Cluster(world_size=8, gpus_per_node=8, peak_tflops=300.0, mem_bytes=80e9, intra_node_gbps=200.0,
                              inter_node_gbps=25.0),
-                     ModelSpec(num_layers=2, hidden=256, num_heads=4, num_kv_heads=2, head_dim=64, ffn_hidden=512, vocab=1000))
+                     ModelSpec(num_layers=2, hidden=256, num_heads=4, num_kv_heads=2, head_dim=64, ffn_hidden=512,
+                               vocab=1000))
 
 
 def run_bad_calls():

@@ -27,7 +27,7 @@ def test_zigzag_indices_by_hand():
 
 
 def round_trip(layout, seed):
-    rank, size = dist.get_rank(), dist.get_world_size()
+    size = dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 2 * size * 3, 5, generator=gen)
     local = shard_sequence(x, layout=layout)

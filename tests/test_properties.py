@@ -6,7 +6,6 @@ The example budget is small by default to keep the suite fast; SEQPAR_HYPOTHESIS
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 from checks import rel_err

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from checks import rel_err, value_errors
 from harness import run_distributed
-from sp_cases import check_matrix, global_inputs, measure_bytes
+from sp_cases import check_matrix, global_inputs, measure_bytes, softmax_op
 
 from seqpar.collectives import allgather_kv_attention, ring_attention, ulysses_attention
 from seqpar.collectives.layout import pad_for_layout, shard_indices, shard_sequence
@@ -47,7 +47,8 @@ def expected_bytes(op_name, p, tokens, h, h_kv, d, b=4):
 @pytest.mark.parametrize("op_name", OPS)
 def test_bytes_sent_equal_the_formula(op_name, world_size):
     h = 6 if world_size == 3 else 8
-    for rank, res in enumerate(run_distributed(measure_bytes, world_size, op_name, seq_len=2 * world_size * 3, h=h, h_kv=2, d=32)):
+    results = run_distributed(measure_bytes, world_size, op_name, seq_len=2 * world_size * 3, h=h, h_kv=2, d=32)
+    for rank, res in enumerate(results):
         tokens = res["local_tokens"]
         if op_name == "ulysses_attention":
             needs, q_bytes, tokens, d, b = expected_bytes(op_name, world_size, tokens, h, 2, 32)
@@ -110,7 +111,7 @@ def last_rank_loss(op_name):
     ref = reference_attention(*leaves, causal=True)[0]
     ref_grads = torch.autograd.grad(ref, leaves, dout)
     ql, kl, vl = (shard_sequence(t).float().requires_grad_(True) for t in (q, k, v))
-    op = {"ring_attention": ring_attention, "ulysses_attention": ulysses_attention, "allgather_kv_attention": allgather_kv_attention}[op_name]
+    op = softmax_op(op_name)
     op(ql, kl, vl, causal=True).backward(shard_sequence(dout).float())
     ref_dk = shard_sequence(ref_grads[1])
     return rel_err(kl.grad, ref_dk), ref_dk.norm().item()
@@ -133,7 +134,7 @@ def padded_tail(op_name):
     padded = [pad_for_layout(t, world_size=p) for t in (q, k, v, dout)]
     mask = padded[0].real_mask
     ql, kl, vl = (shard_sequence(x.tensor).float().requires_grad_(True) for x in padded[:3])
-    op = {"ring_attention": ring_attention, "ulysses_attention": ulysses_attention, "allgather_kv_attention": allgather_kv_attention}[op_name]
+    op = softmax_op(op_name)
     out = op(ql, kl, vl, causal=True)
     out.backward(shard_sequence(padded[3].tensor).float())  # padded dout rows are zero
     local_mask = shard_sequence(mask[None, :, None, None].expand(1, -1, 1, 1)).flatten()
@@ -155,7 +156,8 @@ def test_tail_padding_changes_no_real_output_and_padded_kv_get_zero_gradient(op_
 def switch_strategies():
     q, k, v, _, _ = global_inputs(2, batch=1, seq_len=2 * dist.get_world_size() * 2, h=4, h_kv=2, d=32)
     ql, kl, vl = (shard_sequence(t).float() for t in (q, k, v))
-    outs = [op(ql, kl, vl, causal=True) for op in (ring_attention, ulysses_attention, allgather_kv_attention, ring_attention)]
+    ops = (ring_attention, ulysses_attention, allgather_kv_attention, ring_attention)
+    outs = [op(ql, kl, vl, causal=True) for op in ops]
     return torch.equal(outs[0], outs[3]), max(rel_err(o, outs[0]) for o in outs[1:3])
 
 
@@ -165,7 +167,7 @@ def test_switching_strategy_between_calls_keeps_no_stale_state():
 
 
 def bad_calls(op_name):
-    op = {"ring_attention": ring_attention, "ulysses_attention": ulysses_attention, "allgather_kv_attention": allgather_kv_attention}[op_name]
+    op = softmax_op(op_name)
     q = torch.randn(1, 8, 4, 16)
     k = torch.randn(1, 8, 2, 16)
     packed = torch.randn(8, 4, 16)
@@ -177,10 +179,14 @@ def bad_calls(op_name):
         "v-shape": lambda: op(q, k, torch.randn(1, 8, 2, 8)),
         "q-odd-zigzag": lambda: op(q[:, :7], k[:, :7], k[:, :7]),
         "layout-unknown": lambda: op(q, k, k, layout="striped"),
-        "cu_seqlens-total": lambda: op(packed, packed_k, packed_k, cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32)),
+        "cu_seqlens-total":
+            lambda: op(packed, packed_k, packed_k, cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32)),
         "cu_seqlens-dtype": lambda: op(packed, packed_k, packed_k, cu_seqlens=torch.tensor([0, 4, 8])),
         "q-packed-without-cu_seqlens": lambda: op(packed, packed_k, packed_k),
-        "group-not-member": lambda: op(q, k, k, group=dist.new_group([0])) if dist.get_rank() != 0 else (_ for _ in ()).throw(ValueError("group: skip on rank 0")),
+        "group-not-member": lambda: (
+            op(q, k, k, group=dist.new_group([0])) if dist.get_rank() != 0
+            else (_ for _ in ()).throw(ValueError("group: skip on rank 0"))
+        ),
     }
     if op_name == "ulysses_attention":
         cases["q-heads-vs-P"] = lambda: op(torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16))
@@ -193,7 +199,8 @@ def test_bad_input_is_a_value_error_on_every_rank_before_any_communication(op_na
     for messages in run_distributed(bad_calls, 2, op_name, timeout=30):
         for name, message in messages.items():
             assert message is not None, name
-            assert message.startswith(name.split("-")[0] + ":") or message.startswith(name.split("-")[0][0] + ", "), (name, message)
+            argument = name.split("-")[0]
+            assert message.startswith(argument + ":") or message.startswith(argument[0] + ", "), (name, message)
         if "q-heads-vs-P" in messages:
             assert "ring_attention" in messages["q-heads-vs-P"]
 
@@ -211,7 +218,8 @@ def fused_merge_ring():
         out = ring_attention(ql, kl, vl, causal=True, backend="triton_interpret")
     out.backward(shard_sequence(dout).float())
     unfused_kernels = [e for e in events if e["kind"] == "kernel"]  # the unfused path records each block kernel
-    errors = [rel_err(out, shard_sequence(ref))] + [rel_err(g, shard_sequence(r)) for g, r in zip((ql.grad, kl.grad, vl.grad), ref_grads)]
+    grads = zip((ql.grad, kl.grad, vl.grad), ref_grads)
+    errors = [rel_err(out, shard_sequence(ref))] + [rel_err(g, shard_sequence(r)) for g, r in grads]
     return fused, len(unfused_kernels), errors
 
 

@@ -218,7 +218,7 @@ def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=("ulysses
         for name in strategies:
             if not cm.strategy_valid(degree, name):
                 continue
-            if all(cm.seq_memory(l, degree, name) <= mem for l in seqs):
+            if all(cm.seq_memory(length, degree, name) <= mem for length in seqs):
                 best = min(best, cm.group_time(seqs, degree, name))
         return best
 

@@ -102,7 +102,9 @@ def _check_dim(x: torch.Tensor, dim: int) -> int:
 
 
 @overload
-def shard_sequence(x: torch.Tensor, *, group=..., dim: int | None = ..., layout: str = ..., cu_seqlens: None = ...) -> torch.Tensor: ...
+def shard_sequence(
+    x: torch.Tensor, *, group=..., dim: int | None = ..., layout: str = ..., cu_seqlens: None = ...
+) -> torch.Tensor: ...
 @overload
 def shard_sequence(
     x: torch.Tensor, *, group=..., dim: int | None = ..., layout: str = ..., cu_seqlens: torch.Tensor

@@ -103,7 +103,8 @@ class WorkerPool:
                 tag, rank, _ = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 self.close()
-                raise RankTimeout(f"world size {world_size}: ranks {sorted(set(range(world_size)) - ready)} did not start")
+                missing = sorted(set(range(world_size)) - ready)
+                raise RankTimeout(f"world size {world_size}: ranks {missing} did not start")
             if tag == "ready":
                 ready.add(rank)
 
@@ -161,7 +162,9 @@ class WorkerPool:
 _pools: dict[int, WorkerPool] = {}
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
 
     Tests of expected errors should catch them inside ``fn`` and return them: a rank that raises makes the
@@ -192,7 +195,9 @@ def shutdown_pools() -> None:
     _pools.clear()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 3600.0, comm_timeout_s: float = 300.0) -> list[Any]:
+def run_ranks(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 3600.0, comm_timeout_s: float = 300.0
+) -> list[Any]:
     """Run ``fn(*args)`` once on ``world_size`` freshly started gloo ranks and stop them; results in rank order.
 
     For benchmarks, which want ranks that no earlier measurement has warmed or fragmented.
