@@ -17,7 +17,7 @@ from harness import run_distributed
 from sp_cases import check_against_reference
 from test_lasp2 import GRAD_TOL, OUT_TOL, make_inputs, reference, run_case
 
-import seqpar.collectives as collectives
+from seqpar import collectives
 from seqpar.collectives import comm, count_comm
 from seqpar.collectives.comm import agreement
 from seqpar.collectives.lasp2 import lasp2_linear_attention
@@ -92,13 +92,17 @@ def softmax_mismatches(op_name: str) -> dict:
     gen = torch.Generator().manual_seed(dist.get_rank())
     q = torch.randn(1, 8, 2, 16, generator=gen)
     packed = q[0]
+
+    def causal_self_attention(x, **options):
+        return op(x, x, x, causal=True, **options)
+
     calls = {
-        "fp16 vs bf16": lambda: op(*(3 * [q.to(torch.bfloat16 if odd else torch.float16)]), causal=True),
+        "fp16 vs bf16": lambda: causal_self_attention(q.to(torch.bfloat16 if odd else torch.float16)),
         "causal flag": lambda: op(q, q, q, causal=not odd),
-        "reshaped same-numel": lambda: (lambda x: op(x, x, x, causal=True))(q.reshape(2, 4, 2, 16) if odd else q),
-        "cu_seqlens": lambda: op(packed, packed, packed, causal=True, cu_seqlens=torch.tensor(
+        "reshaped same-numel": lambda: causal_self_attention(q.reshape(2, 4, 2, 16) if odd else q),
+        "cu_seqlens": lambda: causal_self_attention(packed, cu_seqlens=torch.tensor(
             [0, 2, 8] if odd else [0, 4, 8], dtype=torch.int32)),
-        "local size": lambda: (lambda x: op(x, x, x, causal=True))(q[:, :4] if odd else q),
+        "local size": lambda: causal_self_attention(q[:, :4] if odd else q),
     }
     return {row: outcome(call) for row, call in calls.items()}
 
