@@ -17,7 +17,7 @@ from harness import run_distributed
 from sp_cases import check_against_reference
 from test_lasp2 import GRAD_TOL, OUT_TOL, make_inputs, reference, run_case
 
-import seqpar.collectives as collectives
+from seqpar import collectives
 from seqpar.collectives import comm, count_comm
 from seqpar.collectives.comm import agreement
 from seqpar.collectives.lasp2 import lasp2_linear_attention
@@ -69,7 +69,7 @@ def assert_every_rank_names(results: list[dict], op: str, world_size: int, *name
         assert f"on ranks [{world_size - 1}]" in message, (rank, message)
         assert res["op_bytes"] == 0, (rank, res["op_bytes"])
         gathers = res["gathers"]  # the fixed-size digest record first, then the readable fingerprints
-        assert len(gathers) == 2 and gathers[0] == 16, (rank, gathers)
+        assert len(gathers) == 2 and gathers[0] == 24, (rank, gathers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,13 +92,17 @@ def softmax_mismatches(op_name: str) -> dict:
     gen = torch.Generator().manual_seed(dist.get_rank())
     q = torch.randn(1, 8, 2, 16, generator=gen)
     packed = q[0]
+
+    def causal_self_attention(x, **options):
+        return op(x, x, x, causal=True, **options)
+
     calls = {
-        "fp16 vs bf16": lambda: op(*(3 * [q.to(torch.bfloat16 if odd else torch.float16)]), causal=True),
+        "fp16 vs bf16": lambda: causal_self_attention(q.to(torch.bfloat16 if odd else torch.float16)),
         "causal flag": lambda: op(q, q, q, causal=not odd),
-        "reshaped same-numel": lambda: (lambda x: op(x, x, x, causal=True))(q.reshape(2, 4, 2, 16) if odd else q),
-        "cu_seqlens": lambda: op(packed, packed, packed, causal=True, cu_seqlens=torch.tensor(
+        "reshaped same-numel": lambda: causal_self_attention(q.reshape(2, 4, 2, 16) if odd else q),
+        "cu_seqlens": lambda: causal_self_attention(packed, cu_seqlens=torch.tensor(
             [0, 2, 8] if odd else [0, 4, 8], dtype=torch.int32)),
-        "local size": lambda: (lambda x: op(x, x, x, causal=True))(q[:, :4] if odd else q),
+        "local size": lambda: causal_self_attention(q[:, :4] if odd else q),
     }
     return {row: outcome(call) for row, call in calls.items()}
 
@@ -115,7 +119,7 @@ def test_softmax_mismatches_raise_on_every_rank_naming_what_differs(op_name, wor
 
 
 def softmax_matching(op_name: str) -> dict:
-    """A matching call under the default setting: one 16-byte metadata gather, then the float64 reference."""
+    """A matching call under the default setting: one 24-byte metadata gather, then the float64 reference."""
     h = 6 if dist.get_world_size() == 3 else 4  # Ulysses splits heads
     with metadata_gathers() as gathers:
         errors = check_against_reference(op_name, seq_len=4 * dist.get_world_size(), h=h, h_kv=2, d=16)
@@ -126,7 +130,7 @@ def softmax_matching(op_name: str) -> dict:
 @pytest.mark.parametrize("op_name", SOFTMAX_OPS)
 def test_softmax_matching_call_passes_the_check_and_equals_the_reference(op_name, world_size):
     for rank, res in enumerate(run_distributed(softmax_matching, world_size, op_name, timeout=120)):
-        assert res["gathers"] == [16], (rank, res["gathers"])  # checked, once, without the second gather
+        assert res["gathers"] == [24], (rank, res["gathers"])  # checked, once, without the second gather
         assert res["errors"]["out"] < 1e-5 and max(res["errors"][n] for n in ("dq", "dk", "dv")) < 1e-4, res
 
 
@@ -198,7 +202,7 @@ def linear_matching(op_name: str) -> list:
 def test_linear_matching_call_passes_the_check_and_equals_the_reference(op_name, world_size):
     for rank, results in enumerate(run_distributed(linear_matching, world_size, op_name, timeout=120)):
         for kind, gathers, errors in results:
-            assert gathers == [16], (rank, kind, gathers)
+            assert gathers == [24], (rank, kind, gathers)
             for name, err in errors.items():
                 assert err < (OUT_TOL if name in ("o", "final") else GRAD_TOL), (rank, kind, name, err)
 
@@ -265,3 +269,18 @@ def test_tensor_digest_sees_every_byte_and_the_dtype_bits():
     assert agreement.tensor_digest(x) == agreement.tensor_digest(x.clone())
     assert agreement.tensor_digest(x) != agreement.tensor_digest(y)
     assert agreement.tensor_digest(x.half()) != agreement.tensor_digest(x.bfloat16())
+
+
+def debug_on_one_rank() -> dict:
+    """The debug level set on rank 0 only: every rank still takes the same collectives (no hang, no error)."""
+    q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(0))
+    comm.set_consistency_checks(dist.get_rank() == 0)
+    try:
+        return outcome(lambda: collectives.ring_attention(q, q, q, causal=True))
+    finally:
+        comm.set_consistency_checks(False)
+
+
+def test_debug_level_on_one_rank_takes_every_rank_through_the_full_comparison():
+    for rank, res in enumerate(run_distributed(debug_on_one_rank, 3, timeout=60)):
+        assert res["message"] is None and res["gathers"][0] == 24 and len(res["gathers"]) == 2, (rank, res)

@@ -10,8 +10,8 @@ What is compared (the caller lists it, see ``prepare_softmax_sp`` / ``prepare_li
 whole (a per-head ``log_decay``, ``initial_state``) by a hash of their bytes. Per-token tensors, which differ
 between ranks by design, are compared by shape and dtype only.
 
-Cost: one all-gather of a fixed-size 16-byte record (a 64-bit digest of the fields and the fingerprint's
-length) per call, so a size mismatch is caught before any variable-size transfer; only when digests differ,
+Cost: one all-gather of a fixed-size 24-byte record (a 64-bit digest of the fields, the fingerprint's length,
+the debug flag) per call, so a size mismatch is caught before any variable-size transfer; only when digests differ,
 a second all-gather of the readable fingerprints to name what differs. Not counted by ``count_comm`` (it is
 metadata; the counters are compared with the algorithms' byte formulas). Measured in
 ``bench/agreement_cost.py``.
@@ -154,10 +154,11 @@ def _compare(what: str, entries: list[tuple[str, str]], group: dist.ProcessGroup
     text = "\n".join(f"{name}={value}" for name, value in entries).encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
     device = _metadata_device(group)
-    record = torch.tensor([digest, len(text)], dtype=torch.int64, device=device)
+    # the debug level travels along, so that every rank takes the second all-gather if any rank asks for it
+    record = torch.tensor([digest, len(text), int(full)], dtype=torch.int64, device=device)
     gathered = gather_uncounted(record, group=group, describe=f"agreement check of {what} on rank {rank}")
-    digests, lengths = gathered[:, 0].tolist(), gathered[:, 1].tolist()
-    if len(set(digests)) == 1 and not full:
+    digests, lengths, fulls = zip(*gathered.tolist())  # one host sync
+    if len(set(digests)) == 1 and not any(fulls):
         return
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)

@@ -5,7 +5,10 @@ among equal tags. Two streams of messages that can be in flight between the same
 therefore need different tags, or a message of one stream fills the receive posted for the other: at P = 2
 both ring directions connect the same two ranks, TokenRing's queries and partials go to the same peer, and a
 pipelined scan keeps one message per piece in flight. Consecutive calls of one op (one per layer) may reuse
-their tags: messages with equal tags between two ranks are matched in order.
+their tags: messages with equal tags between two ranks are matched in order. Point-to-point messages travel on
+the default group's connections (``comm.exchange`` addresses peers by global rank), so two ops on different
+sub-groups that share a pair of ranks and run at the same time (USP's ring inside a 2-D layout) need different
+tags as well: give such a stream its own block here.
 
 Each ``TagBlock`` is a range of tags owned by one stream kind; the blocks never overlap (checked at import).
 ``direction`` is the ring direction the stream travels in, what ``CommStats.bytes_by_direction`` counts its
