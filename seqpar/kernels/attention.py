@@ -44,8 +44,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """A set of attention kernels. ``forward_varlen``/``backward_varlen`` may be None: the dispatcher then
-    runs the padded kernels sequence by sequence. ``supports(device, dtype)`` says where it can run."""
+    """A set of attention kernels, named for its kernels (not for where they run).
+
+    ``forward_varlen``/``backward_varlen`` may be None: the dispatcher then runs the padded kernels sequence by
+    sequence; when given they take ``max_seqlen_q``/``max_seqlen_k`` keywords (int or None: see
+    ``attention_block_varlen``). ``supports(device, dtype)``: where asking for it by name may run it.
+    ``auto_eligible(device, dtype)``: where ``backend="auto"`` may pick it, i.e. where it is the fast choice
+    (default: wherever it ``supports``); Triton supports CPU tensors under TRITON_INTERPRET=1 but is
+    auto-eligible only on CUDA, since ``"auto"`` must not pick a numpy emulation."""
 
     name: str
     forward: Callable
@@ -53,10 +59,27 @@ class AttentionBackend:
     supports: Callable[[torch.device, torch.dtype], bool]
     forward_varlen: Callable | None = None
     backward_varlen: Callable | None = None
+    auto_eligible: Callable[[torch.device, torch.dtype], bool] | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
 _AUTO_ORDER = ("flash_attn", "triton", "torch")
+# Names that once meant "these kernels, somewhere else": a backend is named for its kernels only.
+_RETIRED_NAMES = {"triton_interpret": "triton"}
+
+
+def check_retired_backend_name(name: str) -> None:
+    """Raise ValueError (naming ``backend``) for a backend name that was replaced; shared with linear attention.
+
+    Raises:
+        ValueError: ``name`` is a retired name such as ``"triton_interpret"``.
+    """
+    if name in _RETIRED_NAMES:
+        new = _RETIRED_NAMES[name]
+        raise ValueError(
+            f"backend: {name!r} was removed; use backend={new!r}, which runs the same kernels on CUDA and, "
+            "under TRITON_INTERPRET=1, on CPU"
+        )
 
 
 def register_attention_backend(backend: AttentionBackend) -> None:
@@ -71,13 +94,16 @@ def available_attention_backends() -> list[str]:
 def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """Resolve ``name`` (``"auto"`` or a registered name) for tensors on ``device`` of ``dtype``.
 
+    ``"auto"`` is the first of ``_AUTO_ORDER`` (flash_attn, triton, torch) that is ``auto_eligible`` here.
+
     Raises:
-        ValueError: unknown backend, or a named backend that cannot run on this device/dtype.
+        ValueError: unknown or retired backend name, or a named backend that cannot run on this device/dtype.
     """
+    check_retired_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER:
             backend = _BACKENDS.get(candidate)
-            if backend is not None and backend.supports(device, dtype):
+            if backend is not None and (backend.auto_eligible or backend.supports)(device, dtype):
                 return backend
         raise ValueError(f"backend: no attention backend supports {device.type}/{dtype}")
     if name not in _BACKENDS:

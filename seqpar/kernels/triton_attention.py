@@ -11,12 +11,9 @@ accumulation, D <= 256 (any D; non powers of two are masked). Any strides: tenso
 unit-stride are copied (the kernels add head-dim offsets without a stride); every other stride is passed on.
 Padded batches run as the packed form with a batch stride (``VARLEN=False``), so there is one code path.
 
-Backends registered by ``register()``:
-
-* ``"triton"``: CUDA devices, fp16/bf16/fp32. It is in ``attention._AUTO_ORDER``; on CPU its ``supports``
-  is False, so ``backend="auto"`` on CPU still resolves to ``"torch"``.
-* ``"triton_interpret"``: the same kernels on CPU tensors, only when triton was imported with
-  ``TRITON_INTERPRET=1`` (the tests). It is not in ``_AUTO_ORDER``: only asking for it by name selects it.
+``register()`` registers one backend, ``"triton"`` (named for its kernels, like the linear-attention one):
+asked for by name it runs on CUDA, and on CPU tensors when triton was imported with ``TRITON_INTERPRET=1``
+(the tests); ``backend="auto"`` picks it on CUDA only (``auto_eligible``), so "auto" on CPU stays torch.
 
 Raises ``ValueError`` (naming the argument) for bad shapes, dtypes, head dims > 256 or bad cu_seqlens.
 """
@@ -297,12 +294,14 @@ def triton_attention_merge(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _supports_cuda(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype in SUPPORTED_DTYPES
+def _supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """By name: CUDA, or CPU tensors when the kernels run in the interpreter (TRITON_INTERPRET=1)."""
+    return dtype in SUPPORTED_DTYPES and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
 
 
-def _supports_interpreter(device: torch.device, dtype: torch.dtype) -> bool:
-    return INTERPRETED and device.type == "cpu" and dtype in SUPPORTED_DTYPES
+def _auto_eligible(device: torch.device, dtype: torch.dtype) -> bool:
+    """For ``backend="auto"``: only where the kernels are the fast choice (compiled, on CUDA)."""
+    return dtype in SUPPORTED_DTYPES and device.type == "cuda" and not INTERPRETED
 
 
 def _backend_forward(q, k, v, *, causal, scale):
@@ -322,17 +321,17 @@ def _backend_backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, sca
 
 
 def register() -> None:
-    """Register ``"triton"`` (CUDA) and ``"triton_interpret"`` (CPU under TRITON_INTERPRET=1, by name only)
-    attention backends and their fused merge."""
+    """Register the ``"triton"`` attention backend (CUDA; CPU under TRITON_INTERPRET=1; "auto" on CUDA only)
+    and its fused merge."""
     from seqpar.kernels.attention import AttentionBackend, register_attention_backend
     from seqpar.kernels.fused_merge import register_fused_merge
 
-    for name, supports in (("triton", _supports_cuda), ("triton_interpret", _supports_interpreter)):
-        register_attention_backend(
-            AttentionBackend(
-                name=name, forward=_backend_forward, backward=_backend_backward, supports=supports,
-                forward_varlen=_backend_forward_varlen, backward_varlen=_backend_backward_varlen,
-            )
+    register_attention_backend(
+        AttentionBackend(
+            name="triton", forward=_backend_forward, backward=_backend_backward, supports=_supports,
+            forward_varlen=_backend_forward_varlen, backward_varlen=_backend_backward_varlen,
+            auto_eligible=_auto_eligible,
         )
-        register_fused_merge(name, triton_attention_merge)
+    )
+    register_fused_merge("triton", triton_attention_merge)
 
