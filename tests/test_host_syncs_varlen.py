@@ -9,14 +9,15 @@ hint of every block it runs (zigzag halves, the gathered global batch) instead o
 Method: ``HostReadCounter`` is a ``TorchFunctionMode``: it sees every torch function and Tensor method called
 while it is active. Autograd runs ``backward`` with the mode stack cleared, so ``counting`` also enters the
 counter inside the ``backward`` of every ``torch.autograd.Function`` that seqpar defines (where all of seqpar's
-backward logic runs: the SP schedules, the kernel calls, the differentiable collectives). The counter marks the step's ``cu_seqlens`` as tainted, and taints every integer or bool tensor that a torch function
-computes from a tainted tensor (half boundaries, global boundaries, index tensors built from them). It counts
-calls of ``item``, ``tolist``, ``__int__``, ``__bool__``, ``__index__``, ``__float__``, ``numpy``, ``__repr__``
-and ``__format__`` on tainted tensors, and the ops whose output SIZE depends on a tainted tensor's values
-(``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``, boolean indexing),
-which sync too on CUDA. Float tensors are not tainted: gathering q rows by a tainted index reads no index on the
-host. The counter is checked to count, in the forward and in the backward: the same step without the hint reads
-``cu_seqlens`` there (validation).
+backward logic runs: the SP schedules, the kernel calls, the differentiable collectives). The counter marks the
+step's ``cu_seqlens`` as tainted, and taints every integer or bool tensor that a torch function computes from a
+tainted tensor (half boundaries, global boundaries, index tensors built from them). It counts calls of ``item``,
+``tolist``, ``__int__``, ``__bool__``, ``__index__``, ``__float__``, ``numpy``, ``__repr__`` and ``__format__`` on
+tainted tensors, and the ops whose output SIZE depends on a tainted tensor's values (``nonzero``,
+``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``, boolean indexing), which sync too on
+CUDA. Float tensors are not tainted: gathering q rows by a tainted index reads no index on the host. The counter
+is checked to count, in the forward and in the backward: the same step without the hint reads ``cu_seqlens`` there
+(validation).
 
 Runs on CPU with the Triton backend under the interpreter (TRITON_INTERPRET=1, set by conftest.py), so the
 kernels' own launch code is exercised; every op's output and gradients are checked against a float64 reference.

@@ -231,7 +231,9 @@ def _check_hint(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, layout: 
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens: must be int32 (got {cu_seqlens.dtype}); use cu_seqlens.to(torch.int32)")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 < max_seqlen <= tokens:
-        raise ValueError(f"max_seqlen: expected the longest local sequence, an int in [1, {tokens}], got {max_seqlen!r}")
+        raise ValueError(
+            f"max_seqlen: expected the longest local sequence, an int in [1, {tokens}], got {max_seqlen!r}"
+        )
     if layout == "zigzag" and max_seqlen % 2:
         raise ValueError(f"max_seqlen: zigzag local lengths are even, got {max_seqlen}; pass the packed batch's hint")
 

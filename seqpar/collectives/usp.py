@@ -132,8 +132,8 @@ def usp_attention(
     p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
     u = _check_ulysses_degree(ulysses_degree, p, h)
     options = {
-        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens, "backend": backend,
-        "max_seqlen": max_seqlen,
+        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens,
+        "backend": backend, "max_seqlen": max_seqlen,
     }
     if u == 1:
         return ring_attention(q, k, v, group=sp.group, **options)
