@@ -195,3 +195,56 @@ def test_the_counter_counts_the_reads_of_a_step_without_the_hint():
         assert any(r.startswith("tolist in forward") for r in reads), reads
         assert any(r.startswith("tolist in backward") for r in reads), reads
         assert errors[0] < 1e-5 and max(errors[1:]) < 1e-4, errors
+
+
+def bad_hints():
+    import seqpar.collectives as collectives
+
+    q = torch.randn(12, 2, 8)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    messages = {}
+    for name, kwargs in {
+        "above the tokens": dict(cu_seqlens=cu, max_seqlen=13),
+        "not an int": dict(cu_seqlens=cu, max_seqlen=8.0),
+        "odd for zigzag": dict(cu_seqlens=cu, max_seqlen=7),
+        "without cu_seqlens": dict(max_seqlen=8),
+        "int64 cu_seqlens": dict(cu_seqlens=cu.long(), max_seqlen=8),
+    }.items():
+        x = q if "cu_seqlens" in kwargs else q[None]
+        try:
+            collectives.ring_attention(x, x, x, causal=True, backend="triton", **kwargs)
+            messages[name] = None
+        except ValueError as err:
+            messages[name] = str(err)
+    return messages
+
+
+def test_a_bad_hint_is_a_value_error_naming_the_argument():
+    for messages in run_distributed(bad_hints, 1):
+        for name, message in messages.items():
+            argument = "cu_seqlens:" if name == "int64 cu_seqlens" else "max_seqlen:"
+            assert message is not None and message.startswith(argument), (name, message)
+
+
+def test_triton_varlen_kernels_with_hints_equal_the_reference_and_need_both_hints():
+    from seqpar.kernels.attention import attention
+    from seqpar.kernels.reference import reference_attention
+
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 19, 8]
+    cu = torch.tensor([0, 5, 24, 32], dtype=torch.int32)
+    q, k, v, dout = (torch.randn(32, n, 16, generator=gen, dtype=torch.float64) for n in (4, 2, 2, 4))
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = reference_attention(*ref_leaves, causal=True, cu_seqlens=cu)[0]
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    counter = HostReadCounter(cu)
+    with counting(counter):
+        out = attention(*leaves, causal=True, backend="triton", cu_seqlens_q=cu, cu_seqlens_k=cu,
+                        max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+        out.backward(dout.float())
+    assert counter.reads == []
+    assert rel_err(out, ref) < 1e-5
+    assert max(rel_err(t.grad, g) for t, g in zip(leaves, ref_grads)) < 1e-4
+    with pytest.raises(ValueError, match="max_seqlen_k: pass both"):
+        attention(*leaves, backend="triton", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=19)
