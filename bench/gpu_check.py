@@ -1,34 +1,38 @@
-"""One-shot GPU check of every seqpar GPU kernel: correctness at real sizes, then speed.
+"""The one prepared device check of seqpar: what a lent GPU runs, in time-boxed stages, writing as it goes.
 
-    python bench/gpu_check.py [--quick] [--no-timing]
-    python bench/gpu_check.py --compile-only [--quick]     # any machine, no GPU needed
+    python bench/gpu_check.py --plan                      # the stages, their time boxes and expected wall times
+    python bench/gpu_check.py [--quick] [--stages a,b]    # on a CUDA machine (written for one H200)
+    python bench/gpu_check.py --compile-only [--quick]    # any machine, no GPU needed
 
-On a CUDA machine (written for one H200; budget: under 6 minutes start to finish, enforced by a deadline that
-skips the remaining timings and says so):
+A lent device has 15 minutes in all, start-up included. Each stage runs in its own process under a hard time
+box (a stage that overruns is killed and the run moves on to the next) and stops starting new items itself a
+little before the box. Every result is appended, as it is measured, to bench/results/gpu_check.events.jsonl and
+folded into bench/results/gpu_check.json, so a run that is cut off still returns what it measured.
 
-1. Correctness against float64 references at real sizes (bf16 inputs, D = 128; the reference sees the same
-   rounded inputs; tolerance 2e-2 relative error):
-   * Triton attention forward (out, lse) and backward (dq, dk, dv): S = 4K causal and not, S = 64K causal, GQA;
-     packed varlen (three sequences, 16K tokens); the fused out/LSE merge against the unfused merge.
-   * flash-attn backend (when flash_attn imports): the same padded and varlen cases.
-   * Triton linear attention forward + backward (o, final state, dq, dk, dv, d log_decay, d initial_state):
-     the three decay kinds at S = 4K against the token recurrence, per-token decay at S = 64K against the
-     torch chunked path in float64 (itself tested against the recurrence in tests/test_kernels.py).
-   The float64 attention reference is computed in query blocks with the explicit backward formulas, so 64K
-   needs no S x S buffer.
-2. Timing (medians, CUDA events): softmax attention forward and forward+backward, causal bf16 D = 128, B = 1,
-   H = 16, S = 4K..64K (and non-causal at 16K), for Triton, flash-attn 2 (if present) and
-   torch.nn.functional.scaled_dot_product_attention; linear attention (per-token decay) for Triton, the torch
-   chunked path and flash-linear-attention's chunk_simple_gla (if installed). Prints TFLOP/s and ratios.
-3. The goal lines of issue 6 (a benchmark, not a test): Triton attention fwd+bwd >= 0.9x flash-attn 2 at
-   S = 16K causal; Triton linear fwd+bwd >= 0.9x the best other chunked implementation found.
+Stages (``STAGES``; ``--plan`` prints them):
 
-Writes bench/results/gpu_check.json. Without CUDA it prints why and exits 0 without writing anything.
+1. ``correctness``: the attention and linear kernels against float64 references at real sizes, bf16: Triton and
+   flash-attn (when it imports) forward (out, lse) and backward (dq, dk, dv) at D = 64 and 128, GQA, S = 4K
+   causal and not, S = 32K causal; packed varlen with the ``max_seqlen`` hints (no host read of cu_seqlens);
+   a NaN key (rows that see it NaN, the others exact); a head-dim-stride-2 view; the fused out/LSE merge;
+   Triton linear attention (three decay kinds vs the recurrence at 4K, per-token decay at 32K vs the torch
+   chunked path in float64). Tolerance 2e-2 relative error; the reference sees the same bf16-rounded inputs.
+2. ``speed``: TFLOP/s (medians, CUDA events) of softmax attention fwd and fwd+bwd, causal bf16 D = 128, B = 1,
+   H = 16, S = 4K..32K (+ non-causal 16K, D = 64 at 16K) for Triton, flash-attn 2 and torch SDPA; linear
+   attention (per-token decay) for Triton, the torch chunked path and fla's chunk_simple_gla (if installed);
+   ratios, and the goal lines (Triton attention fwd+bwd >= 0.9x flash-attn at 16K causal; Triton linear >= 0.9x
+   the best other chunked implementation).
+3. ``sp_ops``: every registered SP op (``seqpar.strategies.names()``) at world size 1 on NCCL, forward and
+   backward against the float64 reference: softmax ops padded and packed (with the runtime's ``max_seqlen``
+   hint), linear ops with per-token decay.
+4. ``train_smoke``: a 1-GPU ``seqpar-train`` run (torchrun, world size 1, NCCL), with ``--fsdp`` and
+   ``--activation-checkpointing`` when seqpar-train's parser has them at run time (the output says which).
 
-``--compile-only`` needs no GPU: it compiles every Triton kernel variant ahead of time for sm_90a (H100/H200)
-with the launch configurations the code uses, and reports registers, spills and shared memory (``ptxas -v``,
-from the ptxas bundled with triton). It catches what the interpreter cannot (globals that are not constexpr,
-constructs the compiler rejects, tiles that spill or overflow shared memory). Exit status 1 if any fails.
+Without CUDA a run prints why and exits 0 without writing anything (``--plan`` and ``--compile-only`` need none).
+
+``--compile-only`` compiles every Triton kernel variant ahead of time for sm_90a (H100/H200) with the launch
+configurations the code uses, and reports registers, spills and shared memory (``ptxas -v``, from the ptxas
+bundled with triton). It catches what the interpreter cannot. Exit status 1 if any fails.
 FLOP counts: attention forward 4*B*H*Sq*Sk*D (halved when causal), forward+backward 3.5x that (flash-attn's
 convention); linear attention (chunk C) forward 2*B*H*S*(C*(Dk+Dv) + 2*Dk*Dv), forward+backward 3x that.
 """
@@ -36,35 +40,184 @@ convention); linear attention (chunk C) forward 2*B*H*S*(C*(Dk+Dv) + 2*Dk*Dv), f
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-DEADLINE_S = 330.0  # stop timing before the 6-minute budget; correctness always runs first
 TOL_BF16 = 2e-2
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# This checkout's seqpar, not an installed one: here and in every process a stage starts (torchrun's ranks too).
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One time-boxed stage. ``box_s``: the hard limit (the stage's process is killed after it);
+    ``expected_s``: the wall time expected on one H200, process start and Triton compilation included."""
+
+    name: str
+    box_s: int
+    expected_s: int
+    what: str
+
+
+STAGES = (
+    Stage("correctness", 240, 170, "kernels vs float64: bf16, D 64/128, GQA, S to 32K, varlen+hints, NaN, stride-2"),
+    Stage("speed", 230, 180, "TFLOP/s fwd and fwd+bwd: Triton vs flash-attn vs SDPA; Triton linear vs torch/fla"),
+    Stage("sp_ops", 100, 60, "every registered SP op at world size 1 on NCCL, fwd+bwd vs float64, padded+packed"),
+    Stage("train_smoke", 120, 80, "seqpar-train, 1 GPU, NCCL, 5 steps (--fsdp --activation-checkpointing if known)"),
+)
+DEVICE_BUDGET_S = 15 * 60  # what a lent device gives a task, start-up included
+PLAN_LIMIT_S = 12 * 60  # the stages' boxes must fit in this, leaving the rest for start-up
+STOP_MARGIN_S = 20  # a stage starts no new item this close to its box
+
+
+def plan_text() -> str:
+    """The stages, their time boxes and expected wall times, as ``--plan`` prints them."""
+    lines = ["gpu_check plan (one H200; each stage in its own process, killed at its box; results written as they "
+             "come)",
+             f"{'stage':<13} {'box':>6} {'expected':>9}  what"]
+    for s in STAGES:
+        lines.append(f"{s.name:<13} {s.box_s:>5}s {s.expected_s:>8}s  {s.what}")
+    box, expected = sum(s.box_s for s in STAGES), sum(s.expected_s for s in STAGES)
+    lines.append(f"{'total':<13} {box:>5}s {expected:>8}s  (boxes {box / 60:.1f} min <= {PLAN_LIMIT_S // 60} min; "
+                 f"expected {expected / 60:.1f} min; device budget {DEVICE_BUDGET_S // 60} min with start-up)")
+    return "\n".join(lines)
+
+
+assert sum(s.box_s for s in STAGES) <= PLAN_LIMIT_S, "the stages' time boxes must fit the plan limit"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", action="store_true", help="print the stages, time boxes and expected times; no GPU")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (S up to 16K)")
-    parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
+    parser.add_argument("--stages", default=",".join(s.name for s in STAGES),
+                        help="comma-separated stages to run (default: all, in order)")
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # internal: epoch seconds
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "gpu_check.json", help="the JSON results file")
     parser.add_argument("--compile-only", action="store_true", help="AOT-compile the kernels for sm_90a; no GPU needed")
     args = parser.parse_args(argv)
+    if args.plan:
+        print(plan_text())
+        return 0
     if args.compile_only:
         return compile_only(quick=args.quick)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to check. "
-              "Run this script on a CUDA machine; the CPU test suite covers the Triton kernels under "
-              "TRITON_INTERPRET=1.")
+              "Run this script on a CUDA machine (--plan shows what it runs); the CPU test suite covers the Triton "
+              "kernels under TRITON_INTERPRET=1.")
         return 0
-    return GpuCheck(quick=args.quick).run(timing=not args.no_timing)
+    log = EventLog(args.results)
+    if args.stage is not None:
+        return run_stage(args.stage, log, deadline=args.deadline or time.time() + 600, quick=args.quick)
+    names = [n for n in args.stages.split(",") if n]
+    unknown = sorted(set(names) - {s.name for s in STAGES})
+    if unknown:
+        print(f"gpu_check: error: --stages: unknown {unknown}; choose from {[s.name for s in STAGES]}")
+        return 2
+    return run_all([s for s in STAGES if s.name in names], log, quick=args.quick)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages, time boxes and the results file
+# ----------------------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Append-only JSONL of everything measured, folded into the JSON results file after every event, so the
+    file is complete up to the last measurement whenever the run is cut."""
+
+    def __init__(self, results: Path) -> None:
+        self.results = results
+        self.events = results.with_suffix(".events.jsonl")
+
+    def start_run(self, stages: list[Stage], quick: bool) -> None:
+        self.results.parent.mkdir(parents=True, exist_ok=True)
+        self.events.write_text("")
+        self.emit({"type": "run", "plan": [asdict(s) for s in stages], "quick": quick,
+                   "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+
+    def emit(self, event: dict) -> None:
+        event = {"t": round(time.time(), 3), **event}
+        with self.events.open("a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+        self.fold()
+
+    def fold(self) -> None:
+        events = [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+        out: dict[str, Any] = {"stages": {}, "checks": [], "timings": [], "sp_ops": [], "train_smoke": None,
+                               "skipped": [], "notes": []}
+        for e in events:
+            kind = e.get("type")
+            if kind == "run":
+                out.update({k: e[k] for k in ("plan", "quick", "device", "torch")})
+            elif kind == "stage":
+                out["stages"].setdefault(e["stage"], {}).update({k: v for k, v in e.items() if k not in ("type", "t")})
+            elif kind == "check":
+                out["checks"].append(e["result"])
+            elif kind == "timing":
+                out["timings"].append(e["result"])
+            elif kind == "sp_op":
+                out["sp_ops"].append(e["result"])
+            elif kind == "train_smoke":
+                out["train_smoke"] = e["result"]
+            elif kind in ("skipped", "note"):
+                out["skipped" if kind == "skipped" else "notes"].append(e["text"])
+            elif kind == "summary":
+                out.update(e["result"])
+        tmp = self.results.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        tmp.replace(self.results)
+
+
+def run_all(stages: list[Stage], log: EventLog, *, quick: bool) -> int:
+    """Each stage in its own process group, killed at its box; the next stage runs regardless."""
+    log.start_run(stages, quick)
+    print(plan_text())
+    failed = []
+    for stage in stages:
+        start = time.time()
+        log.emit({"type": "stage", "stage": stage.name, "status": "running", "box_s": stage.box_s})
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage.name, "--results", str(log.results),
+               "--deadline", str(start + stage.box_s - STOP_MARGIN_S)] + (["--quick"] if quick else [])
+        print(f"\n=== stage {stage.name} (box {stage.box_s} s) ===", flush=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=stage.box_s)
+            status = "passed" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage's whole process group: torchrun and its ranks too
+            proc.wait(timeout=30)
+            status = f"cut at its {stage.box_s} s box"
+        if status != "passed":
+            failed.append(stage.name)
+        log.emit({"type": "stage", "stage": stage.name, "status": status, "elapsed_s": round(time.time() - start, 1)})
+        print(f"=== stage {stage.name}: {status} in {time.time() - start:.0f} s ===", flush=True)
+    print(f"\nwrote {log.results} ({log.events.name} has every event)" + (f"; NOT PASSED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def run_stage(name: str, log: EventLog, *, deadline: float, quick: bool) -> int:
+    """One stage in this process: 0 when every item it ran passed."""
+    check = GpuCheck(log, deadline=deadline, quick=quick)
+    {"correctness": check.correctness, "speed": check.speed, "sp_ops": check.sp_ops,
+     "train_smoke": check.train_smoke}[name]()
+    return 1 if check.failures else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,58 +404,77 @@ def linear_flops(b, h, s, dk, dv, chunk, mode):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The check
+# The checks
 # ----------------------------------------------------------------------------------------------------
 
 
 class GpuCheck:
-    def __init__(self, quick: bool):
-        self.quick = quick
-        self.t0 = time.perf_counter()
-        self.dev = torch.device("cuda")
-        self.checks: list[dict] = []
-        self.timings: list[dict] = []
-        self.skipped: list[str] = []
-        import seqpar.kernels as kernels
+    """The items of every stage; each result goes to the event log the moment it is measured."""
 
-        self.kernels = kernels
+    def __init__(self, log: EventLog, *, deadline: float, quick: bool):
+        self.log, self.deadline, self.quick = log, deadline, quick
+        self.dev = torch.device("cuda")
+        self.failures: list[str] = []
+        self.timings: list[dict] = []
+        import seqpar.kernels as kernels
         from seqpar.kernels.attention import available_attention_backends
 
         self.backends = available_attention_backends()
+        if kernels.OPTIONAL_BACKEND_ERRORS:
+            self.note(f"optional backends missing: {kernels.OPTIONAL_BACKEND_ERRORS}")
         self.fa_func = None
         try:
             from flash_attn import flash_attn_func
 
             self.fa_func = flash_attn_func
         except Exception as exc:  # noqa: BLE001
-            self.skipped.append(f"flash_attn timing: {type(exc).__name__}: {exc}")
+            self.note(f"flash_attn not importable: {type(exc).__name__}: {exc}")
         print(f"gpu_check on {torch.cuda.get_device_name()} | torch {torch.__version__} | backends {self.backends} | "
-              f"optional errors {kernels.OPTIONAL_BACKEND_ERRORS}")
+              f"{max(0.0, self.deadline - time.time()):.0f} s left in this stage", flush=True)
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+    # --- bookkeeping -------------------------------------------------------------------------------
 
-    def record(self, name: str, errors: dict[str, float], tol: float = TOL_BF16) -> None:
-        ok = all(math.isfinite(e) and e < tol for e in errors.values())
-        self.checks.append({"name": name, "errors": errors, "tol": tol, "pass": ok})
+    def note(self, text: str) -> None:
+        self.log.emit({"type": "note", "text": text})
+        print(f"  note: {text}", flush=True)
+
+    def skip(self, text: str) -> None:
+        self.log.emit({"type": "skipped", "text": text})
+        print(f"  skipped: {text}", flush=True)
+
+    def out_of_time(self, what: str) -> bool:
+        if time.time() < self.deadline:
+            return False
+        self.skip(f"{what}: the stage's time box is used up")
+        return True
+
+    def record(self, name: str, errors: dict[str, float], tol: float = TOL_BF16, kind: str = "check", **extra) -> None:
+        ok = bool(errors) and all(math.isfinite(e) and e < tol for e in errors.values())
+        if not ok:
+            self.failures.append(name)
+        self.log.emit({"type": kind, "result": {"name": name, "errors": errors, "tol": tol, "pass": ok, **extra}})
         worst = max(errors.values()) if errors else float("nan")
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: worst rel err {worst:.2e} "
-              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()), flush=True)
 
-    def attempt(self, name: str, fn: Callable[[], None]) -> None:
+    def attempt(self, name: str, fn: Callable[[], None], kind: str = "check") -> None:
+        if self.out_of_time(name):
+            return
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 -- one broken kernel must not hide the other results
-            self.checks.append({"name": name, "error": f"{type(exc).__name__}: {exc}", "pass": False})
-            print(f"  [FAIL] {name}: {type(exc).__name__}: {exc}")
+            self.failures.append(name)
+            self.log.emit({"type": kind, "result": {"name": name, "error": f"{type(exc).__name__}: {exc}",
+                                                    "pass": False}})
+            print(f"  [FAIL] {name}: {type(exc).__name__}: {exc}", flush=True)
         finally:
             torch.cuda.empty_cache()
-
-    # --- correctness -------------------------------------------------------------------------------
 
     def _rand(self, *shape, seed=0):
         gen = torch.Generator(device=self.dev).manual_seed(seed)
         return torch.randn(*shape, generator=gen, device=self.dev, dtype=torch.float32).to(torch.bfloat16)
+
+    # --- stage 1: correctness ----------------------------------------------------------------------
 
     def check_attention(self, backend: str, s: int, causal: bool, h: int = 4, h_kv: int = 2, d: int = 128):
         from seqpar.kernels.attention import attention_block, attention_block_backward
@@ -312,28 +484,60 @@ class GpuCheck:
         grads = attention_block_backward(do, q, k, v, out, lse, causal=causal, backend=backend)
         ref = reference_attention_grads(q, k, v, do, causal=causal)
         names = ("out", "lse", "dq", "dk", "dv")
-        self.record(f"attention {backend} S={s} causal={causal} H={h}/{h_kv}",
+        self.record(f"attention {backend} S={s} causal={causal} H={h}/{h_kv} D={d}",
                     {n: rel_err(g, r) for n, g, r in zip(names, (out, lse, *grads), ref)})
 
     def check_varlen(self, backend: str, lengths=(1000, 5000, 10384), h=4, h_kv=2, d=128):
+        """Packed, with the max_seqlen hints the SP ops pass (the kernels then read no cu_seqlens on the host)."""
         from seqpar.kernels.attention import attention_block_varlen, attention_block_varlen_backward
 
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=self.dev)
-        t = sum(lengths)
+        bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=self.dev)
+        t, hint = sum(lengths), max(lengths)
         q, k, v, do = (self._rand(t, n, d, seed=10 + i) for i, n in enumerate((h, h_kv, h_kv, h)))
-        out, lse = attention_block_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend=backend)
-        grads = attention_block_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
-                                                backend=backend)
+        opts = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend=backend, max_seqlen_q=hint,
+                    max_seqlen_k=hint)
+        out, lse = attention_block_varlen(q, k, v, **opts)
+        grads = attention_block_varlen_backward(do, q, k, v, out, lse, **opts)
         refs = [torch.empty_like(x, dtype=torch.float64) for x in (q, q, k, v)]
         ref_lse = torch.empty(h, t, dtype=torch.float64, device=self.dev)
-        for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        for a, b in zip(bounds, bounds[1:]):
             o, l, dq, dk, dv = reference_attention_grads(q[None, a:b], k[None, a:b], v[None, a:b], do[None, a:b],
                                                          causal=True)
             refs[0][a:b], ref_lse[:, a:b], refs[1][a:b], refs[2][a:b], refs[3][a:b] = o[0], l[0], dq[0], dk[0], dv[0]
         got = (out, lse, *grads)
         want = (refs[0], ref_lse, refs[1], refs[2], refs[3])
-        self.record(f"attention varlen {backend} lengths={list(lengths)}",
+        self.record(f"attention varlen {backend} lengths={list(lengths)} D={d} (max_seqlen hints)",
                     {n: rel_err(g, r) for n, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, want)})
+
+    def check_nan_key(self, backend: str, s: int = 4096, h: int = 4, h_kv: int = 2, d: int = 128):
+        """A NaN in key j of K/V head 0, causal: rows >= j of the query heads that read head 0 must be NaN (a
+        finite answer would be silent corruption); rows < j and the other heads must equal the clean reference."""
+        from seqpar.kernels.attention import attention_block
+
+        q, k, v = (self._rand(1, s, n, d, seed=50 + i) for i, n in enumerate((h, h_kv, h_kv)))
+        j, group = s // 3, h // h_kv
+        ref = reference_attention_grads(q, k, v, torch.zeros_like(q), causal=True)[0]
+        k = k.clone()
+        k[0, j, 0, 0] = float("nan")
+        out, _ = attention_block(q, k, v, causal=True, backend=backend)
+        self.record(f"attention {backend} NaN key S={s}", {
+            "rows_before_nan": rel_err(out[:, :j], ref[:, :j]),
+            "other_heads": rel_err(out[:, :, group:], ref[:, :, group:]),
+            "nan_rows_not_nan": float(torch.isfinite(out[:, j:, :group]).float().mean()),  # 0 when all are NaN
+        })
+
+    def check_strided(self, backend: str, s: int = 4096, h: int = 4, h_kv: int = 2, d: int = 64):
+        """q/k/v as head-dim-stride-2 views (x[..., ::2] of a 2D-wide tensor): a kernel that ignores the head-dim
+        stride reads the wrong elements."""
+        from seqpar.kernels.attention import attention_block, attention_block_backward
+
+        q, k, v, do = (self._rand(1, s, n, 2 * d, seed=60 + i)[..., ::2] for i, n in enumerate((h, h_kv, h_kv, h)))
+        out, lse = attention_block(q, k, v, causal=True, backend=backend)
+        grads = attention_block_backward(do, q, k, v, out, lse, causal=True, backend=backend)
+        ref = reference_attention_grads(q, k, v, do, causal=True)
+        self.record(f"attention {backend} head-dim stride 2 S={s} D={d}",
+                    {n: rel_err(g, r) for n, g, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref)})
 
     def check_fused_merge(self, s: int = 16384, h: int = 4, d: int = 128):
         from seqpar.kernels.fused_merge import attention_block_merge
@@ -352,20 +556,23 @@ class GpuCheck:
             "out_vs_unfused": rel_err(out, unfused_out), "lse_vs_unfused": rel_err(lse, unfused_lse),
         })
 
-    def check_linear(self, s: int, decay: str, reference: str, h: int = 2, d: int = 128, chunk: int = 64):
-        from seqpar.kernels.linear import linear_attention_chunk
-        from seqpar.kernels.reference import reference_linear_attention
-
-        b = 1
-        gen = torch.Generator(device=self.dev).manual_seed(s + len(decay))
+    def _linear_inputs(self, b, s, h, d, decay, seed):
+        gen = torch.Generator(device=self.dev).manual_seed(seed)
         # Unit-variance q/k with D = 128 make |S_t| grow like t: scale them so outputs stay O(1) in bf16.
         q, k, v = (torch.randn(b, s, h, d, generator=gen, device=self.dev) / math.sqrt(d) for _ in range(3))
-        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
         g = None
         if decay == "head":
             g = -torch.rand(h, generator=gen, device=self.dev) * 0.1
         elif decay == "token":
             g = torch.nn.functional.logsigmoid(torch.randn(b, s, h, generator=gen, device=self.dev) + 4)
+        return [x.to(torch.bfloat16) for x in (q, k, v)], g, gen
+
+    def check_linear(self, s: int, decay: str, reference: str, h: int = 2, d: int = 128, chunk: int = 64):
+        from seqpar.kernels.linear import linear_attention_chunk
+        from seqpar.kernels.reference import reference_linear_attention
+
+        b = 1
+        (q, k, v), g, gen = self._linear_inputs(b, s, h, d, decay, s + len(decay) + d)
         s0 = torch.randn(b, h, d, d, generator=gen, device=self.dev)
         do = torch.randn(b, s, h, d, generator=gen, device=self.dev)
         ds = torch.randn(b, h, d, d, generator=gen, device=self.dev)
@@ -393,51 +600,58 @@ class GpuCheck:
         ref_o, ref_s, ref_g = grads_of(ref_fn, torch.float64)
         errors = {"o": rel_err(o, ref_o), "final_state": rel_err(final, ref_s)}
         errors.update({f"d{n}": rel_err(grads[n], ref_g[n]) for n in grads})
-        self.record(f"linear triton S={s} decay={decay} vs {reference}", errors)
+        self.record(f"linear triton S={s} D={d} decay={decay} vs {reference}", errors)
 
     def correctness(self) -> None:
-        print(f"correctness (bf16, D=128, tol {TOL_BF16}):")
-        long_s = 16384 if self.quick else 65536
+        print(f"correctness (bf16, tol {TOL_BF16}):", flush=True)
+        long_s = 16384 if self.quick else 32768
         for backend in ("triton", "flash_attn"):
             if backend not in self.backends:
-                self.skipped.append(f"{backend} correctness: backend not registered")
+                self.skip(f"{backend} correctness: backend not registered")
                 continue
-            self.attempt(f"attention {backend} 4K causal", lambda: self.check_attention(backend, 4096, True))
+            for d in (64, 128):
+                self.attempt(f"attention {backend} 4K causal GQA D={d}",
+                             lambda: self.check_attention(backend, 4096, True, h=8, h_kv=2, d=d))
             self.attempt(f"attention {backend} 4K", lambda: self.check_attention(backend, 4096, False))
             self.attempt(f"attention {backend} long causal", lambda: self.check_attention(backend, long_s, True))
-            self.attempt(f"attention varlen {backend}", lambda: self.check_varlen(backend))
+            for d in (64, 128):
+                self.attempt(f"attention varlen {backend} D={d}", lambda: self.check_varlen(backend, d=d))
+            self.attempt(f"attention {backend} NaN key", lambda: self.check_nan_key(backend))
+            self.attempt(f"attention {backend} head-dim stride 2", lambda: self.check_strided(backend))
         if "triton" in self.backends:
             self.attempt("fused merge", self.check_fused_merge)
         for decay in ("none", "head", "token"):
             self.attempt(f"linear {decay} 4K", lambda: self.check_linear(4096, decay, "recurrence"))
+        self.attempt("linear head 4K D=64", lambda: self.check_linear(4096, "head", "recurrence", d=64))
         self.attempt("linear token long", lambda: self.check_linear(long_s, "token", "torch-chunked-float64"))
 
-    # --- timing ------------------------------------------------------------------------------------
+    # --- stage 2: speed ----------------------------------------------------------------------------
 
     def _time(self, kind: str, provider: str, s: int, mode: str, fn: Callable[[], Any], flops: float, **extra):
-        if self.elapsed() > DEADLINE_S:
-            self.skipped.append(f"timing {kind} {provider} S={s} {mode}: deadline")
+        what = f"timing {kind} {provider} S={s} {mode} {extra or ''}".strip()
+        if self.out_of_time(what):
             return
         try:
             ms = cuda_ms(fn)
         except Exception as exc:  # noqa: BLE001
-            self.skipped.append(f"timing {kind} {provider} S={s} {mode}: {type(exc).__name__}: {exc}")
-            print(f"  {kind:9s} {provider:14s} S={s:6d} {mode:8s} failed: {type(exc).__name__}: {exc}")
+            self.skip(f"{what}: {type(exc).__name__}: {exc}")
             return
         finally:
             torch.cuda.empty_cache()
         row = {"kind": kind, "provider": provider, "S": s, "mode": mode, "ms": ms, "tflops": flops / ms / 1e9, **extra}
         self.timings.append(row)
-        print(f"  {kind:9s} {provider:14s} S={s:6d} {mode:8s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s")
+        self.log.emit({"type": "timing", "result": row})
+        print(f"  {kind:9s} {provider:14s} S={s:6d} {mode:8s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s {extra}",
+              flush=True)
 
-    def attention_timing(self, b=1, h=16, d=128) -> None:
+    def attention_timing(self, b=1, h=16) -> None:
         import torch.nn.functional as F
 
         from seqpar.kernels.attention import attention
 
-        lengths = (4096, 8192, 16384) if self.quick else (4096, 8192, 16384, 32768, 65536)
-        cases = [(s, True) for s in lengths] + [(16384, False)]
-        for s, causal in cases:
+        lengths = (4096, 8192, 16384) if self.quick else (4096, 8192, 16384, 32768)
+        cases = [(s, True, 128) for s in lengths] + [(16384, False, 128), (16384, True, 64)]
+        for s, causal, d in cases:
             q, k, v, do = (self._rand(b, s, h, d, seed=30 + i) for i in range(4))
             leaves = [x.requires_grad_(True) for x in (q.clone(), k.clone(), v.clone())]
             providers: dict[str, Callable[..., torch.Tensor]] = {}
@@ -450,16 +664,17 @@ class GpuCheck:
             for name, fn in providers.items():
                 with torch.no_grad():
                     self._time("attention", name, s, "fwd", lambda: fn(q, k, v),
-                               attention_flops(b, h, s, d, causal, "fwd"), causal=causal)
+                               attention_flops(b, h, s, d, causal, "fwd"), causal=causal, D=d)
                 self._time("attention", name, s, "fwd+bwd", lambda: fn(*leaves).backward(do),
-                           attention_flops(b, h, s, d, causal, "fwd+bwd"), causal=causal)
+                           attention_flops(b, h, s, d, causal, "fwd+bwd"), causal=causal, D=d)
             del q, k, v, do, leaves
 
     def linear_timing(self, b=1, h=16, d=128, chunk=64) -> None:
         from seqpar.kernels.linear import linear_attention_chunk
 
         providers: dict[str, Callable] = {
-            "triton": lambda q, k, v, g: linear_attention_chunk(q, k, v, log_decay=g, chunk_size=chunk, backend="triton")[0],
+            "triton": lambda q, k, v, g: linear_attention_chunk(q, k, v, log_decay=g, chunk_size=chunk,
+                                                                backend="triton")[0],
             "torch_chunked": lambda q, k, v, g: linear_attention_chunk(q, k, v, log_decay=g, chunk_size=chunk,
                                                                        backend="torch")[0],
         }
@@ -468,23 +683,24 @@ class GpuCheck:
 
             providers["fla_simple_gla"] = lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g, scale=d ** -0.5)[0]
         except Exception as exc:  # noqa: BLE001
-            self.skipped.append(f"fla timing: {type(exc).__name__}: {exc}")
-        lengths = (4096, 16384) if self.quick else (4096, 16384, 65536)
+            self.note(f"fla not importable: {type(exc).__name__}: {exc}")
+        lengths = (4096, 16384) if self.quick else (4096, 16384, 32768)
         for s in lengths:
             q, k, v, do = (self._rand(b, s, h, d, seed=40 + i) / math.sqrt(d) for i in range(4))
             g = torch.nn.functional.logsigmoid(torch.randn(b, s, h, device=self.dev) + 4)
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
             for name, fn in providers.items():
                 with torch.no_grad():
-                    self._time("linear", name, s, "fwd", lambda: fn(q, k, v, g), linear_flops(b, h, s, d, d, chunk, "fwd"))
+                    self._time("linear", name, s, "fwd", lambda: fn(q, k, v, g),
+                               linear_flops(b, h, s, d, d, chunk, "fwd"))
                 self._time("linear", name, s, "fwd+bwd", lambda: fn(*leaves).backward(do),
                            linear_flops(b, h, s, d, d, chunk, "fwd+bwd"))
             del q, k, v, do, leaves
 
-    def _ms(self, kind, provider, s, mode, causal=None):
+    def _ms(self, kind, provider, s, mode, causal=None, d=128):
         for r in self.timings:
             same = (r["kind"], r["provider"], r["S"], r["mode"]) == (kind, provider, s, mode)
-            if same and r.get("causal", causal) == causal:
+            if same and r.get("causal", causal) == causal and r.get("D", d) == d:
                 return r["ms"]
         return None
 
@@ -494,11 +710,11 @@ class GpuCheck:
         for r in self.timings:
             if r["provider"] == "triton":
                 continue
-            mine = self._ms(r["kind"], "triton", r["S"], r["mode"], r.get("causal"))
+            mine = self._ms(r["kind"], "triton", r["S"], r["mode"], r.get("causal"), r.get("D", 128))
             if mine:
                 ratios.append({**{k: r[k] for k in ("kind", "provider", "S", "mode")}, "causal": r.get("causal"),
-                               "triton_speedup": r["ms"] / mine})
-                print(f"  {r['kind']:9s} vs {r['provider']:14s} S={r['S']:6d} {r['mode']:8s} "
+                               "D": r.get("D"), "triton_speedup": r["ms"] / mine})
+                print(f"  {r['kind']:9s} vs {r['provider']:14s} S={r['S']:6d} {r['mode']:8s} D={r.get('D')} "
                       f"{ratios[-1]['triton_speedup']:.2f}x")
         goals = {}
         fa = self._ms("attention", "flash_attn", 16384, "fwd+bwd", True)
@@ -519,29 +735,119 @@ class GpuCheck:
             print(f"goal {name}: {goal}")
         return {"ratios": ratios, "goals": goals}
 
-    def run(self, timing: bool) -> int:
-        self.correctness()
-        summary: dict = {}
-        if timing:
-            print("timing (bf16, D=128, B=1, H=16; medians):")
-            self.attention_timing()
-            self.linear_timing()
-            summary = self.ratios_and_goals()
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import save_results
+    def speed(self) -> None:
+        print("speed (bf16, B=1, H=16; medians):", flush=True)
+        self.attention_timing()
+        self.linear_timing()
+        self.log.emit({"type": "summary", "result": self.ratios_and_goals()})
 
-        import triton
+    # --- stage 3: every SP op at world size 1 on NCCL ----------------------------------------------
 
-        path = save_results("gpu_check", {
-            "device": torch.cuda.get_device_name(), "triton": triton.__version__,
-            "flash_attn": getattr(sys.modules.get("flash_attn"), "__version__", None),
-            "quick": self.quick, "elapsed_s": self.elapsed(), "checks": self.checks, "timings": self.timings,
-            **summary, "skipped": self.skipped,
-        })
-        failed = [c["name"] for c in self.checks if not c["pass"]]
-        print(f"{len(self.checks) - len(failed)}/{len(self.checks)} checks passed in {self.elapsed():.0f} s; "
-              f"wrote {path}" + (f"; FAILED: {failed}" if failed else ""))
-        return 1 if failed else 0
+    def check_sp_softmax(self, name: str, packed: bool, s: int = 8192, h: int = 8, h_kv: int = 2, d: int = 128):
+        from seqpar import strategies
+
+        strategy = strategies.get(name, "softmax")
+        op, layout = strategy.load_op(), strategy.layouts[0]
+        lengths = (s // 4, s - s // 4) if packed else (s,)  # two sequences of different lengths
+        shape = (lambda n: (s, n, d)) if packed else (lambda n: (1, s, n, d))
+        q, k, v, do = (self._rand(*shape(n), seed=70 + i) for i, n in enumerate((h, h_kv, h_kv, h)))
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        options = dict(group=None, causal=True, softmax_scale=None, layout=layout, backend="auto")
+        if packed:  # what the runtime passes: boundaries on the device, the longest length from the host
+            bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            options.update(cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=self.dev), max_seqlen=max(lengths))
+        out = op(*leaves, **options)
+        out.backward(do)
+        got = [out, *(x.grad for x in leaves)]
+        if packed:
+            refs = [torch.empty_like(x, dtype=torch.float64) for x in (q, q, k, v)]
+            for a, b in zip(bounds, bounds[1:]):
+                o, _, dq, dk, dv = reference_attention_grads(q[None, a:b], k[None, a:b], v[None, a:b], do[None, a:b],
+                                                             causal=True)
+                refs[0][a:b], refs[1][a:b], refs[2][a:b], refs[3][a:b] = o[0], dq[0], dk[0], dv[0]
+        else:
+            o, _, dq, dk, dv = reference_attention_grads(q, k, v, do, causal=True)
+            refs = [o, dq, dk, dv]
+        self.record(f"sp {name} {'packed' if packed else 'padded'} {layout} S={s} H={h}/{h_kv} D={d}",
+                    {n: rel_err(g, r) for n, g, r in zip(("out", "dq", "dk", "dv"), got, refs)}, kind="sp_op")
+
+    def check_sp_linear(self, name: str, s: int = 8192, h: int = 4, d: int = 128):
+        from seqpar import strategies
+        from seqpar.kernels.linear import linear_attention_chunk
+
+        strategy = strategies.get(name, "linear")
+        op = strategy.load_op()
+        (q, k, v), g, gen = self._linear_inputs(1, s, h, d, "token", 80)
+        do = torch.randn(1, s, h, d, generator=gen, device=self.dev)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = op(*leaves, log_decay=g, group=None, scale=None, layout="contiguous", backend="auto")
+        got = [out, *torch.autograd.grad(out, leaves, do.to(out.dtype))]
+        ref_leaves = [x.double().requires_grad_(True) for x in (q, k, v)]
+        ref = linear_attention_chunk(*ref_leaves, log_decay=g.double(), backend="torch")[0]
+        refs = [ref, *torch.autograd.grad(ref, ref_leaves, do.double())]
+        self.record(f"sp {name} linear per-token decay S={s} H={h} D={d}",
+                    {n: rel_err(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), got, refs)}, kind="sp_op")
+
+    def sp_ops(self) -> None:
+        import torch.distributed as dist
+
+        from seqpar import strategies
+
+        with socket.socket() as sock:  # a free port for the one-rank rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        print(f"SP ops at world size 1 on {dist.get_backend()}: {strategies.names()}", flush=True)
+        try:
+            for name in strategies.names("softmax"):
+                for packed in (False, True):
+                    self.attempt(f"sp {name} {'packed' if packed else 'padded'}",
+                                 lambda: self.check_sp_softmax(name, packed), kind="sp_op")
+            for name in strategies.names("linear"):
+                self.attempt(f"sp {name} linear", lambda: self.check_sp_linear(name), kind="sp_op")
+        finally:
+            dist.destroy_process_group()
+
+    # --- stage 4: seqpar-train smoke ---------------------------------------------------------------
+
+    def train_smoke(self, steps: int = 5) -> None:
+        from seqpar.launch.train import build_parser
+
+        known = {option for action in build_parser()._actions for option in action.option_strings}
+        wanted = ("--fsdp", "--activation-checkpointing")
+        flags = [f for f in wanted if f in known]
+        missing = [f for f in wanted if f not in known]
+        if missing:
+            self.note(f"train_smoke runs WITHOUT {missing}: seqpar-train's parser has no such flags in this checkout")
+        metrics = self.log.results.parent / "gpu_check_train_metrics.jsonl"
+        metrics.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "seqpar.launch.train", "--model", "llama-tiny", "--data", "longtail", "--steps", str(steps),
+               "--tokens-per-step", "16384", "--max-len", "4096", "--metrics", str(metrics), "--no-progress", *flags]
+        print("train smoke: " + " ".join(cmd[1:]), flush=True)
+        result: dict[str, Any] = {"cmd": " ".join(cmd[1:]), "flags": flags, "flags_missing": missing}
+        start = time.time()
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=max(10.0, self.deadline - time.time()))
+            result.update(rc=run.returncode, tail=(run.stdout + run.stderr).splitlines()[-25:])
+        except subprocess.TimeoutExpired as exc:
+            result.update(rc=None, error=f"timed out after {exc.timeout:.0f} s")
+        result["seconds"] = round(time.time() - start, 1)
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        losses = [r["loss"] for r in rows]
+        result.update(steps=len(rows), losses=losses, tokens_per_s=[round(r["tokens_per_s"]) for r in rows],
+                      peak_memory_bytes=max((r.get("peak_memory_bytes", 0) for r in rows), default=None))
+        result["pass"] = result.get("rc") == 0 and len(rows) == steps and all(math.isfinite(x) for x in losses)
+        if not result["pass"]:
+            self.failures.append("train_smoke")
+        self.log.emit({"type": "train_smoke", "result": result})
+        print(f"  [{'PASS' if result['pass'] else 'FAIL'}] seqpar-train {flags or '(no extra flags)'}: rc "
+              f"{result.get('rc')}, {len(rows)}/{steps} steps, losses {[round(x, 3) for x in losses]}", flush=True)
+        if not result["pass"]:
+            print("\n".join(result.get("tail", [])), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ __all__ = [
 KINDS = ("softmax", "linear")
 # the keyword arguments the runtime passes to an op of each kind, after the local (q, k, v) shards
 OP_KEYWORDS = {
-    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend"),
+    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend", "max_seqlen"),
     "linear": ("log_decay", "group", "scale", "layout", "backend"),
 }
 COMM_BYTES_OVER_RANKS = ("each", "mean", "max")

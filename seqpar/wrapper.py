@@ -101,7 +101,7 @@ class SPModel(torch.nn.Module):
         ctx = SPContext(
             group=seqpar_step.group, softmax_strategy=seqpar_step.softmax_strategy,
             linear_strategy=seqpar_step.linear_strategy, layout=self.layout, cu_seqlens=seqpar_step.cu_seqlens,
-            backend=self.config.backend,
+            backend=self.config.backend, max_seqlen=seqpar_step.max_seqlen,
         )
         logits = None
         with _agreement_checks(self.config.check_consistency):

@@ -209,13 +209,13 @@ def fused_merge_ring():
     from seqpar.kernels.fused_merge import has_fused_merge
 
     q, k, v, dout, _ = global_inputs(4, batch=1, seq_len=2 * dist.get_world_size() * 4, h=2, h_kv=1, d=32)
-    fused = has_fused_merge("triton_interpret", q.device, torch.float32)
+    fused = has_fused_merge("triton", q.device, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = reference_attention(*leaves, causal=True)[0]
     ref_grads = torch.autograd.grad(ref, leaves, dout)
     ql, kl, vl = (shard_sequence(t).float().requires_grad_(True) for t in (q, k, v))
     with trace_events() as events:
-        out = ring_attention(ql, kl, vl, causal=True, backend="triton_interpret")
+        out = ring_attention(ql, kl, vl, causal=True, backend="triton")
     out.backward(shard_sequence(dout).float())
     unfused_kernels = [e for e in events if e["kind"] == "kernel"]  # the unfused path records each block kernel
     grads = zip((ql.grad, kl.grad, vl.grad), ref_grads)

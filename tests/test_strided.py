@@ -390,10 +390,9 @@ def flash_attn_wrapper(monkeypatch):
 
 
 def _cpu_attention_backends():
-    """Every registered attention backend, as the CPU backend that runs its code: "triton" (CUDA) runs the
-    kernels of "triton_interpret", "flash_attn" (CUDA) the wrapper of FAKE_FLASH."""
-    cover = {"torch": "torch", "triton": "triton_interpret", "triton_interpret": "triton_interpret",
-             "flash_attn": FAKE_FLASH}
+    """Every registered attention backend, as the CPU backend that runs its code: "triton" runs its kernels
+    here under the interpreter, "flash_attn" (CUDA) the wrapper of FAKE_FLASH."""
+    cover = {"torch": "torch", "triton": "triton", "flash_attn": FAKE_FLASH}
     registered = available_attention_backends()
     assert set(registered) <= set(cover), f"a new attention backend needs a strided test: {registered}"
     return sorted({cover[name] for name in registered} | {FAKE_FLASH})

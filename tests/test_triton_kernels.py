@@ -1,8 +1,8 @@
 """Triton kernels against the float64 references, on the CPU under the Triton interpreter.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports triton, so the kernels run as numpy programs.
-The attention kernels are reached by name through the normal dispatch (``backend="triton_interpret"``: the
-same kernels as ``"triton"``, which is CUDA-only so that ``"auto"`` on CPU stays torch); linear attention via
+The attention kernels are reached by name through the normal dispatch (``backend="triton"``, which runs on
+CPU tensors under the interpreter; ``"auto"`` on CPU stays torch); linear attention via
 ``linear_attention_chunk(backend="triton")``. Shapes are tiny and blocks are 16 wide so that every path
 (partial blocks, causal diagonal, rows with no key, GQA groups, several sequences) runs in a few programs.
 
@@ -36,7 +36,7 @@ from seqpar.kernels.reference import reference_attention, reference_linear_atten
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-TRITON = "triton_interpret"
+TRITON = "triton"
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +61,14 @@ def _ref_with_grads(fn, inputs, dout):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_auto_on_cpu_is_torch_and_triton_is_cuda_only():
+def test_auto_on_cpu_is_torch_and_triton_is_asked_for_by_name():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert get_attention_backend("auto", CPU, dtype).name == "torch"
         assert resolve_linear_backend("auto", CPU, dtype) == "torch"
-    if HAS_TRITON:
+    if HAS_TRITON:  # by name, the interpreter runs it on CPU; float64 it cannot run anywhere
+        assert get_attention_backend("triton", CPU, torch.float32).name == "triton"
         with pytest.raises(ValueError, match="backend: 'triton' cannot run on cpu"):
-            get_attention_backend("triton", CPU, torch.float32)
+            get_attention_backend("triton", CPU, torch.float64)
     with pytest.raises(ValueError, match="backend: unknown linear-attention backend"):
         resolve_linear_backend("flash_attn", CPU, torch.float32)
     with pytest.raises(ValueError, match="backend: 'triton' linear attention cannot run"):

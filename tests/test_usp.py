@@ -116,7 +116,7 @@ def triton_case():
     # the ring part on the Triton kernels (interpreted on the CPU); they fuse the merge into the kernel, so the
     # forward records no separate block kernel, which the torch backend would
     with trace_events() as events:
-        err = run_case(u=2, seed=7, lens=[16, 8], h=4, h_kv=2, causal=True, backend="triton_interpret")[0]
+        err = run_case(u=2, seed=7, lens=[16, 8], h=4, h_kv=2, causal=True, backend="triton")[0]
     unfused = [e for e in events if e["kind"] == "kernel" and e["name"] == "attention_block_varlen"]
     return err, len(unfused)
 

@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
-from seqpar.collectives.layout import chunk_ranges
-from seqpar.collectives.softmax_common import prepare_softmax_sp
+from seqpar.collectives.softmax_common import SoftmaxSP, prepare_softmax_sp, token_sequence
 from seqpar.kernels.attention import attention
 
 __all__ = ["allgather_kv_attention"]
@@ -36,6 +35,7 @@ def allgather_kv_attention(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention by gathering K and V once. Differentiable.
 
@@ -47,7 +47,7 @@ def allgather_kv_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="allgather_kv_attention",
-        backend=backend,
+        backend=backend, max_seqlen=max_seqlen,
     )
     p = sp.world_size
     kv = torch.stack([sp.k, sp.v])  # (2, T, H_kv, D): one all-gather for both
@@ -56,20 +56,47 @@ def allgather_kv_attention(
     kv_full = gathered.transpose(0, 1).flatten(1, 2)[:, inverse]  # (2, T*P, H_kv, D), global order
 
     # One "sequence" per local query chunk [a, b) of each sequence: it reads keys [0, b) of that sequence when
-    # causal (bottom-right aligned mask), all of them otherwise.
-    bounds = sp.global_cu_seqlens().tolist()
-    q_lens, k_lens, key_index = [], [], []
-    for start, stop in zip(bounds, bounds[1:]):
-        for a, b in chunk_ranges(stop - start, p, sp.rank, sp.layout):
-            q_lens.append(b - a)
-            k_lens.append(b if sp.causal else stop - start)
-            key_index.append(torch.arange(start, start + k_lens[-1]))
-    cu_q, cu_k = (
-        torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device=kv.device) for n in (q_lens, k_lens)
-    )
-    key_index = torch.cat(key_index).to(kv.device)
+    # causal (bottom-right aligned mask), all of them otherwise. Built on the device from cu_seqlens and the
+    # token counts (host-known from the shapes), so nothing is read on the host.
+    cu_q, cu_k, key_index, max_q, max_k = _chunk_operands(sp)
     keys = kv_full[:, key_index]
     out = attention(
-        sp.q, keys[0], keys[1], causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
+        sp.q, keys[0], keys[1], causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
     return sp.unpack(out)
+
+
+def _chunk_operands(sp: SoftmaxSP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None, int | None]:
+    """``(cu_q, cu_k, key_index, max_seqlen_q, max_seqlen_k)`` of the per-chunk packed problem: the local query
+    chunks (``layout.chunk_ranges`` of every sequence, in local order) as sequences, each with the global keys it
+    reads (``key_index`` into the gathered K/V). The hints are derived from ``sp.max_seqlen`` (None without it)."""
+    p, r, local_tokens = sp.world_size, sp.rank, sp.q.shape[0]
+    cu = sp.global_cu_seqlens().long()
+    start, length = cu[:-1, None], (cu[1:] - cu[:-1])[:, None]  # (n, 1) per global sequence
+    if sp.layout == "contiguous":
+        first = r * length // p
+        chunk_starts, chunk_len, n_chunks = first, length // p, 1
+    else:
+        chunk_len = length // (2 * p)
+        chunk_starts, n_chunks = torch.cat([r * chunk_len, (2 * p - 1 - r) * chunk_len], 1), 2
+        chunk_len = chunk_len.expand_as(chunk_starts)
+    q_lens = chunk_len.flatten()
+    k_lens = ((chunk_starts + chunk_len) if sp.causal else length.expand_as(chunk_starts)).flatten()
+    # sum(k_lens) from the shapes alone: sum(L) = P * local_tokens, and each sequence's chunks are L / n_chunks / P
+    if not sp.causal:
+        key_total = n_chunks * p * local_tokens
+    elif sp.layout == "contiguous":
+        key_total = (r + 1) * local_tokens
+    else:
+        key_total = (2 * p + 1) * local_tokens // 2  # chunks r and 2P-1-r read (r+1) + (2P-r) chunks of keys
+    zero = cu.new_zeros(1)
+    cu_q, cu_k = (torch.cat([zero, lens.cumsum(0)]).to(torch.int32) for lens in (q_lens, k_lens))
+    seq = token_sequence(cu_k, key_total)
+    seq_start = start.expand_as(chunk_starts).flatten()[seq]
+    key_index = seq_start + torch.arange(key_total, device=cu.device) - cu_k.long()[seq]
+    m = sp.max_seqlen
+    if m is None:
+        return cu_q, cu_k, key_index, None, None
+    max_k = (m * p if not sp.causal else (r + 1) * m if sp.layout == "contiguous" else (2 * p - r) * (m // 2))
+    return cu_q, cu_k, key_index, m // n_chunks, max_k

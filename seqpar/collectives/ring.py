@@ -97,6 +97,7 @@ def ring_attention(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention over ``group`` by passing K/V around a ring. Differentiable.
 
@@ -110,6 +111,9 @@ def ring_attention(
             ``seqpar.shard_sequence`` makes them.
         cu_seqlens: int32 LOCAL cumulative lengths of a packed batch (from ``shard_sequence(..., cu_seqlens=)``).
         backend: kernel backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"``.
+        max_seqlen: with ``cu_seqlens``, the longest local sequence, from whoever packed and validated the batch
+            (``StepShard.max_seqlen``: the runtime, once per step). Given, ``cu_seqlens`` is not read on the host
+            (no device sync per layer) and is trusted to be valid; None: it is read and validated here.
 
     Returns:
         This rank's output, shaped like ``q``, in q's dtype.
@@ -120,6 +124,6 @@ def ring_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ring_attention",
-        backend=backend,
+        backend=backend, max_seqlen=max_seqlen,
     )
     return run_scheduled(q, k, v, sp, backend, _ring_forward, _ring_backward)

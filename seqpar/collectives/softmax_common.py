@@ -5,6 +5,11 @@ Every op works on the packed form: q (T_local, H, D), k/v (T_local, H_kv, D) wit
 A padded (B, S_local, H, D) batch is the packed batch of B sequences of S_local local tokens each, so one code
 path serves both. Checks here are local and identical on every rank, and run before any communication, so a
 mistake raises ValueError everywhere instead of leaving peers waiting in a collective.
+
+Host reads: with the ``max_seqlen`` hint (the runtime computes it once per step, where it packs and validates
+the batch) nothing here reads ``cu_seqlens`` on the host: the index tensors of zigzag halves and of the global
+order are computed on the device from ``cu_seqlens`` and the (host-known) token counts, and every block's
+kernel gets a derived hint (``block_max_seqlens``). tests/test_host_syncs_varlen.py counts the reads.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
-from seqpar.collectives.layout import LAYOUTS, shard_indices, validate_cu_seqlens
+from seqpar.collectives.layout import LAYOUTS, validate_cu_seqlens
 from seqpar.kernels.fused_merge import attention_block_merge
 from seqpar.kernels.attention import (
     accumulation_dtype,
@@ -33,8 +38,9 @@ class SoftmaxSP:
 
     Attributes:
         q, k, v: packed (T, H, D) / (T, H_kv, D) views of the inputs.
-        cu_seqlens: local int32 boundaries of the packed sequences (B sequences for padded input).
-        bounds: the same boundaries as a list.
+        cu_seqlens: local int32 boundaries of the packed sequences (B sequences for padded input), on q's device.
+        max_seqlen: the longest local sequence when known without reading ``cu_seqlens`` (padded input, or the
+            caller's hint), else None (the kernels then read the boundaries themselves).
         padded_shape: the (B, S_local) of padded input, to restore the output's shape; None when packed.
     """
 
@@ -42,7 +48,7 @@ class SoftmaxSP:
     k: torch.Tensor
     v: torch.Tensor
     cu_seqlens: torch.Tensor
-    bounds: list[int]
+    max_seqlen: int | None
     group: dist.ProcessGroup
     rank: int
     world_size: int
@@ -63,27 +69,62 @@ class SoftmaxSP:
 
     def rank_major_order(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(order, inverse)``: ``order[i]`` is the global packed index of the i-th token when all ranks' shards
-        are concatenated in rank order (what an all-gather or all-to-all yields); ``inverse`` undoes it."""
+        are concatenated in rank order (what an all-gather or all-to-all yields); ``inverse`` undoes it.
+        Computed on q's device; no host read."""
         cu = self.global_cu_seqlens()
-        total = int(cu[-1])
-        order = torch.cat(
-            [shard_indices(total, self.world_size, r, layout=self.layout, cu_seqlens=cu) for r in range(self.world_size)]
-        )
+        total = self.q.shape[0] * self.world_size
+        order = torch.cat([shard_positions(cu, total, self.world_size, r, self.layout) for r in range(self.world_size)])
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(total)
-        return order.to(self.q.device), inverse.to(self.q.device)
+        inverse[order] = torch.arange(total, device=order.device)
+        return order, inverse
 
     def chunk_indices(self, which: str) -> torch.Tensor:
-        """Local token indices of the first or second zigzag chunk of every sequence (``which``: "first"/"second")."""
-        pieces = []
-        for a, b in zip(self.bounds, self.bounds[1:]):
-            half = (b - a) // 2
-            start = a if which == "first" else a + half
-            pieces.append(torch.arange(start, start + half))
-        return torch.cat(pieces).to(self.q.device)
+        """Local token indices of the first or second zigzag chunk of every sequence (``which``: "first"/"second"),
+        on q's device; no host read."""
+        cu = self.cu_seqlens.long()
+        half_cu = cu // 2
+        n_half = self.q.shape[0] // 2  # zigzag local lengths are even
+        seq = token_sequence(half_cu, n_half)
+        index = cu[seq] + torch.arange(n_half, device=cu.device) - half_cu[seq]
+        return index if which == "first" else index + (half_cu[seq + 1] - half_cu[seq])
 
     def half_cu_seqlens(self) -> torch.Tensor:
         return (self.cu_seqlens // 2).to(torch.int32)
+
+    def block_max_seqlens(self, kind: str) -> tuple[int | None, int | None]:
+        """The ``(max_seqlen_q, max_seqlen_k)`` kernel hints of a block kind (derived, not read): a zigzag half
+        of every sequence is half as long. ``(None, None)`` without a hint."""
+        m = self.max_seqlen
+        if m is None:
+            return None, None
+        if kind == "k_first_half":
+            return m, m // 2
+        if kind == "q_second_half":
+            return m // 2, m
+        return m, m
+
+
+def token_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The index of the sequence each of the ``total`` packed tokens belongs to (int64, on cu_seqlens' device).
+    ``total`` (the last entry) comes from the caller's shapes, so nothing is read on the host."""
+    lengths = torch.diff(cu_seqlens.long())
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total)
+
+
+def shard_positions(cu_seqlens: torch.Tensor, total: int, world_size: int, rank: int, layout: str) -> torch.Tensor:
+    """``layout.shard_indices(total, world_size, rank, layout=, cu_seqlens=)`` computed on the device: the global
+    packed indices ``rank`` holds, in local order (int64), for GLOBAL ``cu_seqlens`` of ``total`` tokens whose
+    lengths the layout divides (as the SP ops' inputs are). No host read."""
+    cu = cu_seqlens.long()
+    local_cu = cu // world_size
+    seq = token_sequence(local_cu, total // world_size)
+    offset = torch.arange(total // world_size, device=cu.device) - local_cu[seq]
+    local_len = (local_cu[1:] - local_cu[:-1])[seq]
+    if layout == "contiguous":
+        return cu[seq] + rank * local_len + offset
+    chunk = local_len // 2
+    second = 2 * world_size - 1 - rank
+    return cu[seq] + torch.where(offset < chunk, rank * chunk + offset, second * chunk + offset - chunk)
 
 
 def prepare_softmax_sp(
@@ -99,9 +140,12 @@ def prepare_softmax_sp(
     op: str = "softmax attention",
     backend: str = "auto",
     agree: dict[str, object] | None = None,
+    max_seqlen: int | None = None,
 ) -> SoftmaxSP:
     """Check one call's arguments and return the packed view. ``agree``: the op's own options that every rank
-    must pass equal too (checked with the common ones).
+    must pass equal too (checked with the common ones). ``max_seqlen``: the longest sequence of ``cu_seqlens``,
+    from whoever packed and validated the batch (the runtime, once per step): ``cu_seqlens`` is then not read on
+    the host (only its dtype and size are checked, and ranks agree on the hint instead of the boundaries).
 
     Raises:
         ValueError: naming the argument: wrong ranks of tensors, q/k/v shape, dtype or device mismatch,
@@ -138,7 +182,15 @@ def prepare_softmax_sp(
     get_attention_backend(backend, q.device, q.dtype)  # an unusable backend fails here, before any transfer
     group, rank, size = comm.group_info(group)
 
-    if packed:
+    if max_seqlen is not None and not packed:
+        raise ValueError("max_seqlen: a hint for packed input; pass it with cu_seqlens, or leave it None")
+    bounds = None
+    if packed and max_seqlen is not None:
+        _check_hint(cu_seqlens, max_seqlen, q.shape[0], layout)
+        cu = cu_seqlens.to(device=q.device)
+        qp, kp, vp = q, k, v
+        padded_shape = None
+    elif packed:
         bounds = validate_cu_seqlens(cu_seqlens, q.shape[0])
         cu = cu_seqlens.to(device=q.device)
         qp, kp, vp = q, k, v
@@ -151,7 +203,8 @@ def prepare_softmax_sp(
         cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
         qp, kp, vp = (t.reshape(b * s, *t.shape[2:]) for t in (q, k, v))
         padded_shape = (b, s)
-    if layout == "zigzag":
+        max_seqlen = s
+    if layout == "zigzag" and bounds is not None:
         odd = [b_ - a for a, b_ in zip(bounds, bounds[1:]) if (b_ - a) % 2]
         if odd:
             arg = "cu_seqlens" if packed else "q"
@@ -164,9 +217,25 @@ def prepare_softmax_sp(
     comm.check_agreement(op, {
         "op": op, "q shape": tuple(q.shape), "k shape": tuple(k.shape), "v shape": tuple(v.shape),
         "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
-        "cu_seqlens": bounds if packed else None, **(agree or {}),
+        # with the hint, the boundaries were agreed where the batch was packed; agree on what this call uses
+        "cu_seqlens": (bounds if bounds is not None else ("hint", cu.numel(), max_seqlen)) if packed else None,
+        **(agree or {}),
     }, group=group)
-    return SoftmaxSP(qp, kp, vp, cu, bounds, group, rank, size, layout, bool(causal), scale, padded_shape)
+    return SoftmaxSP(qp, kp, vp, cu, max_seqlen, group, rank, size, layout, bool(causal), scale, padded_shape)
+
+
+def _check_hint(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, layout: str) -> None:
+    """What can be checked of hinted packed input without reading cu_seqlens (metadata and the hint itself)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens: expected a 1-D tensor [0, len_0, len_0+len_1, ...] with at least 2 entries")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens: must be int32 (got {cu_seqlens.dtype}); use cu_seqlens.to(torch.int32)")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 < max_seqlen <= tokens:
+        raise ValueError(
+            f"max_seqlen: expected the longest local sequence, an int in [1, {tokens}], got {max_seqlen!r}"
+        )
+    if layout == "zigzag" and max_seqlen % 2:
+        raise ValueError(f"max_seqlen: zigzag local lengths are even, got {max_seqlen}; pass the packed batch's hint")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,9 +286,10 @@ def attend_block(
     """Run the kernel on one block; returns ``(rows, out, lse)``: the query rows it covers (None: all), their
     partial output and LSE (H, rows). ``kind`` must not be "skip"."""
     q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
+    max_q, max_k = sp.block_max_seqlens(kind)
     out, lse = attention_block_varlen(
         _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        causal=kind == "causal", scale=sp.scale, backend=backend,
+        causal=kind == "causal", scale=sp.scale, backend=backend, max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
     return q_rows, out, lse
 
@@ -243,9 +313,10 @@ def attend_and_merge(
         lse = torch.full((q.shape[1], sp.q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     sub_out = None if out is None else _rows(out, rows)
     sub_lse = None if lse is None else _rows(lse, rows, dim=1)
+    max_q, max_k = sp.block_max_seqlens(kind)
     new_out, new_lse = attention_block_merge(
         q, k, v, sub_out, sub_lse, causal=kind == "causal", scale=sp.scale, backend=backend,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
     if rows is None:
         return new_out, new_lse
@@ -268,10 +339,11 @@ def attend_block_backward(
     """Gradients of one block given the FINAL out/lse of the query rows; returns
     ``(q_rows, dq, kv_rows, dk, dv)`` where rows None means all rows of the shard."""
     q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
+    max_q, max_k = sp.block_max_seqlens(kind)
     dq, dk, dv = attention_block_varlen_backward(
         _rows(dout, q_rows), _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), _rows(out, q_rows),
         _rows(lse, q_rows, dim=1), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal",
-        scale=sp.scale, backend=backend,
+        scale=sp.scale, backend=backend, max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
     return q_rows, dq, kv_rows, dk, dv
 

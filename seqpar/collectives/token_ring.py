@@ -311,6 +311,7 @@ def token_ring_attention(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention over ``group``, TokenRing schedule: query shards travel to rank - 1,
     partial results come straight back to their owner, K/V stay home. Differentiable.
@@ -327,6 +328,7 @@ def token_ring_attention(
         layout: ``"zigzag"`` or ``"contiguous"``, exactly as ``seqpar.shard_sequence`` cut the shards.
         cu_seqlens: int32 LOCAL cumulative lengths of a packed batch.
         backend: kernel backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"``.
+        max_seqlen: the packed batch's host-side hint, as in ``seqpar.ring_attention``.
 
     Returns:
         This rank's output, shaped like ``q``, in q's dtype.
@@ -338,6 +340,6 @@ def token_ring_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="token_ring_attention",
-        backend=backend,
+        backend=backend, max_seqlen=max_seqlen,
     )
     return run_scheduled(q, k, v, sp, backend, _token_ring_forward, _token_ring_backward)

@@ -47,6 +47,7 @@ def ulysses_attention(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention by all-to-all head exchange (DeepSpeed-Ulysses). Differentiable.
 
@@ -59,7 +60,7 @@ def ulysses_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ulysses_attention",
-        backend=backend,
+        backend=backend, max_seqlen=max_seqlen,
     )
     p, h, h_kv = sp.world_size, sp.q.shape[1], sp.k.shape[1]
     if h % p:
@@ -92,8 +93,10 @@ def ulysses_attention(
         k_full, v_full = k_full[:, index], v_full[:, index]
 
     cu = sp.global_cu_seqlens()
+    hint = None if sp.max_seqlen is None else sp.max_seqlen * p  # every sequence gathered whole: P times longer
     out_full = attention(
-        q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu
+        q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu,
+        max_seqlen_q=hint, max_seqlen_k=hint,
     )
     out_parts = list(out_full[order].split(tokens, dim=0))  # back to rank-major order, one piece per rank
     out = torch.cat(comm.all_to_all_differentiable(out_parts, group=sp.group), dim=1)

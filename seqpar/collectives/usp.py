@@ -45,9 +45,8 @@ import torch.distributed as dist
 
 from seqpar.collectives import comm
 from seqpar.collectives.groups import split_consecutive
-from seqpar.collectives.layout import shard_indices
 from seqpar.collectives.ring import ring_attention
-from seqpar.collectives.softmax_common import SoftmaxSP, prepare_softmax_sp
+from seqpar.collectives.softmax_common import SoftmaxSP, prepare_softmax_sp, shard_positions
 from seqpar.collectives.ulysses import ulysses_attention, ulysses_kv_heads
 from seqpar.strategies import usp_ulysses_degree
 
@@ -82,18 +81,18 @@ def _ring_order(sp: SoftmaxSP, inner_size: int, outer_rank: int) -> tuple[torch.
     P / u ranks with the same layout; ``ring_local[from_ring]`` undoes it."""
     world_size = sp.world_size
     global_cu = sp.global_cu_seqlens()
-    total = int(global_cu[-1])
+    total = sp.q.shape[0] * world_size  # from the shapes: nothing of cu_seqlens is read on the host
     first = outer_rank * inner_size
     received = torch.cat(
-        [shard_indices(total, world_size, first + j, layout=sp.layout, cu_seqlens=global_cu) for j in range(inner_size)]
+        [shard_positions(global_cu, total, world_size, first + j, sp.layout) for j in range(inner_size)]
     )
-    wanted = shard_indices(total, world_size // inner_size, outer_rank, layout=sp.layout, cu_seqlens=global_cu)
-    position = torch.full((total,), -1, dtype=torch.long)  # where each global token sits in `received`
-    position[received] = torch.arange(received.numel())
+    wanted = shard_positions(global_cu, total, world_size // inner_size, outer_rank, sp.layout)
+    position = torch.full((total,), -1, dtype=torch.long, device=global_cu.device)  # each token's slot in `received`
+    position[received] = torch.arange(received.numel(), device=global_cu.device)
     to_ring = position[wanted]
     from_ring = torch.empty_like(to_ring)
-    from_ring[to_ring] = torch.arange(to_ring.numel())
-    return to_ring.to(sp.q.device), from_ring.to(sp.q.device)
+    from_ring[to_ring] = torch.arange(to_ring.numel(), device=global_cu.device)
+    return to_ring, from_ring
 
 
 def usp_attention(
@@ -108,6 +107,7 @@ def usp_attention(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention in two dimensions: Ulysses inside groups of ``ulysses_degree``
     consecutive ranks, ring attention across them (USP). Differentiable.
@@ -127,12 +127,13 @@ def usp_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="usp_attention",
-        backend=backend, agree={"ulysses_degree": ulysses_degree},
+        backend=backend, agree={"ulysses_degree": ulysses_degree}, max_seqlen=max_seqlen,
     )
     p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
     u = _check_ulysses_degree(ulysses_degree, p, h)
     options = {
-        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens, "backend": backend
+        "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens,
+        "backend": backend, "max_seqlen": max_seqlen,
     }
     if u == 1:
         return ring_attention(q, k, v, group=sp.group, **options)
@@ -167,9 +168,10 @@ def usp_attention(
 
     # 3. ring attention across the inner groups on these heads
     ring_cu = (sp.cu_seqlens.long() * u).to(torch.int32)
+    ring_hint = None if sp.max_seqlen is None else sp.max_seqlen * u  # the ring's shards hold u local shards' tokens
     out_ring = ring_attention(
         q_ring, k_ring, v_ring, group=outer, causal=sp.causal, softmax_scale=sp.scale, layout=sp.layout,
-        cu_seqlens=ring_cu, backend=backend,
+        cu_seqlens=ring_cu, backend=backend, max_seqlen=ring_hint,
     )
     # 4. back to this rank's tokens with all heads
     out_parts = list(out_ring[from_ring].split(tokens, dim=0))

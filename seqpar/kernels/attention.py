@@ -8,7 +8,9 @@ Contract (every backend):
 * ``causal`` is bottom-right aligned (flash-attn's convention): query i sees key j when j <= i + Sk - Sq.
   Rows that see no key give out = 0 and lse = -inf, never NaN.
 * Packed variable-length forms take (T, H, D) tensors and int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` and return
-  lse of shape (H, T); sequence i of q attends only to sequence i of k.
+  lse of shape (H, T); sequence i of q attends only to sequence i of k. With ``max_seqlen_q``/``max_seqlen_k``
+  (the longest sequence of each, computed once per step where the batch was packed) a varlen backend reads
+  nothing of cu_seqlens on the host: no device sync per call. The caller vouches that the boundaries are valid.
 * Any strides (a backend copies what its kernel cannot index, e.g. a head dim with stride != 1; it never reads
   outside a tensor). NaN in q, k or v gives NaN out (and lse, for q and k) in every row that sees it: a finite
   answer from NaN input would be silent corruption. (Rows that do not see it may turn NaN too: 0 * NaN.)
@@ -44,8 +46,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """A set of attention kernels. ``forward_varlen``/``backward_varlen`` may be None: the dispatcher then
-    runs the padded kernels sequence by sequence. ``supports(device, dtype)`` says where it can run."""
+    """A set of attention kernels, named for its kernels (not for where they run).
+
+    ``forward_varlen``/``backward_varlen`` may be None: the dispatcher then runs the padded kernels sequence by
+    sequence; when given they take ``max_seqlen_q``/``max_seqlen_k`` keywords (int or None: see
+    ``attention_block_varlen``). ``supports(device, dtype)``: where asking for it by name may run it.
+    ``auto_eligible(device, dtype)``: where ``backend="auto"`` may pick it, i.e. where it is the fast choice
+    (default: wherever it ``supports``); Triton supports CPU tensors under TRITON_INTERPRET=1 but is
+    auto-eligible only on CUDA, since ``"auto"`` must not pick a numpy emulation."""
 
     name: str
     forward: Callable
@@ -53,10 +61,27 @@ class AttentionBackend:
     supports: Callable[[torch.device, torch.dtype], bool]
     forward_varlen: Callable | None = None
     backward_varlen: Callable | None = None
+    auto_eligible: Callable[[torch.device, torch.dtype], bool] | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
 _AUTO_ORDER = ("flash_attn", "triton", "torch")
+# Names that once meant "these kernels, somewhere else": a backend is named for its kernels only.
+_RETIRED_NAMES = {"triton_interpret": "triton"}
+
+
+def check_retired_backend_name(name: str) -> None:
+    """Raise ValueError (naming ``backend``) for a backend name that was replaced; shared with linear attention.
+
+    Raises:
+        ValueError: ``name`` is a retired name such as ``"triton_interpret"``.
+    """
+    if name in _RETIRED_NAMES:
+        new = _RETIRED_NAMES[name]
+        raise ValueError(
+            f"backend: {name!r} was removed; use backend={new!r}, which runs the same kernels on CUDA and, "
+            "under TRITON_INTERPRET=1, on CPU"
+        )
 
 
 def register_attention_backend(backend: AttentionBackend) -> None:
@@ -71,13 +96,16 @@ def available_attention_backends() -> list[str]:
 def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """Resolve ``name`` (``"auto"`` or a registered name) for tensors on ``device`` of ``dtype``.
 
+    ``"auto"`` is the first of ``_AUTO_ORDER`` (flash_attn, triton, torch) that is ``auto_eligible`` here.
+
     Raises:
-        ValueError: unknown backend, or a named backend that cannot run on this device/dtype.
+        ValueError: unknown or retired backend name, or a named backend that cannot run on this device/dtype.
     """
+    check_retired_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER:
             backend = _BACKENDS.get(candidate)
-            if backend is not None and backend.supports(device, dtype):
+            if backend is not None and (backend.auto_eligible or backend.supports)(device, dtype):
                 return backend
         raise ValueError(f"backend: no attention backend supports {device.type}/{dtype}")
     if name not in _BACKENDS:
@@ -304,13 +332,28 @@ def attention_block_varlen(
     causal: bool = False,
     scale: float | None = None,
     backend: str = "auto",
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed form: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq)."""
+    """Packed form: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq).
+
+    ``max_seqlen_q``/``max_seqlen_k``: the longest sequence of ``cu_seqlens_q``/``cu_seqlens_k``, both or
+    neither. Given, a varlen backend (Triton, flash-attn) neither validates nor reads the boundaries on the host
+    (they were validated once per step, where the batch was packed); None: it reads and validates them. The
+    torch backend reads them either way (it runs sequence by sequence).
+
+    Raises:
+        ValueError: only one of the hints given; what the backend raises for bad shapes or cu_seqlens.
+    """
     impl = get_attention_backend(backend, q.device, q.dtype)
     scale = _default_scale(q, scale)
+    _check_hints(max_seqlen_q, max_seqlen_k)
     tracing.record("kernel", name="attention_block_varlen", causal=causal, sq=q.shape[0], sk=k.shape[0])
     if impl.forward_varlen is not None:
-        return impl.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+        return impl.forward_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+        )
     batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
     if batched is not None:  # equal lengths: one padded call instead of a loop
         n, sq, sk = batched
@@ -340,13 +383,19 @@ def attention_block_varlen_backward(
     causal: bool = False,
     scale: float | None = None,
     backend: str = "auto",
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``attention_block_varlen``."""
+    """Gradients of ``attention_block_varlen`` (the same hints and errors)."""
     impl = get_attention_backend(backend, q.device, q.dtype)
     scale = _default_scale(q, scale)
+    _check_hints(max_seqlen_q, max_seqlen_k)
     tracing.record("kernel", name="attention_block_varlen_backward", causal=causal, sq=q.shape[0], sk=k.shape[0])
     if impl.backward_varlen is not None:
-        return impl.backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+        return impl.backward_varlen(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )
     batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
     if batched is not None:
         n, sq, sk = batched
@@ -365,6 +414,11 @@ def attention_block_varlen_backward(
         )
         dq[qa:qb], dk[ka:kb], dv[ka:kb] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
+
+
+def _check_hints(max_seqlen_q: int | None, max_seqlen_k: int | None) -> None:
+    if (max_seqlen_q is None) != (max_seqlen_k is None):
+        raise ValueError("max_seqlen_k: pass both max_seqlen_q and max_seqlen_k, or neither")
 
 
 def _as_batch(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[int, int, int] | None:
@@ -391,30 +445,30 @@ def _pairs(cu_q: torch.Tensor, cu_k: torch.Tensor) -> list[tuple[tuple[int, int]
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k):
+    def forward(ctx, q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k, max_seqlens):
         if cu_seqlens_q is None:
             out, lse = attention_block(q, k, v, causal=causal, scale=scale, backend=backend)
         else:
             out, lse = attention_block_varlen(
                 q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale,
-                backend=backend,
+                backend=backend, max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1],
             )
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (causal, scale, backend, cu_seqlens_q, cu_seqlens_k)
+        ctx.options = (causal, scale, backend, cu_seqlens_q, cu_seqlens_k, max_seqlens)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, backend, cu_q, cu_k = ctx.options
+        causal, scale, backend, cu_q, cu_k, max_seqlens = ctx.options
         if cu_q is None:
             grads = attention_block_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, backend=backend)
         else:
             grads = attention_block_varlen_backward(
                 dout, q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, scale=scale,
-                backend=backend,
+                backend=backend, max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1],
             )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def attention(
@@ -427,8 +481,12 @@ def attention(
     backend: str = "auto",
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Differentiable single-device attention over the block kernels (padded, or packed with cu_seqlens)."""
+    """Differentiable single-device attention over the block kernels (padded, or packed with cu_seqlens and
+    the optional ``max_seqlen_q``/``max_seqlen_k`` hints of ``attention_block_varlen``)."""
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("cu_seqlens_k: pass both cu_seqlens_q and cu_seqlens_k, or neither")
-    return _Attention.apply(q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k)
+    _check_hints(max_seqlen_q, max_seqlen_k)
+    return _Attention.apply(q, k, v, causal, scale, backend, cu_seqlens_q, cu_seqlens_k, (max_seqlen_q, max_seqlen_k))

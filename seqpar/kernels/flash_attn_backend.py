@@ -120,28 +120,35 @@ def _max_len(cu: torch.Tensor) -> int:
     return int(torch.diff(cu).max()) if cu.numel() > 1 else 0
 
 
-def _forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale):
+def _max_lens(cu_q, cu_k, max_seqlen_q: int | None, max_seqlen_k: int | None) -> tuple[int, int]:
+    """The caller's hints (no host read), else read from cu_seqlens (a device sync on CUDA)."""
+    if max_seqlen_q is not None:
+        return int(max_seqlen_q), int(max_seqlen_k)
+    return _max_len(cu_q), _max_len(cu_k)
+
+
+def _forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
     d = q.shape[-1]
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
     qp, kp, vp = _pad8(q, k, v)
     cu_q, cu_k = _device_cu(cu_q, q.device), _device_cu(cu_k, q.device)
-    args = (qp, kp, vp, cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), 0.0, scale, causal)
+    args = (qp, kp, vp, cu_q, cu_k, *_max_lens(cu_q, cu_k, max_seqlen_q, max_seqlen_k), 0.0, scale, causal)
     out, lse = _out_lse(_call(_FWD_VARLEN, args, _FWD_OPTIONS))
     if lse.dim() != 2:  # very old 2.x returned (B, H, max_seqlen_q); we need (H, T)
         raise RuntimeError("flash_attn: this version returns padded varlen LSE; seqpar needs flash-attn >= 2.6")
     return out[..., :d], _to_contract(lse)
 
 
-def _backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale):
+def _backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
     d = q.shape[-1]
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dp, qp, kp, vp, op = _pad8(dout, q, k, v, out)
     cu_q, cu_k = _device_cu(cu_q, q.device), _device_cu(cu_k, q.device)
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-    args = (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), 0.0,
-            scale, causal)
+    args = (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, cu_q, cu_k,
+            *_max_lens(cu_q, cu_k, max_seqlen_q, max_seqlen_k), 0.0, scale, causal)
     _call(_BWD_VARLEN, args, _BWD_OPTIONS)
     return dq[..., :d], dk[..., :d], dv[..., :d]
 

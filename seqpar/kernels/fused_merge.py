@@ -31,8 +31,8 @@ _FUSED: dict[str, Callable] = {}
 
 
 def register_fused_merge(backend_name: str, fn: Callable) -> None:
-    """Register ``fn(q, k, v, out_acc, lse_acc, *, causal, scale, cu_seqlens_q, cu_seqlens_k) -> (out, lse)``
-    as the fused merge of the attention backend called ``backend_name``."""
+    """Register ``fn(q, k, v, out_acc, lse_acc, *, causal, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) -> (out, lse)`` as the fused merge of the attention backend called ``backend_name``."""
     _FUSED[backend_name] = fn
 
 
@@ -57,9 +57,12 @@ def attention_block_merge(
     backend: str = "auto",
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_attention_outputs(out_acc, lse_acc, *attention_block(q, k, v))`` in one call; fused when the
     resolved backend registered a fused merge. ``out_acc=lse_acc=None`` starts from this block.
+    ``max_seqlen_q``/``max_seqlen_k``: the packed form's hints (see ``attention_block_varlen``).
 
     Raises:
         ValueError: only one of out_acc/lse_acc, or of cu_seqlens_q/cu_seqlens_k, given; anything
@@ -74,13 +77,13 @@ def attention_block_merge(
     if fused is not None:
         return fused(
             q, k, v, out_acc, lse_acc, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )
     if cu_seqlens_q is None:
         block_out, block_lse = attention_block(q, k, v, causal=causal, scale=scale, backend=impl.name)
     else:
         block_out, block_lse = attention_block_varlen(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale,
-            backend=impl.name,
+            backend=impl.name, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )
     return merge_attention_outputs(out_acc, lse_acc, block_out, block_lse)

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from seqpar.kernels.attention import check_retired_backend_name
+
 __all__ = [
     "LINEAR_BACKENDS",
     "LinearBackend",
@@ -55,15 +57,16 @@ class LinearBackend:
             -> (o, final_state or None)``, differentiable, with the contract of ``linear_attention_chunk``
             (inputs already validated; ``scale`` already resolved to a float).
         supports: ``supports(device, dtype)``: where asking for it by name may run it.
-        auto_supports: where ``backend="auto"`` may pick it (default: wherever it ``supports``). Triton runs
+        auto_eligible: where ``backend="auto"`` may pick it (default: wherever it ``supports``). Triton runs
             on CPU under the interpreter when asked by name, but ``"auto"`` must not pick a numpy emulation.
+            (The same rule as ``AttentionBackend``: a backend is named for its kernels.)
         needs: a short requirement for the error message when it cannot run (e.g. "CUDA").
     """
 
     name: str
     chunk: Callable
     supports: Callable[[torch.device, torch.dtype], bool]
-    auto_supports: Callable[[torch.device, torch.dtype], bool] | None = None
+    auto_eligible: Callable[[torch.device, torch.dtype], bool] | None = None
     needs: str = ""
 
 
@@ -86,16 +89,18 @@ def available_linear_backends() -> list[str]:
 def get_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> LinearBackend:
     """Resolve ``name`` (``"auto"`` or a registered name) for tensors on ``device`` of ``dtype``.
 
-    ``"auto"`` is the first of ``("triton", "torch")`` whose ``auto_supports`` holds: Triton on CUDA
+    ``"auto"`` is the first of ``("triton", "torch")`` that is ``auto_eligible`` here: Triton on CUDA
     (fp16/bf16/fp32), else torch, so on CPU it is always torch.
 
     Raises:
-        ValueError: naming ``backend``: an unknown name, or a named backend that cannot run on this device/dtype.
+        ValueError: naming ``backend``: an unknown or retired name, or a named backend that cannot run on this
+            device/dtype.
     """
+    check_retired_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER:
             backend = _BACKENDS.get(candidate)
-            if backend is not None and (backend.auto_supports or backend.supports)(device, dtype):
+            if backend is not None and (backend.auto_eligible or backend.supports)(device, dtype):
                 return backend
         raise ValueError(f"backend: no linear-attention backend supports {device.type}/{dtype}")
     if name not in _BACKENDS:

@@ -11,12 +11,9 @@ accumulation, D <= 256 (any D; non powers of two are masked). Any strides: tenso
 unit-stride are copied (the kernels add head-dim offsets without a stride); every other stride is passed on.
 Padded batches run as the packed form with a batch stride (``VARLEN=False``), so there is one code path.
 
-Backends registered by ``register()``:
-
-* ``"triton"``: CUDA devices, fp16/bf16/fp32. It is in ``attention._AUTO_ORDER``; on CPU its ``supports``
-  is False, so ``backend="auto"`` on CPU still resolves to ``"torch"``.
-* ``"triton_interpret"``: the same kernels on CPU tensors, only when triton was imported with
-  ``TRITON_INTERPRET=1`` (the tests). It is not in ``_AUTO_ORDER``: only asking for it by name selects it.
+``register()`` registers one backend, ``"triton"`` (named for its kernels, like the linear-attention one):
+asked for by name it runs on CUDA, and on CPU tensors when triton was imported with ``TRITON_INTERPRET=1``
+(the tests); ``backend="auto"`` picks it on CUDA only (``auto_eligible``), so "auto" on CPU stays torch.
 
 Raises ``ValueError`` (naming the argument) for bad shapes, dtypes, head dims > 256 or bad cu_seqlens.
 """
@@ -123,7 +120,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 class _Problem:
     """Sizes and strides of one call, padded (B, S, H, D) or packed (T, H, D) + cu_seqlens."""
 
-    def __init__(self, q, k, v, cu_q, cu_k):
+    def __init__(self, q, k, v, cu_q, cu_k, max_q=None, max_k=None):
         self.varlen = cu_q is not None
         want = 3 if self.varlen else 4
         shape_doc = "(T, H, D)" if self.varlen else "(B, S, H, D)"
@@ -144,7 +141,16 @@ class _Problem:
         if self.d > MAX_HEAD_DIM:
             raise ValueError(f"q: head dim {self.d} > {MAX_HEAD_DIM} is not supported by the triton kernels")
         self.group = self.h // self.h_kv
-        if self.varlen:
+        if self.varlen and max_q is not None:
+            # The caller's hints (computed once per step where the batch was packed and validated): read nothing
+            # of cu_seqlens on the host, so the launch does not wait for the device. Only metadata is checked.
+            for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+                if cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 1:
+                    raise ValueError(f"{name}: expected a 1-D int32 tensor [0, len_0, len_0+len_1, ...]")
+            if cu_q.numel() != cu_k.numel():
+                raise ValueError(f"cu_seqlens_k: {cu_k.numel() - 1} sequences but cu_seqlens_q has {cu_q.numel() - 1}")
+            self.batch, self.seqlen_q, self.seqlen_k = cu_q.numel() - 1, int(max_q), int(max_k)
+        elif self.varlen:
             bq = validate_cu_seqlens(cu_q, q.shape[0], name="cu_seqlens_q", allow_empty=True)
             bk = validate_cu_seqlens(cu_k, k.shape[0], name="cu_seqlens_k", allow_empty=True)
             if len(bq) != len(bk):
@@ -152,6 +158,7 @@ class _Problem:
             self.batch = len(bq) - 1
             self.seqlen_q = max((b - a for a, b in zip(bq, bq[1:])), default=0)
             self.seqlen_k = max((b - a for a, b in zip(bk, bk[1:])), default=0)
+        if self.varlen:
             # the kernels read entry b at Cu + b: unit stride (a cu_seqlens[::2] view would be read wrongly)
             self.cu_q, self.cu_k = cu_q.to(q.device).contiguous(), cu_k.to(q.device).contiguous()
         else:
@@ -185,9 +192,9 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None):
+def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max_q=None, max_k=None):
     """Shared forward; with out_acc/lse_acc it merges into them and returns float32 out."""
-    p = _Problem(q, k, v, cu_q, cu_k)
+    p = _Problem(q, k, v, cu_q, cu_k, max_q, max_k)
     q, k, v = _lastdim_contiguous(q, k, v)
     merge = out_acc is not None
     if merge:
@@ -214,8 +221,8 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None):
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
-    p = _Problem(q, k, v, cu_q, cu_k)
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, max_k=None):
+    p = _Problem(q, k, v, cu_q, cu_k, max_q, max_k)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout, out: expected shape {tuple(q.shape)} like q, got {tuple(dout.shape)}, {tuple(out.shape)}")
     if tuple(lse.shape) != p.lse_shape(q):
@@ -265,31 +272,37 @@ def triton_attention_backward(
 
 def triton_attention_forward_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    *, causal: bool = False, scale: float | None = None,
+    *, causal: bool = False, scale: float | None = None, max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed forward: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq) float32."""
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale))
+    """Packed forward: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq) float32. With the
+    ``max_seqlen_*`` hints (both or neither) cu_seqlens are neither validated nor read on the host."""
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), None, None, max_seqlen_q,
+                    max_seqlen_k)
 
 
 def triton_attention_backward_varlen(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed backward -> (dq, dk, dv)."""
-    return _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale))
+    """Packed backward -> (dq, dk, dv); the hints as in ``triton_attention_forward_varlen``."""
+    return _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), max_seqlen_q,
+                     max_seqlen_k)
 
 
 def triton_attention_merge(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor | None, lse_acc: torch.Tensor | None,
     *, causal: bool = False, scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q against this K/V block merged into the running ``(out_acc, lse_acc)`` inside the kernel
-    epilogue. Returns new ``(out float32, lse float32)`` in q's layout (padded, or packed with cu_seqlens);
-    ``out_acc=None`` starts from this block. The inputs are not modified."""
+    epilogue. Returns new ``(out float32, lse float32)`` in q's layout (padded, or packed with cu_seqlens and
+    the optional ``max_seqlen_*`` hints); ``out_acc=None`` starts from this block. The inputs are not modified."""
     if (out_acc is None) != (lse_acc is None):
         raise ValueError("lse_acc: pass both out_acc and lse_acc, or neither")
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), out_acc, lse_acc)
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), out_acc, lse_acc, max_seqlen_q,
+                    max_seqlen_k)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,12 +310,14 @@ def triton_attention_merge(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _supports_cuda(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype in SUPPORTED_DTYPES
+def _supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """By name: CUDA, or CPU tensors when the kernels run in the interpreter (TRITON_INTERPRET=1)."""
+    return dtype in SUPPORTED_DTYPES and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
 
 
-def _supports_interpreter(device: torch.device, dtype: torch.dtype) -> bool:
-    return INTERPRETED and device.type == "cpu" and dtype in SUPPORTED_DTYPES
+def _auto_eligible(device: torch.device, dtype: torch.dtype) -> bool:
+    """For ``backend="auto"``: only where the kernels are the fast choice (compiled, on CUDA)."""
+    return dtype in SUPPORTED_DTYPES and device.type == "cuda" and not INTERPRETED
 
 
 def _backend_forward(q, k, v, *, causal, scale):
@@ -313,26 +328,27 @@ def _backend_backward(dout, q, k, v, out, lse, *, causal, scale):
     return _backward(dout, q, k, v, out, lse, None, None, causal, scale)
 
 
-def _backend_forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale):
-    return _forward(q, k, v, cu_q, cu_k, causal, scale)
+def _backend_forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
+    return _forward(q, k, v, cu_q, cu_k, causal, scale, None, None, max_seqlen_q, max_seqlen_k)
 
 
-def _backend_backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale):
-    return _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+def _backend_backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_seqlen_q=None,
+                             max_seqlen_k=None):
+    return _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqlen_q, max_seqlen_k)
 
 
 def register() -> None:
-    """Register ``"triton"`` (CUDA) and ``"triton_interpret"`` (CPU under TRITON_INTERPRET=1, by name only)
-    attention backends and their fused merge."""
+    """Register the ``"triton"`` attention backend (CUDA; CPU under TRITON_INTERPRET=1; "auto" on CUDA only)
+    and its fused merge."""
     from seqpar.kernels.attention import AttentionBackend, register_attention_backend
     from seqpar.kernels.fused_merge import register_fused_merge
 
-    for name, supports in (("triton", _supports_cuda), ("triton_interpret", _supports_interpreter)):
-        register_attention_backend(
-            AttentionBackend(
-                name=name, forward=_backend_forward, backward=_backend_backward, supports=supports,
-                forward_varlen=_backend_forward_varlen, backward_varlen=_backend_backward_varlen,
-            )
+    register_attention_backend(
+        AttentionBackend(
+            name="triton", forward=_backend_forward, backward=_backend_backward, supports=_supports,
+            forward_varlen=_backend_forward_varlen, backward_varlen=_backend_backward_varlen,
+            auto_eligible=_auto_eligible,
         )
-        register_fused_merge(name, triton_attention_merge)
+    )
+    register_fused_merge("triton", triton_attention_merge)
 

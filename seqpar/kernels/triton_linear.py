@@ -507,8 +507,9 @@ def _supports(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in SUPPORTED_DTYPES and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
 
 
-def _auto_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return dtype in SUPPORTED_DTYPES and device.type == "cuda"
+def _auto_eligible(device: torch.device, dtype: torch.dtype) -> bool:
+    """For ``backend="auto"``: only where the kernels are the fast choice (compiled, on CUDA)."""
+    return dtype in SUPPORTED_DTYPES and device.type == "cuda" and not INTERPRETED
 
 
 def register() -> None:
@@ -517,7 +518,7 @@ def register() -> None:
 
     register_linear_backend(
         LinearBackend(
-            name="triton", chunk=triton_linear_attention, supports=_supports, auto_supports=_auto_supports,
+            name="triton", chunk=triton_linear_attention, supports=_supports, auto_eligible=_auto_eligible,
             needs="triton, fp16/bf16/fp32, and CUDA or TRITON_INTERPRET=1",
         )
     )

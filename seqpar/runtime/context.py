@@ -34,6 +34,8 @@ class SPContext:
         cu_seqlens: LOCAL int32 boundaries when the batch is packed (input of shape (1, T_local)); None for a
             padded (B, S_local) batch.
         backend: kernel backend.
+        max_seqlen: the longest LOCAL sequence of ``cu_seqlens`` (``StepShard.max_seqlen``), passed to the softmax
+            op so that no layer reads ``cu_seqlens`` on the host; None for a padded batch (or unknown).
         calls: number of attention calls routed in this forward (a forward with none is an error).
     """
 
@@ -44,6 +46,7 @@ class SPContext:
     cu_seqlens: torch.Tensor | None
     backend: str = "auto"
     calls: int = 0
+    max_seqlen: int | None = None
 
 
 _active: list[SPContext] = []
@@ -97,7 +100,7 @@ def softmax_attention(
         return op(q, k, v, **options)
     if q.shape[0] != 1:
         raise ValueError(f"q: a packed batch has batch size 1, got {q.shape[0]}")
-    return op(q[0], k[0], v[0], cu_seqlens=ctx.cu_seqlens, **options)[None]
+    return op(q[0], k[0], v[0], cu_seqlens=ctx.cu_seqlens, max_seqlen=ctx.max_seqlen, **options)[None]
 
 
 def linear_attention(

@@ -33,6 +33,8 @@ class StepShard:
             the plan did not give this group).
         cu_seqlens: LOCAL int32 boundaries of a packed batch; None for a padded one.
         plan: the step's ``seqpar.solver.Plan`` (None for a fixed strategy).
+        max_seqlen: the longest LOCAL sequence of ``cu_seqlens``, computed on the host when the batch is packed
+            and validated (once per step), so that no layer reads ``cu_seqlens`` back; None for a padded batch.
     """
 
     group: dist.ProcessGroup
@@ -41,6 +43,7 @@ class StepShard:
     linear_strategy: str | None
     cu_seqlens: torch.Tensor | None
     plan: Any = None
+    max_seqlen: int | None = None
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,8 @@ def pack_sequences(
     step: StepShard, device: torch.device,
 ) -> dict[str, Any]:
     """The ``chosen`` sequences packed into one (1, T_local) row of ``step.group``'s rank, each padded to the
-    layout's multiple; ``step.cu_seqlens`` is set to the local boundaries. With no sequence chosen (a group the
+    layout's multiple; ``step.cu_seqlens`` is set to the local boundaries and ``step.max_seqlen`` to the longest
+    local sequence (from the host-side lengths). With no sequence chosen (a group the
     plan left idle) the row is empty: the rank then only joins the loss and gradient sums."""
     _, rank, size = comm.group_info(step.group)
     multiple = layout_multiple(layout, size)
@@ -125,10 +129,11 @@ def pack_sequences(
         bounds.append(bounds[-1] + seq.numel() + pad)
     if not ids:
         empty = torch.zeros(1, 0, dtype=torch.long, device=device)
-        step.cu_seqlens = None
+        step.cu_seqlens, step.max_seqlen = None, None
         return {"input_ids": empty, "position_ids": empty, "labels": empty, "seqpar_step": step}
     cu = torch.tensor(bounds, dtype=torch.int32)
     index = shard_indices(bounds[-1], size, rank, layout=layout, cu_seqlens=cu).to(device)
     step.cu_seqlens = (cu // size).to(device=device, dtype=torch.int32)
+    step.max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:])) // size  # the hint every layer gets
     return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos).to(device)[index][None],
             "labels": torch.cat(labs)[index][None], "seqpar_step": step}
