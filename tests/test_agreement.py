@@ -68,8 +68,11 @@ def assert_every_rank_names(results: list[dict], op: str, world_size: int, *name
             assert f"{name}: " in message, (rank, name, message)
         assert f"on ranks [{world_size - 1}]" in message, (rank, message)
         assert res["op_bytes"] == 0, (rank, res["op_bytes"])
-        gathers = res["gathers"]  # the fixed-size digest record first, then the readable fingerprints
-        assert len(gathers) == 2 and gathers[0] == 24, (rank, gathers)
+        # the fixed-size digest record first, then the readable fingerprints (for contents hashed where they
+        # live, their values' lengths are gathered in between)
+        gathers = res["gathers"]
+        expected = 3 if any(name.endswith(" values") for name in names) else 2
+        assert len(gathers) == expected and gathers[0] == 32, (rank, gathers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,6 +84,8 @@ SOFTMAX_ROWS = {  # row -> the field the message must name
     "causal flag": "causal",
     "reshaped same-numel": "q shape",
     "cu_seqlens": "cu_seqlens",
+    # with the max_seqlen hint (the runtime's packed path) the boundaries are hashed where they live, not read
+    "cu_seqlens, hinted": "cu_seqlens values",
     "local size": "q shape",
 }
 
@@ -102,6 +107,8 @@ def softmax_mismatches(op_name: str) -> dict:
         "reshaped same-numel": lambda: causal_self_attention(q.reshape(2, 4, 2, 16) if odd else q),
         "cu_seqlens": lambda: causal_self_attention(packed, cu_seqlens=torch.tensor(
             [0, 2, 8] if odd else [0, 4, 8], dtype=torch.int32)),
+        "cu_seqlens, hinted": lambda: causal_self_attention(packed, max_seqlen=4, cu_seqlens=torch.tensor(
+            [0, 2, 6, 8] if odd else [0, 4, 6, 8], dtype=torch.int32)),
         "local size": lambda: causal_self_attention(q[:, :4] if odd else q),
     }
     return {row: outcome(call) for row, call in calls.items()}
@@ -116,10 +123,11 @@ def test_softmax_mismatches_raise_on_every_rank_naming_what_differs(op_name, wor
     fp16 = per_rank[0]["fp16 vs bf16"]["message"]
     assert "torch.float16 on ranks" in fp16 and f"torch.bfloat16 on ranks [{world_size - 1}]" in fp16, fp16
     assert f"[0, 2, 8] on ranks [{world_size - 1}]" in per_rank[0]["cu_seqlens"]["message"]
+    assert f"[0, 2, 6, 8] on ranks [{world_size - 1}]" in per_rank[0]["cu_seqlens, hinted"]["message"]
 
 
 def softmax_matching(op_name: str) -> dict:
-    """A matching call under the default setting: one 24-byte metadata gather, then the float64 reference."""
+    """A matching call under the default setting: one 32-byte metadata gather, then the float64 reference."""
     h = 6 if dist.get_world_size() == 3 else 4  # Ulysses splits heads
     with metadata_gathers() as gathers:
         errors = check_against_reference(op_name, seq_len=4 * dist.get_world_size(), h=h, h_kv=2, d=16)
@@ -130,7 +138,7 @@ def softmax_matching(op_name: str) -> dict:
 @pytest.mark.parametrize("op_name", SOFTMAX_OPS)
 def test_softmax_matching_call_passes_the_check_and_equals_the_reference(op_name, world_size):
     for rank, res in enumerate(run_distributed(softmax_matching, world_size, op_name, timeout=120)):
-        assert res["gathers"] == [24], (rank, res["gathers"])  # checked, once, without the second gather
+        assert res["gathers"] == [32], (rank, res["gathers"])  # checked, once, without the second gather
         assert res["errors"]["out"] < 1e-5 and max(res["errors"][n] for n in ("dq", "dk", "dv")) < 1e-4, res
 
 
@@ -202,7 +210,7 @@ def linear_matching(op_name: str) -> list:
 def test_linear_matching_call_passes_the_check_and_equals_the_reference(op_name, world_size):
     for rank, results in enumerate(run_distributed(linear_matching, world_size, op_name, timeout=120)):
         for kind, gathers, errors in results:
-            assert gathers == [24], (rank, kind, gathers)
+            assert gathers == [32], (rank, kind, gathers)
             for name, err in errors.items():
                 assert err < (OUT_TOL if name in ("o", "final") else GRAD_TOL), (rank, kind, name, err)
 
@@ -283,4 +291,4 @@ def debug_on_one_rank() -> dict:
 
 def test_debug_level_on_one_rank_takes_every_rank_through_the_full_comparison():
     for rank, res in enumerate(run_distributed(debug_on_one_rank, 3, timeout=60)):
-        assert res["message"] is None and res["gathers"][0] == 24 and len(res["gathers"]) == 2, (rank, res)
+        assert res["message"] is None and res["gathers"][0] == 32 and len(res["gathers"]) == 2, (rank, res)

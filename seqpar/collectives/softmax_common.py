@@ -217,10 +217,10 @@ def prepare_softmax_sp(
     comm.check_agreement(op, {
         "op": op, "q shape": tuple(q.shape), "k shape": tuple(k.shape), "v shape": tuple(v.shape),
         "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
-        # with the hint, the boundaries were agreed where the batch was packed; agree on what this call uses
+        # with the hint the boundaries are compared by a hash computed on their device (no host read)
         "cu_seqlens": (bounds if bounds is not None else ("hint", cu.numel(), max_seqlen)) if packed else None,
         **(agree or {}),
-    }, group=group)
+    }, group=group, device_contents={"cu_seqlens values": cu} if packed and bounds is None else None)
     return SoftmaxSP(qp, kp, vp, cu, max_seqlen, group, rank, size, layout, bool(causal), scale, padded_shape)
 
 

@@ -33,7 +33,7 @@ class SPConfig:
             for a generic cluster of this world size).
         check_consistency: whether every SP op of the wrapped model's forwards first checks that the group's
             ranks pass the same shapes, dtypes, options and small whole-held inputs, raising on every rank naming
-            what differs (one 24-byte all-gather per op call; ``seqpar.collectives.comm.agreement``). None: the
+            what differs (one 32-byte all-gather per op call; ``seqpar.collectives.comm.agreement``). None: the
             process default, on unless ``SEQPAR_CHECK_AGREEMENT=0``; True / False: forced for these forwards only
             (the process-wide setting is left as it was).
         verify_model: at ``parallelize`` time, run the model once on a short random batch unsharded and through

@@ -10,8 +10,9 @@ What is compared (the caller lists it, see ``prepare_softmax_sp`` / ``prepare_li
 whole (a per-head ``log_decay``, ``initial_state``) by a hash of their bytes. Per-token tensors, which differ
 between ranks by design, are compared by shape and dtype only.
 
-Cost: one all-gather of a fixed-size 24-byte record (a 64-bit digest of the fields, the fingerprint's length,
-the debug flag) per call, so a size mismatch is caught before any variable-size transfer; only when digests differ,
+Cost: one all-gather of a fixed-size 32-byte record (a 64-bit digest of the fields, the fingerprint's length,
+the debug flag, and a hash of device-resident integer contents such as hinted packed ``cu_seqlens``, computed
+where they live so the packed path reads no boundaries on the host) per call, so a size mismatch is caught before any variable-size transfer; only when digests differ,
 a second all-gather of the readable fingerprints to name what differs. Not counted by ``count_comm`` (it is
 metadata; the counters are compared with the algorithms' byte formulas). Measured in
 ``bench/agreement_cost.py``.
@@ -115,6 +116,7 @@ def check_agreement(
     *,
     group: dist.ProcessGroup | None = None,
     contents: Mapping[str, torch.Tensor | None] | None = None,
+    device_contents: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Raise ValueError on every rank of ``group`` unless all its ranks passed equal ``fields`` and ``contents``.
 
@@ -127,6 +129,9 @@ def check_agreement(
             flags, boundaries).
         contents: name -> small tensor every rank holds whole (or None), compared by shape, dtype and a hash of
             its bytes (``tensor_digest``).
+        device_contents: name -> integer tensor compared by a hash computed where it lives and carried in the
+            same fixed-size record (no read of its values on the host unless the ranks disagree): for packed
+            ``cu_seqlens`` on the GPU, whose host reads the packed path avoids.
 
     Raises:
         ValueError: ``"{what}: ranks [..] of the group called it with different arguments than ranks [..]: "``
@@ -139,7 +144,7 @@ def check_agreement(
     for name, t in (contents or {}).items():
         value = "None" if t is None else f"{tuple(t.shape)} {t.dtype}, contents hash {tensor_digest(t)}"
         entries.append((name, value))
-    _compare(what, entries, group, rank, full=_settings.debug)
+    _compare(what, entries, group, rank, full=_settings.debug, device_contents=device_contents or {})
 
 
 def check_consistent(fingerprint: str, *, group: dist.ProcessGroup | None = None, what: str = "call") -> None:
@@ -150,16 +155,40 @@ def check_consistent(fingerprint: str, *, group: dist.ProcessGroup | None = None
         _compare(what, [("arguments", fingerprint)], group, rank, full=_settings.debug)
 
 
-def _compare(what: str, entries: list[tuple[str, str]], group: dist.ProcessGroup, rank: int, *, full: bool) -> None:
+def _device_hash(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 64-bit hash of an integer tensor's values and length, computed on its own device (int64 arithmetic wraps
+    the same way on every rank), moved to the record's device without reading it on the host."""
+    x = t.detach().reshape(-1).to(torch.int64)
+    i = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64)
+    weights = (i * 0x1E3779B97F4A7C15 + 0x232BE59BD9B4E019) ^ (i << 17)  # distinct per position
+    return ((x + 0x5851F42D) * weights).sum().reshape(1).to(device) + x.numel()
+
+
+def _compare(
+    what: str, entries: list[tuple[str, str]], group: dist.ProcessGroup, rank: int, *, full: bool,
+    device_contents: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    device_contents = device_contents or {}
     text = "\n".join(f"{name}={value}" for name, value in entries).encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
     device = _metadata_device(group)
     # the debug level travels along, so that every rank takes the second all-gather if any rank asks for it
-    record = torch.tensor([digest, len(text), int(full)], dtype=torch.int64, device=device)
+    # a fixed-size record whatever the call passed (a size mismatch must never reach the collective): the device
+    # contents' hashes are folded into one slot, 0 without any
+    record = torch.tensor([digest, len(text), int(full), 0], dtype=torch.int64, device=device)
+    for position, t in enumerate(device_contents.values()):
+        record[3:] += _device_hash(t, device) * (2 * position + 1)
     gathered = gather_uncounted(record, group=group, describe=f"agreement check of {what} on rank {rank}")
-    digests, lengths, fulls = zip(*gathered.tolist())  # one host sync
-    if len(set(digests)) == 1 and not any(fulls):
+    rows = gathered.tolist()  # one host sync
+    lengths, fulls = [row[1] for row in rows], [row[2] for row in rows]
+    if len({(row[0], row[3]) for row in rows}) == 1 and not any(fulls):
         return
+    if device_contents:  # disagreement (or debug): now read the values, to name them
+        entries = entries + [(name, str(t.tolist())) for name, t in device_contents.items()]
+        text = "\n".join(f"{name}={value}" for name, value in entries).encode()
+        sizes = torch.tensor([len(text)], dtype=torch.int64, device=device)
+        lengths = gather_uncounted(sizes, group=group, describe=f"agreement check of {what} on rank {rank}")
+        lengths = lengths.reshape(-1).tolist()
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     texts = gather_uncounted(padded, group=group, describe=f"agreement check of {what} on rank {rank}").cpu()
