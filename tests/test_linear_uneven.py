@@ -1,0 +1,38 @@
+"""LASP-2 and ZeCO on unequal shards (ranks holding different local lengths, cut from one global sequence)
+equal the float64 recurrence for every decay kind (none, per head, per token, GLA per key dimension), with and
+without initial / final states, in float64 (1e-10) and float32 (1e-5 outputs, 1e-4 gradients), gradients
+included. Per-head decay on unequal shards was silently wrong in LASP-2 (each rank's total decay is S_r * g)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_distributed
+from linear_cases import KINDS, assert_all_match, global_problem, reference, run_sp, whole_held_reference
+
+LOCAL_LENGTHS = {3: [5, 8, 3], 4: [9, 2, 6, 1]}
+
+
+def uneven_cases(op_name: str) -> list:
+    p = dist.get_world_size()
+    lengths = LOCAL_LENGTHS[p]
+    cuts = [[0] + torch.tensor(lengths).cumsum(0).tolist()]
+    results = []
+    for i, kind in enumerate(KINDS):
+        for with_init, with_final in ((False, False), (True, True), (False, True)):
+            seqs = global_problem(10 * i + with_init + 2 * with_final, [sum(lengths)], 2, kind, with_init)
+            ref = reference(seqs, with_final)
+            for dtype in (torch.float64, torch.float32):
+                res = run_sp(op_name, seqs, ref, cuts, packed=False, with_final=with_final, dtype=dtype,
+                             chunk_size=4)
+                case = (op_name, kind, with_init, with_final, str(dtype))
+                results.append((case, dtype, res, whole_held_reference(seqs, ref)))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("op_name", ["lasp2", "zeco"])
+def test_unequal_shards_equal_the_float64_recurrence(op_name, world_size):
+    assert_all_match(run_distributed(uneven_cases, world_size, op_name))
