@@ -261,10 +261,16 @@ class LocalPass:
     output piece by its own chunk kernel (which builds its states again).
     """
 
-    def __init__(self, q, k, v, log_decay, sp: LinearSP, needs, *, pieces_per_sequence: int = 1) -> None:
+    def __init__(self, q, k, v, log_decay, initial_state, sp: LinearSP, needs, *,
+                 pieces_per_sequence: int = 1) -> None:
         self.sp = sp
         self.needs = needs
-        self.grad = any(needs[:4])  # graphs only when an input of the local compute needs a gradient
+        # With the torch backend rank 0 starts its state pass from the initial state, so its "M_0" is the state
+        # leaving it (exp(D_0) I + M_0) and every rank folds from zero: the same S_in(r), no inter term on rank 0,
+        # and I's gradient comes out of the state pass's backward. ``folds_initial``: the ops fold from zero.
+        self.folds_initial = sp.backend == "torch"
+        self.I = _leaf(initial_state, needs[4]) if self.folds_initial and sp.rank == 0 else None
+        self.grad = any(needs[:4]) or self.I is not None and needs[4]  # graphs only where a gradient is needed
         self.inputs = (q, k, v, log_decay)
         self.Q, self.K, self.V, self.G = (_leaf(t, n) for t, n in zip(self.inputs, needs))
         self.shared_g = log_decay is not None and log_decay.dim() == 1
@@ -287,10 +293,11 @@ class LocalPass:
         sp = self.sp
         with torch.set_grad_enabled(self.grad):
             ms, ds, self.entering = [], [], []
-            for a, b in sp.segments:
+            for j, (a, b) in enumerate(sp.segments):
                 k, v, g = self.K[:, a:b], self.V[:, a:b], self._g(self.G, a, b)
                 if sp.backend == "torch":
-                    entering, m = chunk_local_states(k, v, g, chunk_size=sp.chunk_size)
+                    init = None if self.I is None else (self.I[j:j + 1] if sp.packed else self.I)
+                    entering, m = chunk_local_states(k, v, g, chunk_size=sp.chunk_size, initial_state=init)
                 else:
                     entering, m = None, chunk_state(k, v, g)
                 self.entering.append(entering)
@@ -386,7 +393,12 @@ class LocalPass:
         if self.o_inter is not None:
             outputs.append(self.o_inter)
             grad_outputs.append(do.to(self.o_inter.dtype))
-        self.whole_grads = _grads(outputs, grad_outputs, [self.Q, self.K, self.V, self.G])
+        self.whole_grads = _grads(outputs, grad_outputs, [self.Q, self.K, self.V, self.G, self.I])
+
+    def initial_state_grad(self) -> torch.Tensor | None:
+        """The initial state's gradient through the state pass (rank 0 when ``folds_initial``), after
+        ``state_grads``."""
+        return self.whole_grads[4]
 
     def input_grads(self) -> list[torch.Tensor | None]:
         """(dq, dk, dv, dlog_decay): the pieces' gradients put together plus the whole-sequence ones."""
@@ -414,7 +426,7 @@ class _Lasp2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, sp: LinearSP, output_final_state: bool):
         n = math.prod(sp.state_shape)
-        local = LocalPass(q, k, v, log_decay, sp, ctx.needs_input_grad)
+        local = LocalPass(q, k, v, log_decay, initial_state, sp, ctx.needs_input_grad)
         tracing.record("kernel", name="lasp2.local_state")
         m, d = local.states()
         payload = m.reshape(-1) if d is None else torch.cat([m.reshape(-1), d.reshape(-1)])
@@ -427,7 +439,7 @@ class _Lasp2(torch.autograd.Function):
         gathered = pending.wait() if pending is not None else payload[None]
         states = gathered[:, :n].reshape(sp.world_size, *sp.state_shape)
         decays = None if d is None else gathered[:, n:].reshape(sp.world_size, *d.shape).clone()
-        s_in = None if initial_state is None else initial_state.to(sp.cdt)
+        s_in = None if initial_state is None or local.folds_initial else initial_state.to(sp.cdt)
         for j in range(sp.rank):  # fold the earlier ranks: S_in(j+1) = exp(D_j) S_in(j) + M_j
             s_in = _fold(s_in, states[j], None if decays is None else decays[j], sp)
         final = None
@@ -470,7 +482,12 @@ class _Lasp2(torch.autograd.Function):
         grads = local.input_grads()
         d_init = None
         if ctx.initial_dtype is not None and ctx.needs_input_grad[4]:  # whole-held: all of a_0 on rank 0
-            d_init = _fold(a, l_r, None if decays is None else decays[0], sp) if sp.rank == 0 else torch.zeros_like(l_r)
+            if sp.rank != 0:
+                d_init = torch.zeros_like(l_r)
+            elif local.folds_initial:
+                d_init = local.initial_state_grad()
+            else:
+                d_init = _fold(a, l_r, None if decays is None else decays[0], sp)
             d_init = d_init.to(ctx.initial_dtype)
         ctx.local = None  # free the graphs
         return (*grads, d_init, None, None)

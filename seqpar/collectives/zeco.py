@@ -87,10 +87,12 @@ class _Zeco(torch.autograd.Function):
         if output_final_state and parent is not None:
             buf = torch.empty(sp.state_shape, dtype=sp.cdt, device=q.device)
             final_recv = comm.recv(buf, parent, group=sp.group, tag=TAG_FINAL_STATE)
-        local = LocalPass(q, k, v, log_decay, sp, ctx.needs_input_grad, pieces_per_sequence=INTRA_PIECES)
+        local = LocalPass(q, k, v, log_decay, initial_state, sp, ctx.needs_input_grad,
+                          pieces_per_sequence=INTRA_PIECES)
         tracing.record("kernel", name="zeco.local_state")
         m, d = local.states()
-        relay.start(m, d, initial_state=initial_state)  # the scan starts: the first rank sends everything now
+        start_from = None if local.folds_initial else initial_state  # folded: rank 0's M is its outgoing state
+        relay.start(m, d, initial_state=start_from)  # the scan starts: the first rank sends everything now
         tracing.record("kernel", name="zeco.intra")
         for i in range(len(local.pieces)):
             local.output(i)
@@ -101,7 +103,7 @@ class _Zeco(torch.autograd.Function):
             final = s_out
             final_sends = [comm.send(final, c, group=sp.group, tag=TAG_FINAL_STATE) for c in children]
         tracing.record("kernel", name="zeco.inter")
-        o = local.finish(s_in if sp.rank > 0 or initial_state is not None else None)  # rank 0: S_in = 0
+        o = local.finish(s_in if sp.rank > 0 or start_from is not None else None)  # rank 0: no inter term
         if final_recv is not None:
             final = final_recv.wait()
             final_sends = [comm.send(final, c, group=sp.group, tag=TAG_FINAL_STATE) for c in children]
@@ -146,7 +148,11 @@ class _Zeco(torch.autograd.Function):
             grad_send.wait()
         d_init = None
         if ctx.initial_dtype is not None and ctx.needs_input_grad[4]:  # whole-held: all of a_0 on rank 0
-            d_init = (a_here if sp.rank == 0 else torch.zeros_like(a_here)).to(ctx.initial_dtype)
+            if sp.rank != 0:
+                d_init = torch.zeros_like(a_here)
+            else:
+                d_init = local.initial_state_grad() if local.folds_initial else a_here
+            d_init = d_init.to(ctx.initial_dtype)
         ctx.local = None  # free the graphs
         return (*grads, d_init, None, None, None)
 
