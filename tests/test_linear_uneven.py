@@ -36,3 +36,37 @@ def uneven_cases(op_name: str) -> list:
 @pytest.mark.parametrize("op_name", ["lasp2", "zeco"])
 def test_unequal_shards_equal_the_float64_recurrence(op_name, world_size):
     assert_all_match(run_distributed(uneven_cases, world_size, op_name))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The GLA (per-key) kernel pieces the SP ops build on
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_torch_kernel_with_gla_decay_equals_the_float64_recurrence(chunk_size):
+    from checks import rel_err
+    from seqpar.kernels.linear import chunk_state, linear_attention_chunk
+    from seqpar.kernels.reference import reference_linear_attention
+
+    gen = torch.Generator().manual_seed(chunk_size)
+    b, s, h, dk, dv = 2, 11, 2, 4, 3
+    q, k = (torch.randn(b, s, h, dk, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(b, s, h, dv, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = (-torch.rand(b, s, h, dk, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    init = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, u = torch.randn(b, s, h, dv, generator=gen, dtype=torch.float64), torch.randn(b, h, dk, dv, generator=gen,
+                                                                                       dtype=torch.float64)
+    o, final = linear_attention_chunk(q, k, v, log_decay=g, initial_state=init, output_final_state=True,
+                                      chunk_size=chunk_size, backend="torch")
+    ro, rf = reference_linear_attention(q, k, v, log_decay=g, initial_state=init)
+    assert rel_err(o, ro) < 1e-12 and rel_err(final, rf) < 1e-12
+    got = torch.autograd.grad((o * w).sum() + (final * u).sum(), (q, k, v, g, init))
+    ref = torch.autograd.grad((ro * w).sum() + (rf * u).sum(), (q, k, v, g, init))
+    for name, x, y in zip("q k v g init".split(), got, ref):
+        assert rel_err(x, y) < 1e-12, name
+    _, zero_init_final = reference_linear_attention(q, k, v, log_decay=g)
+    assert rel_err(chunk_state(k, v, g), zero_init_final) < 1e-12
+    # the per-key decay differs from its mean per head: the kernel must not collapse it
+    _, head_final = reference_linear_attention(q, k, v, log_decay=g.mean(-1))
+    assert rel_err(final, head_final) > 1e-3

@@ -62,6 +62,7 @@ import torch.distributed as dist
 from seqpar import tracing
 from seqpar.collectives import comm
 from seqpar.kernels.linear import (
+    backend_for_decay,
     chunk_local_output,
     chunk_local_states,
     chunk_state,
@@ -199,7 +200,7 @@ def prepare_linear_sp(
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
-    backend = get_linear_backend(backend, q.device, q.dtype).name
+    backend = backend_for_decay(backend, q.device, q.dtype, log_decay).name
     group, rank, size = comm.group_info(group)
     kind = "none" if log_decay is None else {1: "head", 3: "token", 4: "key"}[log_decay.dim()]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -34,6 +34,7 @@ __all__ = [
     "LINEAR_BACKENDS",
     "LinearBackend",
     "available_linear_backends",
+    "backend_for_decay",
     "chunk_local_output",
     "chunk_local_states",
     "chunk_state",
@@ -219,11 +220,29 @@ def linear_attention_chunk(
     validate_linear_inputs(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
-    impl = get_linear_backend(backend, q.device, q.dtype)
+    impl = backend_for_decay(backend, q.device, q.dtype, log_decay)
     return impl.chunk(
         q, k, v, log_decay=log_decay, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
     )
+
+
+def backend_for_decay(backend: str, device: torch.device, dtype: torch.dtype,
+                      log_decay: torch.Tensor | None) -> LinearBackend:
+    """``get_linear_backend``, except that a GLA (per-key) decay runs on the torch backend: only its chunked form
+    has the per-key intra-chunk weights so far. ``"auto"`` then picks torch; asking for another backend by name
+    raises.
+
+    Raises:
+        ValueError: as ``get_linear_backend``; naming ``log_decay`` for a per-key decay with a non-torch backend.
+    """
+    impl = get_linear_backend(backend, device, dtype)
+    if is_key_decay(log_decay) and impl.name != "torch":
+        if backend != "auto":
+            raise ValueError(f"log_decay: the {impl.name!r} backend has no per-key (GLA) decay yet; use "
+                             f"backend='torch' (or 'auto')")
+        impl = get_linear_backend("torch", device, dtype)
+    return impl
 
 
 def _by_chunk(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
