@@ -276,14 +276,17 @@ class LocalPass:
         self.Q, self.K, self.V, self.G = (_leaf(t, n) for t, n in zip(self.inputs, needs))
         self.shared_g = log_decay is not None and log_decay.dim() == 1
         c = sp.chunk_size
+        if sp.backend != "torch":  # another backend's kernel starts every call from a zero state: whole sequences
+            pieces_per_sequence = 1
         self.pieces = []  # (sequence index, start, end) in local tokens; chunk-aligned within the sequence
         for j, (a, b) in enumerate(sp.segments):
             n_chunks = -(-(b - a) // c)
             per = -(-n_chunks // max(1, min(pieces_per_sequence, n_chunks)))  # chunks per piece
             for start in range(a, b, per * c):
                 self.pieces.append((j, start, min(b, start + per * c)))
-        self.piece_leaves: list = [None] * len(self.pieces)
+        self.piece_leaves: list = [None] * len(self.pieces)  # (leaves q, k, v, g; entering states leaf)
         self.piece_out: list = [None] * len(self.pieces)
+        self.piece_grads: list = [None] * len(self.pieces)  # (dq, dk, dv, dg, d_entering) after output_grads
 
     def _g(self, g, a, b):
         return None if g is None else (g if self.shared_g else g[:, a:b])
@@ -369,9 +372,8 @@ class LocalPass:
         _, a, b = self.pieces[i]
         leaves, entering = self.piece_leaves[i]
         o = self.piece_out[i]
-        got = _grads([o], [do[:, a:b].to(o.dtype)], [*leaves, entering])
-        self.piece_leaves[i] = got  # the piece's gradients replace its leaves
-        self.piece_out[i] = None
+        self.piece_grads[i] = _grads([o], [do[:, a:b].to(o.dtype)], [*leaves, entering])
+        self.piece_leaves[i] = self.piece_out[i] = None
 
     def state_grads(self, a: torch.Tensor, do: torch.Tensor) -> None:
         """Backward through the state pass, D and the inter term, given a = dL/dM (the gradient of the state
@@ -379,8 +381,8 @@ class LocalPass:
         sp = self.sp
         outputs, grad_outputs = [self.m], [a]
         d_entering = {}
-        for i, (j, s0, s1) in enumerate(self.pieces):
-            g_entering = self.piece_leaves[i][4]
+        for i, (j, _, _) in enumerate(self.pieces):
+            g_entering = self.piece_grads[i][4]
             if g_entering is not None:
                 d_entering.setdefault(j, []).append(g_entering)
         for j, entering in enumerate(self.entering):
@@ -405,7 +407,7 @@ class LocalPass:
         """(dq, dk, dv, dlog_decay): the pieces' gradients put together plus the whole-sequence ones."""
         out = []
         for n in range(4):
-            parts = [got[n] for got in self.piece_leaves]
+            parts = [got[n] for got in self.piece_grads]
             if n == 3 and self.shared_g:
                 piece = None
                 for p in parts:

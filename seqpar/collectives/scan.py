@@ -18,9 +18,11 @@ Bytes sent (e: element size of the state, N: elements of one state):
     every rank but the last in the scan direction:   N * e   (one state, as ``num_pieces`` sends)
     the last rank (P - 1, or 0 when reverse):         0
 
-No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created, so
-a caller (``zeco_linear_attention``) can create it, run its local compute while the pieces travel, and only
-then relay. Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
+No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created;
+``start`` gives the rank's (M_r, D_r) (the first rank sends everything at once), ``progress`` forwards every
+piece that has arrived without blocking, so a caller (``zeco_linear_attention``) calls it between pieces of its
+local compute and the scan travels down the chain while every rank computes; ``complete`` waits for the rest.
+Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
 with the same tag between the same two ranks are matched in order, so consecutive scans (one per layer) never
 mix. Every piece is one ``comm.recv`` / ``comm.send``, each an ``exchange`` of one message: the relay waits for
 piece j and forwards it before it waits for piece j + 1, so the pieces cannot share one exchange.
