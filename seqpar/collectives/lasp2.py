@@ -4,7 +4,7 @@ Recurrence S_t = exp(g_t) * S_{t-1} + k_t v_t^T, o_t = scale * q_t^T S_t over th
 contiguous slices (rank r holds slice r). Per rank r, with b_t the cumulative log decay inside the slice:
 
 * M_r = sum_t exp(D_r - b_t) k_t v_t^T     its slice's state contribution (zero incoming state), (B, H, Dk, Dv)
-* D_r = b_{last}                           the slice's total log decay, (B, H)
+* D_r = b_{last}                           the slice's total log decay, (B, H) ((B, H, Dk) for GLA)
 * S_in(r) = exp(D_{r-1}) S_in(r-1) + M_{r-1}, S_in(0) = initial_state (or 0)   the state entering the slice
 * o = intra(q, k, v) + scale * exp(b_t) q_t^T S_in(r)
 
@@ -12,7 +12,9 @@ Forward: the state pass of the chunked form (O(S Dk Dv): every chunk's entering 
 M_r its last one) and D_r -> ONE all-gather of (M_r, D_r) issued -> the output pass (the O(S C D) part, from the
 entering states: the state is computed once) while it flies -> wait -> fold the earlier ranks' (M_j, D_j) into
 S_in(r) -> add the inter term. Every rank also folds the remaining ranks to get the whole sequence's final state.
-Rank 0 without an initial state has S_in = 0 and skips the inter term.
+Rank 0 has no inter term: with the torch backend it starts its state pass from the initial state (its
+outgoing state exp(D_0) I + M_0 is what it sends as "M_0", and every rank folds from zero), so its incoming
+state is zero; other backends fold from I and rank 0 adds the inter term only when I is given.
 
 Decay kinds: none, per head (H,), per token (B, S, H), and GLA's per token and key dimension (B, S, H, Dk), for
 which D_r is (B, H, Dk) and exp(D_r) scales each key row of a state. Ranks may hold different lengths: D_r is
@@ -32,7 +34,7 @@ final state's gradient), with L_r = scale * sum_t exp(b_t) q_t do_t^T what this 
 S_in(r). So: L_r first -> ONE all-gather of L_r (and dF_r) issued -> the gradients through the outputs
 (intra part and inter part with S_in(r) known) computed while it flies -> wait -> fold the later ranks into
 a_{r+1} = dM_r -> gradients through M_r and D_r (dD_r = <a_{r+1}, exp(D_r) S_in(r)>). Rank 0 also gets the
-initial state's gradient a_0.
+initial state's gradient a_0 (with the torch backend out of its state pass's backward).
 
 Bytes sent per rank (all-gather convention (P - 1) * input; N = B*H*Dk*Dv; e = 8 for float64 input, else 4,
 the states travel in the float32/float64 compute dtype; 0 when P = 1):
