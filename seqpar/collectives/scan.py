@@ -30,6 +30,8 @@ piece j and forwards it before it waits for piece j + 1, so the pieces cannot sh
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -80,8 +82,12 @@ def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
 
 def _arrived(pending: comm.PendingTransfer) -> bool:
     """Has this receive completed? Never blocks. comm's PendingTransfer has no public test yet, so this asks its
-    underlying works (``dist.Work.is_completed``); a later ``wait()`` still does the bounded wait and tracing."""
+    underlying works (``dist.Work.is_completed``) and its emulated arrival time; a later ``wait()`` still does the
+    bounded wait and tracing. (A public ``PendingTransfer.done()`` in comm would replace this.)"""
     works = getattr(pending, "_works", None)
+    finish = getattr(pending, "_emulated_finish", None)  # an emulated link's arrival time, where it sets one
+    if finish is not None and time.perf_counter() < finish:
+        return False
     return bool(works) and all(work.is_completed() for work in works)
 
 
