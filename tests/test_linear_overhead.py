@@ -9,8 +9,8 @@ C++-internal syncs are invisible to the mode; the ops under test make none (no n
 The argument check (``prepare_linear_sp``) may sync: once for the log_decay value check (<= 0 and finite) and
 once for reading ``cu_seqlens``; the test counts the check on its own and requires the whole forward to make
 exactly those, and the backward none. At P > 1 the argument check also holds the cross-rank agreement check
-(comm.check_agreement, on by default), which reads its inputs' hashes on the host. The P=1 timing against the plain chunked kernel is in
-bench/linear_overhead.py (it needs a quiet machine to mean anything).
+(comm.check_agreement, on by default), which reads its inputs' hashes on the host. The P=1 timing against the
+plain chunked kernel is in bench/linear_overhead.py (it needs a quiet machine to mean anything).
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ class LinearSP:
 def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """The local segments of a packed batch (one host sync: reading the boundaries)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor of local boundaries [0, ..., S_local], got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+        got = f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} {tuple(getattr(cu_seqlens, 'shape', ()))}"
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor of local boundaries [0, ..., S_local], got {got}")
     if q.shape[0] != 1:
         raise ValueError(f"q: a packed batch (cu_seqlens) has batch size 1, got {q.shape[0]}")
     bounds = cu_seqlens.tolist()

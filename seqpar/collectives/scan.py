@@ -179,7 +179,9 @@ class ScanRelay:
         outgoing = (mine + incoming if factor is None else mine + factor * incoming).contiguous()
         if self.dst is not None:
             self._sent.append(outgoing)
-            self._sends.append(comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction))
+            self._sends.append(
+                comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction)
+            )
         self._ins.append(incoming)
         self._outs.append(outgoing)
         self._next += 1

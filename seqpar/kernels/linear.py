@@ -13,9 +13,12 @@ through these torch ops; bf16/fp16 inputs are computed in float32 and returned i
 
 ``log_decay`` kinds: None (no decay), (H,) per-head constant (lightning attention, RetNet), (B, S, H) per-token
 per-head (simple GLA, Mamba2), (B, S, H, Dk) per token and key dimension (GLA: S_t = diag(exp(g_t)) S_{t-1} +
-k_t v_t^T, every key row of the state decays by its own factor; b_t, B are then per key dimension). The SP algorithms (LASP-2, ZeCO) use the pieces separately: the local chunk's
-state contribution with zero initial state, its total decay, and the correction a rank adds once its incoming
-state is known (``linear_attention_inter``), and the state contribution alone (``chunk_state``).
+k_t v_t^T, every key row of the state decays by its own factor; b_t, B are then per key dimension). The torch
+backend runs a state pass (``chunk_local_states``: every chunk's entering state) then a batched output pass
+(``chunk_local_output``); the SP algorithms (LASP-2, ZeCO) run the two passes apart, with their communication in
+between, and add the incoming state's term (``linear_attention_inter`` / ``decayed_queries``) once it is known.
+``chunk_state`` is the state contribution alone, for other backends. The GLA kind runs on the torch backend only
+(``backend_for_decay``).
 
 Backends: a registry like softmax attention's (``LinearBackend``, ``register_linear_backend``,
 ``get_linear_backend``). ``"torch"`` is defined here; ``"triton"`` registers itself from
