@@ -172,6 +172,8 @@ def minimax_lightning_adapter(module: torch.nn.Module, hidden_states: torch.Tens
 
     Its recurrence is S_t = exp(-slope_h) S_{t-1} + k_t v_t^T, o_t = q_t^T S_t (no softmax scale), so the SP op
     gets log_decay = -slope (per head) and scale = 1; the module's activation, norm, gate and projections are kept.
+    A packed batch runs as one SP call with the context's ``cu_seqlens`` (``seqpar.runtime.linear_attention``):
+    the state resets at every sequence boundary.
     """
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError("cache: seqpar runs training forwards; pass use_cache=False")

@@ -111,3 +111,59 @@ def test_all_scan_bad_input_raises_on_every_rank_before_any_transfer():
         for name, (message, sent, events) in out.items():
             assert message is not None and message.startswith(expected[name] + ":"), (name, message)
             assert sent == 0 and events == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# GLA: one decay per key row of the state
+# ------------------------------------------------------------------------------------------------------
+
+
+def per_row_cases():
+    """The scan with a (B, H, Dk) decay per rank (each key row of a state decays by its own factor), against a
+    sequential scan written out row by row; value and gradients of M, D and the initial state."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(9)
+    states = torch.randn(p, *SHAPE, generator=gen, dtype=torch.float64)
+    decays = -torch.rand(p, *SHAPE[:3], generator=gen, dtype=torch.float64)
+    initial = torch.randn(*SHAPE, generator=gen, dtype=torch.float64)
+    weights = torch.randn(p, *SHAPE, generator=gen, dtype=torch.float64)
+    out = []
+    for reverse in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (states, decays, initial)]
+        order = range(p - 1, -1, -1) if reverse else range(p)
+        state, ref = leaves[2], [None] * p
+        for r in order:
+            ref[r] = state
+            state = torch.stack([torch.exp(leaves[1][r][..., i])[..., None] * state[..., i, :]
+                                 for i in range(SHAPE[2])], -2) + leaves[0][r]
+        ref_grads = torch.autograd.grad(sum((ref[r] * weights[r]).sum() for r in range(p)) + 0 * leaves[1].sum()
+                                        + 0 * leaves[0].sum(), leaves)
+        m, d, i0 = (t.clone().requires_grad_(True) for t in (states[rank], decays[rank], initial))
+        got = all_scan(m, d, num_pieces=2, initial_state=i0, reverse=reverse)
+        (got * weights[rank]).sum().backward()
+        out.append({"value": (got - ref[rank]).abs().max().item(),
+                    "dM": (m.grad - ref_grads[0][rank]).abs().max().item(),
+                    "dD": (d.grad - ref_grads[1][rank]).abs().max().item(),
+                    "d_initial": i0.grad, "ref_d_initial": ref_grads[2]})
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_all_scan_with_a_decay_per_key_row(world_size):
+    per_rank = run_distributed(per_row_cases, world_size)
+    for index in range(2):
+        for rank, results in enumerate(per_rank):
+            res = results[index]
+            assert max(res["value"], res["dM"], res["dD"]) < 1e-12, (rank, index, res)
+        total = sum(results[index]["d_initial"] for results in per_rank)
+        assert (total - per_rank[0][index]["ref_d_initial"]).abs().max().item() < 1e-12
+
+
+def test_piece_count_rule():
+    from seqpar.collectives.scan import LATENCY_BYTES, choose_pieces
+
+    assert choose_pieces(1, 10**9, 128) == choose_pieces(2, 10**9, 128) == 1  # nothing to pipeline through
+    assert choose_pieces(8, LATENCY_BYTES, 128) == round(6 ** 0.5)  # sqrt((P - 2) N / LATENCY_BYTES)
+    assert choose_pieces(256, 16 * LATENCY_BYTES, 128) == round((254 * 16) ** 0.5)  # 64 pieces at P = 256
+    assert choose_pieces(256, 128 * LATENCY_BYTES, 128) == 128  # clamped to Dk
+    assert choose_pieces(4, 64 * LATENCY_BYTES, 64) == round((2 * 64) ** 0.5)

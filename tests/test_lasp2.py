@@ -165,7 +165,9 @@ def measure_bytes(op_name: str, s_local: int, kind: str, final: bool, options: d
 
 def lasp2_bytes(p: int, kind: str, final: bool, dv: int, e: int = 4) -> tuple[int, int]:
     n = B * H * DK * dv
-    fwd = (p - 1) * (n + (B * H if kind == "token" else 0)) * e
+    # every rank's total decay travels with its state for every decay kind (ranks may hold different lengths,
+    # so a per-head decay's total S_r * g differs between them)
+    fwd = (p - 1) * (n + (B * H if kind != "none" else 0)) * e
     bwd = (p - 1) * (2 if final else 1) * n * e
     return fwd, bwd
 

@@ -18,9 +18,11 @@ Bytes sent (e: element size of the state, N: elements of one state):
     every rank but the last in the scan direction:   N * e   (one state, as ``num_pieces`` sends)
     the last rank (P - 1, or 0 when reverse):         0
 
-No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created, so
-a caller (``zeco_linear_attention``) can create it, run its local compute while the pieces travel, and only
-then relay. Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
+No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created;
+``start`` gives the rank's (M_r, D_r) (the first rank sends everything at once), ``progress`` forwards every
+piece that has arrived without blocking, so a caller (``zeco_linear_attention``) calls it between pieces of its
+local compute and the scan travels down the chain while every rank computes; ``complete`` waits for the rest.
+Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
 with the same tag between the same two ranks are matched in order, so consecutive scans (one per layer) never
 mix. Every piece is one ``comm.recv`` / ``comm.send``, each an ``exchange`` of one message: the relay waits for
 piece j and forwards it before it waits for piece j + 1, so the pieces cannot share one exchange.
@@ -28,17 +30,37 @@ piece j and forwards it before it waits for piece j + 1, so the pieces cannot sh
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
 
-__all__ = ["DEFAULT_PIECES", "MAX_PIECES", "ScanRelay", "all_scan", "piece_sizes"]
+__all__ = ["DEFAULT_PIECES", "LATENCY_BYTES", "MAX_PIECES", "ScanRelay", "all_scan", "choose_pieces", "piece_sizes"]
 
 DEFAULT_PIECES = 8
+LATENCY_BYTES = 64 * 1024
+"""The message size whose transfer time equals one link latency (alpha * bandwidth; ~64 KiB for 10 us at
+6.4 GB/s). ``choose_pieces`` sizes pieces against it."""
 MAX_PIECES = comm.tags.SCAN_PIECES  # piece j travels with tag SCAN_NEXT + j (SCAN_PREV + j reversed)
 TAG_SCAN_NEXT = comm.tags.SCAN_NEXT
 TAG_SCAN_PREV = comm.tags.SCAN_PREV
+
+
+def choose_pieces(world_size: int, state_bytes: int, dk: int) -> int:
+    """The piece count for a scan over ``world_size`` ranks of a state of ``state_bytes``, cut along ``dk``.
+
+    The last rank has its state after (P - 1) + (K - 1) piece hops of alpha + beta * bytes / K each (alpha the
+    latency, beta the time per byte): T(K) = (P + K - 2) (alpha + beta N / K) ~ beta N + (P - 2) alpha + ...
+    is smallest at K* = sqrt((P - 2) N beta / alpha) = sqrt((P - 2) * N / LATENCY_BYTES), where T is about one
+    whole-state transfer plus P - 2 small-piece hops, instead of P - 1 whole-state hops with K = 1. Rounded and
+    clamped to [1, min(dk, MAX_PIECES)]; P <= 2 gives 1 (nothing to pipeline through).
+    """
+    if world_size <= 2:
+        return 1
+    best = round(((world_size - 2) * state_bytes / LATENCY_BYTES) ** 0.5)
+    return max(1, min(best, dk, MAX_PIECES))
 
 
 def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
@@ -56,6 +78,17 @@ def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
         )
     base, extra = divmod(dk, num_pieces)
     return [base + (1 if j < extra else 0) for j in range(num_pieces)]
+
+
+def _arrived(pending: comm.PendingTransfer) -> bool:
+    """Has this receive completed? Never blocks. comm's PendingTransfer has no public test yet, so this asks its
+    underlying works (``dist.Work.is_completed``) and its emulated arrival time; a later ``wait()`` still does the
+    bounded wait and tracing. (A public ``PendingTransfer.done()`` in comm would replace this.)"""
+    works = getattr(pending, "_works", None)
+    finish = getattr(pending, "_emulated_finish", None)  # an emulated link's arrival time, where it sets one
+    if finish is not None and time.perf_counter() < finish:
+        return False
+    return bool(works) and all(work.is_completed() for work in works)
 
 
 class ScanRelay:
@@ -106,33 +139,77 @@ class ScanRelay:
         *,
         initial_state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Receive, combine and forward every piece; return ``(incoming, outgoing)``.
+        """Receive, combine and forward every piece; return ``(incoming, outgoing)``: ``start`` then ``complete``.
 
         ``incoming`` is the state entering this rank (``initial_state`` or zeros on the first rank), ``outgoing``
         = exp(local_log_decay) * incoming + local_state, what this rank passes on (computed on the last rank
         too, where it is the scan's total). Piece j is forwarded before piece j + 1 is waited for.
         """
-        factor = None if local_log_decay is None else torch.exp(local_log_decay.to(self.dtype))[..., None, None]
-        ins, outs, start = [], [], 0
-        for j, n in enumerate(self.sizes):
-            sl = slice(start, start + n)
-            start += n
-            if self._recvs:
-                incoming = self._recvs[j].wait()
-            elif initial_state is not None:
-                incoming = initial_state[..., sl, :].to(self.dtype)
+        self.start(local_state, local_log_decay, initial_state=initial_state)
+        return self.complete()
+
+    def start(
+        self,
+        local_state: torch.Tensor,
+        local_log_decay: torch.Tensor | None,
+        *,
+        initial_state: torch.Tensor | None = None,
+    ) -> None:
+        """Give this rank's (M, D); the first rank forwards all its pieces now, the others every piece that has
+        already arrived (``progress``). ``local_log_decay`` is shaped like the state without its last two dims
+        (one factor per state) or without its last one (GLA: one factor per key row)."""
+        self._mine = local_state
+        self._initial = initial_state
+        self._factor = None
+        if local_log_decay is not None:
+            factor = torch.exp(local_log_decay.to(self.dtype))
+            per_row = local_log_decay.dim() == len(self.shape) - 1
+            self._factor = factor[..., None] if per_row else factor[..., None, None]
+        self._ins, self._outs, self._next = [], [], 0
+        self.progress()
+
+    def _forward_piece(self, incoming: torch.Tensor) -> None:
+        j = self._next
+        start = sum(self.sizes[:j])
+        sl = slice(start, start + self.sizes[j])
+        mine = self._mine[..., sl, :].to(self.dtype)
+        factor = self._factor
+        if factor is not None and factor.shape[-2] != 1:
+            factor = factor[..., sl, :]
+        outgoing = (mine + incoming if factor is None else mine + factor * incoming).contiguous()
+        if self.dst is not None:
+            self._sent.append(outgoing)
+            self._sends.append(
+                comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction)
+            )
+        self._ins.append(incoming)
+        self._outs.append(outgoing)
+        self._next += 1
+
+    def _first_piece(self, j: int) -> torch.Tensor:
+        n = self.sizes[j]
+        if self._initial is not None:
+            start = sum(self.sizes[:j])
+            return self._initial[..., start:start + n, :].to(self.dtype)
+        return torch.zeros(*self.shape[:-2], n, self.shape[-1], dtype=self.dtype, device=self.device)
+
+    def progress(self) -> None:
+        """Forward, in order, every piece that has arrived, without waiting (between pieces of local compute).
+        The first rank has nothing to wait for and forwards everything."""
+        while self._next < len(self.sizes):
+            if not self._recvs:
+                self._forward_piece(self._first_piece(self._next))
+            elif _arrived(self._recvs[self._next]):
+                self._forward_piece(self._recvs[self._next].wait())
             else:
-                incoming = torch.zeros(*self.shape[:-2], n, self.shape[-1], dtype=self.dtype, device=self.device)
-            mine = local_state[..., sl, :].to(self.dtype)
-            outgoing = (mine + incoming if factor is None else mine + factor * incoming).contiguous()
-            if self.dst is not None:
-                self._sent.append(outgoing)
-                self._sends.append(
-                    comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction)
-                )
-            ins.append(incoming)
-            outs.append(outgoing)
-        return torch.cat(ins, -2), torch.cat(outs, -2)
+                return
+
+    def complete(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for (bounded by the comm timeout), combine and forward the remaining pieces; ``(incoming,
+        outgoing)`` as ``relay``."""
+        while self._next < len(self.sizes):
+            self._forward_piece(self._recvs[self._next].wait() if self._recvs else self._first_piece(self._next))
+        return torch.cat(self._ins, -2), torch.cat(self._outs, -2)
 
     def finish(self) -> None:
         """Wait until every forwarded piece has left (bounded by the comm timeout)."""
@@ -147,10 +224,11 @@ def _validate(local_state, local_log_decay, initial_state, num_pieces) -> None:
         raise ValueError("local_state: expected a floating-point tensor (..., Dk, Dv), e.g. (B, H, Dk, Dv)")
     piece_sizes(local_state.shape[-2], num_pieces)
     if local_log_decay is not None:
-        if not isinstance(local_log_decay, torch.Tensor) or tuple(local_log_decay.shape) != tuple(local_state.shape[:-2]):
+        shapes = (tuple(local_state.shape[:-2]), tuple(local_state.shape[:-1]))
+        if not isinstance(local_log_decay, torch.Tensor) or tuple(local_log_decay.shape) not in shapes:
             raise ValueError(
-                f"local_log_decay: expected None or shape {tuple(local_state.shape[:-2])} (local_state without its "
-                f"last two dims), got {getattr(local_log_decay, 'shape', local_log_decay)}"
+                f"local_log_decay: expected None, shape {shapes[0]} (local_state without its last two dims) or "
+                f"{shapes[1]} (one decay per key row, GLA), got {getattr(local_log_decay, 'shape', local_log_decay)}"
             )
         g = local_log_decay.detach()
         if not bool(torch.isfinite(g).all()) or bool((g > 0).any()):
@@ -191,7 +269,10 @@ class _AllScan(torch.autograd.Function):
         relay.finish()
         d_decay = None
         if log_decay is not None:
-            d_decay = (d_state * torch.exp(log_decay.to(incoming.dtype))[..., None, None] * incoming).sum((-2, -1))
+            per_row = log_decay.dim() == incoming.dim() - 1
+            factor = torch.exp(log_decay.to(incoming.dtype))
+            factor = factor[..., None] if per_row else factor[..., None, None]
+            d_decay = (d_state * factor * incoming).sum(-1 if per_row else (-2, -1))
             d_decay = d_decay.to(log_decay.dtype)
         d_initial = None
         if ctx.has_initial:  # whole-held input: the first rank's partial is all of it, the others' zero
@@ -212,8 +293,8 @@ def all_scan(
 
     Args:
         local_state: M_r, (..., Dk, Dv), e.g. (B, H, Dk, Dv); every rank the same shape and dtype.
-        local_log_decay: D_r <= 0, shaped like ``local_state`` without its last two dims (e.g. (B, H)), or None
-            for no decay.
+        local_log_decay: D_r <= 0, shaped like ``local_state`` without its last two dims (e.g. (B, H)), or
+            without its last dim (one decay per key row, GLA: (B, H, Dk)), or None for no decay.
         num_pieces: pieces along Dk the state travels in (default ``min(8, Dk)``).
         initial_state: S_in(0), shaped like ``local_state``; read on the first rank only. Whole-held: its
             gradient on the first rank is the full gradient, zeros elsewhere (sum over ranks = full gradient).

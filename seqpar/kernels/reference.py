@@ -73,7 +73,9 @@ def reference_linear_attention(
 
     S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
 
-    Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,) or (B, S, H);
+    With a GLA decay (B, S, H, Dk), exp(g_t) is a diagonal (Dk, Dk) factor: each key row of S decays by its own.
+
+    Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); log_decay None, (H,), (B, S, H) or (B, S, H, Dk);
     initial_state (B, H, Dk, Dv); o (B, S, H, Dv); final_state (B, H, Dk, Dv).
     """
     b, s, h, dk = q.shape
@@ -86,8 +88,10 @@ def reference_linear_attention(
             decay = None
         elif log_decay.dim() == 1:
             decay = torch.exp(log_decay)[None, :, None, None]
-        else:
+        elif log_decay.dim() == 3:
             decay = torch.exp(log_decay[:, t])[:, :, None, None]
+        else:  # GLA: row i of the (Dk, Dv) state is scaled by exp(g_t[i])
+            decay = torch.exp(log_decay[:, t])[:, :, :, None]
         kv = k[:, t, :, :, None] * v[:, t, :, None, :]
         state = kv + (state if decay is None else decay * state)
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))

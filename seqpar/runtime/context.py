@@ -106,8 +106,10 @@ def softmax_attention(
 def linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, log_decay: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    """Route one linear attention call: q, k (B, S_local, H, Dk), v (B, S_local, H, Dv). Packed batches run
-    sequence by sequence, since a sequence's state must not flow into the next one."""
+    """Route one linear attention call: q, k (B, S_local, H, Dk), v (B, S_local, H, Dv); ``log_decay`` any kind
+    the ops take (None, (H,), (B, S_local, H), (B, S_local, H, Dk)). A packed batch (the context's local
+    ``cu_seqlens``) runs as ONE SP call with ``cu_seqlens``: the state resets at every sequence boundary and one
+    collective carries every sequence's state."""
     ctx = _require_context("linear attention")
     ctx.calls += 1
     if ctx.layout != "contiguous":
@@ -118,11 +120,4 @@ def linear_attention(
     op = _op(ctx.linear_strategy, "linear")
     if ctx.cu_seqlens is None:
         return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale)
-    if log_decay is not None and log_decay.dim() != 1:
-        raise ValueError("log_decay: packed batches support per-head (H,) decay only in the adapter path")
-    bounds = ctx.cu_seqlens.tolist()
-    outs = [
-        op(q[:, a:b], k[:, a:b], v[:, a:b], log_decay=log_decay, group=ctx.group, scale=scale)
-        for a, b in zip(bounds, bounds[1:])
-    ]
-    return torch.cat(outs, dim=1)
+    return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
