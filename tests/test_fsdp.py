@@ -147,3 +147,49 @@ def test_bad_mesh_is_refused_naming_the_argument():
         assert messages["both"].startswith("mesh:") and "not both" in messages["both"]
         assert messages["names"].startswith("mesh:") and "('dp', 'sp')" in messages["names"]
         assert messages["not-a-mesh"].startswith("mesh:")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sync_gradients without a wrapper: bounded buckets, optionally started from backward hooks
+# ---------------------------------------------------------------------------------------------------
+
+
+def bucketed_sync_matches_reference(overlap, micro_batches):
+    """Gradient error, the number of buckets, and the all-reduces started in each backward and in
+    sync_gradients (every all-reduce but the loss's one per forward)."""
+    model = tiny_llama().double()
+    sequences = _sequences(LENGTHS)
+    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    bucket_bytes = 64 * 1024  # the tiny Llama's ~0.5 MB of float64 gradients: several buckets
+    sp_model = seqpar.parallelize(model, strategy="ring", grad_bucket_bytes=bucket_bytes, overlap_grad_sync=overlap)
+    inputs = sp_model.prepare(sequences, max_tokens_per_rank=16 if micro_batches else None)
+    started_in_backward = []
+    for local in inputs if micro_batches else [inputs]:
+        out = sp_model(**local)
+        with seqpar.count_comm() as backward:
+            out.loss.backward()
+        started_in_backward.append(backward.calls.get("all_reduce", 0))
+    with seqpar.count_comm() as sync:
+        sp_model.sync_gradients()
+    buckets = sp_model._grad_sync.buckets
+    largest = max(sum(p.numel() * p.element_size() for p in b) for b in buckets if len(b) > 1)
+    grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters())
+    return grad_err, len(buckets), largest <= bucket_bytes, started_in_backward, sync.calls.get("all_reduce", 0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bucketed_sync_gradients(overlap):
+    for grad_err, buckets, bounded, in_backward, in_sync in run_distributed(bucketed_sync_matches_reference, 4,
+                                                                            overlap, False):
+        assert grad_err < 1e-6 and buckets > 3 and bounded
+        if overlap:  # every bucket was started by backward hooks; sync_gradients only waited
+            assert in_backward == [buckets] and in_sync == 0
+        else:
+            assert in_backward == [0] and in_sync == buckets
+
+
+def test_overlapped_sync_starts_only_in_the_last_micro_batch():
+    for grad_err, buckets, _, in_backward, in_sync in run_distributed(bucketed_sync_matches_reference, 4,
+                                                                      True, True):
+        assert grad_err < 1e-6 and len(in_backward) > 1
+        assert in_backward == [0] * (len(in_backward) - 1) + [buckets] and in_sync == 0
