@@ -189,11 +189,11 @@ class _GradientSync:
 
     Buckets hold consecutive parameters in reverse registration order (roughly the order backward produces
     their gradients), of one dtype and device, up to ``bucket_bytes``. A bucket is reduced through one flat
-    buffer of its size; with hooks, at most ``_MAX_IN_FLIGHT`` buckets are in flight at once, so the extra
-    memory stays bounded by that many buckets.
+    buffer of its size, and one bucket is in flight at a time (starting the next waits for the previous, which
+    under backward hooks has usually finished behind the backward's compute), so the extra memory is one bucket.
     """
 
-    _MAX_IN_FLIGHT = 2
+    _MAX_IN_FLIGHT = 1
 
     def __init__(self, sp_model: SPModel, bucket_bytes: int) -> None:
         self.sp_model = sp_model
