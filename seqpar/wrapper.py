@@ -30,14 +30,21 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-from seqpar import integrations, strategies
 from torch.nn.parallel import DistributedDataParallel
 
+from seqpar import integrations, strategies
 from seqpar.collectives import comm
 from seqpar.collectives.groups import subgroup
 from seqpar.runtime import (
-    IGNORE_INDEX, SPConfig, SPContext, StepRunner, StepShard, bind_to_backward, current_context, probe, sp_context,
+    IGNORE_INDEX,
+    SPConfig,
+    SPContext,
+    StepRunner,
+    StepShard,
+    bind_to_backward,
+    current_context,
+    probe,
+    sp_context,
 )
 from seqpar.runtime.packing import pack_padded
 

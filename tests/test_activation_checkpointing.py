@@ -6,7 +6,6 @@ forward's communication exactly once."""
 
 import pytest
 import torch
-import torch.nn as nn
 from checks import rel_err
 from harness import run_distributed
 from test_parallelize import TinyGPT, reference_loss_and_grads, tiny_llama

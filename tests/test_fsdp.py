@@ -129,9 +129,8 @@ def test_dp_sp_mesh_equals_one_process_on_the_union(strategy, wrap):
 
 
 def mesh_errors():
-    from torch.distributed.device_mesh import init_device_mesh
-
     from checks import value_errors
+    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
     bad_names = init_device_mesh("cpu", (2, 2), mesh_dim_names=("x", "y"))
@@ -159,7 +158,7 @@ def bucketed_sync_matches_reference(overlap, micro_batches):
     sync_gradients (every all-reduce but the loss's one per forward)."""
     model = tiny_llama().double()
     sequences = _sequences(LENGTHS)
-    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    _, ref_grads = reference_loss_and_grads(model, sequences)
     bucket_bytes = 64 * 1024  # the tiny Llama's ~0.5 MB of float64 gradients: several buckets
     sp_model = seqpar.parallelize(model, strategy="ring", grad_bucket_bytes=bucket_bytes, overlap_grad_sync=overlap)
     inputs = sp_model.prepare(sequences, max_tokens_per_rank=16 if micro_batches else None)

@@ -11,7 +11,12 @@
 
 from seqpar.runtime.config import SPConfig
 from seqpar.runtime.context import (
-    SPContext, bind_to_backward, current_context, linear_attention, softmax_attention, sp_context,
+    SPContext,
+    bind_to_backward,
+    current_context,
+    linear_attention,
+    softmax_attention,
+    sp_context,
 )
 from seqpar.runtime.packing import IGNORE_INDEX, StepShard, shift_labels, split_batch
 from seqpar.runtime.probe import verify_model

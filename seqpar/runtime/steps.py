@@ -19,9 +19,16 @@ import torch.distributed as dist
 from seqpar import strategies
 from seqpar.collectives import comm
 from seqpar.collectives.groups import subgroup
-from seqpar.runtime.config import SPConfig
 from seqpar.collectives.layout import layout_multiple
-from seqpar.runtime.packing import IGNORE_INDEX, StepShard, pack_padded, pack_sequences, shift_labels, split_batch
+from seqpar.runtime.config import SPConfig
+from seqpar.runtime.packing import (
+    IGNORE_INDEX,
+    StepShard,
+    pack_padded,
+    pack_sequences,
+    shift_labels,
+    split_batch,
+)
 
 __all__ = ["StepRunner", "check_plan"]
 
