@@ -99,3 +99,26 @@ def test_torch_checkpoint_on_user_sdpa_blocks(strategy):
         assert loss_err < 1e-6 and grad_err < 1e-6, (loss_err, grad_err)
         # the recomputed SDPA calls were routed to the SP op again (a local SDPA would send nothing)
         assert recomputed == forward, (recomputed, forward)
+
+
+def checkpointed_fsdp_llama(reentrant):
+    from torch.distributed.fsdp import fully_shard
+
+    sequences = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in LENGTHS]
+    ref_loss, ref_grads = reference_loss_and_grads(tiny_llama().double(), sequences)
+    model = tiny_llama().double().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    sp_model = seqpar.parallelize(model, strategy="ring")
+    out = sp_model(**sp_model.prepare(sequences))
+    out.loss.backward()
+    grad_err = max(rel_err(p.grad.full_tensor(), ref_grads[n]) for n, p in model.named_parameters())
+    return abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_under_fsdp(reentrant):
+    for loss_err, grad_err in run_distributed(checkpointed_fsdp_llama, 4, reentrant):
+        assert loss_err < 1e-6 and grad_err < 1e-6, (loss_err, grad_err)
