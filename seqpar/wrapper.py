@@ -7,12 +7,21 @@
     sp_model.sync_gradients()                # every rank now holds the single-device gradients
     optimizer.step()
 
+    # micro-batches under a per-rank token budget; each loss is normalised by the whole step's token count
+    for mb in sp_model.prepare(batch, max_tokens_per_rank=4096):
+        sp_model(**mb).loss.backward()
+    sp_model.sync_gradients()
+
+With FSDP2 (``fully_shard``) or ``DistributedDataParallel`` the wrapper's own reduction gives the single-device
+gradients and ``sync_gradients`` is a no-op; with a ``DeviceMesh`` of ``("dp", "sp")`` each replica feeds its own
+batch (``parallelize``'s docstring has the details).
+
 ``prepare`` (``seqpar.runtime``: packing and the step's plan and groups) shifts labels over the whole sequence
 BEFORE sharding (no label is lost at a shard edge), pads each
 sequence to the multiple the layout needs (padding carries label -100 and is never attended by real tokens),
 builds global ``position_ids`` for the local tokens and packs variable-length batches with ``cu_seqlens``.
 The wrapper computes the causal-LM loss itself from the local logits: sum over local labelled tokens, divided by
-the number of labelled tokens of the whole batch (one all-reduce of two numbers).
+the number of labelled tokens of the whole batch (one all-reduce of two numbers, on the device: no host sync).
 
 With ``strategy="auto"`` rank 0 plans each step with ``seqpar.solver.plan_step`` (groups of different sizes and
 strategies, each sequence to one group), broadcasts the plan, and every rank runs its group's sequences with its

@@ -134,6 +134,9 @@ def mesh_errors():
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
     bad_names = init_device_mesh("cpu", (2, 2), mesh_dim_names=("x", "y"))
+    sp_only = seqpar.parallelize(tiny_llama(), mesh=init_device_mesh("cpu", (4,), mesh_dim_names=("sp",)),
+                                 verify_model=False)  # a 1-D mesh named "sp" is one replica over all ranks
+    assert sp_only.world_size == 4 and sp_only.config.dp_group is None
     return value_errors({
         "both": lambda: seqpar.parallelize(tiny_llama(), mesh=mesh, group=dist.group.WORLD),
         "names": lambda: seqpar.parallelize(tiny_llama(), mesh=bad_names),
