@@ -7,12 +7,21 @@
     sp_model.sync_gradients()                # every rank now holds the single-device gradients
     optimizer.step()
 
+    # micro-batches under a per-rank token budget; each loss is normalised by the whole step's token count
+    for mb in sp_model.prepare(batch, max_tokens_per_rank=4096):
+        sp_model(**mb).loss.backward()
+    sp_model.sync_gradients()
+
+With FSDP2 (``fully_shard``) or ``DistributedDataParallel`` the wrapper's own reduction gives the single-device
+gradients and ``sync_gradients`` is a no-op; with a ``DeviceMesh`` of ``("dp", "sp")`` each replica feeds its own
+batch (``parallelize``'s docstring has the details).
+
 ``prepare`` (``seqpar.runtime``: packing and the step's plan and groups) shifts labels over the whole sequence
 BEFORE sharding (no label is lost at a shard edge), pads each
 sequence to the multiple the layout needs (padding carries label -100 and is never attended by real tokens),
 builds global ``position_ids`` for the local tokens and packs variable-length batches with ``cu_seqlens``.
 The wrapper computes the causal-LM loss itself from the local logits: sum over local labelled tokens, divided by
-the number of labelled tokens of the whole batch (one all-reduce of two numbers).
+the number of labelled tokens of the whole batch (one all-reduce of two numbers, on the device: no host sync).
 
 With ``strategy="auto"`` rank 0 plans each step with ``seqpar.solver.plan_step`` (groups of different sizes and
 strategies, each sequence to one group), broadcasts the plan, and every rank runs its group's sequences with its
@@ -30,10 +39,22 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from seqpar import integrations, strategies
 from seqpar.collectives import comm
-from seqpar.runtime import IGNORE_INDEX, SPConfig, SPContext, StepRunner, StepShard, current_context, probe, sp_context
+from seqpar.collectives.groups import subgroup
+from seqpar.runtime import (
+    IGNORE_INDEX,
+    SPConfig,
+    SPContext,
+    StepRunner,
+    StepShard,
+    bind_to_backward,
+    current_context,
+    probe,
+    sp_context,
+)
 from seqpar.runtime.packing import pack_padded
 
 __all__ = ["SPConfig", "SPModel", "SPOutput", "parallelize"]
@@ -45,8 +66,10 @@ class SPOutput:
 
     Attributes:
         loss: the global token-mean loss (same value on every rank, gradient of this rank's share).
-        logits: this rank's local logits (None when its group got no sequence this step).
-        num_tokens: labelled tokens in the whole batch.
+        logits: this rank's local logits (of a placeholder sequence of padding when its group got no sequence
+            this step or this micro-batch; see ``seqpar.runtime.packing.pack_sequences``).
+        token_count: labelled tokens of this forward over all ranks and replicas (a 0-dim float64 tensor on the
+            model's device; reading ``num_tokens`` instead syncs with the device).
         plan: the ``seqpar.solver.Plan`` this step ran (every rank's copy equal), or None for a fixed strategy.
         group_ranks: this rank's SP group in the step, as ranks of the parent group.
         softmax_strategy / linear_strategy: what that group ran for softmax / linear attention layers (None for
@@ -55,11 +78,16 @@ class SPOutput:
 
     loss: torch.Tensor
     logits: torch.Tensor | None
-    num_tokens: int
+    token_count: torch.Tensor
     plan: Any = None
     group_ranks: tuple[int, ...] = ()
     softmax_strategy: str | None = None
     linear_strategy: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """``token_count`` as an int (a host sync: read it for logging, not in the step's hot path)."""
+        return int(self.token_count.item())
 
 
 class SPModel(torch.nn.Module):
@@ -74,9 +102,21 @@ class SPModel(torch.nn.Module):
         self.layout = layout
         self.runner = StepRunner(config, layout=layout, has_linear=has_linear, heads=heads, kv_heads=kv_heads)
         self.group, self.rank, self.world_size = self.runner.group, self.runner.rank, self.runner.world_size
+        # the loss and the gradients are summed over every rank of every replica
+        self.reduce_group = self.group if config.dp_group is None else subgroup(
+            None, sorted(int(r) for r in config.mesh.mesh.flatten().tolist()))
+        self._grad_sync = _GradientSync(self, config.grad_bucket_bytes)
+        if config.overlap_grad_sync:
+            self._grad_sync.install_hooks()
 
-    def prepare(self, batch: dict[str, torch.Tensor] | Sequence[torch.Tensor], *, plan: Any = None) -> dict[str, Any]:
-        """Turn a GLOBAL batch (identical on every rank) into this rank's inputs for ``forward``.
+    @property
+    def inner_model(self) -> torch.nn.Module:
+        """The user's model without a ``DistributedDataParallel`` wrapper (FSDP2 wraps in place: itself)."""
+        return _unwrap_ddp(self.module)
+
+    def prepare(self, batch: dict[str, torch.Tensor] | Sequence[torch.Tensor], *, plan: Any = None,
+                max_tokens_per_rank: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+        """Turn a GLOBAL batch (identical on every rank of the replica) into this rank's inputs for ``forward``.
 
         Args:
             batch: ``{"input_ids": (B, S), "labels": (B, S) optional, "attention_mask": all ones, optional}``,
@@ -84,15 +124,23 @@ class SPModel(torch.nn.Module):
                 1-D token tensors of different lengths. Without labels the inputs are their own labels.
             plan: run this ``seqpar.solver.Plan`` instead of the configured strategy or the planner's plan
                 (every rank passes the same; rank 0's is used).
+            max_tokens_per_rank: split the step into micro-batches: sequences, in order, are cut greedily so
+                that no rank holds more than this many tokens (after padding to the layout's multiple) in one
+                micro-batch. Every micro-batch's loss is divided by the labelled-token count of the WHOLE step
+                (all replicas), so the micro-batches' losses sum to the step's loss and their accumulated
+                backwards give the step's gradient. Every rank gets the same number of micro-batches (a rank
+                with fewer tokens gets placeholder ones of padding that still join the collectives).
 
         Returns:
-            ``{"input_ids", "position_ids", "labels", "seqpar_step"}``: pass them all to the model call.
+            ``{"input_ids", "position_ids", "labels", "seqpar_step"}``: pass them all to the model call; with
+            ``max_tokens_per_rank``, a list of such dicts, one per micro-batch, to run in order.
 
         Raises:
             ValueError: malformed batch (names the key), a padding attention_mask, an empty batch, a plan that
-                does not fit the group or names unregistered strategies (``plan: ...``).
+                does not fit the group or names unregistered strategies (``plan: ...``), a sequence that puts
+                more than ``max_tokens_per_rank`` tokens on a rank even alone (``max_tokens_per_rank: ...``).
         """
-        return self.runner.prepare(batch, plan=plan)
+        return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
 
     # -- forward / loss / gradients ------------------------------------------------------------------
 
@@ -103,48 +151,189 @@ class SPModel(torch.nn.Module):
             linear_strategy=seqpar_step.linear_strategy, layout=self.layout, cu_seqlens=seqpar_step.cu_seqlens,
             backend=self.config.backend, max_seqlen=seqpar_step.max_seqlen,
         )
+        _sum_gradients_in_fsdp(self.module, self.reduce_group)  # FSDP2 applied after parallelize
+        self._grad_sync.arm(last_micro_batch=seqpar_step.micro_batch[0] == seqpar_step.micro_batch[1] - 1)
         logits = None
         with _agreement_checks(self.config.check_consistency):
             if input_ids.numel():
                 with sp_context(ctx), integrations.SDPAInterceptor():
-                    logits = _logits(self.module(**_model_kwargs(self.module, input_ids, position_ids, kwargs)))
+                    model_kwargs = _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
+                    logits = _logits(self.module(**model_kwargs))
                 if ctx.calls == 0:
                     raise RuntimeError(
                         "model: the forward ran without any attention call reaching seqpar, so it computed "
                         "attention over local tokens only; register an adapter for the model's attention module"
                     )
+                bind_to_backward(ctx, logits)  # activation checkpointing recomputes blocks inside this backward
+                loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
                 local_sum = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                    reduction="sum",
+                    logits.to(loss_dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
                 )
-            else:  # this rank's group got no sequence this step; stay in the graph so backward works
+            else:  # an empty input passed by hand; stay in the graph so backward works
                 local_sum = sum(p.sum() * 0.0 for p in self.module.parameters())
-            local_count = int((labels != IGNORE_INDEX).sum())
-            totals = torch.tensor([local_sum.detach().item(), float(local_count)], dtype=torch.float64)
-            comm.all_reduce(totals, group=self.group)
-        count = max(int(totals[1].item()), 1)
-        loss = local_sum / count + (totals[0].item() - local_sum.detach().item()) / count
-        return SPOutput(loss=loss, logits=logits, num_tokens=int(totals[1].item()), plan=seqpar_step.plan,
+            # the sum and the count travel in one all-reduce that stays on the device (no host sync)
+            local_count = (labels != IGNORE_INDEX).sum()
+            totals = torch.stack([local_sum.detach().to(torch.float64), local_count.to(torch.float64)])
+            comm.all_reduce(totals, group=self.reduce_group)
+        normalizer = totals[1] if seqpar_step.loss_normalizer is None else seqpar_step.loss_normalizer
+        normalizer = normalizer.to(totals).clamp(min=1)
+        # value: the global sum / count; gradient: this rank's share only (gradients are summed over ranks)
+        loss = local_sum / normalizer.to(local_sum.dtype) + ((totals[0] - local_sum.detach()) / normalizer).to(
+            local_sum.dtype)
+        return SPOutput(loss=loss, logits=logits, token_count=totals[1], plan=seqpar_step.plan,
                         group_ranks=seqpar_step.group_ranks, softmax_strategy=seqpar_step.softmax_strategy,
                         linear_strategy=seqpar_step.linear_strategy)
 
     def sync_gradients(self) -> None:
-        """Sum every parameter gradient over the group (one all-reduce per dtype): each rank's backward gave its
-        share of the global loss's gradient, so the sum is the single-device gradient."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        """Sum every parameter gradient over all ranks (every replica): each rank's backward gave its share of
+        the global loss's gradient, so the sum is the single-device gradient.
+
+        Reduces in buckets of at most ``SPConfig.grad_bucket_bytes`` (one flat copy of a bucket at a time; a
+        gradient larger than a bucket is reduced in place), so the extra memory is one bucket, never a copy of
+        all gradients. With ``SPConfig.overlap_grad_sync`` the buckets were started from backward hooks and this
+        only waits for them (and reduces any bucket no hook started). A no-op when the model is wrapped in
+        FSDP2 or ``DistributedDataParallel``: their own reduction already produced the summed gradients.
+        """
+        if _reduced_by_wrapper(self.module):
+            return
+        self._grad_sync.finish()
+
+
+class _GradientSync:
+    """Bucketed gradient all-reduce over ``SPModel.reduce_group``, optionally started from backward hooks.
+
+    Buckets hold consecutive parameters in reverse registration order (roughly the order backward produces
+    their gradients), of one dtype and device, up to ``bucket_bytes``. A bucket is reduced through one flat
+    buffer of its size, and one bucket is in flight at a time (starting the next waits for the previous, which
+    under backward hooks has usually finished behind the backward's compute), so the extra memory is one bucket.
+    """
+
+    _MAX_IN_FLIGHT = 1
+
+    def __init__(self, sp_model: SPModel, bucket_bytes: int) -> None:
+        self.sp_model = sp_model
+        self.bucket_bytes = bucket_bytes
+        self.buckets: list[list[torch.nn.Parameter]] | None = None
+        self.ready: list[int] = []
+        self.started: list[bool] = []
+        self.in_flight: list[tuple[int, Any, torch.Tensor]] = []
+        self.armed = False
+
+    def _layout(self) -> list[list[torch.nn.Parameter]]:
+        if self.buckets is None:
+            buckets: list[list[torch.nn.Parameter]] = []
+            size = 0
+            for p in reversed([p for p in self.sp_model.module.parameters() if p.requires_grad]):
+                nbytes = p.numel() * p.element_size()
+                last = buckets[-1][-1] if buckets else None
+                if last is None or size + nbytes > self.bucket_bytes or (p.dtype, p.device) != (last.dtype,
+                                                                                                 last.device):
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(p)
+                size += nbytes
+            self.buckets = buckets
+            self._reset()
+        return self.buckets
+
+    def _reset(self) -> None:
+        self.ready = [0] * len(self.buckets)
+        self.started = [False] * len(self.buckets)
+        self.in_flight = []
+
+    def install_hooks(self) -> None:
+        index = {p: (b, len(bucket)) for b, bucket in enumerate(self._layout()) for p in bucket}
+        for p, (b, size) in index.items():
+            p.register_post_accumulate_grad_hook(lambda _, b=b, size=size: self._on_grad_ready(b, size))
+
+    def arm(self, *, last_micro_batch: bool) -> None:
+        """Hooks start reductions only in the backward of a step's last micro-batch (earlier ones accumulate)."""
+        self.armed = last_micro_batch and torch.is_grad_enabled() and not _reduced_by_wrapper(self.sp_model.module)
+
+    def _on_grad_ready(self, bucket: int, size: int) -> None:
+        if not self.armed or self.started[bucket]:
+            return
+        self.ready[bucket] += 1
+        if self.ready[bucket] == size:
+            self._start(bucket)
+
+    def _start(self, bucket: int) -> None:
+        while len(self.in_flight) >= self._MAX_IN_FLIGHT:
+            self._wait_oldest()
+        params = self.buckets[bucket]
         for p in params:
-            if p.grad is None:
+            if p.grad is None:  # every rank must reduce the same buffers: a missing gradient is a zero one
                 p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
-        for group in by_dtype.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in group])
-            comm.all_reduce(flat, group=self.group)
-            offset = 0
-            for p in group:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
+        group = self.sp_model.reduce_group
+        if len(params) == 1 and params[0].grad.is_contiguous():
+            flat = params[0].grad  # a lone (large) gradient is reduced in place: no copy
+        else:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        _, rank, size = comm.group_info(group)
+        comm._record("all_reduce", 2 * flat.numel() * flat.element_size() * (size - 1) // size)
+        work = dist.all_reduce(flat, group=group, async_op=True)
+        self.started[bucket] = True
+        self.in_flight.append((bucket, comm.PendingTransfer([work], None, f"gradient all_reduce on rank {rank}"),
+                               flat))
+
+    def _wait_oldest(self) -> None:
+        bucket, pending, flat = self.in_flight.pop(0)
+        pending.wait()
+        params = self.buckets[bucket]
+        if flat is not params[0].grad:
+            for p, part in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(part.view_as(p.grad))
+
+    def finish(self) -> None:
+        for bucket in range(len(self._layout())):
+            if not self.started[bucket]:
+                self._start(bucket)
+        while self.in_flight:
+            self._wait_oldest()
+        self._reset()
+        self.armed = False
+
+
+def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _reduced_by_wrapper(model: torch.nn.Module) -> bool:
+    return isinstance(model, DistributedDataParallel) or bool(_fsdp_modules(model))
+
+
+def _sum_gradients_in_fsdp(model: torch.nn.Module, reduce_group: dist.ProcessGroup) -> None:
+    """Make FSDP2 SUM gradients over its ranks instead of averaging them (each rank's backward produced its
+    share of the global token-mean loss, so the sum is the single-device gradient). Idempotent and cheap."""
+    for module in _fsdp_modules(model):
+        if getattr(module, "_seqpar_sums_gradients", False):
+            continue
+        state = module._get_fsdp_state()
+        for param_group in state._fsdp_param_groups:
+            fsdp_size = param_group.mesh_info.mesh.size()
+            if fsdp_size != dist.get_world_size(reduce_group):
+                raise ValueError(
+                    f"model: FSDP shards {type(module).__name__} over {fsdp_size} ranks, but seqpar's loss spans "
+                    f"{dist.get_world_size(reduce_group)} (every rank of every replica); apply fully_shard over "
+                    "all of those ranks (the default mesh, or the whole dp x sp mesh flattened)"
+                )
+        module.set_gradient_divide_factor(1.0)
+        module._seqpar_sums_gradients = True
+
+
+def _sum_allreduce_hook(group, bucket):  # no annotations: DDP compares them with dist.GradBucket, and this
+    # module's postponed annotations are strings
+    """DDP comm hook: SUM the bucket (a ``dist.GradBucket``) over ``group`` (DDP's default divides by the world
+    size); returns a future of the summed buffer."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 @contextlib.contextmanager
@@ -187,6 +376,7 @@ def parallelize(
     *,
     config: SPConfig | None = None,
     group: dist.ProcessGroup | None = None,
+    mesh: Any = None,
     strategy: str | None = None,
     linear_strategy: str | None = None,
     layout: str | None = None,
@@ -194,20 +384,48 @@ def parallelize(
     cost_model: Any = None,
     check_consistency: bool | None = None,
     verify_model: bool | None = None,
+    grad_bucket_bytes: int | None = None,
+    overlap_grad_sync: bool | None = None,
 ) -> SPModel:
     """Wrap ``model`` so that its attention runs sequence-parallel over ``group``.
 
     Options come as ``config`` (an ``SPConfig``; its docstring describes each field) and/or as keyword
     arguments of the same names, which override the config's fields (None: not given). Defaults: the world,
     ``strategy="ring"``, ``linear_strategy="zeco"``, ``layout="auto"``, ``backend="auto"``, no consistency
-    checks, ``verify_model=True``.
+    checks, ``verify_model=True``, 25 MiB gradient buckets, no overlapped gradient sync.
 
     Args:
         model: a transformers model, a module calling ``F.scaled_dot_product_attention``, or one whose attention
-            modules have adapters (``seqpar.register_adapter``).
+            modules have adapters (``seqpar.register_adapter``); optionally already wrapped in FSDP2
+            (``fully_shard``) or ``DistributedDataParallel`` (see below).
         config: every option at once; the keyword options below override its fields.
-        group, strategy, linear_strategy, layout, backend, cost_model, check_consistency, verify_model: the
-            ``SPConfig`` fields of these names.
+        group, mesh, strategy, linear_strategy, layout, backend, cost_model, check_consistency, verify_model,
+            grad_bucket_bytes, overlap_grad_sync: the ``SPConfig`` fields of these names. ``mesh`` (a
+            ``DeviceMesh`` with dimensions ``("dp", "sp")``) runs one SP group per data-parallel replica, each on
+            its own batch; ``strategy="auto"`` then plans inside each replica's ``sp`` ranks.
+
+    Gradients. The loss every rank returns has the global token-mean's value, but its gradient is only this
+    rank's share (its local tokens' loss terms over the global count), so the single-device gradient is the SUM
+    of the ranks' gradients over every rank of every replica. Three ways to get it:
+
+    * no wrapper: call ``sp_model.sync_gradients()`` after ``backward`` (bucketed all-reduce; with
+      ``overlap_grad_sync`` started from backward hooks).
+    * FSDP2: apply ``fully_shard`` (per layer, then the root) over all the ranks, before or after
+      ``parallelize`` (both work). seqpar sets each FSDP module's gradient divide factor to 1
+      (``FSDPModule.set_gradient_divide_factor(1.0)``, at ``parallelize`` and again at the first forward after
+      a later ``fully_shard``), so FSDP's reduce-scatter sums instead of averaging: after ``loss.backward()``
+      the sharded gradients ARE the single-device gradients, no extra call.
+    * DDP: wrap with ``DistributedDataParallel`` over all the ranks BEFORE ``parallelize`` (DDP applied to the
+      ``SPModel`` is not supported: it would average). seqpar registers a comm hook that sums instead of
+      averaging (DDP allows one hook, registered before the first backward; do not register your own).
+
+    ``sync_gradients()`` is a no-op under FSDP2 and DDP, so a training loop may always call it. Ranks whose
+    group has no sequence in a step (``"auto"``, micro-batches) run a placeholder sequence of padding, so every
+    rank runs the model's forward and backward and FSDP's all-gathers and DDP's reductions stay matched.
+
+    Activation checkpointing (``model.gradient_checkpointing_enable()``, reentrant or not, or
+    ``torch.utils.checkpoint`` on your blocks) works: the recomputed forward runs inside the original forward's
+    SP context and repeats its communication.
 
     Returns:
         An ``SPModel``: ``prepare(batch)`` -> this rank's inputs, ``forward(**inputs)`` -> ``SPOutput`` (loss,
@@ -225,14 +443,16 @@ def parallelize(
             that mixes tokens along the sequence without seqpar routing it (``model: ...``). Raised on every
             rank; all but the last before any communication.
     """
-    overrides = dict(group=group, strategy=strategy, linear_strategy=linear_strategy, layout=layout,
+    overrides = dict(group=group, mesh=mesh, strategy=strategy, linear_strategy=linear_strategy, layout=layout,
                      backend=backend, cost_model=cost_model, check_consistency=check_consistency,
-                     verify_model=verify_model)
+                     verify_model=verify_model, grad_bucket_bytes=grad_bucket_bytes,
+                     overlap_grad_sync=overlap_grad_sync)
     if config is not None and not isinstance(config, SPConfig):
         raise ValueError(f"config: expected a seqpar.SPConfig, got {type(config).__name__}")
     given = {k: v for k, v in overrides.items() if v is not None}
     config = replace(config if config is not None else SPConfig(), **given).validate()
-    _, _, size = comm.group_info(config.group)
+    _, _, size = comm.group_info(config.sp_group)
+    wrapper, model = model, _unwrap_ddp(model)
     if config.strategy == "auto" and size & (size - 1):
         raise ValueError(
             f"strategy: 'auto' plans power-of-two groups and needs a power-of-two world size, got {size}"
@@ -263,6 +483,7 @@ def parallelize(
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
     else:
         _check_reachable(model)
+        _route_sdpa_modules(model)
     if config.strategy != "auto" and heads is not None:
         reason = strategies.get(config.strategy, "softmax").invalid_reason(size, heads, kv_heads)
         if reason is not None:
@@ -271,8 +492,23 @@ def parallelize(
                              f"{usable}")
     if config.strategy == "auto" and config.cost_model is None:
         config = replace(config, cost_model=default_cost_model(model, size))
-    sp_model = SPModel(model, config=config, layout=layout, has_linear=bool(linear_modules), heads=heads,
+    planned_size = getattr(getattr(config.cost_model, "cluster", None), "world_size", size)
+    if config.strategy == "auto" and planned_size != size:
+        raise ValueError(
+            f"cost_model: its cluster has world_size={planned_size}, but the plan runs on the {size} ranks that "
+            "share each sequence (the mesh's 'sp' dimension, or the group); build its Cluster with that size"
+        )
+    sp_model = SPModel(wrapper, config=config, layout=layout, has_linear=bool(linear_modules), heads=heads,
                        kv_heads=kv_heads)
+    _sum_gradients_in_fsdp(model, sp_model.reduce_group)
+    if isinstance(wrapper, DistributedDataParallel):
+        ddp_size = dist.get_world_size(wrapper.process_group)
+        if ddp_size != dist.get_world_size(sp_model.reduce_group):
+            raise ValueError(
+                f"model: DistributedDataParallel spans {ddp_size} ranks, but seqpar's loss spans "
+                f"{dist.get_world_size(sp_model.reduce_group)} (every rank of every replica); wrap over all of them"
+            )
+        wrapper.register_comm_hook(wrapper.process_group, _sum_allreduce_hook)
     if config.verify_model and size > 1:
         _verify(sp_model, reference_attention)
     return sp_model
@@ -282,7 +518,7 @@ def _verify(sp_model: SPModel, reference_attention: str | None) -> None:
     """``seqpar.runtime.verify_model`` on the wrapped model: the SP path on the whole group (with ``"auto"``,
     the first registered softmax strategy valid here; which one does not matter: all compute the same) against
     the model with its own attention."""
-    model, runner = sp_model.module, sp_model.runner
+    model, runner = sp_model.inner_model, sp_model.runner
     softmax = sp_model.config.strategy
     if softmax == "auto":
         heads = runner.heads or 1
@@ -295,7 +531,7 @@ def _verify(sp_model: SPModel, reference_attention: str | None) -> None:
     def unsharded(ids: torch.Tensor) -> None:
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         with _attention_implementation(model, reference_attention):
-            model(**_model_kwargs(model, ids, positions, {}))
+            sp_model.module(**_model_kwargs(model, ids, positions, {}))
 
     probe.verify_model(model, group=sp_model.group, layout=sp_model.layout, sharded_forward=sharded,
                        unsharded_forward=unsharded)
@@ -333,6 +569,27 @@ def _install_adapters(model: torch.nn.Module) -> list[str]:
         if integrations.is_linear_adapter(module):
             linear.append(name)
     return linear
+
+
+def _route_sdpa_modules(model: torch.nn.Module) -> None:
+    """Give modules that call ``F.scaled_dot_product_attention`` their own SDPA interceptor whenever an SP
+    context is current. ``SPModel.forward`` intercepts SDPA for its whole forward; this also covers a block that
+    activation checkpointing recomputes during backward, after that forward has returned."""
+    for module in model.modules():
+        if not integrations.calls_sdpa(module) or getattr(module, "_seqpar_original_forward", None) is not None:
+            continue
+        original = module.forward
+
+        def routed(*args, __original=original, **kwargs):
+            intercepting = any(isinstance(m, integrations.SDPAInterceptor)
+                               for m in torch.overrides._get_current_function_mode_stack())
+            if current_context() is None or intercepting:
+                return __original(*args, **kwargs)
+            with integrations.SDPAInterceptor():
+                return __original(*args, **kwargs)
+
+        module._seqpar_original_forward = original
+        module.forward = routed
 
 
 def _check_reachable(model: torch.nn.Module) -> None:

@@ -10,7 +10,14 @@
 """
 
 from seqpar.runtime.config import SPConfig
-from seqpar.runtime.context import SPContext, current_context, linear_attention, softmax_attention, sp_context
+from seqpar.runtime.context import (
+    SPContext,
+    bind_to_backward,
+    current_context,
+    linear_attention,
+    softmax_attention,
+    sp_context,
+)
 from seqpar.runtime.packing import IGNORE_INDEX, StepShard, shift_labels, split_batch
 from seqpar.runtime.probe import verify_model
 from seqpar.runtime.steps import StepRunner, check_plan
@@ -19,6 +26,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SPConfig",
     "SPContext",
+    "bind_to_backward",
     "StepRunner",
     "StepShard",
     "check_plan",

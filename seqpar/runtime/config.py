@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from seqpar import strategies
 
@@ -19,7 +20,10 @@ class SPConfig:
     """How ``seqpar.parallelize`` runs a model.
 
     Attributes:
-        group: the ranks that share each sequence (None: the world).
+        group: the ranks that share each sequence (None: the world). Exclusive with ``mesh``.
+        mesh: a ``DeviceMesh`` with dimensions named ``("dp", "sp")`` (or a 1-D mesh named ``"sp"``): each
+            data-parallel replica (a row along ``dp``) feeds its own global batch through its ``sp`` ranks; the
+            loss is the token mean over all replicas and gradients are summed over the whole mesh.
         strategy: a registered softmax strategy (``seqpar.strategies.names("softmax")``: ring, token_ring,
             ulysses, allgather_kv, ...) or ``"auto"``: rank 0 plans every step with ``seqpar.solver.plan_step``
             (groups of different sizes and strategies; needs a power-of-two world) and every rank runs rank 0's
@@ -39,6 +43,10 @@ class SPConfig:
         verify_model: at ``parallelize`` time, run the model once on a short random batch unsharded and through
             the SP path and refuse it (ValueError naming the module) if a module seqpar does not route mixes
             tokens along the sequence; costs one unsharded and one SP forward of that batch.
+        grad_bucket_bytes: ``SPModel.sync_gradients`` reduces gradients in buckets of at most this many bytes
+            (a larger single gradient is reduced in place, without a copy), so its extra memory is one bucket.
+        overlap_grad_sync: start each bucket's all-reduce from backward hooks as soon as its gradients are
+            ready; ``sync_gradients()`` then only waits for them (and reduces what no hook started).
     """
 
     group: dist.ProcessGroup | None = None
@@ -49,6 +57,9 @@ class SPConfig:
     cost_model: Any = None
     check_consistency: bool | None = None
     verify_model: bool = True
+    mesh: Any = None
+    grad_bucket_bytes: int = 25 * 2**20
+    overlap_grad_sync: bool = False
 
     def validate(self) -> SPConfig:
         """Check every field; returns self.
@@ -60,6 +71,19 @@ class SPConfig:
             raise ValueError(
                 f"group: expected a torch.distributed ProcessGroup or None, got {type(self.group).__name__}"
             )
+        if self.mesh is not None:
+            if self.group is not None:
+                raise ValueError("mesh: pass either group= or mesh=, not both (the mesh's 'sp' dimension is the group)")
+            names = tuple(getattr(self.mesh, "mesh_dim_names", None) or ())
+            if not isinstance(self.mesh, DeviceMesh) or names not in (("dp", "sp"), ("sp",)):
+                raise ValueError(
+                    "mesh: expected a torch.distributed DeviceMesh with dimensions named ('dp', 'sp') or ('sp',), "
+                    f"got {type(self.mesh).__name__} with dimensions {names}; e.g. "
+                    "init_device_mesh('cuda', (dp, sp), mesh_dim_names=('dp', 'sp'))"
+                )
+        if isinstance(self.grad_bucket_bytes, bool) or not isinstance(self.grad_bucket_bytes, int) \
+                or self.grad_bucket_bytes < 1:
+            raise ValueError(f"grad_bucket_bytes: expected a positive number of bytes, got {self.grad_bucket_bytes!r}")
         if self.strategy != "auto":
             strategies.get(self.strategy, "softmax", argument="strategy")  # raises naming the registered ones
         strategies.get(self.linear_strategy, "linear", argument="linear_strategy")
@@ -73,9 +97,22 @@ class SPConfig:
             )
         if self.check_consistency is not None and not isinstance(self.check_consistency, bool):
             raise ValueError(f"check_consistency: expected True, False or None, got {self.check_consistency!r}")
-        if not isinstance(self.verify_model, bool):
-            raise ValueError(f"verify_model: expected True or False, got {self.verify_model!r}")
+        for name in ("verify_model", "overlap_grad_sync"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         return self
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The ranks that share each sequence: the mesh's ``sp`` dimension, else ``group`` (None: the world)."""
+        return self.mesh.get_group("sp") if self.mesh is not None else self.group
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The group of this rank's peers in the other data-parallel replicas (None: one replica)."""
+        if self.mesh is None or self.mesh.mesh_dim_names == ("sp",) or self.mesh.size(0) == 1:
+            return None
+        return self.mesh.get_group("dp")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -6,6 +6,12 @@ Hugging Face attention function, the SDPA interceptor, module adapters) calls ``
 ``linear_attention`` here, which run the op that the strategy registry (``seqpar.strategies``) gives for the
 context's strategy. Outside a context they raise: an attention call that reaches seqpar without a plan would
 silently compute local-only attention otherwise.
+
+Activation checkpointing recomputes a block's forward during backward, after ``SPModel.forward`` has left its
+context. ``bind_to_backward`` keeps the forward's context reachable for exactly that: when the backward of the
+forward's output starts, the context is registered under the autograd graph task running it (until that backward
+ends), and ``current_context`` returns it to attention calls made inside that backward, so the recomputed forward
+runs the same SP ops (and the same communication) as the original one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.distributed as dist
 
 from seqpar import strategies
 
-__all__ = ["SPContext", "current_context", "linear_attention", "softmax_attention", "sp_context"]
+__all__ = ["SPContext", "bind_to_backward", "current_context", "linear_attention", "softmax_attention", "sp_context"]
 
 
 @dataclass
@@ -50,6 +56,8 @@ class SPContext:
 
 
 _active: list[SPContext] = []
+# autograd graph task id -> the context of the forward whose backward that task runs (see bind_to_backward)
+_backward_contexts: dict[int, SPContext] = {}
 
 
 @contextlib.contextmanager
@@ -63,8 +71,30 @@ def sp_context(ctx: SPContext) -> Iterator[SPContext]:
 
 
 def current_context() -> SPContext | None:
-    """The innermost active ``SPContext``, or None outside a seqpar-parallelized forward."""
-    return _active[-1] if _active else None
+    """The innermost active ``SPContext``; inside the backward of a seqpar-parallelized forward (activation
+    checkpointing's recomputation), that forward's context; else None."""
+    if _active:
+        return _active[-1]
+    if _backward_contexts:
+        return _backward_contexts.get(torch._C._current_graph_task_id())
+    return None
+
+
+def bind_to_backward(ctx: SPContext, output: torch.Tensor) -> None:
+    """Make ``ctx`` the context of the backward that runs through ``output`` (the forward's last activation, so
+    its hook fires before any block of the forward is recomputed), until that backward finishes."""
+    if not output.requires_grad:
+        return
+
+    def enter(grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task == -1 or task in _backward_contexts:
+            return
+        _backward_contexts[task] = ctx
+        # runs when this graph task finishes, so the entry never outlives its backward
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _backward_contexts.pop(task, None))
+
+    output.register_hook(enter)
 
 
 def _require_context(what: str) -> SPContext:

@@ -35,6 +35,10 @@ class StepShard:
         plan: the step's ``seqpar.solver.Plan`` (None for a fixed strategy).
         max_seqlen: the longest LOCAL sequence of ``cu_seqlens``, computed on the host when the batch is packed
             and validated (once per step), so that no layer reads ``cu_seqlens`` back; None for a padded batch.
+        loss_normalizer: labelled tokens of the whole step over all replicas (a 0-dim tensor on the inputs'
+            device), set when the step is split into micro-batches: each micro-batch's loss is divided by it.
+            None: the forward's own labelled-token count.
+        micro_batch: ``(index, count)`` of this micro-batch in its step (``(0, 1)``: the step is not split).
     """
 
     group: dist.ProcessGroup
@@ -44,6 +48,8 @@ class StepShard:
     cu_seqlens: torch.Tensor | None
     plan: Any = None
     max_seqlen: int | None = None
+    loss_normalizer: torch.Tensor | None = None
+    micro_batch: tuple[int, int] = (0, 1)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -115,10 +121,16 @@ def pack_sequences(
 ) -> dict[str, Any]:
     """The ``chosen`` sequences packed into one (1, T_local) row of ``step.group``'s rank, each padded to the
     layout's multiple; ``step.cu_seqlens`` is set to the local boundaries and ``step.max_seqlen`` to the longest
-    local sequence (from the host-side lengths). With no sequence chosen (a group the
-    plan left idle) the row is empty: the rank then only joins the loss and gradient sums."""
+    local sequence (from the host-side lengths). With no sequence chosen (a group the plan left idle, or an empty
+    micro-batch) the group runs one placeholder sequence of padding (token 0, every label ignored): it adds nothing
+    to the loss or the gradients, but every rank still runs the model's forward and backward, so collectives of
+    wrappers (FSDP's all-gathers, DDP's hooks) stay matched across ranks."""
     _, rank, size = comm.group_info(step.group)
     multiple = layout_multiple(layout, size)
+    if not chosen:
+        sequences = [torch.zeros(multiple, dtype=torch.long, device=device)]
+        labels = [torch.full((multiple,), IGNORE_INDEX, dtype=torch.long, device=device)]
+        chosen = [0]
     ids, labs, pos, bounds = [], [], [], [0]
     for i in chosen:
         seq, lab = sequences[i], shift_labels(labels[i])
@@ -127,10 +139,6 @@ def pack_sequences(
         labs.append(F.pad(lab, (0, pad), value=IGNORE_INDEX))
         pos.append(torch.arange(seq.numel() + pad))
         bounds.append(bounds[-1] + seq.numel() + pad)
-    if not ids:
-        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
-        step.cu_seqlens, step.max_seqlen = None, None
-        return {"input_ids": empty, "position_ids": empty, "labels": empty, "seqpar_step": step}
     cu = torch.tensor(bounds, dtype=torch.int32)
     index = shard_indices(bounds[-1], size, rank, layout=layout, cu_seqlens=cu).to(device)
     step.cu_seqlens = (cu // size).to(device=device, dtype=torch.int32)

@@ -113,7 +113,9 @@ def verify_model(
                     h.remove()
     sharded.clear()
 
-    mine = torch.tensor(first if first is not None else (-1.0, -1.0, 0.0), dtype=torch.float64)
+    # on the model's device, where the group's backend (NCCL for CUDA) needs it; the verdicts come back to the
+    # host once, at parallelize time
+    mine = torch.tensor(first if first is not None else (-1.0, -1.0, 0.0), dtype=torch.float64, device=device)
     verdicts = [v for v in comm.all_gather(mine, group=group).tolist() if v[0] >= 0]
     if not verdicts:
         return

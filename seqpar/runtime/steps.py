@@ -9,15 +9,26 @@ parent group (``seqpar.collectives.groups.subgroup``), so later steps and other 
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any, Sequence
 
+import torch
 import torch.distributed as dist
 
 from seqpar import strategies
 from seqpar.collectives import comm
 from seqpar.collectives.groups import subgroup
+from seqpar.collectives.layout import layout_multiple
 from seqpar.runtime.config import SPConfig
-from seqpar.runtime.packing import StepShard, pack_padded, pack_sequences, split_batch
+from seqpar.runtime.packing import (
+    IGNORE_INDEX,
+    StepShard,
+    pack_padded,
+    pack_sequences,
+    shift_labels,
+    split_batch,
+)
 
 __all__ = ["StepRunner", "check_plan"]
 
@@ -39,7 +50,8 @@ class StepRunner:
     def __init__(self, config: SPConfig, *, layout: str, has_linear: bool, heads: int | None = None,
                  kv_heads: int | None = None) -> None:
         self.config = config
-        self.group, self.rank, self.world_size = comm.group_info(config.group)
+        self.group, self.rank, self.world_size = comm.group_info(config.sp_group)
+        self.dp_group = config.dp_group
         self.layout = layout
         self.has_linear = has_linear
         self.heads, self.kv_heads = heads, kv_heads
@@ -50,21 +62,74 @@ class StepRunner:
         return StepShard(self.group, tuple(range(self.world_size)), softmax_strategy or self.config.strategy,
                          linear, None)
 
-    def prepare(self, batch: Any, *, plan: Any = None) -> dict[str, Any]:
-        """This rank's inputs for a GLOBAL batch (identical on every rank); see ``SPModel.prepare``."""
+    def prepare(self, batch: Any, *, plan: Any = None,
+                max_tokens_per_rank: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+        """This rank's inputs for a GLOBAL batch (identical on every rank of the replica); see ``SPModel.prepare``."""
+        if max_tokens_per_rank is not None and (
+                isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
+                or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank: expected a positive int or None, got {max_tokens_per_rank!r}")
         sequences, labels, padded_batch = split_batch(batch)
+        device = sequences[0].device
         if plan is None and self.config.strategy != "auto":
             step = self.fixed_step()
-            if padded_batch:
-                return pack_padded(sequences, labels, layout=self.layout, step=step)
-            return pack_sequences(sequences, labels, range(len(sequences)), layout=self.layout, step=step,
-                                  device=sequences[0].device)
-        plan = self.agree_on_plan([int(s.numel()) for s in sequences], plan)
-        mine = next(g for g in plan.groups if self.rank in g.ranks)  # check_plan: exactly one
-        step = StepShard(self.group_for(mine.ranks), tuple(mine.ranks), mine.softmax_strategy, mine.linear_strategy,
-                         None, plan)
-        return pack_sequences(sequences, labels, mine.seq_indices, layout=self.layout, step=step,
-                              device=sequences[0].device)
+            groups = [(step.group_ranks, list(range(len(sequences))))]
+        else:
+            plan = self.agree_on_plan([int(s.numel()) for s in sequences], plan)
+            mine = next(g for g in plan.groups if self.rank in g.ranks)  # check_plan: exactly one
+            step = StepShard(self.group_for(mine.ranks), tuple(mine.ranks), mine.softmax_strategy,
+                             mine.linear_strategy, None, plan)
+            groups = [(tuple(g.ranks), list(g.seq_indices)) for g in plan.groups]
+            padded_batch = False
+        if max_tokens_per_rank is None:
+            chosen = next(indices for ranks, indices in groups if self.rank in ranks)
+            return self._pack(sequences, labels, chosen, step, padded_batch, device)
+
+        splits = {ranks: self._split(sequences, indices, len(ranks), max_tokens_per_rank)
+                  for ranks, indices in groups}
+        count = max(len(s) for s in splits.values())
+        normalizer = torch.stack([(shift_labels(lab) != IGNORE_INDEX).sum() for lab in labels]).sum()
+        normalizer = normalizer.to(torch.float64)
+        if self.dp_group is not None:  # replicas split differently: all run the most micro-batches of any
+            # one small all-gather; the micro-batch count must reach the host (it sizes the returned list): the
+            # only host sync of prepare, once per step
+            gathered = comm.all_gather(torch.stack([normalizer, normalizer.new_tensor(count)]), group=self.dp_group)
+            normalizer, count = gathered[:, 0].sum(), int(gathered[:, 1].max().item())
+        mine = next(s for ranks, s in splits.items() if self.rank in ranks)
+        return [
+            self._pack(sequences, labels, mine[k] if k < len(mine) else [],
+                       replace(step, loss_normalizer=normalizer, micro_batch=(k, count)), padded_batch, device)
+            for k in range(count)
+        ]
+
+    def _pack(self, sequences, labels, chosen: Sequence[int], step: StepShard, padded_batch: bool,
+              device: torch.device) -> dict[str, Any]:
+        if padded_batch and chosen:
+            return pack_padded([sequences[i] for i in chosen], [labels[i] for i in chosen], layout=self.layout,
+                               step=step)
+        return pack_sequences(sequences, labels, chosen, layout=self.layout, step=step, device=device)
+
+    def _split(self, sequences: Sequence[torch.Tensor], indices: Sequence[int], group_size: int,
+               max_tokens_per_rank: int) -> list[list[int]]:
+        """``indices`` in order, cut greedily into micro-batches of at most ``max_tokens_per_rank`` tokens per
+        rank of a group of ``group_size`` (each sequence padded to the layout's multiple, as packing does)."""
+        multiple = layout_multiple(self.layout, group_size)
+        micro_batches: list[list[int]] = []
+        load = max_tokens_per_rank
+        for i in indices:
+            per_rank = math.ceil(int(sequences[i].numel()) / multiple) * multiple // group_size
+            if per_rank > max_tokens_per_rank:
+                raise ValueError(
+                    f"max_tokens_per_rank: sequence {i} ({sequences[i].numel()} tokens) puts {per_rank} tokens on "
+                    f"each of its {group_size} ranks, over the budget of {max_tokens_per_rank}; raise the budget "
+                    "or split the sequence over more ranks"
+                )
+            if load + per_rank > max_tokens_per_rank:
+                micro_batches.append([])
+                load = 0
+            micro_batches[-1].append(i)
+            load += per_rank
+        return micro_batches
 
     def agree_on_plan(self, seq_lens: Sequence[int], plan: Any = None) -> Any:
         """The plan every rank runs this step: ``plan`` (or, when None, ``plan_step`` with the config's cost
