@@ -14,6 +14,8 @@ Bytes sent per rank (T: local tokens, b: element size):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -63,9 +65,9 @@ def allgather_kv_attention(
         for a, b in chunk_ranges(stop - start, p, sp.rank, sp.layout):
             q_lens.append(b - a)
             k_lens.append(b if sp.causal else stop - start)
-            key_index.append(torch.arange(start, start + k_lens[-1]))
+            key_index.append(torch.arange(start, start + k_lens[-1], device="cpu"))
     cu_q, cu_k = (
-        torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device=kv.device) for n in (q_lens, k_lens)
+        torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=kv.device) for n in (q_lens, k_lens)
     )
     key_index = torch.cat(key_index).to(kv.device)
     keys = kv_full[:, key_index]

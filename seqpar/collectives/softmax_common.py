@@ -70,7 +70,7 @@ class SoftmaxSP:
             [shard_indices(total, self.world_size, r, layout=self.layout, cu_seqlens=cu) for r in range(self.world_size)]
         )
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(total)
+        inverse[order] = torch.arange(total, device="cpu")
         return order.to(self.q.device), inverse.to(self.q.device)
 
     def chunk_indices(self, which: str) -> torch.Tensor:
@@ -79,7 +79,7 @@ class SoftmaxSP:
         for a, b in zip(self.bounds, self.bounds[1:]):
             half = (b - a) // 2
             start = a if which == "first" else a + half
-            pieces.append(torch.arange(start, start + half))
+            pieces.append(torch.arange(start, start + half, device="cpu"))
         return torch.cat(pieces).to(self.q.device)
 
     def half_cu_seqlens(self) -> torch.Tensor:

@@ -88,11 +88,11 @@ def _ring_order(sp: SoftmaxSP, inner_size: int, outer_rank: int) -> tuple[torch.
         [shard_indices(total, world_size, first + j, layout=sp.layout, cu_seqlens=global_cu) for j in range(inner_size)]
     )
     wanted = shard_indices(total, world_size // inner_size, outer_rank, layout=sp.layout, cu_seqlens=global_cu)
-    position = torch.full((total,), -1, dtype=torch.long)  # where each global token sits in `received`
-    position[received] = torch.arange(received.numel())
+    position = torch.full((total,), -1, dtype=torch.long, device="cpu")  # where each global token sits in `received`
+    position[received] = torch.arange(received.numel(), device="cpu")
     to_ring = position[wanted]
     from_ring = torch.empty_like(to_ring)
-    from_ring[to_ring] = torch.arange(to_ring.numel())
+    from_ring[to_ring] = torch.arange(to_ring.numel(), device="cpu")
     return to_ring.to(sp.q.device), from_ring.to(sp.q.device)
 
 

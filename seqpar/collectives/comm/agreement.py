@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from seqpar.collectives.comm.devices import required_device
 from seqpar.collectives.comm.transport import gather_uncounted, group_info
 
 __all__ = [
@@ -102,13 +103,6 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()
 
 
-def _metadata_device(group: dist.ProcessGroup) -> torch.device:
-    """nccl-only groups carry CUDA tensors only; everything else (gloo, "cpu:gloo,cuda:nccl") takes CPU ones."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def check_agreement(
     what: str,
     fields: Mapping[str, object],
@@ -153,7 +147,7 @@ def check_consistent(fingerprint: str, *, group: dist.ProcessGroup | None = None
 def _compare(what: str, entries: list[tuple[str, str]], group: dist.ProcessGroup, rank: int, *, full: bool) -> None:
     text = "\n".join(f"{name}={value}" for name, value in entries).encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
-    device = _metadata_device(group)
+    device = required_device(group)  # CUDA on NCCL; reading the gathered digests back is this check's host sync
     record = torch.tensor([digest, len(text)], dtype=torch.int64, device=device)
     gathered = gather_uncounted(record, group=group, describe=f"agreement check of {what} on rank {rank}")
     digests, lengths = gathered[:, 0].tolist(), gathered[:, 1].tolist()
