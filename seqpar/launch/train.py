@@ -306,8 +306,14 @@ def _drop_metrics_after(metrics: Path, step: int) -> int:
     crash), so the resumed run does not log them twice; atomic replace. Returns how many were dropped."""
     if not metrics.is_file():
         return 0
+    def logged_step(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0  # not a step record (a torn last line, a note): kept as it is
+
     lines = metrics.read_text().splitlines()
-    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if logged_step(line) <= step]
     if len(kept) != len(lines):
         tmp = metrics.with_name(metrics.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -344,14 +350,16 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
 
     start_step, overrides = 0, {}
     if args.resume:
-        error = None
+        error, dropped = None, 0
         try:
             start_step = _resume(args, model, optimizer, source)
+            if rank == 0 and args.metrics is not None:  # before the agreement: a failure here stops every rank
+                dropped = _drop_metrics_after(args.metrics, start_step)
         except (ValueError, OSError) as err:
             error = err
         checkpoint.agree("start: resume from the latest checkpoint", error)
         overrides = _optimizer_overrides(args, optimizer) if start_step else {}
-        if rank == 0 and args.metrics is not None and (dropped := _drop_metrics_after(args.metrics, start_step)):
+        if dropped:
             print(f"seqpar-train: dropped {dropped} line(s) of {args.metrics} logged after step {start_step} (the "
                   "checkpoint resumed from); those steps run again")
         if overrides and rank == 0:
