@@ -74,7 +74,7 @@ def shard_indices(
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
         for a, b in chunk_ranges(end - start, world_size, rank, layout):
-            pieces.append(torch.arange(start + a, start + b))
+            pieces.append(torch.arange(start + a, start + b, device="cpu"))
     return torch.cat(pieces)
 
 
@@ -185,7 +185,7 @@ def unshard_sequence(
     total = x_local.shape[dim] * size
     order = torch.cat([shard_indices(total, size, r, layout=layout, cu_seqlens=cu_seqlens) for r in range(size)])
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(total)
+    inverse[order] = torch.arange(total, device="cpu")
     return _Unshard.apply(x_local, group, dim, inverse.to(x_local.device))
 
 
@@ -235,8 +235,9 @@ def pad_for_layout(
             shape[dim] = pad
             piece = torch.cat([piece, piece.new_full(shape, value)], dim)
         pieces.append(piece)
-        masks.append(torch.cat([torch.ones(length, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)]))
+        masks.append(torch.cat([torch.ones(length, dtype=torch.bool, device="cpu"),
+                                torch.zeros(pad, dtype=torch.bool, device="cpu")]))
         pads.append(pad)
         new_bounds.append(new_bounds[-1] + length + pad)
-    padded_cu = None if cu_seqlens is None else torch.tensor(new_bounds, dtype=torch.int32)
+    padded_cu = None if cu_seqlens is None else torch.tensor(new_bounds, dtype=torch.int32, device="cpu")
     return PaddedSequence(torch.cat(pieces, dim), padded_cu, pads, torch.cat(masks).to(x.device))

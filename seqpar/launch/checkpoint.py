@@ -9,13 +9,20 @@ Layout of a ``--checkpoint-dir``::
         model.pt        model state dict   } tensors, numbers and strings only: loaded with
         optim.pt        optimizer state    } ``torch.load(weights_only=True)``, which runs no code
         rng_rank{r}.pt  rank r's RNG states}
+        state/          (sharded checkpoints, ``--fsdp``, instead of model.pt and optim.pt) the model and
+                        optimizer tensors as ``torch.distributed.checkpoint`` writes them: every rank its shards
     step_40.tmp/        a checkpoint being written; a crash leaves it, the next start removes it
     step_40.old/        the previous step_40 while a save of the same step replaces it
 
 Sequence parallelism shards activations, not weights: every rank holds the same model and optimizer state,
-so rank 0 writes them and any world size can load them. The data position is global (every rank reads the
-same batches), so it lives in the manifest. RNG states are per rank: a rank that has none in the checkpoint
-(the world grew) is seeded with ``derived_seed(seed, step, rank)``.
+so rank 0 writes them and any world size can load them. A model sharded by FSDP2 (``sharded=True``) is saved
+with ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards in parallel and DCP reshards on
+load, so any world size can load it too. Only tensors go through DCP (the optimizer's hyperparameters go into
+``optim_settings.pt`` as plain values), and DCP's index file (``.metadata``, a pickle) is read with an unpickler
+that builds only DCP's own metadata classes, so loading runs no code here either. Every file of ``state/`` has
+its sha256 in the manifest like the others. The data position is global (every rank reads the same batches),
+so it lives in the manifest. RNG states are per rank: a rank that has none in the checkpoint (the world changed)
+is seeded with ``derived_seed(seed, step, rank)``; they never block a world-size change.
 
 Never is the last complete checkpoint deleted before the new one is complete: a save writes ``step_N.tmp``,
 fsyncs it, and renames it to ``step_N``; when ``step_N`` already exists it is first renamed to
@@ -34,9 +41,11 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -362,6 +371,11 @@ def _save_file(obj: object, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _files_of(directory: Path) -> list[Path]:
+    """Every file under ``directory`` (a DCP ``state/`` holds several), sorted."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -464,12 +478,15 @@ def write_rank_state(tmp: Path, rank: int, step: int) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    data_state: dict, keep_last: int = 3) -> Path:
+                    data_state: dict, keep_last: int = 3, sharded: bool = False) -> Path:
     """Save step ``step`` as ``directory/step_{step}`` (every rank calls it); returns that path.
 
-    Stages, each ended by ``agree``: prepare (rank 0 checks the weights are finite, makes ``step_N.tmp``), write
-    (rank 0 the model and optimizer, every rank its RNG state; fsynced), publish (rank 0: manifest with sha256
+    Stages, each ended by ``agree``: prepare (every rank checks its weights are finite, rank 0 makes
+    ``step_N.tmp``), write (rank 0 the model and optimizer, or with ``sharded`` every rank its shards through
+    ``torch.distributed.checkpoint``; every rank its RNG state; fsynced), publish (rank 0: manifest with sha256
     of every file, renames, ``latest``, pruning to the ``keep_last`` newest; 0 keeps all).
+
+    ``sharded``: the model's parameters are FSDP2 DTensors (``fully_shard``); see the module docstring.
 
     Raises:
         CheckpointError: a stage failed on some rank (named, with its cause: "disk full (ENOSPC)" and the like)
@@ -499,7 +516,7 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
             raise
 
     def prepare() -> None:
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
         if bad:
             raise CheckpointError(f"seqpar-train: {where}: refusing to save non-finite weights ({', '.join(bad[:3])}"
                                   f"{'...' if len(bad) > 3 else ''})")
@@ -508,7 +525,12 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
             tmp.mkdir(parents=True)
 
     def write() -> None:
-        if rank == 0:
+        if sharded:
+            tensors, settings = _sharded_state(model, optimizer)
+            _save_sharded(tensors, tmp / SHARDED_STATE)
+            if rank == 0:
+                _save_file(settings, tmp / "optim_settings.pt")
+        elif rank == 0:
             _save_file(model.state_dict(), tmp / "model.pt")
             _save_file(optimizer.state_dict(), tmp / "optim.pt")
         write_rank_state(tmp, rank, step)
@@ -520,9 +542,12 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
             "format": FORMAT, "step": step, "world_size": world, "data": data_state,
             "optimizer": _optimizer_settings(optimizer),
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
+            "sharded": sharded,
+            "files": {f.relative_to(tmp).as_posix(): _sha256(f) for f in _files_of(tmp)},
         }
         _write_json(tmp / MANIFEST, manifest)
+        if sharded:
+            _fsync_dir(tmp / SHARDED_STATE)
         _fsync_dir(tmp)
         aside = final.with_name(final.name + ".old")
         if final.exists():  # replacing the same step: the complete old one stays until the new one is in place
@@ -564,6 +589,121 @@ def _optimizer_settings(optimizer: torch.optim.Optimizer) -> dict:
     return {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None)))}
 
 
+# ---------------------------------------------------------------------------------------------------
+# sharded state (FSDP2 + torch.distributed.checkpoint)
+# ---------------------------------------------------------------------------------------------------
+
+SHARDED_STATE = "state"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(tensors, settings)``: every tensor of the model and optimizer state (DTensor shards, keyed by
+    parameter name, so any world size can load them), and the optimizer's non-tensor entries (hyperparameters
+    per parameter: lr, betas, ...), which are saved as plain values beside them (DCP would pickle them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"optim.{k}": v for k, v in optim_state.items() if isinstance(v, torch.Tensor)})
+    settings = {k: v for k, v in optim_state.items() if not isinstance(v, torch.Tensor)}
+    return tensors, settings
+
+
+def _save_sharded(tensors: dict, path: Path) -> None:
+    """``torch.distributed.checkpoint.save`` (a collective: every rank writes its shards; fsynced)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata (dataclasses of names, shapes, offsets, dtypes) and nothing else: any other global
+    the file names, a function above all, is refused, so a crafted ``.metadata`` cannot run code."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                        "torch.distributed.checkpoint.planner")
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.filesystem  # noqa: F401 -- the modules the names live in
+        import torch.distributed.checkpoint.metadata  # noqa: F401
+
+        if "." not in name:
+            if module in self._ALLOWED_MODULES:
+                found = getattr(sys.modules[module], name, None)
+                if isinstance(found, type) and found.__module__ == module and not issubclass(found, BaseException):
+                    return found
+            if module == "torch" and isinstance(getattr(torch, name, None),
+                                                (torch.dtype, torch.layout, torch.memory_format)):
+                return getattr(torch, name)
+            # torch.serialization._get_layout only looks a torch.layout up by its name
+            if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                  ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}:
+                return getattr(sys.modules.get(module) or __import__(module), name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a checkpoint's metadata")
+
+
+def _safe_reader(path: Path):
+    """A DCP ``FileSystemReader`` whose ``.metadata`` is read with ``_MetadataUnpickler``. Only tensors are
+    stored (``_sharded_state``), so DCP's other unpickling path (non-tensor values) is never taken."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _load_sharded(path: Path, manifest: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Verify every file of the sharded state on every rank, agree, then load it (a collective: DCP reads the
+    pieces this rank's shards need, whatever world size wrote them).
+
+    Raises:
+        ValueError: a file of the state is missing or corrupted (on every rank: named by the rank that found
+            it), or the state does not fit this model/optimizer.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    error = None
+    try:
+        names = [n for n in manifest["files"] if n.startswith(f"{SHARDED_STATE}/")]
+        if not any(n.endswith("/.metadata") for n in names):
+            raise ValueError(f"--resume: {path / SHARDED_STATE} has no .metadata in the manifest; it is not a "
+                             "complete sharded checkpoint")
+        for name in names:  # every rank may read any file after resharding, so every rank checks them all
+            _verified(path, name, manifest)
+        settings = _load(_verified(path, "optim_settings.pt", manifest))
+    except ValueError as err:
+        error = err
+    agree(f"resume from {path}: verify the sharded state", error)
+    tensors, current_settings = _sharded_state(model, optimizer)
+    try:
+        dcp.load(tensors, storage_reader=_safe_reader(path / SHARDED_STATE))
+    except Exception as err:  # DCP wraps a rank's failure in CheckpointException on every rank
+        raise ValueError(f"--resume: {path} does not fit this model/optimizer ({str(err)[:300]}); resume with the "
+                         "--model it was written with") from err
+    # JSON-like values come back as saved; tuples (betas) were stored as tuples by torch.save
+    optim_state = {**current_settings, **settings}
+    optim_state.update({k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")})
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
 def derived_seed(seed: int, step: int, rank: int) -> int:
     """Seed of a rank that has no RNG state in the checkpoint (the world grew): a function of the run's seed,
     the step and the rank only, so a rerun gets the same."""
@@ -571,25 +711,30 @@ def derived_seed(seed: int, step: int, rank: int) -> int:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> dict:
-    """Load checkpoint ``path`` (every rank; no collective) and return its manifest.
+    """Load checkpoint ``path`` (every rank) and return its manifest.
 
     Every file is checked against the manifest's sha256 and loaded with ``weights_only=True``. The checkpoint may
-    come from another world size: weights, optimizer and data position are global; a rank without an RNG state
-    in it gets ``derived_seed(seed, step, rank)``.
+    come from another world size: weights, optimizer and data position are global (a sharded checkpoint is
+    resharded by DCP: a collective, entered only after every rank verified the files); a rank without an RNG
+    state in it gets ``derived_seed(seed, step, rank)``. A sharded checkpoint loads into an FSDP2-sharded model,
+    a replicated one into a replicated model.
 
     Raises:
         ValueError: no manifest, a missing or corrupted file (named), or a file that is not plain tensors.
     """
     rank, _ = _rank_and_world()
     manifest = read_manifest(path)
-    model_state = _load(_verified(path, "model.pt", manifest))
-    optim_state = _load(_verified(path, "optim.pt", manifest))
-    try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"--resume: {path} does not fit this model/optimizer ({str(err)[:300]}); resume with the "
-                         "--model it was written with") from err
+    if manifest.get("sharded", False):
+        _load_sharded(path, manifest, model, optimizer)
+    else:
+        model_state = _load(_verified(path, "model.pt", manifest))
+        optim_state = _load(_verified(path, "optim.pt", manifest))
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"--resume: {path} does not fit this model/optimizer ({str(err)[:300]}); resume with "
+                             "the --model it was written with") from err
     rng_name = f"rng_rank{rank}.pt"
     if rng_name in manifest["files"]:
         rng = _load(_verified(path, rng_name, manifest))

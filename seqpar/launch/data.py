@@ -227,3 +227,24 @@ def make_source(data: str, *, vocab: int, tokens_per_step: int, max_len: int, se
             raise ValueError(f"--data-dtype: only for .bin token files, not synthetic data {data!r}")
         return SyntheticTokens(data, vocab=vocab, tokens_per_step=tokens_per_step, max_len=max_len, seed=seed)
     return TokenFile(data, vocab=vocab, tokens_per_step=tokens_per_step, max_len=max_len, seed=seed, dtype=dtype)
+
+
+def replica_batch(batch: list["torch.Tensor"], *, replica: int, replicas: int) -> list["torch.Tensor"]:
+    """Data-parallel replica ``replica``'s part of a step's global ``batch`` (``seqpar-train --dp``).
+
+    Every replica splits the same global batch the same way, so each gets its own sequences, deterministically,
+    and the step's data (and its global token-mean loss) is the same whatever ``--dp`` is: a run resumes on
+    another mesh with the same data position. Sequences go longest first to the replica with the fewest tokens
+    so far (ties: the lowest replica), which balances tokens; within a replica they keep the step's order.
+
+    Raises:
+        ValueError: the step has fewer sequences than replicas (one would have nothing to train on).
+    """
+    if len(batch) < replicas:
+        raise ValueError(f"--dp: the step has {len(batch)} sequences for {replicas} data-parallel replicas; raise "
+                         "--tokens-per-step, lower --max-len (more, shorter sequences per step) or lower --dp")
+    tokens, owner = [0] * replicas, [0] * len(batch)
+    for i in sorted(range(len(batch)), key=lambda i: (-int(batch[i].numel()), i)):
+        owner[i] = min(range(replicas), key=lambda r: (tokens[r], r))
+        tokens[owner[i]] += int(batch[i].numel())
+    return [t for t, r in zip(batch, owner) if r == replica]

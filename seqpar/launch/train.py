@@ -4,10 +4,17 @@
         --steps 20 --tokens-per-step 8192 --metrics run/metrics.jsonl --checkpoint-dir run/ckpt
 
 Every rank builds the same model (seeded) and reads the same global batch each step; ``seqpar.parallelize``
-shards it. nccl on CUDA, gloo otherwise. Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and
-appends one JSON line per step to ``--metrics``. Checkpoints (``seqpar.launch.checkpoint``: model, optimizer,
-step, data position, RNG; sha256-verified, pickle-free) are written to a temporary directory and renamed when
-complete, so a run killed mid-write resumes from the last complete one; ``--resume`` continues the exact run.
+shards it (``--dp N``: N data-parallel replicas, each training on its own part of the step's batch, on a
+("dp", "sp") mesh). ``--fsdp`` (meant to be the default with more than one rank) shards weights, gradients and
+optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomputes each decoder layer in backward;
+``--micro-batch-tokens N`` runs a step as micro-batches of at most N tokens per rank, accumulating gradients.
+"cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
+Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
+``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
+Checkpoints (``seqpar.launch.checkpoint``: model, optimizer, step, data position, RNG; sha256-verified,
+pickle-free; sharded with ``torch.distributed.checkpoint`` under ``--fsdp``) are written to a temporary
+directory and renamed when complete, so a run killed mid-write resumes from the last complete one;
+``--resume`` continues the exact run, also on another world size. The last step is always saved.
 
 Safety rails: options, the token file and the checkpoint directory are checked on every rank before any
 collective; rank 0 holds a lock on the checkpoint directory for the run; a non-finite loss or gradient stops
@@ -35,6 +42,10 @@ DATA_KINDS = ("fixed", "uniform", "longtail")
 # Optimizer settings that the command line may change on resume; None in the parsed options means "not given":
 # a fresh run then uses the default, a resumed one keeps the checkpoint's value.
 OPTIMIZER_DEFAULTS = {"lr": 3e-3, "weight_decay": 0.0}
+# Whether --fsdp is on by default with more than one rank (why it should be: ``resolve_fsdp``). Off until
+# ``parallelize`` composes with ``fully_shard`` (branch ``fsdp``): today it swaps the root's parameters, so
+# training runs but the sharded state no longer matches the optimizer's. Turn on when that branch is merged.
+FSDP_BY_DEFAULT = False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "the checkpoint's unless given)")
     p.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is not "
                    "finite (no optimizer step on them) before stopping with an error")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="shard weights, gradients "
+                   "and optimizer state over all ranks with FSDP2 (fully_shard per decoder layer and the root, "
+                   "before parallelize); checkpoints are then sharded (DCP). Default: on with more than one rank "
+                   "once seqpar.launch.train.FSDP_BY_DEFAULT is set")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in "
+                   "backward instead of storing its activations (HF gradient checkpointing, non-reentrant)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas: a (dp, sp) mesh of N replicas of "
+                   "world/N SP ranks; each trains on its own part of every step's batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="run each step as micro-batches of at most "
+                   "N tokens per rank (prepare's max_tokens_per_rank), accumulating gradients")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", type=Path, default=None)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end; "
@@ -73,10 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Every rank checks the options before any collective, so a typo fails everywhere at once."""
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_fsdp(args: argparse.Namespace, *, world_size: int) -> bool:
+    """``--fsdp`` / ``--no-fsdp`` as given; by default on with more than one rank (once ``FSDP_BY_DEFAULT``).
+
+    Why on: SP shards activations, not weights, so without FSDP every rank holds all weights, gradients and
+    AdamW moments (16 bytes per parameter in fp32: 112 GB for a 7B model, beyond one GPU); FSDP2 divides them
+    by the world size, for about 1.5x the gradient all-reduce's bytes (weights all-gathered per layer), which at
+    long context is small beside the attention's KV traffic. Checkpoints are then written by every rank in
+    parallel. One rank has nothing to shard over."""
+    return args.fsdp if args.fsdp is not None else FSDP_BY_DEFAULT and world_size > 1
+
+
+def validate_args(args: argparse.Namespace, *, world_size: int | None = None) -> None:
+    """Every rank checks the options before any collective, so a typo fails everywhere at once.
+    ``world_size``: default the initialised world's (or ``WORLD_SIZE``)."""
     from seqpar import strategies
 
+    world_size = _world_size() if world_size is None else world_size
     softmax_choices = strategies.names("softmax") + ("auto",)
     linear_choices = strategies.names("linear")
     if args.model not in BUILTIN_MODELS and not Path(args.model).is_file():
@@ -109,6 +149,13 @@ def validate_args(args: argparse.Namespace) -> None:
         _integer_dtype(args.data_dtype)
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume: needs --checkpoint-dir")
+    if args.dp < 1:
+        raise ValueError(f"--dp: must be >= 1, got {args.dp}")
+    if world_size % args.dp:
+        raise ValueError(f"--dp: {args.dp} does not divide the world size {world_size}; pass a divisor (each "
+                         "replica gets world/dp SP ranks)")
+    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
+        raise ValueError(f"--micro-batch-tokens: must be >= 1 tokens per rank, got {args.micro_batch_tokens}")
 
 
 def build_model(name: str, seed: int) -> torch.nn.Module:
@@ -221,26 +268,100 @@ def _optimizer_overrides(args: argparse.Namespace, optimizer) -> dict:
     return changes
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: the modules of the classes transformers lists in ``_no_split_modules``.
+
+    Raises:
+        ValueError: the model names none (not a transformers model with decoder layers).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (transformers lists "
+                         "them in _no_split_modules); pass --no-fsdp")
+    return layers
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 over all ranks: ``fully_shard`` on each decoder layer, then the root (ZeRO-3; the SP groups run
+    inside). Done before ``parallelize``, as its API asks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global gradient norm (a tensor on the gradients' device): FSDP2 gradients are DTensor shards, whose
+    norm is reduced over the ranks by ``full_tensor``."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _drop_metrics_after(metrics: Path, step: int) -> int:
+    """Remove the lines of steps after ``step`` (logged after the checkpoint a run resumes from, e.g. before a
+    crash), so the resumed run does not log them twice; atomic replace. Returns how many were dropped."""
+    if not metrics.is_file():
+        return 0
+    def logged_step(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0  # not a step record (a torn last line, a note): kept as it is
+
+    lines = metrics.read_text().splitlines()
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+    return len(lines) - len(kept)
+
+
 def _train(args: argparse.Namespace, model, source, device: torch.device) -> list[dict]:
     import seqpar
     from seqpar.collectives import count_comm
     from seqpar.launch import checkpoint
+    from seqpar.launch.data import replica_batch
 
-    rank = dist.get_rank()
-    sp_model = seqpar.parallelize(model, strategy=args.strategy, linear_strategy=args.linear_strategy)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fsdp = resolve_fsdp(args, world_size=world)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        shard_model(model, device)
+    parallel_options = {}
+    replica = 0
+    if args.dp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (args.dp, world // args.dp), mesh_dim_names=("dp", "sp"))
+        parallel_options["mesh"] = mesh
+        replica = mesh.get_local_rank("dp")
+    sp_model = seqpar.parallelize(model, strategy=args.strategy, linear_strategy=args.linear_strategy,
+                                  **parallel_options)
+    prepare_options = {} if args.micro_batch_tokens is None else {"max_tokens_per_rank": args.micro_batch_tokens}
     settings = {name: default if getattr(args, name) is None else getattr(args, name)
                 for name, default in OPTIMIZER_DEFAULTS.items()}
     optimizer = torch.optim.AdamW(model.parameters(), **settings)
 
     start_step, overrides = 0, {}
     if args.resume:
-        error = None
+        error, dropped = None, 0
         try:
             start_step = _resume(args, model, optimizer, source)
+            if rank == 0 and args.metrics is not None:  # before the agreement: a failure here stops every rank
+                dropped = _drop_metrics_after(args.metrics, start_step)
         except (ValueError, OSError) as err:
             error = err
         checkpoint.agree("start: resume from the latest checkpoint", error)
         overrides = _optimizer_overrides(args, optimizer) if start_step else {}
+        if dropped:
+            print(f"seqpar-train: dropped {dropped} line(s) of {args.metrics} logged after step {start_step} (the "
+                  "checkpoint resumed from); those steps run again")
         if overrides and rank == 0:
             changed = ", ".join(f"--{k.replace('_', '-')} {new} (the checkpoint had {old})"
                                 for k, (old, new) in overrides.items())
@@ -248,7 +369,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
 
     def save(step: int) -> None:
         checkpoint.save_checkpoint(args.checkpoint_dir, step, model=model, optimizer=optimizer,
-                                   data_state=source.state(), keep_last=args.keep_last)
+                                   data_state=source.state(), keep_last=args.keep_last, sharded=fsdp)
 
     progress = None
     if rank == 0 and not args.no_progress:
@@ -258,15 +379,25 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
     history, skipped, saved = [], 0, start_step
     for step in range(start_step, args.steps):
         batch = [t.to(device) for t in source.next_batch()]
+        mine = batch if args.dp == 1 else replica_batch(batch, replica=replica, replicas=args.dp)
         start = time.perf_counter()
         with count_comm() as stats:
-            local = sp_model.prepare(batch)
-            out = sp_model(**local)
-            out.loss.backward()
-            sp_model.sync_gradients()
-        # The loss and the synchronised gradients are the same on every rank, so every rank decides alike.
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-        finite = math.isfinite(out.loss.item()) and math.isfinite(grad_norm)
+            prepared = sp_model.prepare(mine, **prepare_options)
+            # with a token budget, prepare gives a list of micro-batches, each normalised by the whole step's
+            # tokens: their losses add up to the step's and their gradients accumulate to its gradient
+            micro_batches = prepared if isinstance(prepared, list) else [prepared]
+            step_loss = 0.0
+            for local in micro_batches:
+                out = sp_model(**local)
+                out.loss.backward()
+                step_loss = step_loss + out.loss.detach()
+            if not fsdp:  # FSDP2 reduces the gradients in backward
+                sp_model.sync_gradients()
+        # The one host sync of the step (the log and the finiteness decision need both numbers); the loss (the
+        # global token mean) and the reduced gradient norm are the same on every rank, so every rank decides alike.
+        norm = _grad_norm(model).float().to(step_loss.device)
+        loss_value, grad_norm = torch.stack([step_loss.float(), norm]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
         else:
@@ -274,7 +405,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         record = {
-            "step": step + 1, "loss": out.loss.item(), "tokens": sum(int(t.numel()) for t in batch),
+            "step": step + 1, "loss": loss_value, "tokens": sum(int(t.numel()) for t in batch),
             "sequences": len(batch), "seconds": elapsed, "bytes_sent_rank": stats.bytes_sent,
             "plan": _plan_summary(out), "peak_memory_bytes": _peak_memory_bytes(device),
         }
@@ -367,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.collectives import comm
     from seqpar.launch.checkpoint import CheckpointError, agree
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL for the tensors on the GPU (the SP ops, FSDP, the loss totals), gloo for the few that must stay on the
+    # host (the checkpoint agreement's messages): both on one group, each tensor takes its device's backend
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

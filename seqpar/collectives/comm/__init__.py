@@ -10,6 +10,8 @@
 * ``agreement``: the cross-rank check every SP op runs before its first transfer (on by default;
   ``agreement_checks(False)`` / ``SEQPAR_CHECK_AGREEMENT=0`` turn it off);
 * ``autograd``: differentiable all-gather and all-to-all;
+* ``devices``: ``required_device(group)`` (CUDA for NCCL groups, CPU for gloo) and ``device_audit()``, the test
+  mode that checks the device of every tensor handed to torch.distributed;
 * ``tags``: the table of every point-to-point message tag in seqpar.
 
 Everything public is re-exported here: ``from seqpar.collectives import comm; comm.ring_exchange(...)``.
@@ -29,6 +31,13 @@ from seqpar.collectives.comm.agreement import (
 from seqpar.collectives.comm.autograd import (
     all_gather_differentiable,
     all_to_all_differentiable,
+)
+from seqpar.collectives.comm.devices import (
+    DeviceAudit,
+    DeviceMismatchError,
+    device_audit,
+    required_device,
+    set_required_device,
 )
 from seqpar.collectives.comm.emulation import LinkEmulation, set_link_emulation
 from seqpar.collectives.comm.transport import (
@@ -55,6 +64,8 @@ TAG_P2P = tags.P2P
 
 __all__ = [
     "CommStats",
+    "DeviceAudit",
+    "DeviceMismatchError",
     "LinkEmulation",
     "PendingTransfer",
     "agreement_checks",
@@ -71,14 +82,17 @@ __all__ = [
     "consistency_checks_enabled",
     "count_comm",
     "default_timeout",
+    "device_audit",
     "exchange",
     "group_info",
     "recv",
     "reduce_scatter",
+    "required_device",
     "ring_exchange",
     "ring_exchange_bidirectional",
     "send",
     "set_consistency_checks",
+    "set_required_device",
     "set_link_emulation",
     "tags",
     "tensor_digest",

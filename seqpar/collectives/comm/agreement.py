@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from seqpar.collectives.comm.devices import required_device
 from seqpar.collectives.comm.transport import gather_uncounted, group_info
 
 __all__ = [
@@ -103,13 +104,6 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()
 
 
-def _metadata_device(group: dist.ProcessGroup) -> torch.device:
-    """nccl-only groups carry CUDA tensors only; everything else (gloo, "cpu:gloo,cuda:nccl") takes CPU ones."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def check_agreement(
     what: str,
     fields: Mapping[str, object],
@@ -171,7 +165,7 @@ def _compare(
     device_contents = device_contents or {}
     text = "\n".join(f"{name}={value}" for name, value in entries).encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
-    device = _metadata_device(group)
+    device = required_device(group)  # CUDA on NCCL; reading the gathered record back is this check's host sync
     # the debug level travels along, so that every rank takes the second all-gather if any rank asks for it
     # a fixed-size record whatever the call passed (a size mismatch must never reach the collective): the device
     # contents' hashes are folded into one slot, 0 without any

@@ -29,6 +29,8 @@ from seqpar import tracing
 from seqpar.collectives.comm import tags
 from seqpar.collectives.comm.accounting import nbytes as _nbytes
 from seqpar.collectives.comm.accounting import record as _record
+from seqpar.collectives.comm.devices import audit as _audit_devices
+from seqpar.collectives.comm.devices import required_device
 from seqpar.collectives.comm.emulation import emulated_finish as _emulated_finish
 
 __all__ = [
@@ -192,7 +194,7 @@ def exchange(
             ``(shape, dtype)`` to allocate on ``device``.
         group: the process group ``dst`` / ``src`` are ranks of (default: the world).
         device: where ``(shape, dtype)`` receive buffers are allocated (default: the device of the first send,
-            else the CPU).
+            else ``required_device()`` of the world, whose connections carry the messages).
         describe: how errors name this exchange (default: the ranks it talks to).
 
     Posted in an order that pairs up on every rank (even ranks send first, odd ranks receive first), so any
@@ -209,7 +211,7 @@ def exchange(
     """
     group, rank, size = group_info(group)
     if device is None:
-        device = sends[0][0].device if sends else "cpu"
+        device = sends[0][0].device if sends else required_device(dist.group.WORLD)
     buffers = [
         buf if isinstance(buf, torch.Tensor) else torch.empty(tuple(buf[0]), dtype=buf[1], device=device)
         for buf, _, _ in recvs
@@ -244,6 +246,9 @@ def _post(
                         f"{[r[1] for r in recvs]})")
     sends = [(tensor.contiguous(), global_rank(group, dst), tag, direction) for tensor, dst, tag, direction in sends]
     recvs = [(buf, global_rank(group, src), tag) for buf, src, tag in recvs]
+    # messages travel on the world's connections (addressed by global rank), so the world's backend decides
+    _audit_devices(describe, dist.group.WORLD, [(f"send to global rank {dst}", t) for t, dst, _, _ in sends]
+                   + [(f"receive from global rank {src}", buf) for buf, src, _ in recvs])
     works = []
 
     def post_sends() -> None:
@@ -354,6 +359,7 @@ def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = 
     group, rank, size = group_info(group)
     tensor = tensor.contiguous()
     flat = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    _audit_devices(f"all_gather on rank {rank}", group, [("input", tensor), ("output", flat)])
     nbytes = _nbytes(tensor) * (size - 1)
     _record("all_gather", nbytes)
     work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
@@ -371,6 +377,7 @@ def gather_uncounted(tensor: torch.Tensor, *, group: dist.ProcessGroup, describe
     traced or emulated, so that the byte counts and schedules of the SP ops stay exactly their algorithms'."""
     size = dist.get_world_size(group)
     flat = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    _audit_devices(describe, group, [("input", tensor), ("output", flat)])
     work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
     timeout = default_timeout()
     try:
@@ -398,6 +405,7 @@ def all_to_all(
     # gloo's list all_to_all wants equal sizes: send one flat buffer with per-rank splits instead.
     send_buf = torch.cat([t.reshape(-1) for t in inputs])
     recv_buf = send_buf.new_empty(sum(s.numel() for s in shapes))
+    _audit_devices(f"all_to_all on rank {rank}", group, [("input", send_buf), ("output", recv_buf)])
     nbytes = sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank)
     _record("all_to_all", nbytes)
     work = dist.all_to_all_single(
@@ -415,6 +423,7 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
         raise ValueError(f"tensor: dim 0 ({tensor.shape[0]}) must be divisible by the group size {size}")
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] // size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _audit_devices(f"reduce_scatter on rank {rank}", group, [("input", tensor), ("output", out)])
     nbytes = _nbytes(tensor) * (size - 1) // size
     _record("reduce_scatter", nbytes)
     work = _reduce_scatter_single(out, tensor, group=group, async_op=True)
@@ -424,6 +433,7 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
 def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place and return it."""
     group, rank, size = group_info(group)
+    _audit_devices(f"all_reduce on rank {rank}", group, [("input", tensor)])
     nbytes = 2 * _nbytes(tensor) * (size - 1) // size
     _record("all_reduce", nbytes)
     work = dist.all_reduce(tensor, group=group, async_op=True)
@@ -432,15 +442,24 @@ def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) 
 
 def broadcast_bytes(payload: bytes | None, *, src: int = 0, group: dist.ProcessGroup | None = None) -> bytes:
     """Broadcast a byte string from group rank ``src`` (its length first, then the bytes); returns it on every
-    rank. Counted as ``broadcast`` with the payload's size on the source rank."""
+    rank. Counted as ``broadcast`` with the payload's size on the source rank. Both messages travel on
+    ``required_device(group)`` (CUDA for NCCL); the receivers read the length on the host to size the buffer,
+    which is the one host sync a variable-size broadcast needs."""
     group, rank, _ = group_info(group)
     if rank == src and payload is None:
         raise ValueError("payload: the source rank must pass the bytes to broadcast")
     root = global_rank(group, src)
-    length = torch.tensor([len(payload) if rank == src else 0], dtype=torch.int64)
-    PendingTransfer([dist.broadcast(length, root, group=group, async_op=True)], None, f"broadcast on rank {rank}").wait()
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if rank == src else torch.empty(int(length), dtype=torch.uint8)
+    device = required_device(group)
+    describe = f"broadcast on rank {rank}"
+    length = torch.tensor([len(payload) if rank == src else 0], dtype=torch.int64, device=device)
+    _audit_devices(describe, group, [("length", length)])
+    PendingTransfer([dist.broadcast(length, root, group=group, async_op=True)], None, describe).wait()
+    if rank == src:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     if rank == src:
         _record("broadcast", 8 + len(payload))
-    PendingTransfer([dist.broadcast(data, root, group=group, async_op=True)], None, f"broadcast on rank {rank}").wait()
-    return bytes(data.numpy().tobytes())
+    _audit_devices(describe, group, [("payload", data)])
+    PendingTransfer([dist.broadcast(data, root, group=group, async_op=True)], None, describe).wait()
+    return bytes(data.cpu().numpy().tobytes())
