@@ -270,12 +270,8 @@ class _GradientSync:
             flat = params[0].grad  # a lone (large) gradient is reduced in place: no copy
         else:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-        _, rank, size = comm.group_info(group)
-        comm._record("all_reduce", 2 * flat.numel() * flat.element_size() * (size - 1) // size)
-        work = dist.all_reduce(flat, group=group, async_op=True)
         self.started[bucket] = True
-        self.in_flight.append((bucket, comm.PendingTransfer([work], None, f"gradient all_reduce on rank {rank}"),
-                               flat))
+        self.in_flight.append((bucket, comm.all_reduce_async(flat, group=group), flat))
 
     def _wait_oldest(self) -> None:
         bucket, pending, flat = self.in_flight.pop(0)

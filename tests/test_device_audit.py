@@ -180,8 +180,6 @@ def audited_training_step(strategy: str) -> dict:
             "devices": {device for _, _, device in audit.calls}}
 
 
-@pytest.mark.xfail(reason="needs the fsdp branch (the wrapper's loss totals and plan broadcast create tensors "
-                          "without a device)", strict=False)
 @pytest.mark.parametrize("strategy", ["ring", "auto"])
 def test_a_whole_parallelize_training_step_uses_the_required_device(strategy):
     pytest.importorskip("transformers")

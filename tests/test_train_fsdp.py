@@ -166,7 +166,6 @@ def run_train(argv):
     return [h["loss"] for h in train_mod.train(args)]
 
 
-@pytest.mark.xfail(reason="needs the fsdp branch", strict=False)
 def test_10_steps_on_4_ranks_equal_5_on_2_and_5_more_on_4_with_fsdp_and_checkpointing(tmp_path):
     argv = BASE + ["--fsdp", "--activation-checkpointing"]
     straight = run_distributed(run_train, 4, argv + ["--steps", "10"])[0]
@@ -211,7 +210,6 @@ def test_fsdp_can_be_turned_on_and_off():
     assert train_mod.resolve_fsdp(parse(BASE + ["--fsdp"]), world_size=1) is True
 
 
-@pytest.mark.xfail(reason="needs the fsdp branch (then set train.FSDP_BY_DEFAULT = True)", strict=False)
 def test_fsdp_is_on_by_default_on_more_than_one_rank_and_can_be_turned_off():
     parse = train_mod.build_parser().parse_args
     assert train_mod.resolve_fsdp(parse(BASE), world_size=1) is False
@@ -237,7 +235,6 @@ def test_each_data_parallel_replica_gets_its_own_balanced_part_of_the_step():
         replica_batch(batch[:1], replica=0, replicas=2)
 
 
-@pytest.mark.xfail(reason="needs the fsdp branch (parallelize's mesh and prepare's max_tokens_per_rank)", strict=False)
 def test_data_parallel_replicas_and_micro_batches_train_the_same_steps():
     # every replica takes its own part of the same global batch and the loss is the global token mean, so the
     # (dp, sp) layout and the micro-batch split change nothing but rounding

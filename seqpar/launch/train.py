@@ -42,10 +42,8 @@ DATA_KINDS = ("fixed", "uniform", "longtail")
 # Optimizer settings that the command line may change on resume; None in the parsed options means "not given":
 # a fresh run then uses the default, a resumed one keeps the checkpoint's value.
 OPTIMIZER_DEFAULTS = {"lr": 3e-3, "weight_decay": 0.0}
-# Whether --fsdp is on by default with more than one rank (why it should be: ``resolve_fsdp``). Off until
-# ``parallelize`` composes with ``fully_shard`` (branch ``fsdp``): today it swaps the root's parameters, so
-# training runs but the sharded state no longer matches the optimizer's. Turn on when that branch is merged.
-FSDP_BY_DEFAULT = False
+# Whether --fsdp is on by default with more than one rank (why it is: ``resolve_fsdp``).
+FSDP_BY_DEFAULT = True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "finite (no optimizer step on them) before stopping with an error")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="shard weights, gradients "
                    "and optimizer state over all ranks with FSDP2 (fully_shard per decoder layer and the root, "
-                   "before parallelize); checkpoints are then sharded (DCP). Default: on with more than one rank "
-                   "once seqpar.launch.train.FSDP_BY_DEFAULT is set")
+                   "before parallelize); checkpoints are then sharded (DCP). Default: on with more than one rank")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in "
                    "backward instead of storing its activations (HF gradient checkpointing, non-reentrant)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas: a (dp, sp) mesh of N replicas of "
@@ -101,7 +98,7 @@ def _world_size() -> int:
 
 
 def resolve_fsdp(args: argparse.Namespace, *, world_size: int) -> bool:
-    """``--fsdp`` / ``--no-fsdp`` as given; by default on with more than one rank (once ``FSDP_BY_DEFAULT``).
+    """``--fsdp`` / ``--no-fsdp`` as given; by default on with more than one rank (``FSDP_BY_DEFAULT``).
 
     Why on: SP shards activations, not weights, so without FSDP every rank holds all weights, gradients and
     AdamW moments (16 bytes per parameter in fp32: 112 GB for a 7B model, beyond one GPU); FSDP2 divides them

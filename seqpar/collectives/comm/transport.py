@@ -38,6 +38,7 @@ __all__ = [
     "all_gather",
     "all_gather_async",
     "all_reduce",
+    "all_reduce_async",
     "all_to_all",
     "broadcast_bytes",
     "default_timeout",
@@ -430,14 +431,19 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
     return PendingTransfer([work], out, f"reduce_scatter on rank {rank}", _emulated_finish("collective", nbytes)).wait()
 
 
-def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place and return it."""
+def all_reduce_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> PendingTransfer:
+    """Start summing ``tensor`` over ranks in place; ``.wait()`` returns it (gradient buckets overlap this way)."""
     group, rank, size = group_info(group)
     _audit_devices(f"all_reduce on rank {rank}", group, [("input", tensor)])
     nbytes = 2 * _nbytes(tensor) * (size - 1) // size
     _record("all_reduce", nbytes)
     work = dist.all_reduce(tensor, group=group, async_op=True)
-    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}", _emulated_finish("collective", nbytes)).wait()
+    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}", _emulated_finish("collective", nbytes))
+
+
+def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place and return it."""
+    return all_reduce_async(tensor, group=group).wait()
 
 
 def broadcast_bytes(payload: bytes | None, *, src: int = 0, group: dist.ProcessGroup | None = None) -> bytes:
