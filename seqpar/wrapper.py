@@ -321,6 +321,9 @@ def _sum_gradients_in_fsdp(model: torch.nn.Module, reduce_group: dist.ProcessGro
                     "all of those ranks (the default mesh, or the whole dp x sp mesh flattened)"
                 )
         module.set_gradient_divide_factor(1.0)
+        # a factor of 1 in float32/bf16 otherwise becomes ReduceOp.PREMUL_SUM(1.0), which gloo refuses; a plain SUM
+        # (then a division by 1) runs on every backend
+        module.set_force_sum_reduction_for_comms(True)
         module._seqpar_sums_gradients = True
 
 

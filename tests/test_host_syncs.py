@@ -26,6 +26,10 @@ JUSTIFIED = {
     # sequence with Python ints and test for equal lengths to batch them
     ("attention.py", "_as_batch"): "kernel: equal-length test of cu_seqlens to run packed sequences as a batch",
     ("attention.py", "_pairs"): "kernel: per-sequence slice bounds from cu_seqlens",
+    # the cross-rank agreement check (on by default, issue 14) must decide on the host whether to raise before the
+    # op's first transfer: it reads its gathered 32-byte record, once per SP op call (SEQPAR_CHECK_AGREEMENT=0
+    # or parallelize(check_consistency=False) removes it)
+    ("agreement.py", "_compare"): "agreement check: the gathered record, once per SP op call",
     # transformers' masking_utils looks for packed sequences in position_ids (its own dynamic control flow)
     ("masking_utils.py", "find_packed_sequence_indices"): "transformers: packed-sequence detection",
 }

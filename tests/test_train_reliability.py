@@ -102,7 +102,8 @@ def test_a_nonfinite_loss_stops_training_before_the_optimizer_step(tmp_path):
 
 def test_skip_nonfinite_skips_the_optimizer_step(tmp_path):
     ckpt = tmp_path / "ckpt"
-    argv = BASE + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--skip-nonfinite", "1"]
+    # --no-fsdp: the test reads the optimizer's step count from the unsharded checkpoint file
+    argv = BASE + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--skip-nonfinite", "1", "--no-fsdp"]
     results = run_distributed(nan_on_calls, 2, argv, {2})
     for kind, losses in results:
         assert kind == "ok" and np.isnan(losses[1]) and np.isfinite([losses[0], *losses[2:]]).all(), losses
@@ -117,7 +118,8 @@ def test_skip_nonfinite_skips_the_optimizer_step(tmp_path):
 def test_a_huge_learning_rate_ends_in_an_error_and_no_nonfinite_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     argv = BASE + ["--steps", "8", "--lr", "1e4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1",
-                   "--keep-last", "0"]  # the attack, in process; the command's exit code is tested below
+                   "--keep-last", "0", "--no-fsdp"]  # the attack, in process (--no-fsdp: the test reads
+    # the unsharded weight file); the command's exit code is tested below
     for kind, message in run_distributed(outcome, 2, argv):  # the gradient overflows at step 2
         assert kind == "NonFiniteLossError" and "gradient norm nan" in message, message
         assert message.startswith("step 2:") and "last checkpoint: step_1" in message, message
@@ -129,7 +131,8 @@ def test_a_huge_learning_rate_ends_in_an_error_and_no_nonfinite_checkpoint(tmp_p
 
 def test_optimizer_settings_given_on_resume_win_and_are_logged(tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    argv = BASE + ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--keep-last", "2"]
+    # --no-fsdp: the test reads the stored settings from the unsharded optimizer file
+    argv = BASE + ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--keep-last", "2", "--no-fsdp"]
     run_distributed(run_train, 2, argv + ["--steps", "2"])  # --lr 1e-2 (in BASE)
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_1", "step_2"]
     resume = [a for a in argv if a not in ("--lr", "1e-2")] + ["--resume", "--metrics", str(metrics)]

@@ -137,11 +137,11 @@ def pack_sequences(
         pad = (-seq.numel()) % multiple
         ids.append(F.pad(seq, (0, pad)))
         labs.append(F.pad(lab, (0, pad), value=IGNORE_INDEX))
-        pos.append(torch.arange(seq.numel() + pad))
+        pos.append(torch.arange(seq.numel() + pad, device=device))
         bounds.append(bounds[-1] + seq.numel() + pad)
-    cu = torch.tensor(bounds, dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cpu")  # host-side index math: built from Python ints
     index = shard_indices(bounds[-1], size, rank, layout=layout, cu_seqlens=cu).to(device)
     step.cu_seqlens = (cu // size).to(device=device, dtype=torch.int32)
     step.max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:])) // size  # the hint every layer gets
-    return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos).to(device)[index][None],
+    return {"input_ids": torch.cat(ids)[index][None], "position_ids": torch.cat(pos)[index][None],
             "labels": torch.cat(labs)[index][None], "seqpar_step": step}

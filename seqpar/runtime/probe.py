@@ -134,7 +134,11 @@ def verify_model(
 
 @contextlib.contextmanager
 def _probing(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no autograd, forked RNG; every module's train/eval flag restored afterwards."""
+    """Eval mode, no autograd, forked RNG; every module's train/eval flag restored afterwards, and FSDP2 modules
+    resharded: FSDP's root keeps its unsharded parameters after a forward that no backward follows, and an
+    optimizer built from ``model.parameters()`` afterwards would hold those instead of the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
     modes = [(m, m.training) for m in model.modules()]
     devices = [device] if device.type == "cuda" else []
     try:
@@ -144,6 +148,9 @@ def _probing(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
