@@ -1,13 +1,15 @@
-"""Shared test setup: the distributed harness lives in harness.py; its pools close at session end."""
+"""Shared test setup: the distributed harness lives in harness.py; its pools close at session end.
+
+``tests`` is a package (imported as ``tests.<module>`` from the repository root), so test modules, their
+helpers and the functions the rank processes run import the same way everywhere, with no path changes.
+"""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 # The Triton interpreter runs Triton kernels on the CPU; set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from harness import shutdown_pools  # noqa: E402
+from tests.harness import shutdown_pools  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from checks import rel_err
+from tests.checks import rel_err
 from seqpar.collectives.lasp2 import lasp2_linear_attention
 from seqpar.collectives.zeco import zeco_linear_attention
 from seqpar.kernels.reference import reference_linear_attention

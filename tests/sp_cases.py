@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from checks import rel_err
+from tests.checks import rel_err
 
 import seqpar.collectives as collectives
 from seqpar.collectives import count_comm

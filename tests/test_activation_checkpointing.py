@@ -6,9 +6,9 @@ forward's communication exactly once."""
 
 import pytest
 import torch
-from checks import rel_err
-from harness import run_distributed
-from test_parallelize import TinyGPT, reference_loss_and_grads, tiny_llama
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import TinyGPT, reference_loss_and_grads, tiny_llama
 from torch.utils.checkpoint import checkpoint
 
 import seqpar

@@ -13,9 +13,9 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_distributed
-from sp_cases import check_against_reference
-from test_lasp2 import GRAD_TOL, OUT_TOL, make_inputs, reference, run_case
+from tests.harness import run_distributed
+from tests.sp_cases import check_against_reference
+from tests.test_lasp2 import GRAD_TOL, OUT_TOL, make_inputs, reference, run_case
 
 from seqpar import collectives
 from seqpar.collectives import comm, count_comm

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_distributed
+from tests.harness import run_distributed
 from seqpar.collectives import comm
 from seqpar.collectives.scan import all_scan
 from seqpar.tracing import trace_events

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from checks import rel_err
+from tests.checks import rel_err
 
 from seqpar.kernels.attention import attention_block, get_attention_backend
 from seqpar.kernels.linear import get_linear_backend, linear_attention_chunk

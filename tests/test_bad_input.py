@@ -6,7 +6,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from harness import run_distributed
+from tests.harness import run_distributed
 
 import seqpar
 from seqpar.collectives import count_comm

@@ -18,8 +18,8 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
+from tests.checks import rel_err
+from tests.harness import run_distributed
 
 from seqpar import strategies
 from seqpar.collectives import comm

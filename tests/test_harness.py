@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import RankError, RankTimeout, run_distributed
+from tests.harness import RankError, RankTimeout, run_distributed
 
 
 def rank_and_sum(offset):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from harness import run_distributed
-from test_parallelize import tiny_llama
+from tests.harness import run_distributed
+from tests.test_parallelize import tiny_llama
 
 import seqpar
 

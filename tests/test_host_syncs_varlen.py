@@ -32,11 +32,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
+from tests.checks import rel_err
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from harness import run_distributed
+from tests.harness import run_distributed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 

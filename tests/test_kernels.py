@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from checks import rel_err
+from tests.checks import rel_err
 
 from seqpar.collectives.layout import validate_cu_seqlens as layout_validate_cu_seqlens
 from seqpar.kernels.attention import (

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from checks import rel_err
-from harness import run_distributed
+from tests.checks import rel_err
+from tests.harness import run_distributed
 from seqpar.collectives import comm
 from seqpar.collectives.lasp2 import lasp2_linear_attention
 from seqpar.collectives.zeco import zeco_linear_attention

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from checks import value_errors
-from harness import run_distributed
+from tests.checks import value_errors
+from tests.harness import run_distributed
 from seqpar.collectives.layout import (
     local_positions,
     pad_for_layout,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from harness import run_distributed
+from tests.harness import run_distributed
 from seqpar.collectives.lasp2 import lasp2_linear_attention, prepare_linear_sp
 from seqpar.collectives.zeco import zeco_linear_attention
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_distributed
-from linear_cases import KINDS, assert_all_match, global_problem, reference, run_sp, whole_held_reference
+from tests.harness import run_distributed
+from tests.linear_cases import KINDS, assert_all_match, global_problem, reference, run_sp, whole_held_reference
 
 LOCAL_LENGTHS = {3: [5, 8, 3], 4: [9, 2, 6, 1]}
 

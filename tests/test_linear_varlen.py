@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_distributed
-from linear_cases import KINDS, assert_all_match, global_problem, reference, run_sp, whole_held_reference
+from tests.harness import run_distributed
+from tests.linear_cases import KINDS, assert_all_match, global_problem, reference, run_sp, whole_held_reference
 from seqpar.collectives import comm
 
 LOCAL_LENGTHS = [3, 1, 6, 2]  # per rank and sequence: global lengths P * these

@@ -5,9 +5,9 @@ process on the whole batch (float64, 4 real gloo ranks)."""
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
-from test_parallelize import cpu_cost_model, reference_loss_and_grads, tiny_llama
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import cpu_cost_model, reference_loss_and_grads, tiny_llama
 
 import seqpar
 

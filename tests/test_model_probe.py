@@ -8,9 +8,9 @@ nor disturb the caller's RNG streams or train/eval flags."""
 import pytest
 import torch
 import torch.nn as nn
-from checks import rel_err
-from harness import run_distributed
-from test_parallelize import MODELS, CausalSelfAttention, sp_matches_reference
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import MODELS, CausalSelfAttention, sp_matches_reference
 
 import seqpar
 from seqpar.collectives import count_comm

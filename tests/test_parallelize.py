@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import rel_err, value_errors
-from harness import run_distributed
+from tests.checks import rel_err, value_errors
+from tests.harness import run_distributed
 
 import seqpar
 

@@ -8,11 +8,11 @@ import os
 
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
+from tests.checks import rel_err
+from tests.harness import run_distributed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sp_cases import check_against_reference, global_inputs, global_rel_err
+from tests.sp_cases import check_against_reference, global_inputs, global_rel_err
 
 from seqpar.collectives import ring_attention, ulysses_attention
 from seqpar.collectives.layout import pad_for_layout, shard_sequence

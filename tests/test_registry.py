@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_distributed
+from tests.harness import run_distributed
 
 from seqpar import strategies
 from seqpar.collectives import count_comm

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from harness import RankError, RankTimeout, run_distributed
+from tests.harness import RankError, RankTimeout, run_distributed
 
 import seqpar
 from seqpar.collectives import comm

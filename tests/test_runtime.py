@@ -9,9 +9,9 @@ import importlib
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
-from test_parallelize import MODELS, reference_loss_and_grads
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import MODELS, reference_loss_and_grads
 
 import seqpar
 from seqpar import strategies

@@ -4,9 +4,9 @@ with exact communication volumes, the overlap schedule, and bad input."""
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err, value_errors
-from harness import run_distributed
-from sp_cases import check_matrix, global_inputs, measure_bytes, softmax_op
+from tests.checks import rel_err, value_errors
+from tests.harness import run_distributed
+from tests.sp_cases import check_matrix, global_inputs, measure_bytes, softmax_op
 
 from seqpar.collectives import allgather_kv_attention, ring_attention, ulysses_attention
 from seqpar.collectives.layout import pad_for_layout, shard_indices, shard_sequence

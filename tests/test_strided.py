@@ -21,9 +21,9 @@ import importlib
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
-from sp_cases import global_inputs
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.sp_cases import global_inputs
 
 from seqpar import collectives
 from seqpar.collectives.layout import shard_sequence

@@ -4,9 +4,9 @@ per direction and per peer, the overlap order, skipped blocks, saved activations
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err
-from harness import run_distributed
-from sp_cases import check_against_reference, global_inputs, matrix_configs
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.sp_cases import check_against_reference, global_inputs, matrix_configs
 
 import seqpar.collectives as collectives
 from seqpar.collectives import count_comm, ring_attention

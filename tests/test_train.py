@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch.distributed as dist
-from harness import RankError, RankTimeout, run_distributed
+from tests.harness import RankError, RankTimeout, run_distributed
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_distributed
+from tests.harness import run_distributed
 
 from seqpar.launch import checkpoint as checkpoint_mod
 from seqpar.launch import train as train_mod

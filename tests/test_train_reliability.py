@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from harness import RankError, RankTimeout, run_distributed
+from tests.harness import RankError, RankTimeout, run_distributed
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checks import rel_err
+from tests.checks import rel_err
 
 from seqpar.kernels.attention import (
     attention,

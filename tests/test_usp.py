@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from checks import rel_err, value_errors
-from harness import run_distributed
-from sp_cases import global_inputs
+from tests.checks import rel_err, value_errors
+from tests.harness import run_distributed
+from tests.sp_cases import global_inputs
 
 from seqpar import strategies
 from seqpar.collectives import count_comm, ring_attention

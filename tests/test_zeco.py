@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from harness import run_distributed
+from tests.harness import run_distributed
 from seqpar.collectives.zeco import final_state_tree, zeco_linear_attention
 from seqpar.tracing import trace_events
-from test_lasp2 import (
+from tests.test_lasp2 import (
     B,
     DK,
     H,
