@@ -14,7 +14,6 @@ Bytes sent per rank (T: local tokens, b: element size):
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.distributed as dist
