@@ -50,7 +50,6 @@ def allgather_kv_attention(
         op="allgather_kv_attention",
         backend=backend, max_seqlen=max_seqlen,
     )
-    p = sp.world_size
     kv = torch.stack([sp.k, sp.v])  # (2, T, H_kv, D): one all-gather for both
     gathered = comm.all_gather_differentiable(kv, group=sp.group)  # (P, 2, T, H_kv, D)
     _, inverse = sp.rank_major_order()

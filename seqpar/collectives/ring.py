@@ -64,14 +64,14 @@ def _ring_backward(
     dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
     own_dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
     kv = torch.stack([sp.k, sp.v])
-    traveling = None  # dK/dV accumulator of the shard currently held (None at step 0: that one is own_dkv)
     pending_dkv = None
     for step in range(sp.world_size):
         pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
         kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
         target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
         if kind != "skip":
-            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind, backend)
+            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind,
+                                                                   backend)
             add_rows(dq, q_rows, g_q)
             add_rows(target[0], kv_rows, g_k)
             add_rows(target[1], kv_rows, g_v)
