@@ -308,7 +308,8 @@ def compile_only(quick: bool) -> int:
             if name in ptrs or name.startswith("stride_") or name.startswith("seqlen") or name.startswith("dim_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specialises for aligned real sizes
         label = f"{kernel.__name__} " + " ".join(
-            f"{k}={v}" for k, v in constexprs.items() if k not in ("PRECISION", "UPCAST")) + f" {next(iter(ptrs.values()))}"
+            f"{k}={v}" for k, v in constexprs.items() if k not in ("PRECISION", "UPCAST")
+        ) + f" {next(iter(ptrs.values()))}"
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=target,
                                       options=options)
@@ -352,10 +353,10 @@ def reference_attention_grads(q, k, v, dout, *, causal, scale=None, rows=512):
         if causal:
             i = torch.arange(start, end, device=q.device)[:, None] + (sk - sq)
             s = s.masked_fill(cols[None, :] > i, float("-inf"))
-        l = torch.logsumexp(s, -1)
-        p = torch.nan_to_num(torch.exp(s - l[..., None]), nan=0.0)
+        row_lse = torch.logsumexp(s, -1)
+        p = torch.nan_to_num(torch.exp(s - row_lse[..., None]), nan=0.0)
         o = p @ vv
-        out[:, start:end], lse[:, :, start:end] = o.transpose(1, 2), l
+        out[:, start:end], lse[:, :, start:end] = o.transpose(1, 2), row_lse
         dv += p.transpose(-1, -2) @ dob
         ds = p * (dob @ vv.transpose(-1, -2) - (dob * o).sum(-1, keepdim=True)) * scale
         dq[:, start:end] = (ds @ kk).transpose(1, 2)
@@ -502,9 +503,10 @@ class GpuCheck:
         refs = [torch.empty_like(x, dtype=torch.float64) for x in (q, q, k, v)]
         ref_lse = torch.empty(h, t, dtype=torch.float64, device=self.dev)
         for a, b in zip(bounds, bounds[1:]):
-            o, l, dq, dk, dv = reference_attention_grads(q[None, a:b], k[None, a:b], v[None, a:b], do[None, a:b],
-                                                         causal=True)
-            refs[0][a:b], ref_lse[:, a:b], refs[1][a:b], refs[2][a:b], refs[3][a:b] = o[0], l[0], dq[0], dk[0], dv[0]
+            o, seq_lse, dq, dk, dv = reference_attention_grads(q[None, a:b], k[None, a:b], v[None, a:b],
+                                                               do[None, a:b], causal=True)
+            refs[0][a:b], ref_lse[:, a:b], refs[1][a:b], refs[2][a:b], refs[3][a:b] = (
+                o[0], seq_lse[0], dq[0], dk[0], dv[0])
         got = (out, lse, *grads)
         want = (refs[0], ref_lse, refs[1], refs[2], refs[3])
         self.record(f"attention varlen {backend} lengths={list(lengths)} D={d} (max_seqlen hints)",
@@ -663,9 +665,10 @@ class GpuCheck:
                 a.transpose(1, 2), b_.transpose(1, 2), c.transpose(1, 2), is_causal=causal).transpose(1, 2)
             for name, fn in providers.items():
                 with torch.no_grad():
-                    self._time("attention", name, s, "fwd", lambda: fn(q, k, v),
+                    self._time("attention", name, s, "fwd", lambda fn=fn, q=q, k=k, v=v: fn(q, k, v),
                                attention_flops(b, h, s, d, causal, "fwd"), causal=causal, D=d)
-                self._time("attention", name, s, "fwd+bwd", lambda: fn(*leaves).backward(do),
+                self._time("attention", name, s, "fwd+bwd",
+                           lambda fn=fn, leaves=leaves, do=do: fn(*leaves).backward(do),
                            attention_flops(b, h, s, d, causal, "fwd+bwd"), causal=causal, D=d)
             del q, k, v, do, leaves
 
@@ -691,9 +694,9 @@ class GpuCheck:
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
             for name, fn in providers.items():
                 with torch.no_grad():
-                    self._time("linear", name, s, "fwd", lambda: fn(q, k, v, g),
+                    self._time("linear", name, s, "fwd", lambda fn=fn, q=q, k=k, v=v, g=g: fn(q, k, v, g),
                                linear_flops(b, h, s, d, d, chunk, "fwd"))
-                self._time("linear", name, s, "fwd+bwd", lambda: fn(*leaves).backward(do),
+                self._time("linear", name, s, "fwd+bwd", lambda fn=fn, leaves=leaves, do=do: fn(*leaves).backward(do),
                            linear_flops(b, h, s, d, d, chunk, "fwd+bwd"))
             del q, k, v, do, leaves
 
@@ -720,7 +723,8 @@ class GpuCheck:
         fa = self._ms("attention", "flash_attn", 16384, "fwd+bwd", True)
         tr = self._ms("attention", "triton", 16384, "fwd+bwd", True)
         goals["attention_fwd_bwd_vs_flash_attn_S16K_causal"] = (
-            {"ratio": fa / tr, "goal": 0.9, "met": fa / tr >= 0.9} if fa and tr else {"met": None, "why": "missing timing"})
+            {"ratio": fa / tr, "goal": 0.9, "met": fa / tr >= 0.9} if fa and tr
+            else {"met": None, "why": "missing timing"})
         s_lin = 16384
         others = {p: self._ms("linear", p, s_lin, "fwd+bwd") for p in ("torch_chunked", "fla_simple_gla")}
         others = {p: t for p, t in others.items() if t}
