@@ -246,12 +246,12 @@ def _torch_forward(q, k, v, *, causal, scale):
     if sk == 0 or first == sq:
         return out, lse
     q_rows = q[:, first:]
-    o, l = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    o, rows_lse = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
     # aten's CPU kernel returns out 0, lse 0 for a query row holding NaN (a silent finite answer); the softmax of
     # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) One pass over q, cheap next to S^2.
     nan_rows = torch.isnan(q_rows).any(-1)  # (B, Sq - first, H)
     out[:, first:] = o.transpose(1, 2).masked_fill(nan_rows[..., None], float("nan"))
-    lse[:, :, first:] = l.to(acc).masked_fill(nan_rows.transpose(1, 2), float("nan"))
+    lse[:, :, first:] = rows_lse.to(acc).masked_fill(nan_rows.transpose(1, 2), float("nan"))
     return out, lse
 
 
@@ -364,9 +364,9 @@ def attention_block_varlen(
         return out.reshape(q.shape[0], *out.shape[2:]), lse.transpose(0, 1).reshape(lse.shape[1], -1)
     outs, lses = [], []
     for (qa, qb), (ka, kb) in _pairs(cu_seqlens_q, cu_seqlens_k):
-        o, l = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
+        o, seq_lse = impl.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, scale=scale)
         outs.append(o[0])
-        lses.append(l[0])
+        lses.append(seq_lse[0])
     return torch.cat(outs), torch.cat(lses, -1)
 
 

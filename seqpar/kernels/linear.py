@@ -161,10 +161,13 @@ def validate_linear_inputs(
                 f"{dk}) per token and key dimension (GLA); got {tuple(log_decay.shape)}"
             )
         if check_values and bool((log_decay.detach() > 0).any()):
-            raise ValueError("log_decay: must be <= 0 (it is the log of a decay factor in (0, 1]); e.g. use -softplus(x)")
+            raise ValueError(
+                "log_decay: must be <= 0 (it is the log of a decay factor in (0, 1]); e.g. use -softplus(x)"
+            )
     if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, v.shape[-1]):
         raise ValueError(
-            f"initial_state: expected (B, H, Dk, Dv) = ({b}, {h}, {dk}, {v.shape[-1]}), got {tuple(initial_state.shape)}"
+            f"initial_state: expected (B, H, Dk, Dv) = ({b}, {h}, {dk}, {v.shape[-1]}), "
+            f"got {tuple(initial_state.shape)}"
         )
 
 
@@ -173,7 +176,9 @@ def is_key_decay(log_decay: torch.Tensor | None) -> bool:
     return log_decay is not None and log_decay.dim() == 4
 
 
-def expand_log_decay(log_decay: torch.Tensor | None, b: int, s: int, h: int, dtype: torch.dtype, device) -> torch.Tensor:
+def expand_log_decay(
+    log_decay: torch.Tensor | None, b: int, s: int, h: int, dtype: torch.dtype, device
+) -> torch.Tensor:
     """Any scalar decay kind as a (B, S, H) per-token tensor (zeros for no decay); a GLA (B, S, H, Dk) decay is
     returned as it is (in ``dtype``). Differentiable."""
     if log_decay is None:

@@ -36,9 +36,9 @@ def reference_attention(
         bounds = cu_seqlens.tolist()
         outs, lses = [], []
         for a, b in zip(bounds, bounds[1:]):
-            o, l = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal, scale=scale)
+            o, seq_lse = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal, scale=scale)
             outs.append(o[0])
-            lses.append(l[0])
+            lses.append(seq_lse[0])
         return torch.cat(outs, 0), torch.cat(lses, -1)
     _, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
