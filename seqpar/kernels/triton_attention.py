@@ -224,7 +224,9 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max
 def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, max_k=None):
     p = _Problem(q, k, v, cu_q, cu_k, max_q, max_k)
     if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout, out: expected shape {tuple(q.shape)} like q, got {tuple(dout.shape)}, {tuple(out.shape)}")
+        raise ValueError(
+            f"dout, out: expected shape {tuple(q.shape)} like q, got {tuple(dout.shape)}, {tuple(out.shape)}"
+        )
     if tuple(lse.shape) != p.lse_shape(q):
         raise ValueError(f"lse: expected shape {p.lse_shape(q)}, got {tuple(lse.shape)}")
     q, k, v, dout, out = _lastdim_contiguous(q, k, v, dout, out)

@@ -187,7 +187,8 @@ def _attn_fwd_kernel(
             mask=row_ok, other=float("-inf"),
         ) * _K_LOG2E
         acc_out = tl.load(
-            OutAcc + b64 * stride_ab + h * stride_ah + q_start * stride_as + offs_m[:, None] * stride_as + offs_d[None, :],
+            OutAcc + b64 * stride_ab + h * stride_ah + q_start * stride_as
+            + offs_m[:, None] * stride_as + offs_d[None, :],
             mask=out_mask, other=0.0,
         )
         top = tl.maximum(acc_lse2, lse2)
@@ -202,7 +203,8 @@ def _attn_fwd_kernel(
         Out + b64 * stride_ob + h * stride_oh + q_start * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
         out.to(Out.dtype.element_ty), mask=out_mask,
     )
-    tl.store(Lse + b64 * stride_lb + h * stride_lh + q_start * stride_ls + offs_m * stride_ls, lse2 * _K_LN2, mask=row_ok)
+    tl.store(Lse + b64 * stride_lb + h * stride_lh + q_start * stride_ls + offs_m * stride_ls, lse2 * _K_LN2,
+             mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,8 +253,10 @@ def _bwd_dkdv_inner(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
-    qt = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    qt = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=d_ok[:, None] & row_ok[None, :],
+                 other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                 other=0.0)
     # Rows past the end and rows that saw no key (lse = -inf) get lse = +inf, hence p = 0.
     lse = tl.load(lse_base + offs_m * stride_ls, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _K_LOG2E
@@ -332,7 +336,8 @@ def _attn_bwd_dkdv_kernel(
             )
     dk_base = DK + b64 * stride_dkb + h_kv * stride_dkh + k_start * stride_dks
     dv_base = DV + b64 * stride_dvb + h_kv * stride_dvh + k_start * stride_dvs
-    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
     tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 

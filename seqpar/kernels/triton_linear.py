@@ -94,7 +94,7 @@ def _fwd_h_kernel(
 
 @triton.jit
 def _fwd_o_kernel(
-    Q, K, V, G, Hs, O,
+    Q, K, V, G, Hs, O,  # noqa: E741
     stride_qb, stride_qs, stride_qh,
     stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh,
@@ -123,7 +123,8 @@ def _fwd_o_kernel(
         k_ok = offs_k < dim_k
         q = tl.load(q_base + t[:, None] * stride_qs + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         kt = tl.load(k_base + t[None, :] * stride_qs + offs_k[:, None], mask=k_ok[:, None] & t_ok[None, :], other=0.0)
-        state = tl.load(h_base + offs_k[:, None] * dim_v + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        state = tl.load(h_base + offs_k[:, None] * dim_v + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
+                        other=0.0)
         acc_o += _dot(q, state.to(q.dtype), PRECISION, UPCAST)
         acc_s += _dot(q, kt, PRECISION, UPCAST)
     causal = offs_c[:, None] >= offs_c[None, :]
