@@ -143,7 +143,8 @@ def main() -> None:
         "seq_len": seq_len, "heads": HEADS, "head_dim": HEAD_DIM, "repeats": repeats, "rows": rows,
         "note": "ratio = median step with the check / without; paired ratio = median over repeats of (with / without) "
                 "within the repeat; check/op % = the check alone (median of 50 "
-                "prepare_*_sp calls with it minus without it) over the step without it. CPU gloo, P ranks share this machine's cores.",
+                "prepare_*_sp calls with it minus without it) over the step without it. "
+                "CPU gloo, P ranks share this machine's cores.",
     })
     print(f"wrote {path}")
 

@@ -85,7 +85,9 @@ def check_hf_config(model: torch.nn.Module) -> None:
         )
     for attr in ("attn_logit_softcapping",):
         if getattr(sub, attr, None):
-            raise ValueError(f"model: {type(model).__name__} sets config.{attr}; seqpar's SP attention does not implement it")
+            raise ValueError(
+                f"model: {type(model).__name__} sets config.{attr}; seqpar's SP attention does not implement it"
+            )
     if getattr(sub, "attention_dropout", 0.0):
         raise ValueError(f"model: {type(model).__name__} has attention_dropout={sub.attention_dropout}; set it to 0")
 

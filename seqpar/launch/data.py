@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["WIKIPEDIA_TOKEN_STATS", "SyntheticTokens", "TokenFile", "long_tail_lengths", "make_source", "step_lengths"]
 
@@ -113,7 +117,8 @@ class SyntheticTokens:
     def __init__(self, kind: str, *, vocab: int, tokens_per_step: int, max_len: int, seed: int) -> None:
         if kind not in SYNTHETIC_KINDS:
             raise ValueError(f"kind: unknown synthetic data {kind!r}; use one of {SYNTHETIC_KINDS}")
-        self.kind, self.vocab, self.tokens_per_step, self.max_len, self.seed = kind, vocab, tokens_per_step, max_len, seed
+        self.kind, self.vocab, self.tokens_per_step = kind, vocab, tokens_per_step
+        self.max_len, self.seed = max_len, seed
         self.step = 0
 
     def next_batch(self) -> list["torch.Tensor"]:

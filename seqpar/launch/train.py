@@ -52,7 +52,8 @@ class NonFiniteLossError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar-train", description="Sequence-parallel causal-LM training (torchrun).")
-    p.add_argument("--model", default="llama-tiny", help=f"{' | '.join(BUILTIN_MODELS)} or a transformers config JSON path")
+    p.add_argument("--model", default="llama-tiny",
+                   help=f"{' | '.join(BUILTIN_MODELS)} or a transformers config JSON path")
     p.add_argument("--data", default="longtail", help=f"{' | '.join(DATA_KINDS)} (synthetic) or a .npy/.bin token file")
     p.add_argument("--data-dtype", default=None, help="how a headerless .bin file stores ids: uint16 (nanoGPT), "
                    "uint32, int32, int64 (required for .bin)")
@@ -117,7 +118,9 @@ def validate_args(args: argparse.Namespace, *, world_size: int | None = None) ->
     softmax_choices = strategies.names("softmax") + ("auto",)
     linear_choices = strategies.names("linear")
     if args.model not in BUILTIN_MODELS and not Path(args.model).is_file():
-        raise ValueError(f"--model: {args.model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a config file")
+        raise ValueError(
+            f"--model: {args.model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a config file"
+        )
     if args.data not in DATA_KINDS and not Path(args.data).is_file():
         raise ValueError(f"--data: {args.data!r} is neither {', '.join(DATA_KINDS)} nor a .npy/.bin token file")
     if args.strategy not in softmax_choices:

@@ -12,7 +12,8 @@ between ranks by design, are compared by shape and dtype only.
 
 Cost: one all-gather of a fixed-size 32-byte record (a 64-bit digest of the fields, the fingerprint's length,
 the debug flag, and a hash of device-resident integer contents such as hinted packed ``cu_seqlens``, computed
-where they live so the packed path reads no boundaries on the host) per call, so a size mismatch is caught before any variable-size transfer; only when digests differ,
+where they live so the packed path reads no boundaries on the host) per call, so a size mismatch is caught
+before any variable-size transfer; only when digests differ,
 a second all-gather of the readable fingerprints to name what differs. Not counted by ``count_comm`` (it is
 metadata; the counters are compared with the algorithms' byte formulas). Measured in
 ``bench/agreement_cost.py``.

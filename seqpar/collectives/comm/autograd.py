@@ -41,7 +41,8 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
-        grads = [torch.zeros(s, dtype=ctx.dtype, device=ctx.device) if g is None else g for g, s in zip(grads, ctx.output_shapes)]
+        grads = [torch.zeros(s, dtype=ctx.dtype, device=ctx.device) if g is None else g
+                 for g, s in zip(grads, ctx.output_shapes)]
         return (None, None, *all_to_all(grads, group=ctx.group, output_shapes=ctx.input_shapes))
 
 
