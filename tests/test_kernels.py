@@ -37,7 +37,8 @@ def grads_of(fn, inputs, dout):
 )
 def test_attention_block_matches_reference(sq, sk, h, h_kv, d, causal, dtype):
     gen = torch.Generator().manual_seed(sq * 1000 + sk * 10 + h_kv)
-    q, k, v = (torch.randn(2, n, heads, d, generator=gen, dtype=torch.float64) for n, heads in ((sq, h), (sk, h_kv), (sk, h_kv)))
+    q, k, v = (torch.randn(2, n, heads, d, generator=gen, dtype=torch.float64)
+               for n, heads in ((sq, h), (sk, h_kv), (sk, h_kv)))
     dout = torch.randn(2, sq, h, d, generator=gen, dtype=torch.float64)
     ref_out, ref_grads = grads_of(lambda a, b, c: reference_attention(a, b, c, causal=causal)[0], (q, k, v), dout)
     _, ref_lse = reference_attention(q, k, v, causal=causal)
@@ -77,13 +78,16 @@ def test_varlen_block_keeps_sequences_apart():
     # gradients through the differentiable wrapper vs autograd through the per-sequence reference
     _, ref_grads = grads_of(
         lambda a, b, c: torch.cat([
-            reference_attention(a[cu_q[i]:cu_q[i + 1]][None], b[cu_k[i]:cu_k[i + 1]][None], c[cu_k[i]:cu_k[i + 1]][None], causal=True)[0][0]
+            reference_attention(a[cu_q[i]:cu_q[i + 1]][None], b[cu_k[i]:cu_k[i + 1]][None],
+                                c[cu_k[i]:cu_k[i + 1]][None], causal=True)[0][0]
             for i in range(5)]),
         (q, k, v), dout)
-    _, grads = grads_of(lambda a, b, c: attention(a, b, c, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), (q32, k32, v32), dout.float())
+    _, grads = grads_of(lambda a, b, c: attention(a, b, c, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
+                        (q32, k32, v32), dout.float())
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-4
-    direct = attention_block_varlen_backward(dout.float(), q32, k32, v32, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    direct = attention_block_varlen_backward(dout.float(), q32, k32, v32, out, lse, cu_seqlens_q=cu_q,
+                                             cu_seqlens_k=cu_k, causal=True)
     for g, r in zip(direct, ref_grads):
         assert rel_err(g, r) < 1e-4
 
@@ -135,7 +139,8 @@ def test_chunked_linear_attention_matches_recurrence(decay, s, chunk):
         loss = (o.double() * do).sum() + (final.double() * ds).sum()
         return o, final, torch.autograd.grad(loss, leaves)
 
-    ref_o, ref_s, ref_g = loss_with(lambda q, k, v, s0, *g: reference_linear_attention(q, k, v, log_decay=g[0] if g else None, initial_state=s0))
+    ref_o, ref_s, ref_g = loss_with(lambda q, k, v, s0, *g: reference_linear_attention(
+        q, k, v, log_decay=g[0] if g else None, initial_state=s0))
     o, fs, grads = loss_with(lambda q, k, v, s0, *g: linear_attention_chunk(
         q.float(), k.float(), v.float(), log_decay=g[0].float() if g else None, initial_state=s0.float(),
         output_final_state=True, chunk_size=chunk))

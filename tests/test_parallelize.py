@@ -139,7 +139,8 @@ def sp_matches_reference(model_name, strategy, lengths, linear_strategy="zeco", 
 
 @pytest.mark.parametrize("strategy", ["ring", "token_ring", "ulysses", "allgather_kv"])
 def test_llama_loss_and_gradients_equal_single_process(strategy):
-    for loss_err, grad_err, missing, _ in run_distributed(sp_matches_reference, 4, "llama", strategy, [256, 256], batch_form="padded"):
+    for loss_err, grad_err, missing, _ in run_distributed(sp_matches_reference, 4, "llama", strategy, [256, 256],
+                                                          batch_form="padded"):
         assert loss_err < 1e-5 and grad_err < 1e-4 and not missing, (loss_err, grad_err)
 
 

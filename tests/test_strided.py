@@ -151,7 +151,8 @@ def rank_softmax_strided(op_name, seed):
 def _linear_inputs(seed, p, s_local=7, b=2, h=2, dk=8, dv=6):
     gen = torch.Generator().manual_seed(seed)
     s = p * s_local
-    x = {n: torch.randn(b, s, h, dim, generator=gen, dtype=torch.float64) for n, dim in (("q", dk), ("k", dk), ("v", dv))}
+    x = {n: torch.randn(b, s, h, dim, generator=gen, dtype=torch.float64)
+         for n, dim in (("q", dk), ("k", dk), ("v", dv))}
     x["log_decay"] = -torch.nn.functional.softplus(torch.randn(b, s, h, generator=gen, dtype=torch.float64))
     x["initial_state"] = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
     x["w"] = torch.randn(b, s, h, dv, generator=gen, dtype=torch.float64)

@@ -141,7 +141,8 @@ def test_triton_attention_block_matches_reference(sq, sk, h, h_kv, d, causal, dt
     dout = _rand(gen, 2, sq, h, d)
     if dtype != torch.float32:  # the reference sees the same rounded inputs
         q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
-    ref_out, ref_grads = _ref_with_grads(lambda a, b, c: reference_attention(a, b, c, causal=causal)[0], (q, k, v), dout)
+    ref_out, ref_grads = _ref_with_grads(lambda a, b, c: reference_attention(a, b, c, causal=causal)[0],
+                                         (q, k, v), dout)
     ref_lse = reference_attention(q, k, v, causal=causal)[1]
     qd, kd, vd = (x.to(dtype) for x in (q, k, v))
     out, lse = attention_block(qd, kd, vd, causal=causal, backend=TRITON)
@@ -167,8 +168,8 @@ def test_triton_attention_varlen_and_autograd():
 
     def per_sequence(a, b, c):
         outs = [
-            reference_attention(a[None, cu_q[i]:cu_q[i + 1]], b[None, cu_k[i]:cu_k[i + 1]], c[None, cu_k[i]:cu_k[i + 1]],
-                                causal=True)[0][0]
+            reference_attention(a[None, cu_q[i]:cu_q[i + 1]], b[None, cu_k[i]:cu_k[i + 1]],
+                                c[None, cu_k[i]:cu_k[i + 1]], causal=True)[0][0]
             for i in range(len(lens_q))
         ]
         return torch.cat(outs)
