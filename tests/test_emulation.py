@@ -161,3 +161,41 @@ def test_emulate_link_variable_sets_bandwidth_and_latency(monkeypatch):
     monkeypatch.setenv("SEQPAR_EMULATE_LINK", "2.5,20")
     link = emulation._link_from_env()
     assert link.gbps == 2.5 and link.latency_s == pytest.approx(20e-6, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cost model charges what the emulated link does (seqpar.strategies' schedules)
+# ----------------------------------------------------------------------------------------------------
+
+
+def piece_relay(pieces: int, piece_numel: int, gbps: float, latency_s: float):
+    """ZeCO's scan shape: rank 0 sends K pieces; every other rank forwards each piece as soon as it has it."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    comm.set_link_emulation(comm.LinkEmulation(gbps=gbps, latency_s=latency_s))
+    try:
+        dist.barrier()
+        start, sends = emulation.clock(), []
+        for j in range(pieces):
+            piece = torch.full((piece_numel,), float(j))
+            if rank > 0:
+                piece = comm.recv(torch.empty(piece_numel), rank - 1).wait()
+            if rank < p - 1:
+                sends.append(comm.send(piece, rank + 1))
+        for pending in sends:
+            pending.wait()
+        return {"start": start, "done": emulation.clock()}
+    finally:
+        comm.set_link_emulation(None)
+
+
+def test_the_cost_models_scan_time_is_what_the_emulated_link_charges_a_piecewise_relay():
+    from seqpar import strategies
+
+    p, pieces, piece_numel, gbps, latency_s = 4, 4, 12_500, 0.2, 0.003  # 50 KB pieces: 2 ms + 3 ms each hop
+    shape = strategies.LayerShape(seq_len=1024, degree=p, heads=1, kv_heads=1, head_dim=pieces, elem_bytes=4,
+                                  state_bytes=pieces * piece_numel * 4)
+    predicted = strategies.zeco_scan_time(shape, strategies.Link(gbps * 1e9 / 8, latency_s))
+    assert predicted == pytest.approx((p - 1 + pieces - 1) * (piece_numel * 4 * 8 / (gbps * 1e9) + latency_s))
+    res = run_distributed(piece_relay, p, pieces, piece_numel, gbps, latency_s)
+    elapsed = res[-1]["done"] - res[0]["start"]
+    assert predicted <= elapsed <= predicted + SLACK_S, (elapsed, predicted)

@@ -4,10 +4,11 @@ With ``set_link_emulation(LinkEmulation(gbps, latency_s))`` or ``SEQPAR_EMULATE_
 every rank, transfers take the time a link of that bandwidth and latency needs, with arrival semantics:
 
 * point-to-point: a message starts on its link (one per peer and direction, ``("p2p", peer)``) when the link
-  is free, occupies it ``bytes / bandwidth``, and arrives ``latency`` later. The sender's wait returns when
-  its bytes are out; the receiver's wait returns no earlier than the arrival. The sender stamps the arrival
-  time into a one-number header message that travels with the payload (same peer and tag, not counted by
-  ``comm.accounting``), so a chain of relays is charged hop after hop, as on a real network.
+  is free and arrives ``latency + bytes / bandwidth`` later (the alpha-beta model: the link is busy for both,
+  so K pieces on one link cost K latencies, as the cost model charges). Both the sender's and the receiver's
+  waits return no earlier than the arrival. The sender stamps the arrival time into a one-number header
+  message that travels with the payload (same peer and tag, not counted by ``comm.accounting``), so a chain
+  of relays is charged hop after hop, as on a real network.
 * collectives (one ``"collective"`` link per rank): they complete no earlier than the latest participant's
   start + this rank's bytes / bandwidth + one latency per round (a ring all-gather has P - 1 rounds); the
   start times travel in a small all-gather posted with the collective.
@@ -32,14 +33,13 @@ __all__ = ["LinkEmulation", "clock", "link_emulation", "set_link_emulation"]
 
 @dataclass(frozen=True)
 class LinkEmulation:
-    """Every link carries ``gbps`` gigabits per second per direction; a message arrives ``latency_s`` after its
-    last byte left."""
+    """Every link carries ``gbps`` gigabits per second per direction, after ``latency_s`` per message."""
 
     gbps: float
     latency_s: float = 0.0
 
     def transfer_s(self, nbytes: float) -> float:
-        """Seconds ``nbytes`` occupy a link."""
+        """Seconds ``nbytes`` need on a link, latency excluded."""
         return nbytes * 8 / (self.gbps * 1e9)
 
 
@@ -98,13 +98,13 @@ def sleep_until(deadline: float) -> None:
 
 
 def send_header(peer: int, nbytes: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Reserve the link to ``peer`` for ``nbytes`` from now; return (the header to send after the payload,
-    when the bytes are out). The header holds the arrival time; emulation must be on."""
+    """Reserve the link to ``peer`` for a message of ``nbytes`` from when it is free; return (the header to send
+    after the payload, holding the arrival time; the arrival time). Emulation must be on."""
     link = _links.link
     start = max(clock(), _links.free_at.get(("p2p", peer), 0.0))
-    out_at = start + link.transfer_s(nbytes)
-    _links.free_at[("p2p", peer)] = out_at
-    return torch.tensor([out_at + link.latency_s], dtype=torch.float64, device=device), out_at
+    arrival = start + link.latency_s + link.transfer_s(nbytes)
+    _links.free_at[("p2p", peer)] = arrival
+    return torch.tensor([arrival], dtype=torch.float64, device=device), arrival
 
 
 def recv_header(device: torch.device) -> torch.Tensor:
@@ -112,9 +112,9 @@ def recv_header(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float64, device=device)
 
 
-def p2p_finish(sent_out_at: Sequence[float], received_headers: Sequence[torch.Tensor]) -> float:
-    """When an exchange completes: its bytes out and every message it receives arrived."""
-    return max([*sent_out_at, *(float(h.item()) for h in received_headers)], default=0.0)
+def p2p_finish(sent_arrivals: Sequence[float], received_headers: Sequence[torch.Tensor]) -> float:
+    """When an exchange completes: every message it sends and every message it receives arrived."""
+    return max([*sent_arrivals, *(float(h.item()) for h in received_headers)], default=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def collective_start(nbytes: int, device: torch.device) -> torch.Tensor:
     the tensor to all-gather; the link is held for the transfer from there. Emulation must be on."""
     link = _links.link
     start = max(clock(), _links.free_at.get("collective", 0.0))
-    _links.free_at["collective"] = start + link.transfer_s(nbytes)
+    _links.free_at["collective"] = start + link.transfer_s(nbytes)  # at least; collective_finish extends it
     return torch.tensor([start], dtype=torch.float64, device=device)
 
 
@@ -135,6 +135,6 @@ def collective_finish(starts: torch.Tensor, nbytes: int, rounds: int) -> float:
     """When a collective completes on this rank: the latest participant's start + this rank's bytes' time +
     one latency per round; the collective link stays busy until then."""
     link = _links.link
-    busy_until = float(starts.max().item()) + link.transfer_s(nbytes)
-    _links.free_at["collective"] = max(_links.free_at.get("collective", 0.0), busy_until)
-    return busy_until + rounds * link.latency_s
+    finish = float(starts.max().item()) + link.transfer_s(nbytes) + rounds * link.latency_s
+    _links.free_at["collective"] = max(_links.free_at.get("collective", 0.0), finish)
+    return finish

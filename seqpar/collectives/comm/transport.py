@@ -247,7 +247,7 @@ def _post(
     works = []
     # link emulation: each payload is followed by a header (same peer and tag) carrying its emulated arrival
     emulated = _emulation.link_emulation() is not None
-    headers_out, out_at, headers_in = [], [], []
+    headers_out, arrivals, headers_in = [], [], []
 
     def post_sends() -> None:
         for tensor, dst, tag, direction in sends:
@@ -255,9 +255,9 @@ def _post(
             with _posting(describe, f"send to global rank {dst}"):
                 works.append(dist.isend(tensor, dst, tag=tag))
                 if emulated:
-                    header, bytes_out_at = _emulation.send_header(dst, _nbytes(tensor), tensor.device)
+                    header, arrival = _emulation.send_header(dst, _nbytes(tensor), tensor.device)
                     headers_out.append(header)
-                    out_at.append(bytes_out_at)
+                    arrivals.append(arrival)
                     works.append(dist.isend(header, dst, tag=tag))
 
     def post_recvs() -> None:
@@ -271,7 +271,7 @@ def _post(
     first, second = (post_sends, post_recvs) if rank % 2 == 0 else (post_recvs, post_sends)
     first()
     second()
-    finish = (lambda: _emulation.p2p_finish(out_at, headers_in)) if emulated else None
+    finish = (lambda: _emulation.p2p_finish(arrivals, headers_in)) if emulated else None
     # the send tensors ride along in the result until the wait, so a contiguous copy outlives its isend
     return PendingTransfer(
         works, ([t for t, *_ in sends] + headers_out, [buf for buf, *_ in recvs]), describe, finish,
