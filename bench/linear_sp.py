@@ -159,7 +159,8 @@ def main() -> None:
     path = save_results("linear_sp", {
         "config": {"batch": 1, "heads": HEADS, "dk": DK, "dv": DV, "decay": "per-token (B, S, H)",
                    "dtype": "float32", "layout": "contiguous", "repeats": repeats, "threads_per_rank": 1,
-                   "zeco_pieces": min(8, DK), "bytes": "busiest rank, forward + backward"},
+                   "zeco_pieces": min(8, DK), "bytes": "busiest rank, forward + backward",
+                   **({"link_off_rows": "kept from the recorded run (--link-only)"} if args.link_only else {})},
         "rows": rows, "link_emulated": link_rows,
     })
     print(f"\nwrote {path}")
