@@ -98,13 +98,13 @@ def measure(names: list[str], seq_len: int, repeats: int) -> dict:
         # the compute and the emulated step, interleaved: the background load of a shared machine hits both
         emulated = comm.LinkEmulation(gbps=gbps, latency_s=LATENCY_S)
         runs = {"compute_fwd": (forward, None), "compute": (step, None), "measured": (step, emulated)}
-        times = {name: [] for name in runs}
+        times = {run: [] for run in runs}
         for _ in range(repeats):
-            for name, (fn, link_emulation) in runs.items():
+            for run, (fn, link_emulation) in runs.items():
                 comm.set_link_emulation(link_emulation)
-                times[name].append(median_time(fn, repeats=1, warmup=0, sync=True))
+                times[run].append(median_time(fn, repeats=1, warmup=0, sync=True))
         comm.set_link_emulation(None)
-        compute_fwd, compute, measured = (statistics.median(times[name]) for name in runs)
+        compute_fwd, compute, measured = (statistics.median(times[run]) for run in runs)
         compute_bwd = max(compute - compute_fwd, 0.0)
         bound = max(compute_fwd, comm_fwd) + max(compute_bwd, comm_bwd)
         results[name] = {"compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd, "comm_fwd_s": comm_fwd,
