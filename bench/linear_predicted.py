@@ -31,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -105,8 +106,27 @@ def cost_models(calibration: dict, gbps: float) -> dict[str, CostModel]:
     cluster = Cluster(world_size=8, gpus_per_node=8, peak_tflops=NOMINAL_TFLOPS, mem_bytes=1e10,
                       intra_node_gbps=link_gbytes, inter_node_gbps=link_gbytes, latency_s=LATENCY_S)
     base = CostModel(cluster, spec, CostCoefficients(bandwidth_efficiency=1.0, latency_scale=1.0))
-    return {name: base.calibrate([(s, 1, name, r["off"][name]["median_s"]) for s, r in calibration.items()])
-            for name in OPS}
+    models = {}
+    for name in OPS:
+        points = [(s, r["off"][name]["median_s"]) for s, r in calibration.items()]
+        try:
+            models[name] = base.calibrate([(s, 1, name, t) for s, t in points])
+        except ValueError as err:  # calibrate's Levenberg-Marquardt can step to an efficiency of 0 on noisy data
+            print(f"CostModel.calibrate failed for {name} ({err}); fitting time = a S + c by least squares instead")
+            models[name] = _linear_fit(base, name, points)
+    return models
+
+
+def _linear_fit(base: CostModel, name: str, points: list[tuple[int, float]]) -> CostModel:
+    """The coefficients of ``time = a S + c`` fitted to ``points``: attention efficiency from a, overhead c."""
+    lengths = np.array([s for s, _ in points], dtype=float)
+    slope, intercept = np.polyfit(lengths, [t for _, t in points], 1)
+    model_slope = base.seq_time(2.0, 1, name) - base.seq_time(1.0, 1, name)  # seconds per token at the default
+    scale = model_slope / max(slope, 1e-12)
+    coefficients = replace(base.coefficients, attention_efficiency=base.coefficients.attention_efficiency * scale,
+                           dense_efficiency=base.coefficients.dense_efficiency * scale,
+                           sequence_overhead_s=max(float(intercept), 0.0))
+    return replace(base, coefficients=coefficients)
 
 
 def _shared(model: CostModel, world: int, cores: int) -> CostModel:
