@@ -199,3 +199,20 @@ def test_the_cost_models_scan_time_is_what_the_emulated_link_charges_a_piecewise
     res = run_distributed(piece_relay, p, pieces, piece_numel, gbps, latency_s)
     elapsed = res[-1]["done"] - res[0]["start"]
     assert predicted <= elapsed <= predicted + SLACK_S, (elapsed, predicted)
+
+
+@pytest.mark.parametrize("bytes_per_s", [1e12, 1e6])  # the transfer hidden behind the intra-chunk work / not
+def test_linear_entries_charge_local_state_then_transfer_over_intra_chunk_then_inter_chunk(bytes_per_s):
+    from seqpar import strategies
+
+    p, heads, d, fwd, bwd, lam = 4, 2, 64, 0.03, 0.06, 1e-5
+    state = heads * d * d * 4
+    shape = strategies.LayerShape(seq_len=4096, degree=p, heads=heads, kv_heads=heads, head_dim=d, elem_bytes=4,
+                                  state_bytes=state)
+    link = strategies.Link(bytes_per_s, lam)
+    third = 1 / 3  # C = D = 64: state 2 D^2, intra 2 C D, inter 2 D^2 of the 2 C D + 4 D^2 per token and head
+    gather = (p - 1) * (state / bytes_per_s + lam)
+    scan = (p - 1 + 8 - 1) * (state / 8 / bytes_per_s + lam)
+    for name, comm_s in (("lasp2", gather), ("zeco", scan)):
+        expected = sum(2 * third * a + max(third * a, comm_s) for a in (fwd, bwd))
+        assert strategies.get(name).layer_time(shape, fwd, bwd, link) == pytest.approx(expected, rel=1e-12), name
