@@ -428,8 +428,14 @@ def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
 
 
 def zeco_pieces(x: LayerShape) -> int:
-    """K, the pieces the All-Scan cuts a state into: the op's default (``seqpar.collectives.scan``)."""
-    return min(ZECO_PIECES, x.head_dim)
+    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``
+    (from P and the state size), or its fixed default where that rule is absent (before branch linops)."""
+    from seqpar.collectives import scan  # here: scan needs torch, the formulas only numpy
+
+    choose = getattr(scan, "choose_pieces", None)
+    if choose is None:
+        return min(ZECO_PIECES, x.head_dim)
+    return choose(x.degree, x.state_bytes, x.head_dim)
 
 
 def zeco_scan_time(x: LayerShape, link: Link) -> Any:
