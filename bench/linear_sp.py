@@ -1,13 +1,14 @@
 """Linear-attention SP on CPU gloo: LASP-2 vs ZeCO vs an all-gather-KV baseline, forward+backward time and bytes.
 
-    python bench/linear_sp.py [--quick]
+    python bench/linear_sp.py [--quick] [--link-only]
 
 For P in {2, 4} and several sequence lengths, each op runs a forward+backward of one linear-attention layer
 with per-token decay (simple-GLA style) on P ranks (one thread each); the table reports the median step time
 of repeats as a ratio to LASP-2's (the ops interleaved within each repeat), and the bytes the busiest rank
 sent (forward + backward, from ``count_comm()``). A second table repeats the longest length with an emulated
-link slower than the compute (``comm.set_link_emulation``), where the bytes decide. Writes
-bench/results/linear_sp.json.
+link slower than the compute (``comm.set_link_emulation``, arrival semantics: ZeCO's relay is charged hop by
+hop), where the bytes decide; ``--link-only`` re-measures just that table (~3 min) and keeps the recorded
+link-off rows. Writes bench/results/linear_sp.json.
 
 The all-gather-KV baseline is what one would do without a state-passing algorithm: all-gather K, V and the
 decay of the whole sequence (backward: reduce-scatter of their gradients), then every rank recomputes the
@@ -20,6 +21,7 @@ speedup a P-GPU run gets.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, run_ranks, save_results  # noqa: E402
+from common import RESULTS, print_table, run_ranks, save_results  # noqa: E402
 
 from seqpar.collectives import comm  # noqa: E402
 from seqpar.collectives.lasp2 import chunk_state, lasp2_linear_attention  # noqa: E402
@@ -117,6 +119,8 @@ def measure(lengths: list[int], repeats: int, link_gbps: float | None) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two short lengths, fewer repeats (smoke run)")
+    parser.add_argument("--link-only", action="store_true",
+                        help="re-measure only the emulated-link table and keep the recorded link-off rows")
     args = parser.parse_args()
     # Kept short: the torch kernel's backward grows faster than linearly in S_local on CPU (every chunk's slice
     # backward allocates a full-length gradient), which would swamp what the SP algorithms differ in.
@@ -125,6 +129,13 @@ def main() -> None:
     link_gbps = 1.0
     rows, link_rows = [], []
     for p in (2, 4):
+        if args.link_only:
+            per_rank = run_ranks(measure, p, lengths[-1:], max(2, repeats // 2), link_gbps)
+            res = per_rank[0][0]
+            link_rows.append({"P": p, "S": lengths[-1], "link_gbps": link_gbps,
+                              "lasp2_ms": 1e3 * res["lasp2"]["time_s"],
+                              **{f"{n}/lasp2": res[n]["time_s"] / res["lasp2"]["time_s"] for n in OPS}})
+            continue
         per_rank = run_ranks(measure, p, lengths, repeats, None)
         for i, seq_len in enumerate(lengths):
             res = per_rank[0][i]
@@ -139,6 +150,8 @@ def main() -> None:
         res = per_rank[0][0]
         link_rows.append({"P": p, "S": lengths[-1], "link_gbps": link_gbps, "lasp2_ms": 1e3 * res["lasp2"]["time_s"],
                           **{f"{n}/lasp2": res[n]["time_s"] / res["lasp2"]["time_s"] for n in OPS}})
+    if args.link_only:  # the link-off rows do not depend on the emulation: keep the recorded ones
+        rows = json.loads((RESULTS / "linear_sp.json").read_text())["rows"]
     print("\nforward+backward step time / LASP-2's (median of repeats); KB sent by the busiest rank (fwd+bwd)")
     print_table(rows, ["P", "S", "lasp2_ms"] + [c for n in OPS for c in (f"{n}/lasp2", f"{n} KB")])
     print(f"\nemulated {link_gbps} Gbit/s links (20 us latency): step time / LASP-2's")
@@ -146,7 +159,8 @@ def main() -> None:
     path = save_results("linear_sp", {
         "config": {"batch": 1, "heads": HEADS, "dk": DK, "dv": DV, "decay": "per-token (B, S, H)",
                    "dtype": "float32", "layout": "contiguous", "repeats": repeats, "threads_per_rank": 1,
-                   "zeco_pieces": min(8, DK), "bytes": "busiest rank, forward + backward"},
+                   "zeco_pieces": min(8, DK), "bytes": "busiest rank, forward + backward",
+                   **({"link_off_rows": "kept from the recorded run (--link-only)"} if args.link_only else {})},
         "rows": rows, "link_emulated": link_rows,
     })
     print(f"\nwrote {path}")

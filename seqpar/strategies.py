@@ -14,6 +14,7 @@ numbers or arrays of the same shape.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,7 +45,8 @@ COMM_BYTES_OVER_RANKS = ("each", "mean", "max")
 ACCUM_BYTES = 4  # float32 accumulators and states (dK/dV in ring, partial outputs, linear-attention states)
 LSE_BYTES = 4  # float32 log-sum-exp per (token, head)
 ZIGZAG_CAUSAL_QUERY_FRACTION = 0.75  # TokenRing, causal zigzag: a quarter of the query blocks is skipped
-ZECO_PIECES = 8  # pieces the ZeCO All-Scan cuts a state into (the cost model's pipeline depth)
+ZECO_PIECES = 8  # pieces the ZeCO All-Scan cuts a state into, at most (seqpar.collectives.scan.DEFAULT_PIECES)
+LINEAR_CHUNK = 64  # chunk length of the chunkwise linear-attention kernels (seqpar.kernels.linear's default)
 
 
 @dataclass(frozen=True)
@@ -372,16 +374,46 @@ register(Strategy(
 # (``H D_k D_v 4``; a per-token decay adds ``H 4`` per state, neglected). L_f, L_b: the chunkwise compute.
 
 
+def linear_pass_parts(x: LayerShape, compute_s: Any) -> tuple[Any, Any, Any]:
+    """One pass (forward or backward) of chunkwise linear attention cut where the SP ops communicate:
+    ``(before, overlapped, after)`` seconds.
+
+    Per token and head the chunkwise form does ``2 D^2`` for the local state (``M_r``; backward: the incoming
+    state's gradient from q and dO), ``2 C D`` inside the chunks, and ``2 D^2`` with the incoming state
+    (``q S_in``; backward: the gradients through the state) (the cost model's ``2 C D + 4 D^2``). The ops
+    compute the first part, start their transfer, do the intra-chunk part while it runs, and need what
+    arrived only for the last part.
+    """
+    d, c = x.head_dim, LINEAR_CHUNK
+    total = 2 * c * d + 4 * d * d
+    return compute_s * (2 * d * d / total), compute_s * (2 * c * d / total), compute_s * (2 * d * d / total)
+
+
+def overlapped_linear_pass(x: LayerShape, compute_s: Any, comm_s: Any) -> Any:
+    """``before + max(overlapped, comm) + after`` (``linear_pass_parts``): the transfer starts after the local
+    state and hides behind the intra-chunk work."""
+    before, overlapped, after = linear_pass_parts(x, compute_s)
+    return before + np.maximum(overlapped, comm_s) + after
+
+
 def lasp2_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     """One all-gather of the memory state forward and one backward: ``(P-1) state`` each."""
     one_pass = (x.degree - 1) * x.state_bytes
     return one_pass, one_pass
 
 
+def lasp2_gather_time(x: LayerShape, link: Link) -> Any:
+    """The all-gather of the states, a ring of ``P - 1`` rounds: ``(P-1) (state / beta + lam)``."""
+    return (x.degree - 1) * (x.state_bytes / link.bytes_per_s + link.latency_s)
+
+
 def lasp2_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
-    """The all-gather overlaps the intra-chunk compute: ``max(L, (P-1) (state / beta + lam))`` each way."""
-    comm = (x.degree - 1) * (x.state_bytes / link.bytes_per_s + link.latency_s)
-    return np.maximum(compute_fwd_s, comm) + np.maximum(compute_bwd_s, comm)
+    """Each way: the local state, then the all-gather overlapped with the intra-chunk compute, then the
+    inter-chunk part with the gathered states (``overlapped_linear_pass``)."""
+    if x.degree == 1:
+        return compute_fwd_s + compute_bwd_s
+    gather = lasp2_gather_time(x, link)
+    return overlapped_linear_pass(x, compute_fwd_s, gather) + overlapped_linear_pass(x, compute_bwd_s, gather)
 
 
 def lasp2_transient_bytes(x: LayerShape) -> Any:
@@ -395,14 +427,42 @@ def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     return one_pass, one_pass
 
 
-def zeco_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
-    """The state, cut in ``K = ZECO_PIECES`` pieces, is relayed rank to rank; the last rank waits
-    ``P - 1 + K - 1`` pipelined hops of one piece: ``max(L, (P-1+K-1) (state / K / beta + lam))`` each way."""
+def zeco_pieces(x: LayerShape) -> int:
+    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``
+    (from P and the state size), or its fixed default where that rule is absent (before branch linops)."""
+    from seqpar.collectives import scan  # here: scan needs torch, the formulas only numpy
+
+    choose = getattr(scan, "choose_pieces", None)
+    if choose is None:
+        return min(ZECO_PIECES, x.head_dim)
+    return choose(x.degree, x.state_bytes, x.head_dim)
+
+
+def zeco_scan_time(x: LayerShape, link: Link) -> Any:
+    """When the last rank has its incoming state after the scan starts: the state in ``K`` pieces relayed
+    rank to rank, each hop forwarding a piece as soon as it arrived, so the last piece reaches rank P-1
+    after ``P - 1 + K - 1`` piece hops of ``state/K / beta + lam`` each (0 at P = 1)."""
     if x.degree == 1:
-        return np.maximum(compute_fwd_s, 0.0) + np.maximum(compute_bwd_s, 0.0)
-    hops = x.degree - 1 + ZECO_PIECES - 1
-    comm = hops * (x.state_bytes / ZECO_PIECES / link.bytes_per_s + link.latency_s)
-    return np.maximum(compute_fwd_s, comm) + np.maximum(compute_bwd_s, comm)
+        return 0.0 * x.state_bytes
+    pieces = zeco_pieces(x)
+    return (x.degree - 1 + pieces - 1) * (x.state_bytes / pieces / link.bytes_per_s + link.latency_s)
+
+
+def zeco_final_state_time(x: LayerShape, link: Link) -> Any:
+    """Extra time when the final state is asked for (inference, chunked prefill; not charged by
+    ``zeco_layer_time``, training does not ask for it): from rank P-1 to all by a binomial tree of
+    ``ceil(log2 P)`` whole-state hops."""
+    return math.ceil(math.log2(x.degree)) * (x.state_bytes / link.bytes_per_s + link.latency_s)
+
+
+def zeco_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Each way (the backward's scan runs from the last rank down): the local state, then the pipelined scan
+    (``zeco_scan_time``) overlapped with the intra-chunk compute, then the inter-chunk part
+    (``overlapped_linear_pass``); the last rank in the scan's direction bounds the step."""
+    if x.degree == 1:
+        return compute_fwd_s + compute_bwd_s
+    scan = zeco_scan_time(x, link)
+    return overlapped_linear_pass(x, compute_fwd_s, scan) + overlapped_linear_pass(x, compute_bwd_s, scan)
 
 
 def zeco_transient_bytes(x: LayerShape) -> Any:

@@ -229,3 +229,26 @@ def test_a_bad_timeout_fails_every_rank_before_anything_is_sent():
     for message, calls in run_distributed(op_with_bad_timeout, 2, timeout=30):
         assert message is not None and message.startswith("SEQPAR_COMM_TIMEOUT_S"), message
         assert calls == {}
+
+
+def under_link_emulation(fn):
+    """Run ``fn`` with a fast emulated link: the header messages emulation adds must not disturb what moves."""
+    comm.set_link_emulation(comm.LinkEmulation(gbps=50.0, latency_s=1e-6))
+    try:
+        return fn()
+    finally:
+        comm.set_link_emulation(None)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_primitives_and_batched_exchanges_are_unchanged_under_link_emulation(world_size):
+    for r, res in enumerate(run_distributed(under_link_emulation, world_size, exercise_primitives)):
+        assert all(res["values"]), (r, res["values"])
+        assert res["bytes"] == res["expected"]  # the emulation's headers are not counted
+        assert res["direction"] == {"next": 120, "prev": 120}
+    p = world_size
+    for rank, res in enumerate(run_distributed(under_link_emulation, world_size, batched_exchange)):
+        peers = [j for j in range(p) if j != rank]
+        assert res["from_peers"] == [[float(100 * j + rank)] * (rank + 1) for j in peers]
+        assert res["from_prev"] == [[float((rank - 1) % p)] * 3] * 2
+        assert res["calls"] == {"send": p}

@@ -30,7 +30,6 @@ piece j and forwards it before it waits for piece j + 1, so the pieces cannot sh
 
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.distributed as dist
@@ -78,17 +77,6 @@ def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
         )
     base, extra = divmod(dk, num_pieces)
     return [base + (1 if j < extra else 0) for j in range(num_pieces)]
-
-
-def _arrived(pending: comm.PendingTransfer) -> bool:
-    """Has this receive completed? Never blocks. comm's PendingTransfer has no public test yet, so this asks its
-    underlying works (``dist.Work.is_completed``) and its emulated arrival time; a later ``wait()`` still does the
-    bounded wait and tracing. (A public ``PendingTransfer.done()`` in comm would replace this.)"""
-    works = getattr(pending, "_works", None)
-    finish = getattr(pending, "_emulated_finish", None)  # an emulated link's arrival time, where it sets one
-    if finish is not None and time.perf_counter() < finish:
-        return False
-    return bool(works) and all(work.is_completed() for work in works)
 
 
 class ScanRelay:
@@ -199,7 +187,7 @@ class ScanRelay:
         while self._next < len(self.sizes):
             if not self._recvs:
                 self._forward_piece(self._first_piece(self._next))
-            elif _arrived(self._recvs[self._next]):
+            elif self._recvs[self._next].arrived():
                 self._forward_piece(self._recvs[self._next].wait())
             else:
                 return

@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,9 +28,9 @@ from seqpar import tracing
 from seqpar.collectives.comm import tags
 from seqpar.collectives.comm.accounting import nbytes as _nbytes
 from seqpar.collectives.comm.accounting import record as _record
+from seqpar.collectives.comm import emulation as _emulation
 from seqpar.collectives.comm.devices import audit as _audit_devices
 from seqpar.collectives.comm.devices import required_device
-from seqpar.collectives.comm.emulation import emulated_finish as _emulated_finish
 
 __all__ = [
     "PendingTransfer",
@@ -128,7 +127,7 @@ class PendingTransfer:
         works: Sequence[dist.Work],
         result: object,
         describe: str,
-        emulated_finish: float | None = None,
+        emulated_finish: float | Callable[[], float] | None = None,
         *,
         finalize: Callable[[Any], Any] | None = None,
     ) -> None:
@@ -147,13 +146,25 @@ class PendingTransfer:
                     work.wait(timeout)
                 except RuntimeError as err:  # gloo reports both timeouts and dead peers as RuntimeError
                     raise RuntimeError(f"seqpar: {self._describe} failed or timed out after {timeout}: {err}") from err
-            if self._emulated_finish is not None:
-                time.sleep(max(0.0, self._emulated_finish - time.perf_counter()))
+            if self._emulated_finish is not None:  # link emulation: not before the emulated link is done
+                finish = self._emulated_finish
+                _emulation.sleep_until(finish() if callable(finish) else finish)
             if self._finalize is not None:
                 self._result = self._finalize(self._result)
             self._done = True
         tracing.record("wait", what=self._describe)
         return self._result
+
+    def arrived(self) -> bool:
+        """Whether ``wait()`` would return at once; never blocks. True once every transfer has completed and, with
+        link emulation, its emulated arrival time has passed (lets a relay forward what has come in between
+        pieces of compute)."""
+        if self._done:
+            return True
+        if not all(work.is_completed() for work in self._works):
+            return False
+        finish = self._emulated_finish
+        return finish is None or _emulation.clock() >= (finish() if callable(finish) else finish)
 
     def then(self, finalize: Callable[[Any], Any]) -> PendingTransfer:
         """The same transfer, whose ``wait()`` returns ``finalize(result)``; use it instead of this one."""
@@ -201,8 +212,8 @@ def exchange(
     Posted in an order that pairs up on every rank (even ranks send first, odd ranks receive first), so any
     set of ranks whose exchanges match (every send has a receive with the same tag, in the same order per
     peer and tag) completes. Every send is counted as ``send`` bytes for its peer and for the ring direction
-    of its tag (``comm.tags.direction_of``); with link emulation the exchange finishes no earlier than its
-    slowest send's link allows.
+    of its tag (``comm.tags.direction_of``); with link emulation (``comm.emulation``) the exchange finishes
+    no earlier than its sends are out and its receives have arrived on the emulated links.
 
     Returns:
         A ``PendingTransfer`` whose ``wait()`` returns the list of received tensors, in ``recvs`` order.
@@ -251,26 +262,36 @@ def _post(
     _audit_devices(describe, dist.group.WORLD, [(f"send to global rank {dst}", t) for t, dst, _, _ in sends]
                    + [(f"receive from global rank {src}", buf) for buf, src, _ in recvs])
     works = []
+    # link emulation: each payload is followed by a header (same peer and tag) carrying its emulated arrival
+    emulated = _emulation.link_emulation() is not None
+    headers_out, arrivals, headers_in = [], [], []
 
     def post_sends() -> None:
         for tensor, dst, tag, direction in sends:
             _record("send", _nbytes(tensor), peer=dst, direction=direction)
             with _posting(describe, f"send to global rank {dst}"):
                 works.append(dist.isend(tensor, dst, tag=tag))
+                if emulated:
+                    header, arrival = _emulation.send_header(dst, _nbytes(tensor), tensor.device)
+                    headers_out.append(header)
+                    arrivals.append(arrival)
+                    works.append(dist.isend(header, dst, tag=tag))
 
     def post_recvs() -> None:
         for buf, src, tag in recvs:
             with _posting(describe, f"receive from global rank {src}"):
                 works.append(dist.irecv(buf, src, tag=tag))
+                if emulated:
+                    headers_in.append(_emulation.recv_header(buf.device))
+                    works.append(dist.irecv(headers_in[-1], src, tag=tag))
 
     first, second = (post_sends, post_recvs) if rank % 2 == 0 else (post_recvs, post_sends)
     first()
     second()
-    finishes = [_emulated_finish(("p2p", dst), _nbytes(tensor)) for tensor, dst, _, _ in sends]
-    finish = max(finishes) if finishes and finishes[0] is not None else None
+    finish = (lambda: _emulation.p2p_finish(arrivals, headers_in)) if emulated else None
     # the send tensors ride along in the result until the wait, so a contiguous copy outlives its isend
     return PendingTransfer(
-        works, ([t for t, *_ in sends], [buf for buf, *_ in recvs]), describe, finish,
+        works, ([t for t, *_ in sends] + headers_out, [buf for buf, *_ in recvs]), describe, finish,
         finalize=lambda sent_and_received: sent_and_received[1],
     )
 
@@ -309,8 +330,8 @@ def ring_exchange_bidirectional(
     tag_next, tag_prev = tags.ring_tag("next", stream), tags.ring_tag("prev", stream)
     group, rank, size = group_info(group)
     if size == 1:  # a ring of one: the neighbour is this rank, nothing crosses a link
-        clone = lambda t: None if t is None else t.clone()
-        return PendingTransfer([], (clone(to_next), clone(to_prev)), "ring exchange with itself")
+        copies = tuple(None if t is None else t.clone() for t in (to_next, to_prev))
+        return PendingTransfer([], copies, "ring exchange with itself")
     nxt, prv = (rank + 1) % size, (rank - 1) % size
     sends, recvs = [], []
     if to_next is not None:
@@ -339,7 +360,9 @@ def send(
     return _post([(tensor, dst, tag, direction or tags.direction_of(tag))], [], group, rank, size, None)
 
 
-def recv(tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = None, tag: int = tags.P2P) -> PendingTransfer:
+def recv(
+    tensor: torch.Tensor, src: int, *, group: dist.ProcessGroup | None = None, tag: int = tags.P2P
+) -> PendingTransfer:
     """Asynchronously receive into ``tensor`` from group rank ``src``; ``.wait()`` returns ``tensor``."""
     group, rank, size = group_info(group)
     return _post([], [(tensor, src, tag)], group, rank, size, None).then(lambda got: got[0])
@@ -364,8 +387,21 @@ def all_gather_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = 
     nbytes = _nbytes(tensor) * (size - 1)
     _record("all_gather", nbytes)
     work = _all_gather_single(flat, tensor.reshape(-1), group=group, async_op=True)
-    finish = _emulated_finish("collective", nbytes)
-    return PendingTransfer([work], flat.view(size, *tensor.shape), f"all_gather on rank {rank}", finish)
+    works, finish = _emulate_collective([work], group, size, nbytes, size - 1, tensor.device)
+    return PendingTransfer(works, flat.view(size, *tensor.shape), f"all_gather on rank {rank}", finish)
+
+
+def _emulate_collective(
+    works: list[dist.Work], group: dist.ProcessGroup, size: int, nbytes: int, rounds: int, device: torch.device
+) -> tuple[list[dist.Work], Callable[[], float] | None]:
+    """With link emulation on: post the all-gather of every rank's start after the collective's ``works``;
+    return them with the emulated completion (None and the works unchanged when it is off or P = 1)."""
+    if _emulation.link_emulation() is None or size == 1:
+        return works, None
+    start = _emulation.collective_start(nbytes, device)
+    starts = torch.empty(size, dtype=torch.float64, device=device)
+    works = [*works, _all_gather_single(starts, start, group=group, async_op=True)]
+    return works, lambda: _emulation.collective_finish(starts, nbytes, rounds)
 
 
 def all_gather(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -413,7 +449,8 @@ def all_to_all(
         recv_buf, send_buf, output_split_sizes=[s.numel() for s in shapes],
         input_split_sizes=[t.numel() for t in inputs], group=group, async_op=True,
     )
-    PendingTransfer([work], None, f"all_to_all on rank {rank}", _emulated_finish("collective", nbytes)).wait()
+    works, finish = _emulate_collective([work], group, size, nbytes, size - 1, send_buf.device)
+    PendingTransfer(works, None, f"all_to_all on rank {rank}", finish).wait()
     return [piece.view(shape) for piece, shape in zip(recv_buf.split([s.numel() for s in shapes]), shapes)]
 
 
@@ -428,7 +465,8 @@ def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = No
     nbytes = _nbytes(tensor) * (size - 1) // size
     _record("reduce_scatter", nbytes)
     work = _reduce_scatter_single(out, tensor, group=group, async_op=True)
-    return PendingTransfer([work], out, f"reduce_scatter on rank {rank}", _emulated_finish("collective", nbytes)).wait()
+    works, finish = _emulate_collective([work], group, size, nbytes, size - 1, tensor.device)
+    return PendingTransfer(works, out, f"reduce_scatter on rank {rank}", finish).wait()
 
 
 def all_reduce_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> PendingTransfer:
@@ -438,7 +476,8 @@ def all_reduce_async(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = 
     nbytes = 2 * _nbytes(tensor) * (size - 1) // size
     _record("all_reduce", nbytes)
     work = dist.all_reduce(tensor, group=group, async_op=True)
-    return PendingTransfer([work], tensor, f"all_reduce on rank {rank}", _emulated_finish("collective", nbytes))
+    works, finish = _emulate_collective([work], group, size, nbytes, 2 * (size - 1), tensor.device)
+    return PendingTransfer(works, tensor, f"all_reduce on rank {rank}", finish)
 
 
 def all_reduce(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
