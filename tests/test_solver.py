@@ -145,7 +145,8 @@ def test_hybrid_models_name_both_strategies():
     assert hybrid.model.num_linear_layers == 24 and hybrid.model.num_softmax_layers == 8
     # many ranks: LASP-2's all-gather moves P-1 states, ZeCO's pipeline one; few ranks: ZeCO's hops dominate
     assert hybrid.seq_time(8192, 64, "ring+zeco") < hybrid.seq_time(8192, 64, "ring+lasp2")
-    assert hybrid.seq_time(8192, 2, "ring+lasp2") < hybrid.seq_time(8192, 2, "ring+zeco")
+    # two ranks: both send one state once (ZeCO's piece rule gives one piece at P = 2), so they tie
+    assert hybrid.seq_time(8192, 2, "ring+lasp2") <= hybrid.seq_time(8192, 2, "ring+zeco")
     with pytest.raises(ValueError, match="ring\\+zeco"):
         hybrid.seq_time(8192, 4, "ring")
     assert "ulysses+zeco" in hybrid.strategy_names(4)
