@@ -397,9 +397,11 @@ def overlapped_linear_pass(x: LayerShape, compute_s: Any, comm_s: Any) -> Any:
 
 
 def lasp2_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
-    """One all-gather of the memory state forward and one backward: ``(P-1) state`` each."""
-    one_pass = (x.degree - 1) * x.state_bytes
-    return one_pass, one_pass
+    """One all-gather of the memory state and the slice's total log decay forward (``(P-1) (state + 4 H)``: every
+    rank needs every other rank's decay, its slice may differ in length), one of the state's gradient backward
+    (``(P-1) state``). For a decayed layer (per head or per token; a GLA gate sends ``4 H D_k`` per rank)."""
+    forward = (x.degree - 1) * (x.state_bytes + ACCUM_BYTES * x.heads)
+    return forward, (x.degree - 1) * x.state_bytes
 
 
 def lasp2_gather_time(x: LayerShape, link: Link) -> Any:

@@ -129,7 +129,7 @@ def test_dp_sp_mesh_equals_one_process_on_the_union(strategy, wrap):
 
 
 def mesh_errors():
-    from checks import value_errors
+    from tests.checks import value_errors
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))

@@ -45,7 +45,7 @@ def test_unequal_shards_equal_the_float64_recurrence(op_name, world_size):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 def test_torch_kernel_with_gla_decay_equals_the_float64_recurrence(chunk_size):
-    from checks import rel_err
+    from tests.checks import rel_err
     from seqpar.kernels.linear import chunk_state, linear_attention_chunk
     from seqpar.kernels.reference import reference_linear_attention
 

@@ -40,7 +40,7 @@ def test_packed_sequences_spanning_ranks_equal_the_float64_recurrence(op_name, w
 
 def packed_calls(op_name: str) -> tuple:
     """Transfers of one packed forward + backward with 4 sequences and a final state."""
-    from linear_cases import OPS
+    from tests.linear_cases import OPS
 
     p = dist.get_world_size()
     lens = torch.tensor([0] + LOCAL_LENGTHS).cumsum(0).to(torch.int32)
@@ -64,7 +64,7 @@ def test_one_collective_per_call_not_one_per_sequence():
 
 
 def test_bad_cu_seqlens_raises_naming_it():
-    from linear_cases import OPS
+    from tests.linear_cases import OPS
 
     q = torch.randn(1, 6, 2, 4)
     for bad in (torch.tensor([0, 3, 6]), torch.tensor([0, 3, 5], dtype=torch.int32),

@@ -113,7 +113,7 @@ def test_mesh_replicas_run_the_same_number_of_micro_batches():
 
 
 def too_long_sequence():
-    from checks import value_errors
+    from tests.checks import value_errors
 
     sp_model = seqpar.parallelize(tiny_llama(), strategy="ring", verify_model=False)
     return value_errors({"long": lambda: sp_model.prepare(_sequences([64, 200]), max_tokens_per_rank=32),

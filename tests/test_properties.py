@@ -107,7 +107,7 @@ def test_length_one_sequences_in_a_packed_batch():
 
 
 def linear_case(op_name, seed, s_local, kind, with_init, with_final, dv):
-    from test_lasp2 import make_inputs, reference, run_case
+    from tests.test_lasp2 import make_inputs, reference, run_case
 
     x = make_inputs(seed, dist.get_world_size(), s_local, kind, with_init, dv)
     ref = reference(x, with_final)

@@ -139,7 +139,7 @@ def test_a_hand_built_hybrid_plan_runs_exactly_as_planned():
 
 
 def test_the_auto_plan_is_returned_and_equal_on_every_rank():
-    from test_parallelize import cpu_cost_model
+    from tests.test_parallelize import cpu_cost_model
 
     results = run_distributed(step_errors, WORLD, "llama", [200, 16, 40, 24], strategy="auto",
                               cost_model=cpu_cost_model(), verify_model=False)
