@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_distributed
+from tests.harness import run_distributed
 from seqpar.collectives import comm
 from seqpar.collectives.comm import emulation
 
