@@ -101,18 +101,37 @@ def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -
     Raises:
         ValueError: unknown or retired backend name, or a named backend that cannot run on this device/dtype.
     """
+    return resolve_backend(_BACKENDS, _AUTO_ORDER, name, device, dtype, kind="attention")
+
+
+def resolve_backend(
+    backends: dict, auto_order: tuple[str, ...], name: str, device: torch.device, dtype: torch.dtype, *,
+    kind: str, subject: str = "",
+):
+    """The one resolution rule of every kernel registry (attention, linear attention): ``"auto"`` is the first of
+    ``auto_order`` that is ``auto_eligible`` (else ``supports``) for ``device``/``dtype``; a name is that backend,
+    if it ``supports`` them. ``kind`` and ``subject`` word the errors ("unknown {kind} backend", "'x'{subject}
+    cannot run on ...").
+
+    Raises:
+        ValueError: naming ``backend``: a retired or unknown name, no eligible backend, or one that cannot run here.
+    """
     check_retired_backend_name(name)
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            backend = _BACKENDS.get(candidate)
+        for candidate in auto_order:
+            backend = backends.get(candidate)
             if backend is not None and (backend.auto_eligible or backend.supports)(device, dtype):
                 return backend
-        raise ValueError(f"backend: no attention backend supports {device.type}/{dtype}")
-    if name not in _BACKENDS:
-        raise ValueError(f"backend: unknown attention backend {name!r}; registered: {sorted(_BACKENDS)} or 'auto'")
-    backend = _BACKENDS[name]
+        raise ValueError(f"backend: no {kind} backend supports {device.type}/{dtype}")
+    if name not in backends:
+        raise ValueError(f"backend: unknown {kind} backend {name!r}; registered: {sorted(backends)} or 'auto'")
+    backend = backends[name]
     if not backend.supports(device, dtype):
-        raise ValueError(f"backend: {name!r} cannot run on {device.type} with {dtype}; use backend='auto'")
+        needs = getattr(backend, "needs", None)
+        needs = f" (needs {needs})" if needs else ""
+        raise ValueError(
+            f"backend: {name!r}{subject} cannot run on {device.type} with {dtype}{needs}; use backend='auto'"
+        )
     return backend
 
 

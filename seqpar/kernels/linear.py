@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from seqpar.kernels.attention import check_retired_backend_name
+from seqpar.kernels.attention import resolve_backend
 
 __all__ = [
     "LINEAR_BACKENDS",
@@ -106,24 +106,8 @@ def get_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> L
         ValueError: naming ``backend``: an unknown or retired name, or a named backend that cannot run on this
             device/dtype.
     """
-    check_retired_backend_name(name)
-    if name == "auto":
-        for candidate in _AUTO_ORDER:
-            backend = _BACKENDS.get(candidate)
-            if backend is not None and (backend.auto_eligible or backend.supports)(device, dtype):
-                return backend
-        raise ValueError(f"backend: no linear-attention backend supports {device.type}/{dtype}")
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"backend: unknown linear-attention backend {name!r}; registered: {sorted(_BACKENDS)} or 'auto'"
-        )
-    backend = _BACKENDS[name]
-    if not backend.supports(device, dtype):
-        needs = f" (needs {backend.needs})" if backend.needs else ""
-        raise ValueError(
-            f"backend: {name!r} linear attention cannot run on {device.type} with {dtype}{needs}; use backend='auto'"
-        )
-    return backend
+    return resolve_backend(_BACKENDS, _AUTO_ORDER, name, device, dtype, kind="linear-attention",
+                           subject=" linear attention")
 
 
 def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
