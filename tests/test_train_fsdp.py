@@ -12,6 +12,7 @@ from tests.harness import run_distributed
 
 from seqpar.launch import checkpoint as checkpoint_mod
 from seqpar.launch import train as train_mod
+from tests.test_train import run_train  # one way to run seqpar-train in process
 
 
 class TinyStack(torch.nn.Module):
@@ -158,12 +159,6 @@ def test_a_crafted_dcp_metadata_file_is_refused_without_running_it(tmp_path):
 
 BASE = ["--model", "llama-tiny", "--data", "uniform", "--tokens-per-step", "512", "--max-len", "128",
         "--strategy", "ring", "--lr", "1e-2", "--no-progress"]
-
-
-def run_train(argv):
-    args = train_mod.build_parser().parse_args(argv)
-    train_mod.validate_args(args)
-    return [h["loss"] for h in train_mod.train(args)]
 
 
 def test_10_steps_on_4_ranks_equal_5_on_2_and_5_more_on_4_with_fsdp_and_checkpointing(tmp_path):

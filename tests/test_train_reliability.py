@@ -21,15 +21,10 @@ pytest.importorskip("transformers", reason="transformers not installed (the 'hf'
 import seqpar  # noqa: E402
 from seqpar.launch import checkpoint as checkpoint_mod  # noqa: E402
 from seqpar.launch import train as train_mod  # noqa: E402
+from tests.test_train import run_train  # noqa: E402 (one way to run seqpar-train in process)
 
 BASE = ["--model", "llama-tiny", "--data", "uniform", "--tokens-per-step", "512", "--max-len", "128",
         "--strategy", "ring", "--lr", "1e-2", "--no-progress"]
-
-
-def run_train(argv):
-    args = train_mod.build_parser().parse_args(argv)
-    train_mod.validate_args(args)
-    return [h["loss"] for h in train_mod.train(args)]
 
 
 def outcome(argv):
