@@ -1,0 +1,185 @@
+"""seqpar-train as a fine-tuning tool: a pretrained tiny Llama and tokenizer saved with save_pretrained, a .jsonl
+corpus, bf16, warmup + cosine, clipping, evaluation and the Hugging Face export, checked against one plain
+process; resume mid-corpus; clipping under SP and FSDP2 against clip_grad_norm_ in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from tests.harness import run_distributed
+
+pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
+
+from seqpar.launch import train as train_mod  # noqa: E402
+from tests.test_text_data import documents, expected_ids, save_tiny_tokenizer, write_jsonl  # noqa: E402
+
+TOKENS_PER_STEP, MAX_LEN = 256, 64
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A directory with a tiny Llama (random weights, saved: "pretrained") and its tokenizer, and two corpora."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("pretrained")
+    model_dir = root / "model"
+    save_tiny_tokenizer(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    train_docs, eval_docs = documents(40, seed=10), documents(8, seed=11)
+    write_jsonl(root / "train.jsonl", train_docs)
+    write_jsonl(root / "eval.jsonl", eval_docs)
+    return {"root": root, "model": model_dir, "train": train_docs, "eval": eval_docs}
+
+
+def run_records(argv) -> list[dict]:
+    args = train_mod.build_parser().parse_args(argv)
+    train_mod.validate_args(args)
+    return train_mod.train(args)
+
+
+def first_batch(tokenizer_dir, docs) -> list[list[int]]:
+    """The first step's sequences without shuffling, built here from the tokenizer's ids: documents in order,
+    each one sequence (all are shorter than MAX_LEN), until the next would pass TOKENS_PER_STEP."""
+    batch, total = [], 0
+    for ids in expected_ids(tokenizer_dir, docs):
+        assert len(ids) <= MAX_LEN
+        if batch and total + len(ids) > TOKENS_PER_STEP:
+            return batch
+        batch.append(ids)
+        total += len(ids)
+    return batch
+
+
+def plain_loss(model, batch: list[list[int]]) -> float:
+    """The token-mean next-token loss of a batch, one sequence at a time in one process (float64 sums)."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for ids in batch:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits.double()[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            count += len(ids) - 1
+    return float(total / count)
+
+
+def base_argv(p, tmp_path, dtype: str) -> list[str]:
+    return ["--model", str(p["model"]), "--data", str(p["root"] / "train.jsonl"), "--data-cache",
+            str(tmp_path / "cache"), "--tokens-per-step", str(TOKENS_PER_STEP), "--max-len", str(MAX_LEN),
+            "--strategy", "ring", "--dtype", dtype, "--no-progress", "--eval-data", str(p["root"] / "eval.jsonl")]
+
+
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), ("bf16", 3e-2)])
+def test_fine_tuning_starts_at_the_pretrained_loss_and_exports_the_trained_model(pretrained, tmp_path, dtype, tol):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p, out = pretrained, tmp_path / "out"
+    steps, peak = 6, 3e-3
+    argv = base_argv(p, tmp_path, dtype) + ["--warmup-steps", "2", "--lr-schedule", "cosine", "--grad-clip", "1.0",
+                                            "--lr", str(peak), "--steps", str(steps), "--no-shuffle",
+                                            "--export-hf", str(out), "--tensorboard", str(tmp_path / "tb")]
+    records = run_distributed(run_records, 2, argv, timeout=600)[0]
+    batch = first_batch(p["model"], p["train"])
+    assert (records[0]["sequences"], records[0]["tokens"]) == (len(batch), sum(map(len, batch)))
+    pretrained_model = AutoModelForCausalLM.from_pretrained(p["model"], dtype=torch.float32)
+    compute = AutoModelForCausalLM.from_pretrained(p["model"], dtype=train_mod.DTYPES[dtype])
+    reference = plain_loss(compute, batch)
+    assert abs(records[0]["loss"] - reference) <= tol * reference, (records[0]["loss"], reference)
+    # transformers' warmup + cosine, written out: step s runs at peak * s/2 in warmup, then half a cosine to 0
+    want_lr = [peak * (s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / (steps - 2))))
+               for s in range(steps)]
+    assert [r["lr"] for r in records] == pytest.approx(want_lr, rel=1e-12, abs=1e-15)
+    assert all(r["grad_norm"] > 0 for r in records)
+    # the exported model is the trained one: its loss on the held-out batch, in one plain process, equals the
+    # evaluation the run did through the SP path after the last step
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
+    held_out = first_batch(p["model"], p["eval"])
+    exported_loss = plain_loss(exported, held_out)
+    assert abs(exported_loss - records[-1]["eval_loss"]) <= tol * exported_loss, (exported_loss, records[-1])
+    assert exported_loss < plain_loss(pretrained_model, held_out) - 0.05  # it learnt
+    assert AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == expected_ids(p["model"], ["the cat"])[0][:-1]
+    if dtype == "fp32":  # TensorBoard got the same numbers as the metrics
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
+        assert [e.step for e in events.Scalars("eval/loss")] == [steps]
+
+
+def test_resume_mid_corpus_continues_at_the_same_document(pretrained, tmp_path):
+    # packed rows of 24 tokens split the documents (shuffled), so the checkpoint falls inside one
+    argv = base_argv(pretrained, tmp_path, "fp32")[:-2] + ["--max-len", "24", "--tokens-per-step", "96",
+                                                           "--packing", "--lr", "1e-2"]
+    straight = run_distributed(run_records, 2, argv + ["--steps", "4"])[0]
+    ckpt = argv + ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = run_distributed(run_records, 2, ckpt + ["--steps", "2"])[0]
+    second = run_distributed(run_records, 2, ckpt + ["--steps", "4", "--resume"])[0]
+    assert first[-1]["data"]["offset"] > 0, first[-1]["data"]  # mid-document
+    resumed = first + second
+    assert [r["data"] for r in resumed] == [r["data"] for r in straight]
+    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in straight]
+    for a, b in zip(straight, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (straight, resumed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# clipping: the global norm under SP and FSDP2 equals one process's clip_grad_norm_ (float64)
+# ---------------------------------------------------------------------------------------------------
+
+MAX_NORM = 1e-3  # far below the gradient norm: the clipping acts
+
+
+def tiny_llama64(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).double()
+
+
+def clip_batch() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 64, (n,), generator=gen) for n in (40, 17, 64)]
+
+
+def clipped_sp_gradients(fsdp: bool) -> dict:
+    import seqpar
+
+    model = tiny_llama64(seed=1)
+    if fsdp:
+        train_mod.shard_model(model, torch.device("cpu"))
+    sp = seqpar.parallelize(model, strategy="ring")
+    out = sp(**sp.prepare(clip_batch()))
+    out.loss.backward()
+    if not fsdp:
+        sp.sync_gradients()
+    norm = float(train_mod._grad_norm(model))
+    factor = train_mod.clip_gradients(model, MAX_NORM, norm)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}
+    return {"norm": norm, "factor": factor, "grads": grads, "rank": dist.get_rank()}
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["sp", "sp+fsdp2"])
+def test_clipping_equals_one_process_clip_grad_norm(fsdp):
+    model = tiny_llama64(seed=1)
+    batch = clip_batch()
+    total = torch.zeros((), dtype=torch.float64)
+    for ids in batch:  # the global token mean of the batch, one sequence at a time
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+        total = total + torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum")
+    (total / sum(len(t) - 1 for t in batch)).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+    for got in run_distributed(clipped_sp_gradients, 4, fsdp):
+        assert got["factor"] < 0.5 and abs(got["norm"] - norm) <= 1e-10 * norm, (got["norm"], norm)
+        for name, p in model.named_parameters():
+            assert torch.allclose(got["grads"][name], p.grad, rtol=1e-9, atol=1e-14), name
