@@ -183,3 +183,79 @@ def test_clipping_equals_one_process_clip_grad_norm(fsdp):
         assert got["factor"] < 0.5 and abs(got["norm"] - norm) <= 1e-10 * norm, (got["norm"], norm)
         for name, p in model.named_parameters():
             assert torch.allclose(got["grads"][name], p.grad, rtol=1e-9, atol=1e-14), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# model loading, long-context overrides, options and help
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_model_directory_loads_its_weights_with_the_long_context_overrides(pretrained):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(pretrained["model"] / "model.safetensors"))
+    model = train_mod.build_model(str(pretrained["model"]), seed=5, max_position_embeddings=4096, rope_theta=5e5,
+                                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    for name, tensor in model.state_dict().items():  # the pretrained weights, not seed 5's
+        assert torch.equal(tensor, saved[name]), name
+    assert model.config.max_position_embeddings == 4096
+    head_dim = 64 // 4
+    want = 1.0 / (5e5 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)) / 4.0  # linear: / factor
+    assert torch.allclose(model.model.rotary_emb.inv_freq.double(), want, rtol=1e-6)
+    # a config directory without weights builds random weights from --seed
+    config_only = pretrained["root"] / "config_only"
+    config_only.mkdir(exist_ok=True)
+    (config_only / "config.json").write_text((pretrained["model"] / "config.json").read_text())
+    a, b = (train_mod.build_model(str(config_only), seed=s).model.embed_tokens.weight for s in (1, 1))
+    assert torch.equal(a, b) and not torch.equal(a, saved["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("extra, starts", [
+    (["--grad-clip", "-1"], "--grad-clip:"),
+    (["--warmup-steps", "-1"], "--warmup-steps:"),
+    (["--eval-every", "2"], "--eval-every: needs --eval-data"),
+    (["--eval-batches", "0"], "--eval-batches:"),
+    (["--rope-theta", "0"], "--rope-theta:"),
+    (["--rope-scaling", "[1, 2]"], "--rope-scaling:"),
+    (["--max-position-embeddings", "8"], "--max-position-embeddings: 8 is below --max-len"),
+    (["--packing"], "--packing/--no-shuffle: only for raw-text --data"),
+    (["--data", "nowhere.jsonl"], "--data:"),
+    (["--eval-data", "uniform"], "--eval-data:"),
+])
+def test_bad_fine_tuning_options_are_named(extra, starts):
+    args = train_mod.build_parser().parse_args(["--data", "uniform", "--max-len", "64"] + extra)
+    with pytest.raises(ValueError) as err:
+        train_mod.validate_args(args, world_size=2)
+    assert str(err.value).startswith(starts), str(err.value)
+
+
+def test_text_needs_a_tokenizer_and_an_export_directory_must_be_new(pretrained, tmp_path):
+    corpus = str(pretrained["root"] / "train.jsonl")
+    args = train_mod.build_parser().parse_args(["--data", corpus])  # the built-in model has no tokenizer
+    with pytest.raises(ValueError, match="--data: raw text needs a tokenizer"):
+        train_mod.validate_args(args, world_size=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    args = train_mod.build_parser().parse_args(["--model", str(pretrained["model"]), "--data", corpus,
+                                                "--export-hf", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--export-hf: .* exists and is not empty"):
+        train_mod.validate_args(args, world_size=1)
+
+
+def test_every_option_has_help_with_its_default_shown():
+    parser = train_mod.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    text = " ".join(parser.format_help().split())
+    for shown in ("--steps STEPS optimizer steps", "(default: 20)", "--seed SEED", "(default: 0)",
+                  "--lr-schedule {constant,linear,cosine}", "(default: constant)", "--dtype {fp32,bf16}"):
+        assert shown in text, shown
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_help_is_printed_by_rank_0_only(monkeypatch, capsys, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as done:
+        train_mod.main(["--help"])
+    assert done.value.code == 0
+    assert ("usage: seqpar-train" in capsys.readouterr().out) == printed

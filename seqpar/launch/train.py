@@ -115,9 +115,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-position-embeddings", type=int, default=None, help="override the config's context length "
                    "before the model is built (None: the config's)")
     g.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base (None: the config's)")
-    g.add_argument("--rope-scaling", type=json.loads, default=None, help="RoPE scaling as JSON, merged into the "
+    g.add_argument("--rope-scaling", type=_json_value, default=None, help="RoPE scaling as JSON, merged into the "
                    "config's rope parameters, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
                    "\"original_max_position_embeddings\": 4096}' (None: the config's)")
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); quote it for the shell, e.g. "
+                                         "'{\"rope_type\": \"linear\", \"factor\": 4.0}'") from err
 
 
 def add_text_data_options(p: argparse.ArgumentParser) -> None:
@@ -730,6 +738,8 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             }
             if out.plan is not None:
                 record["plan_ranks"] = [list(g.ranks) for g in out.plan.groups]
+            if "cost_model" in parallel_options:  # several nodes: the planner kept groups node-aligned
+                record["ranks_per_node"] = parallel_options["cost_model"].cluster.gpus_per_node
             record["tokens_per_s"] = record["tokens"] / elapsed
             if not finite:
                 record["skipped_nonfinite"] = True
