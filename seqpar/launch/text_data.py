@@ -109,8 +109,11 @@ def _documents(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                     yield text_of(record.get(text_field) if isinstance(record, dict) else None, f"{path}:{number}")
     else:  # parquet, or a datasets Arrow stream file
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ValueError(f"--data: reading {path} needs pyarrow (pip install 'seqpar[train]')") from err
 
         if path.suffix == ".parquet":
             reader = pq.ParquetFile(path)
@@ -363,6 +366,9 @@ class TextTokens:
         return {"epoch": self.epoch, "document": self.document, "offset": self.offset, "step": self.step}
 
     def load_state(self, state: dict) -> None:
+        if not {"epoch", "document", "offset", "step"} <= set(state):
+            raise ValueError(f"--resume: the checkpoint's data position {state} is not a text corpus'; resume with "
+                             "the --data it was written with")
         self.epoch, self.document = int(state["epoch"]), int(state["document"])
         self.offset, self.step = int(state["offset"]), int(state["step"])
 

@@ -287,6 +287,11 @@ def _validate_new_options(args: argparse.Namespace) -> None:
                          f"\"factor\": 4.0}}', got {args.rope_scaling!r}")
     if args.eval_every and args.eval_data is None:
         raise ValueError("--eval-every: needs --eval-data")
+    if args.tensorboard is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard: needs the tensorboard package (pip install 'seqpar[train]')")
     if args.export_hf is not None:
         from seqpar.launch.export import check_export_dir
 
@@ -599,13 +604,12 @@ def _eval_batches(args: argparse.Namespace, vocab: int) -> list[list[torch.Tenso
 
 
 def _tensorboard_writer(directory: Path | None):
-    """A ``torch.utils.tensorboard.SummaryWriter`` on ``directory`` (None: no TensorBoard log)."""
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``directory`` (None: no TensorBoard log; ``validate_args``
+    checked that tensorboard imports)."""
     if directory is None:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ValueError("--tensorboard: needs the tensorboard package (pip install 'seqpar[train]')") from err
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(directory))
 
 

@@ -122,6 +122,13 @@ def softmax_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None
 ) -> torch.Tensor:
     """Route one softmax attention call of the model: q (B, S_local, H, D), k/v (B, S_local, H_kv, D)."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as F.scaled_dot_product_attention under autocast: q, k, v in the autocast dtype (a model's RoPE may leave
+        # q, k in float32 and v in bf16), and the op's own precision choices left alone inside
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return softmax_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale)
     ctx = _require_context("attention")
     ctx.calls += 1
     op = _op(ctx.softmax_strategy, "softmax")
