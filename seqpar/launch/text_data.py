@@ -229,8 +229,10 @@ def build_cache(data: str | Path, *, tokenizer_path: str | Path, text_field: str
         if not target.meta.is_file():
             _tokenize_file(path, target, tokenizer, text_field)
         metas.append(target.meta)
-    (cache_dir / f"corpus-{_corpus_key(data, text_field, tokenizer_path)}.json").write_text(
-        json.dumps([str(m) for m in metas]))
+    listing = cache_dir / f"corpus-{_corpus_key(data, text_field, tokenizer_path)}.json"
+    tmp = listing.with_name(listing.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps([str(m) for m in metas]))
+    os.replace(tmp, listing)  # read by the other processes of the node (open_corpus(build=False))
     return metas
 
 
