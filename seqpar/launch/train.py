@@ -546,9 +546,10 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_step
 
 
 def cost_model_options(model: torch.nn.Module, *, strategy: str, world_size: int) -> dict:
-    """``parallelize``'s ``cost_model`` for ``strategy="auto"`` on several nodes: the default model with the
-    launcher's node size (``LOCAL_WORLD_SIZE``, set by torchrun) as the ranks per node, so the planner keeps each
-    SP group inside one node or makes it of whole nodes. ``{}`` (the default) on one node."""
+    """``parallelize``'s ``cost_model`` for ``strategy="auto"`` when the ``world_size`` ranks one plan runs on
+    (all, or one ``--dp`` replica's consecutive block) span several nodes: the default model with the launcher's
+    node size (``LOCAL_WORLD_SIZE``, set by torchrun) as the ranks per node, so the planner keeps each SP group
+    inside one node or makes it of whole nodes. ``{}`` (the default) within one node."""
     from dataclasses import replace
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -636,7 +637,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=compute_dtype)
 
-    parallel_options = cost_model_options(model, strategy=args.strategy, world_size=world)
+    parallel_options = cost_model_options(model, strategy=args.strategy, world_size=world // args.dp)
     replica = 0
     if args.dp > 1:
         from torch.distributed.device_mesh import init_device_mesh
