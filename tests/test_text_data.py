@@ -117,8 +117,9 @@ def test_bad_text_inputs_name_the_argument(tmp_path, tokenizer_dir):
     write_jsonl(path, documents(2), field="content")
     with pytest.raises(ValueError, match="--text-field: .*c.jsonl:1 has no text field 'text'"):
         corpus_ids(path, tokenizer_dir, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # the failed build left no partial files
     with pytest.raises(ValueError, match="--data: .* holds no .jsonl / .parquet / .txt file"):
-        text_data.text_files(tmp_path / "cache")  # created by the failed build, empty of text
+        text_data.text_files(tmp_path / "cache")
     with pytest.raises(ValueError, match="--tokenizer: cannot load a tokenizer"):
         text_data.build_cache(path, tokenizer_path=tmp_path, cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="--tokenizer: .* has token id .* >= the model's vocab 10"):

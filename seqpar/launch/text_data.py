@@ -157,10 +157,21 @@ def _cached(cache_dir: Path, key: str) -> _CachedFile:
 
 
 def _tokenize_file(path: Path, target: _CachedFile, tokenizer, text_field: str) -> dict:
-    """Write one file's tokens and document offsets (temporary names, renamed when complete; the meta last)."""
-    eos = tokenizer.eos_token_id
+    """Write one file's tokens and document offsets (temporary names, renamed when complete; the meta last;
+    a failure leaves nothing behind)."""
     tmp = f".tmp{os.getpid()}"
     tokens_tmp, offsets_tmp = Path(str(target.tokens) + tmp), Path(str(target.offsets) + tmp)
+    try:
+        return _write_tokens(path, target, tokenizer, text_field, tokens_tmp, offsets_tmp)
+    finally:
+        tokens_tmp.unlink(missing_ok=True)
+        offsets_tmp.unlink(missing_ok=True)
+
+
+def _write_tokens(path: Path, target: _CachedFile, tokenizer, text_field: str, tokens_tmp: Path,
+                  offsets_tmp: Path) -> dict:
+    eos = tokenizer.eos_token_id
+    tmp = f".tmp{os.getpid()}"
     n_tokens, n_docs, max_id = 0, 0, -1
     offsets = [0]
     with tokens_tmp.open("wb") as tok_f, offsets_tmp.open("wb") as off_f:
