@@ -9,10 +9,12 @@ from tests.checks import value_errors
 from tests.harness import run_distributed
 from tests.sp_cases import check_against_reference, global_inputs, softmax_op
 
+from seqpar import strategies
 from seqpar.collectives import count_comm
 from seqpar.collectives.layout import shard_indices, shard_sequence
 from seqpar.kernels.attention import attention, attention_block, get_attention_backend
 from seqpar.kernels.reference import reference_attention
+from seqpar.strategies import LayerShape
 
 OPS = ["ring_attention", "token_ring_attention", "ulysses_attention", "allgather_kv_attention", "usp_attention"]
 WORLD_SIZES = [1, 2, 3, 4, 8]
@@ -178,6 +180,46 @@ def test_ring_window_bytes_equal_the_formula_and_skip_hops(world_size):
             n_in = sum(_meets(p, local_len, layout, causal, window, r, j) for j in range(p) if j != r)
             assert (fwd, bwd) == (n_out * kv * 4, n_out * kv * 4 + n_in * kv * 4), (layout, window, r)
             assert n_out <= max_messages, (layout, window, r, n_out)
+        if layout == "zigzag" and causal:  # the registry's formula: the mean over ranks (2 D = D + Dv here)
+            shape = LayerShape(seq_len=p * local_len, degree=p, heads=4, kv_heads=h_kv, head_dim=(d + dv) // 2,
+                               elem_bytes=4, window=window[0] + 1)
+            mean = [sum(col) / p for col in zip(*results)]
+            assert strategies.get("ring").comm_bytes(shape) == pytest.approx(mean, rel=1e-12), (window, mean)
         no_window = run_distributed(measure_window_bytes, p, "ring_attention", window=None, layout=layout,
                                     causal=causal, seq_len=p * local_len, dv=dv)
         assert all(f == (p - 1) * kv * 4 for f, _ in no_window)
+
+
+def test_token_ring_window_bytes_equal_the_formula_and_skip_hops():
+    """TokenRing, contiguous causal window shorter than a shard at P = 4: rank r's queries meet only rank r - 1's
+    keys, so one query hop (ranks r >= 1) and one partial back (ranks r <= P - 2) instead of P - 1 each
+    (token_ring.py). Forward: q (T H D b), partial out + lse (T H (Dv b + 4)); backward: lse, q, dout, out
+    (T H (4 + D b + 2 Dv b)), dQ (T H D b)."""
+    p, t, h, d, dv, b = 4, 4, 4, 24, 16, 4
+    results = run_distributed(measure_window_bytes, p, "token_ring_attention", window=(2, 0), layout="contiguous",
+                              causal=True, seq_len=p * t, dv=dv)
+    for r, (fwd, bwd) in enumerate(results):
+        sends_queries, returns_partial = r >= 1, r <= p - 2
+        assert fwd == sends_queries * t * h * d * b + returns_partial * t * h * (dv * b + 4), r
+        assert bwd == sends_queries * t * h * (4 + d * b + 2 * dv * b) + returns_partial * t * h * d * b, r
+
+
+def bad_window_options(op_name):
+    """Errors each rank gets: bad options (before any transfer), and ranks that disagree on the window."""
+    rank = dist.get_rank()
+    q, k, v = (torch.randn(1, 4, 4, 8) for _ in range(3))
+    op = softmax_op(op_name)
+    return value_errors({
+        "window": lambda: op(q, k, v, causal=True, window=(0, -3)),
+        "softcap": lambda: op(q, k, v, causal=True, softcap=float("nan")),
+        "sinks": lambda: op(q, k, v, causal=True, sinks=torch.zeros(2)),
+        "disagree": lambda: op(q, k, v, causal=True, window=(rank + 1, 0)),
+    })
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_bad_options_raise_on_every_rank(op_name):
+    for errors in run_distributed(bad_window_options, 2, op_name):
+        for name in ("window", "softcap", "sinks"):
+            assert errors[name] is not None and errors[name].startswith(name + ":"), errors
+        assert errors["disagree"] is not None and "window" in errors["disagree"], errors

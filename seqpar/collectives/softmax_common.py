@@ -31,6 +31,7 @@ import torch.distributed as dist
 from seqpar.collectives import comm
 from seqpar.collectives.layout import LAYOUTS, validate_cu_seqlens
 from seqpar.kernels.fused_merge import attention_block_merge
+from seqpar.strategies import position_ranges_meet, shard_position_ranges
 from seqpar.kernels.attention import (
     accumulation_dtype,
     apply_attention_sinks,
@@ -326,31 +327,6 @@ def block_kind(layout: str, causal: bool, q_rank: int, kv_rank: int) -> str:
     return "k_first_half" if kv_rank < q_rank else "q_second_half"
 
 
-def _shard_intervals(length: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:
-    """The position ranges [a, b) a rank's shard holds of a sequence of ``length`` LOCAL tokens."""
-    if layout == "contiguous":
-        return [(rank * length, (rank + 1) * length)]
-    c, last = length // 2, 2 * world_size - 1 - rank
-    return [(rank * c, (rank + 1) * c), (last * c, (last + 1) * c)]
-
-
-def _ranges_meet(q_range: tuple[int, int], k_range: tuple[int, int], causal: bool, window: tuple[int, int]) -> bool:
-    """Whether some query position in ``q_range`` sees some key position in ``k_range``: the distances i - j
-    cover [qa - kb + 1, qb - 1 - ka]; the mask keeps [0 if causal, ...] and [-right, left]."""
-    (qa, qb), (ka, kb) = q_range, k_range
-    if qa >= qb or ka >= kb:
-        return False
-    low, high = qa - kb + 1, qb - 1 - ka
-    left, right = window
-    if causal:
-        low = max(low, 0)
-    if left >= 0:
-        high = min(high, left)
-    if right >= 0:
-        low = max(low, -right)
-    return low <= high
-
-
 def blocks_meet(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> bool:
     """Whether any query of ``q_rank``'s shard sees any key of ``kv_rank``'s shard (always, without a window).
     Host-only: from the layout and ``sp.local_lengths``; identical on every rank."""
@@ -358,10 +334,10 @@ def blocks_meet(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> bool:
         return True
     p = sp.world_size
     return any(
-        _ranges_meet(qr, kr, sp.causal, sp.window)
+        position_ranges_meet(qr, kr, sp.causal, sp.window)
         for length in sp.local_lengths
-        for qr in _shard_intervals(length, p, q_rank % p, sp.layout)
-        for kr in _shard_intervals(length, p, kv_rank % p, sp.layout)
+        for qr in shard_position_ranges(length, p, q_rank % p, sp.layout)
+        for kr in shard_position_ranges(length, p, kv_rank % p, sp.layout)
     )
 
 

@@ -35,7 +35,8 @@ accumulation element size, 4, or 8 for float64 inputs):
                +  (r-1) * 2 * (u*T) * m_i * D * (b + a)                 (ring: K and V, then dK/dV accumulators)
 
 i.e. the Ulysses volume on the inner group (P = u) plus the ring volume on the outer group (P = r, local tokens
-u*T, m_i K/V heads). ``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
+u*T, m_i K/V heads); with a value head dim Dv != D, 2 * D in the K/V terms is D + Dv.
+``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
 """
 
 from __future__ import annotations
