@@ -96,7 +96,8 @@ def test_kernel_options_refused_where_unsupported():
 
 def window_cases(op_name: str, p: int) -> list[dict]:
     """Per world size: windows shorter than a shard, spanning shards and longer than the sequence, causal and
-    not, both layouts, varlen with the host hint, softcap, sinks and v head dim 16 with q/k 24."""
+    not, both layouts, varlen with the host hint, softcap, sinks and v head dim 16 with q/k 24 (also without a
+    window: the ops' unwindowed schedules)."""
     h = 6 if (op_name in ("ulysses_attention", "usp_attention") and p == 3) else 4 if p < 8 else 8
     seq = 4 * p  # local shard: 4 tokens, zigzag chunks of 2
     base = dict(h=h, h_kv=2, d=24, dtype=torch.float64)
@@ -110,9 +111,10 @@ def window_cases(op_name: str, p: int) -> list[dict]:
              **base),
         dict(batch=1, seq_len=seq, causal=True, layout="zigzag", window=(2, 1), softcap=1.5, dv=16,
              **{**base, "dtype": torch.float32}),
+        dict(batch=2, seq_len=seq, causal=True, layout="zigzag", softcap=2.0, dv=16, sinks=True, **base),  # no window
     ]
-    if p == 8:  # keep the biggest world small: the short window, the softcap/sinks/dv case and varlen
-        cases = [cases[0], cases[2], cases[4]]
+    if p == 8:  # keep the biggest world small: the short window, softcap/sinks/dv with and without a window, varlen
+        cases = [cases[0], cases[2], cases[4], cases[6]]
     return cases
 
 

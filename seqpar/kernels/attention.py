@@ -38,13 +38,19 @@ import torch
 from seqpar import tracing
 
 __all__ = [
+    "FEATURES",
     "AttentionBackend",
+    "apply_attention_sinks",
     "attention",
     "attention_block",
     "attention_block_backward",
     "attention_block_varlen",
     "attention_block_varlen_backward",
+    "attention_sinks_backward",
     "available_attention_backends",
+    "call_features",
+    "check_softcap",
+    "check_window",
     "get_attention_backend",
     "merge_attention_outputs",
     "register_attention_backend",
