@@ -2,6 +2,8 @@
 every softmax SP op, against the float64 single-device reference (kernels/reference.py: a naive masked
 softmax), on real gloo ranks; and what ring / TokenRing send with a window (the hops saved)."""
 
+import importlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,6 +49,22 @@ def test_kernel_window_softcap_sinks_value_dim(causal, sq):
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-10, case
             for name, g, r in zip("q k v sinks".split(), grads, ref_grads):
                 assert (g - r).abs().max() < 1e-10, (case, name)
+
+
+def test_kernel_math_path_in_row_chunks(monkeypatch):
+    """The math path bounds its memory by query-row chunks: with a chunk of 2 rows the results are the same."""
+    kernels = importlib.import_module("seqpar.kernels.attention")  # the module (seqpar.kernels.attention is a function)
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 7, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 7, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref, _ = reference_attention(q, k, v, causal=True, window=(3, 0), softcap=2.0)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [q, k, v], dout)
+    monkeypatch.setattr(kernels, "_GENERAL_CHUNK_SCORES", 2 * 2 * 4 * 7)
+    out = attention(q, k, v, causal=True, window=(3, 0), softcap=2.0, backend="torch")
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert (out - ref).abs().max() < 1e-12
+    assert max(float((g - r).abs().max()) for g, r in zip(grads, ref_grads)) < 1e-12
 
 
 def test_kernel_positions_and_value_dim_on_the_fast_path():

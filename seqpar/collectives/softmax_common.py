@@ -12,7 +12,8 @@ the batch) nothing here reads ``cu_seqlens`` on the host: the index tensors of z
 order are computed on the device from ``cu_seqlens`` and the (host-known) token counts, and every block's
 kernel gets a derived hint (``block_max_seqlens``). tests/test_host_syncs_varlen.py counts the reads. With a
 ``window`` the distinct local sequence lengths are read once per call (one host read with the hint): which
-shard pairs meet inside the window, and so which blocks and transfers are needed, depends on them.
+shard pairs meet inside the window, and so which blocks and transfers are needed, depends on them. A window
+that hides nothing of the longest sequence (Mistral's 4096 on shorter ones) is dropped: the ops run unwindowed.
 
 Options every softmax op takes (``prepare_softmax_sp`` checks them): ``window=(left, right)`` in GLOBAL positions
 within each sequence (the kernels' window: -1 unbounded; with causal also j <= i), ``softcap`` (scores ->
@@ -231,11 +232,8 @@ def prepare_softmax_sp(
     h, h_kv = q.shape[-2], k.shape[-2]
     if h % h_kv:
         raise ValueError(f"k: q's {h} heads must be a multiple of k/v's {h_kv} heads (GQA)")
-    window, softcap = check_window(window), check_softcap(softcap)
+    requested_window, softcap = check_window(window), check_softcap(softcap)
     check_sinks(sinks, h, q)
-    needs = call_features(q, v, window=window, softcap=softcap,
-                          positions=window is not None if positions is None else positions)
-    get_attention_backend(backend, q.device, q.dtype, needs=needs)  # an unusable backend fails here, before sending
     group, rank, size = comm.group_info(group)
 
     if max_seqlen is not None and not packed:
@@ -268,6 +266,17 @@ def prepare_softmax_sp(
                 f"{arg}: zigzag shards hold two equal chunks per sequence, so every local length must be even; "
                 f"got {odd[:4]}; shard with seqpar.shard_sequence (pad with seqpar.pad_for_layout)"
             )
+    window, lengths = requested_window, None
+    if window is not None:  # which shard pairs meet inside the window depends on the lengths (module docstring)
+        lengths = tuple(sorted(set(torch.diff(cu.long()).tolist() if bounds is None else
+                                   [b_ - a for a, b_ in zip(bounds, bounds[1:])])))
+        longest = max(lengths) * size
+        left, right = window
+        if (left < 0 or left >= longest - 1) and (causal or right < 0 or right >= longest - 1):
+            window, lengths = None, None  # it hides nothing (Mistral's 4096 on shorter sequences): the plain path
+    needs = call_features(q, v, window=window, softcap=softcap,
+                          positions=window is not None if positions is None else positions)
+    get_attention_backend(backend, q.device, q.dtype, needs=needs)  # an unusable backend fails here, before sending
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     # every rank of the group must agree on these (a collective, on by default: comm.agreement_checks)
     comm.check_agreement(op, {
@@ -275,17 +284,12 @@ def prepare_softmax_sp(
         "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
         # with the hint the boundaries are compared by a hash computed on their device (no host read)
         "cu_seqlens": (bounds if bounds is not None else ("hint", cu.numel(), max_seqlen)) if packed else None,
-        "window": window, "softcap": softcap, "sinks": None if sinks is None else sinks.dtype,
+        "window": requested_window, "softcap": softcap, "sinks": None if sinks is None else sinks.dtype,
         **(agree or {}),
     }, group=group, contents={"sinks": None if sinks is None else sinks.detach()},
         device_contents={"cu_seqlens values": cu} if packed and bounds is None else None)
-    lengths = None
-    if window is not None:  # which shard pairs meet inside the window depends on the lengths (module docstring)
-        lengths = tuple(sorted(set(torch.diff(cu.long()).tolist() if bounds is None else
-                                   [b_ - a for a, b_ in zip(bounds, bounds[1:])])))
     return SoftmaxSP(qp, kp, vp, cu, max_seqlen, group, rank, size, layout, bool(causal), scale, padded_shape,
                      window, softcap, sinks, lengths)
-
 
 
 def _check_hint(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, layout: str) -> None:

@@ -377,37 +377,63 @@ def _general_scores(q, k, causal, scale, window, softcap, q_positions, k_positio
     return scores, capped
 
 
+_GENERAL_CHUNK_SCORES = 1 << 24  # scores per query-row chunk of the math path (64 MiB in float32): bounds its memory
+
+
+def _row_chunks(q, k, q_positions, k_positions):
+    """[(rows slice, q_positions, k_positions)]: query-row chunks of at most ``_GENERAL_CHUNK_SCORES`` scores, with
+    the positions made explicit when there is more than one (the bottom-right default is per block)."""
+    b, sq, h = q.shape[:3]
+    sk = k.shape[1]
+    rows = max(1, _GENERAL_CHUNK_SCORES // max(1, b * h * sk))
+    if rows >= sq:
+        return [(slice(0, sq), q_positions, k_positions)]
+    if q_positions is None:
+        q_positions = torch.arange(sq, device=q.device)[None] + (sk - sq)
+        k_positions = torch.arange(sk, device=q.device)[None]
+    return [(slice(a, min(a + rows, sq)), q_positions[:, a:a + rows], k_positions) for a in range(0, sq, rows)]
+
+
 def _general_forward(q, k, v, *, causal, scale, window, softcap, q_positions, k_positions):
-    """Any window, softcap, positions and value head dim, by plain math over the whole (Sq, Sk) score matrix:
-    (B, S, H, D) in, (out, lse) out. What the torch backend runs for the options aten's kernel lacks."""
+    """Any window, softcap, positions and value head dim, by plain math over the (Sq, Sk) score matrix, in
+    query-row chunks: (B, S, H, D) in, (out, lse) out. What the torch backend runs for the options aten's
+    kernel lacks."""
     acc = accumulation_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
-    kk, vv = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2).to(acc)
-    scores, _ = _general_scores(q, kk, causal, scale, window, softcap, q_positions, k_positions)
-    lse = torch.logsumexp(scores, -1)
-    out = _probabilities(scores, lse) @ vv.transpose(1, 2)
-    return out.transpose(1, 2).to(q.dtype), lse
+    kk, vv = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2).to(acc).transpose(1, 2)
+    outs, lses = [], []
+    for rows, qp, kp in _row_chunks(q, k, q_positions, k_positions):
+        scores, _ = _general_scores(q[:, rows], kk, causal, scale, window, softcap, qp, kp)
+        lse = torch.logsumexp(scores, -1)
+        outs.append((_probabilities(scores, lse) @ vv).transpose(1, 2).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, -1)
 
 
 def _general_backward(dout, q, k, v, out, lse, *, causal, scale, window, softcap, q_positions, k_positions):
     acc = accumulation_dtype(q.dtype)
     b, sk, h_kv = k.shape[:3]
     group = q.shape[2] // h_kv
-    kk, vv = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-    scores, capped = _general_scores(q, kk, causal, scale, window, softcap, q_positions, k_positions)
-    probs = _probabilities(scores, lse.to(acc))
     t = lambda x: x.transpose(1, 2).to(acc)  # noqa: E731 -- (B, S, H, D) -> (B, H, S, D)
-    doa, oa = t(dout), t(out)
-    dv = probs.transpose(-1, -2) @ doa
-    ds = probs * (doa @ t(vv).transpose(-1, -2) - (doa * oa).sum(-1, keepdim=True))
-    if capped is not None:  # d(c tanh(s / c)) / ds = 1 - tanh^2
-        ds = ds * (1 - capped * capped)
-    ds = ds * scale
-    dq = ds @ t(kk)
-    dk = ds.transpose(-1, -2) @ t(q)
+    kk = k.repeat_interleave(group, 2)
+    k_acc, v_acc = t(kk), t(v.repeat_interleave(group, 2))
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k_acc.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v_acc.shape, dtype=acc, device=q.device)
+    for rows, qp, kp in _row_chunks(q, k, q_positions, k_positions):
+        scores, capped = _general_scores(q[:, rows], kk, causal, scale, window, softcap, qp, kp)
+        probs = _probabilities(scores, lse[..., rows].to(acc))
+        doa, oa = t(dout[:, rows]), t(out[:, rows])
+        dv += probs.transpose(-1, -2) @ doa
+        ds = probs * (doa @ v_acc.transpose(-1, -2) - (doa * oa).sum(-1, keepdim=True))
+        if capped is not None:  # d(c tanh(s / c)) / ds = 1 - tanh^2
+            ds = ds * (1 - capped * capped)
+        ds = ds * scale
+        dq[:, rows] = (ds @ k_acc).transpose(1, 2).to(q.dtype)
+        dk += ds.transpose(-1, -2) @ t(q[:, rows])
     dk = dk.view(b, h_kv, group, sk, -1).sum(2)
     dv = dv.view(b, h_kv, group, sk, -1).sum(2)
-    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+    return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
 
 
 def _use_cpu_flash(q: torch.Tensor) -> bool:
@@ -460,7 +486,18 @@ def _torch_backward_bhsd(dout, q, k, v, out, lse, causal, scale):
     )
 
 
+def _window_hides_nothing(window: tuple[int, int] | None, sq: int, sk: int, causal: bool) -> bool:
+    """Whether ``window`` masks no key of a bottom-right aligned (Sq, Sk) block (distances i - j lie in
+    [1 - Sq, Sk - 1]; causal already hides the negative ones): then aten's fast kernel runs it as it is."""
+    if window is None:
+        return True
+    left, right = window
+    return (left < 0 or left >= sk - 1) and (causal or right < 0 or right >= sq - 1)
+
+
 def _torch_forward(q, k, v, *, causal, scale, window=None, softcap=None, q_positions=None, k_positions=None):
+    if q_positions is None and _window_hides_nothing(window, q.shape[1], k.shape[1], causal):
+        window = None
     if window is not None or softcap is not None or q_positions is not None or k_positions is not None:
         return _general_forward(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                                 q_positions=q_positions, k_positions=k_positions)
@@ -486,6 +523,8 @@ def _torch_forward(q, k, v, *, causal, scale, window=None, softcap=None, q_posit
 def _torch_backward(
     dout, q, k, v, out, lse, *, causal, scale, window=None, softcap=None, q_positions=None, k_positions=None
 ):
+    if q_positions is None and _window_hides_nothing(window, q.shape[1], k.shape[1], causal):
+        window = None
     if window is not None or softcap is not None or q_positions is not None or k_positions is not None:
         return _general_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap,
                                  q_positions=q_positions, k_positions=k_positions)
