@@ -1,0 +1,126 @@
+"""Halo exchange for short causal convolutions over a sequence split across ranks (contiguous layout).
+
+A causal conv1d of kernel width w (the one before q/k/v in Gated DeltaNet, KDA, Mamba) reads, for a rank's
+first w - 1 tokens, the last w - 1 tokens of rank r - 1. ``halo_exchange`` prepends them (zeros on rank 0, as
+the conv's zero padding): rank r sends its last ``width`` tokens to rank r + 1 and receives rank r - 1's, one
+point-to-point exchange (tag ``comm.tags.HALO_NEXT``). Backward runs the other way: the gradient of the halo
+goes back to its owner (``HALO_GRAD``, to rank - 1) and is added to its last ``width`` tokens' gradient.
+
+Bytes sent per rank: forward ``[r < P-1] * B * width * C * e``, backward ``[r > 0] * B * width * C * e`` (e the
+element size of x; C the product of the trailing dims). ``causal_conv1d`` = the exchange + the local conv.
+
+Every rank must hold at least ``width`` tokens (a halo from one neighbour); packed batches (``cu_seqlens``)
+are not supported (the halo would have to stop at sequence boundaries).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from seqpar.collectives import comm
+
+__all__ = ["causal_conv1d", "halo_exchange"]
+
+TAG_HALO = comm.tags.HALO_NEXT
+TAG_HALO_GRAD = comm.tags.HALO_GRAD
+
+
+class _Halo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, width, group, rank, size):
+        sends, recvs = [], []
+        if rank < size - 1:
+            sends.append((x[:, x.shape[1] - width:].contiguous(), rank + 1, TAG_HALO))
+        if rank > 0:
+            recvs.append(((x.shape[0], width, *x.shape[2:]), x.dtype, rank - 1, TAG_HALO))
+        halo = None
+        if sends or recvs:
+            got = comm.exchange(sends, [((shape, dtype), src, tag) for shape, dtype, src, tag in recvs],
+                                group=group, device=x.device, describe=f"halo exchange on rank {rank}").wait()
+            halo = got[0] if recvs else None
+        if halo is None:
+            halo = x.new_zeros(x.shape[0], width, *x.shape[2:])
+        ctx.width, ctx.group, ctx.rank, ctx.size = width, group, rank, size
+        return torch.cat([halo, x], 1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        width, rank, size = ctx.width, ctx.rank, ctx.size
+        dx = dy[:, width:].clone()
+        sends, recvs = [], []
+        if rank > 0:
+            sends.append((dy[:, :width].contiguous(), rank - 1, TAG_HALO_GRAD))
+        if rank < size - 1:
+            recvs.append(((dx.shape[0], width, *dx.shape[2:]), dx.dtype))
+        if sends or recvs:
+            got = comm.exchange(sends, [(buf, rank + 1, TAG_HALO_GRAD) for buf in recvs], group=ctx.group,
+                                device=dy.device, describe=f"halo exchange backward on rank {rank}").wait()
+            if recvs:
+                dx[:, dx.shape[1] - width:] += got[0]
+        return dx, None, None, None, None
+
+
+def halo_exchange(x: torch.Tensor, width: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Prepend the ``width`` tokens before this rank's shard (from rank r - 1; zeros on rank 0). Differentiable.
+
+    Args:
+        x: (B, S_local, ...) this rank's contiguous shard; S_local >= width on every rank.
+        width: tokens of left context (w - 1 for a conv of kernel width w); 0 returns x.
+
+    Returns:
+        (B, width + S_local, ...), x's dtype and device.
+
+    Raises:
+        ValueError: ``x`` not a tensor of >= 2 dims, ``width`` not an int >= 0, a shard shorter than ``width``
+            (on that rank), or, on every rank, ranks that disagree on width, dtype or trailing shape.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a tensor (B, S_local, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"width: must be an int >= 0 (the conv's kernel width - 1), got {width!r}")
+    if x.shape[1] < width:
+        raise ValueError(f"x: every rank must hold at least width = {width} tokens for a one-neighbour halo, this "
+                         f"rank holds {x.shape[1]}; use fewer ranks or longer sequences")
+    group, rank, size = comm.group_info(group)
+    comm.check_agreement("halo_exchange", {"width": width, "dtype": x.dtype, "shape": (x.shape[0], "S",
+                                                                                        *x.shape[2:])},
+                         group=group)
+    if width == 0:
+        return x
+    return _Halo.apply(x, width, group, rank, size)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv1d over the whole sequence, from this rank's shard (no activation).
+
+    Equal, on every rank's tokens, to ``F.conv1d(x_full.mT, weight[:, None], bias, padding=w - 1,
+    groups=C)[..., :S].mT`` on the unsharded sequence (transformers' ``causal_conv1d_fn`` before its activation).
+
+    Args:
+        x: (B, S_local, C) this rank's contiguous shard. weight: (C, w). bias: None or (C,).
+
+    Returns:
+        (B, S_local, C) in x's dtype. Weight and bias get this rank's partial gradient (sum over ranks = the
+        full one, what a gradient all-reduce does).
+
+    Raises:
+        ValueError: shapes that do not fit, or see ``halo_exchange``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x: expected (B, S_local, C), got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"weight: expected (C, w) = ({x.shape[2]}, w), got {getattr(weight, 'shape', weight)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (x.shape[2],)):
+        raise ValueError(f"bias: expected None or (C,) = ({x.shape[2]},), got {getattr(bias, 'shape', bias)}")
+    width = weight.shape[1] - 1
+    padded = halo_exchange(x, width, group=group)  # (B, w - 1 + S_local, C)
+    out = F.conv1d(padded.mT.to(weight.dtype), weight[:, None], bias, groups=x.shape[2])
+    return out.mT.to(x.dtype)

@@ -1,0 +1,88 @@
+"""The halo exchange (seqpar.collectives.halo): a causal conv1d over shards equals the one-process conv on the
+whole sequence, outputs and every gradient (x, weight, bias), at P = 1..8, kernel widths 2..4, equal and unequal
+shards; bytes equal the formula; a too-short shard raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from seqpar.collectives import comm
+from seqpar.collectives.halo import causal_conv1d, halo_exchange
+from tests.checks import rel_err
+from tests.harness import run_distributed
+
+B, C = 2, 3
+
+
+def lengths_for(p: int, width: int, equal: bool) -> list[int]:
+    return [4] * p if equal else [width - 1 + (3 * r) % 4 for r in range(p)]
+
+
+def conv_case(width: int, equal: bool, dtype_name: str) -> dict:
+    """This rank's errors against F.conv1d on the whole float64 sequence, and its partial weight/bias grads."""
+    p, rank = dist.get_world_size(), dist.get_rank()
+    dtype = getattr(torch, dtype_name)
+    lengths = lengths_for(p, width, equal)
+    gen = torch.Generator().manual_seed(width * 10 + equal)
+    s = sum(lengths)
+    x = torch.randn(B, s, C, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C, width, generator=gen, dtype=torch.float64)
+    bias = torch.randn(C, generator=gen, dtype=torch.float64)
+    dy = torch.randn(B, s, C, generator=gen, dtype=torch.float64)
+    # the reference: transformers' causal_conv1d_fn without activation, whole sequence, float64
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    ref = F.conv1d(ref_leaves[0].mT, ref_leaves[1][:, None], ref_leaves[2], padding=width - 1, groups=C)[..., :s].mT
+    ref_grads = torch.autograd.grad((ref * dy).sum(), ref_leaves)
+    start = sum(lengths[:rank])
+    sl = slice(start, start + lengths[rank])
+    xl = x[:, sl].to(dtype).requires_grad_(True)
+    wl, bl = weight.to(dtype).requires_grad_(True), bias.to(dtype).requires_grad_(True)
+    with comm.count_comm() as fwd:
+        out = causal_conv1d(xl, wl, bl)
+    with comm.count_comm() as bwd:
+        (out * dy[:, sl].to(dtype)).sum().backward()
+    return {"out": rel_err(out, ref[:, sl]), "dx": rel_err(xl.grad, ref_grads[0][:, sl]),
+            "dweight": wl.grad.double(), "dbias": bl.grad.double(), "ref_dweight": ref_grads[1],
+            "ref_dbias": ref_grads[2], "bytes": (fwd.bytes_sent, bwd.bytes_sent)}
+
+
+def all_conv_cases(dtype_name: str) -> list:
+    return [((w, eq), conv_case(w, eq, dtype_name)) for w in (2, 3, 4) for eq in (True, False)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_sharded_causal_conv_equals_one_process(world_size):
+    per_rank = run_distributed(all_conv_cases, world_size, "float32")
+    for i, ((width, equal), _) in enumerate(per_rank[0]):
+        for rank, cases in enumerate(per_rank):
+            res = cases[i][1]
+            assert res["out"] < 1e-6 and res["dx"] < 1e-6, (width, equal, rank, res["out"], res["dx"])
+            halo = B * (width - 1) * C * 4
+            assert res["bytes"] == (halo if rank < world_size - 1 else 0, halo if rank > 0 else 0), (width, rank)
+        for name in ("dweight", "dbias"):  # partial on each rank; their sum is the whole gradient
+            total = sum(cases[i][1][name] for cases in per_rank)
+            assert rel_err(total, per_rank[0][i][1]["ref_" + name]) < 1e-5, (width, equal, name)
+
+
+def test_sharded_causal_conv_float64_is_exact():
+    per_rank = run_distributed(all_conv_cases, 3, "float64")
+    for cases in per_rank:
+        for (width, equal), res in cases:
+            assert res["out"] < 1e-13 and res["dx"] < 1e-13, (width, equal)
+
+
+def short_shard() -> str | None:
+    x = torch.zeros(1, 2, 3)
+    try:
+        halo_exchange(x, 3)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_too_short_shard_raises():
+    for message in run_distributed(short_shard, 1):
+        assert message is not None and "width" in message
