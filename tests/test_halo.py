@@ -1,6 +1,7 @@
 """The halo exchange (seqpar.collectives.halo): a causal conv1d over shards equals the one-process conv on the
 whole sequence, outputs and every gradient (x, weight, bias), at P = 1..8, kernel widths 2..4, equal and unequal
-shards; bytes equal the formula; a too-short shard raises."""
+shards (and equal shards shorter than the halo: the chained relay); bytes equal the formula; ranks that
+disagree on whether their shard is shorter than the halo raise on every rank."""
 
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ from tests.harness import run_distributed
 B, C = 2, 3
 
 
-def lengths_for(p: int, width: int, equal: bool) -> list[int]:
-    return [4] * p if equal else [width - 1 + (3 * r) % 4 for r in range(p)]
+def lengths_for(p: int, width: int, shards: str) -> list[int]:
+    """Equal shards, unequal ones (each >= the halo), or equal ones shorter than the halo (the chained relay)."""
+    return {"equal": [4] * p, "unequal": [width - 1 + (3 * r) % 4 for r in range(p)], "short": [1] * p}[shards]
 
 
-def conv_case(width: int, equal: bool, dtype_name: str) -> dict:
+def conv_case(width: int, shards: str, dtype_name: str) -> dict:
     """This rank's errors against F.conv1d on the whole float64 sequence, and its partial weight/bias grads."""
     p, rank = dist.get_world_size(), dist.get_rank()
     dtype = getattr(torch, dtype_name)
-    lengths = lengths_for(p, width, equal)
-    gen = torch.Generator().manual_seed(width * 10 + equal)
+    lengths = lengths_for(p, width, shards)
+    gen = torch.Generator().manual_seed(width * 10 + len(shards))
     s = sum(lengths)
     x = torch.randn(B, s, C, generator=gen, dtype=torch.float64)
     weight = torch.randn(C, width, generator=gen, dtype=torch.float64)
@@ -50,39 +52,41 @@ def conv_case(width: int, equal: bool, dtype_name: str) -> dict:
 
 
 def all_conv_cases(dtype_name: str) -> list:
-    return [((w, eq), conv_case(w, eq, dtype_name)) for w in (2, 3, 4) for eq in (True, False)]
+    cases = [(w, shards) for w in (2, 3, 4) for shards in ("equal", "unequal")] + [(3, "short")]
+    return [(case, conv_case(*case, dtype_name)) for case in cases]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 def test_sharded_causal_conv_equals_one_process(world_size):
     per_rank = run_distributed(all_conv_cases, world_size, "float32")
-    for i, ((width, equal), _) in enumerate(per_rank[0]):
+    for i, ((width, shards), _) in enumerate(per_rank[0]):
         for rank, cases in enumerate(per_rank):
             res = cases[i][1]
-            assert res["out"] < 1e-6 and res["dx"] < 1e-6, (width, equal, rank, res["out"], res["dx"])
+            assert res["out"] < 1e-6 and res["dx"] < 1e-6, (width, shards, rank, res["out"], res["dx"])
             halo = B * (width - 1) * C * 4
             assert res["bytes"] == (halo if rank < world_size - 1 else 0, halo if rank > 0 else 0), (width, rank)
         for name in ("dweight", "dbias"):  # partial on each rank; their sum is the whole gradient
             total = sum(cases[i][1][name] for cases in per_rank)
-            assert rel_err(total, per_rank[0][i][1]["ref_" + name]) < 1e-5, (width, equal, name)
+            assert rel_err(total, per_rank[0][i][1]["ref_" + name]) < 1e-5, (width, shards, name)
 
 
 def test_sharded_causal_conv_float64_is_exact():
     per_rank = run_distributed(all_conv_cases, 3, "float64")
     for cases in per_rank:
-        for (width, equal), res in cases:
-            assert res["out"] < 1e-13 and res["dx"] < 1e-13, (width, equal)
+        for (width, shards), res in cases:
+            assert res["out"] < 1e-13 and res["dx"] < 1e-13, (width, shards)
 
 
-def short_shard() -> str | None:
-    x = torch.zeros(1, 2, 3)
-    try:
-        halo_exchange(x, 3)
-    except ValueError as err:
-        return str(err)
-    return None
+def mixed_short_shards() -> str | None:
+    x = torch.zeros(1, 2 + 2 * dist.get_rank(), 3)  # rank 0 shorter than the halo, rank 1 not
+    with comm.count_comm() as stats:
+        try:
+            halo_exchange(x, 3)
+        except ValueError as err:
+            return str(err), stats.bytes_sent
+    return None, stats.bytes_sent
 
 
-def test_too_short_shard_raises():
-    for message in run_distributed(short_shard, 1):
-        assert message is not None and "width" in message
+def test_ranks_disagreeing_on_short_shards_raise_on_every_rank():
+    for message, sent in run_distributed(mixed_short_shards, 2):
+        assert message is not None and "shorter than width" in message and sent == 0, message

@@ -9,8 +9,10 @@ goes back to its owner (``HALO_GRAD``, to rank - 1) and is added to its last ``w
 Bytes sent per rank: forward ``[r < P-1] * B * width * C * e``, backward ``[r > 0] * B * width * C * e`` (e the
 element size of x; C the product of the trailing dims). ``causal_conv1d`` = the exchange + the local conv.
 
-Every rank must hold at least ``width`` tokens (a halo from one neighbour); packed batches (``cu_seqlens``)
-are not supported (the halo would have to stop at sequence boundaries).
+When every rank holds at least ``width`` tokens the halo comes from one neighbour in one exchange; when every
+rank holds fewer (equal shards of a short sequence) the halo is relayed down a chain (receive from r - 1, then
+send the last ``width`` tokens of (halo, x) to r + 1): P - 1 dependent hops, same bytes. Ranks must agree on
+which (checked). Packed batches: call it once per sequence (``seqpar.integrations_delta`` does).
 """
 
 from __future__ import annotations
@@ -28,68 +30,77 @@ TAG_HALO_GRAD = comm.tags.HALO_GRAD
 
 
 class _Halo(torch.autograd.Function):
+    """Forward: rank r receives the ``width`` tokens before its shard from r - 1 and sends its last ``width``
+    tokens of (halo, x) to r + 1; backward: the reverse. One exchange per direction when every shard holds at
+    least ``width`` tokens (the send does not depend on the receive); a chain (receive, then send) otherwise."""
+
     @staticmethod
-    def forward(ctx, x, width, group, rank, size):
+    def forward(ctx, x, width, group, rank, size, chained):
+        shape = (x.shape[0], width, *x.shape[2:])
+        halo = x.new_zeros(shape)
         sends, recvs = [], []
-        if rank < size - 1:
-            sends.append((x[:, x.shape[1] - width:].contiguous(), rank + 1, TAG_HALO))
         if rank > 0:
-            recvs.append(((x.shape[0], width, *x.shape[2:]), x.dtype, rank - 1, TAG_HALO))
-        halo = None
+            recvs.append(((shape, x.dtype), rank - 1, TAG_HALO))
+        if chained and recvs:  # a short shard: the tokens rank r + 1 needs include some of rank r - 1's
+            halo = comm.exchange([], recvs, group=group, device=x.device, describe=f"halo on rank {rank}").wait()[0]
+            recvs = []
+        if rank < size - 1:
+            sends.append((torch.cat([halo, x], 1)[:, -width:].contiguous(), rank + 1, TAG_HALO))
         if sends or recvs:
-            got = comm.exchange(sends, [((shape, dtype), src, tag) for shape, dtype, src, tag in recvs],
-                                group=group, device=x.device, describe=f"halo exchange on rank {rank}").wait()
-            halo = got[0] if recvs else None
-        if halo is None:
-            halo = x.new_zeros(x.shape[0], width, *x.shape[2:])
-        ctx.width, ctx.group, ctx.rank, ctx.size = width, group, rank, size
+            got = comm.exchange(sends, recvs, group=group, device=x.device, describe=f"halo on rank {rank}").wait()
+            if recvs:
+                halo = got[0]
+        ctx.width, ctx.group, ctx.rank, ctx.size, ctx.chained = width, group, rank, size, chained
         return torch.cat([halo, x], 1)
 
     @staticmethod
     def backward(ctx, dy):
         width, rank, size = ctx.width, ctx.rank, ctx.size
-        dx = dy[:, width:].clone()
+        d_full = dy.clone()
+        shape = (dy.shape[0], width, *dy.shape[2:])
         sends, recvs = [], []
+        if rank < size - 1:  # the gradient of what this rank sent to r + 1, its last width tokens of (halo, x)
+            recvs.append(((shape, dy.dtype), rank + 1, TAG_HALO_GRAD))
+        if ctx.chained and recvs:
+            d_full[:, -width:] += comm.exchange([], recvs, group=ctx.group, device=dy.device,
+                                                describe=f"halo backward on rank {rank}").wait()[0]
+            recvs = []
         if rank > 0:
-            sends.append((dy[:, :width].contiguous(), rank - 1, TAG_HALO_GRAD))
-        if rank < size - 1:
-            recvs.append(((dx.shape[0], width, *dx.shape[2:]), dx.dtype))
+            sends.append((d_full[:, :width].contiguous(), rank - 1, TAG_HALO_GRAD))
         if sends or recvs:
-            got = comm.exchange(sends, [(buf, rank + 1, TAG_HALO_GRAD) for buf in recvs], group=ctx.group,
-                                device=dy.device, describe=f"halo exchange backward on rank {rank}").wait()
+            got = comm.exchange(sends, recvs, group=ctx.group, device=dy.device,
+                                describe=f"halo backward on rank {rank}").wait()
             if recvs:
-                dx[:, dx.shape[1] - width:] += got[0]
-        return dx, None, None, None, None
+                d_full[:, -width:] += got[0]
+        return d_full[:, width:], None, None, None, None, None
 
 
 def halo_exchange(x: torch.Tensor, width: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Prepend the ``width`` tokens before this rank's shard (from rank r - 1; zeros on rank 0). Differentiable.
 
     Args:
-        x: (B, S_local, ...) this rank's contiguous shard; S_local >= width on every rank.
+        x: (B, S_local, ...) this rank's contiguous shard. Either every rank holds >= ``width`` tokens (one
+            exchange) or every rank holds fewer (equal shards of a short sequence: a chain of P - 1 hops).
         width: tokens of left context (w - 1 for a conv of kernel width w); 0 returns x.
 
     Returns:
         (B, width + S_local, ...), x's dtype and device.
 
     Raises:
-        ValueError: ``x`` not a tensor of >= 2 dims, ``width`` not an int >= 0, a shard shorter than ``width``
-            (on that rank), or, on every rank, ranks that disagree on width, dtype or trailing shape.
+        ValueError: ``x`` not a tensor of >= 2 dims, ``width`` not an int >= 0, or, on every rank, ranks that
+            disagree on width, dtype, trailing shape or whether their shard is shorter than ``width``.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x: expected a tensor (B, S_local, ...), got {getattr(x, 'shape', type(x).__name__)}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 0:
         raise ValueError(f"width: must be an int >= 0 (the conv's kernel width - 1), got {width!r}")
-    if x.shape[1] < width:
-        raise ValueError(f"x: every rank must hold at least width = {width} tokens for a one-neighbour halo, this "
-                         f"rank holds {x.shape[1]}; use fewer ranks or longer sequences")
     group, rank, size = comm.group_info(group)
-    comm.check_agreement("halo_exchange", {"width": width, "dtype": x.dtype, "shape": (x.shape[0], "S",
-                                                                                        *x.shape[2:])},
-                         group=group)
+    chained = x.shape[1] < width
+    comm.check_agreement("halo_exchange", {"width": width, "dtype": x.dtype, "shape": (x.shape[0], "S", *x.shape[2:]),
+                                           "shard shorter than width": chained}, group=group)
     if width == 0:
         return x
-    return _Halo.apply(x, width, group, rank, size)
+    return _Halo.apply(x, width, group, rank, size, chained)
 
 
 def causal_conv1d(
