@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from seqpar import strategies
 
-__all__ = ["SPContext", "bind_to_backward", "current_context", "linear_attention", "softmax_attention", "sp_context"]
+__all__ = ["SPContext", "bind_to_backward", "causal_conv1d", "current_context", "delta_rule_attention",
+           "linear_attention", "softmax_attention", "sp_context"]
 
 
 @dataclass
@@ -151,3 +152,57 @@ def linear_attention(
     if ctx.cu_seqlens is None:
         return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale)
     return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
+
+
+def _local_segments(ctx: SPContext, q: torch.Tensor) -> list[tuple[int, int]]:
+    """The local token range of each sequence: the whole shard, or per packed sequence (one host read of
+    ``cu_seqlens``; every sequence has an equal share on every rank, so the ranks' lists line up)."""
+    if ctx.cu_seqlens is None:
+        return [(0, q.shape[1])]
+    if q.shape[0] != 1:
+        raise ValueError(f"q: a packed batch has batch size 1, got {q.shape[0]}")
+    bounds = ctx.cu_seqlens.tolist()
+    return list(zip(bounds, bounds[1:]))
+
+
+def delta_rule_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Route one delta-rule attention call (Gated DeltaNet, KDA; ``seqpar.collectives.delta_rule``): q, k
+    (B, S_local, H, Dk) already normalised, v (B, S_local, H, Dv), beta (B, S_local, H), ``log_decay`` None,
+    (B, S_local, H) or (B, S_local, H, Dk). Runs the delta-rule variant of the context's linear strategy
+    (``Strategy.delta_rule_op``). A packed batch runs one SP call per sequence (the state resets at each)."""
+    ctx = _require_context("delta-rule attention")
+    ctx.calls += 1
+    if ctx.layout != "contiguous":
+        raise ValueError("layout: delta-rule attention needs the contiguous layout (its state flows left to right); "
+                         "parallelize(..., layout='contiguous') or leave layout='auto'")
+    if ctx.linear_strategy is None:
+        _op(None, "linear")  # raises: the plan has no linear strategy
+    op = strategies.get(ctx.linear_strategy, "linear", argument="linear_strategy").load_delta_rule_op()
+    outs = []
+    for a, b in _local_segments(ctx, q):
+        g = None if log_decay is None else log_decay[:, a:b]
+        outs.append(op(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], log_decay=g, group=ctx.group, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Route one depthwise causal conv1d over the sequence (the short conv before q/k/v of Gated DeltaNet, KDA,
+    Mamba): x (B, S_local, C), weight (C, w), bias None or (C,) -> (B, S_local, C), no activation. The w - 1
+    tokens before this rank's shard come from rank r - 1 (``seqpar.collectives.halo``); a packed batch
+    exchanges one halo per sequence, each starting from zeros like the unsharded conv."""
+    from seqpar.collectives.halo import causal_conv1d as sharded_conv1d
+
+    ctx = _require_context("causal conv1d")
+    if ctx.layout != "contiguous":
+        raise ValueError("layout: a causal conv1d over shards needs the contiguous layout; "
+                         "parallelize(..., layout='contiguous') or leave layout='auto'")
+    outs = [sharded_conv1d(x[:, a:b], weight, bias, group=ctx.group) for a, b in _local_segments(ctx, x)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
