@@ -5,10 +5,14 @@ accepts the routed delta-rule layers."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
 import seqpar
+from seqpar.kernels.reference import reference_gated_delta_rule
 from tests.checks import rel_err
 from tests.harness import run_distributed
 from tests.test_parallelize import reference_loss_and_grads
@@ -28,7 +32,7 @@ def tiny_qwen3_next():
         linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
         layer_types=["linear_attention", "full_attention"], max_position_embeddings=1024)
-    return Qwen3NextForCausalLM(config)
+    return _moderate_decays(Qwen3NextForCausalLM(config))
 
 
 def tiny_kimi_linear():
@@ -43,10 +47,51 @@ def tiny_kimi_linear():
         linear_conv_kernel_dim=4, num_experts=4, num_experts_per_token=2, num_shared_experts=1,
         mlp_layer_types=["dense", "dense"], layer_types=["linear_attention", "full_attention"],
         max_position_embeddings=1024, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    return KimiLinearForCausalLM(config)
+    return _moderate_decays(KimiLinearForCausalLM(config))
+
+
+def _moderate_decays(model):
+    """Decay rates exp(A_log) in [0.05, 0.5] instead of the init's up to 16: with those the state is forgotten
+    within a token or two, the state crossing a rank boundary is ~0 and the test could not see it (and the
+    decay parameters' gradients are ~1e-10, all rounding)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.05, 0.5, generator=gen).log())
+    return model
 
 
 MODELS = {"qwen3_next": tiny_qwen3_next, "kimi_linear": tiny_kimi_linear}
+
+
+def float64_delta_rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                       use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' chunked delta-rule functions compute in float32 whatever the model dtype; the reference
+    runs the naive float64 recurrence instead, with their conventions (grouped heads repeated, l2norm, scale)."""
+    dtype = query.dtype
+    query, key, value, g, beta = (x.double() for x in (query, key, value, g, beta))
+    if key.shape[2] != value.shape[2]:
+        rep = value.shape[2] // key.shape[2]
+        query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
+    if use_qk_l2norm_in_kernel:
+        query, key = (x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (query, key))
+    out, final = reference_gated_delta_rule(query, key, value, beta, g, initial_state=initial_state)
+    float64_delta_rule.calls += 1
+    return out.to(dtype), final if output_final_state else None
+
+
+float64_delta_rule.calls = 0
+
+
+@contextlib.contextmanager
+def float64_delta_rules():
+    from transformers.models.kimi_linear import modeling_kimi_linear
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    with mock.patch.object(modeling_qwen3_next, "torch_chunk_gated_delta_rule", float64_delta_rule), \
+            mock.patch.object(modeling_kimi_linear, "chunk_kimi_delta_attention", float64_delta_rule):
+        yield
 
 
 def hybrid_cost_model(world_size: int):
@@ -65,7 +110,10 @@ def sp_matches_reference(model_name: str, strategy: str, linear_strategy: str, l
     model = MODELS[model_name]()
     gen = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 96, (n,), generator=gen) for n in lengths]
-    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    calls = float64_delta_rule.calls
+    with float64_delta_rules():
+        ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    assert float64_delta_rule.calls == calls + len(sequences)  # the reference ran the float64 recurrence
     world = torch.distributed.get_world_size()
     cost_model = hybrid_cost_model(world) if strategy == "auto" else None
     sp_model = seqpar.parallelize(model, strategy=strategy, linear_strategy=linear_strategy, cost_model=cost_model)
