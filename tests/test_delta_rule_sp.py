@@ -173,6 +173,33 @@ def test_delta_rule_sp_bytes_equal_the_formula(world_size):
             assert sent == expected_bytes(op, world_size, rank, final), (op, final, pieces, rank, sent)
 
 
+def registry_bytes() -> dict:
+    """Forward and backward bytes at Dk = Dv (what the registry's formulas assume), no final state."""
+    global DV_BYTES
+    saved, DV_BYTES = DV_BYTES, DK
+    try:
+        return {op: measure_bytes(op, False, None) for op in ("lasp2", "zeco")}
+    finally:
+        DV_BYTES = saved
+
+
+def test_registry_delta_rule_bytes_equal_count_comm():
+    from seqpar import strategies
+
+    world_size = 4
+    per_rank = run_distributed(registry_bytes, world_size)
+    shape = strategies.LayerShape(seq_len=4 * world_size, degree=world_size, heads=H, kv_heads=H, head_dim=DK,
+                                  elem_bytes=4, state_bytes=H * DK * DK * 4)
+    for op in ("lasp2", "zeco"):
+        entry = strategies.get(op, "linear")
+        assert entry.delta_rule_op.endswith(f":{op}_delta_rule")
+        forward, backward = entry.delta_rule_comm_bytes(shape)
+        sent = [got[op] for got in per_rank]
+        over_ranks = max if entry.comm_bytes_over_ranks == "max" else (lambda xs: xs[0])
+        assert all(s == sent[0] for s in sent) or entry.comm_bytes_over_ranks == "max"
+        assert (forward, backward) == (over_ranks([f for f, _ in sent]), over_ranks([b for _, b in sent])), op
+
+
 def zeco_piece_counts_agree() -> list:
     p, rank = dist.get_world_size(), dist.get_rank()
     lengths = shard_lengths(p, False)
