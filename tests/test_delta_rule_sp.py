@@ -127,6 +127,49 @@ def test_delta_rule_sp_float64_is_exact():
     assert_all_match(per_rank, 1e-10, 1e-10)
 
 
+def packed_case(op_name: str, kind: str) -> dict:
+    """Three sequences packed (cu_seqlens), each cut in P equal parts; initial and final states per sequence."""
+    p, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = [2, 5, 3]
+    seqs = [make_problem(40 + j, p * n, p, kind, True, 3) for j, n in enumerate(per_rank)]
+    refs = [reference(x, True) for x in seqs]
+    local = {n: torch.cat([x[n][:, rank * n_r:(rank + 1) * n_r] for x, n_r in zip(seqs, per_rank)], 1).float()
+             .requires_grad_(True) for n in PER_TOKEN if seqs[0][n] is not None}
+    init = torch.cat([x["initial_state"] for x in seqs]).float().requires_grad_(True)
+    cu = torch.tensor([0, *torch.tensor(per_rank).cumsum(0).tolist()], dtype=torch.int32)
+    with comm.count_comm() as stats:
+        o, final = OPS[op_name](local["q"], local["k"], local["v"], local["beta"], log_decay=local.get("log_decay"),
+                                initial_state=init, output_final_state=True, cu_seqlens=cu, chunk_size=4)
+    weights = torch.cat([x["w"][:, rank * n_r:(rank + 1) * n_r] for x, n_r in zip(seqs, per_rank)], 1).float()
+    ((o * weights).sum() + (final * torch.cat([x["u"][rank] for x in seqs]).float()).sum()).backward()
+    errors = {}
+    for j, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        sl = slice(rank * per_rank[j], (rank + 1) * per_rank[j])
+        errors[f"o{j}"] = rel_err(o[:, a:b], refs[j]["o"][:, sl])
+        errors[f"final{j}"] = rel_err(final[j:j + 1], refs[j]["final"])
+        for n, t in local.items():
+            errors[f"d{n}{j}"] = rel_err(t.grad[:, a:b], refs[j]["grads"][n][:, sl])
+    return {"errors": errors, "d_init": init.grad.double(), "all_gathers": stats.calls.get("all_gather", 0),
+            "d_init_ref": torch.cat([r["grads"]["initial_state"] for r in refs])}
+
+
+def packed_cases() -> list:
+    return [((op, kind), packed_case(op, kind)) for op in OPS for kind in ("head", "key")]
+
+
+def test_packed_sequences_run_in_one_call():
+    world_size = 3
+    per_rank = run_distributed(packed_cases, world_size)
+    for i, (case, first) in enumerate(per_rank[0]):
+        for rank, results in enumerate(per_rank):
+            res = results[i][1]
+            for name, err in res["errors"].items():
+                assert err < (1e-5 if name[0] in "of" else 1e-4), (case, rank, name, err)
+            assert res["all_gathers"] == (1 if case[0] == "lasp2" else 0), case  # one collective for 3 sequences
+        total = sum(results[i][1]["d_init"] for results in per_rank)
+        assert rel_err(total, first["d_init_ref"]) < 1e-4, case
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bytes
 # ------------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ large states (bench/results/delta_rule_sp.json).
 
 Gradient conventions (as ``lasp2``): ``initial_state`` (whole on every rank) gets this rank's partial gradient,
 the whole of it on rank 0 and zeros elsewhere; the final state (the same on every rank) has its gradients summed
-over the ranks. Ranks may hold different lengths. Packed batches (``cu_seqlens``) are not supported here.
+over the ranks. Ranks may hold different lengths. Packed batches (``cu_seqlens``): every sequence has a piece on
+every rank; the local pass runs per sequence and ONE collective carries all N_seq maps (B = N_seq above).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from seqpar.collectives import comm
 from seqpar.collectives.scan import ScanRelay, choose_pieces, piece_sizes
 from seqpar.collectives.zeco import TAG_FINAL_GRAD, TAG_FINAL_STATE, final_state_tree
 from seqpar.kernels.delta_rule import delta_rule_transition, validate_delta_rule_inputs
+from seqpar.kernels.varlen import validate_cu_seqlens
 
 __all__ = ["lasp2_delta_rule", "zeco_delta_rule"]
 
@@ -72,17 +74,32 @@ class DeltaSP:
     world_size: int
     scale: float
     cdt: torch.dtype
-    state_shape: tuple[int, int, int, int]  # B, H, Dk, Dv
+    state_shape: tuple[int, int, int, int]  # B (N_seq packed), H, Dk, Dv
     chunk_size: int
+    segments: tuple[tuple[int, int], ...]  # local token range of each sequence; ((0, S_local),) unpacked
+    packed: bool
 
 
-def _prepare(q, k, v, beta, log_decay, initial_state, *, group, scale, layout, op, chunk_size, extra) -> DeltaSP:
-    """Check one call, locally and identically on every rank, before any communication (one host sync: the
-    log_decay value check). Raises ValueError naming the argument (see ``lasp2_delta_rule``)."""
+def _prepare(q, k, v, beta, log_decay, initial_state, *, group, scale, layout, op, chunk_size, extra,
+             cu_seqlens=None) -> DeltaSP:
+    """Check one call, locally and identically on every rank, before any communication (host syncs: the
+    log_decay value check; reading ``cu_seqlens``). Raises ValueError naming the argument (see
+    ``lasp2_delta_rule``)."""
     if layout != "contiguous":
         raise ValueError(f"layout: delta-rule SP needs the 'contiguous' layout (the state flows from rank r to "
                          f"r + 1), got {layout!r}")
-    validate_delta_rule_inputs(q, k, v, beta, log_decay, initial_state)
+    packed = cu_seqlens is not None
+    validate_delta_rule_inputs(q, k, v, beta, log_decay, None if packed else initial_state)
+    segments = ((0, q.shape[1]),)
+    if packed:
+        if q.shape[0] != 1:
+            raise ValueError(f"q: a packed batch (cu_seqlens) has batch size 1, got {q.shape[0]}")
+        bounds = validate_cu_seqlens(cu_seqlens, q.shape[1])
+        segments = tuple(zip(bounds, bounds[1:]))
+        want = (len(segments), q.shape[2], q.shape[3], v.shape[-1])
+        if initial_state is not None and tuple(getattr(initial_state, "shape", ())) != want:
+            raise ValueError(f"initial_state: expected (N_seq, H, Dk, Dv) = {want} for a packed batch, got "
+                             f"{tuple(getattr(initial_state, 'shape', ()))}")
     if initial_state is not None and (not initial_state.dtype.is_floating_point or initial_state.device != q.device):
         raise ValueError(f"initial_state: expected a floating-point tensor on q's device ({q.device})")
     b, s, h, dk = q.shape
@@ -96,11 +113,13 @@ def _prepare(q, k, v, beta, log_decay, initial_state, *, group, scale, layout, o
     group, rank, size = comm.group_info(group)
     kind = "none" if log_decay is None else ("head" if log_decay.dim() == 3 else "key")
     fields = {"op": op, "q shape": (b, "S", h, dk), "v shape": (b, "S", h, v.shape[-1]), "dtype": q.dtype,
-              "scale": scale, "decay kind": kind, "chunk_size": chunk_size}
+              "scale": scale, "decay kind": kind, "chunk_size": chunk_size,
+              "sequences": len(segments) if packed else None}
     fields.update(item.split("=", 1) for item in extra.split())
     comm.check_agreement(op, fields, group=group, contents={"initial_state": initial_state})
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return DeltaSP(group, rank, size, scale, cdt, (b, h, dk, v.shape[-1]), chunk_size)
+    return DeltaSP(group, rank, size, scale, cdt, (len(segments) if packed else b, h, dk, v.shape[-1]), chunk_size,
+                   segments, packed)
 
 
 def _apply(a: torch.Tensor, state: torch.Tensor | None, add: torch.Tensor) -> torch.Tensor:
@@ -255,12 +274,19 @@ class _RelayScan(torch.autograd.Function):
 
 
 def _run(scan, q, k, v, beta, log_decay, initial_state, sp: DeltaSP, output_final_state, *scan_args):
+    """The local pass per sequence, ONE scan for all of them (packed: the states are (N_seq, H, Dk, Dv)), the
+    read-out of each sequence's entering state."""
     tracing.record("kernel", name="delta_rule.local")
-    o0, w, a, m = delta_rule_transition(q, k, v, beta, log_decay=log_decay, scale=sp.scale,
-                                        chunk_size=sp.chunk_size)
+    parts = [delta_rule_transition(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b],
+                                   log_decay=None if log_decay is None else log_decay[:, a:b], scale=sp.scale,
+                                   chunk_size=sp.chunk_size) for a, b in sp.segments]
+    a = torch.cat([p[2] for p in parts], 0) if sp.packed else parts[0][2]
+    m = torch.cat([p[3] for p in parts], 0) if sp.packed else parts[0][3]
     s_in, final = scan.apply(a, m, initial_state, sp, bool(output_final_state), *scan_args)
     tracing.record("kernel", name="delta_rule.inter")
-    o = (o0 + torch.einsum("bshk,bhkv->bshv", w, s_in)).to(q.dtype)
+    outs = [o0 + torch.einsum("bshk,bhkv->bshv", w, s_in[j:j + 1] if sp.packed else s_in)
+            for j, (o0, w, _, _) in enumerate(parts)]
+    o = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(q.dtype)
     return (o, final) if output_final_state else o
 
 
@@ -275,6 +301,7 @@ def lasp2_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     layout: str = "contiguous",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -285,8 +312,13 @@ def lasp2_delta_rule(
             normalised by the caller as the model does; v: (B, S_local, H, Dv); beta: (B, S_local, H).
         log_decay: None (DeltaNet), (B, S_local, H) (Gated DeltaNet) or (B, S_local, H, Dk) (KDA); <= 0, finite.
         scale: default 1 / sqrt(Dk).
-        initial_state: (B, H, Dk, Dv), the state before rank 0's first token (the same on every rank).
-        output_final_state: also return the whole sequence's final state (B, H, Dk, Dv), on every rank.
+        initial_state: (B, H, Dk, Dv) ((N_seq, H, Dk, Dv) packed), the state before rank 0's first token (the
+            same on every rank).
+        output_final_state: also return the whole sequence's final state (B, H, Dk, Dv) ((N_seq, ...) packed),
+            on every rank.
+        cu_seqlens: a packed batch (B = 1): int32 local boundaries [0, ..., S_local] of N_seq sequences, each cut
+            in P parts (``seqpar.shard_sequence``) so that every sequence has tokens on every rank; states reset
+            at the boundaries; ONE collective carries every sequence's map (N_seq for B in the byte formulas).
         chunk_size: the local chunked kernel's chunk length.
         layout: must be ``"contiguous"``.
 
@@ -303,7 +335,7 @@ def lasp2_delta_rule(
             the initial state's contents (``comm.check_agreement``).
     """
     sp = _prepare(q, k, v, beta, log_decay, initial_state, group=group, scale=scale, layout=layout,
-                  op="lasp2_delta_rule", chunk_size=chunk_size,
+                  op="lasp2_delta_rule", chunk_size=chunk_size, cu_seqlens=cu_seqlens,
                   extra=f"output_final_state={bool(output_final_state)}")
     return _run(_GatherScan, q, k, v, beta, log_decay, initial_state, sp, output_final_state)
 
@@ -319,6 +351,7 @@ def zeco_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     layout: str = "contiguous",
     num_pieces: int | None = None,
@@ -340,7 +373,7 @@ def zeco_delta_rule(
     if isinstance(v, torch.Tensor) and v.dim() == 4:
         piece_sizes(v.shape[-1], num_pieces)
     sp = _prepare(q, k, v, beta, log_decay, initial_state, group=group, scale=scale, layout=layout,
-                  op="zeco_delta_rule", chunk_size=chunk_size,
+                  op="zeco_delta_rule", chunk_size=chunk_size, cu_seqlens=cu_seqlens,
                   extra=f"output_final_state={bool(output_final_state)} num_pieces={num_pieces}")
     if num_pieces is None:
         e = torch.finfo(sp.cdt).bits // 8

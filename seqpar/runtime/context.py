@@ -177,7 +177,8 @@ def delta_rule_attention(
     """Route one delta-rule attention call (Gated DeltaNet, KDA; ``seqpar.collectives.delta_rule``): q, k
     (B, S_local, H, Dk) already normalised, v (B, S_local, H, Dv), beta (B, S_local, H), ``log_decay`` None,
     (B, S_local, H) or (B, S_local, H, Dk). Runs the delta-rule variant of the context's linear strategy
-    (``Strategy.delta_rule_op``). A packed batch runs one SP call per sequence (the state resets at each)."""
+    (``Strategy.delta_rule_op``). A packed batch runs as ONE SP call with ``cu_seqlens`` (the state resets at
+    every sequence; one collective carries every sequence's state map)."""
     ctx = _require_context("delta-rule attention")
     ctx.calls += 1
     if ctx.layout != "contiguous":
@@ -186,11 +187,9 @@ def delta_rule_attention(
     if ctx.linear_strategy is None:
         _op(None, "linear")  # raises: the plan has no linear strategy
     op = strategies.get(ctx.linear_strategy, "linear", argument="linear_strategy").load_delta_rule_op()
-    outs = []
-    for a, b in _local_segments(ctx, q):
-        g = None if log_decay is None else log_decay[:, a:b]
-        outs.append(op(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], log_decay=g, group=ctx.group, scale=scale))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    if ctx.cu_seqlens is None:
+        return op(q, k, v, beta, log_decay=log_decay, group=ctx.group, scale=scale)
+    return op(q, k, v, beta, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
