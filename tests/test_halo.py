@@ -77,6 +77,51 @@ def test_sharded_causal_conv_float64_is_exact():
             assert res["out"] < 1e-13 and res["dx"] < 1e-13, (width, shards)
 
 
+def packed_conv(width: int, per_rank: list[int]) -> dict:
+    """Packed sequences (each cut in P equal parts): errors against each sequence's own conv, bytes, weight
+    gradient partials."""
+    p, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(width)
+    weight = torch.randn(C, width, generator=gen, dtype=torch.float64)
+    seqs = [(torch.randn(1, p * n, C, generator=gen, dtype=torch.float64),
+             torch.randn(1, p * n, C, generator=gen, dtype=torch.float64)) for n in per_rank]
+    ref_w = weight.clone().requires_grad_(True)
+    refs, loss = [], 0.0
+    for x, dy in seqs:
+        xl = x.clone().requires_grad_(True)
+        out = F.conv1d(xl.mT, ref_w[:, None], None, padding=width - 1, groups=C)[..., :x.shape[1]].mT
+        loss = loss + (out * dy).sum()
+        refs.append((out, xl))
+    loss.backward()
+    local = torch.cat([x[:, rank * n:(rank + 1) * n] for (x, _), n in zip(seqs, per_rank)], 1).float()
+    local.requires_grad_(True)
+    wl = weight.float().requires_grad_(True)
+    cu = torch.tensor([0, *torch.tensor(per_rank).cumsum(0).tolist()], dtype=torch.int32)
+    with comm.count_comm() as stats:
+        out = causal_conv1d(local, wl, cu_seqlens=cu)
+    dy = torch.cat([d[:, rank * n:(rank + 1) * n] for (_, d), n in zip(seqs, per_rank)], 1).float()
+    (out * dy).sum().backward()
+    errors = []
+    for j, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        sl = slice(rank * per_rank[j], (rank + 1) * per_rank[j])
+        errors += [rel_err(out[:, a:b], refs[j][0][:, sl]), rel_err(local.grad[:, a:b], refs[j][1].grad[:, sl])]
+    return {"errors": errors, "sends": stats.calls.get("send", 0), "dweight": wl.grad.double(),
+            "ref_dweight": ref_w.grad}
+
+
+@pytest.mark.parametrize("per_rank", [[3, 5, 4], [1, 4, 2]])  # every piece >= the halo: one exchange; or not
+def test_packed_sequences_each_start_from_zeros(per_rank):
+    width = 3
+    results = run_distributed(packed_conv, 3, width, per_rank)
+    for rank, res in enumerate(results):
+        assert max(res["errors"]) < 1e-6, (rank, res["errors"])
+        batched = min(per_rank) >= width - 1
+        forward_sends = 0 if rank == 2 else (1 if batched else len(per_rank))
+        assert res["sends"] == forward_sends, (rank, res["sends"])  # counted in the forward only
+    total = sum(res["dweight"] for res in results)
+    assert rel_err(total, results[0]["ref_dweight"]) < 1e-5
+
+
 def mixed_short_shards() -> str | None:
     x = torch.zeros(1, 2 + 2 * dist.get_rank(), 3)  # rank 0 shorter than the halo, rank 1 not
     with comm.count_comm() as stats:

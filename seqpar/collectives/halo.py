@@ -12,7 +12,8 @@ element size of x; C the product of the trailing dims). ``causal_conv1d`` = the 
 When every rank holds at least ``width`` tokens the halo comes from one neighbour in one exchange; when every
 rank holds fewer (equal shards of a short sequence) the halo is relayed down a chain (receive from r - 1, then
 send the last ``width`` tokens of (halo, x) to r + 1): P - 1 dependent hops, same bytes. Ranks must agree on
-which (checked). Packed batches: call it once per sequence (``seqpar.integrations_delta`` does).
+which (checked). Packed batches: ``causal_conv1d(..., cu_seqlens=)`` sends every sequence's halo in one
+exchange each way (bytes: N_seq times the above).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.collectives import comm
+from seqpar.kernels.varlen import validate_cu_seqlens
 
 __all__ = ["causal_conv1d", "halo_exchange"]
 
@@ -75,6 +77,40 @@ class _Halo(torch.autograd.Function):
         return d_full[:, width:], None, None, None, None, None
 
 
+class _SegmentHalos(torch.autograd.Function):
+    """Packed batch, every sequence's local piece >= ``width``: the halos of all N sequences in ONE exchange each
+    way. Forward returns (B, N * width, ...): sequence j's halo at [j * width, (j + 1) * width)."""
+
+    @staticmethod
+    def forward(ctx, x, width, segments, group, rank, size):
+        shape = (x.shape[0], len(segments) * width, *x.shape[2:])
+        sends = [] if rank == size - 1 else [
+            (torch.cat([x[:, b - width:b] for _, b in segments], 1).contiguous(), rank + 1, TAG_HALO)]
+        recvs = [] if rank == 0 else [((shape, x.dtype), rank - 1, TAG_HALO)]
+        halos = x.new_zeros(shape)
+        if sends or recvs:
+            got = comm.exchange(sends, recvs, group=group, device=x.device, describe=f"halo on rank {rank}").wait()
+            if recvs:
+                halos = got[0]
+        ctx.width, ctx.segments, ctx.group, ctx.rank, ctx.size = width, segments, group, rank, size
+        ctx.x_shape = x.shape
+        return halos
+
+    @staticmethod
+    def backward(ctx, d_halos):
+        width, rank, size = ctx.width, ctx.rank, ctx.size
+        dx = d_halos.new_zeros(ctx.x_shape)
+        sends = [] if rank == 0 else [(d_halos.contiguous(), rank - 1, TAG_HALO_GRAD)]
+        recvs = [] if rank == size - 1 else [((tuple(d_halos.shape), d_halos.dtype), rank + 1, TAG_HALO_GRAD)]
+        if sends or recvs:
+            got = comm.exchange(sends, recvs, group=ctx.group, device=d_halos.device,
+                                describe=f"halo backward on rank {rank}").wait()
+            if recvs:  # the gradients of the tokens this rank sent: each sequence's last width tokens
+                for j, (_, b) in enumerate(ctx.segments):
+                    dx[:, b - width:b] = got[0][:, j * width:(j + 1) * width]
+        return dx, None, None, None, None, None
+
+
 def halo_exchange(x: torch.Tensor, width: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Prepend the ``width`` tokens before this rank's shard (from rank r - 1; zeros on rank 0). Differentiable.
 
@@ -109,6 +145,7 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     *,
     group: dist.ProcessGroup | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over the whole sequence, from this rank's shard (no activation).
 
@@ -117,6 +154,9 @@ def causal_conv1d(
 
     Args:
         x: (B, S_local, C) this rank's contiguous shard. weight: (C, w). bias: None or (C,).
+        cu_seqlens: a packed batch (B = 1): int32 local boundaries of N sequences, each cut in P equal parts;
+            each sequence's conv starts from zeros. One exchange each way carries every sequence's halo when
+            every local piece holds >= w - 1 tokens (else one halo exchange per sequence).
 
     Returns:
         (B, S_local, C) in x's dtype. Weight and bias get this rank's partial gradient (sum over ranks = the
@@ -132,6 +172,21 @@ def causal_conv1d(
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (x.shape[2],)):
         raise ValueError(f"bias: expected None or (C,) = ({x.shape[2]},), got {getattr(bias, 'shape', bias)}")
     width = weight.shape[1] - 1
-    padded = halo_exchange(x, width, group=group)  # (B, w - 1 + S_local, C)
-    out = F.conv1d(padded.mT.to(weight.dtype), weight[:, None], bias, groups=x.shape[2])
-    return out.mT.to(x.dtype)
+
+    def conv(padded: torch.Tensor) -> torch.Tensor:  # (B, w - 1 + n, C) -> (B, n, C)
+        return F.conv1d(padded.mT.to(weight.dtype), weight[:, None], bias, groups=x.shape[2]).mT.to(x.dtype)
+
+    if cu_seqlens is None:
+        return conv(halo_exchange(x, width, group=group))
+    if x.shape[0] != 1:
+        raise ValueError(f"x: a packed batch (cu_seqlens) has batch size 1, got {x.shape[0]}")
+    bounds = validate_cu_seqlens(cu_seqlens, x.shape[1])
+    segments = tuple(zip(bounds, bounds[1:]))
+    if width == 0 or min(b - a for a, b in segments) < width:
+        return torch.cat([conv(halo_exchange(x[:, a:b], width, group=group)) for a, b in segments], 1)
+    group, rank, size = comm.group_info(group)
+    comm.check_agreement("causal_conv1d", {"width": width, "dtype": x.dtype, "channels": x.shape[2],
+                                           "sequences": len(segments)}, group=group)
+    halos = _SegmentHalos.apply(x, width, segments, group, rank, size)
+    return torch.cat([conv(torch.cat([halos[:, j * width:(j + 1) * width], x[:, a:b]], 1))
+                      for j, (a, b) in enumerate(segments)], 1)

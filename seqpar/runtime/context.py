@@ -154,17 +154,6 @@ def linear_attention(
     return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
 
 
-def _local_segments(ctx: SPContext, q: torch.Tensor) -> list[tuple[int, int]]:
-    """The local token range of each sequence: the whole shard, or per packed sequence (one host read of
-    ``cu_seqlens``; every sequence has an equal share on every rank, so the ranks' lists line up)."""
-    if ctx.cu_seqlens is None:
-        return [(0, q.shape[1])]
-    if q.shape[0] != 1:
-        raise ValueError(f"q: a packed batch has batch size 1, got {q.shape[0]}")
-    bounds = ctx.cu_seqlens.tolist()
-    return list(zip(bounds, bounds[1:]))
-
-
 def delta_rule_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,13 +184,12 @@ def delta_rule_attention(
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Route one depthwise causal conv1d over the sequence (the short conv before q/k/v of Gated DeltaNet, KDA,
     Mamba): x (B, S_local, C), weight (C, w), bias None or (C,) -> (B, S_local, C), no activation. The w - 1
-    tokens before this rank's shard come from rank r - 1 (``seqpar.collectives.halo``); a packed batch
-    exchanges one halo per sequence, each starting from zeros like the unsharded conv."""
+    tokens before this rank's shard come from rank r - 1 (``seqpar.collectives.halo``); a packed batch sends
+    every sequence's halo in one exchange, each sequence starting from zeros like the unsharded conv."""
     from seqpar.collectives.halo import causal_conv1d as sharded_conv1d
 
     ctx = _require_context("causal conv1d")
     if ctx.layout != "contiguous":
         raise ValueError("layout: a causal conv1d over shards needs the contiguous layout; "
                          "parallelize(..., layout='contiguous') or leave layout='auto'")
-    outs = [sharded_conv1d(x[:, a:b], weight, bias, group=ctx.group) for a, b in _local_segments(ctx, x)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return sharded_conv1d(x, weight, bias, group=ctx.group, cu_seqlens=ctx.cu_seqlens)
