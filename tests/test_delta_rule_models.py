@@ -101,7 +101,7 @@ def hybrid_cost_model(world_size: int):
     spec = ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=64, vocab=96,
                      layer_kinds=("linear", "softmax"))
     cluster = Cluster(world_size=world_size, gpus_per_node=world_size, peak_tflops=0.01, mem_bytes=80e9,
-                      intra_node_gbps=100.0, inter_node_gbps=100.0, latency_s=0.01)
+                      intra_node_gbps=100.0, inter_node_gbps=100.0, latency_s=1e-4)  # splits the 96 tokens
     return CostModel(cluster, spec)
 
 
@@ -139,10 +139,12 @@ def test_qwen3_next_equals_one_float64_process(world_size, strategy, linear_stra
     check(run_distributed(sp_matches_reference, world_size, "qwen3_next", strategy, linear_strategy, [40, 13]))
 
 
-def test_qwen3_next_auto():
-    results = run_distributed(sp_matches_reference, 4, "qwen3_next", "auto", "zeco", [96, 12, 20])
+@pytest.mark.parametrize("model_name", ["qwen3_next", "kimi_linear"])
+def test_auto(model_name):
+    results = run_distributed(sp_matches_reference, 4, model_name, "auto", "zeco", [96, 12, 20])
     check(results)
     assert all(r[3] == results[0][3] for r in results)  # every rank ran rank 0's plan
+    assert max(results[0][3]) > 1, results[0][3]  # some sequence was split: the delta-rule SP ops ran
 
 
 @pytest.mark.parametrize("world_size, strategy, linear_strategy", [(2, "ring", "zeco"), (4, "ulysses", "lasp2")])
