@@ -47,15 +47,9 @@ def hf_attention_forward(
     if dropout:
         raise ValueError("dropout: attention dropout is not supported by the SP ops; set attention_dropout=0")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    dv, dk = value.shape[-1], key.shape[-1]
-    if dv < dk:  # MLA (Kimi Linear, DeepSeek): the SP ops take one head size; zero value columns add nothing
-        value = F.pad(value, (0, dk - dv))
-    elif dv > dk:  # zero query/key columns add nothing to the scores (the scale stays 1/sqrt(D_qk))
-        scaling = dk ** -0.5 if scaling is None else scaling
-        query, key = F.pad(query, (0, dv - dk)), F.pad(key, (0, dv - dk))
     out = runtime.softmax_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(causal), scale=scaling
-    )[..., :dv]
+    )
     return out, None
 
 
