@@ -272,11 +272,13 @@ def test_triton_attention_rejects_bad_input():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _decay(kind, b, s, h, gen):
+def _decay(kind, b, s, h, dk, gen):
     if kind == "none":
         return None
     if kind == "head":
         return -torch.rand(h, generator=gen, dtype=torch.float64) * 0.5
+    if kind == "key":  # GLA: per token and key dimension, spread wide so a per-head mean would be far off
+        return -torch.rand(b, s, h, dk, generator=gen, dtype=torch.float64) ** 2 * 1.5
     return -torch.rand(b, s, h, generator=gen, dtype=torch.float64) * 0.5
 
 
@@ -289,13 +291,15 @@ def _decay(kind, b, s, h, gen):
         ("token", 37, 16, torch.float32, True),
         ("token", 64, 32, torch.float32, False),  # no initial state, chunk 32
         ("token", 40, 16, torch.bfloat16, True),
+        ("key", 37, 16, torch.float32, True),  # GLA, ragged last chunk
+        ("key", 32, 32, torch.bfloat16, False),
     ],
 )
 def test_triton_linear_attention_matches_recurrence(decay, s, chunk, dtype, with_state):
     gen = torch.Generator().manual_seed(s * 10 + chunk)
     b, h, dk, dv = 2, 2, 32, 16
     q, k, v = _rand(gen, b, s, h, dk), _rand(gen, b, s, h, dk), _rand(gen, b, s, h, dv)
-    g = _decay(decay, b, s, h, gen)
+    g = _decay(decay, b, s, h, dk, gen)
     s0 = _rand(gen, b, h, dk, dv) if with_state else None
     if dtype != torch.float32:
         q, k, v = (x.to(dtype).double() for x in (q, k, v))
