@@ -352,3 +352,25 @@ def test_triton_linear_without_final_state_and_lasp2_pieces():
     ref_o, _ = reference_linear_attention(*ref_leaves, log_decay=g.double())
     for got, ref in zip(grads, torch.autograd.grad(ref_o.sum(), ref_leaves)):
         assert rel_err(got, ref) < 1e-4
+
+
+def test_auto_keeps_a_backend_that_takes_a_per_key_decay(monkeypatch):
+    """GLA (B, S, H, Dk) runs where ``"auto"`` resolves, if that backend takes a per-key decay (Triton does);
+    otherwise ``"auto"`` falls back to torch and asking for it by name raises naming ``log_decay``."""
+    from seqpar.kernels import linear
+
+    if HAS_TRITON:
+        assert linear.get_linear_backend(TRITON, CPU, torch.float32).key_decay
+    gla = torch.zeros(1, 4, 2, 8)
+
+    def fake(key_decay):
+        return linear.LinearBackend(name=TRITON, chunk=lambda *a, **k: None, supports=lambda device, dtype: True,
+                                    auto_eligible=lambda device, dtype: True, key_decay=key_decay)
+
+    monkeypatch.setitem(linear._BACKENDS, TRITON, fake(True))
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla).name == TRITON
+    monkeypatch.setitem(linear._BACKENDS, TRITON, fake(False))
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla).name == "torch"
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla[..., 0]).name == TRITON  # per token: kept
+    with pytest.raises(ValueError, match="log_decay: the 'triton' backend has no per-key"):
+        linear.backend_for_decay(TRITON, CPU, torch.float32, gla)
