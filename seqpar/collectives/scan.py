@@ -182,7 +182,10 @@ class ScanRelay:
         self._thread.start()
 
     def _relay_arrivals(self) -> None:
-        """The relay thread: post every piece's receive, then forward each as it arrives, in order."""
+        """The relay thread: post every piece's receive, then forward each as it arrives, in order. It blocks in
+        ``wait`` (which releases the GIL: the caller's compute runs meanwhile) rather than polling: a gloo
+        point-to-point work reports completion only once waited for, so ``PendingTransfer.arrived`` stays False
+        until then and a relay that polls it between pieces of compute forwards nothing before its last wait."""
         try:
             with torch.no_grad():
                 recvs = []
