@@ -499,15 +499,13 @@ def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     return one_pass, one_pass
 
 
-def zeco_pieces(x: LayerShape) -> int:
-    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``
-    (from P and the state size), or its fixed default where that rule is absent (before branch linops)."""
+def zeco_pieces(x: LayerShape, link: Link | None = None) -> int:
+    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``,
+    from P, the state size and the link's latency x bandwidth (``scan.LATENCY_BYTES`` without a link)."""
     from seqpar.collectives import scan  # here: scan needs torch, the formulas only numpy
 
-    choose = getattr(scan, "choose_pieces", None)
-    if choose is None:
-        return min(ZECO_PIECES, x.head_dim)
-    return choose(x.degree, x.state_bytes, x.head_dim)
+    latency_bytes = scan.LATENCY_BYTES if link is None else link.latency_s * link.bytes_per_s
+    return scan.choose_pieces(x.degree, x.state_bytes, x.head_dim, latency_bytes=latency_bytes)
 
 
 def zeco_scan_time(x: LayerShape, link: Link) -> Any:
@@ -516,7 +514,7 @@ def zeco_scan_time(x: LayerShape, link: Link) -> Any:
     after ``P - 1 + K - 1`` piece hops of ``state/K / beta + lam`` each (0 at P = 1)."""
     if x.degree == 1:
         return 0.0 * x.state_bytes
-    pieces = zeco_pieces(x)
+    pieces = zeco_pieces(x, link)
     return (x.degree - 1 + pieces - 1) * (x.state_bytes / pieces / link.bytes_per_s + link.latency_s)
 
 
