@@ -190,12 +190,10 @@ class AffineScanRelay(ScanRelay):
     outgoing = incoming @ matrix + mine (forward: matrix = A_r^T; reverse, the adjoint: matrix = A_r)."""
 
     def start(self, local_state, matrix, *, initial_state=None) -> None:  # type: ignore[override]
-        self._mine, self._matrix, self._initial, self._factor = local_state, matrix, initial_state, None
-        self._ins, self._outs, self._next = [], [], 0
-        self.progress()
+        self._matrix = matrix.detach()
+        super().start(local_state, None, initial_state=initial_state)
 
-    def _forward_piece(self, incoming: torch.Tensor) -> None:
-        j = self._next
+    def _forward_piece(self, j: int, incoming: torch.Tensor) -> None:
         start = sum(self.sizes[:j])
         mine = self._mine[..., start:start + self.sizes[j], :].to(self.dtype)
         outgoing = (incoming @ self._matrix + mine).contiguous()
@@ -205,7 +203,6 @@ class AffineScanRelay(ScanRelay):
                 comm.send(outgoing, self.dst, group=self.group, tag=self.tag + j, direction=self.direction))
         self._ins.append(incoming)
         self._outs.append(outgoing)
-        self._next += 1
 
 
 class _RelayScan(torch.autograd.Function):
