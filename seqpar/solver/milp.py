@@ -191,12 +191,13 @@ class _Warm:
             if not counts[g].any():
                 continue
             if d >= r0:
-                self.units.setdefault(d, []).append((float(counts[g] @ tb[s]), s, counts[g]))
+                load = float(problem.const[s]) + float(counts[g] @ tb[s])
+                self.units.setdefault(d, []).append((load, s, counts[g]))
                 big_ranks += d
             else:
                 self.pools[s] = self.pools.get(s, 0) + counts[g]
                 small_area += d * float(counts[g] @ tm[s])
-                small_item = max(small_item, float(tb[s][counts[g] > 0].max()))
+                small_item = max(small_item, float(problem.const[s] + tb[s][counts[g] > 0].max()))
         for entries in self.units.values():
             entries.sort(key=lambda e: -e[0])
         self.ranks_ok = big_ranks <= problem.world
@@ -224,12 +225,12 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
     tm = np.stack([problem.times[:, m].mean(axis=1) for m in buckets.members], axis=1)
     mapping = _undominated(problem, tb, fb)
     kept = sorted(set(mapping.values()))
-    world, r0 = problem.world, max(1, problem.world // SLOTS)
+    world, r0 = problem.world, _floor_power_of_two(max(1, problem.world // SLOTS))
     lower = problem.lower_bound()
     warms = [_Warm(problem, r0, tb, tm, bucket_of, mapping, *w) for w in warm_plans]
     warm = min((w for w in warms if w.ranks_ok), key=lambda w: w.makespan)
     t_cap = warm.makespan * (1 + 1e-9)
-    allowed = fb & (tb <= t_cap)
+    allowed = fb & (tb + problem.const[:, None] <= t_cap)
 
     units: list[_Unit] = []
     size = r0
@@ -257,6 +258,7 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
                 var = n[ui, s, b] = prob.add_variable(f"n_{ui}_{s}_{b}", 0, int(counts[b]), cat="Integer")
                 prob += var <= int(counts[b]) * z[ui, s]
                 load_terms.append(float(tb[s, b]) * var)
+            load_terms.append(float(problem.const[s]) * z[ui, s])  # the packed call's fixed cost, once
         prob += pulp.lpSum(zs) <= 1
         used.append(pulp.lpSum(zs))
         loads.append(pulp.lpSum(load_terms))
@@ -264,10 +266,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
     for s in pooled:
         for b in np.flatnonzero(allowed[s]).tolist():
             p[s, b] = prob.add_variable(f"p_{s}_{b}", 0, int(counts[b]), cat="Integer")
-            if tb[s, b] > lower:  # a sequence this long must still finish within T
+            if tb[s, b] + problem.const[s] > lower:  # a sequence this long must still finish within T
                 y[s, b] = prob.add_variable(f"y_{s}_{b}", cat="Binary")
                 prob += p[s, b] <= int(counts[b]) * y[s, b]
-                prob += float(tb[s, b]) * y[s, b] <= T
+                prob += float(tb[s, b] + problem.const[s]) * y[s, b] <= T
     for b in range(nb):
         prob += (pulp.lpSum(v for (_, _, bb), v in n.items() if bb == b)
                  + pulp.lpSum(v for (_, bb), v in p.items() if bb == b)) == int(counts[b])
@@ -327,6 +329,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
             f"{len(n) + len(p)} count variables, {nb} buckets, objective {objective:.6g} s, "
             f"warm start {warm.makespan:.6g} s)")
     return MilpResult(*decoded, status, objective, note)
+
+
+def _floor_power_of_two(x: int) -> int:
+    return 1 << (int(x).bit_length() - 1)
 
 
 def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: dict, p: dict):
