@@ -133,7 +133,9 @@ class SPModel(torch.nn.Module):
 
         Returns:
             ``{"input_ids", "position_ids", "labels", "seqpar_step"}``: pass them all to the model call; with
-            ``max_tokens_per_rank``, a list of such dicts, one per micro-batch, to run in order.
+            ``max_tokens_per_rank``, or when the step's plan runs a group's sequences as several packed calls
+            (``Group.micro_batches``: one call would not fit in memory), a list of such dicts, one per
+            micro-batch, to run in order.
 
         Raises:
             ValueError: malformed batch (names the key), a padding attention_mask, an empty batch, a plan that
@@ -452,10 +454,6 @@ def parallelize(
     config = replace(config if config is not None else SPConfig(), **given).validate()
     _, _, size = comm.group_info(config.sp_group)
     wrapper, model = model, _unwrap_ddp(model)
-    if config.strategy == "auto" and size & (size - 1):
-        raise ValueError(
-            f"strategy: 'auto' plans power-of-two groups and needs a power-of-two world size, got {size}"
-        )
 
     integrations.register_builtin_adapters()
     linear_modules = _install_adapters(model)

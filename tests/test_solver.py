@@ -18,6 +18,7 @@ from seqpar.launch.data import long_tail_lengths
 from seqpar.solver.milp import _dp_ends, make_buckets, solve_milp
 from seqpar.solver.planner import _homogeneous
 from seqpar.solver.problem import Problem
+from seqpar.strategies import planner_defaults
 from seqpar.solver import (
     Cluster,
     CostCoefficients,
@@ -208,7 +209,22 @@ def power_of_two_partitions(world: int) -> list[tuple[int, ...]]:
     return out
 
 
-def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=("ulysses", "ring", "token_ring")) -> float:
+def set_partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=None) -> float:
+    """The optimum under the packed model: a group runs its sequences as packed calls that each fit in memory
+    (one call when they all fit, checked against every split by test_one_packed_call_never_costs_more)."""
+    strategies = planner_defaults("softmax") if strategies is None else strategies
     n = len(lengths)
     full = (1 << n) - 1
     mem = cm.cluster.mem_bytes
@@ -216,12 +232,18 @@ def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=("ulysses
     @lru_cache(maxsize=None)
     def subset_cost(degree: int, mask: int) -> float:
         seqs = [lengths[i] for i in range(n) if mask >> i & 1]
+        if not seqs:
+            return 0.0
         best = math.inf
         for name in strategies:
             if not cm.strategy_valid(degree, name):
                 continue
-            if all(cm.seq_memory(length, degree, name) <= mem for length in seqs):
-                best = min(best, cm.group_time(seqs, degree, name))
+            if cm.call_memory(seqs, degree, name) <= mem:
+                best = min(best, cm.call_time(seqs, degree, name))
+                continue
+            for calls in set_partitions(seqs):
+                if all(cm.call_memory(c, degree, name) <= mem for c in calls):
+                    best = min(best, math.fsum(cm.call_time(c, degree, name) for c in calls))
         return best
 
     best = math.inf

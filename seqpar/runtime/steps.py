@@ -3,7 +3,9 @@
 With a fixed strategy every step runs on the whole group. With ``strategy="auto"`` (or a plan passed to
 ``prepare``) rank 0 plans, the plan is broadcast (time-limited solves can differ between ranks: everyone runs
 rank 0's), and each rank runs its plan group's sequences with that group's ``(softmax_strategy,
-linear_strategy)`` pair. A plan group's process group is created the first time a plan uses it and cached per
+linear_strategy)`` pair; when the plan gives a group several packed calls (micro-batches, because one call of
+all its sequences would not fit in memory), ``prepare`` returns the list of micro-batches, as with
+``max_tokens_per_rank``. A plan group's process group is created the first time a plan uses it and cached per
 parent group (``seqpar.collectives.groups.subgroup``), so later steps and other plans reuse it.
 """
 
@@ -81,12 +83,20 @@ class StepRunner:
                              mine.linear_strategy, None, plan)
             groups = [(tuple(g.ranks), list(g.seq_indices)) for g in plan.groups]
             padded_batch = False
-        if max_tokens_per_rank is None:
+        # a plan may run a group's sequences as several packed calls (its micro-batches: the packed call of
+        # all of them would not fit in memory); without one, a group runs one call
+        planned_calls = ({tuple(g.ranks): g.calls() for g in plan.groups} if plan is not None
+                         and plan.num_micro_batches > 1 else None)
+        if max_tokens_per_rank is None and planned_calls is None:
             chosen = next(indices for ranks, indices in groups if self.rank in ranks)
             return self._pack(sequences, labels, chosen, step, padded_batch, device)
 
-        splits = {ranks: self._split(sequences, indices, len(ranks), max_tokens_per_rank)
-                  for ranks, indices in groups}
+        if max_tokens_per_rank is None:
+            splits = planned_calls
+        else:
+            splits = {ranks: [mb for call in (planned_calls[ranks] if planned_calls else [indices])
+                              for mb in self._split(sequences, call, len(ranks), max_tokens_per_rank)]
+                      for ranks, indices in groups}
         count = max(len(s) for s in splits.values())
         normalizer = torch.stack([(shift_labels(lab) != IGNORE_INDEX).sum() for lab in labels]).sum()
         normalizer = normalizer.to(torch.float64)
@@ -176,6 +186,10 @@ def check_plan(plan: Any, *, world_size: int, num_sequences: int, heads: int | N
             raise ValueError(f"plan: group {gi} shares ranks {sorted(seen_ranks & set(ranks))} with another group")
         seen_ranks |= set(ranks)
         seen_seqs += list(g.seq_indices)
+        micro = getattr(g, "micro_batches", None)
+        if micro is not None and (any(not m for m in micro)
+                                  or sorted(i for m in micro for i in m) != sorted(g.seq_indices)):
+            raise ValueError(f"plan: group {gi} micro_batches {micro} must partition its sequences {g.seq_indices}")
         for name, kind in ((g.softmax_strategy, "softmax"), (g.linear_strategy, "linear")):
             if name is None:
                 continue

@@ -29,7 +29,20 @@ __all__ = ["lpt", "earliest_finish", "improve", "greedy_groups", "fill_ranks"]
 
 
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
-    """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups."""
+    """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups.
+
+    With many more items than groups (over ``32 n_groups`` and 4096), in rounds of ``n_groups`` items: each
+    round's longest go to the least-loaded groups, in order (LPT decided once per round, in numpy)."""
+    if times.size > max(32 * n_groups, 4096):
+        order = np.argsort(-times, kind="stable")
+        assign = np.empty(times.size, dtype=np.int64)
+        loads = np.zeros(n_groups)
+        for start in range(0, times.size, n_groups):
+            chunk = order[start:start + n_groups]
+            targets = np.argsort(loads, kind="stable")[:chunk.size]
+            assign[chunk] = targets
+            loads[targets] += times[chunk]
+        return assign
     assign = np.empty(times.size, dtype=np.int64)
     heap = [(0.0, g) for g in range(n_groups)]
     for i in np.argsort(-times, kind="stable").tolist():
@@ -136,7 +149,7 @@ def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> li
     return list(group_shapes) + [0] * (problem.world - used_ranks)
 
 
-def _pack(problem: Problem, target: float) -> list[int] | None:
+def _pack(problem: Problem, target: float, deadline: float | None = None) -> list[int] | None:
     """Group shapes meeting ``target`` on the world (sequences placed tentatively), or None if they need
     more ranks than there are.
 
@@ -159,7 +172,9 @@ def _pack(problem: Problem, target: float) -> list[int] | None:
     ranks = 0
     own_time = problem.times[choice, cols]
     long_ones = np.flatnonzero(own_time > target / 32)
-    for i in long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist():
+    for k, i in enumerate(long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist()):
+        if deadline is not None and k % 256 == 255 and time.perf_counter() > deadline:
+            return None
         join = np.where(least + problem.times[:, i] <= target, area[:, i], np.inf)
         s = int(np.argmin(join))
         if np.isfinite(join[s]):
@@ -219,13 +234,13 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
             if best is None or makespan < best[0]:
                 best = (makespan, shapes, assign)
 
-    packed = _pack(problem, hi)
+    packed = _pack(problem, hi, deadline)
     if packed is None:
         return None
     consider(packed)
     if deadline is not None and time.perf_counter() > deadline:
         return None if best is None else (best[1], best[2])
-    near_bound = _pack(problem, lo * 1.002)  # often met when one sequence dominates the batch
+    near_bound = _pack(problem, lo * 1.002, deadline)  # often met when one sequence dominates the batch
     if near_bound is not None:
         consider(near_bound)
         hi = lo
@@ -233,7 +248,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
         if hi <= lo * 1.002 or (deadline is not None and time.perf_counter() > deadline):
             break
         mid = 0.5 * (lo + hi)
-        packed = _pack(problem, mid)
+        packed = _pack(problem, mid, deadline)
         if packed is None:
             lo = mid
         else:

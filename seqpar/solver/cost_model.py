@@ -520,7 +520,7 @@ class CostModel:
         dense compute on the total, attention compute per sequence, communication on the packed total,
         latency and ``sequence_overhead_s`` once). 0.0 for no sequences. Raises as ``seq_time``."""
         parts = self._check(degree, strategy)
-        S = self._lengths(list(lengths))
+        S = self._lengths(lengths if isinstance(lengths, np.ndarray) else list(lengths))
         if S.size == 0:
             return 0.0
         return self._packed_time(S, degree, parts)
@@ -619,9 +619,19 @@ class CostModel:
 
         if need(1) > mem:
             return 0
-        lo, hi = 1, 2
-        while need(hi) <= mem:
-            lo, hi = hi, hi * 2
+        # memory is affine in the packed tokens for every registered strategy: start from that solution,
+        # then step to the exact boundary by doubling and bisection (a few evaluations)
+        slope = need(2) - need(1)
+        guess = int((mem - need(1)) / slope) + 1 if slope > 0 else 1 << 40
+        lo, hi = 1, max(2, guess)
+        if need(hi) <= mem:
+            lo, hi = hi, hi + 1
+            while need(hi) <= mem:
+                lo, hi = hi, 2 * hi
+                if hi > 1 << 50:
+                    return hi
+        elif need(hi - 1) <= mem:
+            return hi - 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if need(mid) <= mem else (lo, mid)

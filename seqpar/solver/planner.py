@@ -93,19 +93,15 @@ def plan_step(
         plan.note = (f"chose {name}; {how}; lower bound {lower:.6g} s; {time.perf_counter() - started:.2f} s")
         return plan
 
-    exact_note, exact = "", None
+    exact_note = ""
     if problem.n <= EXACT_MAX_SEQUENCES and problem.world <= EXACT_MAX_WORLD:
         found = exact_plan(problem, deadline=search_deadline)
         if found is not None:
-            shapes, assign, memory_bound = found
-            plan = problem.to_plan(shapes, assign, status="feasible", note="")
-            if not memory_bound:  # optimal over every plan: one packed call per group is never slower
-                return finish(plan, "exact search", "optimal under the packed model (dynamic programming over "
-                              "subsets and ranks)", proved=True)
-            exact_note = "exact search over one-call groups (memory binds: micro-batched plans searched below)"
-            exact = plan
-        else:
-            exact_note = "exact search stopped at the deadline"
+            shapes, assign, calls = found
+            plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
+            return finish(plan, "exact search", "optimal under the packed model, micro-batches included (dynamic "
+                          "programming over subsets and ranks)", proved=True)
+        exact_note = "exact search stopped at the deadline"
 
     candidates: list[tuple[str, list[int], np.ndarray]] = []
     homogeneous = _homogeneous(problem, deadline=search_deadline)
@@ -156,8 +152,6 @@ def plan_step(
     status = "feasible" if milp_found else "greedy"
     order = sorted(range(len(candidates)), key=lambda k: problem.makespan(candidates[k][1], candidates[k][2]))
     plans: list[tuple[str, Plan]] = []
-    if exact is not None:
-        plans.append(("exact search (one call per group)", exact))
     for k in order:
         if plans and time.perf_counter() > deadline - 0.02 * time_limit_s:
             break

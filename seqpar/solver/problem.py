@@ -15,6 +15,7 @@ and only the exact search (``exact_plan``, small instances) or meeting ``lower_b
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from typing import Sequence
@@ -38,6 +39,9 @@ def check_seq_lens(seq_lens: Sequence[int]) -> np.ndarray:
         raise ValueError(f"seq_lens must be a sequence of positive integers: {err}") from err
     if not values:
         raise ValueError("seq_lens is empty; a step needs at least one sequence")
+    arr = np.asarray(values) if all(type(v) is int for v in values[:1]) else None
+    if arr is not None and arr.dtype.kind == "i" and arr.ndim == 1 and bool((arr > 0).all()):
+        return arr.astype(np.int64)  # the common case, checked without a Python loop per sequence
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"seq_lens[{i}]={v!r} must be an integer number of tokens")
@@ -118,48 +122,65 @@ class Problem:
         return float((loads + np.where(used, self.const[shapes], 0.0)).max())
 
     def to_plan(self, group_shapes: Sequence[int], assign: np.ndarray, *, status: str, note: str,
-                bucket_cost_ratio: float = 1.0) -> Plan:
+                bucket_cost_ratio: float = 1.0, calls: dict[int, list[list[int]]] | None = None) -> Plan:
         """A ``Plan`` of groups given by shape index and ``assign[i]`` = group of sequence i (packed times)."""
         caps = {self.shapes[s]: int(self.cap[s]) for s in set(group_shapes)}
         return build_plan(self.cost_model, self.lengths, [self.shapes[s] for s in group_shapes], assign,
-                          status=status, note=note, bucket_cost_ratio=bucket_cost_ratio, caps=caps)
+                          status=status, note=note, bucket_cost_ratio=bucket_cost_ratio, caps=caps, calls=calls)
 
 
 def split_calls(lengths: np.ndarray, members: Sequence[int], cap: int) -> list[list[int]]:
-    """``members`` cut into packed calls of at most ``cap`` tokens: first fit, longest first (few calls, each
-    paying its per-call cost once). One call when they all fit; each list ascending."""
-    if math.fsum(float(lengths[i]) for i in members) <= cap:
-        return [sorted(members)]
+    """``members`` cut into packed calls of at most ``cap`` tokens: longest first, each into the call with the
+    most room left, a new call when none has room (few calls, each paying its per-call cost once). One call
+    when they all fit; each list ascending."""
+    members = np.asarray(members, dtype=np.int64)
+    sizes = lengths[members]
+    if int(sizes.sum()) <= cap:
+        return [sorted(members.tolist())]
+    order = np.argsort(-sizes, kind="stable")
+    if members.size > 512:  # many short ones: consecutive cuts of the sorted order (next fit), in numpy
+        ends = np.cumsum(sizes[order])
+        calls, start, base = [], 0, 0
+        while start < members.size:
+            stop = max(int(np.searchsorted(ends, base + cap, side="right")), start + 1)
+            calls.append(sorted(members[order[start:stop]].tolist()))
+            base, start = int(ends[stop - 1]), stop
+        return calls
     calls: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(members, key=lambda i: -int(lengths[i])):
-        size = int(lengths[i])
-        k = next((k for k, r in enumerate(room) if r >= size), None)
-        if k is None:
+    rooms: list[tuple[int, int]] = []  # max-heap of (-room, call)
+    for k in order.tolist():
+        size = int(sizes[k])
+        if rooms and -rooms[0][0] >= size:
+            room, c = heapq.heappop(rooms)
+            heapq.heappush(rooms, (room + size, c))
+        else:
+            c = len(calls)
             calls.append([])
-            room.append(cap)
-            k = len(calls) - 1
-        calls[k].append(i)
-        room[k] -= size
+            heapq.heappush(rooms, (size - cap, c))
+        calls[c].append(int(members[k]))
     return [sorted(c) for c in calls]
 
 
 def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequence[tuple[int, str]],
                assign: np.ndarray, *, status: str, note: str, bucket_cost_ratio: float = 1.0,
-               caps: dict[tuple[int, str], int] | None = None) -> Plan:
+               caps: dict[tuple[int, str], int] | None = None,
+               calls: dict[int, list[list[int]]] | None = None) -> Plan:
     """A ``Plan``: groups placed largest first on consecutive ranks, timed by ``CostModel.group_time`` (packed).
 
     Placing power-of-two groups in decreasing size on consecutive ranks starts every group at a multiple of
     its size, so none straddles a node unless it is made of whole nodes (``Cluster.check_plannable``). A group
     whose sequences do not fit in one packed call (``CostModel.max_call_tokens``; ``caps`` caches it per shape)
-    runs them as micro-batches (``split_calls``).
+    runs them as micro-batches (``split_calls``, or ``calls[g]`` when given for group g).
     """
     lengths = np.asarray(lengths)
     caps = {} if caps is None else caps
     order = sorted(range(len(group_shapes)), key=lambda g: -group_shapes[g][0])
     members: dict[int, list[int]] = {g: [] for g in order}
-    for i, g in enumerate(np.asarray(assign).tolist()):
-        members[g].append(i)
+    assign = np.asarray(assign)
+    by_group = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[by_group], np.arange(len(group_shapes) + 1))
+    for g in order:
+        members[g] = by_group[bounds[g]:bounds[g + 1]].tolist()
     groups, start = [], 0
     for g in order:
         degree, strategy = group_shapes[g]
@@ -167,12 +188,11 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         cap = caps.get((degree, strategy))
         if cap is None:
             cap = caps[(degree, strategy)] = cost_model.max_call_tokens(degree, strategy)
-        calls = split_calls(lengths, seqs, cap) if seqs else [[]]
-        micro = None if len(calls) == 1 else calls
-        position = {i: k for k, i in enumerate(seqs)}
-        time = cost_model.group_time(lengths[seqs].tolist(), degree, strategy,
-                                     micro_batches=None if micro is None else [[position[i] for i in c]
-                                                                               for c in micro])
+        given = None if calls is None else calls.get(g)
+        group_calls = [sorted(c) for c in given] if given else (split_calls(lengths, seqs, cap) if seqs else [[]])
+        micro = None if len(group_calls) == 1 else group_calls
+        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition
+        time = math.fsum(cost_model.call_time(lengths[c], degree, strategy) for c in group_calls) if seqs else 0.0
         softmax, linear = cost_model.split_strategy(strategy)
         groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time, micro))
         start += degree
@@ -181,42 +201,62 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
     return Plan(groups, max(g.predicted_time_s for g in groups), status, note, bucket_cost_ratio)
 
 
-def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndarray, bool] | None:
-    """The optimal plan under the packed model with one packed call per group, by dynamic programming over
-    subsets of sequences and ranks used: ``f(mask, r)`` = least makespan running exactly the sequences of
-    ``mask`` on groups of at most ``r`` ranks in all; a group takes the lowest sequence of ``mask`` and any
-    subset of the rest, on its best shape of a power-of-two degree ``<= r``. Any multiset of power-of-two
-    sizes summing to at most the world places node-aligned (``build_plan``), so ranks are the only coupling.
+def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndarray, dict[int, list[list[int]]]] | None:
+    """The optimal plan under the packed model, micro-batches included, by dynamic programming over subsets.
 
-    Returns ``(group shapes, assignment, memory_bound)``; ``memory_bound`` is True when some group's sequences
-    were ruled out because their packed call did not fit (micro-batched plans were then not searched, so the
-    result is optimal only among plans of one call per group). None when ``deadline`` passes first.
-    Cost: ``3^n * world * degrees`` steps: for ``n <= EXACT_MAX_SEQUENCES``.
+    * ``calls_s(I)``: the least time of shape s running the sequences ``I`` as packed calls that each fit in
+      memory (``cap``), one after another: the call holding the lowest sequence of ``I`` plus the best of the
+      rest (one call whenever it fits, as a call never costs more than two: every term is subadditive).
+    * ``f(mask, r)``: the least makespan running exactly ``mask`` on groups of at most ``r`` ranks in all; a
+      group takes the lowest sequence of ``mask`` and any subset of the rest, on its best shape of a
+      power-of-two degree ``<= r``. Any multiset of power-of-two sizes summing to at most the world places
+      node-aligned (``build_plan``), so ranks are the only coupling between groups.
+
+    Returns ``(group shapes, assignment, calls)``, ``calls[g]`` the micro-batches of group g when it needs
+    more than one; None when ``deadline`` passes first. Cost ``3^n (shapes + world * degrees)`` steps, for
+    ``n <= EXACT_MAX_SEQUENCES``.
     """
     n, world = problem.n, problem.world
     cm, lengths = problem.cost_model, problem.lengths
     full = (1 << n) - 1
+    tokens = [0] * (full + 1)
+    for mask in range(1, full + 1):
+        low = (mask & -mask).bit_length() - 1
+        tokens[mask] = tokens[mask & (mask - 1)] + int(lengths[low])
+    members = [[i for i in range(n) if mask >> i & 1] for mask in range(full + 1)]
+    # best[s][mask] = (least time of shape s on mask, the call holding mask's lowest sequence)
+    best: list[list[tuple[float, int]]] = []
+    for s, (d, name) in enumerate(problem.shapes):
+        table = [(0.0, 0)] * (full + 1)
+        call = [math.inf] * (full + 1)
+        for mask in range(1, full + 1):
+            if tokens[mask] <= problem.cap[s]:
+                call[mask] = cm.call_time(lengths[members[mask]].tolist(), d, name)
+        for mask in range(1, full + 1):
+            if time.perf_counter() > deadline:
+                return None
+            if call[mask] < math.inf:  # one call fits: never beaten by splitting (subadditive)
+                table[mask] = (call[mask], mask)
+                continue
+            low = mask & -mask
+            rest = mask ^ low
+            value, arg = math.inf, 0
+            sub = rest
+            while True:
+                first = sub | low
+                if call[first] < math.inf and first != mask:
+                    v = call[first] + table[mask ^ first][0]
+                    if v < value:
+                        value, arg = v, first
+                if sub == 0:
+                    break
+                sub = (sub - 1) & rest
+            table[mask] = (value, arg)
+        best.append(table)
     degrees = sorted(set(problem.degrees.tolist()))
     by_degree = {d: [s for s, (dd, _) in enumerate(problem.shapes) if dd == d] for d in degrees}
-    memory_bound = False
-    best_group: dict[tuple[int, int], tuple[float, int]] = {}
-
-    def group_cost(d: int, sub: int) -> tuple[float, int]:
-        nonlocal memory_bound
-        key = (d, sub)
-        if key not in best_group:
-            seqs = [lengths[i] for i in range(n) if sub >> i & 1]
-            tokens = sum(int(x) for x in seqs)
-            best = (math.inf, -1)
-            for s in by_degree[d]:
-                if tokens > problem.cap[s]:
-                    memory_bound = True
-                    continue
-                t = cm.call_time(seqs, d, problem.shapes[s][1])
-                if t < best[0]:
-                    best = (t, s)
-            best_group[key] = best
-        return best_group[key]
+    group = {d: [min(((best[s][m][0], s) for s in by_degree[d]), default=(math.inf, -1)) for m in range(full + 1)]
+             for d in degrees}
 
     f = {(0, r): (0.0, None) for r in range(world + 1)}
     for mask in range(1, full + 1):
@@ -225,38 +265,43 @@ def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndar
         low = mask & -mask
         rest = mask ^ low
         for r in range(1, world + 1):
-            best, arg = math.inf, None
+            value, arg = math.inf, None
             sub = rest
             while True:
-                group = sub | low
+                g = sub | low
                 for d in degrees:
                     if d > r:
                         break
-                    cost, s = group_cost(d, group)
-                    if cost >= best:
-                        continue
-                    prev = f.get((mask ^ group, r - d), (math.inf, None))[0]
-                    value = max(cost, prev)
-                    if value < best:
-                        best, arg = value, (group, d, s)
+                    cost, s = group[d][g]
+                    if cost < value:
+                        v = max(cost, f.get((mask ^ g, r - d), (math.inf, None))[0])
+                        if v < value:
+                            value, arg = v, (g, d, s)
                 if sub == 0:
                     break
                 sub = (sub - 1) & rest
-            f[(mask, r)] = (best, arg)
+            f[(mask, r)] = (value, arg)
     if not math.isfinite(f[(full, world)][0]):
         return None
     group_shapes: list[int] = []
     assign = np.empty(n, dtype=np.int64)
+    calls: dict[int, list[list[int]]] = {}
     mask, r = full, world
     while mask:
-        group, d, s = f[(mask, r)][1]
-        for i in range(n):
-            if group >> i & 1:
-                assign[i] = len(group_shapes)
+        g, d, s = f[(mask, r)][1]
+        k = len(group_shapes)
+        assign[members[g]] = k
+        parts, left = [], g
+        while left:
+            first = best[s][left][1]
+            parts.append(members[first])
+            left ^= first
+        if len(parts) > 1:
+            calls[k] = parts
         group_shapes.append(s)
-        mask, r = mask ^ group, r - d
+        mask, r = mask ^ g, r - d
     used = sum(problem.shapes[s][0] for s in group_shapes)
-    return group_shapes + [0] * (world - used), assign, memory_bound
+    return group_shapes + [0] * (world - used), assign, calls
 
 
 EXACT_MAX_SEQUENCES = 8
