@@ -1,0 +1,62 @@
+"""``strategy="auto"`` at a world that is not a power of two, and a plan with micro-batches, against one float64
+process (tiny Llama, real gloo ranks)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+import seqpar
+from seqpar.solver import CostModel
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import MODELS, cpu_cost_model, reference_loss_and_grads
+
+
+def cost_model_for(world: int, mem_tokens: int | None = None) -> CostModel:
+    """``cpu_cost_model`` on ``world`` ranks; with ``mem_tokens``, memory for about that many packed tokens per
+    rank beyond the model state (so a plan must run some groups as micro-batches)."""
+    cm = cpu_cost_model()
+    cluster = replace(cm.cluster, world_size=world, gpus_per_node=world)
+    cm = replace(cm, cluster=cluster)
+    if mem_tokens is not None:
+        mem = cm.model_state_bytes() + cm.model.token_activation_bytes() * mem_tokens
+        cm = replace(cm, cluster=replace(cluster, mem_bytes=mem))
+    return cm
+
+
+def auto_step_matches_reference(lengths, world, mem_tokens=None):
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 96, (n,), generator=gen) for n in lengths]
+    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world, mem_tokens))
+    prepared = sp_model.prepare(sequences)
+    micro_batches = prepared if isinstance(prepared, list) else [prepared]
+    loss, plan = 0.0, None
+    for local in micro_batches:
+        out = sp_model(**local)
+        out.loss.backward()
+        loss += out.loss.item()
+        plan = out.plan
+    sp_model.sync_gradients()
+    grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
+    sizes = sorted(len(g.ranks) for g in plan.groups)
+    return abs(loss - ref_loss) / abs(ref_loss), grad_err, sizes, plan.num_micro_batches, len(micro_batches)
+
+
+def test_auto_at_three_ranks_equals_one_process():
+    results = run_distributed(auto_step_matches_reference, 3, [300, 40, 24, 64], 3)
+    for loss_err, grad_err, sizes, _, _ in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+        assert sum(sizes) == 3
+    assert all(r[2] == results[0][2] for r in results)  # every rank ran rank 0's plan
+
+
+def test_micro_batched_auto_step_equals_one_process():
+    # memory for ~160 packed tokens per rank: 4 x 150 tokens cannot run as one call anywhere on 2 ranks
+    results = run_distributed(auto_step_matches_reference, 2, [150, 150, 150, 150, 20], 2, mem_tokens=160)
+    for loss_err, grad_err, _, planned, ran in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+        assert planned > 1 and ran == planned
