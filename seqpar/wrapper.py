@@ -144,6 +144,14 @@ class SPModel(torch.nn.Module):
         """
         return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
 
+    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float = 5.0) -> None:
+        """With ``strategy="auto"``: start planning a coming step whose sequences have ``seq_lens`` now, in a
+        background process on rank 0, with a larger budget (the solve is off the critical path); the next
+        ``prepare`` of a batch with exactly these lengths uses that plan. Call it on every rank (ranks other than
+        0 do nothing) as soon as the data loader knows the next batch. A no-op for a fixed strategy.
+        """
+        self.runner.plan_ahead(seq_lens, time_limit_s=time_limit_s)
+
     # -- forward / loss / gradients ------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,

@@ -60,3 +60,31 @@ def test_micro_batched_auto_step_equals_one_process():
     for loss_err, grad_err, _, planned, ran in results:
         assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
         assert planned > 1 and ran == planned
+
+
+def planned_ahead_steps_match_reference(lengths_per_step, world):
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(2)
+    steps = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in lengths_per_step]
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world))
+    errors = []
+    sp_model.plan_ahead([s.numel() for s in steps[0]])
+    for k, sequences in enumerate(steps):
+        ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+        local = sp_model.prepare(sequences)
+        if k + 1 < len(steps):
+            sp_model.plan_ahead([s.numel() for s in steps[k + 1]])
+        out = sp_model(**local)
+        out.loss.backward()
+        sp_model.sync_gradients()
+        grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
+        errors.append((abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err))
+        model.zero_grad(set_to_none=True)
+    return errors, sp_model.runner.plans_from_ahead
+
+
+def test_plans_made_a_step_ahead_are_used_and_correct():
+    results = run_distributed(planned_ahead_steps_match_reference, 2, [[200, 30, 60], [90, 90, 16, 120]], 2)
+    for errors, _ in results:
+        assert all(loss_err < 1e-5 and grad_err < 1e-4 for loss_err, grad_err in errors), errors
+    assert results[0][1] == 2  # rank 0 took both plans from the background planner

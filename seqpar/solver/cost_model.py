@@ -643,15 +643,18 @@ class CostModel:
         """A copy whose ``coefficients`` best fit measured step times (least squares on log time).
 
         Levenberg-Marquardt over the five ``CostCoefficients`` (efficiencies and latency scale in log
-        space, the overhead linear and kept >= 0). Coefficients the measurements cannot see (e.g. the
-        bandwidth when every measurement is at degree 1) stay where they are.
+        space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the measurements
+        cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they are. The dense
+        (linear in the length) and attention (quadratic) efficiencies separate only with at least two
+        lengths at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
             max_iterations: Levenberg-Marquardt iteration cap.
 
         Raises:
-            ValueError: no measurements, a non-positive time, or an invalid length/degree/strategy.
+            ValueError: no measurements, a non-positive time, an invalid length/degree/strategy, or a single
+                length (the dense and attention terms cannot be told apart).
         """
         data = [m if isinstance(m, Measurement) else Measurement(*m) for m in measurements]
         if not data:
@@ -660,10 +663,14 @@ class CostModel:
             _require_positive("measurement seconds", m.seconds)
             self._check(m.degree, m.strategy)
             self._lengths([m.length])
+        if len({m.length for m in data}) < 2:
+            raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
+                             "(quadratic) efficiencies cannot be separated; measure at least two lengths")
         measured = np.log([m.seconds for m in data])
+        low, high = math.log(1e-6), math.log(1e3)
 
         def coefficients(theta: np.ndarray) -> CostCoefficients:
-            return CostCoefficients(*np.exp(theta[:4]).tolist(), max(float(theta[4]), 0.0))
+            return CostCoefficients(*np.exp(np.clip(theta[:4], low, high)).tolist(), max(float(theta[4]), 0.0))
 
         def residuals(theta: np.ndarray) -> np.ndarray:
             model = replace(self, coefficients=coefficients(theta))
@@ -690,6 +697,7 @@ class CostModel:
             while damping < 1e12:
                 delta = -np.linalg.solve(js.T @ js + damping * np.eye(theta.size), grad) / scale
                 trial = theta + delta
+                trial[:4] = np.clip(trial[:4], low, high)
                 trial[4] = max(trial[4], 0.0)
                 r_trial = residuals(trial)
                 if r_trial @ r_trial < r @ r:
