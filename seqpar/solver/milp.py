@@ -37,7 +37,8 @@ sequence of bucket b), ``w[u] = T * used[u]`` (linearised).
 Only pairs (s, b) where the bucket fits in memory and ``tmax[s, b]`` does not exceed the warm start's
 makespan ``T_ub`` get a variable; a strategy slower or equal on every bucket than another of the same
 degree, and fitting no more, is dropped. CBC starts from the better (in these terms) of the best
-homogeneous plan and the greedy plan (``warmStart``), runs single-threaded with a wall-clock limit, and
+homogeneous plan and the greedy plan (``warmStart``; HiGHS likewise, ``_WarmHiGHS``), runs single-threaded
+with a wall-clock limit (what is left before the caller's deadline once the model is built), and
 stops at ``rel_gap``. ``sol_status`` (not ``status``, which PuLP reports as "Optimal" even after a
 time-limited stop) says whether the solution is proven optimal.
 
@@ -208,7 +209,7 @@ class _Warm:
 
 
 def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[int], np.ndarray]], *,
-               time_limit_s: float, rel_gap: float, solver: str) -> MilpResult | str:
+               time_limit_s: float, rel_gap: float, solver: str, deadline: float | None = None) -> MilpResult | str:
     """Solve; a ``MilpResult``, or a string saying why there is no solution.
 
     ``warm_plans`` are complete plans ``(group shapes, assignment)``; the one that is best in bucketed
@@ -306,6 +307,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
                 y[s, b].setInitialValue(1)
 
     # ---- solve ---------------------------------------------------------------------------------------------
+    if deadline is not None:  # building the model took part of the budget; the solver process starts slowly
+        time_limit_s = min(time_limit_s, 0.8 * (deadline - time.perf_counter()) - 0.05)
+        if time_limit_s < 0.02:
+            return f"no time left for {solver} after building the model"
     backend = _backend(solver, time_limit_s, rel_gap)
     if isinstance(backend, str):
         return backend
@@ -389,6 +394,21 @@ def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: 
     return fill_ranks(problem, group_shapes, used), assign
 
 
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's highspy interface, handed the variables' initial values as a starting solution (PuLP 3.3 passes
+    none to highspy; without one HiGHS found no solution at all on some large instances)."""
+
+    def callSolver(self, lp):
+        import highspy
+
+        columns = sorted(lp.variables(), key=lambda v: v.index)
+        start = highspy.HighsSolution()
+        start.col_value = [float(v.varValue or 0.0) for v in columns]
+        start.value_valid = True
+        lp.solverModel.setSolution(start)
+        super().callSolver(lp)
+
+
 def _backend(solver: str, time_limit_s: float, rel_gap: float):
     if solver == "cbc":
         # PuLP 3.3 flags PULP_CBC_CMD as going away in PuLP 4, which also stops bundling CBC; we pin
@@ -398,9 +418,9 @@ def _backend(solver: str, time_limit_s: float, rel_gap: float):
             backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
                                         warmStart=True, threads=1, timeMode="elapsed")
     elif solver == "highs":
-        backend = pulp.HiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
-        if not backend.available():  # highspy missing: try a highs executable on PATH
-            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap)
+        backend = _WarmHiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
+        if not backend.available():  # highspy missing: try a highs executable on PATH (it reads the start file)
+            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, warmStart=True)
     else:
         raise ValueError(f"unknown MILP solver {solver!r}")
     if not backend.available():

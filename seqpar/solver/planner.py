@@ -33,7 +33,7 @@ from seqpar.solver.problem import EXACT_MAX_SEQUENCES, EXACT_MAX_WORLD, Problem,
 
 __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
-SOLVERS = ("cbc", "highs", "greedy")
+SOLVERS = ("auto", "cbc", "highs", "greedy")
 
 
 def plan_step(
@@ -43,7 +43,7 @@ def plan_step(
     strategies: Sequence[str] | None = None,
     linear_strategies: Sequence[str] | None = None,
     time_limit_s: float = 1.0,
-    solver: str = "cbc",
+    solver: str = "auto",
     max_buckets: int = 16,
     rel_gap: float | None = None,
 ) -> Plan:
@@ -58,7 +58,9 @@ def plan_step(
         linear_strategies: linear-attention strategies a group may use; default
             ``seqpar.strategies.planner_defaults("linear")``.
         time_limit_s: wall-clock budget of the whole call, in seconds.
-        solver: ``"cbc"`` (bundled with PuLP), ``"highs"`` (if installed) or ``"greedy"`` (no MILP).
+        solver: ``"auto"`` (HiGHS when ``highspy`` is installed: the ``highs`` extra; it found solutions where
+            CBC found none within the budget, bench/results/solver.json; else CBC), ``"cbc"`` (bundled with
+            PuLP), ``"highs"`` or ``"greedy"`` (no MILP).
         max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
         rel_gap: relative optimality gap at which the MILP stops; default 1e-9 when the formulation is
             exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
@@ -123,6 +125,8 @@ def plan_step(
         warm_plans.append((greedy[0], greedy_assign))
 
     why, bucket_ratio, milp_note, milp_found = "", 1.0, "", False
+    if solver == "auto":
+        solver = "highs" if _highs_available() else "cbc"
     if solver == "greedy":
         why = "solver='greedy'"
     else:
@@ -135,7 +139,7 @@ def plan_step(
             gap = rel_gap if rel_gap is not None else (1e-9 if problem.world <= SLOTS else 1e-3)
             budget = search_deadline - time.perf_counter() - reserve
             result = solve_milp(problem, buckets, warm_plans, time_limit_s=max(budget, 0.02),
-                                rel_gap=gap, solver=solver)
+                                rel_gap=gap, solver=solver, deadline=search_deadline - reserve)
             if isinstance(result, MilpResult):
                 milp_found, milp_note = True, result.note
                 candidates.append(("milp", result.group_shapes, result.assign))
@@ -163,6 +167,14 @@ def plan_step(
     how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",
                                 f"{len(plans)} of {len(candidates)} candidates re-scored packed: {scores}") if x)
     return finish(best, name, how, proved=False)
+
+
+def _highs_available() -> bool:
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _before(seconds: float, deadline: float) -> float:
