@@ -209,42 +209,39 @@ def power_of_two_partitions(world: int) -> list[tuple[int, ...]]:
     return out
 
 
-def set_partitions(items: list[int]):
-    """Every partition of ``items`` into non-empty blocks."""
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for partition in set_partitions(rest):
-        yield [[first]] + partition
-        for k in range(len(partition)):
-            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
-
-
 def brute_force_makespan(lengths: list[int], cm: CostModel, strategies=None) -> float:
-    """The optimum under the packed model: a group runs its sequences as packed calls that each fit in memory
-    (one call when they all fit, checked against every split by test_one_packed_call_never_costs_more)."""
+    """The optimum under the packed model: every multiset of power-of-two group sizes covering the world, every
+    assignment of sequences to groups (subset DP), each group on its best strategy and its best split into
+    packed calls that each fit in memory."""
     strategies = planner_defaults("softmax") if strategies is None else strategies
     n = len(lengths)
     full = (1 << n) - 1
     mem = cm.cluster.mem_bytes
 
     @lru_cache(maxsize=None)
-    def subset_cost(degree: int, mask: int) -> float:
+    def one_call(degree: int, name: str, mask: int) -> float:
         seqs = [lengths[i] for i in range(n) if mask >> i & 1]
-        if not seqs:
+        return cm.call_time(seqs, degree, name) if cm.call_memory(seqs, degree, name) <= mem else math.inf
+
+    @lru_cache(maxsize=None)
+    def calls_cost(degree: int, name: str, mask: int) -> float:
+        """Least time of ``mask`` as calls run one after another: every split into calls is enumerated once
+        (the call holding the lowest sequence, then the rest)."""
+        if mask == 0:
             return 0.0
-        best = math.inf
-        for name in strategies:
-            if not cm.strategy_valid(degree, name):
-                continue
-            if cm.call_memory(seqs, degree, name) <= mem:
-                best = min(best, cm.call_time(seqs, degree, name))
-                continue
-            for calls in set_partitions(seqs):
-                if all(cm.call_memory(c, degree, name) <= mem for c in calls):
-                    best = min(best, math.fsum(cm.call_time(c, degree, name) for c in calls))
-        return best
+        low = mask & -mask
+        rest = mask ^ low
+        best, sub = math.inf, rest
+        while True:
+            best = min(best, one_call(degree, name, sub | low) + calls_cost(degree, name, rest ^ sub))
+            if sub == 0:
+                return best
+            sub = (sub - 1) & rest
+
+    @lru_cache(maxsize=None)
+    def subset_cost(degree: int, mask: int) -> float:
+        names = [name for name in strategies if cm.strategy_valid(degree, name)]
+        return min((calls_cost(degree, name, mask) for name in names), default=math.inf)
 
     best = math.inf
     for partition in power_of_two_partitions(cm.cluster.world_size):
