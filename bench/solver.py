@@ -27,10 +27,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections import Counter
 
 import matplotlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's seqpar
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
