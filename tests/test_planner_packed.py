@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -138,3 +139,17 @@ def test_the_budget_is_a_deadline_even_for_100000_tiny_sequences():
     # 1.1 x budget on an idle machine (bench/solver.py records it); generous here: CI shares its cores
     assert wall < 4 * budget, wall
     assert sorted(i for g in plan.groups for i in g.seq_indices) == list(range(len(lengths)))
+
+
+def test_calibration_separates_dense_from_attention_with_two_lengths():
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    truth = replace(cm, coefficients=CostCoefficients(0.05, 0.3, 0.5, 2.0, 0.02))
+    data = [Measurement(n, d, s, truth.seq_time(n, d, s)) for n in (256, 2048) for d, s in
+            ((1, "ulysses"), (2, "ring"), (4, "ring"), (4, "ulysses"))]
+    fitted = cm.calibrate(data)
+    for m in data:
+        assert fitted.seq_time(m.length, m.degree, m.strategy) == pytest.approx(m.seconds, rel=1e-4)
+    with pytest.raises(ValueError, match="two lengths"):
+        cm.calibrate([m for m in data if m.length == 256])

@@ -4,6 +4,7 @@ process (tiny Llama, real gloo ranks)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -88,3 +89,32 @@ def test_plans_made_a_step_ahead_are_used_and_correct():
     for errors, _ in results:
         assert all(loss_err < 1e-5 and grad_err < 1e-4 for loss_err, grad_err in errors), errors
     assert results[0][1] == 2  # rank 0 took both plans from the background planner
+
+
+def calibrate_twice(path):
+    from seqpar.launch import calibrate
+
+    model = MODELS["llama"]()
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(2))
+    base = sp_model.config.cost_model
+    first = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128), repeats=1,
+                                            vocab_size=96)
+    measured = calibrate._read(Path(path))["measurements"]
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("profiled again although the cache matches")
+
+    calibrate.profile = no_profile
+    second = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128),
+                                             vocab_size=96)
+    calibrate.use_cost_model(sp_model, second)
+    return first.coefficients, second.coefficients, measured, sp_model.runner.config.cost_model is second
+
+
+def test_calibration_profiles_every_shape_at_two_lengths_and_is_cached(tmp_path):
+    path = str(tmp_path / "calibration.json")
+    for first, second, measured, installed in run_distributed(calibrate_twice, 2, path):
+        assert first == second and installed
+        shapes = {(m["degree"], m["strategy"]) for m in measured}
+        assert shapes == {(1, "ulysses"), (2, "ulysses"), (2, "ring"), (2, "token_ring")}
+        assert {m["length"] for m in measured} == {32, 128} and all(m["seconds"] > 0 for m in measured)
