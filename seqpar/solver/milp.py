@@ -1,5 +1,9 @@
 """The MILP (PuLP + CBC) that picks the groups and how many sequences of each length bucket each one runs.
 
+The MILP works on the additive surrogate of the packed model (``problem`` docstring): a unit's load is
+``const[s]`` (the packed call's fixed cost, once per used unit) plus its sequences' ``times``. Its
+"optimal" is optimal on that surrogate; the planner re-scores its plan with the packed model.
+
 Bucketing
 ---------
 Sequences are sorted and cut into at most ``max_buckets`` buckets of consecutive lengths (more only if
@@ -26,7 +30,7 @@ sequence of bucket b), ``w[u] = T * used[u]`` (linearised).
     s.t.       sum_s z[u, s] <= 1                                     one shape per unit
                n[u, s, b] <= N_b z[u, s]                              only in a used unit
                sum_{u, s} n[u, s, b] + sum_s p[s, b] = N_b            every sequence placed
-               load[u] = sum_{s, b} tmax[s, b] n[u, s, b] <= T        unit (group) load
+               load[u] = sum_s const[s] z[u, s] + sum_{s, b} tmax[s, b] n[u, s, b] <= T     unit (group) load
                sum_u c_u used[u] <= world                             ranks
                used[u] >= used[u+1], load[u] >= load[u+1]             same-size units in order (symmetry)
                sum_{s, b} d_s tmean[s, b] p[s, b] <= world T - sum_u c_u w[u]     pools fit the other ranks

@@ -3,19 +3,27 @@
 ``plan_step`` splits the world into power-of-two, node-aligned SP groups of possibly different sizes and
 strategies (degree 1 allowed; for each layer kind, any of the allowed strategies of the registry,
 ``seqpar.strategies``, valid at the group's degree, whichever the cost model prefers) and gives every sequence
-to one group, minimising the makespan.
-It builds several plans, re-scores each on the TRUE lengths with ``CostModel.group_time`` and returns the
-fastest:
+to one group, minimising the makespan under the PACKED cost model: a group runs its sequences as one packed call
+(``CostModel.call_time``), or as micro-batches when that call would not fit in memory.
 
-1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
-   slower than ``static_plan``;
-2. the best homogeneous plan improved by local search;
-3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
-4. the MILP plan (``milp.solve_milp``, warm-started from the best homogeneous plan), its assignment
-   improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+* Small steps (at most ``EXACT_MAX_SEQUENCES`` sequences, ``EXACT_MAX_WORLD`` ranks): ``problem.exact_plan``,
+  dynamic programming over subsets, micro-batches included: optimal, and reported so.
+* Otherwise it builds candidates on the additive surrogate (``problem`` docstring), re-scores each with the
+  packed model (``Problem.to_plan``) and returns the fastest:
 
-``time_limit_s`` bounds the whole call: the MILP gets what is left after the cheap candidates, less a
-reserve for the re-balancing.
+  1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
+     slower than ``static_plan``;
+  2. the best homogeneous plan improved by local search;
+  3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
+  4. the MILP plan (``milp.solve_milp``: CBC or HiGHS, warm-started from the better of 1 and 3), its
+     assignment improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+
+``time_limit_s`` is a deadline for the whole call: every phase checks it (the search stops at 80% of it, the
+MILP's own limit is what is left once its model is built, less a reserve for the re-balancing), and the
+packed re-scoring takes candidates in the surrogate's order while time is left (at least one).
+``solver_status``: ``"optimal"`` when the exact search ran or the plan meets ``Problem.lower_bound``;
+``"feasible"`` when the MILP gave a solution (optimal or not on its surrogate, the note says which);
+``"greedy"`` when it gave none.
 """
 
 from __future__ import annotations
@@ -66,13 +74,13 @@ def plan_step(
             exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
 
     Returns:
-        A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says whether the
-        MILP proved optimality, stopped at the time limit, or was unavailable (greedy fallback).
+        A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says what was proved
+        (module docstring); ``note`` names the chosen candidate, the MILP's outcome and the lower bound.
 
     Raises:
         ValueError: empty ``seq_lens``, a non-positive or non-integer length, a sequence that does not fit
-            in memory even on all ranks, a world size that is not a power of two (times
-            ``gpus_per_node`` across nodes), an unknown strategy or solver, or a bad option value.
+            in memory even on all ranks, a world spanning nodes whose ``gpus_per_node`` is not a power of two
+            (``Cluster.check_plannable``), an unknown strategy or solver, or a bad option value.
     """
     started = time.perf_counter()
     if isinstance(time_limit_s, bool) or not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
