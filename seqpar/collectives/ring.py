@@ -45,7 +45,7 @@ _KV_STREAM, _DKV_STREAM = 0, 1  # ring_exchange streams: their tags are in comm.
 
 def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (T, H, D) out in the accumulation dtype and (H, T) lse."""
-    kv = torch.stack([sp.k, sp.v])
+    kv = torch.stack([sp.k, sp.v])  # one message per step; only step 0's copy is extra (later: received buffers)
     out = lse = None
     for step in range(sp.world_size):
         pending = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
@@ -61,29 +61,53 @@ def _ring_backward(
     sp: SoftmaxSP, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(sp.q.dtype)
-    dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
-    own_dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
+    dq = own_dk = own_dv = None  # step 0's block gradients become these accumulators (no zero-filled copies)
     kv = torch.stack([sp.k, sp.v])
     pending_dkv = None
     for step in range(sp.world_size):
         pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
         kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
-        target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
+        grads = None
         if kind != "skip":
             q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind,
-                                                                   backend)
-            add_rows(dq, q_rows, g_q)
-            add_rows(target[0], kv_rows, g_k)
-            add_rows(target[1], kv_rows, g_v)
-        if step > 0:
-            if pending_dkv is not None:  # what the previous rank accumulated for this shard so far
-                target += pending_dkv.wait()[0]
+                                                                   backend, views=True)
+            dq = _accumulate(dq, q_rows, g_q, sp.q.shape, acc)
+            grads = (kv_rows, g_k, g_v)
+            del g_q, g_k, g_v
+        if step == 0:  # our own shard's dK/dV stay home (step 0's block always reads it: causal or full)
+            own_dk = _accumulate(None, grads[0], grads[1], sp.k.shape, acc)
+            own_dv = _accumulate(None, grads[0], grads[2], sp.k.shape, acc)
+        else:
+            if pending_dkv is None:  # step 1: the accumulator of shard r - 1 starts here
+                target = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
+            else:  # what the previous rank accumulated for shard r - step so far: ours is added into that buffer
+                target = pending_dkv.wait()[0]
+            if grads is not None:
+                add_rows(target[0], grads[0], grads[1])
+                add_rows(target[1], grads[0], grads[2])
+            grads = None  # the block's dK/dV are freed before the exchange allocates its receive buffer
             pending_dkv = comm.ring_exchange(target, group=sp.group, stream=_DKV_STREAM)
+            del target
+        grads = None
         if pending_kv is not None:
             kv = pending_kv.wait()[0]
     if pending_dkv is not None:  # after the last step the accumulator of our own shard arrives home
-        own_dkv += pending_dkv.wait()[0]
-    return dq.to(sp.q.dtype), own_dkv[0].to(sp.k.dtype), own_dkv[1].to(sp.v.dtype)
+        home = pending_dkv.wait()[0]
+        own_dk += home[0]
+        own_dv += home[1]
+    return dq.to(sp.q.dtype), own_dk.to(sp.k.dtype), own_dv.to(sp.v.dtype)
+
+
+def _accumulate(total: torch.Tensor | None, rows, values: torch.Tensor, shape: torch.Size,
+                acc: torch.dtype) -> torch.Tensor:
+    """``total[rows] += values`` (rows None: all). ``total`` None starts the sum from ``values``, the kernel's
+    fresh gradient, which is kept as it is when it covers every row in the accumulation dtype (no copy)."""
+    if total is None:
+        if rows is None:
+            return values.to(acc)
+        total = torch.zeros(shape, dtype=acc, device=values.device)
+    add_rows(total, rows, values)
+    return total
 
 
 def ring_attention(
