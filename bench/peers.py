@@ -45,7 +45,8 @@ Peak memory per rank: the CPU allocator's high-water mark during one forward+bac
 ``torch.profiler(profile_memory=True)``: every allocation event carries the allocator's running total of the
 bytes allocated while profiling (c10's ProfiledCPUMemoryReporter), so the peak is exact at allocator level and
 covers everything torch allocates (receive buffers, accumulators, saved tensors, the returned gradients) and
-nothing allocated before the call (the shared inputs). tracemalloc sees no torch memory, and RSS depends on
+nothing allocated before the call (the shared inputs); the larger of two runs is kept, since when a transfer's
+buffers are freed depends on timing. tracemalloc sees no torch memory, and RSS depends on
 glibc's free-list and mmap thresholds, so neither is used. gloo's internal socket buffers are not torch
 allocations and are not counted (for any implementation).
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import statistics
@@ -83,7 +85,7 @@ SEQPAR_OP = {  # the seqpar op and layout each peer meets
     "ring_flash_attn_zigzag": ("ring_attention", "zigzag"),
     "torch_cp_ring": ("ring_attention", "zigzag"),
 }
-SMOKE = {"world_sizes": [2], "seq_lens": [256], "dtypes": ["float32"], "repeats": 1}
+SMOKE = {"world_sizes": [2], "seq_lens": [256], "dtypes": ["float32", "float64"], "repeats": 1}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,10 +199,12 @@ def install_flash_stand_in() -> str:
 
 def _deepspeed_ulysses(group, scale):
     import deepspeed.comm
-    import deepspeed.comm.torch
     from deepspeed.sequence.layer import DistributedAttention
 
-    deepspeed.comm.torch.build_shm_op = lambda: None  # its CPU shared-memory all-reduce is a JIT build: ops off
+    # its CPU shared-memory all-reduce is a JIT C++ build (minutes) that Ulysses never uses: ops stay off.
+    # (deepspeed.comm re-exports PyTorch as ``torch``, so the backend module is reached through sys.modules.)
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.comm.init_distributed(dist_backend="gloo", dist_init_required=False, verbose=False)  # wraps ours
 
     def local_attention(q, k, v, *args, **kwargs):  # (B, S, H/P, D) in and out
@@ -380,14 +384,20 @@ def peak_memory_bytes(step: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     allocation = torch._C._profiler._EventType.Allocation
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         kind, fields = node.typed
         if kind == allocation:
-            peak = max(peak, fields.total_allocated)
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
         stack.extend(node.children)
-    return int(peak)
+    if not events:
+        return 0
+    events.sort()
+    # the reporter's total persists across profiling sessions (memory allocated while an earlier one ran and
+    # still alive, e.g. a peer's cached buffers, stays in it): measure from the total just before this step
+    baseline = events[0][2] - events[0][1]
+    return int(max(total for _, _, total in events) - baseline)
 
 
 def reference_path(seq_len: int) -> Path:
@@ -478,7 +488,9 @@ def measure(config: dict) -> list[dict]:
                         if name == "seqpar":
                             row["seqpar count_comm MB"] = max_over_ranks(stats.bytes_sent) / 1e6
                         dist.barrier()
-                        row[f"{name} peak MiB"] = max_over_ranks(peak_memory_bytes(lambda: step(fn))) / 2**20
+                        # the larger of two runs: when a transfer's buffers are freed depends on the peer's timing
+                        peak = max(peak_memory_bytes(lambda: step(fn)) for _ in range(2))
+                        row[f"{name} peak MiB"] = max_over_ranks(peak) / 2**20
                     times = {name: [] for name in impls}
                     order = list(impls)
                     for rep in range(config["repeats"] + 1):  # the first round is the warm-up
@@ -574,13 +586,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="W=2, S=256, float32, one repeat; writes nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="W=2, S=256, float32 and float64, one repeat; writes no results (see --rows-json)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", nargs="+", default=list(PEER_NAMES), choices=PEER_NAMES)
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--rows-json", type=Path, help="also write the rows to this file (the smoke test reads it)")
     parser.add_argument("--note", default="", help="a line for the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args()
     settings = dict(SMOKE) if args.smoke else {"world_sizes": args.world_sizes, "seq_lens": args.seq_lens,
@@ -590,6 +604,8 @@ def main() -> None:
                         args.peers)
     print("\nforward+backward, causal, B=1 H=8 D=64; medians of interleaved repeats; MB sent and peak MiB per rank")
     print_table(rows, COLUMNS)
+    if args.rows_json:
+        args.rows_json.write_text(json.dumps(rows, indent=1))
     if args.smoke or args.no_save:
         return
     config = {"heads": HEADS, "head_dim": HEAD_DIM, "batch": BATCH, "causal": True, **settings,
