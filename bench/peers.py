@@ -43,12 +43,11 @@ the pieces for other ranks, reduce-scatter: input x (P-1)/P). seqpar's own ``cou
 
 Peak memory per rank: the CPU allocator's high-water mark during one forward+backward, read from
 ``torch.profiler(profile_memory=True)``: every allocation event carries the allocator's running total of the
-bytes allocated while profiling (c10's ProfiledCPUMemoryReporter), so the peak is exact at allocator level and
-covers everything torch allocates (receive buffers, accumulators, saved tensors, the returned gradients) and
-nothing allocated before the call (the shared inputs); the larger of two runs is kept, since when a transfer's
-buffers are freed depends on timing. tracemalloc sees no torch memory, and RSS depends on
-glibc's free-list and mmap thresholds, so neither is used. gloo's internal socket buffers are not torch
-allocations and are not counted (for any implementation).
+bytes allocated (c10's ProfiledCPUMemoryReporter), so the peak minus the total just before the step is exact at
+allocator level: everything torch allocates in the step (receive buffers, accumulators, saved tensors, the
+returned gradients), nothing allocated before it (the shared inputs). tracemalloc sees no torch memory, and RSS
+depends on glibc's free lists and mmap thresholds, so neither is used. gloo's internal socket buffers are not
+torch allocations and are not counted (for any implementation).
 
 Writes bench/results/peers.json and peers.png (not with --smoke).
 """
@@ -477,20 +476,18 @@ def measure(config: dict) -> list[dict]:
                     return (out.detach(), *(leaf.grad for leaf in leaves)) if keep else None
 
                 try:
-                    for name, fn in impls.items():  # correctness, bytes and memory: untimed calls
-                        got = step(fn, keep=True)
+                    for name, fn in impls.items():  # correctness and bytes, then memory: untimed calls
+                        with _ByteCounter() as counter, comm.count_comm() as stats:
+                            got = step(fn, keep=True)
                         errs = [_rel_err(g, r) for g, r in zip(got, local_ref)]
+                        del got
                         row[f"{name} out err"] = max_over_ranks(errs[0])
                         row[f"{name} grad err"] = max_over_ranks(max(errs[1:]))
-                        with _ByteCounter() as counter, comm.count_comm() as stats:
-                            step(fn)
                         row[f"{name} MB"] = max_over_ranks(counter.bytes) / 1e6
                         if name == "seqpar":
                             row["seqpar count_comm MB"] = max_over_ranks(stats.bytes_sent) / 1e6
                         dist.barrier()
-                        # the larger of two runs: when a transfer's buffers are freed depends on the peer's timing
-                        peak = max(peak_memory_bytes(lambda: step(fn)) for _ in range(2))
-                        row[f"{name} peak MiB"] = max_over_ranks(peak) / 2**20
+                        row[f"{name} peak MiB"] = max_over_ranks(peak_memory_bytes(lambda: step(fn))) / 2**20
                     times = {name: [] for name in impls}
                     order = list(impls)
                     for rep in range(config["repeats"] + 1):  # the first round is the warm-up
@@ -595,6 +592,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=list(PEER_NAMES), choices=PEER_NAMES)
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument("--rows-json", type=Path, help="also write the rows to this file (the smoke test reads it)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the recorded rows of bench/results/peers.json that this run does not re-measure")
     parser.add_argument("--note", default="", help="a line for the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args()
     settings = dict(SMOKE) if args.smoke else {"world_sizes": args.world_sizes, "seq_lens": args.seq_lens,
@@ -608,9 +607,17 @@ def main() -> None:
         args.rows_json.write_text(json.dumps(rows, indent=1))
     if args.smoke or args.no_save:
         return
-    config = {"heads": HEADS, "head_dim": HEAD_DIM, "batch": BATCH, "causal": True, **settings,
-              "threads_per_rank": 1, "tolerance_rel_err": TOLERANCE,
-              "load_average_before_after": [list(load_before), list(os.getloadavg())], "note": args.note}
+    runs = [{"settings": settings, "load_average_before_after": [list(load_before), list(os.getloadavg())],
+             "note": args.note}]
+    recorded = RESULTS / "peers.json"
+    if args.append and recorded.is_file():  # rows of earlier runs that this one did not re-measure stay
+        old = json.loads(recorded.read_text())
+        key = lambda r: (r["peer"], r.get("W"), r.get("S"), r.get("dtype"))  # noqa: E731
+        fresh = {key(r) for r in rows}
+        rows = [r for r in old["rows"] if key(r) not in fresh] + rows
+        runs = old["config"]["runs"] + runs
+    config = {"heads": HEADS, "head_dim": HEAD_DIM, "batch": BATCH, "causal": True, "threads_per_rank": 1,
+              "tolerance_rel_err": TOLERANCE, "runs": runs}
     path = save_results("peers", {"config": config, "peers_not_installed": {p: r for p, r in reasons.items() if r},
                                   "rows": rows})
     plot(rows, RESULTS / "peers.png")
