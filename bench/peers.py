@@ -49,7 +49,14 @@ returned gradients), nothing allocated before it (the shared inputs). tracemallo
 depends on glibc's free lists and mmap thresholds, so neither is used. gloo's internal socket buffers are not
 torch allocations and are not counted (for any implementation).
 
-Writes bench/results/peers.json and peers.png (not with --smoke).
+GPU (prepared, not yet run: ``--device cuda --dtypes bfloat16 --seq-lens 16384 65536 131072``, W GPUs on one
+node): the ranks talk over an NCCL group, the peers call the real flash-attn (the stand-in is only installed
+where flash-attn does not import), seqpar runs ``backend="auto"`` (flash-attn, else Triton), memory is
+``torch.cuda.max_memory_allocated`` over the step, and every row adds TFLOP/s per GPU (causal forward+backward:
+7 S^2 H D / W flops per rank). The float64 reference is computed on the CPU for S <= ``--reference-max-s``; past
+it the peer is checked against seqpar's own result instead (the row says so).
+
+Writes bench/results/peers.json (peers_gpu.json with --device cuda) and a plot (not with --smoke).
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ from common import RESULTS, print_table, run_ranks, save_results  # noqa: E402
 
 HEADS, HEAD_DIM, BATCH = 8, 64, 1
 TOLERANCE = {"out": 1e-5, "grad": 1e-4}  # relative errors of the SP ops' contract (docs/architecture.md)
+TOLERANCE_16BIT = {"out": 2e-2, "grad": 5e-2}  # bfloat16 / float16 inputs (GPU runs)
 PEER_NAMES = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring")
 SEQPAR_OP = {  # the seqpar op and layout each peer meets
     "deepspeed_ulysses": ("ulysses_attention", "contiguous"),
@@ -290,11 +298,11 @@ PEER_BUILDERS: dict[str, Callable] = {
 }
 
 
-def _seqpar_op(name: str, layout: str, group):
+def _seqpar_op(name: str, layout: str, group, backend: str = "torch"):
     import seqpar.collectives as collectives
 
     op = getattr(collectives, name)
-    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend="torch")
+    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,8 +384,15 @@ class _ByteCounter:
             setattr(module, name, original)
 
 
-def peak_memory_bytes(step: Callable[[], object]) -> int:
-    """The CPU allocator's high-water mark of the bytes allocated during ``step()`` (see the module docstring)."""
+def peak_memory_bytes(step: Callable[[], object], device: torch.device | None = None) -> int:
+    """The allocator's high-water mark of the bytes allocated during ``step()`` (see the module docstring)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -441,18 +456,30 @@ def measure(config: dict) -> list[dict]:
     from seqpar.collectives.layout import shard_sequence
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
+    device = torch.device(config.get("device", "cpu"))
+    group, backend = dist.group.WORLD, "torch"
+    if device.type == "cuda":  # one GPU per rank, the data on an NCCL group (the default group stays gloo)
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        group, backend = dist.new_group(backend="nccl"), "auto"
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     scale = 1.0 / math.sqrt(HEAD_DIM)
     rows = []
     for seq_len in config["seq_lens"]:
         inputs64 = global_inputs(seq_len)
-        reference = torch.load(reference_path(seq_len))
+        path = reference_path(seq_len)
+        reference = torch.load(path) if path.is_file() else None  # None: checked against seqpar instead
         for dtype_name in config["dtypes"]:
             dtype = getattr(torch, dtype_name)
+            tolerance = TOLERANCE if dtype in (torch.float32, torch.float64) else TOLERANCE_16BIT
             for peer in config["peers"]:
                 op_name, layout = SEQPAR_OP[peer]
                 row = {"peer": peer, "seqpar_op": f"{op_name} ({layout})", "W": world, "S": seq_len,
-                       "dtype": dtype_name, "kernel": stand_in}
+                       "dtype": dtype_name, "kernel": stand_in, "device": device.type}
                 try:
                     peer_fn = PEER_BUILDERS[peer](group, scale)
                     error = None
@@ -464,37 +491,45 @@ def measure(config: dict) -> list[dict]:
                     row["status"] = f"cannot run: {next(e for e in errors if e)}"
                     rows.append(row)
                     continue
-                shard = lambda t: shard_sequence(t, group=group, layout=layout).to(dtype).contiguous()  # noqa: E731
-                local = [shard(t) for t in inputs64]
-                local_ref = [shard_sequence(t, group=group, layout=layout) for t in reference]
-                impls = {"peer": peer_fn, "seqpar": _seqpar_op(op_name, layout, group)}
+                shard = lambda t: shard_sequence(t, group=group, layout=layout)  # noqa: E731
+                local = [shard(t).to(device=device, dtype=dtype).contiguous() for t in inputs64]
+                local_ref = None if reference is None else [shard(t) for t in reference]
+                impls = {"peer": peer_fn, "seqpar": _seqpar_op(op_name, layout, group, backend)}
 
                 def step(fn, keep=False):
                     leaves = [t.clone().requires_grad_(True) for t in local[:3]]
                     out = fn(*leaves)
                     out.backward(local[3])
-                    return (out.detach(), *(leaf.grad for leaf in leaves)) if keep else None
+                    sync()
+                    return [t.detach().cpu() for t in (out, *(leaf.grad for leaf in leaves))] if keep else None
 
                 try:
-                    for name, fn in impls.items():  # correctness and bytes, then memory: untimed calls
+                    results = {}
+                    for name in ("seqpar", "peer"):  # correctness and bytes, then memory: untimed calls
+                        fn = impls[name]
                         with _ByteCounter() as counter, comm.count_comm() as stats:
-                            got = step(fn, keep=True)
-                        errs = [_rel_err(g, r) for g, r in zip(got, local_ref)]
-                        del got
-                        row[f"{name} out err"] = max_over_ranks(errs[0])
-                        row[f"{name} grad err"] = max_over_ranks(max(errs[1:]))
+                            results[name] = step(fn, keep=True)
+                        # past --reference-max-s the peer is checked against seqpar (whose own error is unknown)
+                        ref = local_ref if local_ref is not None else (results["seqpar"] if name == "peer" else None)
+                        if ref is not None:
+                            errs = [_rel_err(g, r) for g, r in zip(results[name], ref)]
+                            row[f"{name} out err"] = max_over_ranks(errs[0])
+                            row[f"{name} grad err"] = max_over_ranks(max(errs[1:]))
                         row[f"{name} MB"] = max_over_ranks(counter.bytes) / 1e6
                         if name == "seqpar":
                             row["seqpar count_comm MB"] = max_over_ranks(stats.bytes_sent) / 1e6
                         dist.barrier()
-                        row[f"{name} peak MiB"] = max_over_ranks(peak_memory_bytes(lambda: step(fn))) / 2**20
+                        peak = peak_memory_bytes(lambda: step(fn), device)
+                        row[f"{name} peak MiB"] = max_over_ranks(peak) / 2**20
+                    del results
                     times = {name: [] for name in impls}
                     order = list(impls)
                     for rep in range(config["repeats"] + 1):  # the first round is the warm-up
                         for name in order if rep % 2 == 0 else order[::-1]:
                             dist.barrier()
+                            sync()
                             start = time.perf_counter()
-                            step(impls[name])
+                            step(impls[name])  # synchronizes the device before it returns
                             elapsed = max_over_ranks(time.perf_counter() - start)
                             if rep:
                                 times[name].append(elapsed)
@@ -503,11 +538,15 @@ def measure(config: dict) -> list[dict]:
                         row[f"{name} s spread"] = (max(times[name]) - min(times[name])) / row[f"{name} s"]
                     row["time peer/seqpar"] = row["peer s"] / row["seqpar s"]
                     row["peak peer/seqpar"] = row["peer peak MiB"] / row["seqpar peak MiB"]
-                    ok = all(row[f"{n} out err"] <= TOLERANCE["out"] and row[f"{n} grad err"] <= TOLERANCE["grad"]
-                             for n in ("peer", "seqpar"))
-                    row["status"] = "ok" if ok else "check failed: " + ", ".join(
-                        f"{n} {kind} err {row[f'{n} {kind} err']:.1e}" for n in ("peer", "seqpar")
-                        for kind in ("out", "grad") if row[f"{n} {kind} err"] > TOLERANCE[kind])
+                    if device.type == "cuda":  # causal forward+backward: 7 S^2 H D flops, W GPUs
+                        flops = 7 * seq_len**2 * HEADS * HEAD_DIM * BATCH / world
+                        for name in impls:
+                            row[f"{name} TFLOP/s per GPU"] = flops / row[f"{name} s"] / 1e12
+                    checked = [n for n in ("peer", "seqpar") if f"{n} out err" in row]
+                    bad = [f"{n} {kind} err {row[f'{n} {kind} err']:.1e}" for n in checked for kind in ("out", "grad")
+                           if row[f"{n} {kind} err"] > tolerance[kind]]
+                    row["status"] = ("check failed: " + ", ".join(bad) if bad else "ok") + (
+                        "" if local_ref is not None else " (no float64 reference at this S: peer vs seqpar)")
                 except Exception as err:  # noqa: BLE001 -- a peer that fails mid-run: the reason into the table
                     row["status"] = f"failed: {type(err).__name__}: {err}".splitlines()[0][:200]
                     if os.environ.get("SEQPAR_PEERS_TRACEBACK"):
@@ -544,7 +583,7 @@ COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", 
            "peer peak MiB", "seqpar peak MiB", "peer grad err", "seqpar grad err", "status"]
 
 
-def run(world_sizes, seq_lens, dtypes, repeats, peers) -> tuple[list[dict], dict]:
+def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None) -> tuple[list[dict], dict]:
     reasons = available_peers()
     for peer, reason in reasons.items():
         if peer in peers and reason:
@@ -552,10 +591,12 @@ def run(world_sizes, seq_lens, dtypes, repeats, peers) -> tuple[list[dict], dict
     runnable = [p for p in peers if not reasons[p]]
     rows = [{"peer": p, "status": f"not installed: {reasons[p]}"} for p in peers if reasons[p]]
     for seq_len in seq_lens:
-        make_reference(seq_len)
+        if reference_max_s is None or seq_len <= reference_max_s:
+            make_reference(seq_len)
     for world in world_sizes:
         if runnable:
-            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": runnable}
+            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": runnable,
+                      "device": device}
             rows += run_ranks(measure, world, config)[0]
     return rows, reasons
 
@@ -587,7 +628,11 @@ def main() -> None:
                         help="W=2, S=256, float32 and float64, one repeat; writes no results (see --rows-json)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
+                        choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank, NCCL")
+    parser.add_argument("--reference-max-s", type=int, default=None,
+                        help="compute the float64 reference only up to this S (default: always; 16384 on cuda)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", nargs="+", default=list(PEER_NAMES), choices=PEER_NAMES)
     parser.add_argument("--no-save", action="store_true", help="print the table only")
@@ -599,8 +644,10 @@ def main() -> None:
     settings = dict(SMOKE) if args.smoke else {"world_sizes": args.world_sizes, "seq_lens": args.seq_lens,
                                                "dtypes": args.dtypes, "repeats": args.repeats}
     load_before = os.getloadavg()
+    reference_max_s = args.reference_max_s or (16384 if args.device == "cuda" else None)
     rows, reasons = run(settings["world_sizes"], settings["seq_lens"], settings["dtypes"], settings["repeats"],
-                        args.peers)
+                        args.peers, args.device, reference_max_s)
+    name = "peers" if args.device == "cpu" else "peers_gpu"
     print("\nforward+backward, causal, B=1 H=8 D=64; medians of interleaved repeats; MB sent and peak MiB per rank")
     print_table(rows, COLUMNS)
     if args.rows_json:
@@ -609,7 +656,7 @@ def main() -> None:
         return
     runs = [{"settings": settings, "load_average_before_after": [list(load_before), list(os.getloadavg())],
              "note": args.note}]
-    recorded = RESULTS / "peers.json"
+    recorded = RESULTS / f"{name}.json"
     if args.append and recorded.is_file():  # rows of earlier runs that this one did not re-measure stay
         old = json.loads(recorded.read_text())
         key = lambda r: (r["peer"], r.get("W"), r.get("S"), r.get("dtype"))  # noqa: E731
@@ -618,10 +665,10 @@ def main() -> None:
         runs = old["config"]["runs"] + runs
     config = {"heads": HEADS, "head_dim": HEAD_DIM, "batch": BATCH, "causal": True, "threads_per_rank": 1,
               "tolerance_rel_err": TOLERANCE, "runs": runs}
-    path = save_results("peers", {"config": config, "peers_not_installed": {p: r for p, r in reasons.items() if r},
+    path = save_results(name, {"config": config, "peers_not_installed": {p: r for p, r in reasons.items() if r},
                                   "rows": rows})
-    plot(rows, RESULTS / "peers.png")
-    print(f"\nwrote {path} and {RESULTS / 'peers.png'}")
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"\nwrote {path} and {RESULTS / f'{name}.png'}")
 
 
 if __name__ == "__main__":
