@@ -60,3 +60,38 @@ def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
     assert "skipping yunchang_ulysses: yunchang does not import: ImportError: hidden for the test" in out, out
     assert rows == [{"peer": "yunchang_ulysses",
                      "status": "not installed: yunchang does not import: ImportError: hidden for the test"}]
+
+
+def _peak_in_shards(op_name: str, layout: str) -> float:
+    """Allocator peak of one forward+backward (leaves cloned inside, output held), in units of one local
+    (T, H, D) shard; measured as bench/peers.py measures it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import peers
+
+    from seqpar.collectives.layout import shard_sequence
+
+    seq_len, heads, dim = 1024, 8, 64  # the benchmark's heads and head size
+    gen = torch.Generator().manual_seed(0)
+    local = [shard_sequence(torch.randn(1, seq_len, heads, dim, generator=gen), layout=layout) for _ in range(4)]
+    op = peers._seqpar_op(op_name, layout, None)
+
+    def step():
+        leaves = [t.clone().requires_grad_(True) for t in local[:3]]
+        out = op(*leaves)
+        out.backward(local[3])
+
+    step()
+    return peers.peak_memory_bytes(step) / local[0].nbytes
+
+
+def test_ring_and_ulysses_peak_memory_stays_at_the_leanest_peers():
+    """What bench/peers.py compares against the peers, pinned: the step's own q, k, v, out (4 shards), the saved
+    and received K/V, the accumulators and the kernel's gradients; 13 shards for both ops at P=2, where
+    ring-flash-attn and DeepSpeed Ulysses need 13.8 and 13 (bench/results/peers.json). Before issue 19's work
+    ring took 23 (contiguous copies of every kernel operand in backward, zero-filled accumulators, a zeros_like
+    per step)."""
+    from tests.harness import run_distributed
+
+    for op_name, layout in (("ring_attention", "zigzag"), ("ulysses_attention", "contiguous")):
+        peaks = run_distributed(_peak_in_shards, 2, op_name, layout)
+        assert max(peaks) <= 13.3, (op_name, peaks)  # shards of 1 MiB: 0.3 for lse, indices, cu_seqlens
