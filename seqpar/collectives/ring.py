@@ -94,33 +94,57 @@ def _ring_backward(
     if sp.window is not None:
         return _window_backward(sp, dout, out, lse, backend)
     acc = accumulation_dtype(sp.q.dtype)
-    dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
-    own_dkv = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
+    dq = own_dk = own_dv = None  # step 0's block gradients become these accumulators (no zero-filled copies)
     kv = _flat_kv(sp.k, sp.v)
     pending_dkv = None
     for step in range(sp.world_size):
         pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
         kv_rank = (sp.rank - step) % sp.world_size
         kind = block_kind(sp.layout, sp.causal, sp.rank, kv_rank)
-        target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
+        grads = None
         if kind != "skip":
             q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
-                sp, dout, sp.q, *_split_kv(kv, sp), out, lse, kind, backend, ranks=(sp.rank, kv_rank)
+                sp, dout, sp.q, *_split_kv(kv, sp), out, lse, kind, backend, ranks=(sp.rank, kv_rank), views=True
             )
-            add_rows(dq, q_rows, g_q)
-            target_k, target_v = _split_kv(target, sp)
-            add_rows(target_k, kv_rows, g_k)
-            add_rows(target_v, kv_rows, g_v)
-        if step > 0:
-            if pending_dkv is not None:  # what the previous rank accumulated for this shard so far
-                target += pending_dkv.wait()[0]
+            dq = _accumulate(dq, q_rows, g_q, sp.q.shape, acc)
+            grads = (kv_rows, g_k, g_v)
+            del g_q, g_k, g_v
+        if step == 0:  # our own shard's dK/dV stay home (step 0's block always reads it: causal or full)
+            own_dk = _accumulate(None, grads[0], grads[1], sp.k.shape, acc)
+            own_dv = _accumulate(None, grads[0], grads[2], sp.v.shape, acc)
+        else:
+            if pending_dkv is None:  # step 1: the accumulator of shard r - 1 starts here
+                target = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
+            else:  # what the previous rank accumulated for shard r - step so far: ours is added into that buffer
+                target = pending_dkv.wait()[0]
+            if grads is not None:
+                target_k, target_v = _split_kv(target, sp)
+                add_rows(target_k, grads[0], grads[1])
+                add_rows(target_v, grads[0], grads[2])
+                del target_k, target_v
+            grads = None  # the block's dK/dV are freed before the exchange allocates its receive buffer
             pending_dkv = comm.ring_exchange(target, group=sp.group, stream=_DKV_STREAM)
+            del target
+        grads = None
         if pending_kv is not None:
             kv = pending_kv.wait()[0]
     if pending_dkv is not None:  # after the last step the accumulator of our own shard arrives home
-        own_dkv += pending_dkv.wait()[0]
-    dk, dv = _split_kv(own_dkv, sp)
-    return dq.to(sp.q.dtype), dk.to(sp.k.dtype), dv.to(sp.v.dtype)
+        home_k, home_v = _split_kv(pending_dkv.wait()[0], sp)
+        own_dk += home_k
+        own_dv += home_v
+    return dq.to(sp.q.dtype), own_dk.to(sp.k.dtype), own_dv.to(sp.v.dtype)
+
+
+def _accumulate(total: torch.Tensor | None, rows, values: torch.Tensor, shape: torch.Size,
+                acc: torch.dtype) -> torch.Tensor:
+    """``total[rows] += values`` (rows None: all). ``total`` None starts the sum from ``values``, the kernel's
+    fresh gradient, which is kept as it is when it covers every row in the accumulation dtype (no copy)."""
+    if total is None:
+        if rows is None:
+            return values.to(acc)
+        total = torch.zeros(shape, dtype=acc, device=values.device)
+    add_rows(total, rows, values)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -331,6 +331,9 @@ def block_kind(layout: str, causal: bool, q_rank: int, kv_rank: int) -> str:
     return "k_first_half" if kv_rank < q_rank else "q_second_half"
 
 
+Rows = torch.Tensor | slice | None  # which rows of a shard take part: an index tensor, a slice (a view), None (all)
+
+
 def blocks_meet(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> bool:
     """Whether any query of ``q_rank``'s shard sees any key of ``kv_rank``'s shard (always, without a window).
     Host-only: from the layout and ``sp.local_lengths``; identical on every rank."""
@@ -353,20 +356,31 @@ def sp_block_kind(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> str:
 
 
 def block_operands(
-    sp: SoftmaxSP, kind: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    sp: SoftmaxSP, kind: str, views: bool = False
+) -> tuple[Rows, Rows, torch.Tensor, torch.Tensor]:
     """``(q_rows, kv_rows, cu_seqlens_q, cu_seqlens_k)`` of a block kind: which local rows of the query and of
-    the K/V shard take part (None: all) and the packed boundaries of those rows. ``kind`` is not "skip"."""
+    the K/V shard take part (None: all) and the packed boundaries of those rows. ``kind`` is not "skip".
+    ``views``: where the half is one range of rows (padded input holding one sequence), give it as a slice, so
+    the operands are views instead of index_select copies (for callers that handle slices: ring)."""
     cu = sp.cu_seqlens
+    if kind not in ("k_first_half", "q_second_half"):
+        return None, None, cu, cu
+    if views and sp.padded_shape is not None and sp.padded_shape[0] == 1:
+        half = sp.q.shape[0] // 2
+        rows = slice(0, half) if kind == "k_first_half" else slice(half, 2 * half)
+    else:
+        rows = sp.chunk_indices("first" if kind == "k_first_half" else "second")
     if kind == "k_first_half":
-        return None, sp.chunk_indices("first"), cu, sp.half_cu_seqlens()
-    if kind == "q_second_half":
-        return sp.chunk_indices("second"), None, sp.half_cu_seqlens(), cu
-    return None, None, cu, cu
+        return None, rows, cu, sp.half_cu_seqlens()
+    return rows, None, sp.half_cu_seqlens(), cu
 
 
-def _rows(t: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
-    return t if rows is None else t.index_select(dim, rows)
+def _rows(t: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    if rows is None:
+        return t
+    if isinstance(rows, slice):  # a view; on dim 1 (an (H, T) lse) a small copy: kernels index lse rows densely
+        return t[rows] if dim == 0 else t[:, rows].contiguous()
+    return t.index_select(dim, rows)
 
 
 def block_options(
@@ -412,8 +426,9 @@ def attend_and_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend this rank's queries to one K/V shard (that of ``kv_rank``: its positions, with a window) and fold
     the result into the running packed (T, H, Dv) out and (H, T) lse; in the kernel epilogue when the backend
-    fuses the merge (Triton), else as a second pass."""
-    rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
+    fuses the merge (Triton), else as a second pass. The running ``out``/``lse`` are the caller's own
+    accumulators: rows of them are updated in place."""
+    rows, kv_rows, cu_q, cu_k = block_operands(sp, kind, views=True)
     q, k, v = _rows(sp.q, rows), _rows(k, kv_rows), _rows(v, kv_rows)
     if rows is not None and out is None:
         acc = accumulation_dtype(q.dtype)
@@ -429,8 +444,7 @@ def attend_and_merge(
     )
     if rows is None:
         return new_out, new_lse
-    out, lse = out.clone(), lse.clone()
-    out[rows], lse[:, rows] = new_out, new_lse
+    out[rows], lse[:, rows] = new_out, new_lse  # in place: no copy of the whole accumulator per block
     return out, lse
 
 
@@ -445,11 +459,12 @@ def attend_block_backward(
     kind: str,
     backend: str = "auto",
     ranks: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    views: bool = False,
+) -> tuple[Rows, torch.Tensor, Rows, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the FINAL out/lse of the query rows; returns
     ``(q_rows, dq, kv_rows, dk, dv)`` where rows None means all rows of the shard. ``ranks``: as
-    ``attend_block``."""
-    q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
+    ``attend_block``; ``views``: see ``block_operands`` (rows may then be slices)."""
+    q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind, views)
     max_q, max_k = sp.block_max_seqlens(kind)
     dq, dk, dv = attention_block_varlen_backward(
         _rows(dout, q_rows), _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), _rows(out, q_rows),
@@ -477,10 +492,12 @@ def merge_rows(
     return out, lse
 
 
-def add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
+def add_rows(target: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
     """``target[rows] += values`` in target's dtype (rows None: all rows)."""
     if rows is None:
         target += values
+    elif isinstance(rows, slice):
+        target[rows] += values
     else:
         target.index_add_(0, rows, values.to(target.dtype))
 

@@ -80,17 +80,22 @@ def ulysses_attention(
     mine = needed[sp.rank]
     tokens = sp.q.shape[0]
 
-    q_parts = comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=sp.group)
+    # Each intermediate is dropped as soon as the next one exists, so only one copy of q / K,V / out is alive at
+    # a time (the peak of this op is the forward's gathered q, K, V next to their send and receive buffers).
+    order, inverse = _global_order(sp)
+    q_full = _in_global_order(
+        comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=sp.group), inverse
+    )  # (T*P, H/P, D)
     d = sp.k.shape[-1]
     kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv): one all-to-all for both
-    kv_parts = comm.all_to_all_differentiable(
-        [kv[:, needed[j]] for j in range(p)], group=sp.group,
-        output_shapes=[(tokens, len(mine), kv.shape[-1])] * p,
-    )
-    order, inverse = sp.rank_major_order()
-    q_full = torch.cat(q_parts, 0)[inverse]  # (T*P, H/P, D) in global order
-    kv_full = torch.cat(kv_parts, 0)[inverse]
+    kv_pieces = [_heads(kv, needed[j]) for j in range(p)]
+    del kv
+    kv_full = _in_global_order(comm.all_to_all_differentiable(
+        kv_pieces, group=sp.group, output_shapes=[(tokens, len(mine), sp.k.shape[-1] + sp.v.shape[-1])] * p,
+    ), inverse)
+    del kv_pieces
     k_full, v_full = kv_full[..., :d], kv_full[..., d:]
+    del kv_full
 
     # Map each local query head to its K/V head; use the kernel's GQA when the mapping is regular.
     group_size = h // h_kv
@@ -107,6 +112,29 @@ def ulysses_attention(
         q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu,
         max_seqlen_q=hint, max_seqlen_k=hint, window=sp.window, softcap=sp.softcap, sinks=my_sinks,
     )
-    out_parts = list(out_full[order].split(tokens, dim=0))  # back to rank-major order, one piece per rank
+    out_parts = list((out_full if order is None else out_full[order]).split(tokens, dim=0))  # rank-major pieces
+    del out_full
     out = torch.cat(comm.all_to_all_differentiable(out_parts, group=sp.group), dim=1)
     return sp.unpack(out)
+
+
+def _global_order(sp) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``sp.rank_major_order()``, or ``(None, None)`` where rank-major order already is the global order: the
+    contiguous layout with one sequence (padded input of batch 1), where the reorderings would be copies."""
+    if sp.layout == "contiguous" and sp.padded_shape is not None and sp.padded_shape[0] == 1:
+        return None, None
+    return sp.rank_major_order()
+
+
+def _in_global_order(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
+    """The all-to-all's pieces (rank-major) joined and put in global token order."""
+    joined = torch.cat(parts, 0)
+    return joined if inverse is None else joined[inverse]
+
+
+def _heads(t: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``t[:, heads]`` of a (T, H, D) tensor; a view when the heads are consecutive (they are unless GQA
+    replicates K/V heads)."""
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return t[:, heads[0]:heads[-1] + 1]
+    return t[:, heads]

@@ -504,19 +504,24 @@ def _torch_forward(q, k, v, *, causal, scale, window=None, softcap=None, q_posit
     b, sq, h, d = q.shape
     sk = k.shape[1]
     acc = accumulation_dtype(q.dtype)
-    out = q.new_zeros(b, sq, h, v.shape[-1])
-    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
-    # With bottom-right causal alignment the first Sq - Sk rows see no key: leave them at (0, -inf).
+    # With bottom-right causal alignment the first Sq - Sk rows see no key: they stay at (0, -inf).
     first = max(sq - sk, 0) if causal else 0
     if sk == 0 or first == sq:
-        return out, lse
+        return q.new_zeros(b, sq, h, v.shape[-1]), torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
     q_rows = q[:, first:]
     o, rows_lse = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    o, rows_lse = o.transpose(1, 2), rows_lse.to(acc)
     # aten's CPU kernel returns out 0, lse 0 for a query row holding NaN (a silent finite answer); the softmax of
-    # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) One pass over q, cheap next to S^2.
+    # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) One pass over q, cheap next to S^2;
+    # in place on the kernel's fresh tensors, so no copy and no host read.
     nan_rows = torch.isnan(q_rows).any(-1)  # (B, Sq - first, H)
-    out[:, first:] = o.transpose(1, 2).masked_fill(nan_rows[..., None], float("nan"))
-    lse[:, :, first:] = rows_lse.to(acc).masked_fill(nan_rows.transpose(1, 2), float("nan"))
+    o.masked_fill_(nan_rows[..., None], float("nan"))
+    rows_lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
+    if first == 0:  # the common case: the kernel's own tensors, no copy
+        return o, rows_lse
+    out = q.new_zeros(b, sq, h, v.shape[-1])
+    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    out[:, first:], lse[:, :, first:] = o, rows_lse
     return out, lse
 
 
@@ -530,19 +535,23 @@ def _torch_backward(
                                  q_positions=q_positions, k_positions=k_positions)
     sq, sk = q.shape[1], k.shape[1]
     first = max(sq - sk, 0) if causal else 0
-    dq = torch.zeros_like(q)
     if sk == 0 or first == sq:
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     t = lambda x: x.transpose(1, 2)  # noqa: E731 -- (B, S, H, D) <-> (B, H, S, D)
     lse_rows = lse[:, :, first:]
     if _use_cpu_flash(q):
+        # aten's CPU flash backward honours every stride but the head dim's: views, no copies of the operands
         lse_rows = lse_rows.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    g_q, g_k, g_v = _torch_backward_bhsd(
-        t(dout[:, first:]).contiguous(), t(q[:, first:]).contiguous(), t(k).contiguous(), t(v).contiguous(),
-        t(out[:, first:]).contiguous(), lse_rows, causal, scale,
-    )
-    dq[:, first:] = t(g_q)
-    return dq, t(g_k).contiguous(), t(g_v).contiguous()
+        operands = _unit_stride_head_dim(dout[:, first:], q[:, first:], k, v, out[:, first:])
+    else:
+        operands = [x.contiguous() for x in (dout[:, first:], q[:, first:], k, v, out[:, first:])]
+    g_q, g_k, g_v = _torch_backward_bhsd(*(t(x) for x in operands), lse_rows, causal, scale)
+    g_q, g_k, g_v = t(g_q), t(g_k), t(g_v)
+    if first:
+        dq = torch.zeros_like(q)
+        dq[:, first:] = g_q
+        g_q = dq
+    return g_q, g_k, g_v
 
 
 register_attention_backend(

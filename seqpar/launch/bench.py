@@ -5,6 +5,7 @@
     seqpar-bench solver [--quick]                     # planner vs static plans (bench/solver.py)
     seqpar-bench attention [--quick]                  # softmax SP ops on CPU gloo (bench/attention_sp.py)
     seqpar-bench linear [--quick]                     # linear-attention SP ops (bench/linear_sp.py)
+    seqpar-bench peers [--smoke]                      # seqpar vs DeepSpeed, yunchang, ring-flash-attn, torch CP
     seqpar-bench overlap|soak|gpu [...]               # bench/overlap.py, bench/soak.py, bench/gpu_check.py
     seqpar-bench list                                 # which scripts this checkout has
 
@@ -38,6 +39,7 @@ SCRIPTS = {
     "overlap": "overlap.py",
     "soak": "soak.py",
     "gpu": "gpu_check.py",
+    "peers": "peers.py",
 }
 
 
