@@ -9,7 +9,7 @@ GQA: rank j needs the K/V heads its query heads read. When H_kv >= P and P divid
 otherwise (e.g. H_kv < P) a K/V head is sent to every rank whose query heads use it, which replicates each head
 as little as needed.
 
-Three all-to-alls each way (K and V travel in one, concatenated along the head dim). Bytes sent by rank r
+Three all-to-alls each way (K and V travel in one: each piece holds its K heads, then its V heads). Bytes sent by rank r
 (T: local tokens, b: element size, n_j: K/V heads rank j needs; with a value head dim Dv != D, the k, v
 terms carry (D + Dv) instead of 2 * D):
 
@@ -86,15 +86,16 @@ def ulysses_attention(
     q_full = _in_global_order(
         comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=sp.group), inverse
     )  # (T*P, H/P, D)
-    d = sp.k.shape[-1]
-    kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv): one all-to-all for both
-    kv_pieces = [_heads(kv, needed[j]) for j in range(p)]
-    del kv
+    # K and V in one all-to-all: rank j's piece is (T, n_j * (D + Dv)), its K heads then its V heads, so each
+    # received K / V head block is contiguous (a view of the message, as the kernels want it); Dv may differ
+    d, dv, n = sp.k.shape[-1], sp.v.shape[-1], len(mine)
+    kv_pieces = [torch.cat([_heads(sp.k, needed[j]).flatten(1), _heads(sp.v, needed[j]).flatten(1)], dim=1)
+                 for j in range(p)]
     kv_full = _in_global_order(comm.all_to_all_differentiable(
-        kv_pieces, group=sp.group, output_shapes=[(tokens, len(mine), sp.k.shape[-1] + sp.v.shape[-1])] * p,
+        kv_pieces, group=sp.group, output_shapes=[(tokens, n * (d + dv))] * p,
     ), inverse)
     del kv_pieces
-    k_full, v_full = kv_full[..., :d], kv_full[..., d:]
+    k_full, v_full = kv_full[:, :n * d].unflatten(1, (n, d)), kv_full[:, n * d:].unflatten(1, (n, dv))
     del kv_full
 
     # Map each local query head to its K/V head; use the kernel's GQA when the mapping is regular.
