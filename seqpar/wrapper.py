@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from seqpar import integrations, strategies
 from seqpar.collectives import comm
+from seqpar.collectives.comm.transport import gather_uncounted
 from seqpar.collectives.groups import subgroup
 from seqpar.runtime import (
     IGNORE_INDEX,
@@ -95,9 +96,11 @@ class SPModel(torch.nn.Module):
     runtime's ``StepRunner``), ``forward`` with the causal-LM loss, ``sync_gradients``."""
 
     def __init__(self, model: torch.nn.Module, *, config: SPConfig, layout: str, has_linear: bool,
-                 heads: int | None = None, kv_heads: int | None = None) -> None:
+                 heads: int | None = None, kv_heads: int | None = None,
+                 original_attention: str | None = None) -> None:
         super().__init__()
         self.module = model
+        self.original_attention = original_attention  # a transformers model's implementation before parallelize
         self.config = config
         self.layout = layout
         self.runner = StepRunner(config, layout=layout, has_linear=has_linear, heads=heads, kv_heads=kv_heads)
@@ -119,7 +122,10 @@ class SPModel(torch.nn.Module):
         """Turn a GLOBAL batch (identical on every rank of the replica) into this rank's inputs for ``forward``.
 
         Args:
-            batch: ``{"input_ids": (B, S), "labels": (B, S) optional, "attention_mask": all ones, optional}``,
+            batch: ``{"input_ids": (B, S), "labels": (B, S) optional, "attention_mask": (B, S) optional}``
+                (a padding mask with left or right padding: each row's unpadded tokens become one sequence of
+                a packed batch, with positions from 0 and labels shifted inside it; masked positions are
+                neither attended nor labelled),
                 or ``{"input_ids": (T,) or (1, T), "cu_seqlens": int32 (N+1,)}`` for a packed batch, or a list of
                 1-D token tensors of different lengths. Without labels the inputs are their own labels.
             plan: run this ``seqpar.solver.Plan`` instead of the configured strategy or the planner's plan
@@ -136,9 +142,10 @@ class SPModel(torch.nn.Module):
             ``max_tokens_per_rank``, a list of such dicts, one per micro-batch, to run in order.
 
         Raises:
-            ValueError: malformed batch (names the key), a padding attention_mask, an empty batch, a plan that
-                does not fit the group or names unregistered strategies (``plan: ...``), a sequence that puts
-                more than ``max_tokens_per_rank`` tokens on a rank even alone (``max_tokens_per_rank: ...``).
+            ValueError: malformed batch (names the key), an attention_mask with padding between tokens or an
+                empty row, an empty batch, a plan that does not fit the group or names unregistered strategies
+                (``plan: ...``), a sequence that puts more than ``max_tokens_per_rank`` tokens on a rank even
+                alone (``max_tokens_per_rank: ...``).
         """
         return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
 
@@ -199,6 +206,31 @@ class SPModel(torch.nn.Module):
             return
         self._grad_sync.finish()
 
+    def unwrap(self) -> torch.nn.Module:
+        """Undo ``parallelize`` and return the model it was given (a ``DistributedDataParallel`` wrapper
+        included): a transformers model gets its attention implementation back, modules routed through
+        adapters or the SDPA interceptor get their own ``forward`` back, and the gradient-sync hooks are removed.
+
+        Not needed to evaluate or generate: outside an SP step the wrapped model already runs as the original
+        (its attention falls back to the original implementation). Left in place: FSDP2's gradient divide
+        factor of 1 and DDP's summing comm hook (DDP allows no unregistering); use a fresh wrapper to train
+        without seqpar. The ``SPModel`` must not be used afterwards.
+        """
+        model = self.inner_model
+        self._grad_sync.remove_hooks()
+        for module in model.modules():
+            original = module.__dict__.pop("_seqpar_original_forward", None)
+            if original is None:
+                continue
+            if getattr(original, "__func__", None) is type(module).forward and original.__self__ is module:
+                del module.forward  # the class's forward again, as before parallelize
+            else:
+                module.forward = original
+        if self.original_attention is not None:
+            model.set_attn_implementation(self.original_attention)
+            integrations.forget_original_attention(model)
+        return self.module
+
 
 class _GradientSync:
     """Bucketed gradient all-reduce over ``SPModel.reduce_group``, optionally started from backward hooks.
@@ -219,6 +251,7 @@ class _GradientSync:
         self.started: list[bool] = []
         self.in_flight: list[tuple[int, Any, torch.Tensor]] = []
         self.armed = False
+        self.hook_handles: list[Any] = []
 
     def _layout(self) -> list[list[torch.nn.Parameter]]:
         if self.buckets is None:
@@ -245,7 +278,13 @@ class _GradientSync:
     def install_hooks(self) -> None:
         index = {p: (b, len(bucket)) for b, bucket in enumerate(self._layout()) for p in bucket}
         for p, (b, size) in index.items():
-            p.register_post_accumulate_grad_hook(lambda _, b=b, size=size: self._on_grad_ready(b, size))
+            self.hook_handles.append(
+                p.register_post_accumulate_grad_hook(lambda _, b=b, size=size: self._on_grad_ready(b, size)))
+
+    def remove_hooks(self) -> None:
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles = []
 
     def arm(self, *, last_micro_batch: bool) -> None:
         """Hooks start reductions only in the backward of a step's last micro-batch (earlier ones accumulate)."""
@@ -450,6 +489,73 @@ def parallelize(
         raise ValueError(f"config: expected a seqpar.SPConfig, got {type(config).__name__}")
     given = {k: v for k, v in overrides.items() if v is not None}
     config = replace(config if config is not None else SPConfig(), **given).validate()
+    try:
+        setup = _check_and_route(model, config)
+    except Exception as err:
+        _raise_if_any_rank_failed(err, config.sp_group)
+        raise
+    _raise_if_any_rank_failed(None, config.sp_group)
+    sp_model = SPModel(setup.wrapper, config=setup.config, layout=setup.layout, has_linear=setup.has_linear,
+                       heads=setup.heads, kv_heads=setup.kv_heads, original_attention=setup.original_attention)
+    wrapper, model = setup.wrapper, _unwrap_ddp(setup.wrapper)
+    _sum_gradients_in_fsdp(model, sp_model.reduce_group)
+    if isinstance(wrapper, DistributedDataParallel):
+        ddp_size = dist.get_world_size(wrapper.process_group)
+        if ddp_size != dist.get_world_size(sp_model.reduce_group):
+            raise ValueError(
+                f"model: DistributedDataParallel spans {ddp_size} ranks, but seqpar's loss spans "
+                f"{dist.get_world_size(sp_model.reduce_group)} (every rank of every replica); wrap over all of them"
+            )
+        wrapper.register_comm_hook(wrapper.process_group, _sum_allreduce_hook)
+    if setup.config.verify_model and setup.size > 1:
+        _verify(sp_model, setup.reference_attention)
+    return sp_model
+
+
+@dataclass
+class _Setup:
+    """What ``parallelize`` decided before any communication."""
+
+    wrapper: torch.nn.Module
+    config: SPConfig
+    size: int
+    layout: str
+    has_linear: bool
+    heads: int | None
+    kv_heads: int | None
+    reference_attention: str | None
+    original_attention: str | None
+
+
+# Bytes of the parallelize-time failure record: a flag, then the start of the error message (UTF-8).
+_FAILURE_RECORD_BYTES = 1024
+
+
+def _raise_if_any_rank_failed(error: BaseException | None, group: dist.ProcessGroup | None) -> None:
+    """One fixed-size, uncounted all-gather of every rank's verdict on its local checks, before the first
+    collective of ``parallelize``: a rank whose checks failed (a model built differently on one rank, a cost
+    model that does not fit) re-raises its own error, and every other rank raises a ValueError quoting it within
+    a round trip, instead of waiting for it in the model probe's collectives until the communication timeout."""
+    group, rank, size = comm.group_info(group)
+    if size == 1:
+        return
+    record = torch.zeros(_FAILURE_RECORD_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = f"{type(error).__name__}: {error}".encode()[: _FAILURE_RECORD_BYTES - 1]
+        record[0] = 1
+        record[1: 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    gathered = gather_uncounted(record.to(comm.required_device(group)), group=group,
+                                     describe=f"parallelize's check agreement on rank {rank}").cpu()
+    failed = [r for r in range(size) if int(gathered[r, 0])]
+    if error is not None or not failed:
+        return
+    first = failed[0]
+    text = bytes(gathered[first, 1:].tolist()).rstrip(b"\x00").decode(errors="replace")
+    raise ValueError(f"model: parallelize failed on rank {first} of the group (ranks {failed} failed): {text}")
+
+
+def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
+    """Every local check of ``parallelize`` (no communication), then the routing of the model's attention."""
     _, _, size = comm.group_info(config.sp_group)
     wrapper, model = model, _unwrap_ddp(model)
     if config.strategy == "auto" and size & (size - 1):
@@ -467,7 +573,7 @@ def parallelize(
             f"layout: {linear_modules[0]} is linear attention, which needs layout='contiguous' (or 'auto')"
         )
 
-    reference_attention = None
+    reference_attention = original_attention = None
     heads = kv_heads = None
     if integrations.is_hf_model(model):
         if not integrations.register_hf():
@@ -476,6 +582,8 @@ def parallelize(
         reference_attention = model.config._attn_implementation
         if reference_attention in (None, integrations.HF_ATTENTION_NAME):  # wrapped before: compare with eager
             reference_attention = "eager"
+        original_attention = reference_attention
+        integrations.remember_original_attention(model, original_attention)
         model.set_attn_implementation(integrations.HF_ATTENTION_NAME)
         text = model.config.get_text_config()
         heads = getattr(text, "num_attention_heads", None)
@@ -497,20 +605,9 @@ def parallelize(
             f"cost_model: its cluster has world_size={planned_size}, but the plan runs on the {size} ranks that "
             "share each sequence (the mesh's 'sp' dimension, or the group); build its Cluster with that size"
         )
-    sp_model = SPModel(wrapper, config=config, layout=layout, has_linear=bool(linear_modules), heads=heads,
-                       kv_heads=kv_heads)
-    _sum_gradients_in_fsdp(model, sp_model.reduce_group)
-    if isinstance(wrapper, DistributedDataParallel):
-        ddp_size = dist.get_world_size(wrapper.process_group)
-        if ddp_size != dist.get_world_size(sp_model.reduce_group):
-            raise ValueError(
-                f"model: DistributedDataParallel spans {ddp_size} ranks, but seqpar's loss spans "
-                f"{dist.get_world_size(sp_model.reduce_group)} (every rank of every replica); wrap over all of them"
-            )
-        wrapper.register_comm_hook(wrapper.process_group, _sum_allreduce_hook)
-    if config.verify_model and size > 1:
-        _verify(sp_model, reference_attention)
-    return sp_model
+    return _Setup(wrapper=wrapper, config=config, size=size, layout=layout, has_linear=bool(linear_modules),
+                  heads=heads, kv_heads=kv_heads, reference_attention=reference_attention,
+                  original_attention=original_attention)
 
 
 def _verify(sp_model: SPModel, reference_attention: str | None) -> None:
