@@ -43,7 +43,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from seqpar import integrations, strategies
 from seqpar.collectives import comm
-from seqpar.collectives.comm.transport import gather_uncounted
 from seqpar.collectives.groups import subgroup
 from seqpar.runtime import (
     IGNORE_INDEX,
@@ -527,31 +526,34 @@ class _Setup:
     original_attention: str | None
 
 
-# Bytes of the parallelize-time failure record: a flag, then the start of the error message (UTF-8).
-_FAILURE_RECORD_BYTES = 1024
+# How many verdict exchanges each process group has had: the store keys of one exchange are unique to it.
+_VERDICT_EXCHANGES: dict[str, int] = {}
 
 
 def _raise_if_any_rank_failed(error: BaseException | None, group: dist.ProcessGroup | None) -> None:
-    """One fixed-size, uncounted all-gather of every rank's verdict on its local checks, before the first
+    """Every rank's verdict on its local checks, through the process group's key-value store, before the first
     collective of ``parallelize``: a rank whose checks failed (a model built differently on one rank, a cost
-    model that does not fit) re-raises its own error, and every other rank raises a ValueError quoting it within
-    a round trip, instead of waiting for it in the model probe's collectives until the communication timeout."""
+    model that does not fit) posts its error and re-raises it at once; every other rank waits (bounded by
+    ``SEQPAR_COMM_TIMEOUT_S``) for all verdicts and raises a ValueError quoting the failure, instead of waiting
+    for that rank in the model probe's collectives until the communication timeout. The store, not a collective:
+    a failing rank never waits, and nothing is sent through the group (``count_comm`` sees nothing)."""
     group, rank, size = comm.group_info(group)
     if size == 1:
         return
-    record = torch.zeros(_FAILURE_RECORD_BYTES, dtype=torch.uint8)
+    store = dist.distributed_c10d._get_default_store()
+    name = group.group_name
+    _VERDICT_EXCHANGES[name] = exchange = _VERDICT_EXCHANGES.get(name, 0) + 1
+    keys = [f"seqpar/parallelize/{name}/{exchange}/{r}" for r in range(size)]
+    store.set(keys[rank], b"ok" if error is None else f"failed:{type(error).__name__}: {error}".encode())
     if error is not None:
-        text = f"{type(error).__name__}: {error}".encode()[: _FAILURE_RECORD_BYTES - 1]
-        record[0] = 1
-        record[1: 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    gathered = gather_uncounted(record.to(comm.required_device(group)), group=group,
-                                     describe=f"parallelize's check agreement on rank {rank}").cpu()
-    failed = [r for r in range(size) if int(gathered[r, 0])]
-    if error is not None or not failed:
         return
-    first = failed[0]
-    text = bytes(gathered[first, 1:].tolist()).rstrip(b"\x00").decode(errors="replace")
-    raise ValueError(f"model: parallelize failed on rank {first} of the group (ranks {failed} failed): {text}")
+    store.wait(keys, comm.default_timeout())
+    verdicts = [store.get(key) for key in keys]
+    failed = [r for r, verdict in enumerate(verdicts) if verdict != b"ok"]
+    if failed:
+        text = verdicts[failed[0]][len(b"failed:"):].decode(errors="replace")
+        raise ValueError(f"model: parallelize failed on rank {failed[0]} of the group (ranks {failed} failed): "
+                         f"{text}")
 
 
 def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
@@ -651,7 +653,11 @@ def _install_adapters(model: torch.nn.Module) -> list[str]:
     linear = []
     for name, module in model.named_modules():
         fn = integrations.adapter_for(module)
-        if fn is None or getattr(module, "_seqpar_original_forward", None) is not None:
+        if fn is None:
+            continue
+        if integrations.is_linear_adapter(module):
+            linear.append(name)
+        if getattr(module, "_seqpar_original_forward", None) is not None:  # parallelized before: routed already
             continue
         original = module.forward
 
@@ -662,8 +668,6 @@ def _install_adapters(model: torch.nn.Module) -> list[str]:
 
         module._seqpar_original_forward = original
         module.forward = routed
-        if integrations.is_linear_adapter(module):
-            linear.append(name)
     return linear
 
 

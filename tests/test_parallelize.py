@@ -90,11 +90,47 @@ MODELS = {"llama": tiny_llama, "minimax": tiny_minimax, "gpt": TinyGPT}
 # ---------------------------------------------------------------------------------------------------
 
 
+REFERENCE_ATTENTION = "float64_eager"
+
+
+def float64_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                            s_aux=None, **kwargs):
+    """transformers' eager attention with every step in the input dtype (transformers' own eager attention takes
+    the softmax in float32, which caps a float64 reference at ~1e-7): q (B, H, S, D_qk), k (B, H_kv, S, D_qk),
+    v (B, H_kv, S, D_v); the mask (transformers' eager mask, sliding windows included) is added to the scores;
+    ``softcap`` caps them with tanh; ``s_aux`` (per-head sink logits) joins only the softmax's denominator."""
+    assert not dropout
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    if s_aux is not None:
+        sinks = s_aux.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), None
+
+
+def use_reference_attention(model):
+    """Switch a transformers model to ``float64_eager_attention`` (registered once) for a reference run."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REFERENCE_ATTENTION, float64_eager_attention)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION, eager_mask)
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+
+
 def reference_loss_and_grads(model, sequences):
-    """Token-mean causal-LM loss over the whole batch on one process, float64, the model's own attention."""
+    """Token-mean causal-LM loss over the whole batch on one process, float64, the model's own attention math
+    (``float64_eager_attention``, in float64 throughout)."""
     ref = copy.deepcopy(model).double()
     if hasattr(ref, "set_attn_implementation"):
-        ref.set_attn_implementation("eager")
+        use_reference_attention(ref)
     if hasattr(ref, "set_experts_implementation"):  # grouped_mm has no float64 kernel; eager MoE is plain math
         ref.set_experts_implementation("eager")
     total, count = 0.0, 0
