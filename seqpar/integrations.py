@@ -305,7 +305,8 @@ def minimax_lightning_adapter(module: torch.nn.Module, hidden_states: torch.Tens
     h, d = module.num_attention_heads, module.head_dim
     qkv = module.act_fn(module.qkv_proj(hidden_states)).reshape(b, s, h, 3 * d)
     q, k, v = torch.split(qkv, d, dim=3)
-    log_decay = -module.slope_rate.reshape(h).to(torch.float32)
+    # float32 decays (the ops' state precision), float64 for a float64 model
+    log_decay = -module.slope_rate.reshape(h).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     out = runtime.linear_attention(q, k, v, log_decay=log_decay, scale=1.0).to(hidden_states.dtype)
     out = module.norm(out.reshape(b, s, h * d))
     out = torch.sigmoid(module.output_gate(hidden_states)) * out

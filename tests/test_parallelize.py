@@ -131,6 +131,9 @@ def reference_loss_and_grads(model, sequences):
     ref = copy.deepcopy(model).double()
     if hasattr(ref, "set_attn_implementation"):
         use_reference_attention(ref)
+    for module in ref.modules():  # MiniMax's lightning attention tabulates its decays at init, in float32
+        if hasattr(module, "decay_factors") and hasattr(module, "slope_rate"):
+            module.query_decay, module.key_decay, module.diagonal_decay = module.decay_factors(module.slope_rate)
     if hasattr(ref, "set_experts_implementation"):  # grouped_mm has no float64 kernel; eager MoE is plain math
         ref.set_experts_implementation("eager")
     total, count = 0.0, 0
