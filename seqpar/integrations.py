@@ -23,6 +23,24 @@ from torch.overrides import TorchFunctionMode
 
 from seqpar import runtime
 
+# The SP ops communicate (point-to-point, async collectives, bounded waits) and read a few host values, which
+# torch.compile cannot trace: under torch.compile each routed attention call runs eagerly as ONE opaque call
+# (a single graph break per layer) instead of being traced into, which would break the graph at every transfer
+# and recompile per call. The model's own compute around it (projections, norms, MLPs) is compiled.
+
+
+@torch.compiler.disable
+def sp_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``seqpar.runtime.softmax_attention``, opaque to torch.compile."""
+    return runtime.softmax_attention(q, k, v, **options)
+
+
+@torch.compiler.disable
+def sp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``seqpar.runtime.linear_attention``, opaque to torch.compile."""
+    return runtime.linear_attention(q, k, v, **options)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Hugging Face
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +146,7 @@ def hf_attention_forward(
         options["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
         options["sinks"] = kwargs["s_aux"]
-    out = runtime.softmax_attention(
+    out = sp_softmax_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
         scale=kwargs.get("scaling"), **options,
     )
@@ -244,7 +262,7 @@ class SDPAInterceptor(TorchFunctionMode):
         q, k, v = a["query"], a["key"], a["value"]
         if k.shape[-3] != q.shape[-3] and not a.get("enable_gqa", False):
             raise ValueError("key: fewer key/value heads than query heads needs enable_gqa=True")
-        out = runtime.softmax_attention(
+        out = sp_softmax_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=bool(a.get("is_causal", False)),
             scale=a.get("scale"),
         )
@@ -307,7 +325,7 @@ def minimax_lightning_adapter(module: torch.nn.Module, hidden_states: torch.Tens
     q, k, v = torch.split(qkv, d, dim=3)
     # float32 decays (the ops' state precision), float64 for a float64 model
     log_decay = -module.slope_rate.reshape(h).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    out = runtime.linear_attention(q, k, v, log_decay=log_decay, scale=1.0).to(hidden_states.dtype)
+    out = sp_linear_attention(q, k, v, log_decay=log_decay, scale=1.0).to(hidden_states.dtype)
     out = module.norm(out.reshape(b, s, h * d))
     out = torch.sigmoid(module.output_gate(hidden_states)) * out
     return module.out_proj(out), None

@@ -162,7 +162,11 @@ class SPModel(torch.nn.Module):
         logits = None
         with _agreement_checks(self.config.check_consistency):
             if input_ids.numel():
-                with sp_context(ctx), integrations.SDPAInterceptor():
+                # transformers models reach seqpar through their attention interface (and modules that call
+                # SDPA themselves are routed one by one): no mode over the whole forward, which torch.compile
+                # would trace into for every op
+                intercept = contextlib.nullcontext() if self.original_attention else integrations.SDPAInterceptor()
+                with sp_context(ctx), intercept:
                     model_kwargs = _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
                     logits = _logits(self.module(**model_kwargs))
                 if ctx.calls == 0:
@@ -475,10 +479,16 @@ def parallelize(
 
     Raises:
         ValueError: naming the option: a strategy that is not registered (``strategy:``, ``linear_strategy:``),
-            a bad layout, a strategy the group size or head count rules out; naming the module: attention
-            seqpar cannot reach, unsupported attention features (sliding window, softcap, dropout), a module
-            that mixes tokens along the sequence without seqpar routing it (``model: ...``). Raised on every
-            rank; all but the last before any communication.
+            a bad layout, a strategy the group size or head count rules out; naming the module or the model's
+            config field: attention seqpar cannot reach (a Mamba-style model), attention dropout
+            (``attn_pdrop``, ``attention_dropout``, ...), ALiBi biases, a module that mixes tokens along the
+            sequence without seqpar routing it (``model: ...``). Raised on every rank: the local checks' verdicts
+            are shared through the store before any collective (a rank whose checks passed raises
+            ``model: parallelize failed on rank R ...`` quoting the failed rank's error); the probe's last.
+
+    Sliding windows (per layer), softcap and attention sinks are not refused: each layer's attention call
+    passes them on to the SP op. Outside an SP step the model runs as the original (its attention falls back to
+    the implementation it had), so it evaluates and generates; ``SPModel.unwrap()`` undoes ``parallelize``.
     """
     overrides = dict(group=group, mesh=mesh, strategy=strategy, linear_strategy=linear_strategy, layout=layout,
                      backend=backend, cost_model=cost_model, check_consistency=check_consistency,
@@ -587,6 +597,7 @@ def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
         original_attention = reference_attention
         integrations.remember_original_attention(model, original_attention)
         model.set_attn_implementation(integrations.HF_ATTENTION_NAME)
+        _route_sdpa_modules(model)  # a module calling SDPA itself (not through the attention interface)
         text = model.config.get_text_config()
         heads = getattr(text, "num_attention_heads", None)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
