@@ -9,6 +9,7 @@ the cap bends the scores. DeepSeek-V3 has query/key head size 24 and value head 
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tests.harness import run_distributed
 from tests.test_parallelize import reference_loss_and_grads, tiny_minimax
 
 import seqpar
-from seqpar import strategies
+from seqpar import runtime, strategies
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
@@ -60,6 +61,25 @@ BUILDERS = {
 }
 
 
+# Parameters whose gradient the model itself accumulates in float32 even in a float64 model (Gemma's RMSNorm
+# multiplies by (1 + weight.float()), DeepSeek-V3's router runs its linear in float32): summed over a different
+# split of the tokens (packed and sharded here, one sequence at a time in the reference) they agree to float32
+# rounding only (measured 2.2e-7), so they are held to 1e-6; every other gradient to 1e-10.
+FLOAT32_BY_MODEL = {"gemma2": "norm.weight", "gemma3": "norm.weight", "deepseek-v3": "mlp.gate.weight"}
+FLOAT32_TOLERANCE = 1e-6
+
+# Models whose attention needs the SP ops' window / softcap / sinks options or a value head size other than the
+# query/key one (Mistral passes its default window of 4096 to every layer).
+NEEDS_WINDOW_SOFTCAP_SINKS_MLA = ["mistral", "mistral-window", "qwen2-window", "gemma2", "gemma3", "deepseek-v3",
+                                  "gpt-oss"]
+PLAIN = [name for name in BUILDERS if name not in NEEDS_WINDOW_SOFTCAP_SINKS_MLA]
+# Until the ops' window/softcap/sinks support (issue 18, ops part) is merged, those models fail by design: a
+# strict xfail that turns into the real test (and fails if it does not pass) as soon as the runtime takes them.
+ops_take_windows = "window" in inspect.signature(runtime.softmax_attention).parameters
+needs_ops = pytest.mark.xfail(not ops_take_windows, strict=True, raises=Exception,
+                              reason="seqpar.runtime.softmax_attention has no window/softcap/sinks yet (ops part)")
+
+
 def _sequences():
     gen = torch.Generator().manual_seed(1)
     return [torch.randint(0, VOCAB, (n,), generator=gen) for n in LENGTHS]
@@ -89,7 +109,12 @@ def matrix_errors(names, dtype=torch.float64, only=None):
             wrapped.sync_gradients()
             params = dict(sp_model.named_parameters())
             missing = [n for n in ref_grads if params[n].grad is None]
-            grad_err = max(rel_err(params[n].grad, g) for n, g in ref_grads.items() if n not in missing)
+            errors = {n: rel_err(params[n].grad, g) for n, g in ref_grads.items() if n not in missing}
+            float32_part = FLOAT32_BY_MODEL.get(name, "\0")
+            grad_err = max(e for n, e in errors.items() if float32_part not in n)
+            float32_err = max((e for n, e in errors.items() if float32_part in n), default=0.0)
+            if float32_err > FLOAT32_TOLERANCE:
+                grad_err = max(grad_err, float32_err)  # reported as a failure at any tolerance below it
             results[name, strategy] = (abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err, missing)
     return results
 
@@ -101,21 +126,25 @@ def _check(per_rank, loss_tol, grad_tol, expected_cases):
         assert not bad, bad
 
 
-def test_every_model_and_strategy_float64_at_2_ranks():
-    # ulysses, ring, token_ring, allgather_kv (USP needs 4 ranks here)
-    _check(run_distributed(matrix_errors, 2, list(BUILDERS)), 1e-10, 1e-10, 4 * len(BUILDERS))
+def test_models_float64_every_strategy_at_2_ranks():
+    # ulysses, ring, token_ring, allgather_kv (USP needs 4 ranks with these head counts)
+    _check(run_distributed(matrix_errors, 2, PLAIN), 1e-10, 1e-10, 4 * len(PLAIN))
 
 
-def test_windowed_softcapped_sink_and_mla_models_float64_at_4_ranks():
-    names = ["qwen2-window", "gemma2", "gpt-oss", "deepseek-v3"]
+@needs_ops
+def test_windowed_softcapped_sink_and_mla_models_float64_every_strategy_at_2_ranks():
+    names = NEEDS_WINDOW_SOFTCAP_SINKS_MLA
+    _check(run_distributed(matrix_errors, 2, names), 1e-10, 1e-10, 4 * len(names))
+
+
+@needs_ops
+def test_windowed_softcapped_sink_and_mla_models_float64_at_3_and_4_ranks():
+    # a window of 5 spans up to 3 of the 4 ranks' shards here (6 or 4 tokens each)
+    names = ["gemma2", "gpt-oss"]
     _check(run_distributed(matrix_errors, 4, names, only=("usp", "ring")), 1e-10, 1e-10, 2 * len(names))
+    _check(run_distributed(matrix_errors, 3, ["qwen2-window"], only=("token_ring",)), 1e-10, 1e-10, 1)
 
 
-def test_windowed_models_at_3_ranks():
-    names = ["mistral-window", "gemma3"]
-    _check(run_distributed(matrix_errors, 3, names, only=("ring", "token_ring")), 1e-10, 1e-10, 2 * len(names))
-
-
-def test_every_model_float32_at_2_ranks():
-    _check(run_distributed(matrix_errors, 2, list(BUILDERS), torch.float32, only=("ring",)), 1e-5, 1e-4,
-           len(BUILDERS))
+def test_models_float32_ring_at_2_ranks():
+    names = ["llama", "mixtral", "minimax"] + (["gemma2", "gpt-oss", "deepseek-v3"] if ops_take_windows else [])
+    _check(run_distributed(matrix_errors, 2, names, torch.float32, only=("ring",)), 1e-5, 1e-4, len(names))
