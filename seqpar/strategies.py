@@ -37,7 +37,8 @@ __all__ = [
 KINDS = ("softmax", "linear")
 # the keyword arguments the runtime passes to an op of each kind, after the local (q, k, v) shards
 OP_KEYWORDS = {
-    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend", "max_seqlen"),
+    "softmax": ("group", "causal", "softmax_scale", "layout", "cu_seqlens", "backend", "max_seqlen", "window",
+                "softcap", "sinks"),
     "linear": ("log_decay", "group", "scale", "layout", "backend"),
 }
 COMM_BYTES_OVER_RANKS = ("each", "mean", "max")
@@ -59,6 +60,8 @@ class LayerShape:
         heads, kv_heads, head_dim: H, H_kv, D (linear attention: D_k = D_v = D).
         elem_bytes: b, the element size of q/k/v and of what travels in the model dtype.
         state_bytes: one linear-attention state as the collectives send it (H * D_k * D_v * 4).
+        window: a causal sliding window of W tokens (the ops' ``window=(W - 1, 0)``), or None; ring's
+            ``comm_bytes`` then counts only the K/V messages the window needs (a scalar ``seq_len`` only).
     """
 
     seq_len: Any
@@ -68,6 +71,7 @@ class LayerShape:
     head_dim: int
     elem_bytes: float
     state_bytes: float = 0.0
+    window: int | None = None
 
     @property
     def local_tokens(self) -> Any:
@@ -218,10 +222,56 @@ def _ring_step_bytes(x: LayerShape) -> tuple[Any, Any]:
     return kv_elements * x.elem_bytes, kv_elements * (x.elem_bytes + ACCUM_BYTES)
 
 
+def shard_position_ranges(local_len: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:
+    """The position ranges [a, b) that ``rank``'s shard holds of a sequence of ``local_len`` tokens per rank
+    (``contiguous``: one range; ``zigzag``: chunks rank and 2P-1-rank)."""
+    if layout == "contiguous":
+        return [(rank * local_len, (rank + 1) * local_len)]
+    c, last = local_len // 2, 2 * world_size - 1 - rank
+    return [(rank * c, (rank + 1) * c), (last * c, (last + 1) * c)]
+
+
+def position_ranges_meet(
+    q_range: tuple[int, int], k_range: tuple[int, int], causal: bool, window: tuple[int, int]
+) -> bool:
+    """Whether some query position in ``q_range`` sees some key position in ``k_range`` under ``window`` =
+    (left, right) (-1: unbounded) and ``causal``: the distances i - j cover [qa - kb + 1, qb - 1 - ka]; the mask
+    keeps [0 if causal, ...] and [-right, left]."""
+    (qa, qb), (ka, kb) = q_range, k_range
+    if qa >= qb or ka >= kb:
+        return False
+    low, high = qa - kb + 1, qb - 1 - ka
+    left, right = window
+    if causal:
+        low = max(low, 0)
+    if left >= 0:
+        high = min(high, left)
+    if right >= 0:
+        low = max(low, -right)
+    return low <= high
+
+
+def window_shard_pairs(
+    local_len: int, world_size: int, window: tuple[int, int], *, causal: bool = True, layout: str = "zigzag"
+) -> int:
+    """How many ordered pairs (q_rank, kv_rank), q_rank != kv_rank, meet inside ``window``: the K/V messages
+    windowed ring attention sends in one pass over all ranks."""
+    ranges = [shard_position_ranges(local_len, world_size, r, layout) for r in range(world_size)]
+    return sum(
+        any(position_ranges_meet(qr, kr, causal, window) for qr in ranges[q] for kr in ranges[j])
+        for q in range(world_size) for j in range(world_size) if q != j
+    )
+
+
 def ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
-    """(P-1) ring steps each way: ``(P-1) 2 s H_kv D b`` forward, ``(P-1) 2 s H_kv D (b + 4)`` backward."""
+    """(P-1) ring steps each way: ``(P-1) 2 s H_kv D b`` forward, ``(P-1) 2 s H_kv D (b + 4)`` backward. With
+    ``x.window`` (zigzag, causal) K/V go only to the ranks whose queries meet them: (P-1) becomes n / P, n =
+    ``window_shard_pairs`` (the mean over ranks; ring.py's docstring has each rank's share)."""
     forward_step, backward_step = _ring_step_bytes(x)
-    return (x.degree - 1) * forward_step, (x.degree - 1) * backward_step
+    messages = x.degree - 1
+    if x.window is not None:
+        messages = window_shard_pairs(int(x.local_tokens), x.degree, (x.window - 1, 0)) / x.degree
+    return messages * forward_step, messages * backward_step
 
 
 def overlapped_ring_time(compute_s: Any, step_bytes: Any, steps: int, degree: int, link: Link) -> Any:

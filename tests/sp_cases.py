@@ -17,14 +17,17 @@ def softmax_op(name: str):
     return getattr(collectives, name)
 
 
-def global_inputs(seed, *, batch, seq_len, h, h_kv, d, lens=None):
+def global_inputs(seed, *, batch, seq_len, h, h_kv, d, lens=None, dv=None):
+    """q, k, v, dout and the global cu_seqlens (None: padded); ``dv``: v's (and out's) head dim, default d."""
     gen = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
     if lens is None:
-        shapes = [(batch, seq_len, h, d), (batch, seq_len, h_kv, d), (batch, seq_len, h_kv, d), (batch, seq_len, h, d)]
+        bs = (batch, seq_len)
+        shapes = [(*bs, h, d), (*bs, h_kv, d), (*bs, h_kv, dv), (*bs, h, dv)]
         cu = None
     else:
         total = sum(lens)
-        shapes = [(total, h, d), (total, h_kv, d), (total, h_kv, d), (total, h, d)]
+        shapes = [(total, h, d), (total, h_kv, d), (total, h_kv, dv), (total, h, dv)]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v, dout = (torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
     return q, k, v, dout, cu
@@ -32,12 +35,20 @@ def global_inputs(seed, *, batch, seq_len, h, h_kv, d, lens=None):
 
 def check_against_reference(
     op_name, *, seed=0, batch=1, seq_len=None, lens=None, h=4, h_kv=2, d=32, causal=True, layout="zigzag",
-    dtype=torch.float32, scale=None,
+    dtype=torch.float32, scale=None, dv=None, window=None, softcap=None, sinks=False, hint=False, op_options=None,
 ):
-    """Return {'out': err, 'dq': err, 'dk': err, 'dv': err} for this rank's shard."""
-    q, k, v, dout, cu = global_inputs(seed, batch=batch, seq_len=seq_len, h=h, h_kv=h_kv, d=d, lens=lens)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _ = reference_attention(*leaves, causal=causal, scale=scale, cu_seqlens=cu)
+    """Return {'out': err, 'dq': err, 'dk': err, 'dv': err} for this rank's shard. ``dv``: v's head dim;
+    ``window``/``softcap``: passed to the op and the reference; ``sinks``: random (H,) sink logits, whose
+    gradient comes back as this rank's share (``d_sinks``, float64) with the reference's (``ref_d_sinks``);
+    ``hint``: pass packed input's max_seqlen hint."""
+    q, k, v, dout, cu = global_inputs(seed, batch=batch, seq_len=seq_len, h=h, h_kv=h_kv, d=d, lens=lens, dv=dv)
+    sink_logits = torch.randn(h, generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)] + ([sink_logits.clone().requires_grad_()]
+                                                                      if sinks else [])
+    ref_out, _ = reference_attention(
+        *leaves[:3], causal=causal, scale=scale, cu_seqlens=cu, window=window, softcap=softcap,
+        sinks=leaves[3] if sinks else None,
+    )
     ref_grads = torch.autograd.grad(ref_out, leaves, dout)
 
     def shard(t):
@@ -45,9 +56,23 @@ def check_against_reference(
 
     local_cu = None if cu is None else shard_sequence(q, layout=layout, cu_seqlens=cu)[1]
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(True) for t in (q, k, v))
-    out = softmax_op(op_name)(ql, kl, vl, causal=causal, softmax_scale=scale, layout=layout, cu_seqlens=local_cu)
+    extra = dict(op_options or {})
+    if window is not None:
+        extra["window"] = window
+    if softcap is not None:
+        extra["softcap"] = softcap
+    local_sinks = sink_logits.to(dtype).requires_grad_(True) if sinks else None
+    if sinks:
+        extra["sinks"] = local_sinks
+    if hint and local_cu is not None:
+        extra["max_seqlen"] = int(torch.diff(local_cu).max())
+    out = softmax_op(op_name)(ql, kl, vl, causal=causal, softmax_scale=scale, layout=layout, cu_seqlens=local_cu,
+                              **extra)
     out.backward(shard(dout).to(dtype))
     result = {"out": rel_err(out, shard(ref_out))}
+    if sinks:
+        result["d_sinks"] = local_sinks.grad.double()
+        result["ref_d_sinks"] = ref_grads[3]
     # squared error and squared reference norms, so a test can also form the error over the whole tensor
     result["sq"] = {"out": _squares(out, shard(ref_out))}
     for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), ref_grads):

@@ -176,7 +176,7 @@ def bad_calls(op_name):
         "k-shape": lambda: op(q, torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)),
         "k-dtype": lambda: op(q, k.double(), k.double()),
         "k-heads": lambda: op(q, torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16)),
-        "v-shape": lambda: op(q, k, torch.randn(1, 8, 2, 8)),
+        "v-shape": lambda: op(q, k, torch.randn(1, 8, 1, 16)),  # a head dim of its own is allowed (MLA); heads not
         "q-odd-zigzag": lambda: op(q[:, :7], k[:, :7], k[:, :7]),
         "layout-unknown": lambda: op(q, k, k, layout="striped"),
         "cu_seqlens-total":

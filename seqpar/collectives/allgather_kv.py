@@ -1,7 +1,7 @@
 """All-gather-KV attention: one all-gather of K and V per layer, then local queries against the whole sequence.
 
 The scheme LASP-2H uses for the softmax layers of hybrid models, and the simplest one for packed
-variable-length batches. K and V are stacked and gathered in ONE all-gather, put back in global token order,
+variable-length batches. K and V are concatenated and gathered in ONE all-gather, put back in global token order,
 and each local query chunk (a contiguous range [a, b) of its sequence: one per sequence for ``contiguous``,
 two for ``zigzag``) attends to keys [0, b) of its sequence with a bottom-right aligned causal mask (all keys of
 its sequence without a mask). The backward reduce-scatters dK and dV (the adjoint of the all-gather).
@@ -10,6 +10,8 @@ Bytes sent per rank (T: local tokens, b: element size):
 
     forward  = (P - 1) * 2 * T * H_kv * D * b          (all-gather of K and V)
     backward = (P - 1) * 2 * T * H_kv * D * b          (reduce-scatter of dK and dV: (P-1)/P of the full tensor)
+
+(2 * D becomes D + Dv when v's head dim Dv differs.)
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def allgather_kv_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention by gathering K and V once. Differentiable.
 
-    Same arguments, shapes and result as ``seqpar.ring_attention``; memory per rank holds the full K and V.
+    Same arguments, shapes and result as ``seqpar.ring_attention`` (``window``, ``softcap``, ``sinks`` and a
+    value head dim != D included); memory per rank holds the full K and V. With a window the kernel compares
+    the global positions of the local query chunks and of the keys each reads.
 
     Raises:
         ValueError: as ``ring_attention``.
@@ -48,21 +55,28 @@ def allgather_kv_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="allgather_kv_attention",
-        backend=backend, max_seqlen=max_seqlen,
+        backend=backend, max_seqlen=max_seqlen, window=window, softcap=softcap, sinks=sinks,
     )
-    kv = torch.stack([sp.k, sp.v])  # (2, T, H_kv, D): one all-gather for both
-    gathered = comm.all_gather_differentiable(kv, group=sp.group)  # (P, 2, T, H_kv, D)
+    d = sp.k.shape[-1]
+    kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv): one all-gather for both
+    gathered = comm.all_gather_differentiable(kv, group=sp.group)  # (P, T, H_kv, D + Dv)
     _, inverse = sp.rank_major_order()
-    kv_full = gathered.transpose(0, 1).flatten(1, 2)[:, inverse]  # (2, T*P, H_kv, D), global order
+    kv_full = gathered.flatten(0, 1)[inverse]  # (T*P, H_kv, D + Dv), global order
 
     # One "sequence" per local query chunk [a, b) of each sequence: it reads keys [0, b) of that sequence when
     # causal (bottom-right aligned mask), all of them otherwise. Built on the device from cu_seqlens and the
     # token counts (host-known from the shapes), so nothing is read on the host.
     cu_q, cu_k, key_index, max_q, max_k = _chunk_operands(sp)
-    keys = kv_full[:, key_index]
+    keys = kv_full[key_index]
+    positions = {}
+    if sp.window is not None:  # the chunks' queries are not bottom-right aligned with all their keys: say where
+        cu = sp.global_cu_seqlens().long()
+        key_sequence = torch.bucketize(key_index, cu[1:], right=True)  # the sequence of each global key index
+        positions = {"q_positions": sp.positions(sp.rank), "k_positions": key_index - cu[key_sequence]}
     out = attention(
-        sp.q, keys[0], keys[1], causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q, max_seqlen_k=max_k,
+        sp.q, keys[..., :d], keys[..., d:], causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, window=sp.window, softcap=sp.softcap,
+        sinks=sp.sinks, **positions,
     )
     return sp.unpack(out)
 

@@ -15,9 +15,25 @@ out, lse only.
 Bytes sent per rank (b: element size of the inputs, T: local tokens, all sequences together):
 
 =========  ==============================================================
-forward    (P - 1) * 2 * T * H_kv * D * b                         (K and V)
-backward   (P - 1) * 2 * T * H_kv * D * b  +  (P - 1) * 2 * T * H_kv * D * 4
+forward    (P - 1) * T * H_kv * (D + Dv) * b                      (K and V)
+backward   (P - 1) * T * H_kv * (D + Dv) * b  +  (P - 1) * T * H_kv * (D + Dv) * 4
            (K and V again, then the float32 dK/dV accumulators)
+=========  ==============================================================
+
+(Dv: v's head dim, D for most models; K and V travel as one flat message, so they may differ.)
+
+With a ``window`` only the shard pairs that meet inside it are computed and only what they need is sent: rank r
+sends its K/V straight to each rank q != r whose queries see some of its keys (``softmax_common.blocks_meet``:
+from the layout, the window and the local sequence lengths), one message per such rank, issued one step ahead
+of the block that reads it, and in the backward sends it again and returns the float32 dK/dV that rank q
+computed for it straight home. A window shorter than a shard needs only the neighbouring shards: with the
+contiguous layout and a causal window the rank before (1 message instead of P - 1); with zigzag the ranks
+r - 1 and r + 1 (2 instead of P - 1). Bytes with a window, n_out(r) = #{q != r : q's queries see r's keys},
+n_in(r) = #{j != r : r's queries see j's keys}:
+
+=========  ==============================================================
+forward    n_out(r) * T * H_kv * (D + Dv) * b
+backward   n_out(r) * T * H_kv * (D + Dv) * b  +  n_in(r) * T * H_kv * (D + Dv) * 4
 =========  ==============================================================
 """
 
@@ -35,6 +51,7 @@ from seqpar.collectives.softmax_common import (
     block_kind,
     prepare_softmax_sp,
     run_scheduled,
+    sp_block_kind,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -43,15 +60,29 @@ __all__ = ["ring_attention"]
 _KV_STREAM, _DKV_STREAM = 0, 1  # ring_exchange streams: their tags are in comm.tags (RING_NEXT + 100 * stream)
 
 
+def _flat_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V as one flat message (their head dims may differ, so they cannot be stacked)."""
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _split_kv(flat: torch.Tensor, sp: SoftmaxSP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of K and V, shaped like ``sp.k`` / ``sp.v``, in a flat message (or accumulator) of ``_flat_kv``."""
+    n = sp.k.numel()
+    return flat[:n].view(sp.k.shape), flat[n:].view(sp.v.shape)
+
+
 def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (T, H, D) out in the accumulation dtype and (H, T) lse."""
-    kv = torch.stack([sp.k, sp.v])
+    """Packed (T, H, Dv) out in the accumulation dtype and (H, T) lse."""
+    if sp.window is not None:
+        return _window_forward(sp, backend)
+    kv = _flat_kv(sp.k, sp.v)
     out = lse = None
     for step in range(sp.world_size):
         pending = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
-        kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
+        kv_rank = (sp.rank - step) % sp.world_size
+        kind = block_kind(sp.layout, sp.causal, sp.rank, kv_rank)
         if kind != "skip":
-            out, lse = attend_and_merge(sp, kv[0], kv[1], kind, out, lse, backend)
+            out, lse = attend_and_merge(sp, *_split_kv(kv, sp), kind, out, lse, backend, kv_rank=kv_rank)
         if pending is not None:
             kv = pending.wait()[0]
     return out, lse
@@ -60,21 +91,26 @@ def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tens
 def _ring_backward(
     sp: SoftmaxSP, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if sp.window is not None:
+        return _window_backward(sp, dout, out, lse, backend)
     acc = accumulation_dtype(sp.q.dtype)
     dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
-    own_dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
-    kv = torch.stack([sp.k, sp.v])
+    own_dkv = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
+    kv = _flat_kv(sp.k, sp.v)
     pending_dkv = None
     for step in range(sp.world_size):
         pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
-        kind = block_kind(sp.layout, sp.causal, sp.rank, (sp.rank - step) % sp.world_size)
+        kv_rank = (sp.rank - step) % sp.world_size
+        kind = block_kind(sp.layout, sp.causal, sp.rank, kv_rank)
         target = own_dkv if step == 0 else torch.zeros_like(own_dkv)
         if kind != "skip":
-            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(sp, dout, sp.q, kv[0], kv[1], out, lse, kind,
-                                                                   backend)
+            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
+                sp, dout, sp.q, *_split_kv(kv, sp), out, lse, kind, backend, ranks=(sp.rank, kv_rank)
+            )
             add_rows(dq, q_rows, g_q)
-            add_rows(target[0], kv_rows, g_k)
-            add_rows(target[1], kv_rows, g_v)
+            target_k, target_v = _split_kv(target, sp)
+            add_rows(target_k, kv_rows, g_k)
+            add_rows(target_v, kv_rows, g_v)
         if step > 0:
             if pending_dkv is not None:  # what the previous rank accumulated for this shard so far
                 target += pending_dkv.wait()[0]
@@ -83,7 +119,90 @@ def _ring_backward(
             kv = pending_kv.wait()[0]
     if pending_dkv is not None:  # after the last step the accumulator of our own shard arrives home
         own_dkv += pending_dkv.wait()[0]
-    return dq.to(sp.q.dtype), own_dkv[0].to(sp.k.dtype), own_dkv[1].to(sp.v.dtype)
+    dk, dv = _split_kv(own_dkv, sp)
+    return dq.to(sp.q.dtype), dk.to(sp.k.dtype), dv.to(sp.v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# With a window: K/V straight to the ranks that need them (module docstring)
+# ----------------------------------------------------------------------------------------------------
+
+_KV_TAG = comm.tags.ring_tag("next", _KV_STREAM)  # K/V to rank + d
+_DKV_TAG = comm.tags.ring_tag("prev", _DKV_STREAM)  # dK/dV back to rank - d, the owner
+
+
+def _window_offsets(sp: SoftmaxSP) -> list[int]:
+    """Offsets d = 1 .. P-1 at which some rank's queries meet the K/V of the rank d before it."""
+    p = sp.world_size
+    return [d for d in range(1, p) if any(sp_block_kind(sp, r, r - d) != "skip" for r in range(p))]
+
+
+def _post_kv(sp: SoftmaxSP, kv: torch.Tensor, offset: int) -> comm.PendingTransfer | None:
+    """Send our K/V to rank + offset if its queries need them, receive rank - offset's if ours do."""
+    r, p = sp.rank, sp.world_size
+    sends = [(kv, (r + offset) % p, _KV_TAG)] if sp_block_kind(sp, r + offset, r) != "skip" else []
+    wanted = sp_block_kind(sp, r, r - offset) != "skip"
+    recvs = [(((kv.numel(),), kv.dtype), (r - offset) % p, _KV_TAG)] if wanted else []
+    if not sends and not recvs:
+        return None
+    return comm.exchange(sends, recvs, group=sp.group, device=kv.device)
+
+
+def _window_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    own = _flat_kv(sp.k, sp.v)
+    offsets = [0, *_window_offsets(sp)]
+    out = lse = None
+    kv = own
+    for step, offset in enumerate(offsets):
+        pending = _post_kv(sp, own, offsets[step + 1]) if step + 1 < len(offsets) else None
+        kind = sp_block_kind(sp, sp.rank, sp.rank - offset)
+        if kind != "skip":
+            out, lse = attend_and_merge(sp, *_split_kv(kv, sp), kind, out, lse, backend,
+                                        kv_rank=(sp.rank - offset) % sp.world_size)
+        received = [] if pending is None else pending.wait()
+        kv = received[0] if received else None
+    return out, lse
+
+
+def _window_backward(
+    sp: SoftmaxSP, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, p = sp.rank, sp.world_size
+    acc = accumulation_dtype(sp.q.dtype)
+    dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
+    own_dkv = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
+    own = _flat_kv(sp.k, sp.v)
+    offsets = [0, *_window_offsets(sp)]
+    kv, pending_dkv = own, None
+    for step, offset in enumerate(offsets):
+        pending_kv = _post_kv(sp, own, offsets[step + 1]) if step + 1 < len(offsets) else None
+        kind = sp_block_kind(sp, r, r - offset)
+        target = own_dkv if offset == 0 else torch.zeros_like(own_dkv)
+        if kind != "skip":
+            q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
+                sp, dout, sp.q, *_split_kv(kv, sp), out, lse, kind, backend, ranks=(r, (r - offset) % p)
+            )
+            add_rows(dq, q_rows, g_q)
+            target_k, target_v = _split_kv(target, sp)
+            add_rows(target_k, kv_rows, g_k)
+            add_rows(target_v, kv_rows, g_v)
+        if pending_dkv is not None:  # our shard's dK/dV from the rank that read it at the previous offset
+            for received in pending_dkv.wait():
+                own_dkv += received
+            pending_dkv = None
+        if offset > 0:  # this block's dK/dV go home to rank - offset; rank + offset's for our shard arrive
+            sends = [(target, (r - offset) % p, _DKV_TAG)] if kind != "skip" else []
+            wanted = sp_block_kind(sp, r + offset, r) != "skip"
+            recvs = [(((own_dkv.numel(),), acc), (r + offset) % p, _DKV_TAG)] if wanted else []
+            if sends or recvs:
+                pending_dkv = comm.exchange(sends, recvs, group=sp.group, device=own_dkv.device)
+        received = [] if pending_kv is None else pending_kv.wait()
+        kv = received[0] if received else None
+    if pending_dkv is not None:
+        for received in pending_dkv.wait():
+            own_dkv += received
+    dk, dv = _split_kv(own_dkv, sp)
+    return dq.to(sp.q.dtype), dk.to(sp.k.dtype), dv.to(sp.v.dtype)
 
 
 def ring_attention(
@@ -98,12 +217,16 @@ def ring_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention over ``group`` by passing K/V around a ring. Differentiable.
 
     Args:
         q: this rank's queries, (B, S_local, H, D), or packed (T_local, H, D) with ``cu_seqlens``.
-        k, v: this rank's keys/values, (B, S_local, H_kv, D) or (T_local, H_kv, D); H % H_kv == 0.
+        k, v: this rank's keys/values, (B, S_local, H_kv, D) or (T_local, H_kv, D); H % H_kv == 0; v's head
+            dim Dv may differ from D (MLA).
         group: the SP process group (default: the world).
         causal: causal mask in GLOBAL token positions.
         softmax_scale: default 1 / sqrt(D).
@@ -114,9 +237,15 @@ def ring_attention(
         max_seqlen: with ``cu_seqlens``, the longest local sequence, from whoever packed and validated the batch
             (``StepShard.max_seqlen``: the runtime, once per step). Given, ``cu_seqlens`` is not read on the host
             (no device sync per layer) and is trusted to be valid; None: it is read and validated here.
+        window: ``(left, right)``: query i (GLOBAL position within its sequence) sees keys j with
+            ``i - left <= j <= i + right`` (-1: unbounded; with ``causal`` also j <= i), flash-attn's
+            ``window_size``. Only the shards that meet inside it are computed and sent (module docstring).
+        softcap: scores s (after the scale) become ``softcap * tanh(s / softcap)`` (Gemma 2); None: off.
+        sinks: (H,) per-head sink logits (gpt-oss), added once to the softmax denominator; differentiable
+            (this rank's share of their gradient: sum it over the group, as for any replicated parameter).
 
     Returns:
-        This rank's output, shaped like ``q``, in q's dtype.
+        This rank's output, shaped like ``q`` with v's head dim, in q's dtype.
 
     Raises:
         ValueError: bad shapes, dtypes, layout, ``cu_seqlens`` or group, on every rank, before any communication.
@@ -124,6 +253,6 @@ def ring_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ring_attention",
-        backend=backend, max_seqlen=max_seqlen,
+        backend=backend, max_seqlen=max_seqlen, window=window, softcap=softcap, sinks=sinks,
     )
     return run_scheduled(q, k, v, sp, backend, _ring_forward, _ring_backward)

@@ -1,7 +1,8 @@
 """What the softmax-attention SP ops share: argument checks, the packed view, and the block schedule of the
 shard pairs (ring, TokenRing, Ulysses, all-gather-KV).
 
-Every op works on the packed form: q (T_local, H, D), k/v (T_local, H_kv, D) with int32 LOCAL ``cu_seqlens``.
+Every op works on the packed form: q (T_local, H, D), k (T_local, H_kv, D), v (T_local, H_kv, Dv) with int32
+LOCAL ``cu_seqlens`` (Dv may differ from D: MLA).
 A padded (B, S_local, H, D) batch is the packed batch of B sequences of S_local local tokens each, so one code
 path serves both. Checks here are local and identical on every rank, and run before any communication, so a
 mistake raises ValueError everywhere instead of leaving peers waiting in a collective.
@@ -9,7 +10,15 @@ mistake raises ValueError everywhere instead of leaving peers waiting in a colle
 Host reads: with the ``max_seqlen`` hint (the runtime computes it once per step, where it packs and validates
 the batch) nothing here reads ``cu_seqlens`` on the host: the index tensors of zigzag halves and of the global
 order are computed on the device from ``cu_seqlens`` and the (host-known) token counts, and every block's
-kernel gets a derived hint (``block_max_seqlens``). tests/test_host_syncs_varlen.py counts the reads.
+kernel gets a derived hint (``block_max_seqlens``). tests/test_host_syncs_varlen.py counts the reads. With a
+``window`` the distinct local sequence lengths are read once per call (one host read with the hint): which
+shard pairs meet inside the window, and so which blocks and transfers are needed, depends on them. A window
+that hides nothing of the longest sequence (Mistral's 4096 on shorter ones) is dropped: the ops run unwindowed.
+
+Options every softmax op takes (``prepare_softmax_sp`` checks them): ``window=(left, right)`` in GLOBAL positions
+within each sequence (the kernels' window: -1 unbounded; with causal also j <= i), ``softcap`` (scores ->
+softcap * tanh(scores / softcap)), ``sinks`` (H,) per-head sink logits added once to the final softmax
+denominator (``kernels.attention.apply_attention_sinks``), differentiable.
 """
 
 from __future__ import annotations
@@ -23,10 +32,17 @@ import torch.distributed as dist
 from seqpar.collectives import comm
 from seqpar.collectives.layout import LAYOUTS, validate_cu_seqlens
 from seqpar.kernels.fused_merge import attention_block_merge
+from seqpar.strategies import position_ranges_meet, shard_position_ranges
 from seqpar.kernels.attention import (
     accumulation_dtype,
+    apply_attention_sinks,
     attention_block_varlen,
     attention_block_varlen_backward,
+    attention_sinks_backward,
+    call_features,
+    check_sinks,
+    check_softcap,
+    check_window,
     get_attention_backend,
     merge_attention_outputs,
 )
@@ -42,6 +58,8 @@ class SoftmaxSP:
         max_seqlen: the longest local sequence when known without reading ``cu_seqlens`` (padded input, or the
             caller's hint), else None (the kernels then read the boundaries themselves).
         padded_shape: the (B, S_local) of padded input, to restore the output's shape; None when packed.
+        window, softcap, sinks: the checked options (None: not used).
+        local_lengths: with a window, the distinct local sequence lengths (host ints), else None.
     """
 
     q: torch.Tensor
@@ -56,6 +74,32 @@ class SoftmaxSP:
     causal: bool
     scale: float
     padded_shape: tuple[int, int] | None
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    local_lengths: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._positions: dict[int, torch.Tensor] = {}
+
+    def positions(self, rank: int) -> torch.Tensor:
+        """(T_local,) int64: the position within its sequence of every token of ``rank``'s shard (in that
+        shard's local order), on q's device; what the kernels' window compares. No host read."""
+        if rank not in self._positions:
+            cu = self.global_cu_seqlens().long()
+            tokens = self.q.shape[0]
+            index = shard_positions(cu, tokens * self.world_size, self.world_size, rank, self.layout)
+            self._positions[rank] = index - cu[token_sequence(self.cu_seqlens, tokens)]
+        return self._positions[rank]
+
+    def kernel_options(self, q_rank: int | None = None, kv_rank: int | None = None) -> dict:
+        """The kernel options of a block of ``q_rank``'s queries against ``kv_rank``'s keys: softcap, and with a
+        window the window and both shards' positions (full shards; ``block_options`` selects rows)."""
+        options = {} if self.softcap is None else {"softcap": self.softcap}
+        if self.window is not None:
+            options.update(window=self.window, q_positions=self.positions(q_rank),
+                           k_positions=self.positions(kv_rank))
+        return options
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(T, H, D) -> the caller's layout ((B, S_local, H, D) for padded input)."""
@@ -141,19 +185,26 @@ def prepare_softmax_sp(
     backend: str = "auto",
     agree: dict[str, object] | None = None,
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    positions: bool | None = None,
 ) -> SoftmaxSP:
     """Check one call's arguments and return the packed view. ``agree``: the op's own options that every rank
     must pass equal too (checked with the common ones). ``max_seqlen``: the longest sequence of ``cu_seqlens``,
     from whoever packed and validated the batch (the runtime, once per step): ``cu_seqlens`` is then not read on
     the host (only its dtype and size are checked, and ranks agree on the hint instead of the boundaries).
+    ``window``/``softcap``/``sinks``: the ops' options (module docstring); ``positions``: whether the op's kernels
+    get explicit positions (default: with a window), which the backend must support.
 
     Raises:
         ValueError: naming the argument: wrong ranks of tensors, q/k/v shape, dtype or device mismatch,
             H % H_kv != 0, an unknown layout, a local length the layout cannot produce (zigzag needs an even
             number of local tokens per sequence), ``cu_seqlens`` that are not int32 / increasing / do not end at
             the number of local tokens, a kernel backend that cannot run these tensors, or a group this rank is
-            not in; and, on every rank, when the ranks of the group disagree on q/k/v shapes, dtype, causal,
-            layout, scale or cu_seqlens (``comm.check_agreement``, on by default).
+            not in, a bad ``window``/``softcap``/``sinks`` or a backend without them; and, on every rank, when the
+            ranks of the group disagree on q/k/v shapes, dtype, causal, layout, scale, cu_seqlens, window,
+            softcap or sinks (``comm.check_agreement``, on by default).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: unknown layout {layout!r}; use one of {LAYOUTS}")
@@ -170,8 +221,10 @@ def prepare_softmax_sp(
     if q.dim() != want:
         hint = "" if packed or q.dim() != 3 else "; pass cu_seqlens= for packed (T, H, D) input"
         raise ValueError(f"q: expected {shape_doc}, got shape {tuple(q.shape)}{hint}")
-    if k.shape != v.shape:
-        raise ValueError(f"v: shape {tuple(v.shape)} must equal k's {tuple(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(
+            f"v: shape {tuple(v.shape)} must match k's {tuple(k.shape)} in all but the head dim (which may differ)"
+        )
     if k.dim() != want or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"k: expected the same tokens and head dim as q {tuple(q.shape)} with H_kv heads, got {tuple(k.shape)}"
@@ -179,7 +232,8 @@ def prepare_softmax_sp(
     h, h_kv = q.shape[-2], k.shape[-2]
     if h % h_kv:
         raise ValueError(f"k: q's {h} heads must be a multiple of k/v's {h_kv} heads (GQA)")
-    get_attention_backend(backend, q.device, q.dtype)  # an unusable backend fails here, before any transfer
+    requested_window, softcap = check_window(window), check_softcap(softcap)
+    check_sinks(sinks, h, q)
     group, rank, size = comm.group_info(group)
 
     if max_seqlen is not None and not packed:
@@ -212,6 +266,17 @@ def prepare_softmax_sp(
                 f"{arg}: zigzag shards hold two equal chunks per sequence, so every local length must be even; "
                 f"got {odd[:4]}; shard with seqpar.shard_sequence (pad with seqpar.pad_for_layout)"
             )
+    window, lengths = requested_window, None
+    if window is not None:  # which shard pairs meet inside the window depends on the lengths (module docstring)
+        lengths = tuple(sorted(set(torch.diff(cu.long()).tolist() if bounds is None else
+                                   [b_ - a for a, b_ in zip(bounds, bounds[1:])])))
+        longest = max(lengths) * size
+        left, right = window
+        if (left < 0 or left >= longest - 1) and (causal or right < 0 or right >= longest - 1):
+            window, lengths = None, None  # it hides nothing (Mistral's 4096 on shorter sequences): the plain path
+    needs = call_features(q, v, window=window, softcap=softcap,
+                          positions=window is not None if positions is None else positions)
+    get_attention_backend(backend, q.device, q.dtype, needs=needs)  # an unusable backend fails here, before sending
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     # every rank of the group must agree on these (a collective, on by default: comm.agreement_checks)
     comm.check_agreement(op, {
@@ -219,9 +284,12 @@ def prepare_softmax_sp(
         "dtype": q.dtype, "causal": bool(causal), "layout": layout, "softmax_scale": scale,
         # with the hint the boundaries are compared by a hash computed on their device (no host read)
         "cu_seqlens": (bounds if bounds is not None else ("hint", cu.numel(), max_seqlen)) if packed else None,
+        "window": requested_window, "softcap": softcap, "sinks": None if sinks is None else sinks.dtype,
         **(agree or {}),
-    }, group=group, device_contents={"cu_seqlens values": cu} if packed and bounds is None else None)
-    return SoftmaxSP(qp, kp, vp, cu, max_seqlen, group, rank, size, layout, bool(causal), scale, padded_shape)
+    }, group=group, contents={"sinks": None if sinks is None else sinks.detach()},
+        device_contents={"cu_seqlens values": cu} if packed and bounds is None else None)
+    return SoftmaxSP(qp, kp, vp, cu, max_seqlen, group, rank, size, layout, bool(causal), scale, padded_shape,
+                     window, softcap, sinks, lengths)
 
 
 def _check_hint(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, layout: str) -> None:
@@ -263,6 +331,27 @@ def block_kind(layout: str, causal: bool, q_rank: int, kv_rank: int) -> str:
     return "k_first_half" if kv_rank < q_rank else "q_second_half"
 
 
+def blocks_meet(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> bool:
+    """Whether any query of ``q_rank``'s shard sees any key of ``kv_rank``'s shard (always, without a window).
+    Host-only: from the layout and ``sp.local_lengths``; identical on every rank."""
+    if sp.window is None:
+        return True
+    p = sp.world_size
+    return any(
+        position_ranges_meet(qr, kr, sp.causal, sp.window)
+        for length in sp.local_lengths
+        for qr in shard_position_ranges(length, p, q_rank % p, sp.layout)
+        for kr in shard_position_ranges(length, p, kv_rank % p, sp.layout)
+    )
+
+
+def sp_block_kind(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> str:
+    """``block_kind`` of the two shards, "skip" also when the window hides the block completely."""
+    p = sp.world_size
+    kind = block_kind(sp.layout, sp.causal, q_rank % p, kv_rank % p)
+    return kind if kind == "skip" or blocks_meet(sp, q_rank, kv_rank) else "skip"
+
+
 def block_operands(
     sp: SoftmaxSP, kind: str
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -280,16 +369,33 @@ def _rows(t: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Ten
     return t if rows is None else t.index_select(dim, rows)
 
 
+def block_options(
+    sp: SoftmaxSP, kind: str, q_rows: torch.Tensor | None, kv_rows: torch.Tensor | None,
+    ranks: tuple[int, int] | None,
+) -> dict:
+    """The kernel's ``causal`` and options for one block of ``ranks`` = (q_rank, kv_rank). With a window the
+    kernel compares the rows' global positions, which carry the causal mask too, so ``causal`` is the op's."""
+    if sp.window is None:
+        return {"causal": kind == "causal", **sp.kernel_options()}
+    options = sp.kernel_options(*ranks)
+    options["q_positions"] = _rows(options["q_positions"], q_rows)
+    options["k_positions"] = _rows(options["k_positions"], kv_rows)
+    return {"causal": sp.causal, **options}
+
+
 def attend_block(
-    sp: SoftmaxSP, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, backend: str = "auto"
+    sp: SoftmaxSP, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, backend: str = "auto",
+    ranks: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Run the kernel on one block; returns ``(rows, out, lse)``: the query rows it covers (None: all), their
-    partial output and LSE (H, rows). ``kind`` must not be "skip"."""
+    partial output and LSE (H, rows). ``kind`` must not be "skip". ``ranks``: (q_rank, kv_rank), whose shards'
+    positions the window compares (needed with a window)."""
     q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
     max_q, max_k = sp.block_max_seqlens(kind)
     out, lse = attention_block_varlen(
         _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        causal=kind == "causal", scale=sp.scale, backend=backend, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        scale=sp.scale, backend=backend, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        **block_options(sp, kind, q_rows, kv_rows, ranks),
     )
     return q_rows, out, lse
 
@@ -302,9 +408,11 @@ def attend_and_merge(
     out: torch.Tensor | None,
     lse: torch.Tensor | None,
     backend: str = "auto",
+    kv_rank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attend this rank's queries to one K/V shard and fold the result into the running packed (T, H, D) out and
-    (H, T) lse; in the kernel epilogue when the backend fuses the merge (Triton), else as a second pass."""
+    """Attend this rank's queries to one K/V shard (that of ``kv_rank``: its positions, with a window) and fold
+    the result into the running packed (T, H, Dv) out and (H, T) lse; in the kernel epilogue when the backend
+    fuses the merge (Triton), else as a second pass."""
     rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
     q, k, v = _rows(sp.q, rows), _rows(k, kv_rows), _rows(v, kv_rows)
     if rows is not None and out is None:
@@ -315,8 +423,9 @@ def attend_and_merge(
     sub_lse = None if lse is None else _rows(lse, rows, dim=1)
     max_q, max_k = sp.block_max_seqlens(kind)
     new_out, new_lse = attention_block_merge(
-        q, k, v, sub_out, sub_lse, causal=kind == "causal", scale=sp.scale, backend=backend,
+        q, k, v, sub_out, sub_lse, scale=sp.scale, backend=backend,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        **block_options(sp, kind, rows, kv_rows, (sp.rank, kv_rank)),
     )
     if rows is None:
         return new_out, new_lse
@@ -335,15 +444,18 @@ def attend_block_backward(
     lse: torch.Tensor,
     kind: str,
     backend: str = "auto",
+    ranks: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the FINAL out/lse of the query rows; returns
-    ``(q_rows, dq, kv_rows, dk, dv)`` where rows None means all rows of the shard."""
+    ``(q_rows, dq, kv_rows, dk, dv)`` where rows None means all rows of the shard. ``ranks``: as
+    ``attend_block``."""
     q_rows, kv_rows, cu_q, cu_k = block_operands(sp, kind)
     max_q, max_k = sp.block_max_seqlens(kind)
     dq, dk, dv = attention_block_varlen_backward(
         _rows(dout, q_rows), _rows(q, q_rows), _rows(k, kv_rows), _rows(v, kv_rows), _rows(out, q_rows),
-        _rows(lse, q_rows, dim=1), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kind == "causal",
+        _rows(lse, q_rows, dim=1), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
         scale=sp.scale, backend=backend, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        **block_options(sp, kind, q_rows, kv_rows, ranks),
     )
     return q_rows, dq, kv_rows, dk, dv
 
@@ -375,26 +487,32 @@ def add_rows(target: torch.Tensor, rows: torch.Tensor | None, values: torch.Tens
 
 class _ScheduledAttention(torch.autograd.Function):
     """Autograd for ops with their own forward/backward schedules (ring, TokenRing): saves only q, k, v, out
-    and lse, and hands the packed dout to the backward schedule."""
+    and lse, and hands the packed dout to the backward schedule. Sinks enter once, after the schedule's merge;
+    the schedule's backward then runs with the final out/lse, and the sinks' gradient is this rank's rows'
+    share (the single-device gradient is the sum over ranks, like every replicated parameter's)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sp: SoftmaxSP, backend: str, forward_fn, backward_fn):
+    def forward(ctx, q, k, v, sinks, sp: SoftmaxSP, backend: str, forward_fn, backward_fn):
         out, lse = forward_fn(sp, backend)
+        if sinks is not None:
+            out, lse = apply_attention_sinks(out, lse, sinks)
         out = out.to(q.dtype)
         ctx.sp, ctx.backend, ctx.backward_fn = sp, backend, backward_fn
-        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse)
+        ctx.save_for_backward(sp.q, sp.k, sp.v, out, lse, sinks)
         return sp.unpack(out)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         sp = ctx.sp
         sp.q, sp.k, sp.v = q, k, v
-        dq, dk, dv = ctx.backward_fn(sp, dout.reshape(out.shape).contiguous(), out, lse, ctx.backend)
-        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), None, None, None, None
+        dout = dout.reshape(out.shape).contiguous()
+        dq, dk, dv = ctx.backward_fn(sp, dout, out, lse, ctx.backend)
+        d_sinks = None if sinks is None else attention_sinks_backward(dout, out, lse, sinks)
+        return sp.unpack(dq), sp.unpack(dk), sp.unpack(dv), d_sinks, None, None, None, None
 
 
 def run_scheduled(q, k, v, sp: SoftmaxSP, backend: str, forward_fn, backward_fn) -> torch.Tensor:
     """Apply an op given as ``forward_fn(sp, backend) -> (packed out, lse)`` and
-    ``backward_fn(sp, dout, out, lse, backend) -> (dq, dk, dv)``; differentiable in q, k, v."""
-    return _ScheduledAttention.apply(q, k, v, sp, backend, forward_fn, backward_fn)
+    ``backward_fn(sp, dout, out, lse, backend) -> (dq, dk, dv)``; differentiable in q, k, v and ``sp.sinks``."""
+    return _ScheduledAttention.apply(q, k, v, sp.sinks, sp, backend, forward_fn, backward_fn)

@@ -29,6 +29,14 @@ higher ones ("q_second_half", only its second chunk is needed), so after the wra
 queries travels and only those rows of the partial come back. The rows a rank needs are always a subset of
 the rows it received, so the shard can be forwarded.
 
+With a ``window`` a block the window hides completely is skipped as well (``softmax_common.sp_block_kind``):
+not computed, no partial sent. A query shard still travels hop by hop, so it is carried through a skipping rank
+when a rank further on needs it, with the rows any later block reads, and no further than the last rank that
+needs it: the hops after that one are saved. With the contiguous layout and a causal window shorter than a
+shard only the hop to rank - 1 remains (1 query message and 1 partial instead of P - 1 each); with zigzag the
+neighbour on the far side of the ring needs the shard too, so every hop carries it, but only the two
+neighbours compute and return partials.
+
 Backward, the same schedule: the query shard travels again, now with everything the remote block needs,
 (lse, q, dout, out) of the owner, and the block's dQ comes back to the owner, who adds it to a float32
 accumulator. dK and dV never move: each rank adds the contributions of every query shard that visits it to
@@ -98,10 +106,10 @@ from seqpar.collectives.softmax_common import (
     attend_block,
     add_rows,
     attend_block_backward,
-    block_kind,
     merge_rows,
     prepare_softmax_sp,
     run_scheduled,
+    sp_block_kind,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -123,6 +131,22 @@ def _rows_needed(sp: SoftmaxSP, kind: str) -> torch.Tensor | None | str:
     if kind == "skip":
         return _SKIP
     return sp.chunk_indices("second") if kind == "q_second_half" else None
+
+
+def _rows_carried(sp: SoftmaxSP, owner: int, at_rank: int) -> torch.Tensor | None | str:
+    """The rows of ``owner``'s query shard that must reach ``at_rank``: those its block or any block further on
+    the shard's way (steps (owner - at_rank) mod P .. P - 1) reads. Without a window that is what ``at_rank``
+    itself reads (the rows needed only shrink along the way)."""
+    p = sp.world_size
+    first = (owner - at_rank) % p
+    carried = _SKIP
+    for step in range(first, p) if sp.window is not None else [first]:
+        rows = _rows_needed(sp, sp_block_kind(sp, owner, owner - step))
+        if rows is None:
+            return None
+        if rows is not _SKIP:
+            carried = rows
+    return carried
 
 
 def _n_rows(sp: SoftmaxSP, rows: torch.Tensor | None) -> int:
@@ -195,12 +219,12 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
 
     own: this rank's travelling tensors, token-major (T, ...), in decreasing element size.
     result_like: one tensor per result part with the part's (T, ...) shape and dtype (sizes of the messages).
-    compute(kind, visiting) -> (rows, results): the block of a visiting shard against the local K/V, with the
-        rows of the shard (None: all) the token-major results cover.
+    compute(kind, visiting, owner) -> (rows, results): the block of a visiting shard (of rank ``owner``)
+        against the local K/V, with the rows of the shard (None: all) the token-major results cover.
     absorb(rows, results): fold a partial of this rank's own queries into its accumulator.
     """
     p, r = sp.world_size, sp.rank
-    kind_of = lambda q_rank, kv_rank: block_kind(sp.layout, sp.causal, q_rank % p, kv_rank % p)  # noqa: E731
+    kind_of = lambda q_rank, kv_rank: sp_block_kind(sp, q_rank % p, kv_rank % p)  # noqa: E731
     tails, dtypes = [tuple(t.shape[1:]) for t in own], [t.dtype for t in own]
     r_tails, r_dtypes = [tuple(t.shape[1:]) for t in result_like], [t.dtype for t in result_like]
 
@@ -222,8 +246,8 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
         owner = r + step  # whose queries this rank holds now
         transfers = _Transfers(sp)
         if step + 1 < p:  # pass the shard on to rank r - 1, receive the one of step + 1 from rank r + 1
-            send_rows = _rows_needed(sp, kind_of(owner, r - 1))
-            next_rows = _rows_needed(sp, kind_of(owner + 1, r))
+            send_rows = _rows_carried(sp, owner % p, (r - 1) % p)
+            next_rows = _rows_carried(sp, (owner + 1) % p, r)
             if send_rows is not _SKIP:
                 transfers.send(_pack(visiting, send_rows, dtypes), r - 1, _TAG_QUERIES)
             if next_rows is not _SKIP:
@@ -234,7 +258,7 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
         kind = kind_of(owner, r)
         outgoing = None
         if kind != "skip":
-            rows, results = compute(kind, visiting)
+            rows, results = compute(kind, visiting, owner % p)
             if step == 0:
                 absorb(rows, results)
             else:
@@ -263,15 +287,15 @@ def _token_ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torc
     t, h = sp.q.shape[:2]
     state = {"out": None, "lse": None}
 
-    def compute(kind, visiting):
-        rows, out, lse = attend_block(sp, visiting[0], sp.k, sp.v, kind, backend)
+    def compute(kind, visiting, owner):
+        rows, out, lse = attend_block(sp, visiting[0], sp.k, sp.v, kind, backend, ranks=(owner, sp.rank))
         return rows, [lse.t(), out]  # token-major: lse as (rows, H)
 
     def absorb(rows, results):
         lse_t, out = results
         state["out"], state["lse"] = merge_rows(state["out"], state["lse"], rows, out, lse_t.t(), t)
 
-    result_like = [sp.q.new_empty((t, h), dtype=acc), sp.q]  # lse first (the larger element), then out
+    result_like = [sp.q.new_empty((t, h), dtype=acc), sp.q.new_empty((t, h, sp.v.shape[-1]))]  # lse first, then out
     _schedule(sp, [sp.q], result_like, compute, absorb)
     return state["out"], state["lse"]
 
@@ -281,15 +305,16 @@ def _token_ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(sp.q.dtype)
     dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
-    dkv = torch.zeros((2, *sp.k.shape), dtype=acc, device=sp.k.device)
+    dk = torch.zeros(sp.k.shape, dtype=acc, device=sp.k.device)
+    dv = torch.zeros(sp.v.shape, dtype=acc, device=sp.v.device)
 
-    def compute(kind, visiting):
+    def compute(kind, visiting, owner):
         lse_t, q, d_out, o = visiting
         q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
-            sp, d_out, q, sp.k, sp.v, o, lse_t.t().contiguous(), kind, backend
+            sp, d_out, q, sp.k, sp.v, o, lse_t.t().contiguous(), kind, backend, ranks=(owner, sp.rank)
         )
-        add_rows(dkv[0], kv_rows, g_k)  # dK/dV stay home: every visiting shard adds its share here
-        add_rows(dkv[1], kv_rows, g_v)
+        add_rows(dk, kv_rows, g_k)  # dK/dV stay home: every visiting shard adds its share here
+        add_rows(dv, kv_rows, g_v)
         return q_rows, [g_q]
 
     def absorb(rows, results):
@@ -297,7 +322,7 @@ def _token_ring_backward(
 
     own = [lse.t().contiguous(), sp.q, dout, out]  # lse (accumulation dtype) first
     _schedule(sp, own, [sp.q], compute, absorb)
-    return dq.to(sp.q.dtype), dkv[0].to(sp.k.dtype), dkv[1].to(sp.v.dtype)
+    return dq.to(sp.q.dtype), dk.to(sp.k.dtype), dv.to(sp.v.dtype)
 
 
 def token_ring_attention(
@@ -312,6 +337,9 @@ def token_ring_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention over ``group``, TokenRing schedule: query shards travel to rank - 1,
     partial results come straight back to their owner, K/V stay home. Differentiable.
@@ -329,6 +357,7 @@ def token_ring_attention(
         cu_seqlens: int32 LOCAL cumulative lengths of a packed batch.
         backend: kernel backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"``.
         max_seqlen: the packed batch's host-side hint, as in ``seqpar.ring_attention``.
+        window, softcap, sinks: as ``seqpar.ring_attention``; what a window saves here is in the module docstring.
 
     Returns:
         This rank's output, shaped like ``q``, in q's dtype.
@@ -340,6 +369,6 @@ def token_ring_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="token_ring_attention",
-        backend=backend, max_seqlen=max_seqlen,
+        backend=backend, max_seqlen=max_seqlen, window=window, softcap=softcap, sinks=sinks,
     )
     return run_scheduled(q, k, v, sp, backend, _token_ring_forward, _token_ring_backward)

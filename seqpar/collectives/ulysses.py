@@ -9,8 +9,9 @@ GQA: rank j needs the K/V heads its query heads read. When H_kv >= P and P divid
 otherwise (e.g. H_kv < P) a K/V head is sent to every rank whose query heads use it, which replicates each head
 as little as needed.
 
-Three all-to-alls each way (K and V travel stacked in one). Bytes sent by rank r (T: local tokens,
-b: element size, n_j: K/V heads rank j needs):
+Three all-to-alls each way (K and V travel in one, concatenated along the head dim). Bytes sent by rank r
+(T: local tokens, b: element size, n_j: K/V heads rank j needs; with a value head dim Dv != D, the k, v
+terms carry (D + Dv) instead of 2 * D):
 
     forward  = (P-1)/P * T*H*D*b (q)  +  2 * sum_{j != r} T*n_j*D*b (k, v)  +  (P-1)/P * T*H*D*b (out)
     backward = (P-1)/P * T*H*D*b (dout)  +  (P-1) * 2*T*n_r*D*b (dk, dv of the heads r received)
@@ -48,10 +49,16 @@ def ulysses_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention by all-to-all head exchange (DeepSpeed-Ulysses). Differentiable.
 
-    Same arguments, shapes and result as ``seqpar.ring_attention``.
+    Same arguments, shapes and result as ``seqpar.ring_attention`` (``window``, ``softcap``, ``sinks`` and a
+    value head dim != D included). After the all-to-all every rank holds whole sequences in global order, so
+    the kernel gets the window as it is (no positions: flash-attn can run it); each rank adds the sinks of the
+    query heads it holds.
 
     Raises:
         ValueError: as ``ring_attention``; also when the number of query heads is not divisible by the group
@@ -60,7 +67,7 @@ def ulysses_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="ulysses_attention",
-        backend=backend, max_seqlen=max_seqlen,
+        backend=backend, max_seqlen=max_seqlen, window=window, softcap=softcap, sinks=sinks, positions=False,
     )
     p, h, h_kv = sp.world_size, sp.q.shape[1], sp.k.shape[1]
     if h % p:
@@ -74,15 +81,16 @@ def ulysses_attention(
     tokens = sp.q.shape[0]
 
     q_parts = comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=sp.group)
-    kv = torch.stack([sp.k, sp.v], dim=1)  # (T, 2, H_kv, D): one all-to-all for both
+    d = sp.k.shape[-1]
+    kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv): one all-to-all for both
     kv_parts = comm.all_to_all_differentiable(
-        [kv[:, :, needed[j]] for j in range(p)], group=sp.group,
-        output_shapes=[(tokens, 2, len(mine), kv.shape[-1])] * p,
+        [kv[:, needed[j]] for j in range(p)], group=sp.group,
+        output_shapes=[(tokens, len(mine), kv.shape[-1])] * p,
     )
     order, inverse = sp.rank_major_order()
     q_full = torch.cat(q_parts, 0)[inverse]  # (T*P, H/P, D) in global order
     kv_full = torch.cat(kv_parts, 0)[inverse]
-    k_full, v_full = kv_full[:, 0], kv_full[:, 1]
+    k_full, v_full = kv_full[..., :d], kv_full[..., d:]
 
     # Map each local query head to its K/V head; use the kernel's GQA when the mapping is regular.
     group_size = h // h_kv
@@ -94,9 +102,10 @@ def ulysses_attention(
 
     cu = sp.global_cu_seqlens()
     hint = None if sp.max_seqlen is None else sp.max_seqlen * p  # every sequence gathered whole: P times longer
+    my_sinks = None if sp.sinks is None else sp.sinks[sp.rank * per_rank:(sp.rank + 1) * per_rank]
     out_full = attention(
         q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu,
-        max_seqlen_q=hint, max_seqlen_k=hint,
+        max_seqlen_q=hint, max_seqlen_k=hint, window=sp.window, softcap=sp.softcap, sinks=my_sinks,
     )
     out_parts = list(out_full[order].split(tokens, dim=0))  # back to rank-major order, one piece per rank
     out = torch.cat(comm.all_to_all_differentiable(out_parts, group=sp.group), dim=1)

@@ -35,7 +35,8 @@ accumulation element size, 4, or 8 for float64 inputs):
                +  (r-1) * 2 * (u*T) * m_i * D * (b + a)                 (ring: K and V, then dK/dV accumulators)
 
 i.e. the Ulysses volume on the inner group (P = u) plus the ring volume on the outer group (P = r, local tokens
-u*T, m_i K/V heads). ``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
+u*T, m_i K/V heads); with a value head dim Dv != D, 2 * D in the K/V terms is D + Dv.
+``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def usp_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     max_seqlen: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention in two dimensions: Ulysses inside groups of ``ulysses_degree``
     consecutive ranks, ring attention across them (USP). Differentiable.
@@ -119,6 +123,10 @@ def usp_attention(
             of query heads H. Default (None): ``seqpar.strategies.usp_ulysses_degree(P, H)``, the largest such
             u below P (so the ring has at least 2 ranks), 1 when there is none. u = 1 runs ``ring_attention``,
             u = P runs ``ulysses_attention``.
+        window, softcap, sinks: as ``ring_attention``; the ring across the inner groups gets the window (its
+            shards are whole zigzag/contiguous shards of the outer ring, so it skips what the window hides) and
+            the sinks of the query heads this rank holds after the inner all-to-all. A value head dim != D
+            travels with K in the inner all-to-all and in the ring.
 
     Raises:
         ValueError: as ``ring_attention``; also when ``ulysses_degree`` is not a positive int dividing both P
@@ -127,13 +135,14 @@ def usp_attention(
     sp = prepare_softmax_sp(
         q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout, cu_seqlens=cu_seqlens,
         op="usp_attention",
-        backend=backend, agree={"ulysses_degree": ulysses_degree}, max_seqlen=max_seqlen,
+        backend=backend, agree={"ulysses_degree": ulysses_degree}, max_seqlen=max_seqlen, window=window,
+        softcap=softcap, sinks=sinks,
     )
     p, h, h_kv, d = sp.world_size, sp.q.shape[1], sp.k.shape[1], sp.q.shape[2]
     u = _check_ulysses_degree(ulysses_degree, p, h)
     options = {
         "causal": causal, "softmax_scale": softmax_scale, "layout": layout, "cu_seqlens": cu_seqlens,
-        "backend": backend, "max_seqlen": max_seqlen,
+        "backend": backend, "max_seqlen": max_seqlen, "window": window, "softcap": softcap, "sinks": sinks,
     }
     if u == 1:
         return ring_attention(q, k, v, group=sp.group, **options)
@@ -147,17 +156,17 @@ def usp_attention(
     mine = needed[i]
     tokens = sp.q.shape[0]
 
-    # 1. sequence-sharded -> head-sharded over the inner group (K and V stacked in one all-to-all)
+    # 1. sequence-sharded -> head-sharded over the inner group (K and V in one all-to-all, along the head dim)
     q_parts = comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=inner)
-    kv = torch.stack([sp.k, sp.v], dim=1)  # (T, 2, H_kv, D)
+    kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv)
     kv_parts = comm.all_to_all_differentiable(
-        [kv[:, :, needed[j]] for j in range(u)], group=inner, output_shapes=[(tokens, 2, len(mine), d)] * u
+        [kv[:, needed[j]] for j in range(u)], group=inner, output_shapes=[(tokens, len(mine), kv.shape[-1])] * u
     )
     # 2. into the outer ring's local order
     to_ring, from_ring = _ring_order(sp, u, g)
     q_ring = torch.cat(q_parts, 0)[to_ring]  # (u*T, H/u, D)
-    kv_ring = torch.cat(kv_parts, 0)[to_ring]  # (u*T, 2, n_i, D)
-    k_ring, v_ring = kv_ring[:, 0], kv_ring[:, 1]
+    kv_ring = torch.cat(kv_parts, 0)[to_ring]  # (u*T, n_i, D + Dv)
+    k_ring, v_ring = kv_ring[..., :d], kv_ring[..., d:]
     # The ring's kernels map query head t to K/V head t // (H/u / n_i); expand K/V when the heads don't fall so.
     group_size = h // h_kv
     kv_of_q = [(i * per_rank + t) // group_size - mine[0] for t in range(per_rank)]
@@ -171,7 +180,8 @@ def usp_attention(
     ring_hint = None if sp.max_seqlen is None else sp.max_seqlen * u  # the ring's shards hold u local shards' tokens
     out_ring = ring_attention(
         q_ring, k_ring, v_ring, group=outer, causal=sp.causal, softmax_scale=sp.scale, layout=sp.layout,
-        cu_seqlens=ring_cu, backend=backend, max_seqlen=ring_hint,
+        cu_seqlens=ring_cu, backend=backend, max_seqlen=ring_hint, window=sp.window, softcap=sp.softcap,
+        sinks=None if sp.sinks is None else sp.sinks[i * per_rank:(i + 1) * per_rank],
     )
     # 4. back to this rank's tokens with all heads
     out_parts = list(out_ring[from_ring].split(tokens, dim=0))

@@ -15,6 +15,7 @@ import). Files:
 
 from seqpar.kernels.attention import (
     AttentionBackend,
+    apply_attention_sinks,
     attention,
     attention_block,
     attention_block_backward,
@@ -58,6 +59,7 @@ except Exception as _exc:  # noqa: BLE001
 __all__ = [
     "AttentionBackend",
     "LinearBackend",
+    "apply_attention_sinks",
     "attention",
     "attention_block",
     "attention_block_backward",

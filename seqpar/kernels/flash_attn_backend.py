@@ -9,6 +9,9 @@ Contract differences smoothed over here:
 
 * flash-attn's LSE for a row that sees no key is +inf (its non-split kernels); the contract says -inf. We
   flip it on the way out and back to +inf on the way in (so the backward gives p = exp(s - inf) = 0).
+* ``window`` and ``softcap`` pass through as flash-attn's ``window_size`` and ``softcap`` (the same semantics);
+  explicit ``q_positions``/``k_positions`` and a value head dim != q/k's are not features of this backend
+  (``"auto"`` then picks another).
 * The private functions' signatures changed across 2.x (``window_size`` tuple vs ``window_size_left/right``,
   ``softcap``; 8-tuple vs 4-tuple results). We pass only the keywords a function accepts and read the LSE
   by position for either result layout.
@@ -57,10 +60,8 @@ def _call(fn: Callable, args: tuple, options: dict[str, Any]) -> Any:
     """Call with the positional core and whichever optional keywords this flash-attn version accepts."""
     accepted = _params(fn)
     kwargs = {key: value for key, value in options.items() if not accepted or key in accepted}
-    if accepted and "window_size" in accepted:  # flash-attn < 2.6
-        kwargs.pop("window_size_left", None)
-        kwargs.pop("window_size_right", None)
-        kwargs["window_size"] = (-1, -1)
+    if accepted and "window_size" in accepted:  # flash-attn < 2.6 takes the window as one tuple
+        kwargs["window_size"] = (kwargs.pop("window_size_left", -1), kwargs.pop("window_size_right", -1))
     return fn(*args, **kwargs)
 
 
@@ -68,6 +69,18 @@ _FWD_OPTIONS = {"window_size_left": -1, "window_size_right": -1, "softcap": 0.0,
                 "return_softmax": False}
 _BWD_OPTIONS = {"window_size_left": -1, "window_size_right": -1, "softcap": 0.0, "alibi_slopes": None,
                 "deterministic": False, "rng_state": None}
+
+
+def _with(defaults: dict[str, Any], window: tuple[int, int] | None, softcap: float | None) -> dict[str, Any]:
+    """The keyword options of one call: flash-attn's ``window_size_left/right`` (its window is ours: -1 is
+    unbounded, bottom-right aligned, and with causal=True it also caps the right side at 0) and ``softcap``
+    (0.0: off)."""
+    options = dict(defaults)
+    if window is not None:
+        options["window_size_left"], options["window_size_right"] = window
+    if softcap is not None:
+        options["softcap"] = float(softcap)
+    return options
 
 
 def _out_lse(result: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,22 +105,23 @@ def _from_contract(lse: torch.Tensor) -> torch.Tensor:
     return lse.float().masked_fill(lse == float("-inf"), float("inf")).contiguous()
 
 
-def _forward(q, k, v, *, causal, scale):
+def _forward(q, k, v, *, causal, scale, window=None, softcap=None):
     d = q.shape[-1]
     if k.shape[1] == 0:
         return torch.zeros_like(q), torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
     qp, kp, vp = _pad8(q, k, v)
-    out, lse = _out_lse(_call(_FWD, (qp, kp, vp, 0.0, scale, causal), _FWD_OPTIONS))
+    out, lse = _out_lse(_call(_FWD, (qp, kp, vp, 0.0, scale, causal), _with(_FWD_OPTIONS, window, softcap)))
     return out[..., :d], _to_contract(lse)
 
 
-def _backward(dout, q, k, v, out, lse, *, causal, scale):
+def _backward(dout, q, k, v, out, lse, *, causal, scale, window=None, softcap=None):
     d = q.shape[-1]
     if k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dp, qp, kp, vp, op = _pad8(dout, q, k, v, out)
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-    _call(_BWD, (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, 0.0, scale, causal), _BWD_OPTIONS)
+    _call(_BWD, (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, 0.0, scale, causal),
+          _with(_BWD_OPTIONS, window, softcap))
     return dq[..., :d], dk[..., :d], dv[..., :d]
 
 
@@ -127,20 +141,25 @@ def _max_lens(cu_q, cu_k, max_seqlen_q: int | None, max_seqlen_k: int | None) ->
     return _max_len(cu_q), _max_len(cu_k)
 
 
-def _forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
+def _forward_varlen(
+    q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None, window=None, softcap=None
+):
     d = q.shape[-1]
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
     qp, kp, vp = _pad8(q, k, v)
     cu_q, cu_k = _device_cu(cu_q, q.device), _device_cu(cu_k, q.device)
     args = (qp, kp, vp, cu_q, cu_k, *_max_lens(cu_q, cu_k, max_seqlen_q, max_seqlen_k), 0.0, scale, causal)
-    out, lse = _out_lse(_call(_FWD_VARLEN, args, _FWD_OPTIONS))
+    out, lse = _out_lse(_call(_FWD_VARLEN, args, _with(_FWD_OPTIONS, window, softcap)))
     if lse.dim() != 2:  # very old 2.x returned (B, H, max_seqlen_q); we need (H, T)
         raise RuntimeError("flash_attn: this version returns padded varlen LSE; seqpar needs flash-attn >= 2.6")
     return out[..., :d], _to_contract(lse)
 
 
-def _backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
+def _backward_varlen(
+    dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None, window=None,
+    softcap=None,
+):
     d = q.shape[-1]
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -149,7 +168,7 @@ def _backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
     args = (dp, qp, kp, vp, op, _from_contract(lse), dq, dk, dv, cu_q, cu_k,
             *_max_lens(cu_q, cu_k, max_seqlen_q, max_seqlen_k), 0.0, scale, causal)
-    _call(_BWD_VARLEN, args, _BWD_OPTIONS)
+    _call(_BWD_VARLEN, args, _with(_BWD_OPTIONS, window, softcap))
     return dq[..., :d], dk[..., :d], dv[..., :d]
 
 
@@ -167,6 +186,8 @@ def register() -> bool:
         AttentionBackend(
             name="flash_attn", forward=_forward, backward=_backward, supports=_supports,
             forward_varlen=_forward_varlen, backward_varlen=_backward_varlen,
+            # flash-attn 2 has the window and the softcap (default positions only); one head dim for q, k, v
+            features=frozenset({"window", "softcap"}),
         )
     )
     return True

@@ -21,6 +21,7 @@ import torch
 from seqpar.kernels.attention import (
     attention_block,
     attention_block_varlen,
+    call_features,
     get_attention_backend,
     merge_attention_outputs,
 )
@@ -59,10 +60,16 @@ def attention_block_merge(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_attention_outputs(out_acc, lse_acc, *attention_block(q, k, v))`` in one call; fused when the
     resolved backend registered a fused merge. ``out_acc=lse_acc=None`` starts from this block.
-    ``max_seqlen_q``/``max_seqlen_k``: the packed form's hints (see ``attention_block_varlen``).
+    ``max_seqlen_q``/``max_seqlen_k``: the packed form's hints (see ``attention_block_varlen``). ``window``,
+    ``softcap``, ``q_positions``/``k_positions``: as ``attention_block``; a backend's fused merge does not take
+    them, so a call that uses them runs unfused on a backend that has them.
 
     Raises:
         ValueError: only one of out_acc/lse_acc, or of cu_seqlens_q/cu_seqlens_k, given; anything
@@ -72,18 +79,22 @@ def attention_block_merge(
         raise ValueError("lse_acc: pass both out_acc and lse_acc, or neither")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("cu_seqlens_k: pass both cu_seqlens_q and cu_seqlens_k, or neither")
-    impl = get_attention_backend(backend, q.device, q.dtype)
-    fused = _FUSED.get(impl.name)
+    options = {name: value for name, value in (("window", window), ("softcap", softcap),
+                                               ("q_positions", q_positions), ("k_positions", k_positions))
+               if value is not None}
+    needs = call_features(q, v, window=window, softcap=softcap, positions=q_positions is not None)
+    impl = get_attention_backend(backend, q.device, q.dtype, needs=needs)
+    fused = None if options else _FUSED.get(impl.name)
     if fused is not None:
         return fused(
             q, k, v, out_acc, lse_acc, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )
     if cu_seqlens_q is None:
-        block_out, block_lse = attention_block(q, k, v, causal=causal, scale=scale, backend=impl.name)
+        block_out, block_lse = attention_block(q, k, v, causal=causal, scale=scale, backend=impl.name, **options)
     else:
         block_out, block_lse = attention_block_varlen(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale,
-            backend=impl.name, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            backend=impl.name, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **options,
         )
     return merge_attention_outputs(out_acc, lse_acc, block_out, block_lse)

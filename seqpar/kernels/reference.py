@@ -22,21 +22,30 @@ def reference_attention(
     cu_seqlens: torch.Tensor | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention by the definition; returns ``(out, lse)``.
 
-    Shapes: q (B, Sq, H, D), k/v (B, Sk, H_kv, D) -> out (B, Sq, H, D), lse (B, H, Sq); packed with
-    ``cu_seqlens``: q/k/v (T, H, D) -> out (T, H, D), lse (H, T), tokens of different sequences never attend
-    to each other. Causal masking compares positions: key j is visible to query i when
-    ``k_positions[j] <= q_positions[i]``; by default positions are bottom-right aligned
+    Shapes: q (B, Sq, H, D), k (B, Sk, H_kv, D), v (B, Sk, H_kv, Dv) -> out (B, Sq, H, Dv), lse (B, H, Sq);
+    packed with ``cu_seqlens``: q/k/v (T, H, D) -> out (T, H, Dv), lse (H, T), tokens of different sequences
+    never attend to each other. Masks compare positions (1-D, shared by the batch): key j is visible to query
+    i when ``k_positions[j] <= q_positions[i]`` (causal) and ``-right <= q_positions[i] - k_positions[j] <=
+    left`` (``window=(left, right)``, -1 = unbounded); by default positions are bottom-right aligned
     (``q_positions = arange(Sq) + Sk - Sq``), the flash-attn convention, which for Sq == Sk is the usual mask.
-    Rows that see no key give out = 0 and lse = -inf.
+    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the mask. ``sinks`` (H,): one more
+    logit per head in the softmax denominator, with a zero value (gpt-oss). Rows that see no key give out = 0
+    and lse = -inf (lse = the sink logit with sinks).
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outs, lses = [], []
         for a, b in zip(bounds, bounds[1:]):
-            o, seq_lse = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal, scale=scale)
+            o, seq_lse = reference_attention(
+                q[None, a:b], k[None, a:b], v[None, a:b], causal=causal, scale=scale, window=window,
+                softcap=softcap, sinks=sinks,
+            )
             outs.append(o[0])
             lses.append(seq_lse[0])
         return torch.cat(outs, 0), torch.cat(lses, -1)
@@ -47,12 +56,24 @@ def reference_attention(
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    qp = torch.arange(sq) + (sk - sq) if q_positions is None else q_positions.cpu()
+    kp = torch.arange(sk) if k_positions is None else k_positions.cpu()
+    distance = qp[:, None] - kp[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool)
     if causal:
-        qp = torch.arange(sq) + (sk - sq) if q_positions is None else q_positions.cpu()
-        kp = torch.arange(sk) if k_positions is None else k_positions.cpu()
-        visible = (kp[None, :] <= qp[:, None]).to(q.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
+        visible &= distance >= 0
+    if window is not None and window[0] >= 0:
+        visible &= distance <= window[0]
+    if window is not None and window[1] >= 0:
+        visible &= distance >= -window[1]
+    scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
+    if sinks is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    else:  # the sink as one more column of scores, whose value row is zero
+        sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_column], -1), dim=-1)
     probs = torch.exp(scores - lse[..., None])
     # rows with no visible key: exp(-inf - -inf) is NaN, the answer is 0. Only those: NaN input stays NaN.
     probs = probs.masked_fill(torch.isneginf(lse)[..., None], 0.0)

@@ -192,7 +192,12 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max_q=None, max_k=None):
+def _softcap_args(softcap: float | None) -> tuple[float, dict]:
+    """The kernels' ``cap`` argument (the softcap in log2 units: scores are kept in log2 units) and SOFTCAP flag."""
+    return (1.0, {}) if softcap is None else (float(softcap) * LOG2E, {"SOFTCAP": True})
+
+
+def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max_q=None, max_k=None, softcap=None):
     """Shared forward; with out_acc/lse_acc it merges into them and returns float32 out."""
     p = _Problem(q, k, v, cu_q, cu_k, max_q, max_k)
     q, k, v = _lastdim_contiguous(q, k, v)
@@ -211,17 +216,18 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max
     acc_out, acc_lse = (out_acc, lse_acc) if merge else (out, lse)  # unread unless MERGE
     cfg = _configs(p.d, q.device, q.dtype)["fwd"]
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.batch * p.h)
+    cap, cap_flag = _softcap_args(softcap)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, acc_out, acc_lse, p.cu_q, p.cu_k,
         *p.bsh(q), *p.bsh(k), *p.bsh(v), *p.bsh(out), *p.bhs(lse), *p.bsh(acc_out), *p.bhs(acc_lse),
-        p.seqlen_q, p.seqlen_k, p.h, p.group, scale * LOG2E,
+        p.seqlen_q, p.seqlen_k, p.h, p.group, scale * LOG2E, cap,
         HEAD_DIM=p.d, BLOCK_D=p.block_d, CAUSAL=bool(causal), VARLEN=p.varlen, MERGE=merge,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **cfg,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **cap_flag, **cfg,
     )
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, max_k=None):
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, max_k=None, softcap=None):
     p = _Problem(q, k, v, cu_q, cu_k, max_q, max_k)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(
@@ -241,17 +247,18 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, ma
     _attn_bwd_preprocess_kernel[(triton.cdiv(p.seqlen_q, pre["BLOCK_M"]), p.batch * p.h)](
         out, dout, delta, p.cu_q, *p.bsh(out), *p.bsh(dout), *p.bhs(delta), p.seqlen_q, p.h, **common, **pre,
     )
-    common.update(CAUSAL=bool(causal), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype))
+    cap, cap_flag = _softcap_args(softcap)
+    common.update(CAUSAL=bool(causal), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **cap_flag)
     args = (*p.bsh(q), *p.bsh(k), *p.bsh(v), *p.bsh(dout), *p.bhs(lse))
     cfg = cfgs["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.batch * p.h_kv)](
         q, k, v, dout, lse, delta, dk, dv, p.cu_q, p.cu_k, *args, *p.bsh(dk), *p.bsh(dv),
-        p.seqlen_q, p.seqlen_k, p.h_kv, p.group, scale, scale * LOG2E, **common, **cfg,
+        p.seqlen_q, p.seqlen_k, p.h_kv, p.group, scale, scale * LOG2E, cap, **common, **cfg,
     )
     cfg = cfgs["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.batch * p.h)](
         q, k, v, dout, lse, delta, dq, p.cu_q, p.cu_k, *args, *p.bsh(dq),
-        p.seqlen_q, p.seqlen_k, p.h, p.group, scale, scale * LOG2E, **common, **cfg,
+        p.seqlen_q, p.seqlen_k, p.h, p.group, scale, scale * LOG2E, cap, **common, **cfg,
     )
     return dq, dk, dv
 
@@ -322,21 +329,22 @@ def _auto_eligible(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in SUPPORTED_DTYPES and device.type == "cuda" and not INTERPRETED
 
 
-def _backend_forward(q, k, v, *, causal, scale):
-    return _forward(q, k, v, None, None, causal, scale)
+def _backend_forward(q, k, v, *, causal, scale, softcap=None):
+    return _forward(q, k, v, None, None, causal, scale, softcap=softcap)
 
 
-def _backend_backward(dout, q, k, v, out, lse, *, causal, scale):
-    return _backward(dout, q, k, v, out, lse, None, None, causal, scale)
+def _backend_backward(dout, q, k, v, out, lse, *, causal, scale, softcap=None):
+    return _backward(dout, q, k, v, out, lse, None, None, causal, scale, softcap=softcap)
 
 
-def _backend_forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
-    return _forward(q, k, v, cu_q, cu_k, causal, scale, None, None, max_seqlen_q, max_seqlen_k)
+def _backend_forward_varlen(q, k, v, cu_q, cu_k, *, causal, scale, max_seqlen_q=None, max_seqlen_k=None,
+                            softcap=None):
+    return _forward(q, k, v, cu_q, cu_k, causal, scale, None, None, max_seqlen_q, max_seqlen_k, softcap=softcap)
 
 
 def _backend_backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, *, causal, scale, max_seqlen_q=None,
-                             max_seqlen_k=None):
-    return _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqlen_q, max_seqlen_k)
+                             max_seqlen_k=None, softcap=None):
+    return _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqlen_q, max_seqlen_k, softcap=softcap)
 
 
 def register() -> None:
@@ -350,6 +358,7 @@ def register() -> None:
             name="triton", forward=_backend_forward, backward=_backend_backward, supports=_supports,
             forward_varlen=_backend_forward_varlen, backward_varlen=_backend_backward_varlen,
             auto_eligible=_auto_eligible,
+            features=frozenset({"softcap"}),  # no window, positions or value head dim: "auto" picks torch for those
         )
     )
     register_fused_merge("triton", triton_attention_merge)

@@ -1,7 +1,9 @@
 """The Triton softmax-attention kernels (``@triton.jit`` only; launch code is in ``triton_attention.py``).
 
 Flash-attention 2 structure, no S x S buffer anywhere; shapes and conventions are the contract of
-``seqpar.kernels.attention``. Scores are kept in log2 units (scale * log2(e) folded into ``qk_scale``).
+``seqpar.kernels.attention``. Scores are kept in log2 units (scale * log2(e) folded into ``qk_scale``); with
+``SOFTCAP`` they are capped as ``cap * tanh(s / cap)`` with ``cap = softcap * log2(e)`` (the same cap in log2
+units), and the backward multiplies dS by 1 - tanh^2.
 
 * ``_attn_fwd_kernel``: one program per (BLOCK_M query rows, sequence x head). Online softmax over key blocks;
   blocks fully below the causal diagonal run without masks, only the diagonal blocks are masked. With ``MERGE``
@@ -86,17 +88,25 @@ def _load_kv(ptrs, cols, offs_d, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def _tanh(x):
+    """tanh by the sigmoid (in every Triton version): the softcap is c * tanh(s / c)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k, diag,
-    qk_scale,
+    qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One key block of the online softmax. Scores are in log2 units (scale * log2(e) folded in)."""
     cols = start_n + offs_n
     kt = _load_kv(k_base + cols[None, :] * stride_ks + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
                   MASKED, True)  # (D, N)
     s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
+    if SOFTCAP:
+        s = cap * _tanh(s / cap)
     if MASKED:
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
@@ -124,9 +134,10 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_ab, stride_as, stride_ah,
     stride_alb, stride_alh, stride_als,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -167,12 +178,12 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k,
-            diag, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST,
+            diag, qk_scale, cap, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST, SOFTCAP,
         )
     for start_n in range(n_full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k,
-            diag, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST,
+            diag, qk_scale, cap, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST, SOFTCAP,
         )
 
     # l == 0 exactly: the row saw no key (out 0, lse -inf). A NaN l (NaN input) must stay NaN, so no `l > 0`.
@@ -246,8 +257,9 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls, start_m, offs_n,
-    offs_d, seqlen_q, diag, qk_scale,
+    offs_d, seqlen_q, diag, qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One query block's contribution to dK/dV of this key block, in transposed (keys x queries) form."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -262,12 +274,17 @@ def _bwd_dkdv_inner(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _K_LOG2E
     delta = tl.load(delta_base + offs_m * stride_ls, mask=row_ok, other=0.0)
     st = _dot(k, qt, PRECISION, UPCAST) * qk_scale  # (N, M)
+    if SOFTCAP:
+        tanh_t = _tanh(st / cap)
+        st = cap * tanh_t
     if MASKED:  # mask before exp2: a hidden score may exceed the row's lse by far
         st = tl.where(offs_m[None, :] + diag >= offs_n[:, None], st, float("-inf"))
     pt = tl.math.exp2(st - lse2[None, :])
     dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
     dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
     dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:  # d(c tanh(s / c)) / ds = 1 - tanh^2
+        dst = dst * (1.0 - tanh_t * tanh_t)
     dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
     return dk, dv
 
@@ -282,9 +299,10 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    seqlen_q, seqlen_k, n_kv_heads, group, scale, qk_scale,
+    seqlen_q, seqlen_k, n_kv_heads, group, scale, qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -327,12 +345,12 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, masked_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, stride_ls, start_m,
-                offs_n, offs_d, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, True, PRECISION, UPCAST,
+                offs_n, offs_d, seqlen_q, diag, qk_scale, cap, HEAD_DIM, BLOCK_M, True, PRECISION, UPCAST, SOFTCAP,
             )
         for start_m in range(full_lo, seqlen_q, BLOCK_M):
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, stride_ls, start_m,
-                offs_n, offs_d, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, False, PRECISION, UPCAST,
+                offs_n, offs_d, seqlen_q, diag, qk_scale, cap, HEAD_DIM, BLOCK_M, False, PRECISION, UPCAST, SOFTCAP,
             )
     dk_base = DK + b64 * stride_dkb + h_kv * stride_dkh + k_start * stride_dks
     dv_base = DV + b64 * stride_dvb + h_kv * stride_dvh + k_start * stride_dvs
@@ -344,9 +362,9 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n, offs_d, seqlen_k, diag,
-    qk_scale,
+    qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     cols = start_n + offs_n
     kt = _load_kv(k_base + cols[None, :] * stride_ks + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
@@ -354,6 +372,9 @@ def _bwd_dq_inner(
     vt = _load_kv(v_base + cols[None, :] * stride_vs + offs_d[:, None], cols, offs_d, seqlen_k, HEAD_DIM, BLOCK_D,
                   MASKED, True)
     s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
+    if SOFTCAP:
+        tanh_s = _tanh(s / cap)
+        s = cap * tanh_s
     if MASKED:  # mask before exp2: a hidden score may exceed the row's lse by far
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
@@ -362,6 +383,8 @@ def _bwd_dq_inner(
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, vt, PRECISION, UPCAST)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - tanh_s * tanh_s)
     dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
     return dq
 
@@ -375,9 +398,10 @@ def _attn_bwd_dq_kernel(
     stride_db, stride_ds, stride_dh,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh,
-    seqlen_q, seqlen_k, n_heads, group, scale, qk_scale,
+    seqlen_q, seqlen_k, n_heads, group, scale, qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -417,9 +441,11 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n,
-                           offs_d, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST)
+                           offs_d, seqlen_k, diag, qk_scale, cap, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION, UPCAST,
+                           SOFTCAP)
     for start_n in range(n_full, hi, BLOCK_N):
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, offs_n,
-                           offs_d, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST)
+                           offs_d, seqlen_k, diag, qk_scale, cap, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION, UPCAST,
+                           SOFTCAP)
     dq_base = DQ + b64 * stride_dqb + h * stride_dqh + q_start * stride_dqs
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)

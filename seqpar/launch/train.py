@@ -51,10 +51,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqpar-train", description="Sequence-parallel causal-LM training (torchrun).")
+    p = argparse.ArgumentParser(prog="seqpar-train", description="Sequence-parallel causal-LM training (torchrun).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="llama-tiny",
-                   help=f"{' | '.join(BUILTIN_MODELS)} or a transformers config JSON path")
-    p.add_argument("--data", default="longtail", help=f"{' | '.join(DATA_KINDS)} (synthetic) or a .npy/.bin token file")
+                   help=f"{' | '.join(BUILTIN_MODELS)}, a transformers config JSON (random weights) or a model "
+                   "directory (config.json + safetensors: the pretrained weights, from_pretrained)")
+    p.add_argument("--data", default="longtail", help=f"{' | '.join(DATA_KINDS)} (synthetic), a .npy/.bin token "
+                   "file, or raw text: a .jsonl / .parquet / .txt file, a directory of them, or a datasets "
+                   "save_to_disk directory (tokenized once into --data-cache)")
     p.add_argument("--data-dtype", default=None, help="how a headerless .bin file stores ids: uint16 (nanoGPT), "
                    "uint32, int32, int64 (required for .bin)")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="tokens in each global batch")
@@ -63,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "strategy (seqpar.strategies: ring, token_ring, ulysses, allgather_kv, usp)")
     p.add_argument("--linear-strategy", default="zeco", help="linear-attention SP: a registered linear strategy "
                    "(zeco, lasp2), for models with linear attention")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {OPTIMIZER_DEFAULTS['lr']}; "
-                   "on --resume: the checkpoint's unless given)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0; on --resume: "
-                   "the checkpoint's unless given)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps of the run (on --resume: the total, "
+                   "counting the checkpoint's)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate (None: "
+                   f"{OPTIMIZER_DEFAULTS['lr']}, or on --resume the checkpoint's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (None: 0, or on --resume "
+                   "the checkpoint's)")
     p.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is not "
                    "finite (no optimizer step on them) before stopping with an error")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="shard weights, gradients "
@@ -79,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "world/N SP ranks; each trains on its own part of every step's batch")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="run each step as micro-batches of at most "
                    "N tokens per rank (prepare's max_tokens_per_rank), accumulating gradients")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, the synthetic data and the "
+                   "document order")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="directory of the run's checkpoints (None: "
+                   "no checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end; "
                    "the last step is always saved)")
     p.add_argument("--keep-last", type=int, default=3, help="keep the K newest checkpoints (0: keep all)")
@@ -89,7 +96,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, default=None, help="JSONL file, one line per step (rank 0)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the loss curve (rank 0, needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)
+    add_text_data_options(p)
+    add_schedule_options(p)
+    add_output_options(p)
     return p
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (pretrained weights, precision, long-context overrides)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute precision. bf16: fp32 master "
+                   "weights and AdamW state, bf16 compute (FSDP2 MixedPrecisionPolicy: bf16 parameters all-gathered "
+                   "per layer, gradients reduced in fp32; torch.autocast without --fsdp)")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="override the config's context length "
+                   "before the model is built (None: the config's)")
+    g.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base (None: the config's)")
+    g.add_argument("--rope-scaling", type=_json_value, default=None, help="RoPE scaling as JSON, merged into the "
+                   "config's rope parameters, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                   "\"original_max_position_embeddings\": 4096}' (None: the config's)")
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); quote it for the shell, e.g. "
+                                         "'{\"rope_type\": \"linear\", \"factor\": 4.0}'") from err
+
+
+def add_text_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text data (--data / --eval-data as raw text)")
+    g.add_argument("--text-field", default="text", help="the JSON field / column holding each document's text")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (None: the --model directory)")
+    g.add_argument("--data-cache", type=Path, default=None, help="token cache directory (None: $SEQPAR_CACHE/tokens "
+                   "or ~/.cache/seqpar/tokens)")
+    g.add_argument("--packing", action="store_true", help="concatenate documents into rows of --max-len tokens "
+                   "(EOS-separated) instead of one variable-length sequence per document")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="a seeded document order, "
+                   "new each epoch (--no-shuffle: file order)")
+
+
+def add_schedule_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("learning-rate schedule and clipping")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0 to --lr over N steps")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="after warmup: constant, linear "
+                   "to 0 or cosine to 0 at --steps (transformers' schedules)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (over all ranks and "
+                   "shards, as clip_grad_norm_) to this; 0: off")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("export, evaluation and logging")
+    g.add_argument("--export-hf", type=Path, default=None, help="after training, write a Hugging Face model "
+                   "directory (save_pretrained, safetensors, in --dtype) with the tokenizer (None: no export)")
+    g.add_argument("--eval-data", default=None, help="held-out data (any --data form) for the evaluation loss, "
+                   "computed through the same SP path (None: no evaluation)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only after the last "
+                   "step)")
+    g.add_argument("--eval-batches", type=int, default=1, help="batches of --tokens-per-step in one evaluation "
+                   "(the first of --eval-data, in file order)")
+    g.add_argument("--tensorboard", type=Path, default=None, help="TensorBoard log directory (rank 0; loss, "
+                   "learning rate, gradient norm, tokens/s, evaluation loss) besides --metrics (None: off)")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse on every rank; under torchrun only rank 0 prints (``--help``, a usage error), so a 64-rank job
+    prints its help once."""
+    import contextlib
+    import io
+
+    parser = build_parser()
+    if int(os.environ.get("RANK", "0")) == 0:
+        return parser.parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return parser.parse_args(argv)
 
 
 def _world_size() -> int:
@@ -117,12 +201,17 @@ def validate_args(args: argparse.Namespace, *, world_size: int | None = None) ->
     world_size = _world_size() if world_size is None else world_size
     softmax_choices = strategies.names("softmax") + ("auto",)
     linear_choices = strategies.names("linear")
-    if args.model not in BUILTIN_MODELS and not Path(args.model).is_file():
+    model_dir = Path(args.model).is_dir()
+    if model_dir and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model: the directory {args.model!r} has no config.json (save the model with "
+                         "save_pretrained, or pass its config JSON)")
+    if args.model not in BUILTIN_MODELS and not Path(args.model).is_file() and not model_dir:
         raise ValueError(
-            f"--model: {args.model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a config file"
+            f"--model: {args.model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), a config file nor a "
+            "model directory"
         )
-    if args.data not in DATA_KINDS and not Path(args.data).is_file():
-        raise ValueError(f"--data: {args.data!r} is neither {', '.join(DATA_KINDS)} nor a .npy/.bin token file")
+    _validate_data(args, model_dir=model_dir)
+    _validate_new_options(args)
     if args.strategy not in softmax_choices:
         raise ValueError(f"--strategy: unknown {args.strategy!r}; choose one of {', '.join(softmax_choices)}")
     if args.linear_strategy not in linear_choices:
@@ -158,7 +247,101 @@ def validate_args(args: argparse.Namespace, *, world_size: int | None = None) ->
         raise ValueError(f"--micro-batch-tokens: must be >= 1 tokens per rank, got {args.micro_batch_tokens}")
 
 
-def build_model(name: str, seed: int) -> torch.nn.Module:
+def _validate_data(args: argparse.Namespace, *, model_dir: bool) -> None:
+    from seqpar.launch.text_data import is_text_data, text_files
+
+    for argument, data in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if data is None or data in DATA_KINDS:
+            if argument == "--eval-data" and data is not None:
+                raise ValueError(f"--eval-data: {data!r} is synthetic; pass held-out text or a token file")
+            continue
+        if is_text_data(data):
+            text_files(data, argument=argument)  # exists, readable kinds
+            if args.tokenizer is None and not model_dir:
+                raise ValueError(f"{argument}: raw text needs a tokenizer: pass --tokenizer DIR, or a --model "
+                                 "directory that holds one")
+        elif not Path(data).is_file():
+            raise ValueError(f"{argument}: {data!r} is neither {', '.join(DATA_KINDS)}, a .npy/.bin token file "
+                             "nor text (.jsonl / .parquet / .txt, a directory, a datasets directory)")
+    text = args.data not in DATA_KINDS and is_text_data(args.data)
+    if (args.packing or not args.shuffle) and not text:
+        raise ValueError("--packing/--no-shuffle: only for raw-text --data")
+
+
+def _validate_new_options(args: argparse.Namespace) -> None:
+    """The checks of the model, schedule and output options (every rank, before any collective)."""
+    for name in ("warmup_steps", "eval_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    if args.eval_batches < 1:
+        raise ValueError(f"--eval-batches: must be >= 1, got {args.eval_batches}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        raise ValueError(f"--grad-clip: must be finite and >= 0 (0: off), got {args.grad_clip}")
+    if args.max_position_embeddings is not None and args.max_position_embeddings < args.max_len:
+        raise ValueError(f"--max-position-embeddings: {args.max_position_embeddings} is below --max-len "
+                         f"{args.max_len}; raise it (or lower --max-len)")
+    if args.rope_theta is not None and not (math.isfinite(args.rope_theta) and args.rope_theta > 0):
+        raise ValueError(f"--rope-theta: must be finite and > 0, got {args.rope_theta}")
+    if args.rope_scaling is not None and not isinstance(args.rope_scaling, dict):
+        raise ValueError(f"--rope-scaling: must be a JSON object such as '{{\"rope_type\": \"linear\", "
+                         f"\"factor\": 4.0}}', got {args.rope_scaling!r}")
+    if args.eval_every and args.eval_data is None:
+        raise ValueError("--eval-every: needs --eval-data")
+    if args.tensorboard is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard: needs the tensorboard package (pip install 'seqpar[train]')")
+    if args.export_hf is not None:
+        from seqpar.launch.export import check_export_dir
+
+        check_export_dir(args.export_hf)
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    return {"max_position_embeddings": args.max_position_embeddings, "rope_theta": args.rope_theta,
+            "rope_scaling": args.rope_scaling}
+
+
+def apply_config_overrides(config, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
+                           rope_scaling: dict | None = None) -> None:
+    """Set the long-context knobs on a transformers config before the model is built (None: keep). transformers
+    5 keeps RoPE settings in ``config.rope_parameters`` (4.x: ``rope_theta`` / ``rope_scaling``)."""
+    if max_position_embeddings is not None:
+        config.max_position_embeddings = max_position_embeddings
+    if rope_theta is None and rope_scaling is None:
+        return
+    if hasattr(config, "rope_parameters"):
+        params = dict(config.rope_parameters or {})
+        params.update(rope_scaling or {})
+        if rope_theta is not None:
+            params["rope_theta"] = rope_theta
+        config.rope_parameters = params
+    else:
+        if rope_theta is not None:
+            config.rope_theta = rope_theta
+        if rope_scaling is not None:
+            config.rope_scaling = rope_scaling
+
+
+def build_model(name: str, seed: int, **overrides) -> torch.nn.Module:
+    """The model of ``--model``: a built-in, a config JSON (random weights, seeded) or a model directory
+    (``from_pretrained``: the pretrained weights, loaded in fp32 as the master weights). ``overrides``:
+    ``apply_config_overrides``' keywords, applied to the config before the model is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if Path(name).is_dir():
+        config = AutoConfig.from_pretrained(name)
+        apply_config_overrides(config, **overrides)
+        has_weights = any(Path(name).glob("*.safetensors")) or any(Path(name).glob("*.bin"))
+        if has_weights:
+            return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+    return _build_from_name(name, seed, overrides)
+
+
+def _build_from_name(name: str, seed: int, overrides: dict) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MiniMaxConfig
 
     torch.manual_seed(seed)
@@ -173,6 +356,7 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
     else:
         config_dict = json.loads(Path(name).read_text())
         config = AutoConfig.for_model(**config_dict)
+    apply_config_overrides(config, **overrides)
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -199,14 +383,17 @@ def train(args: argparse.Namespace) -> list[dict]:
     """
     from seqpar.launch import checkpoint
     from seqpar.launch.data import make_source
+    from seqpar.launch.text_data import TextTokens, is_text_data
 
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(args.model, args.seed).to(device)
+    model = build_model(args.model, args.seed, **_config_overrides(args)).to(device)
     vocab = model.config.vocab_size
     # Local checks, the same on every rank and before any collective, so a bad input fails everywhere at once.
-    source = make_source(args.data, vocab=vocab, tokens_per_step=args.tokens_per_step, max_len=args.max_len,
-                         seed=args.seed, dtype=args.data_dtype)
+    # Raw text is tokenized after the checkpoint checks (one process per node writes the token cache).
+    text = args.data not in DATA_KINDS and is_text_data(args.data)
+    source = None if text else make_source(args.data, vocab=vocab, tokens_per_step=args.tokens_per_step,
+                                           max_len=args.max_len, seed=args.seed, dtype=args.data_dtype)
     if args.checkpoint_dir is not None:
         checkpoint.check_directory(args.checkpoint_dir, needed_bytes=checkpoint.estimated_size(model))
         latest = args.checkpoint_dir / "latest"
@@ -225,10 +412,39 @@ def train(args: argparse.Namespace) -> list[dict]:
                 except (ValueError, OSError) as err:
                     error = err
             checkpoint.agree("start: lock the checkpoint directory", error)
+        if source is None:
+            source = TextTokens(_open_text(args, args.data, "--data", vocab), tokens_per_step=args.tokens_per_step,
+                                max_len=args.max_len, packing=args.packing, seed=args.seed, shuffle=args.shuffle)
         return _train(args, model, source, device)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _tokenizer_path(args: argparse.Namespace) -> str | None:
+    if args.tokenizer is not None:
+        return args.tokenizer
+    return args.model if Path(args.model).is_dir() else None
+
+
+def _open_text(args: argparse.Namespace, data: str, argument: str, vocab: int):
+    """The tokenized corpus of ``data``: the first process of each node (``LOCAL_RANK`` 0) tokenizes what the
+    cache lacks, the others wait for it (``checkpoint.agree``, bounded by ``SEQPAR_COMM_TIMEOUT_S``: pre-build a
+    large corpus' cache with ``python -m seqpar.launch.text_data``) and read the cache."""
+    from seqpar.launch import checkpoint
+    from seqpar.launch.text_data import open_corpus
+
+    options = {"tokenizer_path": _tokenizer_path(args), "vocab": vocab, "text_field": args.text_field,
+               "cache_dir": args.data_cache, "argument": argument}
+    builder = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    corpus, error = None, None
+    if builder:
+        try:
+            corpus = open_corpus(data, build=True, **options)
+        except (ValueError, OSError) as err:
+            error = err
+    checkpoint.agree(f"start: tokenize {argument} {data}", error)
+    return corpus if corpus is not None else open_corpus(data, build=False, **options)
 
 
 def _resume(args: argparse.Namespace, model, optimizer, source) -> int:
@@ -260,10 +476,12 @@ def _optimizer_overrides(args: argparse.Namespace, optimizer) -> dict:
     changes = {}
     for name in OPTIMIZER_DEFAULTS:
         given = getattr(args, name)
-        stored = optimizer.param_groups[0][name]
+        # the learning rate a schedule scales is the group's initial_lr (its "lr" is the scheduled one)
+        key = "initial_lr" if name == "lr" and "initial_lr" in optimizer.param_groups[0] else name
+        stored = optimizer.param_groups[0][key]
         if given is not None and given != stored:
             for group in optimizer.param_groups:
-                group[name] = given
+                group[key] = group[name] = given
             changes[name] = [stored, given]
     return changes
 
@@ -282,16 +500,66 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+def shard_model(model: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None) -> None:
     """FSDP2 over all ranks: ``fully_shard`` on each decoder layer, then the root (ZeRO-3; the SP groups run
-    inside). Done before ``parallelize``, as its API asks."""
+    inside). Done before ``parallelize``, as its API asks. ``param_dtype`` (e.g. bf16): the dtype parameters are
+    all-gathered and computed in, with fp32 gradient reduction (``MixedPrecisionPolicy``); None: as stored."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options = {}
+    if param_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, total_norm: float) -> float:
+    """Scale every gradient by ``min(1, max_norm / (total_norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``
+    does, given the global norm over all ranks and shards (``_grad_norm``; the same on every rank). Returns the
+    factor. A host number, because the step already synchronised for the loss log: no second reduction."""
+    factor = min(1.0, max_norm / (total_norm + 1e-6))
+    if factor < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+    return factor
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int, total_steps: int,
+                 start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' warmup schedule ``schedule`` (constant / linear / cosine to 0 at ``total_steps``), positioned
+    at ``start_step`` (a resumed run): the rate of step s is the group's ``initial_lr`` (the peak --lr) times the
+    schedule's factor at s, whatever the world size or resume point."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    for group in optimizer.param_groups:  # a checkpoint of a run without a schedule has no initial_lr
+        group.setdefault("initial_lr", group["lr"])
+    last = start_step - 1
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps, last_epoch=last)
+    make = get_linear_schedule_with_warmup if schedule == "linear" else get_cosine_schedule_with_warmup
+    return make(optimizer, warmup_steps, total_steps, last_epoch=last)
+
+
+def cost_model_options(model: torch.nn.Module, *, strategy: str, world_size: int) -> dict:
+    """``parallelize``'s ``cost_model`` for ``strategy="auto"`` when the ``world_size`` ranks one plan runs on
+    (all, or one ``--dp`` replica's consecutive block) span several nodes: the default model with the launcher's
+    node size (``LOCAL_WORLD_SIZE``, set by torchrun) as the ranks per node, so the planner keeps each SP group
+    inside one node or makes it of whole nodes. ``{}`` (the default) within one node."""
+    from dataclasses import replace
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if strategy != "auto" or local >= world_size:
+        return {}
+    from seqpar.solver import CostModel
+    from seqpar.wrapper import default_cost_model
+
+    base = default_cost_model(model, world_size)
+    return {"cost_model": CostModel(replace(base.cluster, gpus_per_node=local), base.model)}
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -321,7 +589,34 @@ def _drop_metrics_after(metrics: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def _eval_batches(args: argparse.Namespace, vocab: int) -> list[list[torch.Tensor]]:
+    """The ``--eval-batches`` batches of ``--eval-data`` (documents in file order, the same at every evaluation)."""
+    from seqpar.launch.data import make_source
+    from seqpar.launch.text_data import TextTokens, is_text_data
+
+    if is_text_data(args.eval_data):
+        corpus = _open_text(args, args.eval_data, "--eval-data", vocab)
+        source = TextTokens(corpus, tokens_per_step=args.tokens_per_step, max_len=args.max_len,
+                            packing=args.packing, seed=args.seed, shuffle=False)
+    else:
+        source = make_source(args.eval_data, vocab=vocab, tokens_per_step=args.tokens_per_step,
+                             max_len=args.max_len, seed=args.seed, dtype=args.data_dtype)
+    return [source.next_batch() for _ in range(args.eval_batches)]
+
+
+def _tensorboard_writer(directory: Path | None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``directory`` (None: no TensorBoard log; ``validate_args``
+    checked that tensorboard imports)."""
+    if directory is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(directory))
+
+
 def _train(args: argparse.Namespace, model, source, device: torch.device) -> list[dict]:
+    import contextlib
+
     import seqpar
     from seqpar.collectives import count_comm
     from seqpar.launch import checkpoint
@@ -329,11 +624,20 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
 
     rank, world = dist.get_rank(), dist.get_world_size()
     fsdp = resolve_fsdp(args, world_size=world)
+    compute_dtype = DTYPES[args.dtype]
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fsdp:
-        shard_model(model, device)
-    parallel_options = {}
+        shard_model(model, device, param_dtype=None if compute_dtype == torch.float32 else compute_dtype)
+
+    def compute_precision():
+        # bf16 with fp32 master weights: FSDP2's MixedPrecisionPolicy casts the gathered parameters; without FSDP,
+        # autocast runs the matmuls (and so the attention inputs) in bf16
+        if compute_dtype == torch.float32 or fsdp:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=compute_dtype)
+
+    parallel_options = cost_model_options(model, strategy=args.strategy, world_size=world // args.dp)
     replica = 0
     if args.dp > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -366,6 +670,35 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             changed = ", ".join(f"--{k.replace('_', '-')} {new} (the checkpoint had {old})"
                                 for k, (old, new) in overrides.items())
             print(f"seqpar-train: resuming at step {start_step} with {changed}")
+    scheduler = lr_scheduler(optimizer, schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+                             total_steps=args.steps, start_step=start_step)
+    eval_batches = _eval_batches(args, model.config.vocab_size) if args.eval_data is not None else None
+
+    def run_batch(batch: list[torch.Tensor], *, backward: bool) -> tuple[torch.Tensor, Any]:
+        """The global token-mean loss of ``batch`` through the SP path (gradients accumulated if ``backward``)."""
+        mine = batch if args.dp == 1 else replica_batch(batch, replica=replica, replicas=args.dp)
+        prepared = sp_model.prepare(mine, **prepare_options)
+        # with a token budget, prepare gives a list of micro-batches, each normalised by the whole step's
+        # tokens: their losses add up to the step's and their gradients accumulate to its gradient
+        micro_batches = prepared if isinstance(prepared, list) else [prepared]
+        total, out = 0.0, None
+        for local in micro_batches:
+            with compute_precision():
+                out = sp_model(**local)
+            if backward:
+                out.loss.backward()
+            total = total + out.loss.detach().float()
+        return total, out
+
+    def evaluate() -> float:
+        """The token mean of the loss over every evaluation batch (each batch's loss is its token mean)."""
+        weighted, labelled = 0.0, 0
+        with torch.no_grad():
+            for batch in eval_batches:
+                loss, _ = run_batch([t.to(device) for t in batch], backward=False)
+                count = sum(int(t.numel()) - 1 for t in batch)
+                weighted, labelled = weighted + loss * count, labelled + count
+        return float(weighted / labelled)
 
     def save(step: int) -> None:
         checkpoint.save_checkpoint(args.checkpoint_dir, step, model=model, optimizer=optimizer,
@@ -376,69 +709,106 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start_step, desc="seqpar-train", file=sys.stdout)
+    writer = _tensorboard_writer(args.tensorboard) if rank == 0 else None
     history, skipped, saved = [], 0, start_step
-    for step in range(start_step, args.steps):
-        batch = [t.to(device) for t in source.next_batch()]
-        mine = batch if args.dp == 1 else replica_batch(batch, replica=replica, replicas=args.dp)
-        start = time.perf_counter()
-        with count_comm() as stats:
-            prepared = sp_model.prepare(mine, **prepare_options)
-            # with a token budget, prepare gives a list of micro-batches, each normalised by the whole step's
-            # tokens: their losses add up to the step's and their gradients accumulate to its gradient
-            micro_batches = prepared if isinstance(prepared, list) else [prepared]
-            step_loss = 0.0
-            for local in micro_batches:
-                out = sp_model(**local)
-                out.loss.backward()
-                step_loss = step_loss + out.loss.detach()
-            if not fsdp:  # FSDP2 reduces the gradients in backward
-                sp_model.sync_gradients()
-        # The one host sync of the step (the log and the finiteness decision need both numbers); the loss (the
-        # global token mean) and the reduced gradient norm are the same on every rank, so every rank decides alike.
-        norm = _grad_norm(model).float().to(step_loss.device)
-        loss_value, grad_norm = torch.stack([step_loss.float(), norm]).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        else:
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        record = {
-            "step": step + 1, "loss": loss_value, "tokens": sum(int(t.numel()) for t in batch),
-            "sequences": len(batch), "seconds": elapsed, "bytes_sent_rank": stats.bytes_sent,
-            "plan": _plan_summary(out), "peak_memory_bytes": _peak_memory_bytes(device),
-        }
-        record["tokens_per_s"] = record["tokens"] / elapsed
-        if not finite:
-            record["skipped_nonfinite"] = True
-        if overrides and step == start_step:
-            record["optimizer_overrides"] = overrides
-        history.append(record)
-        if rank == 0:
-            if args.metrics is not None:
-                args.metrics.parent.mkdir(parents=True, exist_ok=True)
-                with args.metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if progress is not None:
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                     plan=record["plan"])
-                progress.update(1)
-        if skipped > args.skip_nonfinite:
-            last = f"step_{saved}" if saved else "none"
-            raise NonFiniteLossError(
-                f"step {step + 1}: non-finite loss or gradient (loss {record['loss']}, gradient norm {grad_norm}); "
-                f"stopped before the optimizer step, so no non-finite weights were applied or saved (last "
-                f"checkpoint: {last}). Lower --lr, or pass --skip-nonfinite N to skip up to N such steps "
-                f"({skipped} so far, {args.skip_nonfinite} allowed)")
-        if args.checkpoint_dir is not None and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            save(step + 1)
-            saved = step + 1
+    try:
+        for step in range(start_step, args.steps):
+            batch = [t.to(device) for t in source.next_batch()]
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            with count_comm() as stats:
+                step_loss, out = run_batch(batch, backward=True)
+                if not fsdp:  # FSDP2 reduces the gradients in backward
+                    sp_model.sync_gradients()
+            # The one host sync of the step (the log, the finiteness decision and the clipping factor need both
+            # numbers); the loss (the global token mean) and the reduced gradient norm are the same on every
+            # rank, so every rank decides alike.
+            norm = _grad_norm(model).float().to(step_loss.device)
+            loss_value, grad_norm = torch.stack([step_loss, norm]).tolist()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if finite:
+                if args.grad_clip:
+                    clip_gradients(model, args.grad_clip, grad_norm)
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            elapsed = time.perf_counter() - start
+            record = {
+                "step": step + 1, "loss": loss_value, "tokens": sum(int(t.numel()) for t in batch),
+                "sequences": len(batch), "seconds": elapsed, "bytes_sent_rank": stats.bytes_sent,
+                "plan": _plan_summary(out), "peak_memory_bytes": _peak_memory_bytes(device),
+                "lr": lr, "grad_norm": grad_norm, "data": source.state(),
+            }
+            if out.plan is not None:
+                record["plan_ranks"] = [list(g.ranks) for g in out.plan.groups]
+            if "cost_model" in parallel_options:  # several nodes: the planner kept groups node-aligned
+                record["ranks_per_node"] = parallel_options["cost_model"].cluster.gpus_per_node
+            record["tokens_per_s"] = record["tokens"] / elapsed
+            if not finite:
+                record["skipped_nonfinite"] = True
+            if overrides and step == start_step:
+                record["optimizer_overrides"] = overrides
+            if eval_batches is not None and (step + 1 == args.steps or (args.eval_every and
+                                                                       (step + 1) % args.eval_every == 0)):
+                record["eval_loss"] = evaluate()
+            history.append(record)
+            if rank == 0:
+                _log(record, args.metrics, writer)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                         plan=record["plan"])
+                    progress.update(1)
+            if skipped > args.skip_nonfinite:
+                last = f"step_{saved}" if saved else "none"
+                raise NonFiniteLossError(
+                    f"step {step + 1}: non-finite loss or gradient (loss {record['loss']}, gradient norm "
+                    f"{grad_norm}); stopped before the optimizer step, so no non-finite weights were applied or "
+                    f"saved (last checkpoint: {last}). Lower --lr, or pass --skip-nonfinite N to skip up to N such "
+                    f"steps ({skipped} so far, {args.skip_nonfinite} allowed)")
+            if args.checkpoint_dir is not None and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                save(step + 1)
+                saved = step + 1
+    finally:
+        if writer is not None:
+            writer.close()
     if progress is not None:
         progress.close()
     if args.checkpoint_dir is not None and history and saved != args.steps:
         save(args.steps)
+    if args.export_hf is not None:
+        _export(args, model, compute_dtype)
     return history
+
+
+def _log(record: dict, metrics: Path | None, writer) -> None:
+    """Rank 0: one JSON line in ``--metrics``, scalars in TensorBoard."""
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        with metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for name in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
+            if name in record:
+                writer.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", record[name],
+                                  record["step"])
+        writer.flush()
+
+
+def _export(args: argparse.Namespace, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``--export-hf``: gather the weights (every rank), rank 0 writes; every rank learns whether it worked."""
+    from seqpar.launch import checkpoint
+    from seqpar.launch.export import export_hf
+
+    error = None
+    try:
+        path = export_hf(model, args.export_hf, dtype=dtype, tokenizer_path=_tokenizer_path(args))
+        if path is not None:
+            print(f"seqpar-train: exported {path} (AutoModelForCausalLM.from_pretrained loads it)")
+    except (OSError, ValueError) as err:
+        error = err
+    checkpoint.agree("export: write the Hugging Face model", error)
 
 
 def _plan_summary(out: Any) -> str:
@@ -489,7 +859,7 @@ def print_summary(history: list[dict], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse_args(argv)
     try:
         validate_args(args)
     except ValueError as err:

@@ -119,13 +119,34 @@ def _op(name: str | None, kind: str):
 
 
 def softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Route one softmax attention call of the model: q (B, S_local, H, D), k/v (B, S_local, H_kv, D)."""
+    """Route one softmax attention call of the model: q (B, S_local, H, D), k (B, S_local, H_kv, D),
+    v (B, S_local, H_kv, Dv). ``window`` ((left, right) in global positions, -1 unbounded), ``softcap`` and
+    ``sinks`` ((H,) sink logits) go to the op as they are (see ``seqpar.ring_attention``)."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as F.scaled_dot_product_attention under autocast: q, k, v in the autocast dtype (a model's RoPE may leave
+        # q, k in float32 and v in bf16), and the op's own precision choices left alone inside
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return softmax_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale,
+                                     window=window, softcap=softcap, sinks=sinks)
     ctx = _require_context("attention")
     ctx.calls += 1
     op = _op(ctx.softmax_strategy, "softmax")
     options = dict(group=ctx.group, causal=causal, softmax_scale=scale, layout=ctx.layout, backend=ctx.backend)
+    # only options in use are passed: a registered op from before them keeps working for models without them
+    options.update({name: value for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
+                    if value is not None})
     if ctx.cu_seqlens is None:
         return op(q, k, v, **options)
     if q.shape[0] != 1:

@@ -93,13 +93,17 @@ def verify_model(
         if key not in sharded:
             return
         local_inputs, local_outputs = sharded.pop(key)
+        full_outputs = _leaves(output)
+        # computed in a coarser dtype than the parameters' (FSDP2's MixedPrecisionPolicy, autocast): its rounding
+        module_tolerance = max([tolerance] + [_TOLERANCE.get(t.dtype, _LOW_PRECISION_TOLERANCE)
+                                              for t in full_outputs.values() if t.is_floating_point()])
         inputs = max(_errors(local_inputs, _leaves((args, kwargs)), index, seq_len), default=0.0)
-        if inputs > tolerance:
+        if inputs > module_tolerance:
             return
-        worst = max(_errors(local_outputs, _leaves(output), index, seq_len), default=0.0)
+        worst = max(_errors(local_outputs, full_outputs, index, seq_len), default=0.0)
         # Rounding in low precision comes close to the tolerance; a module that merely passes on (or slightly
         # amplifies) a difference it was given is not the culprit, one that creates a 10x larger one is.
-        culprit = worst > max(tolerance, _AMPLIFICATION * inputs)
+        culprit = worst > max(module_tolerance, _AMPLIFICATION * inputs)
         if culprit and (first is None or finish_order[key] < first[0]):
             first = (finish_order[key], key[0], worst)
 
