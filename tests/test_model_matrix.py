@@ -9,7 +9,6 @@ the cap bends the scores. DeepSeek-V3 has query/key head size 24 and value head 
 """
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from tests.harness import run_distributed
 from tests.test_parallelize import reference_loss_and_grads, tiny_minimax
 
 import seqpar
-from seqpar import runtime, strategies
+from seqpar import strategies
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
 
@@ -73,11 +72,6 @@ FLOAT32_TOLERANCE = 1e-6
 NEEDS_WINDOW_SOFTCAP_SINKS_MLA = ["mistral", "mistral-window", "qwen2-window", "gemma2", "gemma3", "deepseek-v3",
                                   "gpt-oss"]
 PLAIN = [name for name in BUILDERS if name not in NEEDS_WINDOW_SOFTCAP_SINKS_MLA]
-# Until the ops' window/softcap/sinks support (issue 18, ops part) is merged, those models fail by design: a
-# strict xfail that turns into the real test (and fails if it does not pass) as soon as the runtime takes them.
-ops_take_windows = "window" in inspect.signature(runtime.softmax_attention).parameters
-needs_ops = pytest.mark.xfail(not ops_take_windows, strict=True, raises=Exception,
-                              reason="seqpar.runtime.softmax_attention has no window/softcap/sinks yet (ops part)")
 
 
 def _sequences():
@@ -131,13 +125,11 @@ def test_models_float64_every_strategy_at_2_ranks():
     _check(run_distributed(matrix_errors, 2, PLAIN), 1e-10, 1e-10, 4 * len(PLAIN))
 
 
-@needs_ops
 def test_windowed_softcapped_sink_and_mla_models_float64_every_strategy_at_2_ranks():
     names = NEEDS_WINDOW_SOFTCAP_SINKS_MLA
     _check(run_distributed(matrix_errors, 2, names), 1e-10, 1e-10, 4 * len(names))
 
 
-@needs_ops
 def test_windowed_softcapped_sink_and_mla_models_float64_at_3_and_4_ranks():
     # a window of 5 spans up to 3 of the 4 ranks' shards here (6 or 4 tokens each)
     names = ["gemma2", "gpt-oss"]
@@ -146,5 +138,5 @@ def test_windowed_softcapped_sink_and_mla_models_float64_at_3_and_4_ranks():
 
 
 def test_models_float32_ring_at_2_ranks():
-    names = ["llama", "mixtral", "minimax"] + (["gemma2", "gpt-oss", "deepseek-v3"] if ops_take_windows else [])
+    names = ["llama", "mixtral", "minimax", "gemma2", "gpt-oss", "deepseek-v3"]
     _check(run_distributed(matrix_errors, 2, names, torch.float32, only=("ring",)), 1e-5, 1e-4, len(names))
