@@ -71,7 +71,8 @@ def forget_original_attention(model: torch.nn.Module) -> None:
         _ORIGINAL_ATTENTION.pop(id(getattr(module, "config", None)), None)
 
 
-def _original_name(config: Any) -> str:
+def original_attention_name(config: Any) -> str:
+    """The implementation ``config``'s model had before ``parallelize`` ("eager" when unknown)."""
     entry = _ORIGINAL_ATTENTION.get(id(config))
     return entry[1] if entry is not None and entry[0] is config else "eager"
 
@@ -79,7 +80,7 @@ def _original_name(config: Any) -> str:
 def _original_attention(module: torch.nn.Module) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = _original_name(getattr(module, "config", None))
+    name = original_attention_name(getattr(module, "config", None))
     if name != "eager":
         return ALL_ATTENTION_FUNCTIONS[name]
     # transformers' eager attention is a function of each model's own modeling file
@@ -160,7 +161,7 @@ def hf_mask(*args: Any, **kwargs: Any) -> Any:
         return None
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    return ALL_MASK_ATTENTION_FUNCTIONS[_original_name(kwargs.get("config"))](*args, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[original_attention_name(kwargs.get("config"))](*args, **kwargs)
 
 
 def register_hf() -> bool:

@@ -592,8 +592,8 @@ def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
             raise ValueError("model: looks like a transformers model but transformers does not import")
         integrations.check_hf_config(model)
         reference_attention = model.config._attn_implementation
-        if reference_attention in (None, integrations.HF_ATTENTION_NAME):  # wrapped before: compare with eager
-            reference_attention = "eager"
+        if reference_attention in (None, integrations.HF_ATTENTION_NAME):  # wrapped before: what it had then
+            reference_attention = integrations.original_attention_name(model.config)
         original_attention = reference_attention
         integrations.remember_original_attention(model, original_attention)
         model.set_attn_implementation(integrations.HF_ATTENTION_NAME)

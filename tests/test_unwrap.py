@@ -64,12 +64,15 @@ def plain_forward_after_parallelize(name):
     sp_model = seqpar.parallelize(model, strategy="ring")  # wrapping twice, then unwrapping, is clean too
     sp_model.unwrap()
     unwrapped_err = (logits(model) - logits(twin)).abs().max().item()
-    return patched, wrapped_err, unwrapped_err, seqpar_patched(model)
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    restored = implementation == getattr(getattr(twin, "config", None), "_attn_implementation", None)
+    return patched, wrapped_err, unwrapped_err, seqpar_patched(model), restored
 
 
 @pytest.mark.parametrize("name", ["gpt", "minimax"])
 def test_sdpa_and_adapter_models_run_as_the_original_outside_sp_steps(name):
-    for patched, wrapped_err, unwrapped_err, left in run_distributed(plain_forward_after_parallelize, 2, name):
+    for patched, wrapped_err, unwrapped_err, left, restored in run_distributed(plain_forward_after_parallelize, 2,
+                                                                                name):
         assert patched  # seqpar did route something, and undid it
         assert wrapped_err < 1e-5 and unwrapped_err < 1e-5, (wrapped_err, unwrapped_err)
-        assert left == [], left
+        assert left == [] and restored, (left, restored)  # MiniMax: its own implementation, even wrapped twice
