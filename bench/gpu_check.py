@@ -254,19 +254,21 @@ def _aot_variants(quick: bool):
                 for kernel, c in ((ta._attn_bwd_dkdv_kernel, cfg["dkdv"]), (ta._attn_bwd_dq_kernel, cfg["dq"])):
                     yield kernel, ptrs, dict(base, CAUSAL=causal, VARLEN=varlen, **blocks(c)), launch(c)
         for dk in (128,) if quick else (64, 128):
-            flags = dict(PRECISION=tlin._precision(dtype), UPCAST=False, C=tlin.chunk_size_for(64, dtype, cuda))
             state, tiles = tlin._state_tiles(dk, dk, cuda, dtype), tlin._tiles(dk, dk, cuda, dtype)
-            for use_g in (True,) if quick else (True, False):
+            decays = [(True, False), (True, True)] if quick else [(True, False), (False, False), (True, True)]
+            for use_g, per_key in decays:  # per_key: GLA, (B, S, H, Dk) decay
+                flags = dict(PRECISION=tlin._precision(dtype), UPCAST=False, USE_G=use_g, PER_KEY=per_key,
+                             C=tlin.chunk_size_for(64, dtype, cuda, per_key=per_key))
                 yield (tlin._fwd_h_kernel, {"K": t, "V": t, "G": "fp32", "H0": "fp32", "Hs": "fp32", "Ht": "fp32"},
-                       dict(flags, USE_G=use_g, USE_H0=True, STORE_FINAL=True, **state), {})
+                       dict(flags, USE_H0=True, STORE_FINAL=True, **state), {})
                 yield (tlin._fwd_o_kernel, {"Q": t, "K": t, "V": t, "G": "fp32", "Hs": "fp32", "O": t},
-                       dict(flags, USE_G=use_g, **tiles), {})
+                       dict(flags, **tiles), {})
                 yield (tlin._bwd_dh_kernel, {"Q": t, "DO": t, "G": "fp32", "DHt": "fp32", "DHs": "fp32", "DH0": "fp32"},
-                       dict(flags, USE_G=use_g, USE_DHT=True, STORE_DH0=True, **state), {})
+                       dict(flags, USE_DHT=True, STORE_DH0=True, **state), {})
                 yield (tlin._bwd_dv_kernel, {"Q": t, "K": t, "G": "fp32", "DO": t, "DHs": "fp32", "DV": t},
-                       dict(flags, USE_G=use_g, **tiles), {})
+                       dict(flags, **tiles), {})
                 yield (tlin._bwd_dqk_kernel, {"Q": t, "K": t, "V": t, "G": "fp32", "DO": t, "Hs": "fp32", "DHs": "fp32",
-                                              "DQ": "fp32", "DK": "fp32"}, dict(flags, USE_G=use_g, **tiles), {})
+                                              "DQ": "fp32", "DK": "fp32"}, dict(flags, **tiles), {})
 
 
 def _ptxas_stats(ptx: str, ptxas: list[str]) -> str:

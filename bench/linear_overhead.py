@@ -18,12 +18,13 @@ forward+backward alone (``linear_attention_inter``) against the kernel: what tho
 
 Per-token decay (B, S, H), B = 1, H = 4, Dk = Dv = 64, chunk 64, float32, torch backend, one thread per
 process as the 2-core CI machine allows. Writes bench/results/linear_overhead.json. Target (issue 17): <= 1.2.
-The machine these numbers were first taken on was shared with other jobs; re-run on a quiet one.
+The machine is shared with other jobs: the load average before and after is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -92,13 +93,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     lengths, repeats = ([1024], 3) if args.quick else ([4096, 8192], max(5, args.repeats))
+    load_before = os.getloadavg()
     rows = run_ranks(measure, 1, lengths, repeats)[0]
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     assert max(r["max_rel_err"] for r in rows) < 1e-4, "the SP ops disagree with the kernel"
     print_table(rows, ["S", "init", "kernel_ms", "lasp2/kernel", "zeco/kernel", "inter/kernel", "max_rel_err",
                        "repeats"])
     if not args.quick:
         path = save_results("linear_overhead", {"P": 1, "heads": H, "dim": D, "decay": "per token",
-                                                "dtype": "float32", "chunk_size": 64, "rows": rows})
+                                                "dtype": "float32", "chunk_size": 64,
+                                                "load_average_before": load_before, "load_average_after": load_after,
+                                                "rows": rows})
         print(f"wrote {path}")
 
 

@@ -6,9 +6,12 @@ For each op, on P gloo ranks (one thread each):
 
 1. ``compute``: forward and backward times with no link emulation (loopback transfers are nearly free);
 2. ``comm``: the time the emulated link needs for what each phase sends, from ``count_comm()``: the busiest
-   direction's bytes / bandwidth + latency per transfer (collectives: all their bytes);
+   direction's bytes / bandwidth + latency per transfer (collectives: all their bytes). ZeCO's state cannot
+   reach the last rank faster than its relay chain: K pieces over P - 1 hops, (P + K - 2) (latency + state /
+   K / bandwidth) (``strategies.zeco_scan_time``, K from the op's rule on this link), which is its comm time;
 3. the bandwidth is set so that the link time of the whole step equals its compute time (the hardest case
-   for overlap), and ``measured`` is the step time with emulation on.
+   for overlap; found by bisection, as ZeCO's K depends on the link), and ``measured`` is the step time with
+   emulation on.
 
 Forward and backward are separate overlapped regions (the backward cannot start before the loss), so the
 best achievable step time is max(compute_fwd, comm_fwd) + max(compute_bwd, comm_bwd), and
@@ -16,15 +19,22 @@ best achievable step time is max(compute_fwd, comm_fwd) + max(compute_bwd, comm_
     overlap efficiency = that bound / measured
 
 1.0 means every transfer is hidden behind compute; an op that does not overlap at all scores about
-max(C, M) / (C + M) = 0.5 here. Medians of repeats that interleave the compute-only and the emulated runs
-(these machines are shared; the emulated step's min-max is recorded as its spread). Link emulation has
+max(C, M) / (C + M) = 0.5 here. The linear ops cannot reach 1: their transfer needs the local state pass
+first and the inter-chunk part needs what arrived, so ``schedule efficiency`` also divides by the cost model's
+bound for that dependency, ``strategies.overlapped_linear_pass`` (before + max(intra-chunk, comm) + after).
+
+Medians of repeats that interleave the compute-only and the emulated runs (these machines are shared; the
+emulated step's min-max is recorded as its spread). Link emulation has
 arrival semantics (``comm.emulation``): a relay chain (ZeCO's scan, a ring) is charged hop by hop.
-Writes bench/results/overlap.json. About 4 min on a quiet 2-core machine.
+Writes bench/results/overlap.json with the load average before and after (other work on a shared machine
+slows the compute of one rank more than another's). About 4 min on a quiet 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +45,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, print_table, run_ranks, save_results  # noqa: E402
 
+from seqpar import strategies  # noqa: E402
 from seqpar.collectives import comm  # noqa: E402
 from seqpar.collectives.layout import shard_sequence  # noqa: E402
 
@@ -91,10 +102,14 @@ def measure(names: list[str], seq_len: int, repeats: int) -> dict:
         fwd_bytes, bwd_bytes, fwd_calls, bwd_calls, compute = worst.tolist()
         if fwd_bytes + bwd_bytes == 0:
             continue
-        latency = (fwd_calls + bwd_calls) * LATENCY_S
-        gbps = (fwd_bytes + bwd_bytes) * 8 / max(compute - latency, 1e-6) / 1e9  # link time == compute time
-        link = lambda nbytes, calls: nbytes * 8 / (gbps * 1e9) + calls * LATENCY_S  # noqa: E731
-        comm_fwd, comm_bwd = link(fwd_bytes, fwd_calls), link(bwd_bytes, bwd_calls)
+        def comm_times(gbps: float) -> tuple[float, float]:
+            if name == "zeco_linear_attention":  # the relay chain: one state per direction, K pieces, P - 1 hops
+                return tuple(_zeco_chain_s(nbytes, gbps) for nbytes in (fwd_bytes, bwd_bytes))
+            return tuple(nbytes * 8 / (gbps * 1e9) + calls * LATENCY_S
+                         for nbytes, calls in ((fwd_bytes, fwd_calls), (bwd_bytes, bwd_calls)))
+
+        gbps = _link_as_slow_as(compute, comm_times)
+        comm_fwd, comm_bwd = comm_times(gbps)
         # the compute and the emulated step, interleaved: the background load of a shared machine hits both
         emulated = comm.LinkEmulation(gbps=gbps, latency_s=LATENCY_S)
         runs = {"compute_fwd": (forward, None), "compute": (step, None), "measured": (step, emulated)}
@@ -111,8 +126,43 @@ def measure(names: list[str], seq_len: int, repeats: int) -> dict:
                          "comm_bwd_s": comm_bwd, "measured_s": measured, "gbps": gbps,
                          "link_bytes": fwd_bytes + bwd_bytes, "efficiency": bound / measured,
                          "measured_spread_s": [min(times["measured"]), max(times["measured"])],
+                         "zeco_pieces": _zeco_pieces(fwd_bytes, gbps) if name == "zeco_linear_attention" else None,
+                         "schedule_efficiency": (_linear_schedule_bound(compute_fwd, compute_bwd, comm_fwd, comm_bwd)
+                                                 / measured if name in LINEAR else None),
                          "serial_efficiency": bound / (compute + comm_fwd + comm_bwd)}
     return results
+
+
+def _zeco_shape(state_bytes: float) -> strategies.LayerShape:
+    return strategies.LayerShape(seq_len=1, degree=dist.get_world_size(), heads=8, kv_heads=8, head_dim=64,
+                                 elem_bytes=4, state_bytes=state_bytes)
+
+
+def _zeco_pieces(state_bytes: float, gbps: float) -> int:
+    return strategies.zeco_pieces(_zeco_shape(state_bytes), strategies.Link(gbps * 1e9 / 8, LATENCY_S))
+
+
+def _zeco_chain_s(state_bytes: float, gbps: float) -> float:
+    """When the last rank has its state: (P - 1 + K - 1) piece hops, K as the op chooses it on this link."""
+    return float(strategies.zeco_scan_time(_zeco_shape(state_bytes), strategies.Link(gbps * 1e9 / 8, LATENCY_S)))
+
+
+def _linear_schedule_bound(compute_fwd: float, compute_bwd: float, comm_fwd: float, comm_bwd: float) -> float:
+    """The best a linear SP op can do given its dependencies: the local state before its transfer, the
+    inter-chunk part after it (``strategies.overlapped_linear_pass``), each way."""
+    shape = _zeco_shape(0.0)
+    return float(strategies.overlapped_linear_pass(shape, compute_fwd, comm_fwd)
+                 + strategies.overlapped_linear_pass(shape, compute_bwd, comm_bwd))
+
+
+def _link_as_slow_as(compute_s: float, comm_times) -> float:
+    """The bandwidth (Gbit/s) at which the step's link time (forward + backward) equals ``compute_s``: link time
+    falls as bandwidth grows, so bisect on log bandwidth."""
+    lo, hi = 1e-6, 1e3
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if sum(comm_times(mid)) > compute_s else (lo, mid)
+    return math.sqrt(lo * hi)
 
 
 def _link_bytes(stats: comm.CommStats) -> tuple[int, int]:
@@ -127,9 +177,13 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ops", nargs="*", choices=SOFTMAX + LINEAR, help="default: all")
     args = parser.parse_args()
-    res = run_ranks(measure, args.world_size, SOFTMAX + LINEAR, args.seq_len, args.repeats)[0]
-    rows = [{"op": name, "overlap efficiency": r["efficiency"], "if fully serial": r["serial_efficiency"],
+    load_before = os.getloadavg()
+    res = run_ranks(measure, args.world_size, args.ops or SOFTMAX + LINEAR, args.seq_len, args.repeats)[0]
+    load_after = os.getloadavg()
+    rows = [{"op": name, "overlap efficiency": r["efficiency"], "schedule efficiency": r["schedule_efficiency"],
+             "if fully serial": r["serial_efficiency"],
              "compute fwd/bwd ms": f"{1e3 * r['compute_fwd_s']:.0f}/{1e3 * r['compute_bwd_s']:.0f}",
              "comm fwd/bwd ms": f"{1e3 * r['comm_fwd_s']:.0f}/{1e3 * r['comm_bwd_s']:.0f}",
              "measured ms": f"{1e3 * r['measured_s']:.0f}",
@@ -138,7 +192,9 @@ def main() -> None:
             for name, r in res.items()]
     print(f"\noverlap on an emulated link as slow as the compute: P={args.world_size}, S={args.seq_len}, fwd+bwd")
     print_table(rows, list(rows[0]))
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     path = save_results("overlap", {"config": {**vars(args), "latency_s": LATENCY_S, "heads": 8, "head_dim": 64},
+                                    "load_average_before": load_before, "load_average_after": load_after,
                                     "ops": res, "rows": rows})
     print(f"\nwrote {path}")
 

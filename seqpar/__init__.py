@@ -29,6 +29,10 @@ _EXPORTS = {
     "lasp2_linear_attention": "seqpar.collectives.lasp2",
     "zeco_linear_attention": "seqpar.collectives.zeco",
     "all_scan": "seqpar.collectives.scan",
+    "lasp2_delta_rule": "seqpar.collectives.delta_rule",
+    "zeco_delta_rule": "seqpar.collectives.delta_rule",
+    "causal_conv1d": "seqpar.collectives.halo",
+    "halo_exchange": "seqpar.collectives.halo",
     # the wrapper and its runtime
     "parallelize": "seqpar.wrapper",
     "SPConfig": "seqpar.runtime",
@@ -64,6 +68,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the real names; keep in step with _EXPORTS
     from seqpar.collectives.allgather_kv import allgather_kv_attention
     from seqpar.collectives.comm import CommStats, count_comm
+    from seqpar.collectives.delta_rule import lasp2_delta_rule, zeco_delta_rule
+    from seqpar.collectives.halo import causal_conv1d, halo_exchange
     from seqpar.collectives.lasp2 import lasp2_linear_attention
     from seqpar.collectives.layout import (
         PaddedSequence,

@@ -336,6 +336,8 @@ minimax_lightning_adapter.linear_attention = True  # type: ignore[attr-defined]
 
 
 def register_builtin_adapters() -> None:
+    from seqpar.integrations_delta import register_delta_adapters  # Gated DeltaNet (Qwen3-Next), KDA (Kimi Linear)
+    register_delta_adapters(register_adapter)
     try:
         from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
     except ImportError:

@@ -113,6 +113,11 @@ class Strategy:
         invalid_reason: ``(degree, heads, kv_heads) -> str | None``: why it cannot run at this degree with
             these head counts (None: it can).
         planner_default: whether ``plan_step`` considers it when not told which strategies to use.
+        delta_rule_op: linear strategies only: ``"module:function"`` of the same algorithm for delta-rule layers
+            (Gated DeltaNet, KDA: ``seqpar.runtime.delta_rule_attention``), or None when it has none. Delta-rule
+            layers are linear-kind layers: a plan's linear strategy runs them by this op.
+        delta_rule_comm_bytes: ``(shape) -> (forward, backward)`` bytes of ``delta_rule_op`` (as ``comm_bytes``;
+            D_k = D_v = D).
         comm_bytes_over_ranks: how ``comm_bytes`` relates to the bytes the group's ranks send for a causal layer
             in its first layout (zigzag for softmax, contiguous for linear): ``"each"`` every rank sends exactly
             that, ``"mean"`` their mean, ``"max"`` the busiest rank's (tests/test_registry.py checks it).
@@ -130,6 +135,8 @@ class Strategy:
     invalid_reason: Callable[[int, int, int], str | None] = _always_valid
     planner_default: bool = True
     comm_bytes_over_ranks: str = "each"
+    delta_rule_op: str | None = None
+    delta_rule_comm_bytes: Callable[[LayerShape], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "+" in self.name:
@@ -155,6 +162,19 @@ class Strategy:
     def load_op(self) -> Callable[..., Any]:
         """Import and return the SP op (this imports torch.distributed)."""
         module, attr = self.op.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def load_delta_rule_op(self) -> Callable[..., Any]:
+        """Import and return ``delta_rule_op``.
+
+        Raises:
+            ValueError: naming ``linear_strategy`` when this strategy has no delta-rule variant.
+        """
+        if self.delta_rule_op is None:
+            having = [n for n, s in _REGISTRY.items() if s.delta_rule_op is not None]
+            raise ValueError(f"linear_strategy: {self.name!r} has no delta-rule variant (Gated DeltaNet, KDA "
+                             f"layers); use one of {having}")
+        module, attr = self.delta_rule_op.split(":")
         return getattr(importlib.import_module(module), attr)
 
 
@@ -479,15 +499,13 @@ def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     return one_pass, one_pass
 
 
-def zeco_pieces(x: LayerShape) -> int:
-    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``
-    (from P and the state size), or its fixed default where that rule is absent (before branch linops)."""
+def zeco_pieces(x: LayerShape, link: Link | None = None) -> int:
+    """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``,
+    from P, the state size and the link's latency x bandwidth (``scan.LATENCY_BYTES`` without a link)."""
     from seqpar.collectives import scan  # here: scan needs torch, the formulas only numpy
 
-    choose = getattr(scan, "choose_pieces", None)
-    if choose is None:
-        return min(ZECO_PIECES, x.head_dim)
-    return choose(x.degree, x.state_bytes, x.head_dim)
+    latency_bytes = scan.LATENCY_BYTES if link is None else link.latency_s * link.bytes_per_s
+    return scan.choose_pieces(x.degree, x.state_bytes, x.head_dim, latency_bytes=latency_bytes)
 
 
 def zeco_scan_time(x: LayerShape, link: Link) -> Any:
@@ -496,7 +514,7 @@ def zeco_scan_time(x: LayerShape, link: Link) -> Any:
     after ``P - 1 + K - 1`` piece hops of ``state/K / beta + lam`` each (0 at P = 1)."""
     if x.degree == 1:
         return 0.0 * x.state_bytes
-    pieces = zeco_pieces(x)
+    pieces = zeco_pieces(x, link)
     return (x.degree - 1 + pieces - 1) * (x.state_bytes / pieces / link.bytes_per_s + link.latency_s)
 
 
@@ -522,6 +540,13 @@ def zeco_transient_bytes(x: LayerShape) -> Any:
     return 2 * x.state_bytes
 
 
+def lasp2_delta_rule_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
+    """Delta-rule LASP-2: the all-gather carries each rank's transition A_r (H D_k D_k 4) with its state B_r
+    forward (``(P-1) (A + state)``; no decay travels: it is inside A_r), the state's gradient backward."""
+    forward = (x.degree - 1) * 2 * x.state_bytes  # D_k = D_v: A_r is as large as the state
+    return forward, (x.degree - 1) * x.state_bytes
+
+
 register(Strategy(
     name="lasp2",
     kind="linear",
@@ -531,6 +556,8 @@ register(Strategy(
     layer_time=lasp2_layer_time,
     transient_bytes=lasp2_transient_bytes,
     layouts=("contiguous",),
+    delta_rule_op="seqpar.collectives.delta_rule:lasp2_delta_rule",
+    delta_rule_comm_bytes=lasp2_delta_rule_comm_bytes,
 ))
 register(Strategy(
     name="zeco",
@@ -542,6 +569,8 @@ register(Strategy(
     transient_bytes=zeco_transient_bytes,
     layouts=("contiguous",),
     comm_bytes_over_ranks="max",
+    delta_rule_op="seqpar.collectives.delta_rule:zeco_delta_rule",
+    delta_rule_comm_bytes=zeco_comm_bytes,  # the same one state each way: A_r never travels
 ))
 
 

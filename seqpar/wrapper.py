@@ -138,7 +138,9 @@ class SPModel(torch.nn.Module):
 
         Returns:
             ``{"input_ids", "position_ids", "labels", "seqpar_step"}``: pass them all to the model call; with
-            ``max_tokens_per_rank``, a list of such dicts, one per micro-batch, to run in order.
+            ``max_tokens_per_rank``, or when the step's plan runs a group's sequences as several packed calls
+            (``Group.micro_batches``: one call would not fit in memory), a list of such dicts, one per
+            micro-batch, to run in order.
 
         Raises:
             ValueError: malformed batch (names the key), an attention_mask with padding between tokens or an
@@ -147,6 +149,14 @@ class SPModel(torch.nn.Module):
                 alone (``max_tokens_per_rank: ...``).
         """
         return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
+
+    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float = 5.0) -> None:
+        """With ``strategy="auto"``: start planning a coming step whose sequences have ``seq_lens`` now, in a
+        background process on rank 0, with a larger budget (the solve is off the critical path); the next
+        ``prepare`` of a batch with exactly these lengths uses that plan. Call it on every rank (ranks other than
+        0 do nothing) as soon as the data loader knows the next batch. A no-op for a fixed strategy.
+        """
+        self.runner.plan_ahead(seq_lens, time_limit_s=time_limit_s)
 
     # -- forward / loss / gradients ------------------------------------------------------------------
 
@@ -570,10 +580,6 @@ def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
     """Every local check of ``parallelize`` (no communication), then the routing of the model's attention."""
     _, _, size = comm.group_info(config.sp_group)
     wrapper, model = model, _unwrap_ddp(model)
-    if config.strategy == "auto" and size & (size - 1):
-        raise ValueError(
-            f"strategy: 'auto' plans power-of-two groups and needs a power-of-two world size, got {size}"
-        )
 
     integrations.register_builtin_adapters()
     linear_modules = _install_adapters(model)

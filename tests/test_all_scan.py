@@ -167,3 +167,27 @@ def test_piece_count_rule():
     assert choose_pieces(256, 16 * LATENCY_BYTES, 128) == round((254 * 16) ** 0.5)  # 64 pieces at P = 256
     assert choose_pieces(256, 128 * LATENCY_BYTES, 128) == 128  # clamped to Dk
     assert choose_pieces(4, 64 * LATENCY_BYTES, 64) == round((2 * 64) ** 0.5)
+
+
+def test_piece_count_comes_from_the_links_latency_bandwidth_product():
+    """K = sqrt((P - 2) N / (alpha / beta)): a slow link with small latency cuts the state finer; the op takes
+    the emulated link's product, the cost model its Link's, and both charge the same K."""
+    from seqpar import strategies
+    from seqpar.collectives import comm
+    from seqpar.collectives.scan import LATENCY_BYTES, choose_pieces, link_latency_bytes
+
+    assert choose_pieces(4, 131072, 64, latency_bytes=32768) == 3  # sqrt(2 * 4) = 2.8
+    assert choose_pieces(4, 131072, 64, latency_bytes=8) == 64  # sqrt(2 * 16384) = 181, clamped to Dk
+    assert choose_pieces(8, 131072, 64, latency_bytes=0) == 64  # no latency: as fine as Dk allows
+    assert link_latency_bytes() == LATENCY_BYTES  # no emulation: the default assumption
+    comm.set_link_emulation(comm.LinkEmulation(gbps=0.008, latency_s=20e-6))  # 1 MB/s x 20 us = 20 bytes
+    try:
+        assert link_latency_bytes() == pytest.approx(20.0)
+    finally:
+        comm.set_link_emulation(None)
+    shape = strategies.LayerShape(seq_len=4096, degree=4, heads=8, kv_heads=8, head_dim=64, elem_bytes=4,
+                                  state_bytes=131072)
+    link = strategies.Link(1e6, 20e-6)
+    k = strategies.zeco_pieces(shape, link)
+    assert k == choose_pieces(4, 131072, 64, latency_bytes=20.0) == 64
+    assert strategies.zeco_scan_time(shape, link) == pytest.approx((4 - 1 + k - 1) * (131072 / k / 1e6 + 20e-6))

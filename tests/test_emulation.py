@@ -194,10 +194,11 @@ def test_the_cost_models_scan_time_is_what_the_emulated_link_charges_a_piecewise
     p, dk, state_numel, gbps, latency_s = 4, 64, 50_000, 0.2, 0.003  # a 200 KB state, 3 ms per message
     shape = strategies.LayerShape(seq_len=1024, degree=p, heads=1, kv_heads=1, head_dim=dk, elem_bytes=4,
                                   state_bytes=state_numel * 4)
-    pieces = strategies.zeco_pieces(shape)
+    link = strategies.Link(gbps * 1e9 / 8, latency_s)
+    pieces = strategies.zeco_pieces(shape, link)
     piece_numel = state_numel // pieces
     assert piece_numel * pieces == state_numel
-    predicted = strategies.zeco_scan_time(shape, strategies.Link(gbps * 1e9 / 8, latency_s))
+    predicted = strategies.zeco_scan_time(shape, link)
     assert predicted == pytest.approx((p - 1 + pieces - 1) * (piece_numel * 4 * 8 / (gbps * 1e9) + latency_s))
     res = run_distributed(piece_relay, p, pieces, piece_numel, gbps, latency_s)
     elapsed = res[-1]["done"] - res[0]["start"]
@@ -215,7 +216,7 @@ def test_linear_entries_charge_local_state_then_transfer_over_intra_chunk_then_i
     link = strategies.Link(bytes_per_s, lam)
     third = 1 / 3  # C = D = 64: state 2 D^2, intra 2 C D, inter 2 D^2 of the 2 C D + 4 D^2 per token and head
     gather = (p - 1) * (state / bytes_per_s + lam)
-    pieces = strategies.zeco_pieces(shape)
+    pieces = strategies.zeco_pieces(shape, link)
     scan = (p - 1 + pieces - 1) * (state / pieces / bytes_per_s + lam)
     for name, comm_s in (("lasp2", gather), ("zeco", scan)):
         expected = sum(2 * third * a + max(third * a, comm_s) for a in (fwd, bwd))

@@ -70,3 +70,24 @@ def test_torch_kernel_with_gla_decay_equals_the_float64_recurrence(chunk_size):
     # the per-key decay differs from its mean per head: the kernel must not collapse it
     _, head_final = reference_linear_attention(q, k, v, log_decay=g.mean(-1))
     assert rel_err(final, head_final) > 1e-3
+
+
+
+def triton_gla_cases() -> list:
+    """GLA on the Triton kernel (the interpreter here): LASP-2 and ZeCO call it for every output piece."""
+    p = dist.get_world_size()
+    lengths = LOCAL_LENGTHS[p]
+    cuts = [[0] + torch.tensor(lengths).cumsum(0).tolist()]
+    seqs = global_problem(7, [sum(lengths)], 2, "key", True)
+    ref = reference(seqs, True)
+    results = []
+    for op_name in ("lasp2", "zeco"):
+        res = run_sp(op_name, seqs, ref, cuts, packed=False, with_final=True, dtype=torch.float32, chunk_size=16,
+                     backend="triton")
+        results.append(((op_name, "key", "triton"), torch.float32, res, whole_held_reference(seqs, ref)))
+    return results
+
+
+def test_gla_on_the_triton_kernel_equals_the_float64_recurrence():
+    pytest.importorskip("triton", reason="triton not installed")
+    assert_all_match(run_distributed(triton_gla_cases, 3))

@@ -5,6 +5,9 @@ models with a causal convolution or a cumsum over the sequence are the same bug 
 name the module on every rank, and must not refuse the models seqpar does run correctly (no false positive),
 nor disturb the caller's RNG streams or train/eval flags."""
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn as nn
@@ -74,6 +77,16 @@ class GPTWithMixer(nn.Module):
         return self.head(x)
 
 
+@contextlib.contextmanager
+def without_delta_rule_adapters():
+    """Qwen3-Next's Gated DeltaNet as it was before seqpar routed it (issue 20): no adapter registered."""
+    from seqpar import integrations, integrations_delta
+
+    with mock.patch.dict(integrations._ADAPTERS, clear=True), \
+            mock.patch.object(integrations_delta, "register_delta_adapters", lambda register: None):
+        yield
+
+
 def refusals():
     """The ValueError message parallelize gives for each model (None: it did not refuse)."""
     builders = {
@@ -85,10 +98,13 @@ def refusals():
     messages = {}
     for name, (build, strategy) in builders.items():
         try:
-            seqpar.parallelize(build(), strategy=strategy)
+            with without_delta_rule_adapters():
+                seqpar.parallelize(build(), strategy=strategy)
             messages[name] = None
         except ValueError as err:
             messages[name] = str(err)
+    seqpar.parallelize(tiny_qwen3_next(), strategy="ring")  # routed now (issue 20): the probe accepts it
+    messages["qwen3-next-routed"] = None
     return messages
 
 
@@ -96,6 +112,7 @@ def test_unrouted_sequence_mixing_is_refused_on_every_rank_naming_the_module():
     per_rank = run_distributed(refusals, 2)
     assert per_rank[0] == per_rank[1]  # every rank raised, with the same verdict
     messages = per_rank[0]
+    assert messages.pop("qwen3-next-routed") is None
     for name, message in messages.items():
         assert message is not None and message.startswith("model:"), (name, message)
         assert "mixes tokens along the sequence" in message and "register_adapter" in message, message
@@ -114,7 +131,7 @@ def qwen3_next_error_without_the_probe():
 
     model = tiny_qwen3_next()
     ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad(), without_delta_rule_adapters():
         reference = model(input_ids=ids, use_cache=False).logits
         sp_model = seqpar.parallelize(model, strategy="ring", verify_model=False)
         logits = sp_model(**sp_model.prepare({"input_ids": ids})).logits

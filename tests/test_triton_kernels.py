@@ -115,7 +115,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "compiled 9/9 kernel variants" in run.stdout
+    assert "compiled 14/14 kernel variants" in run.stdout  # 4 attention, 5 linear x 2 decay kinds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,11 +272,13 @@ def test_triton_attention_rejects_bad_input():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _decay(kind, b, s, h, gen):
+def _decay(kind, b, s, h, dk, gen):
     if kind == "none":
         return None
     if kind == "head":
         return -torch.rand(h, generator=gen, dtype=torch.float64) * 0.5
+    if kind == "key":  # GLA: per token and key dimension, spread wide so a per-head mean would be far off
+        return -torch.rand(b, s, h, dk, generator=gen, dtype=torch.float64) ** 2 * 1.5
     return -torch.rand(b, s, h, generator=gen, dtype=torch.float64) * 0.5
 
 
@@ -289,13 +291,15 @@ def _decay(kind, b, s, h, gen):
         ("token", 37, 16, torch.float32, True),
         ("token", 64, 32, torch.float32, False),  # no initial state, chunk 32
         ("token", 40, 16, torch.bfloat16, True),
+        ("key", 37, 16, torch.float32, True),  # GLA, ragged last chunk
+        ("key", 32, 32, torch.bfloat16, False),
     ],
 )
 def test_triton_linear_attention_matches_recurrence(decay, s, chunk, dtype, with_state):
     gen = torch.Generator().manual_seed(s * 10 + chunk)
     b, h, dk, dv = 2, 2, 32, 16
     q, k, v = _rand(gen, b, s, h, dk), _rand(gen, b, s, h, dk), _rand(gen, b, s, h, dv)
-    g = _decay(decay, b, s, h, gen)
+    g = _decay(decay, b, s, h, dk, gen)
     s0 = _rand(gen, b, h, dk, dv) if with_state else None
     if dtype != torch.float32:
         q, k, v = (x.to(dtype).double() for x in (q, k, v))
@@ -348,3 +352,25 @@ def test_triton_linear_without_final_state_and_lasp2_pieces():
     ref_o, _ = reference_linear_attention(*ref_leaves, log_decay=g.double())
     for got, ref in zip(grads, torch.autograd.grad(ref_o.sum(), ref_leaves)):
         assert rel_err(got, ref) < 1e-4
+
+
+def test_auto_keeps_a_backend_that_takes_a_per_key_decay(monkeypatch):
+    """GLA (B, S, H, Dk) runs where ``"auto"`` resolves, if that backend takes a per-key decay (Triton does);
+    otherwise ``"auto"`` falls back to torch and asking for it by name raises naming ``log_decay``."""
+    from seqpar.kernels import linear
+
+    if HAS_TRITON:
+        assert linear.get_linear_backend(TRITON, CPU, torch.float32).key_decay
+    gla = torch.zeros(1, 4, 2, 8)
+
+    def fake(key_decay):
+        return linear.LinearBackend(name=TRITON, chunk=lambda *a, **k: None, supports=lambda device, dtype: True,
+                                    auto_eligible=lambda device, dtype: True, key_decay=key_decay)
+
+    monkeypatch.setitem(linear._BACKENDS, TRITON, fake(True))
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla).name == TRITON
+    monkeypatch.setitem(linear._BACKENDS, TRITON, fake(False))
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla).name == "torch"
+    assert linear.backend_for_decay("auto", CPU, torch.float32, gla[..., 0]).name == TRITON  # per token: kept
+    with pytest.raises(ValueError, match="log_decay: the 'triton' backend has no per-key"):
+        linear.backend_for_decay(TRITON, CPU, torch.float32, gla)

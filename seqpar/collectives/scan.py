@@ -18,47 +18,66 @@ Bytes sent (e: element size of the state, N: elements of one state):
     every rank but the last in the scan direction:   N * e   (one state, as ``num_pieces`` sends)
     the last rank (P - 1, or 0 when reverse):         0
 
-No rank sends the decay: only its owner uses it. The receives are posted when a ``ScanRelay`` is created;
-``start`` gives the rank's (M_r, D_r) (the first rank sends everything at once), ``progress`` forwards every
-piece that has arrived without blocking, so a caller (``zeco_linear_attention``) calls it between pieces of its
-local compute and the scan travels down the chain while every rank computes; ``complete`` waits for the rest.
+No rank sends the decay: only its owner uses it. ``ScanRelay.start`` gives the rank's (M_r, D_r): the first
+rank sends everything at once, every other rank starts a relay thread that receives, combines and forwards each
+piece as soon as it has arrived, so a caller (``zeco_linear_attention``) computes while the scan travels down
+the chain; ``complete`` joins the relay.
 Tags: ``comm.tags.SCAN_NEXT + j`` (forward) and ``SCAN_PREV + j`` (reverse) for piece j; transfers
 with the same tag between the same two ranks are matched in order, so consecutive scans (one per layer) never
 mix. Every piece is one ``comm.recv`` / ``comm.send``, each an ``exchange`` of one message: the relay waits for
-piece j and forwards it before it waits for piece j + 1, so the pieces cannot share one exchange.
+piece j and forwards it before it waits for piece j + 1, so the pieces cannot share one exchange. While a relay
+thread runs, its caller must not start other transfers to the same peers with the same tags (the next scan's
+relay is created after ``complete``).
 """
 
 from __future__ import annotations
 
+import threading
 
 import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
+from seqpar.collectives.comm import emulation
 
-__all__ = ["DEFAULT_PIECES", "LATENCY_BYTES", "MAX_PIECES", "ScanRelay", "all_scan", "choose_pieces", "piece_sizes"]
+__all__ = ["DEFAULT_PIECES", "LATENCY_BYTES", "MAX_PIECES", "ScanRelay", "all_scan", "choose_pieces",
+           "link_latency_bytes", "piece_sizes"]
 
 DEFAULT_PIECES = 8
 LATENCY_BYTES = 64 * 1024
 """The message size whose transfer time equals one link latency (alpha * bandwidth; ~64 KiB for 10 us at
-6.4 GB/s). ``choose_pieces`` sizes pieces against it."""
+6.4 GB/s), assumed where the link is not known (``link_latency_bytes``)."""
 MAX_PIECES = comm.tags.SCAN_PIECES  # piece j travels with tag SCAN_NEXT + j (SCAN_PREV + j reversed)
 TAG_SCAN_NEXT = comm.tags.SCAN_NEXT
 TAG_SCAN_PREV = comm.tags.SCAN_PREV
 
 
-def choose_pieces(world_size: int, state_bytes: int, dk: int) -> int:
-    """The piece count for a scan over ``world_size`` ranks of a state of ``state_bytes``, cut along ``dk``.
+def link_latency_bytes() -> float:
+    """alpha / beta of the link the scan runs on, in bytes (latency x bandwidth): the emulated link's when link
+    emulation is on (``comm.emulation.link_emulation()``), else ``LATENCY_BYTES``."""
+    link = emulation.link_emulation()
+    if link is None:
+        return float(LATENCY_BYTES)
+    return link.latency_s * link.gbps * 1e9 / 8
 
-    The last rank has its state after (P - 1) + (K - 1) piece hops of alpha + beta * bytes / K each (alpha the
-    latency, beta the time per byte): T(K) = (P + K - 2) (alpha + beta N / K) ~ beta N + (P - 2) alpha + ...
-    is smallest at K* = sqrt((P - 2) N beta / alpha) = sqrt((P - 2) * N / LATENCY_BYTES), where T is about one
-    whole-state transfer plus P - 2 small-piece hops, instead of P - 1 whole-state hops with K = 1. Rounded and
-    clamped to [1, min(dk, MAX_PIECES)]; P <= 2 gives 1 (nothing to pipeline through).
+
+def choose_pieces(world_size: int, state_bytes: float, dk: int, *, latency_bytes: float = LATENCY_BYTES) -> int:
+    """The piece count for a scan over ``world_size`` ranks of a state of ``state_bytes``, cut along ``dk``, on
+    links whose latency equals the transfer time of ``latency_bytes`` (alpha / beta; ``link_latency_bytes``).
+
+    The last rank has its state after (P - 1) + (K - 1) piece hops of alpha + beta * N / K each (alpha the
+    latency, beta the time per byte): T(K) = (P + K - 2) (alpha + beta N / K) = beta N + (P - 2) alpha
+    + (P - 2) beta N / K + K alpha, smallest at K* = sqrt((P - 2) N beta / alpha) = sqrt((P - 2) N /
+    latency_bytes), where T = beta N + (P - 2) alpha + 2 sqrt((P - 2) alpha beta N): about one whole-state
+    transfer plus small-piece hops, instead of P - 1 whole-state hops with K = 1. Rounded and clamped to
+    [1, min(dk, MAX_PIECES)] (a latency-free link gives the most pieces); P <= 2 gives 1 (nothing to pipeline
+    through).
     """
     if world_size <= 2:
         return 1
-    best = round(((world_size - 2) * state_bytes / LATENCY_BYTES) ** 0.5)
+    if latency_bytes <= 0:
+        return max(1, min(dk, MAX_PIECES))
+    best = round(((world_size - 2) * state_bytes / latency_bytes) ** 0.5)
     return max(1, min(best, dk, MAX_PIECES))
 
 
@@ -82,10 +101,14 @@ def piece_sizes(dk: int, num_pieces: int | None) -> list[int]:
 class ScanRelay:
     """This rank's part of one pipelined scan, in two steps so that compute can run between them.
 
-    Creating it posts the receives of every piece from the previous rank in the scan direction (nothing is
-    sent, nothing waited). ``relay`` then combines and forwards piece by piece; ``finish`` waits for the sends.
-    Every rank of the group must create its relay for the same shapes and direction, and call ``relay`` once
-    it has: receives left posted by a rank that gave up would match the next scan's pieces.
+    ``start`` gives the rank's (M_r, D_r): the first rank in the scan direction forwards all its pieces at once;
+    every other rank starts a relay thread that posts the receives of every piece from the previous rank and
+    combines and forwards each piece the moment it has arrived, while the caller's thread computes (as a
+    communication engine would: the relay's hops do not wait for the caller's compute to reach a checkpoint,
+    so a chain of relays costs what its links cost). ``complete`` joins the thread (bounded by the comm
+    timeout) and returns what was received; ``finish`` waits for the sends. Every rank of the group must
+    create its relay for the same shapes and direction and call ``start`` and ``complete``: receives left
+    posted by a rank that gave up would match the next scan's pieces.
     """
 
     def __init__(
@@ -109,11 +132,8 @@ class ScanRelay:
         self.direction = "prev" if reverse else "next"
         self._sends: list[comm.PendingTransfer] = []
         self._sent: list[torch.Tensor] = []  # keeps the send buffers alive until finish()
-        self._recvs = []
-        if self.src is not None:
-            for j, n in enumerate(self.sizes):
-                buf = torch.empty(*self.shape[:-2], n, self.shape[-1], dtype=dtype, device=device)
-                self._recvs.append(comm.recv(buf, self.src, group=self.group, tag=self.tag + j))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def is_first(self) -> bool:
@@ -143,21 +163,41 @@ class ScanRelay:
         *,
         initial_state: torch.Tensor | None = None,
     ) -> None:
-        """Give this rank's (M, D); the first rank forwards all its pieces now, the others every piece that has
-        already arrived (``progress``). ``local_log_decay`` is shaped like the state without its last two dims
+        """Give this rank's (M, D); the first rank forwards all its pieces now, the others start relaying (on a
+        thread) as the pieces arrive. ``local_log_decay`` is shaped like the state without its last two dims
         (one factor per state) or without its last one (GLA: one factor per key row)."""
-        self._mine = local_state
+        self._mine = local_state.detach()
         self._initial = initial_state
         self._factor = None
         if local_log_decay is not None:
-            factor = torch.exp(local_log_decay.to(self.dtype))
+            factor = torch.exp(local_log_decay.detach().to(self.dtype))
             per_row = local_log_decay.dim() == len(self.shape) - 1
             self._factor = factor[..., None] if per_row else factor[..., None, None]
-        self._ins, self._outs, self._next = [], [], 0
-        self.progress()
+        self._ins, self._outs = [], []
+        if self.is_first:
+            for j in range(len(self.sizes)):
+                self._forward_piece(j, self._first_piece(j))
+            return
+        self._thread = threading.Thread(target=self._relay_arrivals, name="seqpar-scan-relay", daemon=True)
+        self._thread.start()
 
-    def _forward_piece(self, incoming: torch.Tensor) -> None:
-        j = self._next
+    def _relay_arrivals(self) -> None:
+        """The relay thread: post every piece's receive, then forward each as it arrives, in order. It blocks in
+        ``wait`` (which releases the GIL: the caller's compute runs meanwhile) rather than polling: a gloo
+        point-to-point work reports completion only once waited for, so ``PendingTransfer.arrived`` stays False
+        until then and a relay that polls it between pieces of compute forwards nothing before its last wait."""
+        try:
+            with torch.no_grad():
+                recvs = []
+                for j, n in enumerate(self.sizes):
+                    buf = torch.empty(*self.shape[:-2], n, self.shape[-1], dtype=self.dtype, device=self.device)
+                    recvs.append(comm.recv(buf, self.src, group=self.group, tag=self.tag + j))
+                for j, pending in enumerate(recvs):
+                    self._forward_piece(j, pending.wait())
+        except BaseException as err:  # re-raised by complete() on the caller's thread
+            self._error = err
+
+    def _forward_piece(self, j: int, incoming: torch.Tensor) -> None:
         start = sum(self.sizes[:j])
         sl = slice(start, start + self.sizes[j])
         mine = self._mine[..., sl, :].to(self.dtype)
@@ -172,7 +212,6 @@ class ScanRelay:
             )
         self._ins.append(incoming)
         self._outs.append(outgoing)
-        self._next += 1
 
     def _first_piece(self, j: int) -> torch.Tensor:
         n = self.sizes[j]
@@ -182,21 +221,25 @@ class ScanRelay:
         return torch.zeros(*self.shape[:-2], n, self.shape[-1], dtype=self.dtype, device=self.device)
 
     def progress(self) -> None:
-        """Forward, in order, every piece that has arrived, without waiting (between pieces of local compute).
-        The first rank has nothing to wait for and forwards everything."""
-        while self._next < len(self.sizes):
-            if not self._recvs:
-                self._forward_piece(self._first_piece(self._next))
-            elif self._recvs[self._next].arrived():
-                self._forward_piece(self._recvs[self._next].wait())
-            else:
-                return
+        """Kept for callers that poll between pieces of compute: the relay thread forwards pieces as they arrive,
+        so there is nothing to do here."""
 
     def complete(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for (bounded by the comm timeout), combine and forward the remaining pieces; ``(incoming,
-        outgoing)`` as ``relay``."""
-        while self._next < len(self.sizes):
-            self._forward_piece(self._recvs[self._next].wait() if self._recvs else self._first_piece(self._next))
+        """Wait for the relay thread (bounded by the comm timeout, plus a margin for its own waits); ``(incoming,
+        outgoing)`` as ``relay``.
+
+        Raises:
+            RuntimeError: a piece did not arrive in time or a transfer failed (the relay thread's error).
+        """
+        if self._thread is not None:
+            timeout = comm.default_timeout().total_seconds() + 30.0
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"seqpar: All-Scan relay from rank {self.src} did not finish in {timeout:g} s")
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         return torch.cat(self._ins, -2), torch.cat(self._outs, -2)
 
     def finish(self) -> None:

@@ -6,19 +6,19 @@ every rank's state on every rank, ZeCO passes one state along the chain: rank r 
 
 How the compute overlaps the scan (the paper's schedule; one thread per rank, asynchronous point-to-point):
 
-* forward: the receives of S_in(r)'s pieces are posted first; then the state pass (M_r, D_r: O(S Dk Dv), cheap);
-  then the scan starts: rank 0 sends all its pieces at once, every other rank forwards piece j
-  (exp(D_r) S_in(r)[j] + M_r[j]) as soon as it has arrived. The intra-chunk work (the output pass, O(S C D))
-  runs in ``INTRA_PIECES`` pieces per sequence, and between pieces the rank forwards whatever scan pieces have
-  arrived (``ScanRelay.progress``, never blocking), so the scan travels down the chain while every rank
-  computes. Then the remaining pieces are waited for and the inter term is added with the whole S_in(r).
-* backward: the receives of a_{r+1} are posted first; L_r (one einsum) is computed; the reverse scan starts
-  (rank P - 1 sends a_{P-1} = L_{P-1} + exp(D_{P-1}) a_P at once); the gradients through the output pieces
-  run with relay progress between them; then the remaining pieces, then the gradients through M_r and D_r.
+* forward: the state pass (M_r, D_r: O(S Dk Dv), cheap); then the scan starts: rank 0 sends all its pieces at
+  once, every other rank's relay thread (``scan.ScanRelay``) forwards piece j (exp(D_r) S_in(r)[j] + M_r[j])
+  as soon as it has arrived, while the rank runs the intra-chunk work (the output pass, O(S C D)), so the scan
+  travels down the chain while every rank computes. Then the relay is joined and the inter term is added with
+  the whole S_in(r).
+* backward: L_r (one einsum) is computed; the reverse scan starts (rank P - 1 sends a_{P-1} = L_{P-1} +
+  exp(D_{P-1}) a_P at once; the others relay on their thread); the gradients through the output pass run
+  meanwhile; then the relay is joined, then the gradients through M_r and D_r.
 
-Piece count (``scan.choose_pieces``): K = sqrt((P - 2) * state bytes / LATENCY_BYTES), clamped to [1, Dk], so
-the last rank has its state after about one whole-state transfer plus P - 2 small-piece hops (not P - 1
-whole-state hops, nor, at P = 256 with a fixed 8 pieces, ~33 state times).
+Piece count (``scan.choose_pieces``): K = sqrt((P - 2) * state bytes / (latency x bandwidth)), clamped to
+[1, Dk], with the link's latency-bandwidth product (``scan.link_latency_bytes``: the emulated link's, else
+``scan.LATENCY_BYTES``), so the last rank has its state after about one whole-state transfer plus small-piece
+hops (not P - 1 whole-state hops, nor, at P = 256 with a fixed 8 pieces, ~33 state times).
 
 The final state (``output_final_state``) leaves rank P - 1 by a binomial tree: rank P - 1 - rel receives from
 its parent (rel with its highest bit cleared) and sends to rel + 2^j for every 2^j > rel, so it reaches every
@@ -48,14 +48,15 @@ import torch.distributed as dist
 from seqpar import tracing
 from seqpar.collectives import comm
 from seqpar.collectives.lasp2 import LinearSP, LocalPass, prepare_linear_sp
-from seqpar.collectives.scan import ScanRelay, choose_pieces, piece_sizes
+from seqpar.collectives.scan import ScanRelay, choose_pieces, link_latency_bytes, piece_sizes
 
 __all__ = ["INTRA_PIECES", "final_state_tree", "zeco_linear_attention"]
 
 TAG_FINAL_STATE = comm.tags.ZECO_FINAL_STATE  # the final state, down the tree from rank P-1
 TAG_FINAL_GRAD = comm.tags.ZECO_FINAL_GRAD  # its gradients, summed up the tree to rank P-1
-INTRA_PIECES = 4
-"""Pieces the intra-chunk work of each sequence runs in (chunk-aligned), with scan relay progress between them."""
+INTRA_PIECES = 1
+"""Pieces the intra-chunk work of each sequence runs in (chunk-aligned), with ``ScanRelay.progress`` calls
+between them. One: the relay runs on its own thread and needs no checkpoints in the compute."""
 
 
 def final_state_tree(rank: int, world_size: int) -> tuple[int | None, list[int]]:
@@ -73,7 +74,7 @@ def final_state_tree(rank: int, world_size: int) -> tuple[int | None, list[int]]
 def _pieces(sp: LinearSP, num_pieces: int | None) -> int:
     e = torch.finfo(sp.cdt).bits // 8
     return num_pieces if num_pieces is not None else choose_pieces(
-        sp.world_size, math.prod(sp.state_shape) * e, sp.shape[3])
+        sp.world_size, math.prod(sp.state_shape) * e, sp.shape[3], latency_bytes=link_latency_bytes())
 
 
 class _Zeco(torch.autograd.Function):
@@ -119,7 +120,7 @@ class _Zeco(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         sp: LinearSP = ctx.sp
         local: LocalPass = ctx.local
-        # post the receives of a_{r+1} first: the reverse scan comes down the chain while we compute
+        # the reverse scan comes down the chain (relayed on a thread) while we compute
         relay = ScanRelay(sp.state_shape, sp.cdt, do.device, group=sp.group, num_pieces=ctx.pieces, reverse=True)
         d_final, grad_send = None, None
         if ctx.output_final_state:  # a_P = the sum of every rank's final-state gradient, summed up the tree
@@ -187,7 +188,8 @@ def zeco_linear_attention(
         cu_seqlens: a packed batch, as ``lasp2_linear_attention``: one scan carries all N_seq states.
         chunk_size: the chunked kernel's chunk length.
         layout: must be ``"contiguous"``.
-        num_pieces: pieces along Dk the state travels in (default ``scan.choose_pieces(P, state bytes, Dk)``).
+        num_pieces: pieces along Dk the state travels in (default ``scan.choose_pieces`` from P, the state's
+            bytes, Dk and the link's latency-bandwidth product).
         backend: kernel backend for the intra-chunk part.
 
     Returns:

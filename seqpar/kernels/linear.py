@@ -17,8 +17,8 @@ k_t v_t^T, every key row of the state decays by its own factor; b_t, B are then 
 backend runs a state pass (``chunk_local_states``: every chunk's entering state) then a batched output pass
 (``chunk_local_output``); the SP algorithms (LASP-2, ZeCO) run the two passes apart, with their communication in
 between, and add the incoming state's term (``linear_attention_inter`` / ``decayed_queries``) once it is known.
-``chunk_state`` is the state contribution alone, for other backends. The GLA kind runs on the torch backend only
-(``backend_for_decay``).
+``chunk_state`` is the state contribution alone, for other backends. The GLA kind runs on the backends that have
+its per-key intra-chunk weights (``LinearBackend.key_decay``: torch and triton; ``backend_for_decay``).
 
 Backends: a registry like softmax attention's (``LinearBackend``, ``register_linear_backend``,
 ``get_linear_backend``). ``"torch"`` is defined here; ``"triton"`` registers itself from
@@ -71,6 +71,7 @@ class LinearBackend:
             on CPU under the interpreter when asked by name, but ``"auto"`` must not pick a numpy emulation.
             (The same rule as ``AttentionBackend``: a backend is named for its kernels.)
         needs: a short requirement for the error message when it cannot run (e.g. "CUDA").
+        key_decay: whether it takes a per-key (GLA) decay (B, S, H, Dk); ``"auto"`` skips it for one otherwise.
     """
 
     name: str
@@ -78,6 +79,7 @@ class LinearBackend:
     supports: Callable[[torch.device, torch.dtype], bool]
     auto_eligible: Callable[[torch.device, torch.dtype], bool] | None = None
     needs: str = ""
+    key_decay: bool = False
 
 
 _BACKENDS: dict[str, LinearBackend] = {}
@@ -226,17 +228,16 @@ def linear_attention_chunk(
 
 def backend_for_decay(backend: str, device: torch.device, dtype: torch.dtype,
                       log_decay: torch.Tensor | None) -> LinearBackend:
-    """``get_linear_backend``, except that a GLA (per-key) decay runs on the torch backend: only its chunked form
-    has the per-key intra-chunk weights so far. ``"auto"`` then picks torch; asking for another backend by name
-    raises.
+    """``get_linear_backend``, except that a GLA (per-key) decay needs a backend with ``key_decay`` (torch,
+    triton): ``"auto"`` falls back to torch from one without it; asking for one without it by name raises.
 
     Raises:
         ValueError: as ``get_linear_backend``; naming ``log_decay`` for a per-key decay with a non-torch backend.
     """
     impl = get_linear_backend(backend, device, dtype)
-    if is_key_decay(log_decay) and impl.name != "torch":
+    if is_key_decay(log_decay) and not impl.key_decay:
         if backend != "auto":
-            raise ValueError(f"log_decay: the {impl.name!r} backend has no per-key (GLA) decay yet; use "
+            raise ValueError(f"log_decay: the {impl.name!r} backend has no per-key (GLA) decay; use "
                              f"backend='torch' (or 'auto')")
         impl = get_linear_backend("torch", device, dtype)
     return impl
@@ -361,7 +362,8 @@ def linear_attention_inter(
 
 
 register_linear_backend(
-    LinearBackend(name="torch", chunk=_torch_chunk, supports=lambda device, dtype: dtype.is_floating_point)
+    LinearBackend(name="torch", chunk=_torch_chunk, supports=lambda device, dtype: dtype.is_floating_point,
+                  key_decay=True)
 )
 
 

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["reference_attention", "reference_linear_attention"]
+__all__ = ["reference_attention", "reference_gated_delta_rule", "reference_linear_attention"]
 
 
 def reference_attention(
@@ -115,5 +115,41 @@ def reference_linear_attention(
             decay = torch.exp(log_decay[:, t])[:, :, :, None]
         kv = k[:, t, :, :, None] * v[:, t, :, None, :]
         state = kv + (state if decay is None else decay * state)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state
+
+
+def reference_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule, one token at a time; returns ``(o, final_state)``.
+
+    S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,  o_t = scale * S_t^T q_t,
+
+    with the state S (Dk, Dv) (transformers' and fla's layout). exp(g_t) is one factor per head (Gated DeltaNet,
+    log_decay (B, S, H)) or one per key row (Kimi Delta Attention, (B, S, H, Dk)); None: no decay (DeltaNet).
+
+    Shapes: q, k (B, S, H, Dk); v (B, S, H, Dv); beta (B, S, H); initial_state (B, H, Dk, Dv);
+    o (B, S, H, Dv); final_state (B, H, Dk, Dv).
+    """
+    b, s, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(dk) if scale is None else scale
+    state = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state
+    outs = []
+    for t in range(s):
+        if log_decay is not None:
+            g = log_decay[:, t]
+            state = state * torch.exp(g)[..., None, None] if g.dim() == 2 else state * torch.exp(g)[..., None]
+        k_t, v_t, beta_t = k[:, t], v[:, t], beta[:, t, :, None]
+        predicted = torch.einsum("bhk,bhkv->bhv", k_t, state)  # what the decayed state recalls for k_t
+        state = state + k_t[..., :, None] * (beta_t * (v_t - predicted))[..., None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     return torch.stack(outs, dim=1), state

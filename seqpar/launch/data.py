@@ -137,6 +137,11 @@ class SyntheticTokens:
             batch.append(torch.from_numpy(tokens))
         return batch
 
+    def upcoming_lengths(self) -> list[int]:
+        """The sequence lengths of the batch ``next_batch`` returns next (without drawing it): for planning ahead."""
+        rng = np.random.default_rng([self.seed, self.step])
+        return step_lengths(self.kind, self.tokens_per_step, self.max_len, rng)
+
     def state(self) -> dict:
         return {"step": self.step}
 
@@ -203,6 +208,11 @@ class TokenFile:
             self.position = int((self.position + n) % self.tokens.size)
             batch.append(torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)))
         return batch
+
+    def upcoming_lengths(self) -> list[int]:
+        """The sequence lengths of the batch ``next_batch`` returns next (without drawing it): for planning ahead."""
+        rng = np.random.default_rng([self.seed, self.step])
+        return step_lengths("longtail", self.tokens_per_step, self.max_len, rng)
 
     def state(self) -> dict:
         return {"position": self.position, "step": self.step}

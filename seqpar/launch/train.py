@@ -8,6 +8,8 @@ shards it (``--dp N``: N data-parallel replicas, each training on its own part o
 ("dp", "sp") mesh). ``--fsdp`` (meant to be the default with more than one rank) shards weights, gradients and
 optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomputes each decoder layer in backward;
 ``--micro-batch-tokens N`` runs a step as micro-batches of at most N tokens per rank, accumulating gradients.
+With ``--strategy auto`` rank 0 plans step t+1 in a background process while step t trains (``--no-plan-ahead``:
+inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached).
 "cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
 Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
 ``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
@@ -50,6 +52,9 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss or gradient more often than ``--skip-nonfinite`` allows."""
 
 
+DEFAULT_CALIBRATION = Path("seqpar-calibration.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar-train", description="Sequence-parallel causal-LM training (torchrun).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -84,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "world/N SP ranks; each trains on its own part of every step's batch")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="run each step as micro-batches of at most "
                    "N tokens per rank (prepare's max_tokens_per_rank), accumulating gradients")
+    p.add_argument("--calibrate", nargs="?", type=Path, const=DEFAULT_CALIBRATION, default=None, metavar="FILE",
+                   help="with --strategy auto: plan with a cost model fitted to this machine (a short profile of "
+                   "every group shape at two lengths, run once and cached in FILE; default "
+                   f"{DEFAULT_CALIBRATION})")
+    p.add_argument("--plan-ahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --strategy auto: plan step t+1 in the background while step t trains (default on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, the synthetic data and the "
                    "document order")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="directory of the run's checkpoints (None: "
@@ -647,6 +658,15 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
         replica = mesh.get_local_rank("dp")
     sp_model = seqpar.parallelize(model, strategy=args.strategy, linear_strategy=args.linear_strategy,
                                   **parallel_options)
+    if args.strategy == "auto" and args.calibrate is not None:
+        from seqpar.launch.calibrate import calibrated_cost_model, use_cost_model
+
+        use_cost_model(sp_model, calibrated_cost_model(sp_model, sp_model.config.cost_model, args.calibrate,
+                                                       model_name=args.model, vocab_size=model.config.vocab_size,
+                                                       device=device))
+    # plan step t+1 while step t trains (rank 0, a background process); the data source knows its lengths
+    plan_ahead = (args.strategy == "auto" and args.plan_ahead and args.dp == 1
+                  and hasattr(source, "upcoming_lengths"))
     prepare_options = {} if args.micro_batch_tokens is None else {"max_tokens_per_rank": args.micro_batch_tokens}
     settings = {name: default if getattr(args, name) is None else getattr(args, name)
                 for name, default in OPTIMIZER_DEFAULTS.items()}
@@ -674,10 +694,14 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
                              total_steps=args.steps, start_step=start_step)
     eval_batches = _eval_batches(args, model.config.vocab_size) if args.eval_data is not None else None
 
-    def run_batch(batch: list[torch.Tensor], *, backward: bool) -> tuple[torch.Tensor, Any]:
-        """The global token-mean loss of ``batch`` through the SP path (gradients accumulated if ``backward``)."""
+    def run_batch(batch: list[torch.Tensor], *, backward: bool, plan_next: bool = False) -> tuple[torch.Tensor, Any]:
+        """The global token-mean loss of ``batch`` through the SP path (gradients accumulated if ``backward``);
+        ``plan_next``: once this step's plan is in use, start planning the next batch (solved while this one
+        trains)."""
         mine = batch if args.dp == 1 else replica_batch(batch, replica=replica, replicas=args.dp)
         prepared = sp_model.prepare(mine, **prepare_options)
+        if plan_next:
+            sp_model.plan_ahead(source.upcoming_lengths())
         # with a token budget, prepare gives a list of micro-batches, each normalised by the whole step's
         # tokens: their losses add up to the step's and their gradients accumulate to its gradient
         micro_batches = prepared if isinstance(prepared, list) else [prepared]
@@ -717,7 +741,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             with count_comm() as stats:
-                step_loss, out = run_batch(batch, backward=True)
+                step_loss, out = run_batch(batch, backward=True, plan_next=plan_ahead and step + 1 < args.steps)
                 if not fsdp:  # FSDP2 reduces the gradients in backward
                     sp_model.sync_gradients()
             # The one host sync of the step (the log, the finiteness decision and the clipping factor need both

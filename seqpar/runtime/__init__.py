@@ -13,7 +13,9 @@ from seqpar.runtime.config import SPConfig
 from seqpar.runtime.context import (
     SPContext,
     bind_to_backward,
+    causal_conv1d,
     current_context,
+    delta_rule_attention,
     linear_attention,
     softmax_attention,
     sp_context,
@@ -27,6 +29,8 @@ __all__ = [
     "SPConfig",
     "SPContext",
     "bind_to_backward",
+    "causal_conv1d",
+    "delta_rule_attention",
     "StepRunner",
     "StepShard",
     "check_plan",

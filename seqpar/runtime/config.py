@@ -26,8 +26,8 @@ class SPConfig:
             loss is the token mean over all replicas and gradients are summed over the whole mesh.
         strategy: a registered softmax strategy (``seqpar.strategies.names("softmax")``: ring, token_ring,
             ulysses, allgather_kv, ...) or ``"auto"``: rank 0 plans every step with ``seqpar.solver.plan_step``
-            (groups of different sizes and strategies; needs a power-of-two world) and every rank runs rank 0's
-            plan.
+            (power-of-two groups of different sizes and strategies, any world: 3 ranks = 2 + 1) and every rank
+            runs rank 0's plan.
         linear_strategy: a registered linear strategy (``names("linear")``: zeco, lasp2) for linear-attention
             layers when ``strategy`` is fixed (an ``"auto"`` plan names its own per group).
         layout: ``"zigzag"``, ``"contiguous"`` or ``"auto"`` (zigzag; contiguous when the model has

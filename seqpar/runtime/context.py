@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from seqpar import strategies
 
-__all__ = ["SPContext", "bind_to_backward", "current_context", "linear_attention", "softmax_attention", "sp_context"]
+__all__ = ["SPContext", "bind_to_backward", "causal_conv1d", "current_context", "delta_rule_attention",
+           "linear_attention", "softmax_attention", "sp_context"]
 
 
 @dataclass
@@ -172,3 +173,44 @@ def linear_attention(
     if ctx.cu_seqlens is None:
         return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale)
     return op(q, k, v, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
+
+
+def delta_rule_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Route one delta-rule attention call (Gated DeltaNet, KDA; ``seqpar.collectives.delta_rule``): q, k
+    (B, S_local, H, Dk) already normalised, v (B, S_local, H, Dv), beta (B, S_local, H), ``log_decay`` None,
+    (B, S_local, H) or (B, S_local, H, Dk). Runs the delta-rule variant of the context's linear strategy
+    (``Strategy.delta_rule_op``). A packed batch runs as ONE SP call with ``cu_seqlens`` (the state resets at
+    every sequence; one collective carries every sequence's state map)."""
+    ctx = _require_context("delta-rule attention")
+    ctx.calls += 1
+    if ctx.layout != "contiguous":
+        raise ValueError("layout: delta-rule attention needs the contiguous layout (its state flows left to right); "
+                         "parallelize(..., layout='contiguous') or leave layout='auto'")
+    if ctx.linear_strategy is None:
+        _op(None, "linear")  # raises: the plan has no linear strategy
+    op = strategies.get(ctx.linear_strategy, "linear", argument="linear_strategy").load_delta_rule_op()
+    if ctx.cu_seqlens is None:
+        return op(q, k, v, beta, log_decay=log_decay, group=ctx.group, scale=scale)
+    return op(q, k, v, beta, log_decay=log_decay, group=ctx.group, scale=scale, cu_seqlens=ctx.cu_seqlens)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Route one depthwise causal conv1d over the sequence (the short conv before q/k/v of Gated DeltaNet, KDA,
+    Mamba): x (B, S_local, C), weight (C, w), bias None or (C,) -> (B, S_local, C), no activation. The w - 1
+    tokens before this rank's shard come from rank r - 1 (``seqpar.collectives.halo``); a packed batch sends
+    every sequence's halo in one exchange, each sequence starting from zeros like the unsharded conv."""
+    from seqpar.collectives.halo import causal_conv1d as sharded_conv1d
+
+    ctx = _require_context("causal conv1d")
+    if ctx.layout != "contiguous":
+        raise ValueError("layout: a causal conv1d over shards needs the contiguous layout; "
+                         "parallelize(..., layout='contiguous') or leave layout='auto'")
+    return sharded_conv1d(x, weight, bias, group=ctx.group, cu_seqlens=ctx.cu_seqlens)

@@ -3,7 +3,9 @@
 With a fixed strategy every step runs on the whole group. With ``strategy="auto"`` (or a plan passed to
 ``prepare``) rank 0 plans, the plan is broadcast (time-limited solves can differ between ranks: everyone runs
 rank 0's), and each rank runs its plan group's sequences with that group's ``(softmax_strategy,
-linear_strategy)`` pair. A plan group's process group is created the first time a plan uses it and cached per
+linear_strategy)`` pair; when the plan gives a group several packed calls (micro-batches, because one call of
+all its sequences would not fit in memory), ``prepare`` returns the list of micro-batches, as with
+``max_tokens_per_rank``. A plan group's process group is created the first time a plan uses it and cached per
 parent group (``seqpar.collectives.groups.subgroup``), so later steps and other plans reuse it.
 """
 
@@ -32,6 +34,8 @@ from seqpar.runtime.packing import (
 
 __all__ = ["StepRunner", "check_plan"]
 
+# The planner's budget when it plans a step ahead (the solve is off the critical path, so it may take longer).
+PREFETCH_TIME_LIMIT_S = 5.0
 # A broadcast payload starting with this carries rank 0's planning error instead of a plan (JSON never starts so).
 _FAILED = b"\x00error:"
 
@@ -55,6 +59,46 @@ class StepRunner:
         self.layout = layout
         self.has_linear = has_linear
         self.heads, self.kv_heads = heads, kv_heads
+        self._prefetcher = None  # rank 0's PlanPrefetcher, started by the first plan_ahead
+        self._ahead: tuple[int, ...] | None = None  # the lengths it is planning for
+        self._ahead_key = 0
+        self.plans_from_ahead = 0  # steps whose plan came from plan_ahead (rank 0), for tests and logs
+
+    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float = PREFETCH_TIME_LIMIT_S) -> None:
+        """Start planning a coming step whose sequences have ``seq_lens`` (``strategy="auto"`` only; rank 0 plans
+        in a background process while the current step trains, the others do nothing). The next ``prepare``
+        whose batch has exactly these lengths uses that plan; any other batch is planned inline as usual.
+
+        Raises:
+            ValueError: ``time_limit_s`` not a positive number.
+        """
+        if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or time_limit_s <= 0:
+            raise ValueError(f"time_limit_s: expected a positive number of seconds, got {time_limit_s!r}")
+        if self.config.strategy != "auto" or self.rank != 0:
+            return
+        from seqpar.solver import PlanPrefetcher
+
+        if self._prefetcher is None:  # a process keeps the solve off this rank's interpreter; a daemonic rank
+            # (test harnesses) may not have children, so it plans in a thread there
+            import multiprocessing
+
+            daemon = multiprocessing.current_process().daemon
+            self._prefetcher = PlanPrefetcher(self.config.cost_model, use_process=not daemon)
+        if self._ahead is not None:  # superseded before it was used: drop it
+            self._prefetcher.discard(self._ahead_key)
+        self._ahead_key += 1
+        self._ahead = tuple(int(n) for n in seq_lens)
+        self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
+                                time_limit_s=time_limit_s)
+
+    def _planned_ahead(self, seq_lens: Sequence[int]) -> Any:
+        """Rank 0: the prefetched plan for these lengths (waiting for it), or None when none was asked for them."""
+        if self._ahead is None or self._ahead != tuple(int(n) for n in seq_lens):
+            return None
+        self._ahead = None
+        plan = self._prefetcher.get(self._ahead_key)
+        self.plans_from_ahead += 1
+        return plan
 
     def fixed_step(self, softmax_strategy: str | None = None) -> StepShard:
         """A step on the whole group with the configured strategies (or ``softmax_strategy``)."""
@@ -81,12 +125,20 @@ class StepRunner:
                              mine.linear_strategy, None, plan)
             groups = [(tuple(g.ranks), list(g.seq_indices)) for g in plan.groups]
             padded_batch = False
-        if max_tokens_per_rank is None:
+        # a plan may run a group's sequences as several packed calls (its micro-batches: the packed call of
+        # all of them would not fit in memory); without one, a group runs one call
+        planned_calls = ({tuple(g.ranks): g.calls() for g in plan.groups} if plan is not None
+                         and plan.num_micro_batches > 1 else None)
+        if max_tokens_per_rank is None and planned_calls is None:
             chosen = next(indices for ranks, indices in groups if self.rank in ranks)
             return self._pack(sequences, labels, chosen, step, padded_batch, device)
 
-        splits = {ranks: self._split(sequences, indices, len(ranks), max_tokens_per_rank)
-                  for ranks, indices in groups}
+        if max_tokens_per_rank is None:
+            splits = planned_calls
+        else:
+            splits = {ranks: [mb for call in (planned_calls[ranks] if planned_calls else [indices])
+                              for mb in self._split(sequences, call, len(ranks), max_tokens_per_rank)]
+                      for ranks, indices in groups}
         count = max(len(s) for s in splits.values())
         normalizer = torch.stack([(shift_labels(lab) != IGNORE_INDEX).sum() for lab in labels]).sum()
         normalizer = normalizer.to(torch.float64)
@@ -141,7 +193,9 @@ class StepRunner:
         payload = None
         if self.rank == 0:
             try:
-                chosen = plan if plan is not None else plan_step(list(seq_lens), self.config.cost_model)
+                chosen = plan if plan is not None else self._planned_ahead(seq_lens)
+                if chosen is None:
+                    chosen = plan_step(list(seq_lens), self.config.cost_model)
                 payload = chosen.to_json().encode()
             except Exception as err:  # tell the other ranks, which wait in the broadcast, instead of hanging them
                 payload = _FAILED + (str(err) if isinstance(err, ValueError) else
@@ -177,6 +231,10 @@ def check_plan(plan: Any, *, world_size: int, num_sequences: int, heads: int | N
             raise ValueError(f"plan: group {gi} shares ranks {sorted(seen_ranks & set(ranks))} with another group")
         seen_ranks |= set(ranks)
         seen_seqs += list(g.seq_indices)
+        micro = getattr(g, "micro_batches", None)
+        if micro is not None and (any(not m for m in micro)
+                                  or sorted(i for m in micro for i in m) != sorted(g.seq_indices)):
+            raise ValueError(f"plan: group {gi} micro_batches {micro} must partition its sequences {g.seq_indices}")
         for name, kind in ((g.softmax_strategy, "softmax"), (g.linear_strategy, "linear")):
             if name is None:
                 continue

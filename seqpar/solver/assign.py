@@ -29,7 +29,20 @@ __all__ = ["lpt", "earliest_finish", "improve", "greedy_groups", "fill_ranks"]
 
 
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
-    """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups."""
+    """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups.
+
+    With many more items than groups (over ``32 n_groups`` and 4096), in rounds of ``n_groups`` items: each
+    round's longest go to the least-loaded groups, in order (LPT decided once per round, in numpy)."""
+    if times.size > max(32 * n_groups, 4096):
+        order = np.argsort(-times, kind="stable")
+        assign = np.empty(times.size, dtype=np.int64)
+        loads = np.zeros(n_groups)
+        for start in range(0, times.size, n_groups):
+            chunk = order[start:start + n_groups]
+            targets = np.argsort(loads, kind="stable")[:chunk.size]
+            assign[chunk] = targets
+            loads[targets] += times[chunk]
+        return assign
     assign = np.empty(times.size, dtype=np.int64)
     heap = [(0.0, g) for g in range(n_groups)]
     for i in np.argsort(-times, kind="stable").tolist():
@@ -39,17 +52,21 @@ def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
     return assign
 
 
-def earliest_finish(problem: Problem, group_shapes: list[int]) -> np.ndarray | None:
-    """Assign longest first, each sequence to the feasible group finishing it earliest; None if one fits nowhere."""
+def earliest_finish(problem: Problem, group_shapes: list[int], *,
+                    deadline: float | None = None) -> np.ndarray | None:
+    """Assign longest first, each sequence to the feasible group finishing it earliest (a group starts at its
+    per-call cost ``problem.const``); None if one fits nowhere or ``deadline`` passes."""
     shape_ids = sorted(set(group_shapes))
     heaps = {s: [] for s in shape_ids}
     for g, s in enumerate(group_shapes):
-        heaps[s].append((0.0, g))
-    top = np.zeros(len(shape_ids))  # least load among each shape's groups (heaps start all zero)
+        heaps[s].append((float(problem.const[s]), g))
+    top = problem.const[shape_ids].astype(np.float64)  # least load among each shape's groups
     times = problem.times[shape_ids]
     fits = problem.fits[shape_ids]
     assign = np.empty(problem.n, dtype=np.int64)
-    for i in np.argsort(-problem.best_time, kind="stable").tolist():
+    for k_seq, i in enumerate(np.argsort(-problem.best_time, kind="stable").tolist()):
+        if deadline is not None and k_seq % 256 == 255 and time.perf_counter() > deadline:
+            return None
         finish = np.where(fits[:, i], top + times[:, i], np.inf)
         k = int(np.argmin(finish))
         if not np.isfinite(finish[k]):
@@ -67,10 +84,9 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
     """Local search lowering the makespan: moves and swaps out of the slowest group (a new array)."""
     assign = assign.copy()
     shapes = np.asarray(group_shapes)
-    n_groups = shapes.size
     cols = np.arange(problem.n)
     times, fits = problem.times, problem.fits
-    loads = np.zeros(n_groups)
+    loads = problem.const[shapes].astype(np.float64)  # surrogate: the per-call cost once per group
     np.add.at(loads, assign, times[shapes[assign], cols])
     for _ in range(max_rounds):
         if deadline is not None and time.perf_counter() > deadline:
@@ -133,7 +149,7 @@ def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> li
     return list(group_shapes) + [0] * (problem.world - used_ranks)
 
 
-def _pack(problem: Problem, target: float) -> list[int] | None:
+def _pack(problem: Problem, target: float, deadline: float | None = None) -> list[int] | None:
     """Group shapes meeting ``target`` on the world (sequences placed tentatively), or None if they need
     more ranks than there are.
 
@@ -143,7 +159,8 @@ def _pack(problem: Problem, target: float) -> list[int] | None:
     their cheapest shape. Short ones are poured in afterwards as rank-seconds, costed on the shape they
     land on: into the spare time of the open groups, then into new groups. The caller assigns for real.
     """
-    feasible = problem.fits & (problem.times <= target)
+    const = problem.const
+    feasible = problem.fits & (problem.times + const[:, None] <= target)
     area = np.where(feasible, problem.times * problem.degrees[:, None], np.inf)
     choice = np.argmin(area, axis=0)
     cols = np.arange(problem.n)
@@ -155,7 +172,9 @@ def _pack(problem: Problem, target: float) -> list[int] | None:
     ranks = 0
     own_time = problem.times[choice, cols]
     long_ones = np.flatnonzero(own_time > target / 32)
-    for i in long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist():
+    for k, i in enumerate(long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist()):
+        if deadline is not None and k % 256 == 255 and time.perf_counter() > deadline:
+            return None
         join = np.where(least + problem.times[:, i] <= target, area[:, i], np.inf)
         s = int(np.argmin(join))
         if np.isfinite(join[s]):
@@ -165,7 +184,7 @@ def _pack(problem: Problem, target: float) -> list[int] | None:
             ranks += int(degrees[s])
             if ranks > problem.world:
                 return None
-            heapq.heappush(heaps.setdefault(s, []), float(problem.times[s, i]))
+            heapq.heappush(heaps.setdefault(s, []), float(const[s] + problem.times[s, i]))
         least[s] = heaps[s][0]
     group_shapes = [s for s, h in heaps.items() for _ in h]
     short = np.setdiff1d(cols, long_ones, assume_unique=True)
@@ -185,11 +204,11 @@ def _pack(problem: Problem, target: float) -> list[int] | None:
             if not np.isfinite(pour[s]):  # no single shape takes them all: each its own cheapest
                 for s in np.unique(choice[short]).tolist():
                     need = float(area[s, short[choice[short] == s]].sum()) * left
-                    extra = int(np.ceil(need / (degrees[s] * target) - 1e-12))
+                    extra = int(np.ceil(need / (degrees[s] * max(target - const[s], 1e-12 * target)) - 1e-12))
                     ranks += extra * int(degrees[s])
                     group_shapes += [s] * extra
             else:
-                extra = int(np.ceil(left * pour[s] / (degrees[s] * target) - 1e-12))
+                extra = int(np.ceil(left * pour[s] / (degrees[s] * max(target - const[s], 1e-12 * target)) - 1e-12))
                 ranks += extra * int(degrees[s])
                 group_shapes += [s] * extra
             if ranks > problem.world:
@@ -209,17 +228,19 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
 
     def consider(shapes: list[int]) -> None:
         nonlocal best
-        assign = earliest_finish(problem, shapes)
+        assign = earliest_finish(problem, shapes, deadline=deadline)
         if assign is not None:
             makespan = problem.makespan(shapes, assign)
             if best is None or makespan < best[0]:
                 best = (makespan, shapes, assign)
 
-    packed = _pack(problem, hi)
+    packed = _pack(problem, hi, deadline)
     if packed is None:
         return None
     consider(packed)
-    near_bound = _pack(problem, lo * 1.002)  # often met when one sequence dominates the batch
+    if deadline is not None and time.perf_counter() > deadline:
+        return None if best is None else (best[1], best[2])
+    near_bound = _pack(problem, lo * 1.002, deadline)  # often met when one sequence dominates the batch
     if near_bound is not None:
         consider(near_bound)
         hi = lo
@@ -227,7 +248,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
         if hi <= lo * 1.002 or (deadline is not None and time.perf_counter() > deadline):
             break
         mid = 0.5 * (lo + hi)
-        packed = _pack(problem, mid)
+        packed = _pack(problem, mid, deadline)
         if packed is None:
             lo = mid
         else:

@@ -31,20 +31,41 @@ slowest hop bounds every ring step / all-to-all), times ``bandwidth_efficiency``
 the pairwise all-to-all). Every strategy the model names comes from the registry; none is written here.
 
 A sequence's time is the dense time plus, per layer, its strategy's attention time, plus
-``sequence_overhead_s``. Sequences given to one group run one after another (each its own SP forward and
-backward, gradients accumulated), so ``group_time`` is the sum of ``seq_time`` (an upper bound when the
-runtime packs them: packing shares the per-step latency and can hide more communication).
+``sequence_overhead_s`` (``seq_time``).
 
-Memory (bytes per rank, ``seq_memory``)
-----------------------------------------
+Packed calls (what the runtime runs: ``runtime/packing.py`` packs a group's sequences into one call)
+----------------------------------------------------------------------------------------------------
+A group runs its sequences as ONE packed forward + backward (or one per micro-batch). For a call on the
+sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
+
+* dense compute on the packed total: ``3 * 2 * N_matmul * N / P`` FLOPs (the 2N rule above);
+* attention compute per sequence, summed: softmax ``sum_i 2 S_i^2 H D / P`` forward (a packed causal
+  call attends within each sequence only: ``cu_seqlens``), linear ``sum_i`` of the per-token cost =
+  the same on ``N``;
+* communication on the packed total and per-call latency once: each layer's strategy term is the entry's
+  ``layer_time`` on a ``LayerShape`` of ``N`` tokens with the summed compute (every op sends the packed
+  local shard in one message per step: ring's K,V blocks, Ulysses' all-to-alls, LASP-2's one all-gather of
+  the states whatever the token count);
+* ``sequence_overhead_s`` once (one call: one launch sequence).
+
+``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
+fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
+it is given and, for every registered strategy, convex in ``(sum S_i^2, N)`` (sums and maxima of affine
+terms); communication can only add to compute (``layer_time >= compute``), which makes
+``compute_time`` a lower bound.
+
+Memory (bytes per rank)
+-----------------------
 ``model state + activations + one layer's transient SP buffers``, where model state is
-``state_bytes_per_param * N / world_size`` (ZeRO-3 / FSDP full sharding, mixed-precision Adam: 16 bytes per
-parameter, Rajbhandari et al. 2020), activations are ``activation_bytes_per_token * s`` (default: no
-recomputation, bf16, flash attention so no ``S^2`` term; counted tensor by tensor in
+``state_bytes_per_param * N_params / state_shards`` (``state_shards`` defaults to the world size: ZeRO-3 /
+FSDP full sharding, mixed-precision Adam: 16 bytes per parameter, Rajbhandari et al. 2020; 1 for a run that
+replicates its weights), activations are ``activation_bytes_per_token * N / P`` for the call's packed
+tokens (default: no recomputation, bf16, flash attention so no ``S^2`` term; counted tensor by tensor in
 ``ModelSpec.token_activation_bytes``, after Korthikanti et al. 2022), and the transient buffers are those
-the collective holds while a layer runs (each entry's ``transient_bytes``, e.g. double-buffered receive
-blocks or gathered K,V; the larger of the two kinds' for a hybrid; none at degree 1). Sequences of one
-group run one after another, so the group's peak is the largest ``seq_memory``.
+the collective holds while a layer runs on the packed call (each entry's ``transient_bytes`` on ``N``
+tokens, e.g. double-buffered receive blocks or gathered K,V; the larger of the two kinds' for a hybrid;
+none at degree 1). ``call_memory`` is a packed call's peak, ``seq_memory`` one sequence alone; micro-batches
+run one after another, so a group's peak is its largest micro-batch's ``call_memory``.
 """
 
 from __future__ import annotations
@@ -131,20 +152,25 @@ class Cluster:
     def check_plannable(self) -> None:
         """Raise ValueError unless the world splits into power-of-two, node-aligned groups.
 
-        That needs ``world_size`` to be a power of two and, once it spans several nodes, ``gpus_per_node``
-        too (so ``world_size`` is a power of two times ``gpus_per_node``).
+        Any world size does inside one node (3 = 2 + 1, 6 = 4 + 2). Across nodes ``gpus_per_node`` must be a
+        power of two: groups placed largest first on consecutive ranks then start at a multiple of their size,
+        so a group within a node never straddles one and a larger group is made of whole nodes (24 = 16 + 8
+        with 8 per node).
         """
         w, g = self.world_size, self.gpus_per_node
-        if not is_power_of_two(w):
-            raise ValueError(
-                f"cluster.world_size={w} must be a power of two (a power of two times gpus_per_node={g}) so "
-                "the world splits into power-of-two SP groups; use a smaller power-of-two world"
-            )
         if w > g and not is_power_of_two(g):
             raise ValueError(
                 f"cluster.gpus_per_node={g} must be a power of two when world_size={w} spans several nodes, "
                 "so power-of-two groups never straddle a node boundary"
             )
+
+    def degrees(self) -> list[int]:
+        """The group sizes a plan may use: every power of two up to ``world_size``."""
+        out, d = [], 1
+        while d <= self.world_size:
+            out.append(d)
+            d *= 2
+        return out
 
 
 @dataclass(frozen=True)
@@ -314,11 +340,19 @@ class CostModel:
     (``seqpar.strategies.names(kind)``), for a hybrid ``"<softmax>+<linear>"`` such as ``"ring+zeco"``
     (``split_strategy`` gives the pair a plan group carries). At degree 1 every strategy costs the same (no
     communication).
+
+    ``state_shards``: over how many ranks the training run shards parameters, gradients and optimizer
+    state (None: the whole world, as FSDP / ZeRO-3 do; 1: replicated, as plain DDP).
     """
 
     cluster: Cluster
     model: ModelSpec
     coefficients: CostCoefficients = field(default_factory=CostCoefficients)
+    state_shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_shards is not None:
+            _require_positive("state_shards", self.state_shards, integer=True)
 
     # ---- strategies -------------------------------------------------------------------------------------
 
@@ -468,18 +502,80 @@ class CostModel:
         """
         return float(self.seq_times([length], degree, strategy)[0])
 
-    def group_time(self, lengths: Iterable[float], degree: int, strategy: str) -> float:
-        """Seconds one group of ``degree`` ranks needs for all of ``lengths`` (run one after another).
+    def compute_times(self, lengths, degree: int) -> np.ndarray:
+        """Per sequence, the compute alone on one rank of a group of ``degree`` (dense + every layer's attention
+        compute, forward + backward; no communication, latency or overhead): a lower bound of any strategy's
+        time, and ``degree * compute_times`` does not depend on ``degree``."""
+        S = self._lengths(lengths)
+        m, c = self.model, self.coefficients
+        dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
+        t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
+        for kind in self._kinds():
+            forward, backward = self._attention_compute(S, degree, kind)
+            t = t + m.layer_kinds.count(kind) * (forward + backward)
+        return np.asarray(t, dtype=np.float64)
 
-        The exactly rounded sum of ``seq_time`` (0.0 for no sequences). Raises as ``seq_time``.
+    def call_time(self, lengths: Iterable[float], degree: int, strategy: str) -> float:
+        """Seconds of ONE packed forward + backward of ``lengths`` on a group of ``degree`` (module docstring:
+        dense compute on the total, attention compute per sequence, communication on the packed total,
+        latency and ``sequence_overhead_s`` once). 0.0 for no sequences. Raises as ``seq_time``."""
+        parts = self._check(degree, strategy)
+        S = self._lengths(lengths if isinstance(lengths, np.ndarray) else list(lengths))
+        if S.size == 0:
+            return 0.0
+        return self._packed_time(S, degree, parts)
+
+    def _packed_time(self, S: np.ndarray, degree: int, parts) -> float:
+        m, c = self.model, self.coefficients
+        dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
+        total = math.fsum(S.tolist())
+        t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+        shape = self._layer_shape(total, degree)
+        for kind, name in zip(strategies.KINDS, parts):
+            if name is None:
+                continue
+            forward, backward = self._attention_compute(S, degree, kind)
+            entry = strategies.get(name)
+            layer = entry.layer_time(shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()),
+                                     self._link(degree))
+            t = t + m.layer_kinds.count(kind) * float(layer)
+        return float(t)
+
+    def call_overhead(self, degree: int, strategy: str) -> float:
+        """What a packed call costs whatever it carries: ``call_time`` as its tokens go to zero (latency per
+        collective step, a per-call all-gather of states, ``sequence_overhead_s``)."""
+        parts = self._check(degree, strategy)
+        m = self.model
+        t = self.coefficients.sequence_overhead_s
+        shape = self._layer_shape(0.0, degree)
+        for kind, name in zip(strategies.KINDS, parts):
+            if name is not None:
+                layer = strategies.get(name).layer_time(shape, 0.0, 0.0, self._link(degree))
+                t += m.layer_kinds.count(kind) * float(layer)
+        return float(t)
+
+    def group_time(self, lengths: Iterable[float], degree: int, strategy: str, *,
+                   micro_batches: Sequence[Sequence[int]] | None = None) -> float:
+        """Seconds one group of ``degree`` ranks needs for all of ``lengths``: one packed call
+        (``call_time``), or, with ``micro_batches`` (lists of positions into ``lengths`` that partition them),
+        one call per micro-batch, run one after another (the exactly rounded sum). 0.0 for no sequences.
+
+        Raises as ``seq_time``; ValueError if ``micro_batches`` does not partition the positions.
         """
-        return math.fsum(self.seq_times(list(lengths), degree, strategy).tolist())
+        lengths = list(lengths)
+        if micro_batches is None:
+            return self.call_time(lengths, degree, strategy)
+        flat = sorted(i for mb in micro_batches for i in mb)
+        if flat != list(range(len(lengths))):
+            raise ValueError(f"micro_batches must partition positions 0..{len(lengths) - 1}, got {micro_batches}")
+        return math.fsum(self.call_time([lengths[i] for i in mb], degree, strategy) for mb in micro_batches)
 
     # ---- memory ---------------------------------------------------------------------------------------------
 
     def model_state_bytes(self) -> float:
-        """Parameter, gradient and optimizer bytes per rank (sharded over the whole world)."""
-        return self.model.state_bytes_per_param * self.model.num_params / self.cluster.world_size
+        """Parameter, gradient and optimizer bytes per rank (sharded over ``state_shards``, default the world)."""
+        shards = self.cluster.world_size if self.state_shards is None else self.state_shards
+        return self.model.state_bytes_per_param * self.model.num_params / shards
 
     def _transient_bytes(self, S: np.ndarray, P: int, strategy: str) -> np.ndarray:
         """The largest of the strategy's entries' ``transient_bytes``; none at degree 1 (no SP buffers)."""
@@ -505,21 +601,60 @@ class CostModel:
         """
         return float(self.seq_memories([length], degree, strategy)[0])
 
+    def call_memory(self, lengths: Iterable[float], degree: int, strategy: str) -> float:
+        """Peak bytes per rank of ONE packed call of ``lengths`` on a group of ``degree`` (model state, the
+        packed activations, the transient buffers on the packed total). Raises as ``seq_time``."""
+        self._check(degree, strategy)
+        S = self._lengths(list(lengths))
+        total = math.fsum(S.tolist())
+        return float(self.seq_memories([total], degree, strategy)[0]) if S.size else self.model_state_bytes()
+
+    def max_call_tokens(self, degree: int, strategy: str) -> int:
+        """The most tokens one packed call may hold on a group of ``degree`` within ``cluster.mem_bytes``
+        (``call_memory`` grows with the packed total); 0 when even the model state does not fit."""
+        mem = self.cluster.mem_bytes
+
+        def need(tokens: int) -> float:
+            return float(self.seq_memories([max(tokens, 1)], degree, strategy)[0])
+
+        if need(1) > mem:
+            return 0
+        # memory is affine in the packed tokens for every registered strategy: start from that solution,
+        # then step to the exact boundary by doubling and bisection (a few evaluations)
+        slope = need(2) - need(1)
+        guess = int((mem - need(1)) / slope) + 1 if slope > 0 else 1 << 40
+        lo, hi = 1, max(2, guess)
+        if need(hi) <= mem:
+            lo, hi = hi, hi + 1
+            while need(hi) <= mem:
+                lo, hi = hi, 2 * hi
+                if hi > 1 << 50:
+                    return hi
+        elif need(hi - 1) <= mem:
+            return hi - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid) <= mem else (lo, mid)
+        return lo
+
     # ---- calibration ----------------------------------------------------------------------------------------
 
     def calibrate(self, measurements: Iterable[Measurement | tuple], *, max_iterations: int = 200) -> CostModel:
         """A copy whose ``coefficients`` best fit measured step times (least squares on log time).
 
         Levenberg-Marquardt over the five ``CostCoefficients`` (efficiencies and latency scale in log
-        space, the overhead linear and kept >= 0). Coefficients the measurements cannot see (e.g. the
-        bandwidth when every measurement is at degree 1) stay where they are.
+        space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the measurements
+        cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they are. The dense
+        (linear in the length) and attention (quadratic) efficiencies separate only with at least two
+        lengths at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
             max_iterations: Levenberg-Marquardt iteration cap.
 
         Raises:
-            ValueError: no measurements, a non-positive time, or an invalid length/degree/strategy.
+            ValueError: no measurements, a non-positive time, an invalid length/degree/strategy, or a single
+                length (the dense and attention terms cannot be told apart).
         """
         data = [m if isinstance(m, Measurement) else Measurement(*m) for m in measurements]
         if not data:
@@ -528,10 +663,14 @@ class CostModel:
             _require_positive("measurement seconds", m.seconds)
             self._check(m.degree, m.strategy)
             self._lengths([m.length])
+        if len({m.length for m in data}) < 2:
+            raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
+                             "(quadratic) efficiencies cannot be separated; measure at least two lengths")
         measured = np.log([m.seconds for m in data])
+        low, high = math.log(1e-6), math.log(1e3)
 
         def coefficients(theta: np.ndarray) -> CostCoefficients:
-            return CostCoefficients(*np.exp(theta[:4]).tolist(), max(float(theta[4]), 0.0))
+            return CostCoefficients(*np.exp(np.clip(theta[:4], low, high)).tolist(), max(float(theta[4]), 0.0))
 
         def residuals(theta: np.ndarray) -> np.ndarray:
             model = replace(self, coefficients=coefficients(theta))
@@ -558,6 +697,7 @@ class CostModel:
             while damping < 1e12:
                 delta = -np.linalg.solve(js.T @ js + damping * np.eye(theta.size), grad) / scale
                 trial = theta + delta
+                trial[:4] = np.clip(trial[:4], low, high)
                 trial[4] = max(trial[4], 0.0)
                 r_trial = residuals(trial)
                 if r_trial @ r_trial < r @ r:

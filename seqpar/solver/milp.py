@@ -1,5 +1,9 @@
 """The MILP (PuLP + CBC) that picks the groups and how many sequences of each length bucket each one runs.
 
+The MILP works on the additive surrogate of the packed model (``problem`` docstring): a unit's load is
+``const[s]`` (the packed call's fixed cost, once per used unit) plus its sequences' ``times``. Its
+"optimal" is optimal on that surrogate; the planner re-scores its plan with the packed model.
+
 Bucketing
 ---------
 Sequences are sorted and cut into at most ``max_buckets`` buckets of consecutive lengths (more only if
@@ -26,7 +30,7 @@ sequence of bucket b), ``w[u] = T * used[u]`` (linearised).
     s.t.       sum_s z[u, s] <= 1                                     one shape per unit
                n[u, s, b] <= N_b z[u, s]                              only in a used unit
                sum_{u, s} n[u, s, b] + sum_s p[s, b] = N_b            every sequence placed
-               load[u] = sum_{s, b} tmax[s, b] n[u, s, b] <= T        unit (group) load
+               load[u] = sum_s const[s] z[u, s] + sum_{s, b} tmax[s, b] n[u, s, b] <= T     unit (group) load
                sum_u c_u used[u] <= world                             ranks
                used[u] >= used[u+1], load[u] >= load[u+1]             same-size units in order (symmetry)
                sum_{s, b} d_s tmean[s, b] p[s, b] <= world T - sum_u c_u w[u]     pools fit the other ranks
@@ -37,7 +41,8 @@ sequence of bucket b), ``w[u] = T * used[u]`` (linearised).
 Only pairs (s, b) where the bucket fits in memory and ``tmax[s, b]`` does not exceed the warm start's
 makespan ``T_ub`` get a variable; a strategy slower or equal on every bucket than another of the same
 degree, and fitting no more, is dropped. CBC starts from the better (in these terms) of the best
-homogeneous plan and the greedy plan (``warmStart``), runs single-threaded with a wall-clock limit, and
+homogeneous plan and the greedy plan (``warmStart``; HiGHS likewise, ``_WarmHiGHS``), runs single-threaded
+with a wall-clock limit (what is left before the caller's deadline once the model is built), and
 stops at ``rel_gap``. ``sol_status`` (not ``status``, which PuLP reports as "Optimal" even after a
 time-limited stop) says whether the solution is proven optimal.
 
@@ -191,12 +196,13 @@ class _Warm:
             if not counts[g].any():
                 continue
             if d >= r0:
-                self.units.setdefault(d, []).append((float(counts[g] @ tb[s]), s, counts[g]))
+                load = float(problem.const[s]) + float(counts[g] @ tb[s])
+                self.units.setdefault(d, []).append((load, s, counts[g]))
                 big_ranks += d
             else:
                 self.pools[s] = self.pools.get(s, 0) + counts[g]
                 small_area += d * float(counts[g] @ tm[s])
-                small_item = max(small_item, float(tb[s][counts[g] > 0].max()))
+                small_item = max(small_item, float(problem.const[s] + tb[s][counts[g] > 0].max()))
         for entries in self.units.values():
             entries.sort(key=lambda e: -e[0])
         self.ranks_ok = big_ranks <= problem.world
@@ -207,7 +213,7 @@ class _Warm:
 
 
 def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[int], np.ndarray]], *,
-               time_limit_s: float, rel_gap: float, solver: str) -> MilpResult | str:
+               time_limit_s: float, rel_gap: float, solver: str, deadline: float | None = None) -> MilpResult | str:
     """Solve; a ``MilpResult``, or a string saying why there is no solution.
 
     ``warm_plans`` are complete plans ``(group shapes, assignment)``; the one that is best in bucketed
@@ -224,12 +230,12 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
     tm = np.stack([problem.times[:, m].mean(axis=1) for m in buckets.members], axis=1)
     mapping = _undominated(problem, tb, fb)
     kept = sorted(set(mapping.values()))
-    world, r0 = problem.world, max(1, problem.world // SLOTS)
+    world, r0 = problem.world, _floor_power_of_two(max(1, problem.world // SLOTS))
     lower = problem.lower_bound()
     warms = [_Warm(problem, r0, tb, tm, bucket_of, mapping, *w) for w in warm_plans]
     warm = min((w for w in warms if w.ranks_ok), key=lambda w: w.makespan)
     t_cap = warm.makespan * (1 + 1e-9)
-    allowed = fb & (tb <= t_cap)
+    allowed = fb & (tb + problem.const[:, None] <= t_cap)
 
     units: list[_Unit] = []
     size = r0
@@ -257,6 +263,7 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
                 var = n[ui, s, b] = prob.add_variable(f"n_{ui}_{s}_{b}", 0, int(counts[b]), cat="Integer")
                 prob += var <= int(counts[b]) * z[ui, s]
                 load_terms.append(float(tb[s, b]) * var)
+            load_terms.append(float(problem.const[s]) * z[ui, s])  # the packed call's fixed cost, once
         prob += pulp.lpSum(zs) <= 1
         used.append(pulp.lpSum(zs))
         loads.append(pulp.lpSum(load_terms))
@@ -264,10 +271,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
     for s in pooled:
         for b in np.flatnonzero(allowed[s]).tolist():
             p[s, b] = prob.add_variable(f"p_{s}_{b}", 0, int(counts[b]), cat="Integer")
-            if tb[s, b] > lower:  # a sequence this long must still finish within T
+            if tb[s, b] + problem.const[s] > lower:  # a sequence this long must still finish within T
                 y[s, b] = prob.add_variable(f"y_{s}_{b}", cat="Binary")
                 prob += p[s, b] <= int(counts[b]) * y[s, b]
-                prob += float(tb[s, b]) * y[s, b] <= T
+                prob += float(tb[s, b] + problem.const[s]) * y[s, b] <= T
     for b in range(nb):
         prob += (pulp.lpSum(v for (_, _, bb), v in n.items() if bb == b)
                  + pulp.lpSum(v for (_, bb), v in p.items() if bb == b)) == int(counts[b])
@@ -304,6 +311,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
                 y[s, b].setInitialValue(1)
 
     # ---- solve ---------------------------------------------------------------------------------------------
+    if deadline is not None:  # building the model took part of the budget; the solver process starts slowly
+        time_limit_s = min(time_limit_s, 0.8 * (deadline - time.perf_counter()) - 0.05)
+        if time_limit_s < 0.02:
+            return f"no time left for {solver} after building the model"
     backend = _backend(solver, time_limit_s, rel_gap)
     if isinstance(backend, str):
         return backend
@@ -327,6 +338,10 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
             f"{len(n) + len(p)} count variables, {nb} buckets, objective {objective:.6g} s, "
             f"warm start {warm.makespan:.6g} s)")
     return MilpResult(*decoded, status, objective, note)
+
+
+def _floor_power_of_two(x: int) -> int:
+    return 1 << (int(x).bit_length() - 1)
 
 
 def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: dict, p: dict):
@@ -383,6 +398,37 @@ def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: 
     return fill_ranks(problem, group_shapes, used), assign
 
 
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's highspy interface, handed the variables' initial values as a starting solution (PuLP 3.3 passes
+    none to highspy; without one HiGHS found no solution at all on some large instances), and interrupted at
+    its time limit from HiGHS's own interrupt callbacks, presolve off: with presolve its ``time_limit``
+    overshot by seconds (5.6 s against 2.6 s at 64 ranks)."""
+
+    def callSolver(self, lp):
+        import highspy
+
+        model = lp.solverModel
+        # HiGHS's presolve ignored the time limit (and the interrupts) for seconds on these models; without it
+        # the limit holds and the plans were no worse in our runs
+        model.setOptionValue("presolve", "off")
+        columns = sorted(lp.variables(), key=lambda v: v.index)
+        start = highspy.HighsSolution()
+        start.col_value = [float(v.varValue or 0.0) for v in columns]
+        start.value_valid = True
+        model.setSolution(start)
+        stop_at = time.perf_counter() + (self.timeLimit or 1e9)
+
+        def interrupt(callback_type, message, data_out, data_in, user_data):
+            if data_in is not None and time.perf_counter() > stop_at:
+                data_in.user_interrupt = True
+
+        kinds = highspy.cb.HighsCallbackType
+        model.setCallback(interrupt, None)
+        for kind in (kinds.kCallbackMipInterrupt, kinds.kCallbackSimplexInterrupt, kinds.kCallbackIpmInterrupt):
+            model.startCallback(kind)
+        super().callSolver(lp)
+
+
 def _backend(solver: str, time_limit_s: float, rel_gap: float):
     if solver == "cbc":
         # PuLP 3.3 flags PULP_CBC_CMD as going away in PuLP 4, which also stops bundling CBC; we pin
@@ -392,9 +438,9 @@ def _backend(solver: str, time_limit_s: float, rel_gap: float):
             backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
                                         warmStart=True, threads=1, timeMode="elapsed")
     elif solver == "highs":
-        backend = pulp.HiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
-        if not backend.available():  # highspy missing: try a highs executable on PATH
-            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap)
+        backend = _WarmHiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
+        if not backend.available():  # highspy missing: try a highs executable on PATH (it reads the start file)
+            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, warmStart=True)
     else:
         raise ValueError(f"unknown MILP solver {solver!r}")
     if not backend.available():

@@ -17,24 +17,34 @@ from seqpar.solver.cost_model import CostModel, is_power_of_two
 __all__ = ["Group", "Plan", "SOLVER_STATUSES"]
 
 SOLVER_STATUSES = ("optimal", "feasible", "greedy", "static")
-_JSON_VERSION = 2
+_JSON_VERSION = 3  # 3: groups carry micro_batches (2 is read as one call per group)
 
 
 @dataclass
 class Group:
     """One SP group: its ``ranks`` (ascending), the SP strategy its softmax-attention layers run and the one its
     linear-attention layers run (None for a layer kind the model does not have), the sequences it runs (indices
-    into the step's ``seq_lens``, ascending) and their ``predicted_time_s`` (``CostModel.group_time``)."""
+    into the step's ``seq_lens``, ascending) and their ``predicted_time_s`` (``CostModel.group_time``).
+
+    ``micro_batches``: None when the group runs all its sequences as one packed call; otherwise the packed
+    calls it runs one after another (lists of sequence indices partitioning ``seq_indices``), because the
+    packed call of all of them would not fit in memory.
+    """
 
     ranks: tuple[int, ...]
     softmax_strategy: str | None
     linear_strategy: str | None
     seq_indices: list[int]
     predicted_time_s: float
+    micro_batches: list[list[int]] | None = None
 
     @property
     def degree(self) -> int:
         return len(self.ranks)
+
+    def calls(self) -> list[list[int]]:
+        """The packed calls the group runs, in order (one: all its sequences)."""
+        return [list(self.seq_indices)] if self.micro_batches is None else [list(m) for m in self.micro_batches]
 
     @property
     def strategy(self) -> str:
@@ -47,17 +57,19 @@ class Plan:
     """One step's split of the world into SP groups.
 
     Attributes:
-        groups: disjoint groups covering every rank, largest first.
+        groups: disjoint groups covering every rank, largest first (power-of-two sizes; the world need not be
+            a power of two: 6 ranks = 4 + 2).
         makespan_s: the slowest group's ``predicted_time_s``.
-        solver_status: ``"optimal"`` (the MILP was proven optimal within its relative gap, on the
-            bucketed lengths), ``"feasible"`` (the MILP stopped at its time limit with a solution),
+        solver_status: ``"optimal"`` (proved optimal under the packed cost model: by the exact search on
+            small instances, or by meeting the lower bound), ``"feasible"`` (anything else the planner found,
+            MILP plans included: the MILP optimises an additive surrogate of the packed model, see
+            ``planner``),
             ``"greedy"`` (no MILP solution: CBC missing, timed out or asked not to run; ``note`` says
             which), ``"static"`` (built by ``static_plan``).
         note: how the plan was chosen (human readable).
-        bucket_cost_ratio: largest ratio, over length buckets and group shapes, of the bucket's longest
-            sequence's time to its shortest's; 1.0 when every distinct length had its own bucket. When
-            ``solver_status == "optimal"`` and the world needs no block approximation, the plan's makespan
-            is at most ``bucket_cost_ratio * (1 + gap)`` times the true optimum.
+        bucket_cost_ratio: largest ratio, over the MILP's length buckets and group shapes, of the bucket's
+            longest sequence's time to its shortest's; 1.0 when every distinct length had its own bucket (or
+            no MILP ran). Informational: the MILP's surrogate is bucketed, the plan is scored on true lengths.
     """
 
     groups: list[Group]
@@ -67,8 +79,13 @@ class Plan:
     bucket_cost_ratio: float = 1.0
 
     @property
+    def num_micro_batches(self) -> int:
+        """The most packed calls any group runs (the runtime runs this many micro-batches on every rank)."""
+        return max((len(g.calls()) for g in self.groups), default=1)
+
+    @property
     def proven_optimal(self) -> bool:
-        """True when the MILP proved its (bucketed) solution optimal."""
+        """True when the planner proved the plan optimal under the packed cost model."""
         return self.solver_status == "optimal"
 
     def group_of_sequence(self) -> dict[int, int]:
@@ -85,11 +102,13 @@ class Plan:
         """Parse ``to_json`` output (str or UTF-8 bytes). Raises ValueError on anything else."""
         try:
             payload = json.loads(text)
-            if payload.pop("version") != _JSON_VERSION:
+            if payload.pop("version") not in (2, _JSON_VERSION):
                 raise ValueError("unsupported plan version")
             groups = [Group(tuple(int(r) for r in g["ranks"]), _optional_str(g["softmax_strategy"]),
                             _optional_str(g["linear_strategy"]), [int(i) for i in g["seq_indices"]],
-                            float(g["predicted_time_s"]))
+                            float(g["predicted_time_s"]),
+                            None if g.get("micro_batches") is None
+                            else [[int(i) for i in m] for m in g["micro_batches"]])
                       for g in payload.pop("groups")]
             return cls(groups=groups, makespan_s=float(payload["makespan_s"]),
                        solver_status=str(payload["solver_status"]), note=str(payload["note"]),
@@ -104,8 +123,10 @@ class Plan:
         straddles a node boundary unless it is made of whole nodes; each group's ``softmax_strategy`` a
         registered softmax strategy exactly when the model has softmax layers (else None), its
         ``linear_strategy`` likewise for linear layers, both valid at the group's degree;
-        every sequence in exactly one group; every sequence's memory per rank within ``mem_bytes``;
-        ``predicted_time_s`` and ``makespan_s`` equal to the cost model's within ``rel_tol``.
+        every sequence in exactly one group; each group's micro-batches (if any) partition its sequences; every
+        packed call's memory per rank (``CostModel.call_memory``) within ``mem_bytes``; ``predicted_time_s``
+        (``CostModel.group_time`` with the group's micro-batches) and ``makespan_s`` equal to the cost model's
+        within ``rel_tol``.
         """
         cluster = cost_model.cluster
         world, per_node = cluster.world_size, cluster.gpus_per_node
@@ -138,17 +159,25 @@ class Plan:
             raise ValueError(f"groups leave ranks {sorted(set(range(world)) - seen_ranks)} out")
         if seen_seqs != set(range(len(seq_lens))):
             raise ValueError(f"sequences {sorted(set(range(len(seq_lens))) - seen_seqs)} are in no group")
-        # then memory and times, against the cost model
+        # then memory and times, against the cost model: each packed call (micro-batch) must fit
         for gi, g in enumerate(self.groups):
-            lengths = [seq_lens[i] for i in g.seq_indices]
-            for i, length in zip(g.seq_indices, lengths):
-                mem = cost_model.seq_memory(length, len(g.ranks), g.strategy)
+            if g.micro_batches is not None and sorted(i for m in g.micro_batches for i in m) != sorted(g.seq_indices):
+                raise ValueError(f"group {gi} micro_batches {g.micro_batches} do not partition its sequences")
+            if g.micro_batches is not None and any(not m for m in g.micro_batches):
+                raise ValueError(f"group {gi} has an empty micro-batch")
+            for call in g.calls():
+                if not call:
+                    continue
+                mem = cost_model.call_memory([seq_lens[i] for i in call], len(g.ranks), g.strategy)
                 if mem > cluster.mem_bytes:
                     raise ValueError(
-                        f"sequence {i} (length {length}) needs {mem:.4g} bytes per rank in group {gi} "
-                        f"(degree {len(g.ranks)}, {g.strategy}), more than mem_bytes={cluster.mem_bytes:.4g}"
+                        f"group {gi} (degree {len(g.ranks)}, {g.strategy}) packs sequences {call} into one call "
+                        f"that needs {mem:.4g} bytes per rank, more than mem_bytes={cluster.mem_bytes:.4g}"
                     )
-            expected = cost_model.group_time(lengths, len(g.ranks), g.strategy)
+            lengths = [seq_lens[i] for i in g.seq_indices]
+            position = {i: k for k, i in enumerate(g.seq_indices)}
+            calls = None if g.micro_batches is None else [[position[i] for i in m] for m in g.micro_batches]
+            expected = cost_model.group_time(lengths, len(g.ranks), g.strategy, micro_batches=calls)
             if not math.isclose(g.predicted_time_s, expected, rel_tol=rel_tol, abs_tol=0.0):
                 raise ValueError(f"group {gi} predicted_time_s={g.predicted_time_s!r}, cost model says {expected!r}")
         worst = max((g.predicted_time_s for g in self.groups), default=0.0)

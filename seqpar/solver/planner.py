@@ -3,19 +3,27 @@
 ``plan_step`` splits the world into power-of-two, node-aligned SP groups of possibly different sizes and
 strategies (degree 1 allowed; for each layer kind, any of the allowed strategies of the registry,
 ``seqpar.strategies``, valid at the group's degree, whichever the cost model prefers) and gives every sequence
-to one group, minimising the makespan.
-It builds several plans, re-scores each on the TRUE lengths with ``CostModel.group_time`` and returns the
-fastest:
+to one group, minimising the makespan under the PACKED cost model: a group runs its sequences as one packed call
+(``CostModel.call_time``), or as micro-batches when that call would not fit in memory.
 
-1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
-   slower than ``static_plan``;
-2. the best homogeneous plan improved by local search;
-3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
-4. the MILP plan (``milp.solve_milp``, warm-started from the best homogeneous plan), its assignment
-   improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+* Small steps (at most ``EXACT_MAX_SEQUENCES`` sequences, ``EXACT_MAX_WORLD`` ranks): ``problem.exact_plan``,
+  dynamic programming over subsets, micro-batches included: optimal, and reported so.
+* Otherwise it builds candidates on the additive surrogate (``problem`` docstring), re-scores each with the
+  packed model (``Problem.to_plan``) and returns the fastest:
 
-``time_limit_s`` bounds the whole call: the MILP gets what is left after the cheap candidates, less a
-reserve for the re-balancing.
+  1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
+     slower than ``static_plan``;
+  2. the best homogeneous plan improved by local search;
+  3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
+  4. the MILP plan (``milp.solve_milp``: CBC or HiGHS, warm-started from the better of 1 and 3), its
+     assignment improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+
+``time_limit_s`` is a deadline for the whole call: every phase checks it (the search stops at 80% of it, the
+MILP's own limit is what is left once its model is built, less a reserve for the re-balancing), and the
+packed re-scoring takes candidates in the surrogate's order while time is left (at least one).
+``solver_status``: ``"optimal"`` when the exact search ran or the plan meets ``Problem.lower_bound``;
+``"feasible"`` when the MILP gave a solution (optimal or not on its surrogate, the note says which);
+``"greedy"`` when it gave none.
 """
 
 from __future__ import annotations
@@ -29,11 +37,11 @@ from seqpar.solver.assign import earliest_finish, greedy_groups, improve, lpt
 from seqpar.solver.cost_model import CostModel, is_power_of_two
 from seqpar.solver.milp import SLOTS, MilpResult, make_buckets, solve_milp
 from seqpar.solver.plan import Plan
-from seqpar.solver.problem import Problem, build_plan, check_seq_lens
+from seqpar.solver.problem import EXACT_MAX_SEQUENCES, EXACT_MAX_WORLD, Problem, build_plan, check_seq_lens, exact_plan
 
 __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
-SOLVERS = ("cbc", "highs", "greedy")
+SOLVERS = ("auto", "cbc", "highs", "greedy")
 
 
 def plan_step(
@@ -43,7 +51,7 @@ def plan_step(
     strategies: Sequence[str] | None = None,
     linear_strategies: Sequence[str] | None = None,
     time_limit_s: float = 1.0,
-    solver: str = "cbc",
+    solver: str = "auto",
     max_buckets: int = 16,
     rel_gap: float | None = None,
 ) -> Plan:
@@ -58,22 +66,24 @@ def plan_step(
         linear_strategies: linear-attention strategies a group may use; default
             ``seqpar.strategies.planner_defaults("linear")``.
         time_limit_s: wall-clock budget of the whole call, in seconds.
-        solver: ``"cbc"`` (bundled with PuLP), ``"highs"`` (if installed) or ``"greedy"`` (no MILP).
+        solver: ``"auto"`` (HiGHS when ``highspy`` is installed: the ``highs`` extra; it found solutions where
+            CBC found none within the budget, bench/results/solver.json; else CBC), ``"cbc"`` (bundled with
+            PuLP), ``"highs"`` or ``"greedy"`` (no MILP).
         max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
         rel_gap: relative optimality gap at which the MILP stops; default 1e-9 when the formulation is
             exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
 
     Returns:
-        A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says whether the
-        MILP proved optimality, stopped at the time limit, or was unavailable (greedy fallback).
+        A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says what was proved
+        (module docstring); ``note`` names the chosen candidate, the MILP's outcome and the lower bound.
 
     Raises:
         ValueError: empty ``seq_lens``, a non-positive or non-integer length, a sequence that does not fit
-            in memory even on all ranks, a world size that is not a power of two (times
-            ``gpus_per_node`` across nodes), an unknown strategy or solver, or a bad option value.
+            in memory even on all ranks, a world spanning nodes whose ``gpus_per_node`` is not a power of two
+            (``Cluster.check_plannable``), an unknown strategy or solver, or a bad option value.
     """
     started = time.perf_counter()
-    if not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+    if isinstance(time_limit_s, bool) or not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
         raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
@@ -81,80 +91,124 @@ def plan_step(
         raise ValueError(f"max_buckets must be a positive integer, got {max_buckets!r}")
     if rel_gap is not None and not (0 <= rel_gap < 1):
         raise ValueError(f"rel_gap must be in [0, 1) or None, got {rel_gap!r}")
+    # every phase stops at the deadline; the final re-scoring of what was found keeps a share of the budget
     deadline = started + time_limit_s
+    search_deadline = started + 0.8 * time_limit_s
     problem = Problem(seq_lens, cost_model, strategies=strategies, linear_strategies=linear_strategies)
+    lower = problem.lower_bound()
+
+    def finish(plan: Plan, name: str, how: str, proved: bool) -> Plan:
+        if proved or plan.makespan_s <= lower * (1 + 1e-9):
+            plan.solver_status = "optimal"
+        plan.note = (f"chose {name}; {how}; lower bound {lower:.6g} s; {time.perf_counter() - started:.2f} s")
+        return plan
+
+    exact_note = ""
+    if problem.n <= EXACT_MAX_SEQUENCES and problem.world <= EXACT_MAX_WORLD:
+        found = exact_plan(problem, deadline=search_deadline)
+        if found is not None:
+            shapes, assign, calls = found
+            plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
+            return finish(plan, "exact search", "optimal under the packed model, micro-batches included (dynamic "
+                          "programming over subsets and ranks)", proved=True)
+        exact_note = "exact search stopped at the deadline"
 
     candidates: list[tuple[str, list[int], np.ndarray]] = []
-    homogeneous = [(problem.makespan(shapes, assign), s, shapes, assign) for s, shapes, assign in _homogeneous(problem)]
-    fastest = min(h[0] for h in homogeneous)
-    # every homogeneous plan is a static_plan; keep all that tie with the fastest (sums may round apart)
+    homogeneous = _homogeneous(problem, deadline=search_deadline)
+    homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
+    # every homogeneous plan is a static_plan: all are re-scored packed (never slower than static_plan)
     candidates += [(f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}", shapes, assign)
-                   for makespan, s, shapes, assign in homogeneous if makespan <= fastest * (1 + 1e-9)]
-    best_homo = min(homogeneous, key=lambda h: h[0])[1:]
-    # budget: cheap candidates first (each phase bounded by its own share), then the MILP, then a
-    # reserve to re-balance the MILP's plan
-    reserve = 0.1 + 0.2 * time_limit_s
+                   for s, shapes, assign in homogeneous]
+    best_homo = homogeneous[0]
+    left = max(search_deadline - time.perf_counter(), 0.0)
+    reserve = 0.05 + 0.15 * left  # to re-balance the MILP's plan
     candidates.append(("homogeneous + local search", best_homo[1],
-                       improve(problem, best_homo[1], best_homo[2], deadline=_after(0.1 * time_limit_s))))
+                       improve(problem, best_homo[1], best_homo[2], deadline=_before(0.1 * left, search_deadline))))
     warm_plans = [(best_homo[1], best_homo[2])]
     greedy = greedy_groups(problem, problem.makespan(best_homo[1], best_homo[2]),
-                           deadline=_after(0.25 * time_limit_s))
+                           deadline=_before(0.25 * left, search_deadline))
     if greedy is not None:
-        greedy_assign = improve(problem, *greedy, deadline=_after(0.05 * time_limit_s))
+        greedy_assign = improve(problem, *greedy, deadline=_before(0.05 * left, search_deadline))
         candidates.append(("greedy", greedy[0], greedy_assign))
         warm_plans.append((greedy[0], greedy_assign))
 
-    status, why, bucket_ratio, milp_note = "greedy", "", 1.0, ""
+    why, bucket_ratio, milp_note, milp_found = "", 1.0, "", False
+    if solver == "auto":
+        solver = "highs" if _highs_available() else "cbc"
     if solver == "greedy":
         why = "solver='greedy'"
     else:
-        buckets = make_buckets(problem, max_buckets)
-        bucket_ratio = buckets.cost_ratio
-        gap = rel_gap if rel_gap is not None else (1e-9 if problem.world <= SLOTS else 1e-3)
-        budget = deadline - time.perf_counter() - reserve
-        if budget < 0.02:
+        budget = search_deadline - time.perf_counter() - reserve
+        if budget < 0.05:
             why = f"no time left for the MILP within time_limit_s={time_limit_s}"
         else:
-            result = solve_milp(problem, buckets, warm_plans, time_limit_s=budget,
-                                rel_gap=gap, solver=solver)
+            buckets = make_buckets(problem, max_buckets)
+            bucket_ratio = buckets.cost_ratio
+            gap = rel_gap if rel_gap is not None else (1e-9 if problem.world <= SLOTS else 1e-3)
+            budget = search_deadline - time.perf_counter() - reserve
+            result = solve_milp(problem, buckets, warm_plans, time_limit_s=max(budget, 0.02),
+                                rel_gap=gap, solver=solver, deadline=search_deadline - reserve)
             if isinstance(result, MilpResult):
-                status, milp_note = result.status, result.note
+                milp_found, milp_note = True, result.note
                 candidates.append(("milp", result.group_shapes, result.assign))
-                rebalance_deadline = max(deadline, time.perf_counter() + 0.02)
                 candidates.append(("milp + local search", result.group_shapes,
-                                   improve(problem, result.group_shapes, result.assign, deadline=rebalance_deadline)))
-                refill = earliest_finish(problem, result.group_shapes)
+                                   improve(problem, result.group_shapes, result.assign, deadline=search_deadline)))
+                refill = earliest_finish(problem, result.group_shapes, deadline=search_deadline)
                 if refill is not None:
                     candidates.append(("milp groups re-filled", result.group_shapes,
-                                       improve(problem, result.group_shapes, refill, deadline=rebalance_deadline)))
+                                       improve(problem, result.group_shapes, refill, deadline=search_deadline)))
             else:
                 why = result
 
-    plans = [(name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio))
-             for name, shapes, assign in candidates]
-    name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the earlier, simpler candidate
-    static = [(n, p) for n, p in plans if n.startswith("homogeneous ") and n != "homogeneous + local search"]
-    shown = static[:1] + [(n, p) for n, p in plans if (n, p) not in static]
-    scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in shown)
-    best.note = (f"chose {name}; " + (milp_note if milp_note else f"no MILP: {why}")
-                 + f"; candidates: {scores}; lower bound {problem.lower_bound():.6g} s"
-                 + f"; {time.perf_counter() - started:.2f} s")
-    return best
+    # re-score on the packed model, most promising first (the surrogate's order), while time is left
+    status = "feasible" if milp_found else "greedy"
+    order = sorted(range(len(candidates)), key=lambda k: problem.makespan(candidates[k][1], candidates[k][2]))
+    plans: list[tuple[str, Plan]] = []
+    for k in order:
+        if plans and time.perf_counter() > deadline - 0.02 * time_limit_s:
+            break
+        name, shapes, assign = candidates[k]
+        plans.append((name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio)))
+    name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
+    best.solver_status = status
+    scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in plans[:6])
+    how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",
+                                f"{len(plans)} of {len(candidates)} candidates re-scored packed: {scores}") if x)
+    return finish(best, name, how, proved=False)
 
 
-def _after(seconds: float) -> float:
-    return time.perf_counter() + seconds
+def _highs_available() -> bool:
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def _homogeneous(problem: Problem) -> list[tuple[int, list[int], np.ndarray]]:
-    """Every shape on which all sequences fit, as ``(shape, group shapes, LPT assignment)``."""
-    out = []
-    for s, (degree, _) in enumerate(problem.shapes):
-        if problem.fits[s].all():
-            n_groups = problem.world // degree
-            out.append((s, [s] * n_groups, lpt(problem.times[s], n_groups)))
-    if not out:  # cannot happen: the full world fits every sequence, or Problem raised
+def _before(seconds: float, deadline: float) -> float:
+    return min(time.perf_counter() + seconds, deadline)
+
+
+def _homogeneous(problem: Problem, *, deadline: float | None = None) -> list[tuple[int, list[int], np.ndarray]]:
+    """Every shape on which all sequences fit, as ``(shape, group shapes, LPT assignment)``: ``world // degree``
+    groups of it, any ranks left over as idle degree-1 groups. Shapes are tried by a quick bound of their
+    makespan (the largest of the slowest sequence and the mean load) and at ``deadline`` the rest are skipped
+    (at least one is always built)."""
+    usable = [s for s in range(len(problem.shapes)) if problem.fits[s].all()]
+    if not usable:  # cannot happen: the full world fits every sequence, or Problem raised
         raise ValueError("no single group shape fits every sequence")
+
+    def estimate(s: int) -> float:
+        groups = problem.world // int(problem.degrees[s])
+        return float(problem.const[s]) + max(float(problem.times[s].max()), float(problem.times[s].sum()) / groups)
+
+    out = []
+    for s in sorted(usable, key=estimate):
+        if out and deadline is not None and time.perf_counter() > deadline:
+            break
+        degree = int(problem.degrees[s])
+        n_groups = problem.world // degree
+        out.append((s, [s] * n_groups + [0] * (problem.world - n_groups * degree), lpt(problem.times[s], n_groups)))
     return out
 
 
@@ -163,8 +217,9 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
 
     Raises:
         ValueError: bad ``seq_lens``; a world that cannot be split (see ``Cluster.check_plannable``);
-            ``degree`` not a power of two dividing the world; ``strategy`` unknown or invalid at
-            ``degree``; a sequence that does not fit in memory at this degree and strategy.
+            ``degree`` not a power of two no larger than the world (ranks left over stay idle); ``strategy``
+            unknown or invalid at ``degree``; a sequence that does not fit in memory at this degree and strategy
+            (a group whose sequences do not fit in one packed call runs them as micro-batches).
     """
     lengths = check_seq_lens(seq_lens)
     cluster = cost_model.cluster
@@ -182,7 +237,10 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
             f"{strategy}, more than cluster.mem_bytes={cluster.mem_bytes:.4g}; use a larger degree"
         )
     n_groups = cluster.world_size // int(degree)
-    return build_plan(cost_model, lengths, [(int(degree), strategy)] * n_groups, lpt(times, n_groups),
+    idle = cluster.world_size - n_groups * int(degree)  # a world like 6 = 2 x 2 + 2 idle ranks at degree 2
+    first = cost_model.strategy_names(1)[0]
+    shapes = [(int(degree), strategy)] * n_groups + [(1, first)] * idle
+    return build_plan(cost_model, lengths, shapes, lpt(times, n_groups),
                       status="static", note=f"static {strategy} x{degree}, LPT")
 
 
@@ -196,11 +254,9 @@ def makespan_lower_bound(
 ) -> float:
     """No plan is faster than this.
 
-    Simple (default): max(the slowest sequence's best time, total fewest rank-seconds / world size).
-    ``refined=True``: for each sequence i and each shape it could run on, the makespan is at least its
-    time there and at least (its rank-seconds there + everyone else's fewest) / world size; the bound is
-    the max over i of the min over shapes (never below the simple one; much tighter when one sequence
-    dominates the batch).
+    max(the slowest sequence's best time alone, the step's compute rank-seconds / world size), valid under the
+    packed model (``Problem.lower_bound``). ``refined`` is accepted for compatibility and gives the same
+    bound: the additive model's refinement does not hold once a group's sequences share one packed call.
 
     Raises ValueError like ``plan_step``.
     """

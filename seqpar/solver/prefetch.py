@@ -42,13 +42,23 @@ class PlanPrefetcher:
         else:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="seqpar-plan")
 
-    def submit(self, step: int, seq_lens: Sequence[int]) -> None:
-        """Start planning ``step``. Raises ValueError if ``step`` was already submitted and not taken."""
+    def submit(self, step: int, seq_lens: Sequence[int], *, cost_model: CostModel | None = None,
+               **plan_options) -> None:
+        """Start planning ``step`` (with ``cost_model`` and ``plan_options`` overriding the constructor's).
+
+        Raises ValueError if ``step`` was already submitted and not taken."""
         if step in self._futures:
             raise ValueError(f"step={step} is already being planned; get() it before submitting it again")
         # numpy integers become ints (cheaper to pickle); anything else reaches plan_step's checks as is
         lengths = [int(v) if isinstance(v, np.integer) else v for v in seq_lens]
-        self._futures[step] = self._executor.submit(plan_step, lengths, self._cost_model, **self._options)
+        options = {**self._options, **plan_options}
+        self._futures[step] = self._executor.submit(plan_step, lengths, cost_model or self._cost_model, **options)
+
+    def discard(self, step: int) -> None:
+        """Forget ``step`` (cancelled if it has not started; its result is dropped otherwise)."""
+        future = self._futures.pop(step, None)
+        if future is not None:
+            future.cancel()
 
     def get(self, step: int, timeout: float | None = None) -> Plan:
         """The plan of ``step`` (waits for it). Re-raises ``plan_step``'s ValueError for bad input.

@@ -3,10 +3,21 @@
 A group *shape* is ``(degree, strategy)``, the strategy a cost-model name (``CostModel.split_strategy``). Every
 valid shape of every power-of-two degree up to the world size is a candidate (the allowed strategies default to
 the registry's ``planner_defaults``); at degree 1 all strategies cost the same, so only the first is kept.
+
+The search works on an ADDITIVE SURROGATE of the packed cost model: a group of shape s holding sequences I costs
+``const[s] + sum_{i in I} times[s, i]``, where ``const[s] = CostModel.call_overhead`` (latency and overhead paid
+once per packed call) and ``times[s, i] = seq_time(i) - const[s]``. It is exact for one sequence, for Ulysses and
+all-gather K,V (their terms are sums plus a per-call constant) and at degree 1; for the overlapped strategies
+(ring, TokenRing, USP, LASP-2, ZeCO) packing can hide one sequence's communication behind another's compute,
+so the packed time may be lower. Every candidate plan is re-scored with the packed model (``build_plan``),
+and only the exact search (``exact_plan``, small instances) or meeting ``lower_bound`` proves optimality.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +26,7 @@ from seqpar import strategies as registry
 from seqpar.solver.cost_model import CostModel
 from seqpar.solver.plan import Group, Plan
 
-__all__ = ["Problem", "check_seq_lens", "build_plan"]
+__all__ = ["Problem", "check_seq_lens", "build_plan", "split_calls", "exact_plan", "EXACT_MAX_SEQUENCES"]
 
 
 def check_seq_lens(seq_lens: Sequence[int]) -> np.ndarray:
@@ -28,6 +39,9 @@ def check_seq_lens(seq_lens: Sequence[int]) -> np.ndarray:
         raise ValueError(f"seq_lens must be a sequence of positive integers: {err}") from err
     if not values:
         raise ValueError("seq_lens is empty; a step needs at least one sequence")
+    arr = np.asarray(values) if all(type(v) is int for v in values[:1]) else None
+    if arr is not None and arr.dtype.kind == "i" and arr.ndim == 1 and bool((arr > 0).all()):
+        return arr.astype(np.int64)  # the common case, checked without a Python loop per sequence
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"seq_lens[{i}]={v!r} must be an integer number of tokens")
@@ -37,7 +51,10 @@ def check_seq_lens(seq_lens: Sequence[int]) -> np.ndarray:
 
 
 class Problem:
-    """Lengths, shapes and, per shape, every sequence's time (``times``) and whether it fits (``fits``).
+    """Lengths, shapes and, per shape, the surrogate tables (``times``, ``const``) and which sequences fit
+    (``fits``: a packed call of the sequence alone fits in memory; ``cap``: the most tokens one call may pack).
+
+    ``deadline`` (a ``time.perf_counter()`` value) stops the table building early with ``TimeoutError``.
 
     Raises ValueError (from the constructor) for bad lengths, a cluster that cannot be split into
     power-of-two node-aligned groups, unknown strategies, or a sequence that fits on no group shape.
@@ -54,82 +71,241 @@ class Problem:
         linear_strategies = registry.planner_defaults("linear") if linear_strategies is None else linear_strategies
         _check_names(cost_model, strategies, linear_strategies)
         self.shapes: list[tuple[int, str]] = []
-        degree = 1
-        while degree <= self.world:
+        for degree in cluster.degrees():
             names = cost_model.strategy_names(degree, strategies, linear_strategies)
             self.shapes += [(degree, n) for n in (names[:1] if degree == 1 else names)]
-            degree *= 2
         if not any(d == 1 for d, _ in self.shapes):
             raise ValueError("no strategy is valid at degree 1; pass at least one strategy")
         self.degrees = np.array([d for d, _ in self.shapes])
-        self.times = np.stack([cost_model.seq_times(self.lengths, d, s) for d, s in self.shapes])
-        mems = np.stack([cost_model.seq_memories(self.lengths, d, s) for d, s in self.shapes])
-        self.fits = mems <= cluster.mem_bytes
+        self.single = np.stack([cost_model.seq_times(self.lengths, d, s) for d, s in self.shapes])
+        self.const = np.array([cost_model.call_overhead(d, s) for d, s in self.shapes])
+        self.times = np.maximum(self.single - self.const[:, None], 0.0)
+        self.cap = np.array([cost_model.max_call_tokens(d, s) for d, s in self.shapes])
+        self.fits = self.lengths[None, :] <= self.cap[:, None]
+        self.compute = cost_model.compute_times(self.lengths, 1)  # rank-seconds no plan can avoid
         unplaceable = np.flatnonzero(~self.fits.any(axis=0))
         if unplaceable.size:
             i = int(unplaceable[0])
+            need = min(cost_model.seq_memory(int(self.lengths[i]), d, s) for d, s in self.shapes)
             raise ValueError(
                 f"seq_lens[{i}]={int(self.lengths[i])} does not fit in memory even on all {self.world} ranks: it "
-                f"needs {mems[:, i].min():.4g} bytes per rank, cluster.mem_bytes={cluster.mem_bytes:.4g}; "
+                f"needs {need:.4g} bytes per rank, cluster.mem_bytes={cluster.mem_bytes:.4g}; "
                 "shorten or drop it, or plan on a larger world"
             )
-        masked = np.where(self.fits, self.times, np.inf)
-        self.best_time = masked.min(axis=0)  # fastest feasible time of each sequence
-        self.best_area = (masked * self.degrees[:, None]).min(axis=0)  # fewest rank-seconds
+        masked = np.where(self.fits, self.single, np.inf)
+        self.best_time = masked.min(axis=0)  # fastest feasible time of each sequence alone
+        self.best_area = (np.where(self.fits, self.times, np.inf) * self.degrees[:, None]).min(axis=0)
 
     @property
     def n(self) -> int:
         return int(self.lengths.size)
 
     def lower_bound(self) -> float:
-        """max(longest single-sequence best time, total best rank-seconds / world size)."""
-        return max(float(self.best_time.max()), float(self.best_area.sum()) / self.world)
+        """No plan is faster: max(the slowest sequence's best time alone, total compute / world size).
+
+        Valid under the packed model: a group's time never drops when it gets more sequences, and every
+        strategy's time is at least its compute, whose rank-seconds do not depend on the degree.
+        """
+        return max(float(self.best_time.max()), math.fsum(self.compute.tolist()) / self.world)
 
     def refined_lower_bound(self) -> float:
-        """A tighter bound: whatever shape sequence i runs on, T >= its time there and
-        T * world >= its rank-seconds there + everyone else's fewest; max over i of the min over shapes."""
-        masked = np.where(self.fits, self.times, np.inf)
-        area = masked * self.degrees[:, None]
-        rest = self.best_area.sum() - self.best_area  # (n,)
-        per_shape = np.maximum(masked, (rest[None, :] + area) / self.world)
-        return max(self.lower_bound(), float(per_shape.min(axis=0).max()))
+        """The same bound (kept for callers of the additive model's refined bound, which packing invalidates)."""
+        return self.lower_bound()
 
     def makespan(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
-        """Makespan of an assignment (``assign[i]`` = group of sequence i; groups given by shape index)."""
+        """Surrogate makespan of an assignment (``assign[i]`` = group of sequence i; groups by shape index)."""
+        shapes = np.asarray(group_shapes)
         loads = np.zeros(len(group_shapes))
-        shapes = np.asarray(group_shapes)[assign]
-        np.add.at(loads, assign, self.times[shapes, np.arange(self.n)])
-        return float(loads.max())
+        np.add.at(loads, assign, self.times[shapes[assign], np.arange(self.n)])
+        used = np.zeros(len(group_shapes), dtype=bool)
+        used[assign] = True
+        return float((loads + np.where(used, self.const[shapes], 0.0)).max())
 
     def to_plan(self, group_shapes: Sequence[int], assign: np.ndarray, *, status: str, note: str,
-                bucket_cost_ratio: float = 1.0) -> Plan:
-        """A ``Plan`` of groups given by shape index and ``assign[i]`` = group of sequence i."""
+                bucket_cost_ratio: float = 1.0, calls: dict[int, list[list[int]]] | None = None) -> Plan:
+        """A ``Plan`` of groups given by shape index and ``assign[i]`` = group of sequence i (packed times)."""
+        caps = {self.shapes[s]: int(self.cap[s]) for s in set(group_shapes)}
         return build_plan(self.cost_model, self.lengths, [self.shapes[s] for s in group_shapes], assign,
-                          status=status, note=note, bucket_cost_ratio=bucket_cost_ratio)
+                          status=status, note=note, bucket_cost_ratio=bucket_cost_ratio, caps=caps, calls=calls)
+
+
+def split_calls(lengths: np.ndarray, members: Sequence[int], cap: int) -> list[list[int]]:
+    """``members`` cut into packed calls of at most ``cap`` tokens: longest first, each into the call with the
+    most room left, a new call when none has room (few calls, each paying its per-call cost once). One call
+    when they all fit; each list ascending."""
+    members = np.asarray(members, dtype=np.int64)
+    sizes = lengths[members]
+    if int(sizes.sum()) <= cap:
+        return [sorted(members.tolist())]
+    order = np.argsort(-sizes, kind="stable")
+    if members.size > 512:  # many short ones: consecutive cuts of the sorted order (next fit), in numpy
+        ends = np.cumsum(sizes[order])
+        calls, start, base = [], 0, 0
+        while start < members.size:
+            stop = max(int(np.searchsorted(ends, base + cap, side="right")), start + 1)
+            calls.append(sorted(members[order[start:stop]].tolist()))
+            base, start = int(ends[stop - 1]), stop
+        return calls
+    calls: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # max-heap of (-room, call)
+    for k in order.tolist():
+        size = int(sizes[k])
+        if rooms and -rooms[0][0] >= size:
+            room, c = heapq.heappop(rooms)
+            heapq.heappush(rooms, (room + size, c))
+        else:
+            c = len(calls)
+            calls.append([])
+            heapq.heappush(rooms, (size - cap, c))
+        calls[c].append(int(members[k]))
+    return [sorted(c) for c in calls]
 
 
 def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequence[tuple[int, str]],
-               assign: np.ndarray, *, status: str, note: str, bucket_cost_ratio: float = 1.0) -> Plan:
-    """A ``Plan``: groups placed largest first on consecutive ranks, timed by ``CostModel.group_time``.
+               assign: np.ndarray, *, status: str, note: str, bucket_cost_ratio: float = 1.0,
+               caps: dict[tuple[int, str], int] | None = None,
+               calls: dict[int, list[list[int]]] | None = None) -> Plan:
+    """A ``Plan``: groups placed largest first on consecutive ranks, timed by ``CostModel.group_time`` (packed).
 
-    Placing power-of-two groups in decreasing size on consecutive ranks aligns every group to its own
-    size, so none straddles a node unless it is made of whole nodes.
+    Placing power-of-two groups in decreasing size on consecutive ranks starts every group at a multiple of
+    its size, so none straddles a node unless it is made of whole nodes (``Cluster.check_plannable``). A group
+    whose sequences do not fit in one packed call (``CostModel.max_call_tokens``; ``caps`` caches it per shape)
+    runs them as micro-batches (``split_calls``, or ``calls[g]`` when given for group g).
     """
+    lengths = np.asarray(lengths)
+    caps = {} if caps is None else caps
     order = sorted(range(len(group_shapes)), key=lambda g: -group_shapes[g][0])
     members: dict[int, list[int]] = {g: [] for g in order}
-    for i, g in enumerate(np.asarray(assign).tolist()):
-        members[g].append(i)
+    assign = np.asarray(assign)
+    by_group = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[by_group], np.arange(len(group_shapes) + 1))
+    for g in order:
+        members[g] = by_group[bounds[g]:bounds[g + 1]].tolist()
     groups, start = [], 0
     for g in order:
         degree, strategy = group_shapes[g]
         seqs = members[g]
-        time = cost_model.group_time(lengths[seqs].tolist(), degree, strategy)
+        cap = caps.get((degree, strategy))
+        if cap is None:
+            cap = caps[(degree, strategy)] = cost_model.max_call_tokens(degree, strategy)
+        given = None if calls is None else calls.get(g)
+        group_calls = [sorted(c) for c in given] if given else (split_calls(lengths, seqs, cap) if seqs else [[]])
+        micro = None if len(group_calls) == 1 else group_calls
+        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition
+        time = math.fsum(cost_model.call_time(lengths[c], degree, strategy) for c in group_calls) if seqs else 0.0
         softmax, linear = cost_model.split_strategy(strategy)
-        groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time))
+        groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time, micro))
         start += degree
     if start != cost_model.cluster.world_size:
         raise AssertionError(f"groups cover {start} ranks, world is {cost_model.cluster.world_size}")
     return Plan(groups, max(g.predicted_time_s for g in groups), status, note, bucket_cost_ratio)
+
+
+def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndarray, dict[int, list[list[int]]]] | None:
+    """The optimal plan under the packed model, micro-batches included, by dynamic programming over subsets.
+
+    * ``calls_s(I)``: the least time of shape s running the sequences ``I`` as packed calls that each fit in
+      memory (``cap``), one after another: the call holding the lowest sequence of ``I`` plus the best of the
+      rest (one call whenever it fits, as a call never costs more than two: every term is subadditive).
+    * ``f(mask, r)``: the least makespan running exactly ``mask`` on groups of at most ``r`` ranks in all; a
+      group takes the lowest sequence of ``mask`` and any subset of the rest, on its best shape of a
+      power-of-two degree ``<= r``. Any multiset of power-of-two sizes summing to at most the world places
+      node-aligned (``build_plan``), so ranks are the only coupling between groups.
+
+    Returns ``(group shapes, assignment, calls)``, ``calls[g]`` the micro-batches of group g when it needs
+    more than one; None when ``deadline`` passes first. Cost ``3^n (shapes + world * degrees)`` steps, for
+    ``n <= EXACT_MAX_SEQUENCES``.
+    """
+    n, world = problem.n, problem.world
+    cm, lengths = problem.cost_model, problem.lengths
+    full = (1 << n) - 1
+    tokens = [0] * (full + 1)
+    for mask in range(1, full + 1):
+        low = (mask & -mask).bit_length() - 1
+        tokens[mask] = tokens[mask & (mask - 1)] + int(lengths[low])
+    members = [[i for i in range(n) if mask >> i & 1] for mask in range(full + 1)]
+    # best[s][mask] = (least time of shape s on mask, the call holding mask's lowest sequence)
+    best: list[list[tuple[float, int]]] = []
+    for s, (d, name) in enumerate(problem.shapes):
+        table = [(0.0, 0)] * (full + 1)
+        call = [math.inf] * (full + 1)
+        for mask in range(1, full + 1):
+            if tokens[mask] <= problem.cap[s]:
+                call[mask] = cm.call_time(lengths[members[mask]].tolist(), d, name)
+        for mask in range(1, full + 1):
+            if time.perf_counter() > deadline:
+                return None
+            if call[mask] < math.inf:  # one call fits: never beaten by splitting (subadditive)
+                table[mask] = (call[mask], mask)
+                continue
+            low = mask & -mask
+            rest = mask ^ low
+            value, arg = math.inf, 0
+            sub = rest
+            while True:
+                first = sub | low
+                if call[first] < math.inf and first != mask:
+                    v = call[first] + table[mask ^ first][0]
+                    if v < value:
+                        value, arg = v, first
+                if sub == 0:
+                    break
+                sub = (sub - 1) & rest
+            table[mask] = (value, arg)
+        best.append(table)
+    degrees = sorted(set(problem.degrees.tolist()))
+    by_degree = {d: [s for s, (dd, _) in enumerate(problem.shapes) if dd == d] for d in degrees}
+    group = {d: [min(((best[s][m][0], s) for s in by_degree[d]), default=(math.inf, -1)) for m in range(full + 1)]
+             for d in degrees}
+
+    f = {(0, r): (0.0, None) for r in range(world + 1)}
+    for mask in range(1, full + 1):
+        if time.perf_counter() > deadline:
+            return None
+        low = mask & -mask
+        rest = mask ^ low
+        for r in range(1, world + 1):
+            value, arg = math.inf, None
+            sub = rest
+            while True:
+                g = sub | low
+                for d in degrees:
+                    if d > r:
+                        break
+                    cost, s = group[d][g]
+                    if cost < value:
+                        v = max(cost, f.get((mask ^ g, r - d), (math.inf, None))[0])
+                        if v < value:
+                            value, arg = v, (g, d, s)
+                if sub == 0:
+                    break
+                sub = (sub - 1) & rest
+            f[(mask, r)] = (value, arg)
+    if not math.isfinite(f[(full, world)][0]):
+        return None
+    group_shapes: list[int] = []
+    assign = np.empty(n, dtype=np.int64)
+    calls: dict[int, list[list[int]]] = {}
+    mask, r = full, world
+    while mask:
+        g, d, s = f[(mask, r)][1]
+        k = len(group_shapes)
+        assign[members[g]] = k
+        parts, left = [], g
+        while left:
+            first = best[s][left][1]
+            parts.append(members[first])
+            left ^= first
+        if len(parts) > 1:
+            calls[k] = parts
+        group_shapes.append(s)
+        mask, r = mask ^ g, r - d
+    used = sum(problem.shapes[s][0] for s in group_shapes)
+    return group_shapes + [0] * (world - used), assign, calls
+
+
+EXACT_MAX_SEQUENCES = 8
+EXACT_MAX_WORLD = 16
 
 
 def _check_names(cost_model: CostModel, strategies: Sequence[str], linear_strategies: Sequence[str]) -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "TABLE",
     "TOKEN_RING_PARTIALS",
     "TOKEN_RING_QUERIES",
+    "HALO_GRAD",
+    "HALO_NEXT",
     "ZECO_FINAL_GRAD",
     "ZECO_FINAL_STATE",
     "TagBlock",
@@ -64,6 +66,8 @@ SCAN_NEXT = 7000
 ZECO_FINAL_STATE = 7999  # rank P-1 -> every rank: the final state
 SCAN_PREV = 8000
 ZECO_FINAL_GRAD = 8999  # every rank -> rank P-1: its final-state gradient
+HALO_NEXT = 9001  # halo exchange: a rank's last w - 1 tokens to rank + 1 (causal conv1d context)
+HALO_GRAD = 9002  # halo exchange backward: the halo's gradient back to its owner, rank - 1
 
 TABLE: tuple[TagBlock, ...] = (
     TagBlock("ring, to rank + 1", RING_NEXT, RING_STREAMS, 100, "next", "comm.ring_exchange (ring attention)"),
@@ -75,6 +79,8 @@ TABLE: tuple[TagBlock, ...] = (
     TagBlock("ZeCO final state", ZECO_FINAL_STATE, 1, 1, None, "zeco"),
     TagBlock("All-Scan pieces, reverse", SCAN_PREV, SCAN_PIECES, 1, "prev", "scan (ZeCO backward)"),
     TagBlock("ZeCO final-state gradients", ZECO_FINAL_GRAD, 1, 1, None, "zeco"),
+    TagBlock("halo, to rank + 1", HALO_NEXT, 1, 1, "next", "halo (conv1d context)"),
+    TagBlock("halo gradients, to rank - 1", HALO_GRAD, 1, 1, "prev", "halo (backward)"),
 )
 
 

@@ -1,0 +1,106 @@
+"""Calibrate the planner's cost model on the machine it plans for: a short profile, a fit, a cache file.
+
+``profile`` times one forward + backward of the wrapped model for every group shape the planner may use
+(each power-of-two degree up to the world, each strategy valid there) at two sequence lengths, so that the
+linear (dense) and quadratic (attention) terms separate; every group of the world runs one sequence at once,
+as in a plan, and a shape's time is the slowest rank's median over ``repeats``. ``CostModel.calibrate`` fits
+the coefficients to those measurements. ``calibrated_cost_model`` does both once and caches the result in a
+JSON file (reused while the model, the world size and the profile lengths match).
+
+    seqpar-train --strategy auto --calibrate          # profile once, cache, plan with the calibrated model
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from seqpar.solver import CostCoefficients, CostModel, Measurement, static_plan
+
+__all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
+
+DEFAULT_LENGTHS = (256, 1024)
+_CACHE_VERSION = 1
+
+
+def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DEFAULT_LENGTHS, repeats: int = 3,
+            vocab_size: int = 256, device: torch.device | str = "cpu") -> list[Measurement]:
+    """Measured seconds of one training step of one sequence per group, for every shape and length.
+
+    Every rank of the SP group must call it (it runs collectives). Gradients are zeroed afterwards.
+
+    Raises:
+        ValueError: fewer than two distinct ``lengths``, or ``repeats < 1``.
+    """
+    if len(set(lengths)) < 2:
+        raise ValueError(f"lengths: need two distinct lengths to separate dense from attention time, got {lengths}")
+    if repeats < 1:
+        raise ValueError(f"repeats: must be >= 1, got {repeats}")
+    group = sp_model.runner.group
+    world = cost_model.cluster.world_size
+    gen = torch.Generator().manual_seed(0)
+    out: list[Measurement] = []
+    for degree in cost_model.cluster.degrees():
+        names = cost_model.strategy_names(degree)
+        for strategy in names[:1] if degree == 1 else names:
+            for length in lengths:
+                seqs = [torch.randint(0, vocab_size, (int(length),), generator=gen).to(device)
+                        for _ in range(world // degree)]
+                plan = static_plan([int(length)] * len(seqs), cost_model, degree, strategy)
+                times = [_time_step(sp_model, seqs, plan, group) for _ in range(repeats + 1)][1:]  # 1 warm-up
+                out.append(Measurement(int(length), degree, strategy, statistics.median(times)))
+    sp_model.module.zero_grad(set_to_none=True)
+    return out
+
+
+def _time_step(sp_model: Any, sequences: list[torch.Tensor], plan: Any, group: Any) -> float:
+    dist.barrier(group=group)
+    started = time.perf_counter()
+    prepared = sp_model.prepare(sequences, plan=plan)
+    for local in prepared if isinstance(prepared, list) else [prepared]:
+        sp_model(**local).loss.backward()
+    elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slowest group sets the step
+    return float(elapsed.item())
+
+
+def calibrated_cost_model(sp_model: Any, cost_model: CostModel, path: Path | str, *, model_name: str,
+                          lengths: Sequence[int] = DEFAULT_LENGTHS, repeats: int = 3, vocab_size: int = 256,
+                          device: torch.device | str = "cpu") -> CostModel:
+    """``cost_model`` with coefficients fitted to this machine: read from ``path`` when it holds a calibration
+    of the same model name, world size and lengths, else profiled (every rank), fitted and written (rank 0)."""
+    path = Path(path)
+    key = {"model": model_name, "world_size": cost_model.cluster.world_size, "lengths": [int(x) for x in lengths]}
+    cached = _read(path)
+    if cached is not None and cached.get("key") == key:
+        return replace(cost_model, coefficients=CostCoefficients(**cached["coefficients"]))
+    data = profile(sp_model, cost_model, lengths=lengths, repeats=repeats, vocab_size=vocab_size, device=device)
+    fitted = cost_model.calibrate(data)
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": _CACHE_VERSION, "key": key, "coefficients": asdict(fitted.coefficients),
+                   "measurements": [asdict(m) for m in data],
+                   "predicted_s": [fitted.seq_time(m.length, m.degree, m.strategy) for m in data]}
+        path.write_text(json.dumps(payload, indent=1))
+    return fitted
+
+
+def use_cost_model(sp_model: Any, cost_model: CostModel) -> None:
+    """Make ``sp_model`` (``strategy="auto"``) plan with ``cost_model`` from its next step on."""
+    sp_model.config = replace(sp_model.config, cost_model=cost_model)
+    sp_model.runner.config = sp_model.config
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and payload.get("version") == _CACHE_VERSION else None

@@ -1,0 +1,120 @@
+"""``strategy="auto"`` at a world that is not a power of two, and a plan with micro-batches, against one float64
+process (tiny Llama, real gloo ranks)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import seqpar
+from seqpar.solver import CostModel
+from tests.checks import rel_err
+from tests.harness import run_distributed
+from tests.test_parallelize import MODELS, cpu_cost_model, reference_loss_and_grads
+
+
+def cost_model_for(world: int, mem_tokens: int | None = None) -> CostModel:
+    """``cpu_cost_model`` on ``world`` ranks; with ``mem_tokens``, memory for about that many packed tokens per
+    rank beyond the model state (so a plan must run some groups as micro-batches)."""
+    cm = cpu_cost_model()
+    cluster = replace(cm.cluster, world_size=world, gpus_per_node=world)
+    cm = replace(cm, cluster=cluster)
+    if mem_tokens is not None:
+        mem = cm.model_state_bytes() + cm.model.token_activation_bytes() * mem_tokens
+        cm = replace(cm, cluster=replace(cluster, mem_bytes=mem))
+    return cm
+
+
+def auto_step_matches_reference(lengths, world, mem_tokens=None):
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 96, (n,), generator=gen) for n in lengths]
+    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world, mem_tokens))
+    prepared = sp_model.prepare(sequences)
+    micro_batches = prepared if isinstance(prepared, list) else [prepared]
+    loss, plan = 0.0, None
+    for local in micro_batches:
+        out = sp_model(**local)
+        out.loss.backward()
+        loss += out.loss.item()
+        plan = out.plan
+    sp_model.sync_gradients()
+    grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
+    sizes = sorted(len(g.ranks) for g in plan.groups)
+    return abs(loss - ref_loss) / abs(ref_loss), grad_err, sizes, plan.num_micro_batches, len(micro_batches)
+
+
+def test_auto_at_three_ranks_equals_one_process():
+    results = run_distributed(auto_step_matches_reference, 3, [300, 40, 24, 64], 3)
+    for loss_err, grad_err, sizes, _, _ in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+        assert sum(sizes) == 3
+    assert all(r[2] == results[0][2] for r in results)  # every rank ran rank 0's plan
+
+
+def test_micro_batched_auto_step_equals_one_process():
+    # memory for ~160 packed tokens per rank: 4 x 150 tokens cannot run as one call anywhere on 2 ranks
+    results = run_distributed(auto_step_matches_reference, 2, [150, 150, 150, 150, 20], 2, mem_tokens=160)
+    for loss_err, grad_err, _, planned, ran in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+        assert planned > 1 and ran == planned
+
+
+def planned_ahead_steps_match_reference(lengths_per_step, world):
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(2)
+    steps = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in lengths_per_step]
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world))
+    errors = []
+    sp_model.plan_ahead([s.numel() for s in steps[0]])
+    for k, sequences in enumerate(steps):
+        ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+        local = sp_model.prepare(sequences)
+        if k + 1 < len(steps):
+            sp_model.plan_ahead([s.numel() for s in steps[k + 1]])
+        out = sp_model(**local)
+        out.loss.backward()
+        sp_model.sync_gradients()
+        grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
+        errors.append((abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err))
+        model.zero_grad(set_to_none=True)
+    return errors, sp_model.runner.plans_from_ahead
+
+
+def test_plans_made_a_step_ahead_are_used_and_correct():
+    results = run_distributed(planned_ahead_steps_match_reference, 2, [[200, 30, 60], [90, 90, 16, 120]], 2)
+    for errors, _ in results:
+        assert all(loss_err < 1e-5 and grad_err < 1e-4 for loss_err, grad_err in errors), errors
+    assert results[0][1] == 2  # rank 0 took both plans from the background planner
+
+
+def calibrate_twice(path):
+    from seqpar.launch import calibrate
+
+    model = MODELS["llama"]()
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(2))
+    base = sp_model.config.cost_model
+    first = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128), repeats=1,
+                                            vocab_size=96)
+    measured = calibrate._read(Path(path))["measurements"]
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("profiled again although the cache matches")
+
+    calibrate.profile = no_profile
+    second = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128),
+                                             vocab_size=96)
+    calibrate.use_cost_model(sp_model, second)
+    return first.coefficients, second.coefficients, measured, sp_model.runner.config.cost_model is second
+
+
+def test_calibration_profiles_every_shape_at_two_lengths_and_is_cached(tmp_path):
+    path = str(tmp_path / "calibration.json")
+    for first, second, measured, installed in run_distributed(calibrate_twice, 2, path):
+        assert first == second and installed
+        shapes = {(m["degree"], m["strategy"]) for m in measured}
+        assert shapes == {(1, "ulysses"), (2, "ulysses"), (2, "ring"), (2, "token_ring")}
+        assert {m["length"] for m in measured} == {32, 128} and all(m["seconds"] > 0 for m in measured)
