@@ -1,7 +1,9 @@
 """How seqpar reaches the attention of models it did not write.
 
 1. Hugging Face transformers: a ``"seqpar"`` attention function registered with ``AttentionInterface`` (and a
-   mask function that builds no mask: the SP ops apply the causal mask in global positions themselves).
+   mask function that builds no mask: the SP ops apply the causal mask in global positions themselves). Each
+   layer's call carries its own options (sliding window, softcap, sinks); outside an SP step both functions run
+   the model's original implementation, so the wrapped model still evaluates and generates.
 2. Any module that calls ``torch.nn.functional.scaled_dot_product_attention``: a ``TorchFunctionMode`` active
    during the wrapped forward routes those calls to the SP op.
 3. Adapters keyed by module class, for attention modules with their own math (``register_adapter``); the
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, Callable
 
 import torch
@@ -20,13 +23,91 @@ from torch.overrides import TorchFunctionMode
 
 from seqpar import runtime
 
+# The SP ops communicate (point-to-point, async collectives, bounded waits) and read a few host values, which
+# torch.compile cannot trace: under torch.compile each routed attention call runs eagerly as ONE opaque call
+# (a single graph break per layer) instead of being traced into, which would break the graph at every transfer
+# and recompile per call. The model's own compute around it (projections, norms, MLPs) is compiled.
+
+
+@torch.compiler.disable
+def sp_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``seqpar.runtime.softmax_attention``, opaque to torch.compile."""
+    return runtime.softmax_attention(q, k, v, **options)
+
+
+@torch.compiler.disable
+def sp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``seqpar.runtime.linear_attention``, opaque to torch.compile."""
+    return runtime.linear_attention(q, k, v, **options)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Hugging Face
 # ----------------------------------------------------------------------------------------------------
 
 HF_ATTENTION_NAME = "seqpar"
-# HF attention kwargs that change the math; the SP ops do plain causal/bidirectional softmax attention.
-UNSUPPORTED_HF_KWARGS = ("sliding_window", "softcap", "s_aux")
+# Config fields that hold an attention-dropout probability, by model family (GPT2 / MPT: attn_pdrop, BERT:
+# attention_probs_dropout_prob, most others: attention_dropout). The SP ops have no dropout.
+ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+# model_type of families whose attention always adds ALiBi biases (no config switch)
+ALWAYS_ALIBI = ("bloom",)
+
+# id(config) -> (config, the attention implementation the model had before parallelize). Outside an SP step the
+# "seqpar" attention and mask functions run that implementation, so the wrapped model still works as the
+# original (eval, generate); ``SPModel.unwrap`` restores it for good.
+_ORIGINAL_ATTENTION: dict[int, tuple[Any, str]] = {}
+
+
+def remember_original_attention(model: torch.nn.Module, name: str) -> None:
+    """Record ``name`` as the implementation every config of ``model`` falls back to outside SP steps."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            _ORIGINAL_ATTENTION[id(config)] = (config, name)
+
+
+def forget_original_attention(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        _ORIGINAL_ATTENTION.pop(id(getattr(module, "config", None)), None)
+
+
+def original_attention_name(config: Any) -> str:
+    """The implementation ``config``'s model had before ``parallelize`` ("eager" when unknown)."""
+    entry = _ORIGINAL_ATTENTION.get(id(config))
+    return entry[1] if entry is not None and entry[0] is config else "eager"
+
+
+def _original_attention(module: torch.nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = original_attention_name(getattr(module, "config", None))
+    if name != "eager":
+        return ALL_ATTENTION_FUNCTIONS[name]
+    # transformers' eager attention is a function of each model's own modeling file
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(
+            f"seqpar: {type(module).__name__} ran outside an SP step and its module has no eager_attention_forward "
+            "to fall back to; call sp_model.unwrap() before using the model on its own"
+        )
+    return fn
+
+
+def hf_window(sliding_window: int | None, *, causal: bool) -> tuple[int, int] | None:
+    """transformers' per-layer ``sliding_window`` W as the SP ops' ``window=(left, right)``.
+
+    transformers' causal sliding-window mask (``masking_utils.sliding_window_overlay``) keeps key j for query i
+    when ``i - W < j <= i``: W keys including the query's own, so left = W - 1 and right = 0 (flash-attn's
+    ``window_size=(W - 1, 0)``, which transformers' flash path passes too). None or <= 0: no window.
+    """
+    if sliding_window is None or int(sliding_window) <= 0:
+        return None
+    if not causal:
+        raise ValueError(
+            f"sliding_window: a bidirectional sliding window ({sliding_window}) is not supported by seqpar's "
+            "attention routing; use a causal model or a config without sliding_window"
+        )
+    return (int(sliding_window) - 1, 0)
 
 
 def hf_attention_forward(
@@ -35,26 +116,52 @@ def hf_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
+    *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query (B, H, S_local, D) -> ((B, S_local, H, D), None)."""
-    for name in UNSUPPORTED_HF_KWARGS:
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{name}: seqpar's SP attention does not implement {name}; use a model config without it")
-    if dropout:
-        raise ValueError("dropout: attention dropout is not supported by the SP ops; set attention_dropout=0")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = runtime.softmax_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(causal), scale=scaling
+    """transformers attention function: query (B, H, S_local, D_qk), key (B, H_kv, S_local, D_qk), value
+    (B, H_kv, S_local, D_v) -> ((B, S_local, H, D_v), None).
+
+    Inside an SP step it routes the call, with what THIS layer passes (so per-layer windows and alternating
+    layer types follow the model): ``sliding_window`` W -> ``window=(W - 1, 0)`` (``hf_window``), ``softcap``
+    (Gemma2's ``attn_logit_softcapping``) -> ``softcap``, ``s_aux`` (gpt-oss's per-head sink logits) ->
+    ``sinks``. Outside an SP step (eval, ``generate``) it runs the model's original implementation.
+    """
+    if runtime.current_context() is None:
+        return _original_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
+    if args:
+        raise ValueError(f"args: {type(module).__name__} passed {len(args)} positional options to the attention "
+                         "function; transformers passes dropout / scaling by keyword")
+    if kwargs.get("dropout"):
+        raise ValueError(
+            f"dropout: {type(module).__name__} applies attention dropout ({kwargs['dropout']}), which the SP ops do "
+            "not implement; set the model config's attention dropout to 0 (attention_dropout / attn_pdrop)"
+        )
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    options: dict[str, Any] = {}
+    window = hf_window(kwargs.get("sliding_window"), causal=causal)
+    if window is not None:
+        options["window"] = window
+    if kwargs.get("softcap") is not None:
+        options["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        options["sinks"] = kwargs["s_aux"]
+    out = sp_softmax_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+        scale=kwargs.get("scaling"), **options,
     )
     return out, None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None
+def hf_mask(*args: Any, **kwargs: Any) -> Any:
+    """transformers mask function: inside an SP step no mask (the SP ops apply causality, windows and sequence
+    boundaries in global positions themselves); outside, the original implementation's mask."""
+    if runtime.current_context() is not None:
+        return None
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[original_attention_name(kwargs.get("config"))](*args, **kwargs)
 
 
 def register_hf() -> bool:
@@ -65,7 +172,7 @@ def register_hf() -> bool:
     except ImportError:
         return False
     AttentionInterface.register(HF_ATTENTION_NAME, hf_attention_forward)
-    AttentionMaskInterface.register(HF_ATTENTION_NAME, _no_mask)
+    AttentionMaskInterface.register(HF_ATTENTION_NAME, hf_mask)
     return True
 
 
@@ -75,21 +182,55 @@ def is_hf_model(model: torch.nn.Module) -> bool:
 
 
 def check_hf_config(model: torch.nn.Module) -> None:
-    """Reject configs whose attention math the SP ops do not implement, naming the module."""
+    """Refuse, at ``parallelize`` time, what the SP ops cannot compute, naming the model's own config field.
+
+    Sliding windows, softcap and attention sinks are NOT refused: each layer's call carries them
+    (``hf_attention_forward``). Refused: attention dropout (``attn_pdrop``, ``attention_dropout``, ...), ALiBi
+    biases (Falcon with ``alibi=True``, Bloom, MPT), and models with no attention reaching seqpar (Mamba and
+    other state-space models: no module uses transformers' attention interface or SDPA, none has an adapter).
+    """
+    name = type(model).__name__
     config = model.config
-    sub = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(sub, "sliding_window", None) and getattr(sub, "use_sliding_window", True):
-        raise ValueError(
-            f"model: {type(model).__name__} uses sliding-window attention (config.sliding_window="
-            f"{sub.sliding_window}), which the SP ops do not implement; set config.sliding_window=None"
-        )
-    for attr in ("attn_logit_softcapping",):
-        if getattr(sub, attr, None):
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sub_configs = [("", text)]
+    if getattr(text, "attn_config", None) is not None:  # MPT keeps its attention options in a sub-config
+        sub_configs.append(("attn_config.", text.attn_config))
+    for prefix, sub in sub_configs:
+        alibi = getattr(sub, "alibi", None) if not isinstance(sub, dict) else sub.get("alibi")
+        if alibi:
             raise ValueError(
-                f"model: {type(model).__name__} sets config.{attr}; seqpar's SP attention does not implement it"
+                f"model: {name} uses ALiBi attention biases (config.{prefix}alibi={alibi}), which seqpar does not "
+                "support (the SP ops add no position bias); use a model with rotary or learned positions"
             )
-    if getattr(sub, "attention_dropout", 0.0):
-        raise ValueError(f"model: {type(model).__name__} has attention_dropout={sub.attention_dropout}; set it to 0")
+    if getattr(text, "model_type", None) in ALWAYS_ALIBI:
+        raise ValueError(
+            f"model: {name} ({text.model_type}) always uses ALiBi attention biases, which seqpar does not support "
+            "(the SP ops add no position bias); use a model with rotary or learned positions"
+        )
+    for prefix, sub in sub_configs:
+        for field in ATTENTION_DROPOUT_FIELDS:
+            value = getattr(sub, field, None) if not isinstance(sub, dict) else sub.get(field)
+            if value:
+                raise ValueError(
+                    f"model: {name} has attention dropout config.{prefix}{field}={value}, which the SP ops do not "
+                    f"implement; set config.{prefix}{field}=0 before building the model"
+                )
+    if not any(_uses_attention_interface(m) or calls_sdpa(m) or adapter_for(m) is not None
+               for m in model.modules()):
+        raise ValueError(
+            f"model: {name} has no attention layer that reaches seqpar (no module uses transformers' attention "
+            "interface or scaled_dot_product_attention, and none has an adapter); seqpar parallelizes attention, "
+            "and a state-space (Mamba-style) or recurrent model would run on each rank's local tokens only"
+        )
+
+
+def _uses_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether the module's forward dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS`` (static)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,7 +263,7 @@ class SDPAInterceptor(TorchFunctionMode):
         q, k, v = a["query"], a["key"], a["value"]
         if k.shape[-3] != q.shape[-3] and not a.get("enable_gqa", False):
             raise ValueError("key: fewer key/value heads than query heads needs enable_gqa=True")
-        out = runtime.softmax_attention(
+        out = sp_softmax_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=bool(a.get("is_causal", False)),
             scale=a.get("scale"),
         )
@@ -183,8 +324,9 @@ def minimax_lightning_adapter(module: torch.nn.Module, hidden_states: torch.Tens
     h, d = module.num_attention_heads, module.head_dim
     qkv = module.act_fn(module.qkv_proj(hidden_states)).reshape(b, s, h, 3 * d)
     q, k, v = torch.split(qkv, d, dim=3)
-    log_decay = -module.slope_rate.reshape(h).to(torch.float32)
-    out = runtime.linear_attention(q, k, v, log_decay=log_decay, scale=1.0).to(hidden_states.dtype)
+    # float32 decays (the ops' state precision), float64 for a float64 model
+    log_decay = -module.slope_rate.reshape(h).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    out = sp_linear_attention(q, k, v, log_decay=log_decay, scale=1.0).to(hidden_states.dtype)
     out = module.norm(out.reshape(b, s, h * d))
     out = torch.sigmoid(module.output_gate(hidden_states)) * out
     return module.out_proj(out), None

@@ -95,9 +95,11 @@ class SPModel(torch.nn.Module):
     runtime's ``StepRunner``), ``forward`` with the causal-LM loss, ``sync_gradients``."""
 
     def __init__(self, model: torch.nn.Module, *, config: SPConfig, layout: str, has_linear: bool,
-                 heads: int | None = None, kv_heads: int | None = None) -> None:
+                 heads: int | None = None, kv_heads: int | None = None,
+                 original_attention: str | None = None) -> None:
         super().__init__()
         self.module = model
+        self.original_attention = original_attention  # a transformers model's implementation before parallelize
         self.config = config
         self.layout = layout
         self.runner = StepRunner(config, layout=layout, has_linear=has_linear, heads=heads, kv_heads=kv_heads)
@@ -119,7 +121,10 @@ class SPModel(torch.nn.Module):
         """Turn a GLOBAL batch (identical on every rank of the replica) into this rank's inputs for ``forward``.
 
         Args:
-            batch: ``{"input_ids": (B, S), "labels": (B, S) optional, "attention_mask": all ones, optional}``,
+            batch: ``{"input_ids": (B, S), "labels": (B, S) optional, "attention_mask": (B, S) optional}``
+                (a padding mask with left or right padding: each row's unpadded tokens become one sequence of
+                a packed batch, with positions from 0 and labels shifted inside it; masked positions are
+                neither attended nor labelled),
                 or ``{"input_ids": (T,) or (1, T), "cu_seqlens": int32 (N+1,)}`` for a packed batch, or a list of
                 1-D token tensors of different lengths. Without labels the inputs are their own labels.
             plan: run this ``seqpar.solver.Plan`` instead of the configured strategy or the planner's plan
@@ -138,9 +143,10 @@ class SPModel(torch.nn.Module):
             micro-batch, to run in order.
 
         Raises:
-            ValueError: malformed batch (names the key), a padding attention_mask, an empty batch, a plan that
-                does not fit the group or names unregistered strategies (``plan: ...``), a sequence that puts
-                more than ``max_tokens_per_rank`` tokens on a rank even alone (``max_tokens_per_rank: ...``).
+            ValueError: malformed batch (names the key), an attention_mask with padding between tokens or an
+                empty row, an empty batch, a plan that does not fit the group or names unregistered strategies
+                (``plan: ...``), a sequence that puts more than ``max_tokens_per_rank`` tokens on a rank even
+                alone (``max_tokens_per_rank: ...``).
         """
         return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
 
@@ -166,7 +172,11 @@ class SPModel(torch.nn.Module):
         logits = None
         with _agreement_checks(self.config.check_consistency):
             if input_ids.numel():
-                with sp_context(ctx), integrations.SDPAInterceptor():
+                # transformers models reach seqpar through their attention interface (and modules that call
+                # SDPA themselves are routed one by one): no mode over the whole forward, which torch.compile
+                # would trace into for every op
+                intercept = contextlib.nullcontext() if self.original_attention else integrations.SDPAInterceptor()
+                with sp_context(ctx), intercept:
                     model_kwargs = _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
                     logits = _logits(self.module(**model_kwargs))
                 if ctx.calls == 0:
@@ -209,6 +219,31 @@ class SPModel(torch.nn.Module):
             return
         self._grad_sync.finish()
 
+    def unwrap(self) -> torch.nn.Module:
+        """Undo ``parallelize`` and return the model it was given (a ``DistributedDataParallel`` wrapper
+        included): a transformers model gets its attention implementation back, modules routed through
+        adapters or the SDPA interceptor get their own ``forward`` back, and the gradient-sync hooks are removed.
+
+        Not needed to evaluate or generate: outside an SP step the wrapped model already runs as the original
+        (its attention falls back to the original implementation). Left in place: FSDP2's gradient divide
+        factor of 1 and DDP's summing comm hook (DDP allows no unregistering); use a fresh wrapper to train
+        without seqpar. The ``SPModel`` must not be used afterwards.
+        """
+        model = self.inner_model
+        self._grad_sync.remove_hooks()
+        for module in model.modules():
+            original = module.__dict__.pop("_seqpar_original_forward", None)
+            if original is None:
+                continue
+            if getattr(original, "__func__", None) is type(module).forward and original.__self__ is module:
+                del module.forward  # the class's forward again, as before parallelize
+            else:
+                module.forward = original
+        if self.original_attention is not None:
+            model.set_attn_implementation(self.original_attention)
+            integrations.forget_original_attention(model)
+        return self.module
+
 
 class _GradientSync:
     """Bucketed gradient all-reduce over ``SPModel.reduce_group``, optionally started from backward hooks.
@@ -229,6 +264,7 @@ class _GradientSync:
         self.started: list[bool] = []
         self.in_flight: list[tuple[int, Any, torch.Tensor]] = []
         self.armed = False
+        self.hook_handles: list[Any] = []
 
     def _layout(self) -> list[list[torch.nn.Parameter]]:
         if self.buckets is None:
@@ -255,7 +291,13 @@ class _GradientSync:
     def install_hooks(self) -> None:
         index = {p: (b, len(bucket)) for b, bucket in enumerate(self._layout()) for p in bucket}
         for p, (b, size) in index.items():
-            p.register_post_accumulate_grad_hook(lambda _, b=b, size=size: self._on_grad_ready(b, size))
+            self.hook_handles.append(
+                p.register_post_accumulate_grad_hook(lambda _, b=b, size=size: self._on_grad_ready(b, size)))
+
+    def remove_hooks(self) -> None:
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles = []
 
     def arm(self, *, last_micro_batch: bool) -> None:
         """Hooks start reductions only in the backward of a step's last micro-batch (earlier ones accumulate)."""
@@ -447,10 +489,16 @@ def parallelize(
 
     Raises:
         ValueError: naming the option: a strategy that is not registered (``strategy:``, ``linear_strategy:``),
-            a bad layout, a strategy the group size or head count rules out; naming the module: attention
-            seqpar cannot reach, unsupported attention features (sliding window, softcap, dropout), a module
-            that mixes tokens along the sequence without seqpar routing it (``model: ...``). Raised on every
-            rank; all but the last before any communication.
+            a bad layout, a strategy the group size or head count rules out; naming the module or the model's
+            config field: attention seqpar cannot reach (a Mamba-style model), attention dropout
+            (``attn_pdrop``, ``attention_dropout``, ...), ALiBi biases, a module that mixes tokens along the
+            sequence without seqpar routing it (``model: ...``). Raised on every rank: the local checks' verdicts
+            are shared through the store before any collective (a rank whose checks passed raises
+            ``model: parallelize failed on rank R ...`` quoting the failed rank's error); the probe's last.
+
+    Sliding windows (per layer), softcap and attention sinks are not refused: each layer's attention call
+    passes them on to the SP op. Outside an SP step the model runs as the original (its attention falls back to
+    the implementation it had), so it evaluates and generates; ``SPModel.unwrap()`` undoes ``parallelize``.
     """
     overrides = dict(group=group, mesh=mesh, strategy=strategy, linear_strategy=linear_strategy, layout=layout,
                      backend=backend, cost_model=cost_model, check_consistency=check_consistency,
@@ -460,6 +508,76 @@ def parallelize(
         raise ValueError(f"config: expected a seqpar.SPConfig, got {type(config).__name__}")
     given = {k: v for k, v in overrides.items() if v is not None}
     config = replace(config if config is not None else SPConfig(), **given).validate()
+    try:
+        setup = _check_and_route(model, config)
+    except Exception as err:
+        _raise_if_any_rank_failed(err, config.sp_group)
+        raise
+    _raise_if_any_rank_failed(None, config.sp_group)
+    sp_model = SPModel(setup.wrapper, config=setup.config, layout=setup.layout, has_linear=setup.has_linear,
+                       heads=setup.heads, kv_heads=setup.kv_heads, original_attention=setup.original_attention)
+    wrapper, model = setup.wrapper, _unwrap_ddp(setup.wrapper)
+    _sum_gradients_in_fsdp(model, sp_model.reduce_group)
+    if isinstance(wrapper, DistributedDataParallel):
+        ddp_size = dist.get_world_size(wrapper.process_group)
+        if ddp_size != dist.get_world_size(sp_model.reduce_group):
+            raise ValueError(
+                f"model: DistributedDataParallel spans {ddp_size} ranks, but seqpar's loss spans "
+                f"{dist.get_world_size(sp_model.reduce_group)} (every rank of every replica); wrap over all of them"
+            )
+        wrapper.register_comm_hook(wrapper.process_group, _sum_allreduce_hook)
+    if setup.config.verify_model and setup.size > 1:
+        _verify(sp_model, setup.reference_attention)
+    return sp_model
+
+
+@dataclass
+class _Setup:
+    """What ``parallelize`` decided before any communication."""
+
+    wrapper: torch.nn.Module
+    config: SPConfig
+    size: int
+    layout: str
+    has_linear: bool
+    heads: int | None
+    kv_heads: int | None
+    reference_attention: str | None
+    original_attention: str | None
+
+
+# How many verdict exchanges each process group has had: the store keys of one exchange are unique to it.
+_VERDICT_EXCHANGES: dict[str, int] = {}
+
+
+def _raise_if_any_rank_failed(error: BaseException | None, group: dist.ProcessGroup | None) -> None:
+    """Every rank's verdict on its local checks, through the process group's key-value store, before the first
+    collective of ``parallelize``: a rank whose checks failed (a model built differently on one rank, a cost
+    model that does not fit) posts its error and re-raises it at once; every other rank waits (bounded by
+    ``SEQPAR_COMM_TIMEOUT_S``) for all verdicts and raises a ValueError quoting the failure, instead of waiting
+    for that rank in the model probe's collectives until the communication timeout. The store, not a collective:
+    a failing rank never waits, and nothing is sent through the group (``count_comm`` sees nothing)."""
+    group, rank, size = comm.group_info(group)
+    if size == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    name = group.group_name
+    _VERDICT_EXCHANGES[name] = exchange = _VERDICT_EXCHANGES.get(name, 0) + 1
+    keys = [f"seqpar/parallelize/{name}/{exchange}/{r}" for r in range(size)]
+    store.set(keys[rank], b"ok" if error is None else f"failed:{type(error).__name__}: {error}".encode())
+    if error is not None:
+        return
+    store.wait(keys, comm.default_timeout())
+    verdicts = [store.get(key) for key in keys]
+    failed = [r for r, verdict in enumerate(verdicts) if verdict != b"ok"]
+    if failed:
+        text = verdicts[failed[0]][len(b"failed:"):].decode(errors="replace")
+        raise ValueError(f"model: parallelize failed on rank {failed[0]} of the group (ranks {failed} failed): "
+                         f"{text}")
+
+
+def _check_and_route(model: torch.nn.Module, config: SPConfig) -> _Setup:
+    """Every local check of ``parallelize`` (no communication), then the routing of the model's attention."""
     _, _, size = comm.group_info(config.sp_group)
     wrapper, model = model, _unwrap_ddp(model)
 
@@ -473,16 +591,19 @@ def parallelize(
             f"layout: {linear_modules[0]} is linear attention, which needs layout='contiguous' (or 'auto')"
         )
 
-    reference_attention = None
+    reference_attention = original_attention = None
     heads = kv_heads = None
     if integrations.is_hf_model(model):
         if not integrations.register_hf():
             raise ValueError("model: looks like a transformers model but transformers does not import")
         integrations.check_hf_config(model)
         reference_attention = model.config._attn_implementation
-        if reference_attention in (None, integrations.HF_ATTENTION_NAME):  # wrapped before: compare with eager
-            reference_attention = "eager"
+        if reference_attention in (None, integrations.HF_ATTENTION_NAME):  # wrapped before: what it had then
+            reference_attention = integrations.original_attention_name(model.config)
+        original_attention = reference_attention
+        integrations.remember_original_attention(model, original_attention)
         model.set_attn_implementation(integrations.HF_ATTENTION_NAME)
+        _route_sdpa_modules(model)  # a module calling SDPA itself (not through the attention interface)
         text = model.config.get_text_config()
         heads = getattr(text, "num_attention_heads", None)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -503,20 +624,9 @@ def parallelize(
             f"cost_model: its cluster has world_size={planned_size}, but the plan runs on the {size} ranks that "
             "share each sequence (the mesh's 'sp' dimension, or the group); build its Cluster with that size"
         )
-    sp_model = SPModel(wrapper, config=config, layout=layout, has_linear=bool(linear_modules), heads=heads,
-                       kv_heads=kv_heads)
-    _sum_gradients_in_fsdp(model, sp_model.reduce_group)
-    if isinstance(wrapper, DistributedDataParallel):
-        ddp_size = dist.get_world_size(wrapper.process_group)
-        if ddp_size != dist.get_world_size(sp_model.reduce_group):
-            raise ValueError(
-                f"model: DistributedDataParallel spans {ddp_size} ranks, but seqpar's loss spans "
-                f"{dist.get_world_size(sp_model.reduce_group)} (every rank of every replica); wrap over all of them"
-            )
-        wrapper.register_comm_hook(wrapper.process_group, _sum_allreduce_hook)
-    if config.verify_model and size > 1:
-        _verify(sp_model, reference_attention)
-    return sp_model
+    return _Setup(wrapper=wrapper, config=config, size=size, layout=layout, has_linear=bool(linear_modules),
+                  heads=heads, kv_heads=kv_heads, reference_attention=reference_attention,
+                  original_attention=original_attention)
 
 
 def _verify(sp_model: SPModel, reference_attention: str | None) -> None:
@@ -560,7 +670,11 @@ def _install_adapters(model: torch.nn.Module) -> list[str]:
     linear = []
     for name, module in model.named_modules():
         fn = integrations.adapter_for(module)
-        if fn is None or getattr(module, "_seqpar_original_forward", None) is not None:
+        if fn is None:
+            continue
+        if integrations.is_linear_adapter(module):
+            linear.append(name)
+        if getattr(module, "_seqpar_original_forward", None) is not None:  # parallelized before: routed already
             continue
         original = module.forward
 
@@ -571,8 +685,6 @@ def _install_adapters(model: torch.nn.Module) -> list[str]:
 
         module._seqpar_original_forward = original
         module.forward = routed
-        if integrations.is_linear_adapter(module):
-            linear.append(name)
     return linear
 
 

@@ -90,11 +90,50 @@ MODELS = {"llama": tiny_llama, "minimax": tiny_minimax, "gpt": TinyGPT}
 # ---------------------------------------------------------------------------------------------------
 
 
+REFERENCE_ATTENTION = "float64_eager"
+
+
+def float64_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                            s_aux=None, **kwargs):
+    """transformers' eager attention with every step in the input dtype (transformers' own eager attention takes
+    the softmax in float32, which caps a float64 reference at ~1e-7): q (B, H, S, D_qk), k (B, H_kv, S, D_qk),
+    v (B, H_kv, S, D_v); the mask (transformers' eager mask, sliding windows included) is added to the scores;
+    ``softcap`` caps them with tanh; ``s_aux`` (per-head sink logits) joins only the softmax's denominator."""
+    assert not dropout
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    if s_aux is not None:
+        sinks = s_aux.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), None
+
+
+def use_reference_attention(model):
+    """Switch a transformers model to ``float64_eager_attention`` (registered once) for a reference run."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REFERENCE_ATTENTION, float64_eager_attention)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION, eager_mask)
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+
+
 def reference_loss_and_grads(model, sequences):
-    """Token-mean causal-LM loss over the whole batch on one process, float64, the model's own attention."""
+    """Token-mean causal-LM loss over the whole batch on one process, float64, the model's own attention math
+    (``float64_eager_attention``, in float64 throughout)."""
     ref = copy.deepcopy(model).double()
     if hasattr(ref, "set_attn_implementation"):
-        ref.set_attn_implementation("eager")
+        use_reference_attention(ref)
+    for module in ref.modules():  # MiniMax's lightning attention tabulates its decays at init, in float32
+        if hasattr(module, "decay_factors") and hasattr(module, "slope_rate"):
+            module.query_decay, module.key_decay, module.diagonal_decay = module.decay_factors(module.slope_rate)
     if hasattr(ref, "set_experts_implementation"):  # grouped_mm has no float64 kernel; eager MoE is plain math
         ref.set_experts_implementation("eager")
     total, count = 0.0, 0
@@ -196,20 +235,29 @@ class WithHandRolled(nn.Module):
 
 
 def parallelize_errors():
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers as tf
 
+    tiny = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4)
     cases = {
         "no-attention": lambda: seqpar.parallelize(NoSDPA()),
         "hand-rolled": lambda: seqpar.parallelize(WithHandRolled()),
         "mha": lambda: seqpar.parallelize(nn.Sequential(nn.MultiheadAttention(8, 2))),
         "strategy": lambda: seqpar.parallelize(TinyGPT(), strategy="magic"),
-        "sliding": lambda: seqpar.parallelize(MistralForCausalLM(MistralConfig(
-            vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, sliding_window=16))),
-        "dropout": lambda: seqpar.parallelize(LlamaForCausalLM(LlamaConfig(
-            vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-            attention_dropout=0.1))),
-        "ulysses-heads": lambda: seqpar.parallelize(LlamaForCausalLM(LlamaConfig(
+        "dropout": lambda: seqpar.parallelize(tf.LlamaForCausalLM(tf.LlamaConfig(**tiny, attention_dropout=0.1))),
+        # the bad-model table: each family's own config field, at parallelize time (not at the first forward)
+        "gpt2-dropout": lambda: seqpar.parallelize(tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=32, n_embd=32, n_layer=1, n_head=4))),  # GPT2's default attn_pdrop is 0.1
+        "falcon-alibi": lambda: seqpar.parallelize(tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, alibi=True))),
+        "bloom": lambda: seqpar.parallelize(tf.BloomForCausalLM(tf.BloomConfig(
+            vocab_size=32, hidden_size=32, n_layer=1, n_head=4))),
+        "mpt": lambda: seqpar.parallelize(tf.MptForCausalLM(tf.MptConfig(
+            vocab_size=32, d_model=32, n_layers=1, n_heads=4))),
+        "mamba": lambda: seqpar.parallelize(tf.MambaForCausalLM(tf.MambaConfig(
+            vocab_size=32, hidden_size=16, state_size=4, num_hidden_layers=1))),
+        "mamba-auto": lambda: seqpar.parallelize(tf.MambaForCausalLM(tf.MambaConfig(
+            vocab_size=32, hidden_size=16, state_size=4, num_hidden_layers=1)), strategy="auto"),
+        "ulysses-heads": lambda: seqpar.parallelize(tf.LlamaForCausalLM(tf.LlamaConfig(
             vocab_size=32, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=3,
             num_key_value_heads=3)), strategy="ulysses"),
     }
@@ -217,14 +265,67 @@ def parallelize_errors():
 
 
 def test_unreachable_or_unsupported_attention_fails_at_parallelize_time():
-    messages = run_distributed(parallelize_errors, 2, timeout=60)[0]
+    per_rank = run_distributed(parallelize_errors, 2, timeout=120)
+    assert per_rank[0] == per_rank[1]  # every rank raises, with the same message
+    messages = per_rank[0]
     assert "found no attention" in messages["no-attention"]
     assert "attn (HandRolledAttention)" in messages["hand-rolled"]
     assert "MultiheadAttention" in messages["mha"]
     assert messages["strategy"].startswith("strategy:")
-    assert "sliding" in messages["sliding"]
-    assert "attention_dropout" in messages["dropout"]
+    assert "config.attention_dropout=0.1" in messages["dropout"]
+    assert "config.attn_pdrop=0.1" in messages["gpt2-dropout"]
+    assert "ALiBi" in messages["falcon-alibi"] and "config.alibi=True" in messages["falcon-alibi"]
+    assert "ALiBi" in messages["bloom"]
+    assert "ALiBi" in messages["mpt"] and "config.attn_config.alibi" in messages["mpt"]
+    for name in ("mamba", "mamba-auto"):
+        assert messages[name].startswith("model: MambaForCausalLM has no attention layer"), messages[name]
     assert "Ulysses" in messages["ulysses-heads"] and "ring" in messages["ulysses-heads"]
+
+
+def one_rank_fails(strategy):
+    """Rank 1 builds its model with attention dropout, the others without: every rank must raise quickly."""
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dropout = 0.1 if torch.distributed.get_rank() == 1 else 0.0
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout))
+    start = time.monotonic()
+    try:
+        seqpar.parallelize(model, strategy=strategy, cost_model=cpu_cost_model() if strategy == "auto" else None)
+        message = None
+    except ValueError as err:
+        message = str(err)
+    return message, time.monotonic() - start
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ring"])
+def test_a_failure_on_one_rank_reaches_every_rank_within_seconds(strategy):
+    # without the agreement on the local checks, rank 0 would wait in the model probe's collectives for rank 1
+    # until the communication timeout (300 s)
+    results = run_distributed(one_rank_fails, 4, strategy, timeout=120)
+    for rank, (message, seconds) in enumerate(results):
+        assert message is not None and "attention_dropout=0.1" in message, (rank, message)
+        assert seconds < 45, (rank, seconds)  # not the 300 s timeout (~10 s here when 7 test runs share 2 cores)
+    assert results[0][0].startswith("model: parallelize failed on rank 1"), results[0][0]
+
+
+def planner_fails_on_rank_0():
+    class BrokenCostModel:  # the planner reads its cluster, then fails with something other than ValueError
+        cluster = type("Cluster", (), {"world_size": torch.distributed.get_world_size()})()
+
+    sp_model = seqpar.parallelize(tiny_llama(), strategy="auto", cost_model=BrokenCostModel(), verify_model=False)
+    try:
+        sp_model.prepare([torch.arange(16), torch.arange(8)])
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_planner_crash_on_rank_0_reaches_every_rank():
+    for message in run_distributed(planner_fails_on_rank_0, 2, timeout=60):
+        assert message is not None and message.startswith("plan: planning failed on rank 0"), message
 
 
 def test_auto_with_fewer_sequences_than_groups_leaves_idle_ranks_correct():

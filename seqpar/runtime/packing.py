@@ -3,6 +3,8 @@ global positions and ``cu_seqlens``.
 
 Labels are shifted over the whole sequence BEFORE sharding (no label is lost at a shard edge); each sequence
 is padded to the multiple the layout needs (padding carries label -100 and is never attended by real tokens).
+A padded (B, S) batch with an ``attention_mask`` (left or right padding) is unpadded first and packed like a list
+of sequences (``unpad``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from seqpar.collectives import comm
 from seqpar.collectives.layout import layout_multiple, shard_indices, validate_cu_seqlens
 
-__all__ = ["IGNORE_INDEX", "StepShard", "pack_padded", "pack_sequences", "shift_labels", "split_batch"]
+__all__ = ["IGNORE_INDEX", "StepShard", "pack_padded", "pack_sequences", "shift_labels", "split_batch", "unpad"]
 
 IGNORE_INDEX = -100
 
@@ -61,7 +63,7 @@ def split_batch(batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], boo
     """(sequences, labels, is_padded_batch) from any batch form ``SPModel.prepare`` accepts.
 
     Raises:
-        ValueError: malformed batch (names the key), a padding attention_mask, an empty batch.
+        ValueError: malformed batch (names the key), a padding attention_mask with holes, an empty batch.
     """
     if isinstance(batch, (list, tuple)):
         if not batch:
@@ -80,10 +82,10 @@ def split_batch(batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], boo
         raise ValueError(f"labels: shape {tuple(labels.shape)} must equal input_ids' {tuple(ids.shape)}")
     mask = batch.get("attention_mask")
     if mask is not None and not bool((mask != 0).all()):
-        raise ValueError(
-            "attention_mask: padding masks are not supported; pass a list of unpadded sequences (or cu_seqlens) "
-            "and seqpar packs them"
-        )
+        if batch.get("cu_seqlens") is not None:
+            raise ValueError("attention_mask: a packed batch (cu_seqlens) takes no padding mask; drop the padding")
+        sequences, seq_labels = unpad(ids, labels, mask)
+        return sequences, seq_labels, False
     if batch.get("cu_seqlens") is not None:
         flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
         bounds = validate_cu_seqlens(batch["cu_seqlens"], flat_ids.numel())
@@ -92,6 +94,36 @@ def split_batch(batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], boo
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"input_ids: expected a non-empty (B, S) tensor, got shape {tuple(ids.shape)}")
     return list(ids), list(labels), True
+
+
+def unpad(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The sequences of a padded (B, S) batch without their padding: row b keeps the tokens where ``mask[b]`` is
+    nonzero, which must be one contiguous run (right padding, left padding, or both). The rows are then packed
+    like a list of sequences, so each starts at position 0 and its labels are shifted within it, exactly as if
+    it had been passed unpadded; the padding is neither attended nor labelled.
+
+    Raises:
+        ValueError: ``attention_mask: ...`` for a mask whose shape differs from input_ids', a row with no token,
+            or a row whose kept tokens are not contiguous (a hole in the middle of a sequence).
+    """
+    if mask.shape != ids.shape or ids.dim() != 2:
+        raise ValueError(f"attention_mask: shape {tuple(mask.shape)} must equal input_ids' (B, S) shape "
+                         f"{tuple(ids.shape)}")
+    keep = (mask != 0).cpu()  # the lengths size the packed batch: one host read per step
+    lengths = keep.sum(dim=1)
+    starts = keep.int().argmax(dim=1)
+    sequences, seq_labels = [], []
+    for row, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        if length == 0:
+            raise ValueError(f"attention_mask: row {row} masks every token; drop empty rows from the batch")
+        if not bool(keep[row, start: start + length].all()):
+            raise ValueError(
+                f"attention_mask: row {row} has padding between tokens; only left or right padding (one "
+                "contiguous run of ones per row) is supported"
+            )
+        sequences.append(ids[row, start: start + length])
+        seq_labels.append(labels[row, start: start + length])
+    return sequences, seq_labels
 
 
 def pack_padded(

@@ -197,8 +197,9 @@ class StepRunner:
                 if chosen is None:
                     chosen = plan_step(list(seq_lens), self.config.cost_model)
                 payload = chosen.to_json().encode()
-            except ValueError as err:  # tell the other ranks, which wait in the broadcast, instead of hanging them
-                payload = _FAILED + str(err).encode()
+            except Exception as err:  # tell the other ranks, which wait in the broadcast, instead of hanging them
+                payload = _FAILED + (str(err) if isinstance(err, ValueError) else
+                                     f"plan: planning failed on rank 0: {type(err).__name__}: {err}").encode()
         payload = comm.broadcast_bytes(payload, src=0, group=self.group)
         if payload.startswith(_FAILED):
             raise ValueError(payload[len(_FAILED):].decode())
