@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from seqpar.collectives import comm
+
 from seqpar.solver import CostCoefficients, CostModel, Measurement, static_plan
 
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
@@ -75,12 +77,22 @@ def calibrated_cost_model(sp_model: Any, cost_model: CostModel, path: Path | str
                           lengths: Sequence[int] = DEFAULT_LENGTHS, repeats: int = 3, vocab_size: int = 256,
                           device: torch.device | str = "cpu") -> CostModel:
     """``cost_model`` with coefficients fitted to this machine: read from ``path`` when it holds a calibration
-    of the same model name, world size and lengths, else profiled (every rank), fitted and written (rank 0)."""
+    of the same model name, world size and lengths, else profiled (every rank), fitted and written (rank 0).
+
+    Rank 0 alone reads the cache and broadcasts what it found, so every rank takes the same branch (a rank that
+    does not see the file, on another node or before rank 0 has written it, would otherwise profile alone and
+    wait in collectives the others never start); the file is written atomically and every rank returns only
+    after it is in place."""
     path = Path(path)
     key = {"model": model_name, "world_size": cost_model.cluster.world_size, "lengths": [int(x) for x in lengths]}
-    cached = _read(path)
-    if cached is not None and cached.get("key") == key:
-        return replace(cost_model, coefficients=CostCoefficients(**cached["coefficients"]))
+    found = b"null"  # JSON: no usable cache
+    if dist.get_rank() == 0:
+        cached = _read(path)
+        if cached is not None and cached.get("key") == key:
+            found = json.dumps(cached["coefficients"]).encode()
+    coefficients = json.loads(comm.broadcast_bytes(found, src=0))
+    if coefficients is not None:
+        return replace(cost_model, coefficients=CostCoefficients(**coefficients))
     data = profile(sp_model, cost_model, lengths=lengths, repeats=repeats, vocab_size=vocab_size, device=device)
     fitted = cost_model.calibrate(data)
     if dist.get_rank() == 0:
@@ -88,7 +100,10 @@ def calibrated_cost_model(sp_model: Any, cost_model: CostModel, path: Path | str
         payload = {"version": _CACHE_VERSION, "key": key, "coefficients": asdict(fitted.coefficients),
                    "measurements": [asdict(m) for m in data],
                    "predicted_s": [fitted.seq_time(m.length, m.degree, m.strategy) for m in data]}
-        path.write_text(json.dumps(payload, indent=1))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=1))
+        partial.replace(path)
+    comm.broadcast_bytes(b"written", src=0)  # no rank goes on (or reads the file) before it is complete
     return fitted
 
 
