@@ -9,7 +9,6 @@ model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -154,5 +153,8 @@ def test_default_cost_model_lists_the_delta_rule_layers_of_a_transformers_model(
         spec = default_cost_model(make(), 2).model
         assert spec.layer_kinds.count("linear") >= 1, make.__name__  # MiniMax: additive linear layers
         assert spec.delta_rule_layers == delta_rule_layers, make.__name__
-    spec = default_cost_model(tiny_qwen3_next(), 2).model
-    assert spec.layer_kinds == ("linear", "softmax") and math.isclose(spec.num_additive_linear_layers, 0)
+    cm = default_cost_model(tiny_qwen3_next(), 2)
+    assert cm.model.layer_kinds == ("linear", "softmax") and cm.model.num_additive_linear_layers == 0
+    plan = plan_step([96, 40], cm, time_limit_s=5.0)  # what strategy='auto' plans with it
+    plan.validate([96, 40], cm)
+    assert all(strategies.get(g.linear_strategy).delta_rule_op is not None for g in plan.groups)

@@ -26,7 +26,8 @@ Compute (FLOPs over ``peak_tflops * efficiency``)
   transform applied to ``beta K`` and ``beta V'`` (``C (D_k + V')``), the pseudo-values ``U - W S``
   (``2 D_k V'``), the output ``q S + (Q K^T) U`` (``2 D_k V' + C V'``) and the state update ``K^T U``
   (``2 D_k V'``): ``7 C D + 12 D^2`` at ``D_k = D_v = D`` (the same pass without A_r's columns is
-  ``5 C D + 6 D^2``: about 1.8x at C = 64, D = 128); backward 2x forward. Efficiency ``attention_efficiency``.
+  ``5 C D + 6 D^2``: about 1.8x at C = 64, D = 128; the UT triangular solve, ``C^2 / 3``, neglected); backward
+  2x forward. Efficiency ``attention_efficiency``.
 
 Communication and SP time per layer: the strategy registry (``seqpar/strategies.py``)
 --------------------------------------------------------------------------------------
