@@ -118,6 +118,9 @@ class Strategy:
             layers are linear-kind layers: a plan's linear strategy runs them by this op.
         delta_rule_comm_bytes: ``(shape) -> (forward, backward)`` bytes of ``delta_rule_op`` (as ``comm_bytes``;
             D_k = D_v = D).
+        delta_rule_layer_time: ``layer_time`` of ``delta_rule_op`` (the compute it is given is the delta-rule
+            local pass's, ``CostModel``'s delta-rule term); set with ``delta_rule_op``.
+        delta_rule_transient_bytes: ``transient_bytes`` of ``delta_rule_op``; set with ``delta_rule_op``.
         comm_bytes_over_ranks: how ``comm_bytes`` relates to the bytes the group's ranks send for a causal layer
             in its first layout (zigzag for softmax, contiguous for linear): ``"each"`` every rank sends exactly
             that, ``"mean"`` their mean, ``"max"`` the busiest rank's (tests/test_registry.py checks it).
@@ -137,6 +140,8 @@ class Strategy:
     comm_bytes_over_ranks: str = "each"
     delta_rule_op: str | None = None
     delta_rule_comm_bytes: Callable[[LayerShape], tuple[Any, Any]] | None = None
+    delta_rule_layer_time: Callable[[LayerShape, Any, Any, Link], Any] | None = None
+    delta_rule_transient_bytes: Callable[[LayerShape], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "+" in self.name:
@@ -547,6 +552,40 @@ def lasp2_delta_rule_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     return forward, (x.degree - 1) * x.state_bytes
 
 
+# The delta-rule ops do not overlap their transfer: the shard's map (A_r, B_r) comes out of the same local pass
+# that computes the outputs, and only the read-out o = o0 + w^T S_in is left after the transfer (backward: the
+# transfer of the read-out's state gradients comes before the backward of the local pass). So a delta-rule layer
+# costs its local pass plus its transfer, each way. Neglected: the folds of the received maps (LASP-2: r maps of
+# 2 D_k^2 D_v FLOPs per head; ZeCO: one per hop), under 1/C of the local pass at D_k = D_v.
+
+
+def lasp2_delta_rule_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Local pass + one all-gather each way: ``(P-1) (2 state / beta + lam)`` forward (A_r and B_r in one
+    payload), ``(P-1) (state / beta + lam)`` backward."""
+    if x.degree == 1:
+        return compute_fwd_s + compute_bwd_s
+    steps = (x.degree - 1) * link.latency_s
+    forward, backward = lasp2_delta_rule_comm_bytes(x)
+    return compute_fwd_s + compute_bwd_s + (forward + backward) / link.bytes_per_s + 2 * steps
+
+
+def lasp2_delta_rule_transient_bytes(x: LayerShape) -> Any:
+    """The P gathered maps and states."""
+    return x.degree * 2 * x.state_bytes
+
+
+def zeco_delta_rule_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Local pass + the pipelined All-Scan each way (``zeco_scan_time``: one state, K pieces along D_v)."""
+    if x.degree == 1:
+        return compute_fwd_s + compute_bwd_s
+    return compute_fwd_s + compute_bwd_s + 2 * zeco_scan_time(x, link)
+
+
+def zeco_delta_rule_transient_bytes(x: LayerShape) -> Any:
+    """The incoming and the outgoing state, and this rank's map A_r (kept for the scan's hops)."""
+    return 3 * x.state_bytes
+
+
 register(Strategy(
     name="lasp2",
     kind="linear",
@@ -558,6 +597,8 @@ register(Strategy(
     layouts=("contiguous",),
     delta_rule_op="seqpar.collectives.delta_rule:lasp2_delta_rule",
     delta_rule_comm_bytes=lasp2_delta_rule_comm_bytes,
+    delta_rule_layer_time=lasp2_delta_rule_layer_time,
+    delta_rule_transient_bytes=lasp2_delta_rule_transient_bytes,
 ))
 register(Strategy(
     name="zeco",
@@ -571,6 +612,8 @@ register(Strategy(
     comm_bytes_over_ranks="max",
     delta_rule_op="seqpar.collectives.delta_rule:zeco_delta_rule",
     delta_rule_comm_bytes=zeco_comm_bytes,  # the same one state each way: A_r never travels
+    delta_rule_layer_time=zeco_delta_rule_layer_time,
+    delta_rule_transient_bytes=zeco_delta_rule_transient_bytes,
 ))
 
 

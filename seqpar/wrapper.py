@@ -741,7 +741,13 @@ def _has_reachable_child(module: torch.nn.Module) -> bool:
 
 
 def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
-    """A cost model for ``strategy='auto'`` from the model's config and a generic cluster of ``world_size`` ranks."""
+    """A cost model for ``strategy='auto'`` from the model's config and a generic cluster of ``world_size`` ranks.
+
+    Its ``ModelSpec`` lists the config's ``layer_types`` (``"linear_attention"`` -> ``"linear"``) and, as
+    ``delta_rule_layers``, the modules that run on a delta-rule adapter (Qwen3-Next Gated DeltaNet, Kimi Linear
+    KDA: ``integrations_delta``), so the planner charges those layers the delta-rule ops' bytes and compute.
+    """
+    from seqpar.integrations_delta import kimi_delta_attention_adapter, qwen3_next_gated_delta_net_adapter
     from seqpar.solver import Cluster, CostModel, ModelSpec
 
     config = getattr(model, "config", None)
@@ -754,11 +760,16 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
         "linear" if t == "linear_attention" else "softmax"
         for t in (getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
     )
+    integrations.register_builtin_adapters()  # also when called before any parallelize
+    delta_adapters = (qwen3_next_gated_delta_net_adapter, kimi_delta_attention_adapter)
+    delta_rule_layers = sum(integrations.adapter_for(m) in delta_adapters for m in model.modules())
     spec = ModelSpec(
         num_layers=text.num_hidden_layers, hidden=text.hidden_size, num_heads=heads,
         num_kv_heads=getattr(text, "num_key_value_heads", heads) or heads, head_dim=head_dim,
         ffn_hidden=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
         layer_kinds=kinds,
+        # a config that does not list its delta-rule layers as linear ones: charge as many as it lists
+        delta_rule_layers=min(delta_rule_layers, kinds.count("linear")),
     )
     if torch.cuda.is_available():  # a generic GPU node; calibrate for real numbers
         cluster = Cluster(world_size=world_size, gpus_per_node=min(world_size, 8), peak_tflops=300.0,

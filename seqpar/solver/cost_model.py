@@ -17,6 +17,17 @@ Compute (FLOPs over ``peak_tflops * efficiency``)
 * Linear attention, linear in ``S``: chunkwise form (GLA, Yang et al. 2024, Sec. 3): per token per head the
   masked intra-chunk product ``C * (D_k + D_v)`` plus ``2 D_k D_v`` for ``q S`` and ``2 D_k D_v`` for the
   state update; backward 2x forward. Efficiency ``attention_efficiency``.
+* Delta-rule linear attention (Gated DeltaNet, KDA: ``ModelSpec.delta_rule_layers`` of the linear layers),
+  linear in ``S``: the chunked WY/UT form (Yang et al. 2024, "Parallelizing linear transformers with the delta
+  rule over sequence length", Sec. 3; Gated DeltaNet, Yang et al. 2025) as the SP ops run it
+  (``seqpar.kernels.delta_rule.delta_rule_transition``: the values carry ``D_k`` extra columns, from which the
+  shard's transition A_r comes, so the value width is ``V' = D_v + D_k``). Per token per head forward, causal
+  masks halving the ``C x C`` products: the Gram matrices ``Q K^T`` and ``K K^T`` (``2 C D_k``), the UT
+  transform applied to ``beta K`` and ``beta V'`` (``C (D_k + V')``), the pseudo-values ``U - W S``
+  (``2 D_k V'``), the output ``q S + (Q K^T) U`` (``2 D_k V' + C V'``) and the state update ``K^T U``
+  (``2 D_k V'``): ``7 C D + 12 D^2`` at ``D_k = D_v = D`` (the same pass without A_r's columns is
+  ``5 C D + 6 D^2``: about 1.8x at C = 64, D = 128; the UT triangular solve, ``C^2 / 3``, neglected); backward
+  2x forward. Efficiency ``attention_efficiency``.
 
 Communication and SP time per layer: the strategy registry (``seqpar/strategies.py``)
 --------------------------------------------------------------------------------------
@@ -29,6 +40,9 @@ take: the layer's shape (``s = S / P``, ``b``, ``H``, ``H_kv``, ``D``; linear la
 slowest hop bounds every ring step / all-to-all), times ``bandwidth_efficiency``; ``lam`` =
 ``latency_s * latency_scale`` is paid per step of every collective ((P - 1) steps for rings, all-gathers and
 the pairwise all-to-all). Every strategy the model names comes from the registry; none is written here.
+Delta-rule layers take their linear strategy's ``delta_rule_comm_bytes``, ``delta_rule_layer_time`` and
+``delta_rule_transient_bytes`` (LASP-2's all-gather carries A_r too: ``(P-1) H D_k^2 4`` more bytes forward),
+with the delta-rule compute above; a linear strategy without a ``delta_rule_op`` is invalid for such a model.
 
 A sequence's time is the dense time plus, per layer, its strategy's attention time, plus
 ``sequence_overhead_s`` (``seq_time``).
@@ -186,10 +200,13 @@ class ModelSpec:
             is ``token_activation_bytes()``'s no-recompute count. Pass a smaller number for checkpointing.
         state_bytes_per_param: parameter + gradient + optimizer bytes per parameter, sharded over the world.
         linear_chunk: chunk length of chunkwise linear attention.
+        delta_rule_layers: how many of the ``"linear"`` layers are delta-rule layers (Gated DeltaNet, KDA; the
+            others are additive linear attention). They are linear-kind layers everywhere (one linear strategy
+            runs both), only their cost differs (module docstring).
 
     Raises:
         ValueError: non-positive sizes, ``num_kv_heads`` not dividing ``num_heads``, ``layer_kinds`` of the
-            wrong length or with an unknown kind.
+            wrong length or with an unknown kind, ``delta_rule_layers`` negative or above the linear layers.
     """
 
     num_layers: int
@@ -204,6 +221,7 @@ class ModelSpec:
     activation_bytes_per_token: float | None = None
     state_bytes_per_param: float = 16.0
     linear_chunk: int = 64
+    delta_rule_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "vocab",
@@ -224,6 +242,11 @@ class ModelSpec:
         if bad:
             raise ValueError(f"layer_kinds contains {bad}; each entry must be one of {LAYER_KINDS}")
         object.__setattr__(self, "layer_kinds", kinds)
+        linear = kinds.count("linear")
+        delta = self.delta_rule_layers
+        if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)) or not 0 <= delta <= linear:
+            raise ValueError(f"delta_rule_layers={delta!r} must be an integer from 0 to the {linear} linear layers "
+                             "in layer_kinds (delta-rule layers are listed there as 'linear')")
 
     _LLAMA = {
         # name: (layers, hidden, heads, kv_heads, ffn, vocab); head_dim 128 throughout
@@ -261,7 +284,13 @@ class ModelSpec:
 
     @property
     def num_linear_layers(self) -> int:
+        """Linear-attention layers, delta-rule ones included."""
         return self.layer_kinds.count("linear")
+
+    @property
+    def num_additive_linear_layers(self) -> int:
+        """Linear-attention layers with an additive state (not delta-rule)."""
+        return self.num_linear_layers - self.delta_rule_layers
 
     @property
     def layer_matmul_params(self) -> int:
@@ -395,6 +424,10 @@ class CostModel:
         m = self.model
         reasons = [r for s in self._registered(strategy)
                    if (r := s.why_invalid(degree, m.num_heads, m.num_kv_heads)) is not None]
+        if m.delta_rule_layers:
+            reasons += [f"{s.name} has no delta-rule variant for the model's {m.delta_rule_layers} delta-rule layers"
+                        for s in self._registered(strategy)
+                        if s.kind == "linear" and (s.delta_rule_op is None or s.delta_rule_layer_time is None)]
         return "; ".join(reasons) if reasons else None
 
     def strategy_valid(self, degree: int, strategy: str) -> bool:
@@ -413,6 +446,24 @@ class CostModel:
                     for kind in self._kinds()]
         names = ["+".join(parts) for parts in itertools.product(*per_kind)]
         return [n for n in names if degree is None or self.strategy_valid(degree, n)]
+
+    def _layer_terms(self, parts) -> list[tuple[int, str, Strategy, bool]]:
+        """``(layers, compute kind, registry entry, delta_rule)`` for each kind of layer the model has, given
+        ``split_strategy``'s pair: softmax, additive linear, delta-rule linear (counts of 0 left out)."""
+        m = self.model
+        softmax_name, linear_name = parts
+        terms = []
+        if softmax_name is not None:
+            terms.append((m.num_softmax_layers, "softmax", strategies.get(softmax_name), False))
+        if linear_name is not None:
+            entry = strategies.get(linear_name)
+            terms.append((m.num_additive_linear_layers, "linear", entry, False))
+            terms.append((m.delta_rule_layers, "delta_rule", entry, True))
+        return [t for t in terms if t[0]]
+
+    @staticmethod
+    def _entry_layer_time(entry: Strategy, delta_rule: bool):
+        return entry.delta_rule_layer_time if delta_rule else entry.layer_time
 
     def _check(self, degree: int, strategy: str) -> tuple[str | None, str | None]:
         if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
@@ -445,13 +496,21 @@ class CostModel:
 
     # ---- communication volumes ----------------------------------------------------------------------------
 
-    def layer_comm_bytes(self, length: float, degree: int, strategy: str) -> tuple[float, float]:
+    def layer_comm_bytes(self, length: float, degree: int, strategy: str, *,
+                         delta_rule: bool = False) -> tuple[float, float]:
         """Bytes one rank sends for one layer, ``(forward, backward)``; ``strategy`` names one layer kind.
 
-        The registry entry's ``comm_bytes`` (``seqpar.count_comm``'s accounting of the op).
-        Raises ValueError for an unknown strategy.
+        The registry entry's ``comm_bytes`` (``seqpar.count_comm``'s accounting of the op), or with
+        ``delta_rule=True`` its ``delta_rule_comm_bytes`` (a delta-rule layer).
+        Raises ValueError for an unknown strategy, or with ``delta_rule`` one without a delta-rule variant.
         """
-        return strategies.get(strategy).comm_bytes(self._layer_shape(length, degree))
+        entry = strategies.get(strategy)
+        if not delta_rule:
+            return entry.comm_bytes(self._layer_shape(length, degree))
+        if entry.delta_rule_comm_bytes is None:
+            raise ValueError(f"strategy: {strategy!r} has no delta-rule variant; use one of "
+                             f"{[n for n in strategies.names('linear') if strategies.get(n).delta_rule_op]}")
+        return entry.delta_rule_comm_bytes(self._layer_shape(length, degree))
 
     # ---- time -----------------------------------------------------------------------------------------------
 
@@ -466,19 +525,24 @@ class CostModel:
             forward = 2.0 * S * S * m.num_heads * m.head_dim / P / flops_per_s
             return forward, ATTENTION_BWD_OVER_FWD * forward
         H, D, C = m.num_heads, m.head_dim, m.linear_chunk
-        forward = S / P * H * (2 * C * D + 4 * D * D) / flops_per_s
+        per_token = 7 * C * D + 12 * D * D if kind == "delta_rule" else 2 * C * D + 4 * D * D
+        forward = S / P * H * per_token / flops_per_s
         return forward, LINEAR_BWD_OVER_FWD * forward
 
-    def layer_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
+    def layer_times(self, lengths, degree: int, strategy: str, *, delta_rule: bool = False) -> np.ndarray:
         """Seconds of one attention layer, forward + backward, on one rank of a group of ``degree`` for each of
-        ``lengths``; ``strategy`` names one layer kind. The per-layer term ``seq_times`` adds up.
+        ``lengths``; ``strategy`` names one layer kind, ``delta_rule`` makes the layer a delta-rule one (its
+        compute and the entry's ``delta_rule_layer_time``). The per-layer term ``seq_times`` adds up.
 
-        Raises ValueError for an unknown strategy.
+        Raises ValueError for an unknown strategy, or with ``delta_rule`` one without a delta-rule variant.
         """
         entry = strategies.get(strategy)
+        layer_time = self._entry_layer_time(entry, delta_rule)
+        if layer_time is None or (delta_rule and entry.kind != "linear"):
+            raise ValueError(f"strategy: {strategy!r} has no delta-rule variant")
         S = self._lengths(lengths)
-        forward, backward = self._attention_compute(S, degree, entry.kind)
-        return np.asarray(entry.layer_time(self._layer_shape(S, degree), forward, backward, self._link(degree)),
+        forward, backward = self._attention_compute(S, degree, "delta_rule" if delta_rule else entry.kind)
+        return np.asarray(layer_time(self._layer_shape(S, degree), forward, backward, self._link(degree)),
                           dtype=np.float64)
 
     def seq_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
@@ -488,9 +552,8 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-        for kind, name in zip(strategies.KINDS, parts):
-            if name is not None:
-                t = t + m.layer_kinds.count(kind) * self.layer_times(S, degree, name)
+        for count, _, entry, delta_rule in self._layer_terms(parts):
+            t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule)
         return np.asarray(t, dtype=np.float64)
 
     def seq_time(self, length: float, degree: int, strategy: str) -> float:
@@ -510,9 +573,12 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
-        for kind in self._kinds():
-            forward, backward = self._attention_compute(S, degree, kind)
-            t = t + m.layer_kinds.count(kind) * (forward + backward)
+        counts = {"softmax": m.num_softmax_layers, "linear": m.num_additive_linear_layers,
+                  "delta_rule": m.delta_rule_layers}
+        for kind, count in counts.items():
+            if count:
+                forward, backward = self._attention_compute(S, degree, kind)
+                t = t + count * (forward + backward)
         return np.asarray(t, dtype=np.float64)
 
     def call_time(self, lengths: Iterable[float], degree: int, strategy: str) -> float:
@@ -531,27 +597,22 @@ class CostModel:
         total = math.fsum(S.tolist())
         t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
         shape = self._layer_shape(total, degree)
-        for kind, name in zip(strategies.KINDS, parts):
-            if name is None:
-                continue
+        for count, kind, entry, delta_rule in self._layer_terms(parts):
             forward, backward = self._attention_compute(S, degree, kind)
-            entry = strategies.get(name)
-            layer = entry.layer_time(shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()),
-                                     self._link(degree))
-            t = t + m.layer_kinds.count(kind) * float(layer)
+            layer = self._entry_layer_time(entry, delta_rule)(
+                shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()), self._link(degree))
+            t = t + count * float(layer)
         return float(t)
 
     def call_overhead(self, degree: int, strategy: str) -> float:
         """What a packed call costs whatever it carries: ``call_time`` as its tokens go to zero (latency per
         collective step, a per-call all-gather of states, ``sequence_overhead_s``)."""
         parts = self._check(degree, strategy)
-        m = self.model
         t = self.coefficients.sequence_overhead_s
         shape = self._layer_shape(0.0, degree)
-        for kind, name in zip(strategies.KINDS, parts):
-            if name is not None:
-                layer = strategies.get(name).layer_time(shape, 0.0, 0.0, self._link(degree))
-                t += m.layer_kinds.count(kind) * float(layer)
+        for count, _, entry, delta_rule in self._layer_terms(parts):
+            layer = self._entry_layer_time(entry, delta_rule)(shape, 0.0, 0.0, self._link(degree))
+            t += count * float(layer)
         return float(t)
 
     def group_time(self, lengths: Iterable[float], degree: int, strategy: str, *,
@@ -578,13 +639,15 @@ class CostModel:
         return self.model.state_bytes_per_param * self.model.num_params / shards
 
     def _transient_bytes(self, S: np.ndarray, P: int, strategy: str) -> np.ndarray:
-        """The largest of the strategy's entries' ``transient_bytes``; none at degree 1 (no SP buffers)."""
+        """The largest of the strategy's layers' ``transient_bytes`` (``delta_rule_transient_bytes`` for
+        delta-rule layers); none at degree 1 (no SP buffers)."""
         out = np.zeros_like(S)
         if P == 1:
             return out
         shape = self._layer_shape(S, P)
-        for entry in self._registered(strategy):
-            out = np.maximum(out, entry.transient_bytes(shape))
+        for _, _, entry, delta_rule in self._layer_terms(self.split_strategy(strategy)):
+            transient = entry.delta_rule_transient_bytes if delta_rule else entry.transient_bytes
+            out = np.maximum(out, transient(shape))
         return out
 
     def seq_memories(self, lengths, degree: int, strategy: str) -> np.ndarray:
