@@ -224,13 +224,18 @@ def check_hf_config(model: torch.nn.Module) -> None:
         )
 
 
-def _uses_attention_interface(module: torch.nn.Module) -> bool:
-    """Whether the module's forward dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS`` (static)."""
+def _forward_mentions(module: torch.nn.Module, name: str) -> bool:
+    """Whether the source of the module's own forward mentions ``name`` (a static check; False without source)."""
     try:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
+    return name in source
+
+
+def _uses_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether the module's forward dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS`` (static)."""
+    return _forward_mentions(module, "ALL_ATTENTION_FUNCTIONS")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,11 +277,7 @@ class SDPAInterceptor(TorchFunctionMode):
 
 def calls_sdpa(module: torch.nn.Module) -> bool:
     """Whether the module's own forward source mentions scaled_dot_product_attention (a static check)."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "scaled_dot_product_attention" in source
+    return _forward_mentions(module, "scaled_dot_product_attention")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,27 +13,13 @@ import torch
 import torch.nn as nn
 from tests.checks import rel_err
 from tests.harness import run_distributed
+from tests.test_delta_rule_models import tiny_qwen3_next
 from tests.test_parallelize import MODELS, CausalSelfAttention, sp_matches_reference
 
 import seqpar
 from seqpar.collectives import count_comm
 
 pytest.importorskip("transformers", reason="transformers not installed (the 'hf' extra)")
-
-
-
-def tiny_qwen3_next():
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3NextConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
-        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-        layer_types=["linear_attention", "full_attention"], max_position_embeddings=512,
-    )
-    return Qwen3NextForCausalLM(config)
 
 
 class CausalConv(nn.Module):
