@@ -59,7 +59,7 @@ from seqpar import tracing
 from seqpar.collectives import comm
 from seqpar.collectives.scan import ScanRelay, choose_pieces, piece_sizes
 from seqpar.collectives.zeco import TAG_FINAL_GRAD, TAG_FINAL_STATE, final_state_tree
-from seqpar.kernels.delta_rule import delta_rule_transition, validate_delta_rule_inputs
+from seqpar.kernels.delta_rule import delta_rule_chunk_outputs, delta_rule_chunk_states, validate_delta_rule_inputs
 from seqpar.kernels.varlen import validate_cu_seqlens
 
 __all__ = ["lasp2_delta_rule", "zeco_delta_rule"]
@@ -127,57 +127,196 @@ def _apply(a: torch.Tensor, state: torch.Tensor | None, add: torch.Tensor) -> to
     return add if state is None else a @ state + add
 
 
+def _leaf(t: torch.Tensor | None, need: bool) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_(need)
+
+
+def _grads(outputs, grad_outputs, inputs) -> list[torch.Tensor | None]:
+    """d(outputs)/d(inputs) weighted by grad_outputs, None for inputs that need none or are not reached."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    if not pairs or not wanted:
+        return [None] * len(inputs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    return [next(got) if x is not None and x.requires_grad else None for x in inputs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The local pass, in the steps the ops interleave with the transfer
+# ----------------------------------------------------------------------------------------------------
+
+
+class _LocalPass:
+    """This rank's delta rule as an affine function of its entering state, in two passes kept as autograd
+    graphs from the forward (the backward runs each op's backward once, no recomputation):
+
+    * ``transition()``: the state pass (``delta_rule_chunk_states``: the WY/UT solves and the chunk recurrence)
+      over the values widened by Dk zero columns from the state [0 | I]: its final state is [B_r | A_r];
+    * ``outputs()``: the output pass (``delta_rule_chunk_outputs``: the intra-chunk attention and the read-out
+      of the chunks' states), giving [o0 | w] with o = o0 + w^T S_in; its entering states and new values are
+      leaves of their own, so its backward stops there and leaves the state pass to ``state_grads``;
+    * ``finish(s_in)``: o.
+
+    The ops start the transfer of (A_r, B_r) between the two passes. Backward: ``incoming_state_grad(do)``
+    (L_r = sum_t w_t do_t^T), ``output_grads(do)`` (needs only do and S_in: it runs while L travels), then
+    ``state_grads(lam)`` given lambda_{r+1} = dL/dS_out and ``input_grads()``."""
+
+    def __init__(self, q, k, v, beta, log_decay, sp: DeltaSP, needs) -> None:
+        self.sp = sp
+        self.inputs = (q, k, v, beta, log_decay)
+        self.grad = any(needs[:5])  # graphs only where a gradient is needed
+        self.Q, self.K, self.V, self.Beta, self.G = (_leaf(t, n) for t, n in zip(self.inputs, needs))
+
+    def _seg(self, x: torch.Tensor | None, j: int) -> torch.Tensor | None:
+        a, b = self.sp.segments[j]
+        return None if x is None else x[:, a:b]
+
+    def transition(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_r, B_r): (B or N_seq, H, Dk, Dk) and (B or N_seq, H, Dk, Dv), compute dtype, detached."""
+        sp = self.sp
+        bsz, h, dk, dv = sp.state_shape
+        rows = 1 if sp.packed else bsz
+        eye = torch.eye(dk, dtype=sp.cdt, device=self.K.device).expand(rows, h, dk, dk)
+        start = torch.cat([torch.zeros(rows, h, dk, dv, dtype=sp.cdt, device=self.K.device), eye], -1)
+        self.states, self.new_values, finals = [], [], []
+        with torch.set_grad_enabled(self.grad):
+            for j in range(len(sp.segments)):
+                v = self._seg(self.V, j).to(sp.cdt)
+                widened = torch.cat([v, v.new_zeros(*v.shape[:3], dk)], -1)
+                states, u, final = delta_rule_chunk_states(
+                    self._seg(self.K, j).to(sp.cdt), widened, self._seg(self.Beta, j).to(sp.cdt),
+                    log_decay=self._seg(self.G, j), initial_state=start, chunk_size=sp.chunk_size)
+                self.states.append(states)
+                self.new_values.append(u)
+                finals.append(final)
+            self.final = torch.cat(finals, 0) if len(finals) > 1 else finals[0]  # [B_r | A_r]
+        final = self.final.detach()
+        return final[..., dv:], final[..., :dv]
+
+    def outputs(self) -> None:
+        """[o0 | w] per sequence from the state pass's entering states and new values (the intra-chunk work)."""
+        sp = self.sp
+        self.state_leaves, self.value_leaves, self.wide = [], [], []
+        with torch.set_grad_enabled(self.grad):
+            for j in range(len(sp.segments)):
+                states, u = _leaf(self.states[j], self.grad), _leaf(self.new_values[j], self.grad)
+                self.wide.append(delta_rule_chunk_outputs(
+                    self._seg(self.Q, j).to(sp.cdt), self._seg(self.K, j).to(sp.cdt), states, u,
+                    log_decay=self._seg(self.G, j), scale=sp.scale, chunk_size=sp.chunk_size))
+                self.state_leaves.append(states)
+                self.value_leaves.append(u)
+
+    def _state_of(self, s: torch.Tensor, j: int) -> torch.Tensor:
+        return s[j:j + 1] if self.sp.packed else s
+
+    def finish(self, s_in: torch.Tensor) -> torch.Tensor:
+        """o (B, S_local, H, Dv) in q's dtype: o0 + w^T S_in per sequence."""
+        dv = self.sp.state_shape[3]
+        self.s_in = s_in
+        with torch.no_grad():
+            outs = [wide[..., :dv] + torch.einsum("bshk,bhkv->bshv", wide[..., dv:], self._state_of(s_in, j))
+                    for j, wide in enumerate(self.wide)]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        return o.to(self.inputs[0].dtype)
+
+    # ---- backward ----
+
+    def incoming_state_grad(self, do: torch.Tensor) -> torch.Tensor:
+        """L_r = sum_t w_t do_t^T per sequence: what this rank's outputs ask of S_in."""
+        dv = self.sp.state_shape[3]
+        parts = [torch.einsum("bshk,bshv->bhkv", wide.detach()[..., dv:], self._seg(do, j).to(self.sp.cdt))
+                 for j, wide in enumerate(self.wide)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    def output_grads(self, do: torch.Tensor) -> None:
+        """Backward of the output pass: d[o0 | w] = [do | S_in do^T]; kept for ``state_grads`` / ``input_grads``."""
+        sp = self.sp
+        grads = []
+        for j in range(len(sp.segments)):
+            d = self._seg(do, j).to(sp.cdt)
+            grads.append(torch.cat([d, torch.einsum("bshv,bhkv->bshk", d, self._state_of(self.s_in, j))], -1))
+        n = len(sp.segments)
+        got = _grads(self.wide, grads, [self.Q, self.K, self.G, *self.state_leaves, *self.value_leaves])
+        self.out_grads = got[:3]
+        self.d_states, self.d_values = got[3:3 + n], got[3 + n:]
+        self.wide = self.state_leaves = self.value_leaves = None
+
+    def state_grads(self, lam: torch.Tensor) -> None:
+        """Backward of the state pass given lambda_{r+1} (dL/dS_out): d[B_r | A_r] = [lam | lam S_in^T]."""
+        outputs = [self.final, *self.states, *self.new_values]
+        grad_outputs = [torch.cat([lam, lam @ self.s_in.mT], -1), *self.d_states, *self.d_values]
+        self.state_pass_grads = _grads(outputs, grad_outputs, [self.K, self.V, self.Beta, self.G])
+        self.final = self.states = self.new_values = None
+
+    def input_grads(self) -> list[torch.Tensor | None]:
+        """(dq, dk, dv, dbeta, dlog_decay) in the inputs' dtypes."""
+        dq, dk_out, dg_out = self.out_grads
+        dk_state, dv, dbeta, dg_state = self.state_pass_grads
+        out = [dq, _add(dk_out, dk_state), dv, dbeta, _add(dg_out, dg_state)]
+        return [None if g is None else g.to(t.dtype) for g, t in zip(out, self.inputs)]
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else (a if b is None else a + b)
+
+
 # ----------------------------------------------------------------------------------------------------
 # LASP-2: one all-gather of (A_r, B_r)
 # ----------------------------------------------------------------------------------------------------
 
 
-class _GatherScan(torch.autograd.Function):
+class _GatherTransfer:
     """(A_r, B_r, initial) -> (S_in(r), final state or None) by one all-gather; backward by one all-gather of
-    (L_r[, dF_r])."""
+    (L_r[, dF_r]). ``begin`` issues the transfer, ``end`` waits for it and folds."""
 
-    @staticmethod
-    def forward(ctx, a, m, initial, sp: DeltaSP, output_final_state: bool):
-        n_a = a.numel()
-        payload = torch.cat([a.reshape(-1), m.reshape(-1)])
-        gathered = comm.all_gather(payload, group=sp.group) if sp.world_size > 1 else payload[None]
-        maps = gathered[:, :n_a].reshape(sp.world_size, *a.shape)
-        states = gathered[:, n_a:].reshape(sp.world_size, *m.shape)
-        s = None if initial is None else initial.to(sp.cdt).clone()
+    def __init__(self, sp: DeltaSP, output_final_state: bool) -> None:
+        self.sp, self.output_final_state = sp, output_final_state
+
+    def begin(self, a: torch.Tensor, m: torch.Tensor, initial: torch.Tensor | None) -> None:
+        sp = self.sp
+        self.n_a, self.a_shape, self.m_shape, self.initial = a.numel(), a.shape, m.shape, initial
+        self.payload = torch.cat([a.reshape(-1), m.reshape(-1)])
+        self.pending = comm.all_gather_async(self.payload, group=sp.group) if sp.world_size > 1 else None
+
+    def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sp = self.sp
+        gathered = self.pending.wait() if self.pending is not None else self.payload[None]
+        maps = gathered[:, :self.n_a].reshape(sp.world_size, *self.a_shape)
+        states = gathered[:, self.n_a:].reshape(sp.world_size, *self.m_shape)
+        s = None if self.initial is None else self.initial.detach().to(sp.cdt).clone()
         for j in range(sp.rank):  # S_in(j + 1) = A_j S_in(j) + B_j
             s = _apply(maps[j], s, states[j])
-        s_in = torch.zeros_like(m) if s is None else s
+        s_in = torch.zeros(self.m_shape, dtype=sp.cdt, device=gathered.device) if s is None else s
         final = None
-        if output_final_state:  # every rank folds on through the later ranks: the same final state everywhere
+        if self.output_final_state:  # every rank folds on through the later ranks: the same final state everywhere
             final = s_in
             for j in range(sp.rank, sp.world_size):
                 final = _apply(maps[j], final, states[j])
-        ctx.sp, ctx.output_final_state = sp, output_final_state
-        ctx.initial_dtype = None if initial is None else initial.dtype
-        ctx.save_for_backward(maps, s_in)
+        self.maps = maps
+        self.payload = self.pending = None
         return s_in, final
 
-    @staticmethod
-    def backward(ctx, d_in, d_final):
-        sp: DeltaSP = ctx.sp
-        maps, s_in = ctx.saved_tensors
-        n = s_in.numel()
-        l_r = torch.zeros_like(s_in) if d_in is None else d_in.to(sp.cdt)
+    def begin_backward(self, l_r: torch.Tensor, d_final: torch.Tensor | None) -> None:
+        sp = self.sp
+        self.l_r = l_r
         parts = [l_r.reshape(-1)]
-        if ctx.output_final_state:  # an unused final state on this rank: its gradient is zero (and still travels)
-            parts.append((torch.zeros_like(s_in) if d_final is None else d_final.to(sp.cdt)).reshape(-1))
-        payload = torch.cat(parts) if len(parts) > 1 else parts[0]
-        gathered = comm.all_gather(payload, group=sp.group) if sp.world_size > 1 else payload[None]
-        l_all = gathered[:, :n].reshape(sp.world_size, *s_in.shape)
+        if self.output_final_state:  # an unused final state on this rank: its gradient is zero (and still travels)
+            parts.append((torch.zeros_like(l_r) if d_final is None else d_final.to(sp.cdt)).reshape(-1))
+        self.payload = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.pending = comm.all_gather_async(self.payload, group=sp.group) if sp.world_size > 1 else None
+
+    def end_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda_{r+1}, this rank's share of the initial state's gradient: lambda_0 on rank 0, else 0)."""
+        sp = self.sp
+        gathered = self.pending.wait() if self.pending is not None else self.payload[None]
+        n, shape = self.l_r.numel(), self.l_r.shape
+        l_all = gathered[:, :n].reshape(sp.world_size, *shape)
         # lambda_P = sum of the final-state gradients; lambda_j = L_j + A_j^T lambda_{j+1}, down to r + 1
-        lam = gathered[:, n:].sum(0).reshape(s_in.shape) if ctx.output_final_state else torch.zeros_like(s_in)
+        lam = gathered[:, n:].sum(0).reshape(shape) if self.output_final_state else torch.zeros_like(self.l_r)
         for j in range(sp.world_size - 1, sp.rank, -1):
-            lam = l_all[j] + maps[j].mT @ lam
-        d_a, d_m = lam @ s_in.mT, lam
-        d_init = None
-        if ctx.initial_dtype is not None and ctx.needs_input_grad[2]:
-            d_init = (l_r + maps[0].mT @ lam if sp.rank == 0 else torch.zeros_like(s_in)).to(ctx.initial_dtype)
-        return d_a, d_m, d_init, None, None
+            lam = l_all[j] + self.maps[j].mT @ lam
+        d_init = self.l_r + self.maps[0].mT @ lam if sp.rank == 0 else torch.zeros_like(self.l_r)
+        return lam, d_init
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,64 +344,66 @@ class AffineScanRelay(ScanRelay):
         self._outs.append(outgoing)
 
 
-class _RelayScan(torch.autograd.Function):
-    """(A_r, B_r, initial) -> (S_in(r), final state or None) by the pipelined All-Scan; backward by the
-    reverse scan (and the final state's gradients summed up its tree first)."""
+class _RelayTransfer:
+    """(A_r, B_r, initial) -> (S_in(r), final state or None) by the pipelined All-Scan (relayed on a thread
+    between ``begin`` and ``end``); backward by the reverse scan (the final state's gradients summed up its tree
+    first)."""
 
-    @staticmethod
-    def forward(ctx, a, m, initial, sp: DeltaSP, output_final_state: bool, num_pieces: int):
+    def __init__(self, sp: DeltaSP, output_final_state: bool, num_pieces: int) -> None:
+        self.sp, self.output_final_state, self.num_pieces = sp, output_final_state, num_pieces
         b, h, dk, dv = sp.state_shape
-        relay = AffineScanRelay((b, h, dv, dk), sp.cdt, m.device, group=sp.group, num_pieces=num_pieces)
-        parent, children = final_state_tree(sp.rank, sp.world_size)
-        final_recv = None
-        if output_final_state and parent is not None:
-            final_recv = comm.recv(torch.empty(b, h, dv, dk, dtype=sp.cdt, device=m.device), parent,
-                                   group=sp.group, tag=TAG_FINAL_STATE)
-        start = None if initial is None else initial.to(sp.cdt).mT.contiguous()
-        relay.start(m.mT, a.mT, initial_state=start)
-        s_in_t, s_out_t = relay.complete()
+        self.t_shape = (b, h, dv, dk)
+
+    def begin(self, a: torch.Tensor, m: torch.Tensor, initial: torch.Tensor | None) -> None:
+        sp = self.sp
+        self.a = a
+        self.relay = AffineScanRelay(self.t_shape, sp.cdt, m.device, group=sp.group, num_pieces=self.num_pieces)
+        self.parent, self.children = final_state_tree(sp.rank, sp.world_size)
+        self.final_recv = None
+        if self.output_final_state and self.parent is not None:
+            self.final_recv = comm.recv(torch.empty(self.t_shape, dtype=sp.cdt, device=m.device), self.parent,
+                                        group=sp.group, tag=TAG_FINAL_STATE)
+        start = None if initial is None else initial.detach().to(sp.cdt).mT.contiguous()
+        self.relay.start(m.mT, a.mT, initial_state=start)  # the first rank sends every piece now
+
+    def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sp = self.sp
+        s_in_t, s_out_t = self.relay.complete()
         final_t, sends = None, []
-        if output_final_state:
-            final_t = s_out_t if parent is None else final_recv.wait()
-            sends = [comm.send(final_t, c, group=sp.group, tag=TAG_FINAL_STATE) for c in children]
-        relay.finish()
+        if self.output_final_state:
+            final_t = s_out_t if self.parent is None else self.final_recv.wait()
+            sends = [comm.send(final_t, c, group=sp.group, tag=TAG_FINAL_STATE) for c in self.children]
+        self.relay.finish()
         for pending in sends:
             pending.wait()
-        ctx.sp, ctx.output_final_state, ctx.num_pieces = sp, output_final_state, num_pieces
-        ctx.initial_dtype = None if initial is None else initial.dtype
-        s_in = s_in_t.mT.contiguous()
-        ctx.save_for_backward(a, s_in)
-        return s_in, None if final_t is None else final_t.mT.contiguous()
+        self.relay = self.final_recv = None
+        return s_in_t.mT.contiguous(), None if final_t is None else final_t.mT.contiguous()
 
-    @staticmethod
-    def backward(ctx, d_in, d_final):
-        sp: DeltaSP = ctx.sp
-        a, s_in = ctx.saved_tensors
-        b, h, dk, dv = sp.state_shape
-        relay = AffineScanRelay((b, h, dv, dk), sp.cdt, s_in.device, group=sp.group, num_pieces=ctx.num_pieces,
-                                reverse=True)
-        lam_last, grad_send = None, None
-        if ctx.output_final_state:  # lambda_P = the sum of every rank's final-state gradient, up the tree
-            parent, children = final_state_tree(sp.rank, sp.world_size)
-            total = torch.zeros_like(s_in) if d_final is None else d_final.to(sp.cdt)
-            recvs = [comm.recv(torch.empty_like(total), c, group=sp.group, tag=TAG_FINAL_GRAD) for c in children]
+    def begin_backward(self, l_r: torch.Tensor, d_final: torch.Tensor | None) -> None:
+        sp = self.sp
+        self.relay = AffineScanRelay(self.t_shape, sp.cdt, l_r.device, group=sp.group, num_pieces=self.num_pieces,
+                                     reverse=True)
+        lam_last, self.grad_send = None, None
+        if self.output_final_state:  # lambda_P = the sum of every rank's final-state gradient, up the tree
+            total = torch.zeros_like(l_r) if d_final is None else d_final.to(sp.cdt)
+            recvs = [comm.recv(torch.empty_like(total), c, group=sp.group, tag=TAG_FINAL_GRAD) for c in self.children]
             for pending in recvs:
                 total = total + pending.wait()
-            if parent is not None:
-                grad_send = comm.send(total.contiguous(), parent, group=sp.group, tag=TAG_FINAL_GRAD)
+            if self.parent is not None:
+                self.grad_send = comm.send(total.contiguous(), self.parent, group=sp.group, tag=TAG_FINAL_GRAD)
             lam_last = total.mT.contiguous()
-        l_r = torch.zeros_like(s_in) if d_in is None else d_in.to(sp.cdt)
         # reverse scan: receive lambda_{r+1}, send lambda_r = L_r + A_r^T lambda_{r+1} (transposed: @ A_r)
-        relay.start(l_r.mT, a, initial_state=lam_last)
-        lam_next_t, lam_here_t = relay.complete()
-        relay.finish()
-        if grad_send is not None:
-            grad_send.wait()
-        lam_next = lam_next_t.mT
-        d_init = None
-        if ctx.initial_dtype is not None and ctx.needs_input_grad[2]:
-            d_init = (lam_here_t.mT if sp.rank == 0 else torch.zeros_like(s_in)).to(ctx.initial_dtype)
-        return lam_next @ s_in.mT, lam_next.contiguous(), d_init, None, None, None
+        self.relay.start(l_r.mT, self.a, initial_state=lam_last)
+
+    def end_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda_{r+1}, this rank's share of the initial state's gradient: lambda_0 on rank 0, else 0)."""
+        lam_next_t, lam_here_t = self.relay.complete()
+        self.relay.finish()
+        if self.grad_send is not None:
+            self.grad_send.wait()
+        self.relay = self.grad_send = None
+        lam_next = lam_next_t.mT.contiguous()
+        return lam_next, lam_here_t.mT.contiguous() if self.sp.rank == 0 else torch.zeros_like(lam_next)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,20 +411,47 @@ class _RelayScan(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _run(scan, q, k, v, beta, log_decay, initial_state, sp: DeltaSP, output_final_state, *scan_args):
-    """The local pass per sequence, ONE scan for all of them (packed: the states are (N_seq, H, Dk, Dv)), the
-    read-out of each sequence's entering state."""
-    tracing.record("kernel", name="delta_rule.local")
-    parts = [delta_rule_transition(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b],
-                                   log_decay=None if log_decay is None else log_decay[:, a:b], scale=sp.scale,
-                                   chunk_size=sp.chunk_size) for a, b in sp.segments]
-    a = torch.cat([p[2] for p in parts], 0) if sp.packed else parts[0][2]
-    m = torch.cat([p[3] for p in parts], 0) if sp.packed else parts[0][3]
-    s_in, final = scan.apply(a, m, initial_state, sp, bool(output_final_state), *scan_args)
-    tracing.record("kernel", name="delta_rule.inter")
-    outs = [o0 + torch.einsum("bshk,bhkv->bshv", w, s_in[j:j + 1] if sp.packed else s_in)
-            for j, (o0, w, _, _) in enumerate(parts)]
-    o = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(q.dtype)
+class _DeltaRuleSP(torch.autograd.Function):
+    """The local passes interleaved with the transfer: state pass, transfer issued, output pass while it
+    travels, then the read-out of S_in. Backward: L_r, reverse transfer issued, the output pass's backward while
+    it travels, then the state pass's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_decay, initial_state, sp: DeltaSP, output_final_state: bool, transfer):
+        local = _LocalPass(q, k, v, beta, log_decay, sp, ctx.needs_input_grad)
+        tracing.record("kernel", name="delta_rule.transition")
+        a, m = local.transition()
+        transfer.begin(a, m, initial_state)
+        tracing.record("kernel", name="delta_rule.intra")
+        local.outputs()
+        s_in, final = transfer.end()
+        tracing.record("kernel", name="delta_rule.inter")
+        o = local.finish(s_in)
+        ctx.local, ctx.transfer = local, transfer
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        local: _LocalPass = ctx.local
+        transfer = ctx.transfer
+        transfer.begin_backward(local.incoming_state_grad(do), d_final)
+        tracing.record("kernel", name="delta_rule.intra_backward")
+        local.output_grads(do)
+        lam, d_init = transfer.end_backward()
+        tracing.record("kernel", name="delta_rule.state_backward")
+        local.state_grads(lam)
+        grads = local.input_grads()
+        if ctx.initial_dtype is None or not ctx.needs_input_grad[5]:
+            d_init = None
+        else:
+            d_init = d_init.to(ctx.initial_dtype)
+        ctx.local = ctx.transfer = None  # free the graphs
+        return (*grads, d_init, None, None, None)
+
+
+def _run(transfer, q, k, v, beta, log_decay, initial_state, sp: DeltaSP, output_final_state):
+    o, final = _DeltaRuleSP.apply(q, k, v, beta, log_decay, initial_state, sp, bool(output_final_state), transfer)
     return (o, final) if output_final_state else o
 
 
@@ -334,7 +502,8 @@ def lasp2_delta_rule(
     sp = _prepare(q, k, v, beta, log_decay, initial_state, group=group, scale=scale, layout=layout,
                   op="lasp2_delta_rule", chunk_size=chunk_size, cu_seqlens=cu_seqlens,
                   extra=f"output_final_state={bool(output_final_state)}")
-    return _run(_GatherScan, q, k, v, beta, log_decay, initial_state, sp, output_final_state)
+    return _run(_GatherTransfer(sp, bool(output_final_state)), q, k, v, beta, log_decay, initial_state, sp,
+                output_final_state)
 
 
 def zeco_delta_rule(
@@ -375,4 +544,5 @@ def zeco_delta_rule(
     if num_pieces is None:
         e = torch.finfo(sp.cdt).bits // 8
         num_pieces = choose_pieces(sp.world_size, math.prod(sp.state_shape) * e, sp.state_shape[3])
-    return _run(_RelayScan, q, k, v, beta, log_decay, initial_state, sp, output_final_state, num_pieces)
+    return _run(_RelayTransfer(sp, bool(output_final_state), num_pieces), q, k, v, beta, log_decay, initial_state,
+                sp, output_final_state)

@@ -33,7 +33,8 @@ import math
 
 import torch
 
-__all__ = ["chunk_gated_delta_rule", "delta_rule_transition", "validate_delta_rule_inputs"]
+__all__ = ["chunk_gated_delta_rule", "delta_rule_chunk_outputs", "delta_rule_chunk_states", "delta_rule_transition",
+           "validate_delta_rule_inputs"]
 
 
 def validate_delta_rule_inputs(
@@ -134,31 +135,66 @@ def chunk_gated_delta_rule(
     validate_delta_rule_inputs(q, k, v, beta, log_decay, initial_state)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    b, s, h, dk = q.shape
-    dv = v.shape[-1]
-    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    cdt = _compute_dtype(q)  # q's dtype decides, as documented
+    q_c, k_c, v_c, beta_c = (x.to(cdt) for x in (q, k, v, beta))
+    states, u, final = delta_rule_chunk_states(k_c, v_c, beta_c, log_decay=log_decay, initial_state=initial_state,
+                                               chunk_size=chunk_size)
+    o = delta_rule_chunk_outputs(q_c, k_c, states, u, log_decay=log_decay, scale=scale, chunk_size=chunk_size)
+    return o.to(q.dtype), final if output_final_state else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunker(x: torch.Tensor, chunk_size: int):
+    """(chunk length C, chunk count N, f) for a (B, S, H, ...) sequence: f(y) casts y (B, S, H, ...) to the compute
+    dtype and reshapes it to (B, H, N, C, ...), padded with zeros (no-op tokens: k = 0, beta = 0, g = 0 leave
+    the state as it is)."""
+    b, s, h = x.shape[:3]
     size = min(chunk_size, s) if s > 0 else 1
     pad = (-s) % size
     n = (s + pad) // size
-    per_key = log_decay is not None and log_decay.dim() == 4
+    cdt = _compute_dtype(x)
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, S, H, ...) -> (B, H, N, C, ...), padded with zeros
-        x = x.to(cdt).movedim(1, 2)
+    def chunks(y: torch.Tensor) -> torch.Tensor:
+        y = y.to(cdt).movedim(1, 2)
         if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(b, h, n, size, *x.shape[3:])
+            y = torch.nn.functional.pad(y, (0, 0) * (y.dim() - 3) + (0, pad))
+        return y.reshape(b, h, n, size, *y.shape[3:])
 
-    # padded tokens have k = 0, beta = 0, g = 0: they leave the state as it is
-    qc, kc, vc, bc = chunks(q), chunks(k), chunks(v), chunks(beta)[..., None]
+    return size, n, chunks
+
+
+def delta_rule_chunk_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The state pass of ``chunk_gated_delta_rule`` (no queries): the WY/UT solves and the chunk-to-chunk
+    recurrence. Inputs as ``chunk_gated_delta_rule`` (checked by the caller); differentiable by autograd.
+
+    Returns ``(states, u, final)`` in the compute dtype: states (B, H, N, Dk, Dv) the state entering each of the N
+    chunks, u (B, H, N, C, Dv) the values each chunk writes (u = U0 - W S_0), final (B, H, Dk, Dv). The output
+    pass (``delta_rule_chunk_outputs``) needs only these, q, k and the decay: SP computes this pass first,
+    starts the transfer of the final state's map and runs the output pass while it travels.
+    """
+    cdt = _compute_dtype(k)
+    b, s, h, dk = k.shape
+    dv = v.shape[-1]
+    _, n, chunks = _chunker(k, chunk_size)
+    per_key = log_decay is not None and log_decay.dim() == 4
+    kc, vc, bc = chunks(k), chunks(v), chunks(beta)[..., None]
     c = None if log_decay is None else chunks(log_decay).cumsum(3)  # (B, H, N, C[, Dk])
     gamma = None if c is None else (c.exp() if per_key else c.exp()[..., None])
     k_gamma = kc if gamma is None else kc * gamma
     strict = _decayed_products(kc, kc, c, strict=True) * bc  # M: (B, H, N, C, C)
     u0 = torch.linalg.solve_triangular(strict, bc * vc, upper=False, unitriangular=True)
     w = torch.linalg.solve_triangular(strict, bc * k_gamma, upper=False, unitriangular=True)
-    attn = _decayed_products(qc, kc, c, strict=False) * scale
-    q_gamma = (qc if gamma is None else qc * gamma) * scale
     if c is None:
         k_out, chunk_decay = kc, None
     else:
@@ -166,15 +202,40 @@ def chunk_gated_delta_rule(
         k_out = kc * ((last - c).exp() if per_key else (last - c).exp()[..., None])
         chunk_decay = c[..., -1, :, None].exp() if per_key else c[..., -1, None, None].exp()  # (B, H, N, Dk|1, 1)
 
-    state = torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device) if initial_state is None else initial_state.to(cdt)
-    outs = []
+    state = torch.zeros(b, h, dk, dv, dtype=cdt, device=k.device) if initial_state is None else initial_state.to(cdt)
+    states, us = [], []
     for i in range(n):
+        states.append(state)
         u = u0[:, :, i] - w[:, :, i] @ state
-        outs.append(q_gamma[:, :, i] @ state + attn[:, :, i] @ u)
+        us.append(u)
         decayed = state if chunk_decay is None else chunk_decay[:, :, i] * state
         state = decayed + k_out[:, :, i].mT @ u
-    o = torch.stack(outs, 2).reshape(b, h, n * size, dv)[:, :, :s].movedim(1, 2)
-    return o.to(q.dtype), state if output_final_state else None
+    return torch.stack(states, 2), torch.stack(us, 2), state
+
+
+def delta_rule_chunk_outputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    states: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """The output pass of ``chunk_gated_delta_rule``: O = scale (Q * gamma) S_0 + A u per chunk, all chunks at
+    once, from ``delta_rule_chunk_states``' (states, u) (same ``chunk_size``). Returns o (B, S, H, Dv) in the
+    compute dtype; differentiable by autograd (also in ``states`` and ``u``)."""
+    b, s, h, dk = q.shape
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    size, n, chunks = _chunker(q, chunk_size)
+    per_key = log_decay is not None and log_decay.dim() == 4
+    qc, kc = chunks(q), chunks(k)
+    c = None if log_decay is None else chunks(log_decay).cumsum(3)
+    attn = _decayed_products(qc, kc, c, strict=False) * scale  # (B, H, N, C, C)
+    q_gamma = qc * scale if c is None else qc * (c.exp() if per_key else c.exp()[..., None]) * scale
+    o = q_gamma @ states + attn @ u  # (B, H, N, C, Dv)
+    return o.reshape(b, h, n * size, -1)[:, :, :s].movedim(1, 2)
 
 
 def delta_rule_transition(
