@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from seqpar import runtime
 
-__all__ = ["kimi_delta_attention_adapter", "qwen3_next_gated_delta_net_adapter", "register_delta_adapters"]
+__all__ = ["delta_rule_dims", "kimi_delta_attention_adapter", "qwen3_next_gated_delta_net_adapter",
+           "register_delta_adapters"]
 
 
 def _check_training_call(module: torch.nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
@@ -130,3 +131,17 @@ def register_delta_adapters(register) -> None:
         pass
     else:
         register(KimiLinearDeltaAttention, kimi_delta_attention_adapter)
+
+
+def delta_rule_dims(module: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(H, D_k, D_v) of the delta rule a module runs on its adapter, None for any other module: Gated DeltaNet
+    (its value heads: the grouped key heads are repeated to them, ``head_k_dim``, ``head_v_dim``), KDA
+    (``num_heads``, ``head_dim`` for both). What the cost model sizes delta-rule layers with."""
+    from seqpar import integrations
+
+    adapter = integrations.adapter_for(module)
+    if adapter is qwen3_next_gated_delta_net_adapter:
+        return module.num_v_heads, module.head_k_dim, module.head_v_dim
+    if adapter is kimi_delta_attention_adapter:
+        return module.num_heads, module.head_dim, module.head_dim
+    return None

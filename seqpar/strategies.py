@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -62,6 +62,8 @@ class LayerShape:
         state_bytes: one linear-attention state as the collectives send it (H * D_k * D_v * 4).
         window: a causal sliding window of W tokens (the ops' ``window=(W - 1, 0)``), or None; ring's
             ``comm_bytes`` then counts only the K/V messages the window needs (a scalar ``seq_len`` only).
+        value_head_dim: D_v of a delta-rule layer (``head_dim`` is its D_k, ``heads`` its value heads,
+            ``state_bytes`` H D_k D_v 4); None: D_v = D_k.
     """
 
     seq_len: Any
@@ -72,6 +74,7 @@ class LayerShape:
     elem_bytes: float
     state_bytes: float = 0.0
     window: int | None = None
+    value_head_dim: int | None = None
 
     @property
     def local_tokens(self) -> Any:
@@ -545,45 +548,91 @@ def zeco_transient_bytes(x: LayerShape) -> Any:
     return 2 * x.state_bytes
 
 
+def delta_rule_dims(x: LayerShape) -> tuple[int, int]:
+    """(D_k, D_v) of a delta-rule layer's shape."""
+    return x.head_dim, x.head_dim if x.value_head_dim is None else x.value_head_dim
+
+
+def delta_rule_transition_bytes(x: LayerShape) -> Any:
+    """One rank's transition A_r as the ops send it: H D_k D_k 4 (= ``state_bytes`` D_k / D_v)."""
+    dk, dv = delta_rule_dims(x)
+    return x.state_bytes * dk / dv
+
+
 def lasp2_delta_rule_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     """Delta-rule LASP-2: the all-gather carries each rank's transition A_r (H D_k D_k 4) with its state B_r
-    forward (``(P-1) (A + state)``; no decay travels: it is inside A_r), the state's gradient backward."""
-    forward = (x.degree - 1) * 2 * x.state_bytes  # D_k = D_v: A_r is as large as the state
+    (H D_k D_v 4) forward (``(P-1) (A + state)``; no decay travels: it is inside A_r), the state's gradient
+    backward (``(P-1) state``)."""
+    forward = (x.degree - 1) * (delta_rule_transition_bytes(x) + x.state_bytes)
     return forward, (x.degree - 1) * x.state_bytes
 
 
-# The delta-rule ops do not overlap their transfer: the shard's map (A_r, B_r) comes out of the same local pass
-# that computes the outputs, and only the read-out o = o0 + w^T S_in is left after the transfer (backward: the
-# transfer of the read-out's state gradients comes before the backward of the local pass). So a delta-rule layer
-# costs its local pass plus its transfer, each way. Neglected: the folds of the received maps (LASP-2: r maps of
-# 2 D_k^2 D_v FLOPs per head; ZeCO: one per hop), under 1/C of the local pass at D_k = D_v.
+def delta_rule_pass_parts(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any) -> tuple[tuple, tuple]:
+    """Both passes of a delta-rule SP layer cut where the ops communicate: ``((before, overlapped, after)
+    forward, (before, overlapped, after) backward)`` seconds, in proportion to the FLOPs per token and head
+    (the cost model's delta-rule compute; ``C = LINEAR_CHUNK``, V' = D_v + D_k the widened values):
+
+    * forward: the state pass ``C (2 D_k + V') + 4 D_k V'`` (Gram K K^T, the UT transform of beta K and
+      beta V', U - W S, K^T U: it gives A_r, B_r), then the transfer overlapped with the output pass
+      ``C (D_k + V') + 2 D_k V'`` (Q K^T, (Q K^T) U, q S), then the read-out ``2 D_k D_v`` (o = o0 + w^T S_in);
+    * backward (each part 2x): L_r = sum w do^T (the read-out's share) first, the reverse transfer overlapped
+      with the output pass's backward, then the state pass's backward (it needs lambda_{r+1}).
+    """
+    dk, dv = delta_rule_dims(x)
+    c, wide = LINEAR_CHUNK, dk + dv
+    state_pass, output_pass, read_out = c * (2 * dk + wide) + 4 * dk * wide, c * (dk + wide) + 2 * dk * wide, \
+        2 * dk * dv
+    total = state_pass + output_pass + read_out
+    forward = tuple(compute_fwd_s * (part / total) for part in (state_pass, output_pass, read_out))
+    backward = tuple(compute_bwd_s * (part / total) for part in (read_out, output_pass, state_pass))
+    return forward, backward
+
+
+def _overlapped_delta_rule(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, comm_fwd_s: Any,
+                           comm_bwd_s: Any) -> Any:
+    """``before + max(overlapped, transfer) + after`` each way (``delta_rule_pass_parts``)."""
+    forward, backward = delta_rule_pass_parts(x, compute_fwd_s, compute_bwd_s)
+    return (forward[0] + np.maximum(forward[1], comm_fwd_s) + forward[2]
+            + backward[0] + np.maximum(backward[1], comm_bwd_s) + backward[2])
+
+
+# The delta-rule ops overlap their transfer with the output pass (``delta_rule_pass_parts``), each way.
+# Neglected: the folds of the received maps (LASP-2: r maps of 2 D_k^2 D_v FLOPs per head; ZeCO: one per hop),
+# under 1/C of the local pass at D_k = D_v.
 
 
 def lasp2_delta_rule_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
-    """Local pass + one all-gather each way: ``(P-1) (2 state / beta + lam)`` forward (A_r and B_r in one
-    payload), ``(P-1) (state / beta + lam)`` backward."""
+    """One all-gather each way overlapped with the output pass: ``(P-1) ((A + state) / beta + lam)`` forward
+    (A_r and B_r in one payload), ``(P-1) (state / beta + lam)`` backward."""
     if x.degree == 1:
         return compute_fwd_s + compute_bwd_s
     steps = (x.degree - 1) * link.latency_s
     forward, backward = lasp2_delta_rule_comm_bytes(x)
-    return compute_fwd_s + compute_bwd_s + (forward + backward) / link.bytes_per_s + 2 * steps
+    return _overlapped_delta_rule(x, compute_fwd_s, compute_bwd_s, forward / link.bytes_per_s + steps,
+                                  backward / link.bytes_per_s + steps)
 
 
 def lasp2_delta_rule_transient_bytes(x: LayerShape) -> Any:
     """The P gathered maps and states."""
-    return x.degree * 2 * x.state_bytes
+    return x.degree * (delta_rule_transition_bytes(x) + x.state_bytes)
+
+
+def zeco_delta_rule_scan_time(x: LayerShape, link: Link) -> Any:
+    """``zeco_scan_time`` of the state cut into pieces along D_v (the op's ``choose_pieces(P, state, D_v)``)."""
+    return zeco_scan_time(replace(x, head_dim=delta_rule_dims(x)[1]), link)
 
 
 def zeco_delta_rule_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
-    """Local pass + the pipelined All-Scan each way (``zeco_scan_time``: one state, K pieces along D_v)."""
+    """The pipelined All-Scan each way (one state, K pieces along D_v) overlapped with the output pass."""
     if x.degree == 1:
         return compute_fwd_s + compute_bwd_s
-    return compute_fwd_s + compute_bwd_s + 2 * zeco_scan_time(x, link)
+    scan = zeco_delta_rule_scan_time(x, link)
+    return _overlapped_delta_rule(x, compute_fwd_s, compute_bwd_s, scan, scan)
 
 
 def zeco_delta_rule_transient_bytes(x: LayerShape) -> Any:
     """The incoming and the outgoing state, and this rank's map A_r (kept for the scan's hops)."""
-    return 3 * x.state_bytes
+    return 2 * x.state_bytes + delta_rule_transition_bytes(x)
 
 
 register(Strategy(

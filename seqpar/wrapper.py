@@ -745,9 +745,10 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
 
     Its ``ModelSpec`` lists the config's ``layer_types`` (``"linear_attention"`` -> ``"linear"``) and, as
     ``delta_rule_layers``, the modules that run on a delta-rule adapter (Qwen3-Next Gated DeltaNet, Kimi Linear
-    KDA: ``integrations_delta``), so the planner charges those layers the delta-rule ops' bytes and compute.
+    KDA: ``integrations_delta``), so the planner charges those layers the delta-rule ops' bytes and compute,
+    sized with the layers' own heads and D_k, D_v (``integrations_delta.delta_rule_dims``).
     """
-    from seqpar.integrations_delta import kimi_delta_attention_adapter, qwen3_next_gated_delta_net_adapter
+    from seqpar.integrations_delta import delta_rule_dims
     from seqpar.solver import Cluster, CostModel, ModelSpec
 
     config = getattr(model, "config", None)
@@ -761,8 +762,9 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
         for t in (getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
     )
     integrations.register_builtin_adapters()  # also when called before any parallelize
-    delta_adapters = (qwen3_next_gated_delta_net_adapter, kimi_delta_attention_adapter)
-    delta_rule_layers = sum(integrations.adapter_for(m) in delta_adapters for m in model.modules())
+    delta_dims = [dims for dims in map(delta_rule_dims, model.modules()) if dims is not None]
+    delta_rule_layers = len(delta_dims)
+    heads_dk_dv = delta_dims[0] if delta_dims else (None, None, None)  # the layers' own H, D_k, D_v
     spec = ModelSpec(
         num_layers=text.num_hidden_layers, hidden=text.hidden_size, num_heads=heads,
         num_kv_heads=getattr(text, "num_key_value_heads", heads) or heads, head_dim=head_dim,
@@ -770,6 +772,7 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
         layer_kinds=kinds,
         # a config that does not list its delta-rule layers as linear ones: charge as many as it lists
         delta_rule_layers=min(delta_rule_layers, kinds.count("linear")),
+        delta_rule_heads=heads_dk_dv[0], delta_rule_key_dim=heads_dk_dv[1], delta_rule_value_dim=heads_dk_dv[2],
     )
     if torch.cuda.is_available():  # a generic GPU node; calibrate for real numbers
         cluster = Cluster(world_size=world_size, gpus_per_node=min(world_size, 8), peak_tflops=300.0,

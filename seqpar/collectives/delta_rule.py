@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from seqpar import tracing
 from seqpar.collectives import comm
-from seqpar.collectives.scan import ScanRelay, choose_pieces, piece_sizes
+from seqpar.collectives.scan import ScanRelay, choose_pieces, link_latency_bytes, piece_sizes
 from seqpar.collectives.zeco import TAG_FINAL_GRAD, TAG_FINAL_STATE, final_state_tree
 from seqpar.kernels.delta_rule import delta_rule_chunk_outputs, delta_rule_chunk_states, validate_delta_rule_inputs
 from seqpar.kernels.varlen import validate_cu_seqlens
@@ -526,7 +526,7 @@ def zeco_delta_rule(
     pieces along Dv, each forwarded through this rank's affine map as soon as it arrives.
 
     Args: as ``lasp2_delta_rule``, plus ``num_pieces``: pieces along Dv the state travels in (default
-    ``scan.choose_pieces(P, state bytes, Dv)``).
+    ``scan.choose_pieces(P, state bytes, Dv)`` on the link's latency x bandwidth, ``scan.link_latency_bytes``).
 
     Returns: as ``lasp2_delta_rule``.
 
@@ -543,6 +543,7 @@ def zeco_delta_rule(
                   extra=f"output_final_state={bool(output_final_state)} num_pieces={num_pieces}")
     if num_pieces is None:
         e = torch.finfo(sp.cdt).bits // 8
-        num_pieces = choose_pieces(sp.world_size, math.prod(sp.state_shape) * e, sp.state_shape[3])
+        num_pieces = choose_pieces(sp.world_size, math.prod(sp.state_shape) * e, sp.state_shape[3],
+                                   latency_bytes=link_latency_bytes())  # the rule the cost model charges
     return _run(_RelayTransfer(sp, bool(output_final_state), num_pieces), q, k, v, beta, log_decay, initial_state,
                 sp, output_final_state)

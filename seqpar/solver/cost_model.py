@@ -18,16 +18,17 @@ Compute (FLOPs over ``peak_tflops * efficiency``)
   masked intra-chunk product ``C * (D_k + D_v)`` plus ``2 D_k D_v`` for ``q S`` and ``2 D_k D_v`` for the
   state update; backward 2x forward. Efficiency ``attention_efficiency``.
 * Delta-rule linear attention (Gated DeltaNet, KDA: ``ModelSpec.delta_rule_layers`` of the linear layers),
-  linear in ``S``: the chunked WY/UT form (Yang et al. 2024, "Parallelizing linear transformers with the delta
-  rule over sequence length", Sec. 3; Gated DeltaNet, Yang et al. 2025) as the SP ops run it
-  (``seqpar.kernels.delta_rule.delta_rule_transition``: the values carry ``D_k`` extra columns, from which the
-  shard's transition A_r comes, so the value width is ``V' = D_v + D_k``). Per token per head forward, causal
-  masks halving the ``C x C`` products: the Gram matrices ``Q K^T`` and ``K K^T`` (``2 C D_k``), the UT
-  transform applied to ``beta K`` and ``beta V'`` (``C (D_k + V')``), the pseudo-values ``U - W S``
-  (``2 D_k V'``), the output ``q S + (Q K^T) U`` (``2 D_k V' + C V'``) and the state update ``K^T U``
-  (``2 D_k V'``): ``7 C D + 12 D^2`` at ``D_k = D_v = D`` (the same pass without A_r's columns is
-  ``5 C D + 6 D^2``: about 1.8x at C = 64, D = 128; the UT triangular solve, ``C^2 / 3``, neglected); backward
-  2x forward. Efficiency ``attention_efficiency``.
+  linear in ``S``, sized with the delta-rule layers' own ``H``, ``D_k``, ``D_v`` (``ModelSpec.delta_rule_dims``;
+  Qwen3-Next's and Kimi Linear's differ from their softmax heads): the chunked WY/UT form (Yang et al. 2024,
+  "Parallelizing linear transformers with the delta rule over sequence length", Sec. 3; Gated DeltaNet, Yang et
+  al. 2025) as the SP ops run it (``seqpar.collectives.delta_rule``: the values carry ``D_k`` extra columns,
+  from which the shard's transition A_r comes, so the value width is ``V' = D_v + D_k``). Per token per head
+  forward, causal masks halving the ``C x C`` products: the Gram matrices ``Q K^T`` and ``K K^T``
+  (``2 C D_k``), the UT transform applied to ``beta K`` and ``beta V'`` (``C (D_k + V')``), the pseudo-values
+  ``U - W S`` (``2 D_k V'``), the output ``q S + (Q K^T) U`` (``2 D_k V' + C V'``), the state update ``K^T U``
+  (``2 D_k V'``) and the read-out of the entering state ``o0 + w^T S_in`` (``2 D_k D_v``):
+  ``C (3 D_k + 2 V') + 6 D_k V' + 2 D_k D_v``, ``7 C D + 14 D^2`` at ``D_k = D_v = D`` (the UT triangular
+  solve, ``C^2 / 3``, neglected); backward 2x forward. Efficiency ``attention_efficiency``.
 
 Communication and SP time per layer: the strategy registry (``seqpar/strategies.py``)
 --------------------------------------------------------------------------------------
@@ -41,8 +42,10 @@ slowest hop bounds every ring step / all-to-all), times ``bandwidth_efficiency``
 ``latency_s * latency_scale`` is paid per step of every collective ((P - 1) steps for rings, all-gathers and
 the pairwise all-to-all). Every strategy the model names comes from the registry; none is written here.
 Delta-rule layers take their linear strategy's ``delta_rule_comm_bytes``, ``delta_rule_layer_time`` and
-``delta_rule_transient_bytes`` (LASP-2's all-gather carries A_r too: ``(P-1) H D_k^2 4`` more bytes forward),
-with the delta-rule compute above; a linear strategy without a ``delta_rule_op`` is invalid for such a model.
+``delta_rule_transient_bytes`` on the delta-rule layer's own shape (state ``H D_k D_v 4``; LASP-2's all-gather
+carries A_r too: ``(P-1) H D_k^2 4`` more bytes forward), with the delta-rule compute above, the transfer hidden
+behind the output pass (``strategies.delta_rule_pass_parts``); a linear strategy without a ``delta_rule_op`` is
+invalid for such a model.
 
 A sequence's time is the dense time plus, per layer, its strategy's attention time, plus
 ``sequence_overhead_s`` (``seq_time``).
@@ -203,6 +206,10 @@ class ModelSpec:
         delta_rule_layers: how many of the ``"linear"`` layers are delta-rule layers (Gated DeltaNet, KDA; the
             others are additive linear attention). They are linear-kind layers everywhere (one linear strategy
             runs both), only their cost differs (module docstring).
+        delta_rule_heads, delta_rule_key_dim, delta_rule_value_dim: the delta-rule layers' heads (the value
+            heads: grouped key heads are repeated to them), D_k and D_v (Qwen3-Next: ``linear_num_value_heads``,
+            ``linear_key_head_dim``, ``linear_value_head_dim``; Kimi Linear: ``linear_num_heads``,
+            ``linear_head_dim`` twice); None: ``num_heads`` / ``head_dim``.
 
     Raises:
         ValueError: non-positive sizes, ``num_kv_heads`` not dividing ``num_heads``, ``layer_kinds`` of the
@@ -222,6 +229,9 @@ class ModelSpec:
     state_bytes_per_param: float = 16.0
     linear_chunk: int = 64
     delta_rule_layers: int = 0
+    delta_rule_heads: int | None = None
+    delta_rule_key_dim: int | None = None
+    delta_rule_value_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "vocab",
@@ -247,6 +257,9 @@ class ModelSpec:
         if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)) or not 0 <= delta <= linear:
             raise ValueError(f"delta_rule_layers={delta!r} must be an integer from 0 to the {linear} linear layers "
                              "in layer_kinds (delta-rule layers are listed there as 'linear')")
+        for name in ("delta_rule_heads", "delta_rule_key_dim", "delta_rule_value_dim"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name), integer=True)
 
     _LLAMA = {
         # name: (layers, hidden, heads, kv_heads, ffn, vocab); head_dim 128 throughout
@@ -291,6 +304,13 @@ class ModelSpec:
     def num_additive_linear_layers(self) -> int:
         """Linear-attention layers with an additive state (not delta-rule)."""
         return self.num_linear_layers - self.delta_rule_layers
+
+    @property
+    def delta_rule_dims(self) -> tuple[int, int, int]:
+        """(H, D_k, D_v) of the delta-rule layers."""
+        return (self.num_heads if self.delta_rule_heads is None else self.delta_rule_heads,
+                self.head_dim if self.delta_rule_key_dim is None else self.delta_rule_key_dim,
+                self.head_dim if self.delta_rule_value_dim is None else self.delta_rule_value_dim)
 
     @property
     def layer_matmul_params(self) -> int:
@@ -483,8 +503,12 @@ class CostModel:
             raise ValueError("lengths must be positive and finite")
         return arr
 
-    def _layer_shape(self, lengths, degree: int) -> LayerShape:
+    def _layer_shape(self, lengths, degree: int, delta_rule: bool = False) -> LayerShape:
         m = self.model
+        if delta_rule:  # its own heads and D_k, D_v
+            h, dk, dv = m.delta_rule_dims
+            return LayerShape(seq_len=lengths, degree=degree, heads=h, kv_heads=h, head_dim=dk,
+                              elem_bytes=m.bytes_per_param, state_bytes=h * dk * dv * ACCUM_BYTES, value_head_dim=dv)
         return LayerShape(seq_len=lengths, degree=degree, heads=m.num_heads, kv_heads=m.num_kv_heads,
                           head_dim=m.head_dim, elem_bytes=m.bytes_per_param,
                           state_bytes=m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES)
@@ -510,7 +534,7 @@ class CostModel:
         if entry.delta_rule_comm_bytes is None:
             raise ValueError(f"strategy: {strategy!r} has no delta-rule variant; use one of "
                              f"{[n for n in strategies.names('linear') if strategies.get(n).delta_rule_op]}")
-        return entry.delta_rule_comm_bytes(self._layer_shape(length, degree))
+        return entry.delta_rule_comm_bytes(self._layer_shape(length, degree, delta_rule=True))
 
     # ---- time -----------------------------------------------------------------------------------------------
 
@@ -525,7 +549,11 @@ class CostModel:
             forward = 2.0 * S * S * m.num_heads * m.head_dim / P / flops_per_s
             return forward, ATTENTION_BWD_OVER_FWD * forward
         H, D, C = m.num_heads, m.head_dim, m.linear_chunk
-        per_token = 7 * C * D + 12 * D * D if kind == "delta_rule" else 2 * C * D + 4 * D * D
+        per_token = 2 * C * D + 4 * D * D
+        if kind == "delta_rule":  # module docstring: its own heads, D_k, D_v; V' = D_v + D_k
+            H, dk, dv = m.delta_rule_dims
+            wide = dk + dv
+            per_token = C * (3 * dk + 2 * wide) + 6 * dk * wide + 2 * dk * dv
         forward = S / P * H * per_token / flops_per_s
         return forward, LINEAR_BWD_OVER_FWD * forward
 
@@ -542,7 +570,7 @@ class CostModel:
             raise ValueError(f"strategy: {strategy!r} has no delta-rule variant")
         S = self._lengths(lengths)
         forward, backward = self._attention_compute(S, degree, "delta_rule" if delta_rule else entry.kind)
-        return np.asarray(layer_time(self._layer_shape(S, degree), forward, backward, self._link(degree)),
+        return np.asarray(layer_time(self._layer_shape(S, degree, delta_rule), forward, backward, self._link(degree)),
                           dtype=np.float64)
 
     def seq_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
@@ -596,11 +624,11 @@ class CostModel:
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         total = math.fsum(S.tolist())
         t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-        shape = self._layer_shape(total, degree)
         for count, kind, entry, delta_rule in self._layer_terms(parts):
             forward, backward = self._attention_compute(S, degree, kind)
             layer = self._entry_layer_time(entry, delta_rule)(
-                shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()), self._link(degree))
+                self._layer_shape(total, degree, delta_rule), math.fsum(forward.tolist()),
+                math.fsum(backward.tolist()), self._link(degree))
             t = t + count * float(layer)
         return float(t)
 
@@ -609,9 +637,9 @@ class CostModel:
         collective step, a per-call all-gather of states, ``sequence_overhead_s``)."""
         parts = self._check(degree, strategy)
         t = self.coefficients.sequence_overhead_s
-        shape = self._layer_shape(0.0, degree)
         for count, _, entry, delta_rule in self._layer_terms(parts):
-            layer = self._entry_layer_time(entry, delta_rule)(shape, 0.0, 0.0, self._link(degree))
+            layer = self._entry_layer_time(entry, delta_rule)(self._layer_shape(0.0, degree, delta_rule), 0.0, 0.0,
+                                                              self._link(degree))
             t += count * float(layer)
         return float(t)
 
@@ -644,10 +672,9 @@ class CostModel:
         out = np.zeros_like(S)
         if P == 1:
             return out
-        shape = self._layer_shape(S, P)
         for _, _, entry, delta_rule in self._layer_terms(self.split_strategy(strategy)):
             transient = entry.delta_rule_transient_bytes if delta_rule else entry.transient_bytes
-            out = np.maximum(out, transient(shape))
+            out = np.maximum(out, transient(self._layer_shape(S, P, delta_rule)))
         return out
 
     def seq_memories(self, lengths, degree: int, strategy: str) -> np.ndarray:
