@@ -6,9 +6,12 @@ Recurrence (``seqpar.kernels.delta_rule``; state S (Dk, Dv) per head, transforme
 
 Unlike the additive states of ``lasp2`` / ``zeco`` the state is rewritten, not only decayed, so a rank's slice
 maps the state entering it affinely: S_out(r) = A_r S_in(r) + B_r with A_r (Dk, Dk) per head and B_r the
-slice's state from zero. Every rank first computes, locally and in parallel (``delta_rule_transition``, one
-chunked pass with Dk extra value columns), its outputs from a zero state o0, the read-out w (o = o0 + w^T
-S_in), A_r and B_r. Then the states entering the ranks,
+slice's state from zero. Every rank computes, locally and in parallel, with Dk extra value columns (the
+values [V | 0] from the state [0 | I], as ``delta_rule_transition``): first the state pass
+(``delta_rule_chunk_states``: the WY/UT solves and the chunk recurrence; its final state is [B_r | A_r]), then
+starts the transfer, then, while it travels, the output pass (``delta_rule_chunk_outputs``: the intra-chunk
+attention) giving its outputs from a zero state o0 and the read-out w (o = o0 + w^T S_in). The states entering
+the ranks,
 
     S_in(0) = initial_state (or 0),     S_in(r + 1) = A_r S_in(r) + B_r,
 
@@ -23,9 +26,11 @@ come from one of two collectives, and o = o0 + w^T S_in(r):
 
 Backward (the adjoint, right to left): lambda_r = dL/dS_in(r) obeys lambda_r = L_r + A_r^T lambda_{r+1},
 lambda_P = the sum of every rank's final-state gradient, with L_r = sum_t w_t do_t^T what rank r's outputs ask
-of S_in(r). Then dB_r = lambda_{r+1} and dA_r = lambda_{r+1} S_in(r)^T, and autograd carries them (with do for
-o0 and w) through the local chunked pass. LASP-2 all-gathers (L_r[, dF_r]) and folds with the A_j it gathered
-in the forward; ZeCO runs the scan in reverse (rank r receives lambda_{r+1}, sends lambda_r).
+of S_in(r). Then dB_r = lambda_{r+1} and dA_r = lambda_{r+1} S_in(r)^T. L_r's transfer is issued first; the
+output pass's backward (it needs only do and S_in) runs while it travels; the state pass's backward, given
+(dB_r, dA_r) and what the output pass's backward left for its states and new values, comes last. LASP-2
+all-gathers (L_r[, dF_r]) and folds with the A_j it gathered in the forward; ZeCO runs the scan in reverse
+(rank r receives lambda_{r+1}, sends lambda_r).
 
 Bytes sent per rank (e = 8 for float64 input, else 4: everything travels in the compute dtype; N = B*H*Dk*Dv,
 N_A = B*H*Dk*Dk; 0 when P = 1):

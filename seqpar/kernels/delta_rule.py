@@ -15,7 +15,10 @@ chunk (a vector over Dk for KDA), gamma_t = exp(c_t), and [x, y]_ti = sum_d x_t[
     O   = scale (Q * gamma) S_0 + A u,     A_ti = scale [q, k]_ti for i <= t
     S_C = gamma_C S_0 + (K * exp(c_C - c))^T u
 
-so across chunks the state takes one (Dk, Dk) x (Dk, Dv) product; inside a chunk everything is batched.
+so across chunks the state takes one (Dk, Dk) x (Dk, Dv) product; inside a chunk everything is batched. The
+kernel runs as two passes: ``delta_rule_chunk_states`` (the solves and the recurrence: every chunk's S_0 and u,
+the final state; no q) and ``delta_rule_chunk_outputs`` (O for all chunks at once), so SP can send the shard's
+map after the first and compute the second while it travels.
 Exponents are always differences c_t - c_i <= 0 (i <= t), never exp(-c): no overflow for strong decays. The
 per-key (KDA) pairwise factor is a (C, C, Dk) tensor per chunk: memory S * C * Dk per head, so keep C small
 there (``chunk_size`` 16-32 for long shards on CPU).
