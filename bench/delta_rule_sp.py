@@ -16,6 +16,7 @@ ops compare with each other and what the communication adds, not the speedup a P
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -95,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     seq_len = 1024 if args.quick else 4096
     repeats = 3 if args.quick else 5
+    load_before = os.getloadavg()[0]
     one = run_ranks(measure, 1, seq_len, repeats)[0]["one_device"]["time_s"]
     rows = [{"P": 1, "op": "one device", "ms": 1e3 * one, "time/one device": 1.0, "KB busiest": 0.0,
              "KB formula": 0.0}]
@@ -114,8 +116,11 @@ def main() -> None:
         "config": {"seq_len": seq_len, "batch": 1, "heads": HEADS, "dk": D, "dv": D, "decay": "per head and token",
                    "dtype": "float32", "repeats": repeats, "threads_per_rank": 1, "chunk_size": 64,
                    "link_gbps": LINK_GBPS, "latency_s": LATENCY_S, "bytes": "busiest rank, forward + backward",
-                   "notes": "2-core CPU machine shared with other helpers' work while this ran (loaded); P ranks "
-                            "share 2 cores, so times at P > 2 include oversubscription"},
+                   "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+                   "notes": "2-core CPU machine shared with other helpers' work while this ran (loaded: the 1-minute "
+                            "load average before and after is load_average_1min); P ranks share 2 cores, so times at "
+                            "P > 2 include oversubscription. The ops overlap their transfer with the intra-chunk "
+                            "output pass (state pass first, transfer issued, output pass, read-out)"},
         "rows": rows,
     })
     print(f"\nwrote {path}")
