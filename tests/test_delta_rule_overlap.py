@@ -1,6 +1,7 @@
 """Delta-rule SP schedules (issue 20): the transfer of (A_r, B_r) is issued after the cheap state pass and before
 the intra-chunk output pass, forward and backward (event order, as ZeCO's in tests/test_zeco.py), and the ops
-make no host syncs beyond their argument check (the counter of tests/test_linear_overhead.py)."""
+make no host syncs beyond their argument check (the counter of tests/test_linear_overhead.py); the paths that keep
+no local graphs (only the initial state needs a gradient; no_grad) still equal the float64 recurrence."""
 
 from __future__ import annotations
 
@@ -123,3 +124,39 @@ def test_no_host_syncs_in_delta_rule_forward_and_backward(world_size):
             assert fwd == check, (op, kind, packed, fwd)  # the forward's only syncs are its argument check's
             assert bwd == [], (op, kind, packed, bwd)
             assert reached
+
+
+# ------------------------------------------------------------------------------------------------------
+# The graph-keeping paths: only the initial state needs a gradient; no gradient at all
+# ------------------------------------------------------------------------------------------------------
+
+
+def initial_state_alone_and_inference() -> list[float]:
+    """Errors against the float64 recurrence: per op the summed initial-state gradient (nothing else requires
+    grad, so the op keeps no local graphs) and the output; then ZeCO's output under no_grad."""
+    from seqpar.kernels.reference import reference_gated_delta_rule
+
+    p, rank = dist.get_world_size(), dist.get_rank()
+    x = make_problem(3, SHARD * p, p, "key", True, 3)
+    init = x["initial_state"].clone().requires_grad_(True)
+    o, _ = reference_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["log_decay"], initial_state=init)
+    (o * x["w"]).sum().backward()
+    sl = slice(rank * SHARD, (rank + 1) * SHARD)
+    local = [x[n][:, sl] for n in PER_TOKEN]
+    errors = []
+    for op in OPS.values():
+        mine = x["initial_state"].clone().requires_grad_(True)
+        o_sp = op(*local[:4], log_decay=local[4], initial_state=mine, chunk_size=4)
+        (o_sp * x["w"][:, sl]).sum().backward()
+        total = mine.grad.clone()
+        dist.all_reduce(total)
+        errors += [(total - init.grad).abs().max().item(), (o_sp - o[:, sl]).abs().max().item()]
+    with torch.no_grad():
+        o_sp = zeco_delta_rule(*local[:4], log_decay=local[4], initial_state=x["initial_state"], chunk_size=4)
+    errors.append((o_sp - o[:, sl]).abs().max().item())
+    return errors
+
+
+def test_initial_state_gradient_alone_and_inference_equal_the_recurrence():
+    for errors in run_distributed(initial_state_alone_and_inference, 3):
+        assert max(errors) < 1e-10, errors
