@@ -36,13 +36,14 @@ load; their dots run as TF32 on a GPU).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "delta_rule_chunk_size", "triton_chunk_gated_delta_rule",
-           "triton_delta_rule_supported"]
+__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "delta_rule_chunk_size", "kernel_for_backend",
+           "triton_chunk_gated_delta_rule", "triton_delta_rule_supported"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM_K = 256
@@ -584,3 +585,20 @@ def triton_chunk_gated_delta_rule(
     g = log_decay.float().contiguous() if log_decay is not None else None
     o, final = _ChunkGatedDeltaRule.apply(q, k, v, beta, g, initial_state, scale, chunk)
     return o, (final if output_final_state else None)
+
+
+def kernel_for_backend(backend: str, q: torch.Tensor) -> Callable | None:
+    """``chunk_gated_delta_rule``'s dispatch: "triton" -> the kernel; "auto" -> the kernel where it is the fast
+    choice (compiled, on CUDA, a supported dtype and Dk), else None (torch).
+
+    Raises:
+        ValueError: naming ``backend``: "triton" on a device, dtype or Dk the kernels do not take.
+    """
+    supported = triton_delta_rule_supported(q.device, q.dtype, q.shape[-1])
+    if backend == "auto":
+        return triton_chunk_gated_delta_rule if supported and q.device.type == "cuda" and not INTERPRETED else None
+    if not supported:
+        raise ValueError(f"backend: the 'triton' delta rule cannot run on {q.device.type} with {q.dtype} and "
+                         f"Dk={q.shape[-1]} (needs CUDA or TRITON_INTERPRET=1, one of {SUPPORTED_DTYPES}, Dk <= "
+                         f"{MAX_DIM_K}); use backend='torch' or 'auto'")
+    return triton_chunk_gated_delta_rule
