@@ -269,6 +269,28 @@ def _aot_variants(quick: bool):
                        dict(flags, **tiles), {})
                 yield (tlin._bwd_dqk_kernel, {"Q": t, "K": t, "V": t, "G": "fp32", "DO": t, "Hs": "fp32", "DHs": "fp32",
                                               "DQ": "fp32", "DK": "fp32"}, dict(flags, **tiles), {})
+        yield from _aot_delta_rule_variants(dtype, t, quick)
+
+
+def _aot_delta_rule_variants(dtype: torch.dtype, t: str, quick: bool):
+    """The Triton gated delta rule's kernels (GDN per-head gate, KDA per-key gate, no gate) at Dk = Dv = 128."""
+    from seqpar.kernels import triton_delta_rule as tdr
+
+    cuda = torch.device("cuda")
+    f32 = "fp32"
+    gates = [(True, False), (True, True)] if quick else [(True, False), (True, True), (False, False)]
+    for use_g, per_key in gates:
+        chunk = tdr.delta_rule_chunk_size(64, cuda, per_key=per_key)
+        flags = dict(tdr.kernel_flags(128, dtype, chunk, use_g=use_g, per_key=per_key), BV=tdr.value_tile(128, cuda))
+        inputs = {"Q": t, "K": t, "V": t, "BETA": t, "DO": t, "O": t, "G": f32}
+        work = {n: f32 for n in ("T_out", "A_out", "W_out", "U_out", "T_in", "A", "W", "U0", "H0", "Hs", "VNEW", "Ht",
+                                 "DHt", "DHs", "DU", "DH0", "DQ", "DK", "DV", "DBETA", "DC")}
+        ptrs = {**inputs, **work}
+        yield tdr._prep_kernel, ptrs, flags, {}
+        yield tdr._fwd_h_kernel, ptrs, dict(flags, USE_H0=True, STORE_FINAL=True), {}
+        yield tdr._fwd_o_kernel, ptrs, flags, {}
+        yield tdr._bwd_dh_kernel, ptrs, dict(flags, USE_DHT=True, STORE_DH0=True), {}
+        yield tdr._bwd_chunk_kernel, ptrs, flags, {}
 
 
 def _ptxas_stats(ptx: str, ptxas: list[str]) -> str:

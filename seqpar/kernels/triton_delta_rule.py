@@ -436,12 +436,18 @@ def _tile(dim: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
+def kernel_flags(dim_k: int, dtype: torch.dtype, chunk: int, *, use_g: bool, per_key: bool) -> dict:
+    """The constexprs every kernel here takes (bench/gpu_check.py --compile-only builds its variants from them)."""
+    return {"C": chunk, "BK": _tile(dim_k, MAX_DIM_K), "USE_G": use_g, "PER_KEY": per_key,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
 def _flags(q: torch.Tensor, gc: torch.Tensor | None, chunk: int) -> dict:
-    return {"C": chunk, "BK": _tile(q.shape[-1], MAX_DIM_K), "USE_G": gc is not None,
-            "PER_KEY": gc is not None and gc.dim() == 4, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+    return kernel_flags(q.shape[-1], q.dtype, chunk, use_g=gc is not None, per_key=gc is not None and gc.dim() == 4)
 
 
-def _value_tile(dim_v: int, device: torch.device) -> int:
+def value_tile(dim_v: int, device: torch.device) -> int:
+    """BV: values are tiled (32 wide on a GPU, where the sequential kernels want more programs)."""
     return _tile(dim_v, 32 if (device.type == "cuda" and not INTERPRETED) else 64)
 
 
@@ -461,7 +467,7 @@ def _forward_pieces(q, k, v, beta, gc, h0, scale, chunk, store_final):
     dv = v.shape[-1]
     n_chunks = triton.cdiv(s, chunk)
     flags = _flags(q, gc, chunk)
-    bv = _value_tile(dv, q.device)
+    bv = value_tile(dv, q.device)
     f32 = {"dtype": torch.float32, "device": q.device}
     tri = torch.empty(b, h, n_chunks, chunk, chunk, **f32)
     attn = torch.empty_like(tri)
@@ -493,7 +499,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         tri, attn, w, hs, u, final = _forward_pieces(q, k, v, beta, gc, h0c, scale, chunk, store_final=True)
         o = torch.empty(b, s, h, dv, dtype=q.dtype, device=q.device)
         flags = _flags(q, gc, chunk)
-        bv = _value_tile(dv, q.device)
+        bv = value_tile(dv, q.device)
         n_chunks = tri.shape[2]
         _fwd_o_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
             q, gc if gc is not None else tri, attn, hs, u, o, s, n_chunks * chunk, h, dk, dv, n_chunks, scale,
@@ -518,7 +524,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         n_chunks = tri.shape[2]
         padded = n_chunks * chunk
         flags = _flags(q, gc, chunk)
-        bv = _value_tile(dv_dim, q.device)
+        bv = value_tile(dv_dim, q.device)
         g_arg = gc if gc is not None else tri
         dhs = torch.empty_like(hs)
         du = torch.empty_like(u)
