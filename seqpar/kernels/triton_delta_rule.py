@@ -418,11 +418,12 @@ INTERPRETED: bool = type(_fwd_h_kernel).__name__ == "InterpretedFunction"
 
 
 def delta_rule_chunk_size(chunk_size: int, device: torch.device | None = None, *, per_key: bool = False) -> int:
-    """The Triton chunk: a power of two in [16, 64] (tl.dot needs >= 16; the T solve is C row steps), 16 on a
-    GPU for a per-key (KDA) gate (its pairwise weights are a (C, C, Dk) tile). Only rounding depends on it."""
+    """The Triton chunk: a power of two in [16, 64] (tl.dot needs >= 16; the T solve is C row steps); on a GPU at
+    most 32 (at C = 64, Dk = 128 the backward chunk kernel needs more than sm_90a's 227 KB of shared memory),
+    and 16 for a per-key (KDA) gate (its pairwise weights are a (C, C, Dk) tile). Only rounding depends on it."""
     chunk = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
-    if per_key and device is not None and device.type == "cuda" and not INTERPRETED:
-        chunk = 16
+    if device is not None and device.type == "cuda" and not INTERPRETED:
+        chunk = 16 if per_key else min(chunk, 32)
     return chunk
 
 
@@ -451,6 +452,22 @@ def value_tile(dim_v: int, device: torch.device) -> int:
     return _tile(dim_v, 32 if (device.type == "cuda" and not INTERPRETED) else 64)
 
 
+_GPU_LAUNCH = {
+    # the sequential kernels: no software pipelining across chunks (with it, _bwd_dh_kernel at C = 64 needs
+    # 279 KB of shared memory on sm_90a, over the 227 KB limit); the chunk kernels: 8 warps for their register-
+    # heavy (C, C[, Dk]) tiles
+    "_fwd_h_kernel": {"num_stages": 1},
+    "_bwd_dh_kernel": {"num_stages": 1},
+    "_prep_kernel": {"num_warps": 8},
+    "_bwd_chunk_kernel": {"num_warps": 8, "num_stages": 1},
+}
+
+
+def launch_options(kernel_name: str, device: torch.device) -> dict:
+    """num_warps / num_stages of a kernel on a GPU (bench/gpu_check.py --compile-only reports what they give)."""
+    return dict(_GPU_LAUNCH.get(kernel_name, {})) if device.type == "cuda" and not INTERPRETED else {}
+
+
 def _padded_chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
     """Chunk-local cumulative sum of g (B, S, H[, Dk]), float32, padded to whole chunks with zeros in g (so the
     padded rows repeat the last cumulative value)."""
@@ -476,13 +493,15 @@ def _forward_pieces(q, k, v, beta, gc, h0, scale, chunk, store_final):
     g_arg = gc if gc is not None else tri
     padded = n_chunks * chunk
     _prep_kernel[(n_chunks, b * h)](
-        q, k, v, beta, g_arg, tri, attn, w, u0, s, padded, h, dk, dv, n_chunks, scale, BV=bv, **flags)
+        q, k, v, beta, g_arg, tri, attn, w, u0, s, padded, h, dk, dv, n_chunks, scale, BV=bv, **flags,
+        **launch_options("_prep_kernel", q.device))
     hs = torch.empty(b, h, n_chunks, dk, dv, **f32)
     u = torch.empty_like(u0)
     final = torch.empty(b, h, dk, dv, **f32) if store_final else hs
     _fwd_h_kernel[(triton.cdiv(dv, bv), b * h)](
         k, g_arg, w, u0, h0 if h0 is not None else hs, hs, u, final, s, padded, h, dk, dv, n_chunks,
-        BV=bv, USE_H0=h0 is not None, STORE_FINAL=store_final, **flags)
+        BV=bv, USE_H0=h0 is not None, STORE_FINAL=store_final, **flags,
+        **launch_options("_fwd_h_kernel", q.device))
     return tri, attn, w, hs, u, (final if store_final else None)
 
 
@@ -532,7 +551,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         _bwd_dh_kernel[(triton.cdiv(dv_dim, bv), b * h)](
             q, k, g_arg, attn, w, do, dht_c if dht_c is not None else dhs, dhs, du, dh0,
             s, padded, h, dk, dv_dim, n_chunks, scale,
-            BV=bv, USE_DHT=dht_c is not None, STORE_DH0=h0c is not None, **flags)
+            BV=bv, USE_DHT=dht_c is not None, STORE_DH0=h0c is not None, **flags,
+            **launch_options("_bwd_dh_kernel", q.device))
         f32 = {"dtype": torch.float32, "device": q.device}
         dq = torch.empty(q.shape, **f32)
         dk_ = torch.empty(q.shape, **f32)
@@ -541,7 +561,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dc = torch.empty_like(gc) if gc is not None else dq
         _bwd_chunk_kernel[(n_chunks, b * h)](
             q, k, v, beta, g_arg, tri, hs, dhs, u, du, do, dq, dk_, dv, dbeta, dc,
-            s, padded, h, dk, dv_dim, n_chunks, scale, BV=bv, **flags)
+            s, padded, h, dk, dv_dim, n_chunks, scale, BV=bv, **flags,
+            **launch_options("_bwd_chunk_kernel", q.device))
         dg = None
         if gc is not None:  # c_t = sum of g over the chunk up to t: dg_j = sum_{t >= j in j's chunk} dc_t
             rest = gc.shape[2:]
