@@ -98,6 +98,22 @@ def test_triton_delta_rule_bf16():
     _check("head", 1, 17, 16, 16, True, torch.bfloat16, seed=5)
 
 
+def test_triton_delta_rule_output_only():
+    """Without ``output_final_state`` (no final-state gradient enters the backward state pass)."""
+    x = _inputs("key", 1, 17, 2, 16, 16, with_state=True, seed=11)
+    d_out = torch.randn(1, 17, 2, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    leaves = {n: t.float().requires_grad_(True) for n, t in x.items()}
+    o, final = chunk_gated_delta_rule(**leaves, chunk_size=16, backend="triton")
+    assert final is None
+    grads = torch.autograd.grad((o.double() * d_out).sum(), list(leaves.values()))
+    ref_leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    ref_o, _ = _reference(**ref_leaves)
+    ref_grads = torch.autograd.grad((ref_o * d_out).sum(), list(ref_leaves.values()))
+    assert rel_err(o, ref_o) < 1e-5
+    for name, grad, ref in zip(leaves, grads, ref_grads):
+        assert rel_err(grad, ref) < 1e-4, (name, rel_err(grad, ref))
+
+
 def test_triton_transition_matches_recurrence():
     """delta_rule_transition(backend="triton") runs the same kernels with widened values: for a random entering
     state, o0 + w^T S_in and a S_in + m equal the recurrence started from S_in."""
