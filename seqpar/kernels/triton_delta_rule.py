@@ -77,7 +77,7 @@ def _prep_kernel(
     h = i_bh % n_heads
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
-    t = n * C + offs_c
+    t = (n * C + offs_c).to(tl.int64)  # row offsets t * H * D can pass 2^31
     t_ok = t < seqlen
     k_ok = offs_k < dim_k
     qk_base = (b * seqlen * n_heads + h) * dim_k
@@ -129,10 +129,10 @@ def _prep_kernel(
 
 
 @triton.jit
-def _chunk_decays(G, b, h, n, t, offs_k, k_ok, padded_len, n_heads, dim_k,
-                  C: tl.constexpr, PER_KEY: tl.constexpr):
-    """(c (C, BK|-), c_last (BK|scalar)) of chunk n: the cumulative log decay of its rows and of its last row."""
-    last = n * C + C - 1
+def _chunk_decays(G, b, h, t, offs_k, k_ok, padded_len, n_heads, dim_k, PER_KEY: tl.constexpr):
+    """(c (C, BK|-), c_last (BK|scalar)) of the chunk of rows t: the cumulative log decay of its rows and of its
+    last row."""
+    last = tl.max(t, 0)  # the chunk's last (possibly padded) row
     if PER_KEY:
         base = G + (b * padded_len * n_heads + h) * dim_k
         g = tl.load(base + t[:, None] * n_heads * dim_k + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -172,7 +172,7 @@ def _fwd_h_kernel(
     v_base = (b * seqlen * n_heads + h) * dim_v
     for n in range(n_chunks):
         tl.store(Hs + (bh * n_chunks + n) * dim_k * dim_v + state_off, state, mask=state_mask)
-        t = n * C + offs_c
+        t = (n * C + offs_c).to(tl.int64)  # row offsets t * H * D can pass 2^31
         t_ok = t < seqlen
         w = _load_rows(w_base, t, t_ok, offs_k, k_ok, n_heads * dim_k)
         u = _load_rows(U0 + v_base, t, t_ok, offs_v, v_ok, n_heads * dim_v)
@@ -181,7 +181,7 @@ def _fwd_h_kernel(
                  mask=t_ok[:, None] & v_ok[None, :])
         k = _load_rows(k_base, t, t_ok, offs_k, k_ok, n_heads * dim_k)
         if USE_G:
-            g, g_last = _chunk_decays(G, b, h, n, t, offs_k, k_ok, padded_len, n_heads, dim_k, C, PER_KEY)
+            g, g_last = _chunk_decays(G, b, h, t, offs_k, k_ok, padded_len, n_heads, dim_k, PER_KEY)
             if PER_KEY:
                 k = k * tl.exp(g_last[None, :] - g)
                 state = state * tl.exp(g_last)[:, None]
@@ -210,13 +210,13 @@ def _fwd_o_kernel(
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = n * C + offs_c
+    t = (n * C + offs_c).to(tl.int64)  # row offsets t * H * D can pass 2^31
     t_ok = t < seqlen
     k_ok = offs_k < dim_k
     v_ok = offs_v < dim_v
     q = _load_rows(Q + (b * seqlen * n_heads + h) * dim_k, t, t_ok, offs_k, k_ok, n_heads * dim_k)
     if USE_G:
-        g, g_last = _chunk_decays(G, b, h, n, t, offs_k, k_ok, padded_len, n_heads, dim_k, C, PER_KEY)
+        g, g_last = _chunk_decays(G, b, h, t, offs_k, k_ok, padded_len, n_heads, dim_k, PER_KEY)
         q = q * tl.exp(g) if PER_KEY else q * tl.exp(g)[:, None]
     state = tl.load(Hs + (bh * n_chunks + n) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :],
                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
@@ -258,7 +258,7 @@ def _bwd_dh_kernel(
     for i in range(n_chunks):
         n = n_chunks - 1 - i
         tl.store(DHs + (bh * n_chunks + n) * dim_k * dim_v + state_off, dh, mask=state_mask)
-        t = n * C + offs_c
+        t = (n * C + offs_c).to(tl.int64)  # row offsets t * H * D can pass 2^31
         t_ok = t < seqlen
         q = _load_rows(Q + qk_base, t, t_ok, offs_k, k_ok, n_heads * dim_k) * scale
         k = _load_rows(K + qk_base, t, t_ok, offs_k, k_ok, n_heads * dim_k)
@@ -266,7 +266,7 @@ def _bwd_dh_kernel(
         do = _load_rows(DO + v_base, t, t_ok, offs_v, v_ok, n_heads * dim_v)
         attn = tl.load(A + (bh * n_chunks + n) * C * C + offs_c[:, None] * C + offs_c[None, :])
         if USE_G:
-            g, g_last = _chunk_decays(G, b, h, n, t, offs_k, k_ok, padded_len, n_heads, dim_k, C, PER_KEY)
+            g, g_last = _chunk_decays(G, b, h, t, offs_k, k_ok, padded_len, n_heads, dim_k, PER_KEY)
             if PER_KEY:
                 k = k * tl.exp(g_last[None, :] - g)
                 q = q * tl.exp(g)
@@ -299,7 +299,7 @@ def _bwd_chunk_kernel(
     bh = i_bh.to(tl.int64)
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
-    t = n * C + offs_c
+    t = (n * C + offs_c).to(tl.int64)  # row offsets t * H * D can pass 2^31
     t_ok = t < seqlen
     k_ok = offs_k < dim_k
     qk_base = (b * seqlen * n_heads + h) * dim_k
@@ -342,8 +342,7 @@ def _bwd_chunk_kernel(
         state_decay_grad += tl.sum(state * dstate, 1)
 
     if USE_G:
-        g, g_last = _chunk_decays(G, b, h, n, t, offs_k, k_ok, padded_len, n_heads, dim_k, C,
-                                  PER_KEY)
+        g, g_last = _chunk_decays(G, b, h, t, offs_k, k_ok, padded_len, n_heads, dim_k, PER_KEY)
         if PER_KEY:
             gamma = tl.exp(g)
             to_end = tl.exp(g_last[None, :] - g)
