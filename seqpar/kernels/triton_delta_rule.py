@@ -19,8 +19,9 @@ Kernels (flash-linear-attention's structure; the autograd wrapper is at the bott
 * ``_fwd_h_kernel``  sequential over chunks, one program per (V tile, batch x head): stores every entering state
   H_n, the chunk's new values u = U0 - W H_n, and the final state.
 * ``_fwd_o_kernel``  chunk-parallel: O = scale (Q*gamma) H_n + A u.
-* ``_bwd_dh_kernel`` reverse over chunks: du = A^T dO + Kd dH', dH = scale (Q*gamma)^T dO + gamma_C dH' - W^T du;
-  stores dH' per chunk, du, and dH_0 (the initial state's gradient).
+* ``_bwd_dh_kernel`` reverse over chunks (Kd = K * exp(c_C - c)): du = A^T dO + Kd dH',
+  dH = scale (Q*gamma)^T dO + gamma_C dH' - W^T du; stores dH' per chunk, du, and dH_0 (the initial state's
+  gradient).
 * ``_bwd_chunk_kernel`` chunk-parallel: everything else from (H, dH', u, du, dO): dq, dk, dv, dbeta and the
   gradient of the chunk-local cumulative decay dc, through T (dM = -T^T dT T^T) and every decayed product.
 
@@ -30,7 +31,12 @@ reverse cumulative sum of dc inside each chunk (torch, O(S Dk)). The gate is cum
 padded to whole chunks by repeating the last value, so padded rows have c = c_last: no exponent is ever > 0 and
 the chunk's last row carries the chunk decay. The key tile holds all of Dk (Dk <= 256; contractions over Dk
 happen inside one program); values are tiled. Everything is computed in float32 (half inputs are widened on
-load; their dots run as TF32 on a GPU).
+load; their dots run as TF32 on a GPU). Backward saves only the inputs and the cumsum'd gate and recomputes
+T, A, W, U0, H_n and u with the two forward kernels.
+
+GPU status: tested under TRITON_INTERPRET=1 only; compiled for sm_90a at Dk = Dv = 128 (bench/gpu_check.py
+--compile-only: every kernel within the shared-memory limit with ``launch_options`` and C <= 32; the chunk
+kernels spill registers). Not yet run or timed on a GPU (bench/gpu_check.py has the checks).
 """
 
 from __future__ import annotations
