@@ -16,10 +16,13 @@ Stages (``STAGES``; ``--plan`` prints them):
    causal and not, S = 32K causal; packed varlen with the ``max_seqlen`` hints (no host read of cu_seqlens);
    a NaN key (rows that see it NaN, the others exact); a head-dim-stride-2 view; the fused out/LSE merge;
    Triton linear attention (three decay kinds vs the recurrence at 4K, per-token decay at 32K vs the torch
-   chunked path in float64). Tolerance 2e-2 relative error; the reference sees the same bf16-rounded inputs.
+   chunked path in float64); the Triton gated delta rule (GDN and KDA bf16, GDN fp32 at 4K vs the torch chunked
+   path in float64, every gradient). Tolerance 2e-2 relative error (fp32: 1e-4); the reference sees the same
+   bf16-rounded inputs.
 2. ``speed``: TFLOP/s (medians, CUDA events) of softmax attention fwd and fwd+bwd, causal bf16 D = 128, B = 1,
    H = 16, S = 4K..32K (+ non-causal 16K, D = 64 at 16K) for Triton, flash-attn 2 and torch SDPA; linear
    attention (per-token decay) for Triton, the torch chunked path and fla's chunk_simple_gla (if installed);
+   gated delta rule (GDN 4K/16K, KDA 4K) for Triton, the torch chunked path and fla's chunk_gated_delta_rule;
    ratios, and the goal lines (Triton attention fwd+bwd >= 0.9x flash-attn at 16K causal; Triton linear >= 0.9x
    the best other chunked implementation).
 3. ``sp_ops``: every registered SP op (``seqpar.strategies.names()``) at world size 1 on NCCL, forward and
@@ -34,7 +37,8 @@ Without CUDA a run prints why and exits 0 without writing anything (``--plan`` a
 configurations the code uses, and reports registers, spills and shared memory (``ptxas -v``, from the ptxas
 bundled with triton). It catches what the interpreter cannot. Exit status 1 if any fails.
 FLOP counts: attention forward 4*B*H*Sq*Sk*D (halved when causal), forward+backward 3.5x that (flash-attn's
-convention); linear attention (chunk C) forward 2*B*H*S*(C*(Dk+Dv) + 2*Dk*Dv), forward+backward 3x that.
+convention); linear attention (chunk C) forward 2*B*H*S*(C*(Dk+Dv) + 2*Dk*Dv), forward+backward 3x that;
+gated delta rule forward 2*B*H*S*(C*(3*Dk+2*Dv) + 3*Dk*Dv) with C = 64 for every provider, fwd+bwd 3x that.
 """
 
 from __future__ import annotations
@@ -75,8 +79,8 @@ class Stage:
 
 
 STAGES = (
-    Stage("correctness", 240, 170, "kernels vs float64: bf16, D 64/128, GQA, S to 32K, varlen+hints, NaN, stride-2"),
-    Stage("speed", 230, 180, "TFLOP/s fwd and fwd+bwd: Triton vs flash-attn vs SDPA; Triton linear vs torch/fla"),
+    Stage("correctness", 255, 200, "kernels vs float64: bf16, D 64/128, GQA, 32K, varlen, NaN, stride 2, delta rule"),
+    Stage("speed", 245, 215, "TFLOP/s fwd, fwd+bwd: Triton vs flash-attn/SDPA; Triton linear, delta rule vs torch/fla"),
     Stage("sp_ops", 100, 60, "every registered SP op at world size 1 on NCCL, fwd+bwd vs float64, padded+packed"),
     Stage("train_smoke", 120, 80, "seqpar-train, 1 GPU, NCCL, 5 steps (--fsdp --activation-checkpointing if known)"),
 )
@@ -269,6 +273,28 @@ def _aot_variants(quick: bool):
                        dict(flags, **tiles), {})
                 yield (tlin._bwd_dqk_kernel, {"Q": t, "K": t, "V": t, "G": "fp32", "DO": t, "Hs": "fp32", "DHs": "fp32",
                                               "DQ": "fp32", "DK": "fp32"}, dict(flags, **tiles), {})
+        yield from _aot_delta_rule_variants(dtype, t, quick)
+
+
+def _aot_delta_rule_variants(dtype: torch.dtype, t: str, quick: bool):
+    """The Triton gated delta rule's kernels (GDN per-head gate, KDA per-key gate, no gate) at Dk = Dv = 128."""
+    from seqpar.kernels import triton_delta_rule as tdr
+
+    cuda = torch.device("cuda")
+    f32 = "fp32"
+    gates = [(True, False), (True, True)] if quick else [(True, False), (True, True), (False, False)]
+    for use_g, per_key in gates:
+        chunk = tdr.delta_rule_chunk_size(64, cuda, per_key=per_key)
+        flags = dict(tdr.kernel_flags(128, dtype, chunk, use_g=use_g, per_key=per_key), BV=tdr.value_tile(128, cuda))
+        inputs = {"Q": t, "K": t, "V": t, "BETA": t, "DO": t, "O": t, "G": f32}
+        work = {n: f32 for n in ("T_out", "A_out", "W_out", "U_out", "T_in", "A", "W", "U0", "H0", "Hs", "VNEW", "Ht",
+                                 "DHt", "DHs", "DU", "DH0", "DQ", "DK", "DV", "DBETA", "DC")}
+        ptrs = {**inputs, **work}
+        extra = {tdr._fwd_h_kernel: dict(USE_H0=True, STORE_FINAL=True), tdr._bwd_dh_kernel: dict(USE_DHT=True,
+                                                                                                 STORE_DH0=True)}
+        for kernel in (tdr._prep_kernel, tdr._fwd_h_kernel, tdr._fwd_o_kernel, tdr._bwd_dh_kernel,
+                       tdr._bwd_chunk_kernel):
+            yield kernel, ptrs, dict(flags, **extra.get(kernel, {})), tdr.launch_options(kernel.__name__, cuda)
 
 
 def _ptxas_stats(ptx: str, ptxas: list[str]) -> str:
@@ -403,6 +429,11 @@ def attention_flops(b, h, s, d, causal, mode):
 
 def linear_flops(b, h, s, dk, dv, chunk, mode):
     f = 2.0 * b * h * s * (chunk * (dk + dv) + 2 * dk * dv)
+    return f * (3.0 if mode == "fwd+bwd" else 1.0)
+
+
+def delta_rule_flops(b, h, s, dk, dv, chunk, mode):
+    f = 2.0 * b * h * s * (chunk * (3 * dk + 2 * dv) + 3 * dk * dv)
     return f * (3.0 if mode == "fwd+bwd" else 1.0)
 
 
@@ -606,6 +637,44 @@ class GpuCheck:
         errors.update({f"d{n}": rel_err(grads[n], ref_g[n]) for n in grads})
         self.record(f"linear triton S={s} D={d} decay={decay} vs {reference}", errors)
 
+    def _delta_inputs(self, b, s, h, d, gate, seed):
+        """Gated-delta-rule inputs as the models feed them: l2-normalised q/k, beta in (0, 1), per-head (GDN) or
+        per-key (KDA) log decays mostly in (-0.1, 0) with a few strong ones, a random initial state."""
+        gen = torch.Generator(device=self.dev).manual_seed(seed)
+        rand = lambda *shape: torch.randn(*shape, generator=gen, device=self.dev)  # noqa: E731
+        q, k = (torch.nn.functional.normalize(rand(b, s, h, d), dim=-1) for _ in range(2))
+        v, beta = rand(b, s, h, d), torch.sigmoid(rand(b, s, h))
+        g = torch.nn.functional.logsigmoid(rand(*((b, s, h) if gate == "gdn" else (b, s, h, d))) + 3)
+        return {"q": q, "k": k, "v": v, "beta": beta, "g": g, "s0": rand(b, h, d, d) * 0.1}
+
+    def check_delta_rule(self, s: int, gate: str, dtype: torch.dtype = torch.bfloat16, h: int = 4, d: int = 128):
+        """The Triton gated delta rule vs the torch chunked path in float64 on the same rounded inputs: output,
+        final state and the gradients of q, k, v, beta, the gate and the initial state."""
+        from seqpar.kernels.delta_rule import chunk_gated_delta_rule
+
+        inputs = self._delta_inputs(1, s, h, d, gate, s + d + len(gate))
+        gen = torch.Generator(device=self.dev).manual_seed(s)
+        do, ds = torch.randn(1, s, h, d, generator=gen, device=self.dev), torch.randn(1, h, d, d, generator=gen,
+                                                                                       device=self.dev)
+
+        def run(compute_dtype, backend):
+            side = torch.float64 if compute_dtype == torch.float64 else torch.float32  # gate and state precision
+            leaves = {n: (x.to(dtype).to(compute_dtype) if n in ("q", "k", "v", "beta") else x.to(side))
+                      .detach().requires_grad_(True) for n, x in inputs.items()}
+            o, final = chunk_gated_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["beta"],
+                                              log_decay=leaves["g"], initial_state=leaves["s0"],
+                                              output_final_state=True, chunk_size=64 if gate == "gdn" else 16,
+                                              backend=backend)
+            loss = (o.double() * do.double()).sum() + (final.double() * ds.double()).sum()
+            return o, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+        o, final, grads = run(dtype, "triton")
+        ref_o, ref_final, ref_grads = run(torch.float64, "torch")
+        errors = {"o": rel_err(o, ref_o), "final_state": rel_err(final, ref_final)}
+        errors.update({f"d{n}": rel_err(grads[n], ref_grads[n]) for n in grads})
+        tol = TOL_BF16 if dtype != torch.float32 else 1e-4
+        self.record(f"delta rule triton {gate} S={s} D={d} {dtype} vs torch-chunked-float64", errors, tol=tol)
+
     def correctness(self) -> None:
         print(f"correctness (bf16, tol {TOL_BF16}):", flush=True)
         long_s = 16384 if self.quick else 32768
@@ -628,6 +697,9 @@ class GpuCheck:
             self.attempt(f"linear {decay} 4K", lambda: self.check_linear(4096, decay, "recurrence"))
         self.attempt("linear head 4K D=64", lambda: self.check_linear(4096, "head", "recurrence", d=64))
         self.attempt("linear token long", lambda: self.check_linear(long_s, "token", "torch-chunked-float64"))
+        self.attempt("delta rule gdn 4K", lambda: self.check_delta_rule(4096, "gdn"))
+        self.attempt("delta rule kda 4K", lambda: self.check_delta_rule(4096, "kda"))
+        self.attempt("delta rule gdn 4K fp32", lambda: self.check_delta_rule(4096, "gdn", torch.float32))
 
     # --- stage 2: speed ----------------------------------------------------------------------------
 
@@ -702,6 +774,41 @@ class GpuCheck:
                            linear_flops(b, h, s, d, d, chunk, "fwd+bwd"))
             del q, k, v, do, leaves
 
+    def delta_rule_timing(self, b=1, h=16, d=128) -> None:
+        """Gated DeltaNet (S = 4K, 16K) and KDA (S = 4K), bf16: Triton vs the torch chunked path (float32
+        compute) and fla's chunk_gated_delta_rule (GDN, if installed)."""
+        from seqpar.kernels.delta_rule import chunk_gated_delta_rule
+
+        def ours(backend, chunk):
+            return lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, beta, log_decay=g, chunk_size=chunk,
+                                                                   backend=backend)[0]
+
+        cases = [("delta_gdn", 4096), ("delta_gdn", 16384), ("delta_kda", 4096)]
+        for kind, s in cases:
+            gate = kind.split("_")[1]
+            chunk = 64 if gate == "gdn" else 16
+            providers: dict[str, Callable] = {"triton": ours("triton", chunk), "torch_chunked": ours("torch", chunk)}
+            if gate == "gdn":
+                try:
+                    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
+
+                    providers["fla_gated_delta_rule"] = lambda q, k, v, beta, g: fla_gdn(q, k, v, g=g, beta=beta,
+                                                                                         scale=d ** -0.5)[0]
+                except Exception as exc:  # noqa: BLE001
+                    self.note(f"fla gated_delta_rule not importable: {type(exc).__name__}: {exc}")
+            x = self._delta_inputs(b, s, h, d, gate, 50)
+            args = [x["q"].to(torch.bfloat16), x["k"].to(torch.bfloat16), x["v"].to(torch.bfloat16),
+                    x["beta"].to(torch.bfloat16), x["g"]]
+            do = self._rand(b, s, h, d, seed=51)
+            leaves = [a.clone().requires_grad_(True) for a in args]
+            for name, fn in providers.items():
+                with torch.no_grad():
+                    self._time(kind, name, s, "fwd", lambda fn=fn, args=args: fn(*args),
+                               delta_rule_flops(b, h, s, d, d, 64, "fwd"))
+                self._time(kind, name, s, "fwd+bwd", lambda fn=fn, leaves=leaves, do=do: fn(*leaves).backward(do),
+                           delta_rule_flops(b, h, s, d, d, 64, "fwd+bwd"))
+            del x, args, do, leaves
+
     def _ms(self, kind, provider, s, mode, causal=None, d=128):
         for r in self.timings:
             same = (r["kind"], r["provider"], r["S"], r["mode"]) == (kind, provider, s, mode)
@@ -745,6 +852,7 @@ class GpuCheck:
         print("speed (bf16, B=1, H=16; medians):", flush=True)
         self.attention_timing()
         self.linear_timing()
+        self.delta_rule_timing()
         self.log.emit({"type": "summary", "result": self.ratios_and_goals()})
 
     # --- stage 3: every SP op at world size 1 on NCCL ----------------------------------------------

@@ -9,6 +9,7 @@ import). Files:
 * ``flash_attn_backend.py`` flash-attn 2.x as a backend (CUDA only)
 * ``linear.py``             chunked linear attention: backend registry, torch backend, the pieces LASP-2/ZeCO use
 * ``triton_linear.py``      the Triton linear-attention kernels and their backend
+* ``triton_delta_rule.py``  the Triton gated delta rule (``delta_rule.chunk_gated_delta_rule(backend="triton")``)
 * ``varlen.py``             ``validate_cu_seqlens``, the one check of packed-batch boundaries
 * ``reference.py``          float64 definitions for tests
 """

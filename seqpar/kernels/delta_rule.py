@@ -106,6 +106,22 @@ def _decayed_products(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None, 
     return torch.einsum("...td,...id,...tid->...ti", x, y, diff.exp())
 
 
+def _triton_kernel(backend: str, q: torch.Tensor):
+    """Backend dispatch: the Triton entry point when ``backend`` picks it ("triton"; "auto" on CUDA), else None
+    (the torch chunked form). Raises ValueError naming ``backend``: unknown, or "triton" where it cannot run."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+        return None
+    try:
+        from seqpar.kernels.triton_delta_rule import kernel_for_backend
+    except ImportError as exc:  # triton missing or broken: "auto" stays torch
+        if backend == "auto":
+            return None
+        raise ValueError(f"backend: 'triton' needs triton ({type(exc).__name__}: {exc}); use 'torch'") from exc
+    return kernel_for_backend(backend, q)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,6 +133,7 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over one (local) sequence, chunked; differentiable by autograd.
 
@@ -127,17 +144,24 @@ def chunk_gated_delta_rule(
         initial_state: (B, H, Dk, Dv), the state before the first token (zeros by default).
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk (the sequence is padded with no-op tokens to a multiple).
+        backend: "torch", "triton" (``seqpar.kernels.triton_delta_rule``; rounds ``chunk_size``) or "auto"
+            (Triton on CUDA for fp16/bf16/fp32, else torch).
 
     Returns:
         ``(o, final_state)``: o (B, S, H, Dv) in q's dtype; final_state (B, H, Dk, Dv) in the compute dtype
         (float64 for float64 input, else float32), or None without ``output_final_state``.
 
     Raises:
-        ValueError: shapes or dtypes that do not fit, log_decay > 0 or non-finite, ``chunk_size`` < 1.
+        ValueError: shapes or dtypes that do not fit, log_decay > 0 or non-finite, ``chunk_size`` < 1, an
+            unknown ``backend`` or "triton" where it cannot run.
     """
     validate_delta_rule_inputs(q, k, v, beta, log_decay, initial_state)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
+    triton_kernel = _triton_kernel(backend, q)
+    if triton_kernel is not None:
+        return triton_kernel(q, k, v, beta, log_decay=log_decay, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, chunk_size=chunk_size)
     cdt = _compute_dtype(q)  # q's dtype decides, as documented
     q_c, k_c, v_c, beta_c = (x.to(cdt) for x in (q, k, v, beta))
     states, u, final = delta_rule_chunk_states(k_c, v_c, beta_c, log_decay=log_decay, initial_state=initial_state,
@@ -250,6 +274,7 @@ def delta_rule_transition(
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One shard's delta rule as an affine function of the state entering it; differentiable by autograd.
 
@@ -261,7 +286,7 @@ def delta_rule_transition(
 
     One ``chunk_gated_delta_rule`` call with the values widened by Dk zero columns and the initial state
     [0 | I]: the state map is linear in (values, entering state) together, so the extra columns carry the
-    transition (cost: Dv + Dk value columns instead of Dv).
+    transition (cost: Dv + Dk value columns instead of Dv). ``backend`` as ``chunk_gated_delta_rule``.
 
     Raises:
         ValueError: as ``chunk_gated_delta_rule``.
@@ -275,5 +300,5 @@ def delta_rule_transition(
     start = torch.cat([torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device), eye], -1)
     out, final = chunk_gated_delta_rule(q.to(cdt), k.to(cdt), widened, beta.to(cdt), log_decay=log_decay,
                                         scale=scale, initial_state=start, output_final_state=True,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, backend=backend)
     return out[..., :dv], out[..., dv:], final[..., dv:], final[..., :dv]
