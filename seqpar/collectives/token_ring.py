@@ -110,6 +110,7 @@ from seqpar.collectives.softmax_common import (
     prepare_softmax_sp,
     run_scheduled,
     sp_block_kind,
+    window_offsets,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -134,19 +135,9 @@ def _rows_needed(sp: SoftmaxSP, kind: str) -> torch.Tensor | None | str:
 
 
 def _rows_carried(sp: SoftmaxSP, owner: int, at_rank: int) -> torch.Tensor | None | str:
-    """The rows of ``owner``'s query shard that must reach ``at_rank``: those its block or any block further on
-    the shard's way (steps (owner - at_rank) mod P .. P - 1) reads. Without a window that is what ``at_rank``
-    itself reads (the rows needed only shrink along the way)."""
-    p = sp.world_size
-    first = (owner - at_rank) % p
-    carried = _SKIP
-    for step in range(first, p) if sp.window is not None else [first]:
-        rows = _rows_needed(sp, sp_block_kind(sp, owner, owner - step))
-        if rows is None:
-            return None
-        if rows is not _SKIP:
-            carried = rows
-    return carried
+    """Without a window, the rows of ``owner``'s query shard that must reach ``at_rank`` on their hop-by-hop way:
+    those its block reads (the rows needed only shrink along the way, so later blocks read a subset)."""
+    return _rows_needed(sp, sp_block_kind(sp, owner, at_rank))
 
 
 def _n_rows(sp: SoftmaxSP, rows: torch.Tensor | None) -> int:
@@ -222,19 +213,25 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
     compute(kind, visiting, owner) -> (rows, results): the block of a visiting shard (of rank ``owner``)
         against the local K/V, with the rows of the shard (None: all) the token-major results cover.
     absorb(rows, results): fold a partial of this rank's own queries into its accumulator.
+
+    Steps: offsets d (this rank holds the queries of rank r + d at the step of offset d). Without a window every
+    d = 0 .. P-1, the shard passed hop by hop to rank r - 1; with one only d = 0 and ``window_offsets`` (the
+    offsets at which some block meets the window), each shard sent straight to the rank that reads it.
     """
     p, r = sp.world_size, sp.rank
+    direct = sp.window is not None
+    offsets = [0, *window_offsets(sp)] if direct else list(range(p))
     kind_of = lambda q_rank, kv_rank: sp_block_kind(sp, q_rank % p, kv_rank % p)  # noqa: E731
     tails, dtypes = [tuple(t.shape[1:]) for t in own], [t.dtype for t in own]
     r_tails, r_dtypes = [tuple(t.shape[1:]) for t in result_like], [t.dtype for t in result_like]
 
-    def return_partials(transfers: _Transfers, step: int, outgoing) -> torch.Tensor | None | str:
-        """Add the transfers that take the partials computed at ``step`` home; returns the rows of ours."""
-        if outgoing is not None:  # ours, for the queries of rank r + step
-            transfers.send(_pack(outgoing[1], None, r_dtypes), r + step, _TAG_PARTIALS)
-        rows = _rows_needed(sp, kind_of(r, r - step))  # what rank r - step computed for our queries
+    def return_partials(transfers: _Transfers, offset: int, outgoing) -> torch.Tensor | None | str:
+        """Add the transfers that take the partials computed at ``offset`` home; returns the rows of ours."""
+        if outgoing is not None:  # ours, for the queries of rank r + offset
+            transfers.send(_pack(outgoing[1], None, r_dtypes), r + offset, _TAG_PARTIALS)
+        rows = _rows_needed(sp, kind_of(r, r - offset))  # what rank r - offset computed for our queries
         if rows is not _SKIP:
-            transfers.recv("partial", _nbytes(r_tails, r_dtypes, _n_rows(sp, rows)), r - step, _TAG_PARTIALS)
+            transfers.recv("partial", _nbytes(r_tails, r_dtypes, _n_rows(sp, rows)), r - offset, _TAG_PARTIALS)
         return rows
 
     def absorb_partial(received: dict, rows) -> None:
@@ -242,17 +239,23 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
             absorb(rows, _unpack(received["partial"], r_tails, r_dtypes, _n_rows(sp, rows)))
 
     visiting, outgoing = own, None
-    for step in range(p):
-        owner = r + step  # whose queries this rank holds now
+    for step, offset in enumerate(offsets):
+        owner = r + offset  # whose queries this rank holds now
         transfers = _Transfers(sp)
-        if step + 1 < p:  # pass the shard on to rank r - 1, receive the one of step + 1 from rank r + 1
-            send_rows = _rows_carried(sp, owner % p, (r - 1) % p)
-            next_rows = _rows_carried(sp, (owner + 1) % p, r)
+        if step + 1 < len(offsets):
+            ahead = offsets[step + 1]
+            if direct:  # our queries straight to rank r - ahead, rank r + ahead's straight to us
+                sent, send_rows, dst = own, _rows_needed(sp, kind_of(r, r - ahead)), r - ahead
+                next_rows, src = _rows_needed(sp, kind_of(r + ahead, r)), r + ahead
+            else:  # pass the shard on to rank r - 1, receive the one of the next step from rank r + 1
+                sent, send_rows, dst = visiting, _rows_carried(sp, owner % p, (r - 1) % p), r - 1
+                next_rows, src = _rows_carried(sp, (owner + 1) % p, r), r + 1
             if send_rows is not _SKIP:
-                transfers.send(_pack(visiting, send_rows, dtypes), r - 1, _TAG_QUERIES)
+                transfers.send(_pack(sent, send_rows, dtypes), dst, _TAG_QUERIES)
             if next_rows is not _SKIP:
-                transfers.recv("queries", _nbytes(tails, dtypes, _n_rows(sp, next_rows)), r + 1, _TAG_QUERIES)
-        incoming_rows = return_partials(transfers, step - 1, outgoing) if step > 1 else _SKIP  # step 0: local
+                transfers.recv("queries", _nbytes(tails, dtypes, _n_rows(sp, next_rows)), src, _TAG_QUERIES)
+        # the partials of the previous step go home (step 0 is local, its partial is absorbed at once)
+        incoming_rows = return_partials(transfers, offsets[step - 1], outgoing) if step > 1 else _SKIP
         transfers.start()
 
         kind = kind_of(owner, r)
@@ -268,11 +271,11 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
         absorb_partial(received, incoming_rows)
         if "queries" in received:
             visiting = _place(own, _unpack(received["queries"], tails, dtypes, _n_rows(sp, next_rows)), next_rows)
-        elif step + 1 < p:
-            visiting = None  # the next block is skipped; rank r - 1 skips it too (the rows needed only shrink)
-    if p > 1:  # the partials of the last step go home
+        elif step + 1 < len(offsets):
+            visiting = None  # the next block is skipped (without a window rank r - 1 skips it too: rows only shrink)
+    if len(offsets) > 1:  # the partials of the last step go home
         transfers = _Transfers(sp)
-        incoming_rows = return_partials(transfers, p - 1, outgoing)
+        incoming_rows = return_partials(transfers, offsets[-1], outgoing)
         absorb_partial(transfers.start().finish(), incoming_rows)
 
 
