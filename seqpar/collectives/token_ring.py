@@ -29,13 +29,15 @@ higher ones ("q_second_half", only its second chunk is needed), so after the wra
 queries travels and only those rows of the partial come back. The rows a rank needs are always a subset of
 the rows it received, so the shard can be forwarded.
 
-With a ``window`` a block the window hides completely is skipped as well (``softmax_common.sp_block_kind``):
-not computed, no partial sent. A query shard still travels hop by hop, so it is carried through a skipping rank
-when a rank further on needs it, with the rows any later block reads, and no further than the last rank that
-needs it: the hops after that one are saved. With the contiguous layout and a causal window shorter than a
-shard only the hop to rank - 1 remains (1 query message and 1 partial instead of P - 1 each); with zigzag the
-neighbour on the far side of the ring needs the shard too, so every hop carries it, but only the two
-neighbours compute and return partials.
+With a ``window`` the steps are only the offsets at which some block meets the window (offset d: rank r
+holds the queries of rank r + d; ``softmax_common.window_offsets``, the rule ring attention uses for its K/V),
+and each query shard goes straight to the rank that reads it instead of hop by hop: at the step of offset d
+rank r sends the rows of its queries that its block against rank r - d reads to rank r - d, receives those of
+rank r + d, and sends the partial of the previous step straight home. A block the window hides completely
+(``softmax_common.sp_block_kind``) is not computed and nothing travels for it, in either direction, forward and
+backward. With the contiguous layout and a causal window shorter than a shard rank r meets only rank r - 1
+(1 query message and 1 partial instead of P - 1 each); with zigzag only ranks r - 1 (the whole shard) and r + 1
+(its second half). Bytes: the table at the end with W_q, W_o counted over the pairs that meet.
 
 Backward, the same schedule: the query shard travels again, now with everything the remote block needs,
 (lse, q, dout, out) of the owner, and the block's dQ comes back to the owner, who adds it to a float32
@@ -78,6 +80,13 @@ queries, W_q          P - 1                  P - 1 - d / 2          P - 1 - d
 partials, W_o         P - 1                  P - 1 - r / 2          P - 1 - r
 mean over ranks       P - 1                  0.75 * (P - 1)         0.5 * (P - 1)
 ====================  =====================  =====================  =====================
+
+With a ``window``: W_q(r) = sum of w(r, j) over the ranks j != r whose keys r's queries meet, W_o(r) = sum of
+w(q, r) over the ranks q != r whose queries meet r's keys, with w(q, j) = 1/2 for zigzag causal and j > q
+(only the second chunk of q's queries reads j's keys), else 1. Which shard pairs meet is a function of P, the
+local sequence lengths and the window (``softmax_common.blocks_meet``; for a causal window of W tokens on one
+sequence, summed over the ranks, ``strategies.window_pair_counts``: W_q and W_o both sum to below + above / 2).
+A window that hides nothing of the longest sequence is dropped (the schedule above, no window).
 
 so, with T = B * S_local,
 
