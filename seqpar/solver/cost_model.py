@@ -87,6 +87,7 @@ run one after another, so a group's peak is its largest micro-batch's ``call_mem
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, replace
@@ -300,14 +301,15 @@ class ModelSpec:
     def num_softmax_layers(self) -> int:
         return self.layer_kinds.count("softmax")
 
-    @property
-    def softmax_windows(self) -> dict[int | None, int]:
-        """How many softmax layers have each causal window (None: full attention), in layer order."""
+    @functools.cached_property
+    def softmax_windows(self) -> tuple[tuple[int | None, int], ...]:
+        """``(window, layers)``: how many softmax layers have each causal window (None: full attention), in layer
+        order (computed once: the cost model reads it in every call)."""
         counts: dict[int | None, int] = {}
         for kind, window in zip(self.layer_kinds, self.layer_windows):
             if kind == "softmax":
                 counts[window] = counts.get(window, 0) + 1
-        return counts
+        return tuple(counts.items())
 
     @property
     def num_linear_layers(self) -> int:
@@ -483,7 +485,7 @@ class CostModel:
         terms = []
         if softmax_name is not None:
             entry = strategies.get(softmax_name)
-            terms += [(count, "softmax", entry, False, window) for window, count in m.softmax_windows.items()]
+            terms += [(count, "softmax", entry, False, window) for window, count in m.softmax_windows]
         if linear_name is not None:
             entry = strategies.get(linear_name)
             terms.append((m.num_additive_linear_layers, "linear", entry, False, None))
@@ -609,7 +611,7 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
-        counts = [*(("softmax", window, count) for window, count in m.softmax_windows.items()),
+        counts = [*(("softmax", window, count) for window, count in m.softmax_windows),
                   ("linear", None, m.num_additive_linear_layers), ("delta_rule", None, m.delta_rule_layers)]
         for kind, window, count in counts:
             if count:
