@@ -68,7 +68,8 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
 ``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
 it is given and, for every registered strategy, convex in ``(sum S_i^2, N)`` (sums and maxima of affine
-terms); communication can only add to compute (``layer_time >= compute``), which makes
+terms; a windowed layer's bytes and steps follow the call's shortest sequence, so they may fall as that one
+grows, while its compute is non-decreasing and convex in each length); communication can only add to compute (``layer_time >= compute``), which makes
 ``compute_time`` a lower bound.
 
 Memory (bytes per rank)
