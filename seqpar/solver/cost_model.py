@@ -69,8 +69,8 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
 it is given and, for every registered strategy, convex in ``(sum S_i^2, N)`` (sums and maxima of affine
 terms; a windowed layer's bytes and steps follow the call's shortest sequence, so they may fall as that one
-grows, while its compute is non-decreasing and convex in each length); communication can only add to compute (``layer_time >= compute``), which makes
-``compute_time`` a lower bound.
+grows, while its compute is non-decreasing and convex in each length); communication can only add to compute
+(``layer_time >= compute``), which makes ``compute_time`` a lower bound.
 
 Memory (bytes per rank)
 -----------------------
