@@ -156,3 +156,34 @@ def test_usp_window_on_a_ring_of_four_matches_float64():
     for rank_results in run_distributed(usp_ring_of_four_errors, 8):
         for case, err in rank_results:
             assert max(err["out"], err["dq"], err["dk"], err["dv"]) < 1e-10, (case, err)
+
+
+def measure_packed(lens: list[int], w: int) -> list[tuple[int, int]]:
+    """(forward, backward) bytes of ring and TokenRing on one packed zigzag batch of ``lens`` with window W."""
+    q, k, v, dout, cu = global_inputs(5, batch=None, seq_len=None, h=H, h_kv=H_KV, d=D, lens=lens)
+    results = []
+    for op_name in ("ring_attention", "token_ring_attention"):
+        (ql, local_cu), (kl, _), (vl, _) = (shard_sequence(t, cu_seqlens=cu) for t in (q, k, v))
+        ql, kl, vl = (t.float().requires_grad_(True) for t in (ql, kl, vl))
+        with count_comm() as fwd:
+            out = softmax_op(op_name)(ql, kl, vl, causal=True, cu_seqlens=local_cu, window=(w - 1, 0))
+        with count_comm() as bwd:
+            out.backward(shard_sequence(dout, cu_seqlens=cu)[0].float())
+        results.append((fwd.bytes_sent, bwd.bytes_sent))
+    return results
+
+
+def test_packed_window_bytes_follow_the_shortest_sequence():
+    """A packed call sends a whole shard (every sequence's tokens) to each rank some sequence's window needs; the
+    shortest sequence, whose chunks a window spans most of, decides: at P = 4 a 6-token window reaches 2 chunks
+    back in a 32-token sequence (chunks of 4) but 1 in a 128-token one (chunks of 16). The registry's bytes with
+    ``shortest_seq_len`` equal the measured mean over ranks; with the long sequence's reach they would be less."""
+    p, lens, w = 4, [128, 32], 6
+    results = run_distributed(measure_packed, p, lens, w)
+    for i, name in enumerate(("ring", "token_ring")):
+        mean = [sum(r[i][j] for r in results) / p for j in (0, 1)]
+        shape = LayerShape(seq_len=sum(lens), degree=p, heads=H, kv_heads=H_KV, head_dim=D, elem_bytes=B, window=w,
+                           shortest_seq_len=min(lens))
+        assert strategies.get(name).comm_bytes(shape) == pytest.approx(mean, rel=1e-12), name
+        longest = LayerShape(**{**shape.__dict__, "shortest_seq_len": max(lens)})
+        assert strategies.get(name).comm_bytes(longest)[0] < mean[0], name
