@@ -338,8 +338,9 @@ def window_messages(x: LayerShape, degree: int | None = None) -> tuple[Any, Any,
     p = x.degree if degree is None else degree
     length = x.seq_len if x.shortest_seq_len is None else x.shortest_seq_len
     reach = window_reach(length, p, x.window)
-    table = {int(k): window_pair_counts(p, int(k)) for k in np.unique(reach)}
-    counts = np.array([table[int(k)] for k in reach.reshape(-1)], dtype=np.float64).reshape(*reach.shape, 3)
+    distinct, index = np.unique(reach, return_inverse=True)  # few distinct reaches, however many lengths
+    table = np.array([window_pair_counts(p, int(k)) for k in distinct], dtype=np.float64)
+    counts = table[index.reshape(reach.shape)]
     below, above, steps = counts[..., 0], counts[..., 1], counts[..., 2]
     if np.ndim(length) == 0:
         return float(below), float(above), float(steps)
