@@ -110,6 +110,24 @@ def hf_window(sliding_window: int | None, *, causal: bool) -> tuple[int, int] | 
     return (int(sliding_window) - 1, 0)
 
 
+def hf_layer_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
+    """Per decoder layer of a transformers model, the causal sliding window W (tokens) its attention call passes
+    as ``sliding_window`` (``hf_attention_forward`` runs it as ``window=(W - 1, 0)``), None for full attention
+    and for linear-attention layers: the attention module's own ``sliding_window`` where it keeps one per layer
+    (Gemma2/3, Qwen2/3, gpt-oss: by ``layer_types``), else the config's, which such models pass to every layer
+    (Mistral, Mixtral, Phi3, Starcoder2). For the cost model (``wrapper.default_cost_model``)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = text.num_hidden_layers
+    types = list(getattr(text, "layer_types", None) or ["full_attention"] * n)
+    windows = [None if t == "linear_attention" else getattr(text, "sliding_window", None) for t in types]
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        own = isinstance(index, int) and 0 <= index < n and hasattr(module, "sliding_window")
+        if own and types[index] != "linear_attention":
+            windows[index] = module.sliding_window
+    return tuple(int(w) if w is not None and int(w) > 0 else None for w in windows)
+
+
 def hf_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -13,6 +13,7 @@ numbers or arrays of the same shape.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from dataclasses import dataclass, replace
@@ -60,8 +61,12 @@ class LayerShape:
         heads, kv_heads, head_dim: H, H_kv, D (linear attention: D_k = D_v = D).
         elem_bytes: b, the element size of q/k/v and of what travels in the model dtype.
         state_bytes: one linear-attention state as the collectives send it (H * D_k * D_v * 4).
-        window: a causal sliding window of W tokens (the ops' ``window=(W - 1, 0)``), or None; ring's
-            ``comm_bytes`` then counts only the K/V messages the window needs (a scalar ``seq_len`` only).
+        window: a causal sliding window of W tokens (the ops' ``window=(W - 1, 0)``; transformers'
+            ``sliding_window``), or None. Ring, TokenRing and USP then count only the transfers the window needs
+            (``window_pair_counts``); Ulysses and all-gather-KV send the same bytes with or without one.
+        shortest_seq_len: a packed call's shortest sequence (None: ``seq_len``). With a window it decides which
+            shards meet (a shorter sequence has shorter chunks, which a window spans more of), while the
+            messages carry the whole packed shard of ``seq_len / P`` tokens.
         value_head_dim: D_v of a delta-rule layer (``head_dim`` is its D_k, ``heads`` its value heads,
             ``state_bytes`` H D_k D_v 4); None: D_v = D_k.
     """
@@ -75,6 +80,7 @@ class LayerShape:
     state_bytes: float = 0.0
     window: int | None = None
     value_head_dim: int | None = None
+    shortest_seq_len: Any = None
 
     @property
     def local_tokens(self) -> Any:
@@ -291,29 +297,103 @@ def window_shard_pairs(
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def window_pair_counts(world_size: int, reach: int, layout: str = "zigzag") -> tuple[int, int, int]:
+    """``(below, above, offsets)`` for a causal window that reaches ``reach`` chunks back (``window_reach``):
+    the ordered rank pairs (q, j), j != q, whose shards meet with j < q and with j > q, and how many offsets
+    d = (q - j) mod P occur among them (the steps of a windowed ring / TokenRing: ``softmax_common``'s
+    ``window_offsets``). Query chunk a sees key chunk b iff 0 <= a - b <= reach; zigzag rank r holds chunks
+    r and 2P-1-r of 2P, contiguous chunk r of P."""
+    p = world_size
+
+    def chunks(rank: int) -> tuple[int, ...]:
+        return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
+
+    below = above = 0
+    offsets = set()
+    for q in range(p):
+        for j in range(p):
+            if j != q and any(0 <= a - c <= reach for a in chunks(q) for c in chunks(j)):
+                below, above = below + (j < q), above + (j > q)
+                offsets.add((q - j) % p)
+    return below, above, len(offsets)
+
+
+def window_reach(seq_len: Any, degree: int, window: int, layout: str = "zigzag") -> Any:
+    """How many chunks back a query chunk sees under a causal window of ``window`` tokens (left = W - 1) when
+    a sequence of ``seq_len`` tokens is cut in 2P (zigzag) or P (contiguous) chunks of c tokens: the nearest
+    query/key pair of chunks k apart is (k - 1) c + 1 apart, so k <= 1 + (W - 2) / c (0 for W = 1). An int
+    array shaped like ``seq_len``, at most the chunk count (a window at least the sequence reaches all)."""
+    n_chunks = 2 * degree if layout == "zigzag" else degree
+    chunk = np.asarray(seq_len, dtype=np.float64) / n_chunks
+    left = window - 1
+    if left < 1:
+        return np.zeros(chunk.shape, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reach = 1 + np.floor(np.divide(left - 1, chunk, out=np.full(chunk.shape, np.inf), where=chunk > 0))
+    return np.minimum(reach, n_chunks).astype(np.int64)
+
+
+def window_messages(x: LayerShape, degree: int | None = None) -> tuple[Any, Any, Any]:
+    """``(below, above, steps)`` of ``window_pair_counts`` for ``x.window`` on a ring of ``degree`` ranks
+    (default ``x.degree``) over ``x``'s sequence (zigzag; a packed call's shortest sequence decides), as floats
+    or arrays shaped like ``seq_len``."""
+    p = x.degree if degree is None else degree
+    length = x.seq_len if x.shortest_seq_len is None else x.shortest_seq_len
+    reach = window_reach(length, p, x.window)
+    distinct, index = np.unique(reach, return_inverse=True)  # few distinct reaches, however many lengths
+    table = np.array([window_pair_counts(p, int(k)) for k in distinct], dtype=np.float64)
+    counts = table[index.reshape(reach.shape)]
+    below, above, steps = counts[..., 0], counts[..., 1], counts[..., 2]
+    if np.ndim(length) == 0:
+        return float(below), float(above), float(steps)
+    return below, above, steps
+
+
+def ring_messages(x: LayerShape, degree: int | None = None) -> tuple[Any, Any]:
+    """``(messages, steps)``: K/V messages one rank sends per pass, the mean over ranks, and the ring's steps
+    (overlapped transfers). Without a window both are P - 1; with one the pairs that meet over P and the
+    offsets (ring.py's docstring has each rank's share, n_out(r))."""
+    p = x.degree if degree is None else degree
+    if x.window is None:
+        return p - 1, p - 1
+    below, above, steps = window_messages(x, p)
+    return (below + above) / p, steps
+
+
 def ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     """(P-1) ring steps each way: ``(P-1) 2 s H_kv D b`` forward, ``(P-1) 2 s H_kv D (b + 4)`` backward. With
-    ``x.window`` (zigzag, causal) K/V go only to the ranks whose queries meet them: (P-1) becomes n / P, n =
-    ``window_shard_pairs`` (the mean over ranks; ring.py's docstring has each rank's share)."""
+    ``x.window`` (zigzag, causal) K/V go only to the ranks whose queries meet them: (P-1) becomes n / P, n the
+    meeting pairs (``window_pair_counts``: the mean over ranks; ring.py's docstring has each rank's share)."""
     forward_step, backward_step = _ring_step_bytes(x)
-    messages = x.degree - 1
-    if x.window is not None:
-        messages = window_shard_pairs(int(x.local_tokens), x.degree, (x.window - 1, 0)) / x.degree
+    messages, _ = ring_messages(x)
     return messages * forward_step, messages * backward_step
 
 
-def overlapped_ring_time(compute_s: Any, step_bytes: Any, steps: int, degree: int, link: Link) -> Any:
+def overlapped_ring_time(compute_s: Any, step_bytes: Any, steps: Any, degree: Any, link: Link) -> Any:
     """One pass of a ring whose every step overlaps one of ``degree`` equal blocks of ``compute_s`` with one
-    transfer of ``step_bytes``: ``A/P + (P-1) (max(A/P, step_bytes / beta) + lam)``."""
+    transfer of ``step_bytes``: ``A/P + (P-1) (max(A/P, step_bytes / beta) + lam)``. With a window the blocks
+    are the ``steps + 1`` that meet it (``degree = steps + 1``) and ``step_bytes`` the pass's bytes spread over
+    its steps."""
     block = compute_s / degree
     return block + steps * (np.maximum(block, step_bytes / link.bytes_per_s) + link.latency_s)
 
 
+def _spread(total_bytes: Any, steps: Any) -> Any:
+    """A pass's bytes per step (0 where a window leaves no step)."""
+    total_bytes, steps = np.asarray(total_bytes, dtype=np.float64), np.asarray(steps, dtype=np.float64)
+    out = np.divide(total_bytes, steps, out=np.zeros(np.broadcast(total_bytes, steps).shape), where=steps > 0)
+    return out if out.ndim else float(out)
+
+
 def ring_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
+    """Overlapped (``overlapped_ring_time``) forward and backward; with a window over its steps only."""
     forward_step, backward_step = _ring_step_bytes(x)
-    steps = x.degree - 1
-    return (overlapped_ring_time(compute_fwd_s, forward_step, steps, x.degree, link)
-            + overlapped_ring_time(compute_bwd_s, backward_step, steps, x.degree, link))
+    messages, steps = ring_messages(x)
+    if x.window is not None:  # the pass's messages, spread over its steps
+        forward_step, backward_step = (_spread(messages * b, steps) for b in (forward_step, backward_step))
+    return (overlapped_ring_time(compute_fwd_s, forward_step, steps, steps + 1, link)
+            + overlapped_ring_time(compute_bwd_s, backward_step, steps, steps + 1, link))
 
 
 def ring_transient_bytes(x: LayerShape) -> Any:
@@ -321,10 +401,22 @@ def ring_transient_bytes(x: LayerShape) -> Any:
     return 2 * 2 * x.local_tokens * x.kv_heads * x.head_dim * (x.elem_bytes + ACCUM_BYTES)
 
 
+def _token_ring_steps(x: LayerShape) -> tuple[Any, Any]:
+    """``(w, steps)``: the mean fraction of a query shard one step moves per direction, and the steps. Without a
+    window P - 1 steps of w = 0.75 (causal zigzag: a quarter of the blocks need only the second half of the
+    queries). With one, queries go only to the ranks whose keys they meet: pairs with j < q move the whole shard,
+    pairs with j > q its second half (``window_pair_counts``), so ``steps * w = (below + above / 2) / P``."""
+    if x.window is None:
+        return ZIGZAG_CAUSAL_QUERY_FRACTION, x.degree - 1
+    below, above, steps = window_messages(x)
+    return _spread((below + above / 2) / x.degree, steps), steps
+
+
 def _token_ring_step_bytes(x: LayerShape) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """One TokenRing step per direction, ``((queries, partials) forward, (queries, partials) backward)``, as the
-    mean over ranks: with causal zigzag a quarter of the blocks need only half the queries (factor 0.75)."""
-    w, s, H, D, b = ZIGZAG_CAUSAL_QUERY_FRACTION, x.local_tokens, x.heads, x.head_dim, x.elem_bytes
+    mean over ranks and steps (``_token_ring_steps``' w)."""
+    w, _ = _token_ring_steps(x)
+    s, H, D, b = x.local_tokens, x.heads, x.head_dim, x.elem_bytes
     forward = (w * s * H * D * b, w * s * H * (D * b + LSE_BYTES))  # q; out + float32 lse
     backward = (w * s * H * (3 * D * b + LSE_BYTES), w * s * H * D * b)  # q, dout, out, lse; dq partials
     return forward, backward
@@ -333,17 +425,18 @@ def _token_ring_step_bytes(x: LayerShape) -> tuple[tuple[Any, Any], tuple[Any, A
 def token_ring_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
     """Forward ``0.75 (P-1) (s H D b + s H (D b + 4))``, backward ``0.75 (P-1) (s H (3 D b + 4) + s H D b)``
     (the mean over ranks; per direction the forward queries are ``g/2`` times ring's bytes, ``g = H / H_kv``,
-    so ring sends less for GQA with ``g > 2``)."""
-    steps = x.degree - 1
+    so ring sends less for GQA with ``g > 2``). With ``x.window`` (causal zigzag) ``0.75 (P-1)`` becomes
+    ``(below + above / 2) / P`` (``_token_ring_steps``; token_ring.py's docstring has each rank's share)."""
+    _, steps = _token_ring_steps(x)
     return tuple(steps * (queries + partials) for queries, partials in _token_ring_step_bytes(x))
 
 
 def token_ring_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
     """Overlapped like ring; both link directions are busy at once, so a step takes the busier one."""
     (q_fwd, o_fwd), (q_bwd, o_bwd) = _token_ring_step_bytes(x)
-    steps = x.degree - 1
-    return (overlapped_ring_time(compute_fwd_s, np.maximum(q_fwd, o_fwd), steps, x.degree, link)
-            + overlapped_ring_time(compute_bwd_s, np.maximum(q_bwd, o_bwd), steps, x.degree, link))
+    _, steps = _token_ring_steps(x)
+    return (overlapped_ring_time(compute_fwd_s, np.maximum(q_fwd, o_fwd), steps, steps + 1, link)
+            + overlapped_ring_time(compute_bwd_s, np.maximum(q_bwd, o_bwd), steps, steps + 1, link))
 
 
 def token_ring_transient_bytes(x: LayerShape) -> Any:
@@ -358,7 +451,8 @@ def _ulysses_tensor_bytes(x: LayerShape) -> Any:
 
 
 def ulysses_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
-    """Each all-to-all keeps 1/P of its tensor: ``(P-1)/P (2 s H D b + 2 s max(H_kv, P) D b)`` each way."""
+    """Each all-to-all keeps 1/P of its tensor: ``(P-1)/P (2 s H D b + 2 s max(H_kv, P) D b)`` each way. The same
+    with a window (the all-to-alls move every token; the window only masks the local head-sharded kernel)."""
     one_pass = (x.degree - 1) / x.degree * _ulysses_tensor_bytes(x)
     return one_pass, one_pass
 
@@ -386,7 +480,8 @@ def ulysses_invalid_reason(degree: int, heads: int, kv_heads: int) -> str | None
 
 
 def allgather_kv_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
-    """One all-gather of K,V forward and one reduce-scatter of dK,dV backward: ``(P-1) 2 s H_kv D b`` each."""
+    """One all-gather of K,V forward and one reduce-scatter of dK,dV backward: ``(P-1) 2 s H_kv D b`` each. The
+    same with a window (every rank gathers every shard; the window only masks the local kernel)."""
     one_pass = (x.degree - 1) * 2 * x.local_tokens * x.kv_heads * x.head_dim * x.elem_bytes
     return one_pass, one_pass
 
@@ -700,7 +795,7 @@ def _usp_rank_bytes(shape: LayerShape, inner_rank: int) -> tuple[Any, Any]:
     n, m = counts[inner_rank]
     q_or_out = (u - 1) * T * (H // u) * D * b
     kv_sent = 2 * T * D * b * sum(c[0] for j, c in enumerate(counts) if j != inner_rank)
-    ring_kv = (r - 1) * 2 * (u * T) * m * D
+    ring_kv = ring_messages(shape, r)[0] * 2 * (u * T) * m * D  # r - 1 messages; with a window those it needs
     forward = 2 * q_or_out + kv_sent + ring_kv * b
     backward = 2 * q_or_out + (u - 1) * 2 * T * n * D * b + ring_kv * (b + ACCUM_BYTES)
     return forward, backward
@@ -709,7 +804,9 @@ def _usp_rank_bytes(shape: LayerShape, inner_rank: int) -> tuple[Any, Any]:
 def _usp_comm_bytes(shape: LayerShape) -> tuple[Any, Any]:
     """The busiest rank's bytes: Ulysses on the inner group (P = u) + ring on the outer one (P = r, u*T tokens).
     The formula per rank is in seqpar/collectives/usp.py's docstring; ranks differ only when GQA gives inner
-    ranks different numbers of K/V heads, and then this is the rank that sends most forward + backward."""
+    ranks different numbers of K/V heads, and then this is the rank that sends most forward + backward. With a
+    window the Ulysses part is the same and the ring part is ring's with a window on r ranks (``ring_messages``:
+    the mean over the outer ranks)."""
     u = usp_ulysses_degree(shape.degree, shape.heads)
     per_rank = [_usp_rank_bytes(shape, i) for i in range(u)]
     # every term grows linearly with the tokens, so the same rank is the busiest at every length
@@ -730,8 +827,11 @@ def _usp_layer_time(shape: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, l
     inner = 2 * (one_pass + _USP_ALL_TO_ALLS_PER_PASS * (u - 1) * lam)
     fwd_step = 2 * (u * T) * m * D * b
     bwd_step = 2 * (u * T) * m * D * (b + ACCUM_BYTES)
-    return (inner + overlapped_ring_time(compute_fwd_s, fwd_step, r - 1, r, link)
-            + overlapped_ring_time(compute_bwd_s, bwd_step, r - 1, r, link))
+    messages, steps = ring_messages(shape, r)
+    if shape.window is not None:  # the ring's messages, spread over its steps (as ring_layer_time)
+        fwd_step, bwd_step = _spread(messages * fwd_step, steps), _spread(messages * bwd_step, steps)
+    return (inner + overlapped_ring_time(compute_fwd_s, fwd_step, steps, steps + 1, link)
+            + overlapped_ring_time(compute_bwd_s, bwd_step, steps, steps + 1, link))
 
 
 def _usp_transient_bytes(shape: LayerShape) -> Any:

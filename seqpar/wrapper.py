@@ -743,7 +743,8 @@ def _has_reachable_child(module: torch.nn.Module) -> bool:
 def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
     """A cost model for ``strategy='auto'`` from the model's config and a generic cluster of ``world_size`` ranks.
 
-    Its ``ModelSpec`` lists the config's ``layer_types`` (``"linear_attention"`` -> ``"linear"``) and, as
+    Its ``ModelSpec`` lists the config's ``layer_types`` (``"linear_attention"`` -> ``"linear"``), each layer's
+    sliding window (``integrations.hf_layer_windows``: a windowed layer is planned with its windowed cost) and, as
     ``delta_rule_layers``, the modules that run on a delta-rule adapter (Qwen3-Next Gated DeltaNet, Kimi Linear
     KDA: ``integrations_delta``), so the planner charges those layers the delta-rule ops' bytes and compute,
     sized with the layers' own heads and D_k, D_v (``integrations_delta.delta_rule_dims``).
@@ -769,7 +770,7 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
         num_layers=text.num_hidden_layers, hidden=text.hidden_size, num_heads=heads,
         num_kv_heads=getattr(text, "num_key_value_heads", heads) or heads, head_dim=head_dim,
         ffn_hidden=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
-        layer_kinds=kinds,
+        layer_kinds=kinds, layer_windows=integrations.hf_layer_windows(model),
         # a config that does not list its delta-rule layers as linear ones: charge as many as it lists
         delta_rule_layers=min(delta_rule_layers, kinds.count("linear")),
         delta_rule_heads=heads_dk_dv[0], delta_rule_key_dim=heads_dk_dv[1], delta_rule_value_dim=heads_dk_dv[2],

@@ -52,6 +52,7 @@ from seqpar.collectives.softmax_common import (
     prepare_softmax_sp,
     run_scheduled,
     sp_block_kind,
+    window_offsets,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -155,12 +156,6 @@ _KV_TAG = comm.tags.ring_tag("next", _KV_STREAM)  # K/V to rank + d
 _DKV_TAG = comm.tags.ring_tag("prev", _DKV_STREAM)  # dK/dV back to rank - d, the owner
 
 
-def _window_offsets(sp: SoftmaxSP) -> list[int]:
-    """Offsets d = 1 .. P-1 at which some rank's queries meet the K/V of the rank d before it."""
-    p = sp.world_size
-    return [d for d in range(1, p) if any(sp_block_kind(sp, r, r - d) != "skip" for r in range(p))]
-
-
 def _post_kv(sp: SoftmaxSP, kv: torch.Tensor, offset: int) -> comm.PendingTransfer | None:
     """Send our K/V to rank + offset if its queries need them, receive rank - offset's if ours do."""
     r, p = sp.rank, sp.world_size
@@ -174,7 +169,7 @@ def _post_kv(sp: SoftmaxSP, kv: torch.Tensor, offset: int) -> comm.PendingTransf
 
 def _window_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     own = _flat_kv(sp.k, sp.v)
-    offsets = [0, *_window_offsets(sp)]
+    offsets = [0, *window_offsets(sp)]
     out = lse = None
     kv = own
     for step, offset in enumerate(offsets):
@@ -196,7 +191,7 @@ def _window_backward(
     dq = torch.zeros(sp.q.shape, dtype=acc, device=sp.q.device)
     own_dkv = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
     own = _flat_kv(sp.k, sp.v)
-    offsets = [0, *_window_offsets(sp)]
+    offsets = [0, *window_offsets(sp)]
     kv, pending_dkv = own, None
     for step, offset in enumerate(offsets):
         pending_kv = _post_kv(sp, own, offsets[step + 1]) if step + 1 < len(offsets) else None

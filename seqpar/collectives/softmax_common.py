@@ -355,6 +355,14 @@ def sp_block_kind(sp: SoftmaxSP, q_rank: int, kv_rank: int) -> str:
     return kind if kind == "skip" or blocks_meet(sp, q_rank, kv_rank) else "skip"
 
 
+def window_offsets(sp: SoftmaxSP) -> list[int]:
+    """With a window, the offsets d = 1 .. P-1 at which some rank's queries meet the K/V of the rank d before it
+    (``sp_block_kind`` is not "skip" for some pair (r, r - d)): the transfers a windowed schedule makes, in
+    order (ring: K/V to rank + d; TokenRing: queries to rank - d). Host-only, identical on every rank."""
+    p = sp.world_size
+    return [d for d in range(1, p) if any(sp_block_kind(sp, r, r - d) != "skip" for r in range(p))]
+
+
 def block_operands(
     sp: SoftmaxSP, kind: str, views: bool = False
 ) -> tuple[Rows, Rows, torch.Tensor, torch.Tensor]:

@@ -29,13 +29,15 @@ higher ones ("q_second_half", only its second chunk is needed), so after the wra
 queries travels and only those rows of the partial come back. The rows a rank needs are always a subset of
 the rows it received, so the shard can be forwarded.
 
-With a ``window`` a block the window hides completely is skipped as well (``softmax_common.sp_block_kind``):
-not computed, no partial sent. A query shard still travels hop by hop, so it is carried through a skipping rank
-when a rank further on needs it, with the rows any later block reads, and no further than the last rank that
-needs it: the hops after that one are saved. With the contiguous layout and a causal window shorter than a
-shard only the hop to rank - 1 remains (1 query message and 1 partial instead of P - 1 each); with zigzag the
-neighbour on the far side of the ring needs the shard too, so every hop carries it, but only the two
-neighbours compute and return partials.
+With a ``window`` the steps are only the offsets at which some block meets the window (offset d: rank r
+holds the queries of rank r + d; ``softmax_common.window_offsets``, the rule ring attention uses for its K/V),
+and each query shard goes straight to the rank that reads it instead of hop by hop: at the step of offset d
+rank r sends the rows of its queries that its block against rank r - d reads to rank r - d, receives those of
+rank r + d, and sends the partial of the previous step straight home. A block the window hides completely
+(``softmax_common.sp_block_kind``) is not computed and nothing travels for it, in either direction, forward and
+backward. With the contiguous layout and a causal window shorter than a shard rank r meets only rank r - 1
+(1 query message and 1 partial instead of P - 1 each); with zigzag only ranks r - 1 (the whole shard) and r + 1
+(its second half). Bytes: the table at the end with W_q, W_o counted over the pairs that meet.
 
 Backward, the same schedule: the query shard travels again, now with everything the remote block needs,
 (lse, q, dout, out) of the owner, and the block's dQ comes back to the owner, who adds it to a float32
@@ -79,6 +81,13 @@ partials, W_o         P - 1                  P - 1 - r / 2          P - 1 - r
 mean over ranks       P - 1                  0.75 * (P - 1)         0.5 * (P - 1)
 ====================  =====================  =====================  =====================
 
+With a ``window``: W_q(r) = sum of w(r, j) over the ranks j != r whose keys r's queries meet, W_o(r) = sum of
+w(q, r) over the ranks q != r whose queries meet r's keys, with w(q, j) = 1/2 for zigzag causal and j > q
+(only the second chunk of q's queries reads j's keys), else 1. Which shard pairs meet is a function of P, the
+local sequence lengths and the window (``softmax_common.blocks_meet``; for a causal window of W tokens on one
+sequence, summed over the ranks, ``strategies.window_pair_counts``: W_q and W_o both sum to below + above / 2).
+A window that hides nothing of the longest sequence is dropped (the schedule above, no window).
+
 so, with T = B * S_local,
 
     forward  = W_q * T * H * D * b            + W_o * T * H * (D * b + a)
@@ -110,6 +119,7 @@ from seqpar.collectives.softmax_common import (
     prepare_softmax_sp,
     run_scheduled,
     sp_block_kind,
+    window_offsets,
 )
 from seqpar.kernels.attention import accumulation_dtype
 
@@ -134,19 +144,9 @@ def _rows_needed(sp: SoftmaxSP, kind: str) -> torch.Tensor | None | str:
 
 
 def _rows_carried(sp: SoftmaxSP, owner: int, at_rank: int) -> torch.Tensor | None | str:
-    """The rows of ``owner``'s query shard that must reach ``at_rank``: those its block or any block further on
-    the shard's way (steps (owner - at_rank) mod P .. P - 1) reads. Without a window that is what ``at_rank``
-    itself reads (the rows needed only shrink along the way)."""
-    p = sp.world_size
-    first = (owner - at_rank) % p
-    carried = _SKIP
-    for step in range(first, p) if sp.window is not None else [first]:
-        rows = _rows_needed(sp, sp_block_kind(sp, owner, owner - step))
-        if rows is None:
-            return None
-        if rows is not _SKIP:
-            carried = rows
-    return carried
+    """Without a window, the rows of ``owner``'s query shard that must reach ``at_rank`` on their hop-by-hop way:
+    those its block reads (the rows needed only shrink along the way, so later blocks read a subset)."""
+    return _rows_needed(sp, sp_block_kind(sp, owner, at_rank))
 
 
 def _n_rows(sp: SoftmaxSP, rows: torch.Tensor | None) -> int:
@@ -222,19 +222,25 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
     compute(kind, visiting, owner) -> (rows, results): the block of a visiting shard (of rank ``owner``)
         against the local K/V, with the rows of the shard (None: all) the token-major results cover.
     absorb(rows, results): fold a partial of this rank's own queries into its accumulator.
+
+    Steps: offsets d (this rank holds the queries of rank r + d at the step of offset d). Without a window every
+    d = 0 .. P-1, the shard passed hop by hop to rank r - 1; with one only d = 0 and ``window_offsets`` (the
+    offsets at which some block meets the window), each shard sent straight to the rank that reads it.
     """
     p, r = sp.world_size, sp.rank
+    direct = sp.window is not None
+    offsets = [0, *window_offsets(sp)] if direct else list(range(p))
     kind_of = lambda q_rank, kv_rank: sp_block_kind(sp, q_rank % p, kv_rank % p)  # noqa: E731
     tails, dtypes = [tuple(t.shape[1:]) for t in own], [t.dtype for t in own]
     r_tails, r_dtypes = [tuple(t.shape[1:]) for t in result_like], [t.dtype for t in result_like]
 
-    def return_partials(transfers: _Transfers, step: int, outgoing) -> torch.Tensor | None | str:
-        """Add the transfers that take the partials computed at ``step`` home; returns the rows of ours."""
-        if outgoing is not None:  # ours, for the queries of rank r + step
-            transfers.send(_pack(outgoing[1], None, r_dtypes), r + step, _TAG_PARTIALS)
-        rows = _rows_needed(sp, kind_of(r, r - step))  # what rank r - step computed for our queries
+    def return_partials(transfers: _Transfers, offset: int, outgoing) -> torch.Tensor | None | str:
+        """Add the transfers that take the partials computed at ``offset`` home; returns the rows of ours."""
+        if outgoing is not None:  # ours, for the queries of rank r + offset
+            transfers.send(_pack(outgoing[1], None, r_dtypes), r + offset, _TAG_PARTIALS)
+        rows = _rows_needed(sp, kind_of(r, r - offset))  # what rank r - offset computed for our queries
         if rows is not _SKIP:
-            transfers.recv("partial", _nbytes(r_tails, r_dtypes, _n_rows(sp, rows)), r - step, _TAG_PARTIALS)
+            transfers.recv("partial", _nbytes(r_tails, r_dtypes, _n_rows(sp, rows)), r - offset, _TAG_PARTIALS)
         return rows
 
     def absorb_partial(received: dict, rows) -> None:
@@ -242,17 +248,23 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
             absorb(rows, _unpack(received["partial"], r_tails, r_dtypes, _n_rows(sp, rows)))
 
     visiting, outgoing = own, None
-    for step in range(p):
-        owner = r + step  # whose queries this rank holds now
+    for step, offset in enumerate(offsets):
+        owner = r + offset  # whose queries this rank holds now
         transfers = _Transfers(sp)
-        if step + 1 < p:  # pass the shard on to rank r - 1, receive the one of step + 1 from rank r + 1
-            send_rows = _rows_carried(sp, owner % p, (r - 1) % p)
-            next_rows = _rows_carried(sp, (owner + 1) % p, r)
+        if step + 1 < len(offsets):
+            ahead = offsets[step + 1]
+            if direct:  # our queries straight to rank r - ahead, rank r + ahead's straight to us
+                sent, send_rows, dst = own, _rows_needed(sp, kind_of(r, r - ahead)), r - ahead
+                next_rows, src = _rows_needed(sp, kind_of(r + ahead, r)), r + ahead
+            else:  # pass the shard on to rank r - 1, receive the one of the next step from rank r + 1
+                sent, send_rows, dst = visiting, _rows_carried(sp, owner % p, (r - 1) % p), r - 1
+                next_rows, src = _rows_carried(sp, (owner + 1) % p, r), r + 1
             if send_rows is not _SKIP:
-                transfers.send(_pack(visiting, send_rows, dtypes), r - 1, _TAG_QUERIES)
+                transfers.send(_pack(sent, send_rows, dtypes), dst, _TAG_QUERIES)
             if next_rows is not _SKIP:
-                transfers.recv("queries", _nbytes(tails, dtypes, _n_rows(sp, next_rows)), r + 1, _TAG_QUERIES)
-        incoming_rows = return_partials(transfers, step - 1, outgoing) if step > 1 else _SKIP  # step 0: local
+                transfers.recv("queries", _nbytes(tails, dtypes, _n_rows(sp, next_rows)), src, _TAG_QUERIES)
+        # the partials of the previous step go home (step 0 is local, its partial is absorbed at once)
+        incoming_rows = return_partials(transfers, offsets[step - 1], outgoing) if step > 1 else _SKIP
         transfers.start()
 
         kind = kind_of(owner, r)
@@ -268,11 +280,11 @@ def _schedule(sp: SoftmaxSP, own: list[torch.Tensor], result_like: list[torch.Te
         absorb_partial(received, incoming_rows)
         if "queries" in received:
             visiting = _place(own, _unpack(received["queries"], tails, dtypes, _n_rows(sp, next_rows)), next_rows)
-        elif step + 1 < p:
-            visiting = None  # the next block is skipped; rank r - 1 skips it too (the rows needed only shrink)
-    if p > 1:  # the partials of the last step go home
+        elif step + 1 < len(offsets):
+            visiting = None  # the next block is skipped (without a window rank r - 1 skips it too: rows only shrink)
+    if len(offsets) > 1:  # the partials of the last step go home
         transfers = _Transfers(sp)
-        incoming_rows = return_partials(transfers, p - 1, outgoing)
+        incoming_rows = return_partials(transfers, offsets[-1], outgoing)
         absorb_partial(transfers.start().finish(), incoming_rows)
 
 

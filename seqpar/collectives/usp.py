@@ -36,7 +36,12 @@ accumulation element size, 4, or 8 for float64 inputs):
 
 i.e. the Ulysses volume on the inner group (P = u) plus the ring volume on the outer group (P = r, local tokens
 u*T, m_i K/V heads); with a value head dim Dv != D, 2 * D in the K/V terms is D + Dv.
-``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share.
+With a ``window`` the inner all-to-alls send the same (they move every token); the ring across the inner groups
+is ``ring_attention`` with the window on its r shards of u*T tokens, so it sends only to the outer ranks whose
+queries meet (ring.py: (r-1) becomes n_out(g) forward, n_out(g) K/V + n_in(g) dK/dV backward, counted on the
+outer ring's shards) and has only the steps its window needs.
+``seqpar.strategies.get("usp").comm_bytes`` gives the busiest rank's share (with a window: the ring part's mean
+over the outer ranks).
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ Compute (FLOPs over ``peak_tflops * efficiency``)
 * Softmax attention, quadratic in ``S``: causal forward ``2 * S^2 * H * D`` per layer (``4 S^2 H D`` for the
   two GEMMs QK^T and PV, halved by the causal mask), backward ``2.5x`` forward (FlashAttention-2, Dao 2023,
   Sec. 3: five GEMMs backward against two forward). Divided by ``P``: every strategy balances causal work
-  (by the zigzag layout or by splitting heads). Efficiency ``attention_efficiency``.
+  (by the zigzag layout or by splitting heads). Efficiency ``attention_efficiency``. A layer with a causal
+  sliding window of ``W`` tokens (``ModelSpec.layer_windows``) has ``S W - W^2 / 2`` query-key pairs instead of
+  ``S^2 / 2`` once ``S > W``: forward ``2 (2 S W - W^2) H D``; its bytes and steps are the registry's windowed
+  ones (a packed call: its shortest sequence decides which shards meet).
 * Linear attention, linear in ``S``: chunkwise form (GLA, Yang et al. 2024, Sec. 3): per token per head the
   masked intra-chunk product ``C * (D_k + D_v)`` plus ``2 D_k D_v`` for ``q S`` and ``2 D_k D_v`` for the
   state update; backward 2x forward. Efficiency ``attention_efficiency``.
@@ -68,8 +71,9 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
 ``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
 it is given and, for every registered strategy, convex in ``(sum S_i^2, N)`` (sums and maxima of affine
-terms); communication can only add to compute (``layer_time >= compute``), which makes
-``compute_time`` a lower bound.
+terms; a windowed layer's bytes and steps follow the call's shortest sequence, so they may fall as that one
+grows, while its compute is non-decreasing and convex in each length); communication can only add to compute
+(``layer_time >= compute``), which makes ``compute_time`` a lower bound.
 
 Memory (bytes per rank)
 -----------------------
@@ -87,6 +91,7 @@ run one after another, so a group's peak is its largest micro-batch's ``call_mem
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, replace
@@ -210,10 +215,15 @@ class ModelSpec:
             heads: grouped key heads are repeated to them), D_k and D_v (Qwen3-Next: ``linear_num_value_heads``,
             ``linear_key_head_dim``, ``linear_value_head_dim``; Kimi Linear: ``linear_num_heads``,
             ``linear_head_dim`` twice); None: ``num_heads`` / ``head_dim``.
+        layer_windows: per layer, the causal sliding window of a softmax layer in tokens (transformers'
+            ``sliding_window`` W: each query sees itself and the W - 1 keys before it; the ops'
+            ``window=(W - 1, 0)``), None for full attention (and for every linear layer); default none. A
+            windowed layer is charged its windowed compute and the registry's windowed bytes and steps.
 
     Raises:
         ValueError: non-positive sizes, ``num_kv_heads`` not dividing ``num_heads``, ``layer_kinds`` of the
-            wrong length or with an unknown kind, ``delta_rule_layers`` negative or above the linear layers.
+            wrong length or with an unknown kind, ``delta_rule_layers`` negative or above the linear layers,
+            ``layer_windows`` of the wrong length, with a window that is not a positive int or on a linear layer.
     """
 
     num_layers: int
@@ -232,6 +242,7 @@ class ModelSpec:
     delta_rule_heads: int | None = None
     delta_rule_key_dim: int | None = None
     delta_rule_value_dim: int | None = None
+    layer_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "vocab",
@@ -260,6 +271,15 @@ class ModelSpec:
         for name in ("delta_rule_heads", "delta_rule_key_dim", "delta_rule_value_dim"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name), integer=True)
+        windows = (None,) * self.num_layers if self.layer_windows is None else tuple(self.layer_windows)
+        if len(windows) != self.num_layers:
+            raise ValueError(f"layer_windows has {len(windows)} entries, must have num_layers={self.num_layers}")
+        for i, (kind, w) in enumerate(zip(kinds, windows)):
+            if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1
+                                  or kind != "softmax"):
+                raise ValueError(f"layer_windows[{i}]={w!r} must be None or a positive int window in tokens, on a "
+                                 f"softmax layer (layer {i} is {kind!r})")
+        object.__setattr__(self, "layer_windows", tuple(None if w is None else int(w) for w in windows))
 
     _LLAMA = {
         # name: (layers, hidden, heads, kv_heads, ffn, vocab); head_dim 128 throughout
@@ -294,6 +314,16 @@ class ModelSpec:
     @property
     def num_softmax_layers(self) -> int:
         return self.layer_kinds.count("softmax")
+
+    @functools.cached_property
+    def softmax_windows(self) -> tuple[tuple[int | None, int], ...]:
+        """``(window, layers)``: how many softmax layers have each causal window (None: full attention), in layer
+        order (computed once: the cost model reads it in every call)."""
+        counts: dict[int | None, int] = {}
+        for kind, window in zip(self.layer_kinds, self.layer_windows):
+            if kind == "softmax":
+                counts[window] = counts.get(window, 0) + 1
+        return tuple(counts.items())
 
     @property
     def num_linear_layers(self) -> int:
@@ -467,18 +497,20 @@ class CostModel:
         names = ["+".join(parts) for parts in itertools.product(*per_kind)]
         return [n for n in names if degree is None or self.strategy_valid(degree, n)]
 
-    def _layer_terms(self, parts) -> list[tuple[int, str, Strategy, bool]]:
-        """``(layers, compute kind, registry entry, delta_rule)`` for each kind of layer the model has, given
-        ``split_strategy``'s pair: softmax, additive linear, delta-rule linear (counts of 0 left out)."""
+    def _layer_terms(self, parts) -> list[tuple[int, str, Strategy, bool, int | None]]:
+        """``(layers, compute kind, registry entry, delta_rule, window)`` for each kind of layer the model has,
+        given ``split_strategy``'s pair: softmax (one term per causal window, None: full), additive linear,
+        delta-rule linear (counts of 0 left out)."""
         m = self.model
         softmax_name, linear_name = parts
         terms = []
         if softmax_name is not None:
-            terms.append((m.num_softmax_layers, "softmax", strategies.get(softmax_name), False))
+            entry = strategies.get(softmax_name)
+            terms += [(count, "softmax", entry, False, window) for window, count in m.softmax_windows]
         if linear_name is not None:
             entry = strategies.get(linear_name)
-            terms.append((m.num_additive_linear_layers, "linear", entry, False))
-            terms.append((m.delta_rule_layers, "delta_rule", entry, True))
+            terms.append((m.num_additive_linear_layers, "linear", entry, False, None))
+            terms.append((m.delta_rule_layers, "delta_rule", entry, True, None))
         return [t for t in terms if t[0]]
 
     @staticmethod
@@ -503,7 +535,8 @@ class CostModel:
             raise ValueError("lengths must be positive and finite")
         return arr
 
-    def _layer_shape(self, lengths, degree: int, delta_rule: bool = False) -> LayerShape:
+    def _layer_shape(self, lengths, degree: int, delta_rule: bool = False, window: int | None = None,
+                     shortest=None) -> LayerShape:
         m = self.model
         if delta_rule:  # its own heads and D_k, D_v
             h, dk, dv = m.delta_rule_dims
@@ -511,7 +544,8 @@ class CostModel:
                               elem_bytes=m.bytes_per_param, state_bytes=h * dk * dv * ACCUM_BYTES, value_head_dim=dv)
         return LayerShape(seq_len=lengths, degree=degree, heads=m.num_heads, kv_heads=m.num_kv_heads,
                           head_dim=m.head_dim, elem_bytes=m.bytes_per_param,
-                          state_bytes=m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES)
+                          state_bytes=m.num_heads * m.head_dim * m.head_dim * ACCUM_BYTES, window=window,
+                          shortest_seq_len=shortest)
 
     def _link(self, degree: int) -> Link:
         c = self.coefficients
@@ -521,16 +555,17 @@ class CostModel:
     # ---- communication volumes ----------------------------------------------------------------------------
 
     def layer_comm_bytes(self, length: float, degree: int, strategy: str, *,
-                         delta_rule: bool = False) -> tuple[float, float]:
+                         delta_rule: bool = False, window: int | None = None) -> tuple[float, float]:
         """Bytes one rank sends for one layer, ``(forward, backward)``; ``strategy`` names one layer kind.
 
-        The registry entry's ``comm_bytes`` (``seqpar.count_comm``'s accounting of the op), or with
-        ``delta_rule=True`` its ``delta_rule_comm_bytes`` (a delta-rule layer).
+        The registry entry's ``comm_bytes`` (``seqpar.count_comm``'s accounting of the op; with a causal
+        ``window`` of W tokens, a softmax layer's windowed bytes), or with ``delta_rule=True`` its
+        ``delta_rule_comm_bytes`` (a delta-rule layer).
         Raises ValueError for an unknown strategy, or with ``delta_rule`` one without a delta-rule variant.
         """
         entry = strategies.get(strategy)
         if not delta_rule:
-            return entry.comm_bytes(self._layer_shape(length, degree))
+            return entry.comm_bytes(self._layer_shape(length, degree, window=window))
         if entry.delta_rule_comm_bytes is None:
             raise ValueError(f"strategy: {strategy!r} has no delta-rule variant; use one of "
                              f"{[n for n in strategies.names('linear') if strategies.get(n).delta_rule_op]}")
@@ -541,12 +576,15 @@ class CostModel:
     def _flops_per_s(self, efficiency: float) -> float:
         return self.cluster.peak_tflops * 1e12 * efficiency
 
-    def _attention_compute(self, S: np.ndarray, P: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """One attention layer's compute on one rank, ``(forward, backward)`` seconds (module docstring)."""
+    def _attention_compute(self, S: np.ndarray, P: int, kind: str,
+                           window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One attention layer's compute on one rank, ``(forward, backward)`` seconds (module docstring). A
+        causal ``window`` of W tokens leaves ``S W - W^2 / 2`` of the ``S^2 / 2`` query-key pairs once S > W."""
         m = self.model
         flops_per_s = self._flops_per_s(self.coefficients.attention_efficiency)
         if kind == "softmax":
-            forward = 2.0 * S * S * m.num_heads * m.head_dim / P / flops_per_s
+            pairs = S * S if window is None else np.where(S > window, 2.0 * S * window - window * window, S * S)
+            forward = 2.0 * pairs * m.num_heads * m.head_dim / P / flops_per_s
             return forward, ATTENTION_BWD_OVER_FWD * forward
         H, D, C = m.num_heads, m.head_dim, m.linear_chunk
         per_token = 2 * C * D + 4 * D * D
@@ -557,10 +595,12 @@ class CostModel:
         forward = S / P * H * per_token / flops_per_s
         return forward, LINEAR_BWD_OVER_FWD * forward
 
-    def layer_times(self, lengths, degree: int, strategy: str, *, delta_rule: bool = False) -> np.ndarray:
+    def layer_times(self, lengths, degree: int, strategy: str, *, delta_rule: bool = False,
+                    window: int | None = None) -> np.ndarray:
         """Seconds of one attention layer, forward + backward, on one rank of a group of ``degree`` for each of
         ``lengths``; ``strategy`` names one layer kind, ``delta_rule`` makes the layer a delta-rule one (its
-        compute and the entry's ``delta_rule_layer_time``). The per-layer term ``seq_times`` adds up.
+        compute and the entry's ``delta_rule_layer_time``), ``window`` a softmax layer with a causal window of
+        W tokens (its windowed compute, bytes and steps). The per-layer term ``seq_times`` adds up.
 
         Raises ValueError for an unknown strategy, or with ``delta_rule`` one without a delta-rule variant.
         """
@@ -569,8 +609,9 @@ class CostModel:
         if layer_time is None or (delta_rule and entry.kind != "linear"):
             raise ValueError(f"strategy: {strategy!r} has no delta-rule variant")
         S = self._lengths(lengths)
-        forward, backward = self._attention_compute(S, degree, "delta_rule" if delta_rule else entry.kind)
-        return np.asarray(layer_time(self._layer_shape(S, degree, delta_rule), forward, backward, self._link(degree)),
+        forward, backward = self._attention_compute(S, degree, "delta_rule" if delta_rule else entry.kind, window)
+        return np.asarray(layer_time(self._layer_shape(S, degree, delta_rule, window), forward, backward,
+                                     self._link(degree)),
                           dtype=np.float64)
 
     def seq_times(self, lengths, degree: int, strategy: str) -> np.ndarray:
@@ -580,8 +621,8 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-        for count, _, entry, delta_rule in self._layer_terms(parts):
-            t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule)
+        for count, _, entry, delta_rule, window in self._layer_terms(parts):
+            t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule, window=window)
         return np.asarray(t, dtype=np.float64)
 
     def seq_time(self, length: float, degree: int, strategy: str) -> float:
@@ -601,11 +642,11 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
-        counts = {"softmax": m.num_softmax_layers, "linear": m.num_additive_linear_layers,
-                  "delta_rule": m.delta_rule_layers}
-        for kind, count in counts.items():
+        counts = [*(("softmax", window, count) for window, count in m.softmax_windows),
+                  ("linear", None, m.num_additive_linear_layers), ("delta_rule", None, m.delta_rule_layers)]
+        for kind, window, count in counts:
             if count:
-                forward, backward = self._attention_compute(S, degree, kind)
+                forward, backward = self._attention_compute(S, degree, kind, window)
                 t = t + count * (forward + backward)
         return np.asarray(t, dtype=np.float64)
 
@@ -624,11 +665,11 @@ class CostModel:
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         total = math.fsum(S.tolist())
         t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-        for count, kind, entry, delta_rule in self._layer_terms(parts):
-            forward, backward = self._attention_compute(S, degree, kind)
+        for count, kind, entry, delta_rule, window in self._layer_terms(parts):
+            forward, backward = self._attention_compute(S, degree, kind, window)
+            shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else float(S.min()))
             layer = self._entry_layer_time(entry, delta_rule)(
-                self._layer_shape(total, degree, delta_rule), math.fsum(forward.tolist()),
-                math.fsum(backward.tolist()), self._link(degree))
+                shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()), self._link(degree))
             t = t + count * float(layer)
         return float(t)
 
@@ -637,9 +678,9 @@ class CostModel:
         collective step, a per-call all-gather of states, ``sequence_overhead_s``)."""
         parts = self._check(degree, strategy)
         t = self.coefficients.sequence_overhead_s
-        for count, _, entry, delta_rule in self._layer_terms(parts):
-            layer = self._entry_layer_time(entry, delta_rule)(self._layer_shape(0.0, degree, delta_rule), 0.0, 0.0,
-                                                              self._link(degree))
+        for count, _, entry, delta_rule, window in self._layer_terms(parts):
+            layer = self._entry_layer_time(entry, delta_rule)(
+                self._layer_shape(0.0, degree, delta_rule, window), 0.0, 0.0, self._link(degree))
             t += count * float(layer)
         return float(t)
 
@@ -672,7 +713,7 @@ class CostModel:
         out = np.zeros_like(S)
         if P == 1:
             return out
-        for _, _, entry, delta_rule in self._layer_terms(self.split_strategy(strategy)):
+        for _, _, entry, delta_rule, _ in self._layer_terms(self.split_strategy(strategy)):
             transient = entry.delta_rule_transient_bytes if delta_rule else entry.transient_bytes
             out = np.maximum(out, transient(self._layer_shape(S, P, delta_rule)))
         return out
