@@ -234,25 +234,30 @@ def _aot_variants(quick: bool):
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
         t = names[dtype]
-        for d in (128,) if quick else (64, 128, 96):
-            cfg = ta._configs(d, cuda, dtype)
-            base = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), PRECISION=ta._precision(dtype),
+        for d, dv in ((128, 128),) if quick else ((64, 64), (128, 128), (96, 96), (192, 128)):
+            cfg = ta._configs(max(d, dv), cuda, dtype)
+            block = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
+            base = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_D=block(d), BLOCK_DV=block(dv), PRECISION=ta._precision(dtype),
                         UPCAST=False)
             launch = lambda c: {k: v for k, v in c.items() if k in ("num_warps", "num_stages")}  # noqa: E731
             blocks = lambda c: {k: v for k, v in c.items() if k.startswith("BLOCK")}  # noqa: E731
-            flags = [(True, False, False), (True, True, False), (True, False, True), (False, False, False)]
-            for causal, varlen, merge in flags[:1] if quick else flags:
+            # masks: causal; a sliding window on the SP ops' explicit positions; none
+            causal, window = dict(RIGHT=True), dict(LEFT=True, RIGHT=True, POSITIONS=True)
+            masks = [causal, window, {}]
+            flags = [(causal, False, False), (window, True, False), (causal, True, True), ({}, False, False)]
+            for mask, varlen, merge in flags[:2] if quick else flags:
                 ptrs = {"Q": t, "K": t, "V": t, "Out": "fp32" if merge else t, "Lse": "fp32", "OutAcc": "fp32",
-                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32"}
-                yield ta._attn_fwd_kernel, ptrs, dict(base, CAUSAL=causal, VARLEN=varlen, MERGE=merge,
+                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32", "QPos": "i64", "KPos": "i64"}
+                yield ta._attn_fwd_kernel, ptrs, dict(base, VARLEN=varlen, MERGE=merge, **mask,
                                                       **blocks(cfg["fwd"])), launch(cfg["fwd"])
             yield (ta._attn_bwd_preprocess_kernel, {"Out": t, "DOut": t, "Delta": "fp32", "CuQ": "i32"},
-                   dict(HEAD_DIM=d, BLOCK_D=base["BLOCK_D"], VARLEN=False, **blocks(cfg["pre"])), launch(cfg["pre"]))
+                   dict(HEAD_DIM=dv, BLOCK_D=base["BLOCK_DV"], VARLEN=False, **blocks(cfg["pre"])), launch(cfg["pre"]))
             ptrs = {n: t for n in ("Q", "K", "V", "DOut", "DK", "DV", "DQ")}
-            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32")
-            for causal, varlen in [(True, False)] if quick else [(True, False), (True, True), (False, False)]:
+            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32", QPos="i64", KPos="i64")
+            bwd = [(masks[0], False), (masks[1], True)] + ([] if quick else [(masks[0], True), (masks[2], False)])
+            for mask, varlen in bwd:
                 for kernel, c in ((ta._attn_bwd_dkdv_kernel, cfg["dkdv"]), (ta._attn_bwd_dq_kernel, cfg["dq"])):
-                    yield kernel, ptrs, dict(base, CAUSAL=causal, VARLEN=varlen, **blocks(c)), launch(c)
+                    yield kernel, ptrs, dict(base, VARLEN=varlen, **mask, **blocks(c)), launch(c)
         for dk in (128,) if quick else (64, 128):
             state, tiles = tlin._state_tiles(dk, dk, cuda, dtype), tlin._tiles(dk, dk, cuda, dtype)
             decays = [(True, False), (True, True)] if quick else [(True, False), (False, False), (True, True)]
@@ -306,7 +311,8 @@ def compile_only(quick: bool) -> int:
                 signature[param.name] = "constexpr"
                 continue
             name = param.name
-            signature[name] = f"*{ptrs[name]}" if name in ptrs else ("fp32" if "scale" in name else "i32")
+            scalar = "fp32" if "scale" in name or name == "cap" else "i32"
+            signature[name] = f"*{ptrs[name]}" if name in ptrs else scalar
             if name in ptrs or name.startswith("stride_") or name.startswith("seqlen") or name.startswith("dim_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specialises for aligned real sizes
         label = f"{kernel.__name__} " + " ".join(
