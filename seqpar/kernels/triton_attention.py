@@ -36,6 +36,7 @@ import math
 import torch
 import triton
 
+from seqpar.kernels.attention import check_softcap, check_window
 from seqpar.kernels.triton_attention_kernels import (
     LOG2E,
     _attn_bwd_dkdv_kernel,
@@ -199,6 +200,9 @@ class _Mask:
     RIGHT with 0), the positions (POSITIONS, their pointers and strides) and whether they are sorted."""
 
     def __init__(self, p: _Problem, q, k, causal, window, q_positions, k_positions):
+        window = check_window(window)
+        if (q_positions is None) != (k_positions is None):
+            raise ValueError("k_positions: pass both q_positions and k_positions, or neither")
         left, right = (-1, -1) if window is None else window
         self.flags = {"LEFT": left >= 0, "RIGHT": bool(causal) or right >= 0}
         self.left, self.right = max(left, 0), 0 if causal else max(right, 0)
@@ -262,6 +266,7 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 def _softcap_args(softcap: float | None) -> tuple[float, dict]:
     """The kernels' ``cap`` argument (the softcap in log2 units: scores are kept in log2 units) and SOFTCAP flag."""
+    softcap = check_softcap(softcap)
     return (1.0, {}) if softcap is None else (float(softcap) * LOG2E, {"SOFTCAP": True})
 
 
@@ -342,54 +347,66 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, ma
 
 
 def triton_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+    window: tuple[int, int] | None = None, softcap: float | None = None, q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded forward: q (B, Sq, H, D), k/v (B, Sk, H_kv, D) -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32."""
-    return _forward(q, k, v, None, None, causal, _scale(q, scale))
+    """Padded forward: q (B, Sq, H, D), k (B, Sk, H_kv, D), v (B, Sk, H_kv, Dv) -> out (B, Sq, H, Dv) in q's
+    dtype, lse (B, H, Sq) float32. Options as the module docstring (positions (B, Sq) / (B, Sk))."""
+    return _forward(q, k, v, None, None, causal, _scale(q, scale), softcap=softcap, window=window,
+                    q_positions=q_positions, k_positions=k_positions)
 
 
 def triton_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, causal: bool = False, scale: float | None = None,
+    *, causal: bool = False, scale: float | None = None, window: tuple[int, int] | None = None,
+    softcap: float | None = None, q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded backward -> (dq, dk, dv) in the inputs' dtypes. ``out``/``lse`` may be the final merged ones
-    of a larger softmax: the result is then this block's share of the gradient."""
-    return _backward(dout, q, k, v, out, lse, None, None, causal, _scale(q, scale))
+    of a larger softmax: the result is then this block's share of the gradient. lse may have any strides."""
+    return _backward(dout, q, k, v, out, lse, None, None, causal, _scale(q, scale), softcap=softcap, window=window,
+                     q_positions=q_positions, k_positions=k_positions)
 
 
 def triton_attention_forward_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     *, causal: bool = False, scale: float | None = None, max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
+    max_seqlen_k: int | None = None, window: tuple[int, int] | None = None, softcap: float | None = None,
+    q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed forward: q (Tq, H, D), k/v (Tk, H_kv, D) -> out (Tq, H, D), lse (H, Tq) float32. With the
-    ``max_seqlen_*`` hints (both or neither) cu_seqlens are neither validated nor read on the host."""
+    """Packed forward: q (Tq, H, D), k (Tk, H_kv, D), v (Tk, H_kv, Dv) -> out (Tq, H, Dv), lse (H, Tq) float32.
+    With the ``max_seqlen_*`` hints (both or neither) cu_seqlens are neither validated nor read on the host (nor
+    the positions' order checked). Options as the module docstring (positions (Tq,) / (Tk,))."""
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), None, None, max_seqlen_q,
-                    max_seqlen_k)
+                    max_seqlen_k, softcap=softcap, window=window, q_positions=q_positions, k_positions=k_positions)
 
 
 def triton_attention_backward_varlen(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, window: tuple[int, int] | None = None,
+    softcap: float | None = None, q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed backward -> (dq, dk, dv); the hints as in ``triton_attention_forward_varlen``."""
+    """Packed backward -> (dq, dk, dv); the hints and options as in ``triton_attention_forward_varlen``."""
     return _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), max_seqlen_q,
-                     max_seqlen_k)
+                     max_seqlen_k, softcap=softcap, window=window, q_positions=q_positions, k_positions=k_positions)
 
 
 def triton_attention_merge(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor | None, lse_acc: torch.Tensor | None,
     *, causal: bool = False, scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    window: tuple[int, int] | None = None, softcap: float | None = None, q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q against this K/V block merged into the running ``(out_acc, lse_acc)`` inside the kernel
-    epilogue. Returns new ``(out float32, lse float32)`` in q's layout (padded, or packed with cu_seqlens and
-    the optional ``max_seqlen_*`` hints); ``out_acc=None`` starts from this block. The inputs are not modified."""
+    epilogue. Returns new ``(out float32, lse float32)`` in q's layout with v's head dim (padded, or packed with
+    cu_seqlens and the optional ``max_seqlen_*`` hints); ``out_acc=None`` starts from this block. The options
+    as ``triton_attention_forward``. The inputs are not modified."""
     if (out_acc is None) != (lse_acc is None):
         raise ValueError("lse_acc: pass both out_acc and lse_acc, or neither")
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), out_acc, lse_acc, max_seqlen_q,
-                    max_seqlen_k)
+                    max_seqlen_k, softcap=softcap, window=window, q_positions=q_positions, k_positions=k_positions)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -142,8 +142,9 @@ def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, BL
     for a key tile; n of them, positions in ``Pos`` or i + offset) that anchors at positions [a_min, a_max] can
     see: searched x is visible to anchor a when a - below <= x <= a + above (each side only when BELOW/ABOVE).
     Blocks in [first, last) are visited; those in [full_first, full_last) are seen whole by every anchor and
-    need no band mask. TAIL_SAFE: the caller masks the searched side's length itself (dK/dV's query rows), so
-    the partial last block may count as full."""
+    need no band mask; without BELOW, first == full_first (callers drop that loop at compile time); unsorted
+    positions visit every block, all in [full_last, last). TAIL_SAFE: the caller masks the searched side's length
+    itself (dK/dV's query rows), so the partial last block may count as full."""
     lo = n * 0
     hi = n + 0
     full_lo = n * 0
@@ -154,10 +155,10 @@ def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, BL
     if ABOVE:
         hi = _first_at_least(Pos, stride_p, n, a_max + above + 1, offset, steps, POSITIONS)
         full_hi = _first_at_least(Pos, stride_p, n, a_min + above + 1, offset, steps, POSITIONS)
-    if not SORTED:  # unsorted positions: no search; every block, all masked
+    if not SORTED:  # unsorted positions: no search; every block, masked (all in the last range)
         lo = n * 0
         hi = n + 0
-        full_lo = n + 0
+        full_lo = n * 0
         full_hi = n * 0
     first = lo // BLOCK
     last = tl.maximum(tl.cdiv(hi, BLOCK), first)
@@ -278,12 +279,13 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(first, full_first, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs, stride_kps, start_n, offs_n,
-            offs_d, offs_dv, seqlen_k, qk_scale, cap, win_left, win_right, HEAD_DIM, HEAD_DV, BLOCK_D, BLOCK_DV,
-            True, PRECISION, UPCAST, SOFTCAP, LEFT, RIGHT, POSITIONS,
-        )
+    if LEFT:  # keys a window's left edge cuts; without it this range is empty
+        for start_n in range(first, full_first, BLOCK_N):
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs, stride_kps, start_n,
+                offs_n, offs_d, offs_dv, seqlen_k, qk_scale, cap, win_left, win_right, HEAD_DIM, HEAD_DV, BLOCK_D,
+                BLOCK_DV, True, PRECISION, UPCAST, SOFTCAP, LEFT, RIGHT, POSITIONS,
+            )
     for start_n in range(full_first, full_last, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs, stride_kps, start_n, offs_n,
@@ -463,12 +465,14 @@ def _attn_bwd_dkdv_kernel(
         do_base = DOut + b64 * stride_db + h * stride_dh + q_start * stride_ds
         lse_base = Lse + b64 * stride_lb + h * stride_lh + q_start * stride_ls
         delta_base = Delta + b64 * stride_dlb + h * stride_dlh + q_start * stride_dls
-        for start_m in range(first, full_first, BLOCK_M):
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, qpos_base, stride_qs, stride_ds,
-                stride_ls, stride_dls, stride_qps, start_m, offs_d, offs_dv, seqlen_q, diag, qk_scale, cap, win_left,
-                win_right, HEAD_DIM, HEAD_DV, BLOCK_M, True, PRECISION, UPCAST, SOFTCAP, LEFT, RIGHT, POSITIONS,
-            )
+        if RIGHT:  # queries the causal diagonal or a window's right edge cuts; without either this range is empty
+            for start_m in range(first, full_first, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, qpos_base, stride_qs, stride_ds,
+                    stride_ls, stride_dls, stride_qps, start_m, offs_d, offs_dv, seqlen_q, diag, qk_scale, cap,
+                    win_left, win_right, HEAD_DIM, HEAD_DV, BLOCK_M, True, PRECISION, UPCAST, SOFTCAP, LEFT, RIGHT,
+                    POSITIONS,
+                )
         for start_m in range(full_first, full_last, BLOCK_M):
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, qpos_base, stride_qs, stride_ds,
@@ -578,11 +582,12 @@ def _attn_bwd_dq_kernel(
         POSITIONS, SORTED, False,
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(first, full_first, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs,
-                           stride_kps, start_n, offs_n, offs_d, offs_dv, seqlen_k, qk_scale, cap, win_left, win_right,
-                           HEAD_DIM, HEAD_DV, BLOCK_D, BLOCK_DV, True, PRECISION, UPCAST, SOFTCAP, LEFT, RIGHT,
-                           POSITIONS)
+    if LEFT:  # keys a window's left edge cuts; without it this range is empty
+        for start_n in range(first, full_first, BLOCK_N):
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs,
+                               stride_kps, start_n, offs_n, offs_d, offs_dv, seqlen_k, qk_scale, cap, win_left,
+                               win_right, HEAD_DIM, HEAD_DV, BLOCK_D, BLOCK_DV, True, PRECISION, UPCAST, SOFTCAP, LEFT,
+                               RIGHT, POSITIONS)
     for start_n in range(full_first, full_last, BLOCK_N):
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, kpos_base, stride_ks, stride_vs,
                            stride_kps, start_n, offs_n, offs_d, offs_dv, seqlen_k, qk_scale, cap, win_left, win_right,
