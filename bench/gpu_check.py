@@ -253,13 +253,13 @@ def _aot_variants(quick: bool):
             flags = [(causal, False, False), (window, True, False), (causal, True, True), ({}, False, False)]
             for mask, varlen, merge in flags[:2] if quick else flags:
                 ptrs = {"Q": t, "K": t, "V": t, "Out": "fp32" if merge else t, "Lse": "fp32", "OutAcc": "fp32",
-                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32", "QPos": "i64", "KPos": "i64"}
+                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32", "QPos": "i64", "KPos": "i64", "PosSorted": "i32"}
                 yield ta._attn_fwd_kernel, ptrs, dict(base, VARLEN=varlen, MERGE=merge, **mask,
                                                       **blocks(cfg["fwd"])), launch(cfg["fwd"])
             yield (ta._attn_bwd_preprocess_kernel, {"Out": t, "DOut": t, "Delta": "fp32", "CuQ": "i32"},
                    dict(HEAD_DIM=dv, BLOCK_D=base["BLOCK_DV"], VARLEN=False, **blocks(cfg["pre"])), launch(cfg["pre"]))
             ptrs = {n: t for n in ("Q", "K", "V", "DOut", "DK", "DV", "DQ")}
-            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32", QPos="i64", KPos="i64")
+            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32", QPos="i64", KPos="i64", PosSorted="i32")
             bwd = [(masks[0], False), (masks[1], True)] + ([] if quick else [(masks[0], True), (masks[2], False)])
             for mask, varlen in bwd:
                 for kernel, c in ((ta._attn_bwd_dkdv_kernel, cfg["dkdv"]), (ta._attn_bwd_dq_kernel, cfg["dq"])):

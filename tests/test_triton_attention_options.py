@@ -107,8 +107,7 @@ def _zigzag_positions(chunk, chunks):
 @pytest.mark.parametrize("hinted", [False, True])
 def test_explicit_positions_of_sp_shards_match_reference(hinted):
     """What ring/zigzag pass: packed q and k with the global positions of their shards (two runs each), a window
-    and causal in those positions; with the ``max_seqlen`` hints (no host read; the caller vouches that the
-    positions are sorted, as the SP ops' are) and without (the launcher checks)."""
+    and causal in those positions; with the ``max_seqlen`` hints (no host read) and without."""
     gen = torch.Generator().manual_seed(7)
     chunk = 12  # a sequence of 8 chunks (P = 4); q holds chunks (3, 4), k chunks (1, 6)
     q_pos, k_pos = _zigzag_positions(chunk, (3, 4)), _zigzag_positions(chunk, (1, 6))
@@ -126,9 +125,11 @@ def test_explicit_positions_of_sp_shards_match_reference(hinted):
     _check(out, lse, grads, *ref, hinted)
 
 
-def test_unsorted_positions_visit_every_block_and_stay_correct():
-    """Positions the binary search cannot use (keys in shuffled order, padded form): the launcher sees they are
-    not sorted and the kernels mask every block instead of skipping: still the reference."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_unsorted_positions_visit_every_block_and_stay_correct(packed):
+    """Positions the binary search cannot use (keys in shuffled order): a flag the launcher computes on the device
+    sends the kernels through every block, masked, instead of skipping: still the reference, padded and packed
+    with the ``max_seqlen`` hints (where nothing is read on the host)."""
     gen = torch.Generator().manual_seed(9)
     s = 40
     order = torch.randperm(s, generator=gen)
@@ -136,11 +137,20 @@ def test_unsorted_positions_visit_every_block_and_stay_correct():
     q_pos, k_pos = torch.arange(s), order
     options = dict(causal=True, window=(6, 2))
     ref = _reference(q, k, v, dout, q_positions=q_pos, k_positions=k_pos, **options)
-    positions = dict(q_positions=q_pos[None], k_positions=k_pos[None])
-    q32, k32, v32 = q.float(), k.float(), v.float()
-    out, lse = attention_block(q32, k32, v32, backend=TRITON, **positions, **options)
-    grads = attention_block_backward(dout.float(), q32, k32, v32, out, lse, backend=TRITON, **positions, **options)
-    _check(out, lse, grads, *ref, "unsorted")
+    q32, k32, v32, dout32 = q.float(), k.float(), v.float(), dout.float()
+    if packed:
+        cu = _cu([s])
+        options.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, q_positions=q_pos,
+                       k_positions=k_pos)
+        q32, k32, v32, dout32 = q32[0], k32[0], v32[0], dout32[0]
+        ref = (ref[0][0], ref[1][0], [g[0] for g in ref[2]])
+        forward, backward = attention_block_varlen, attention_block_varlen_backward
+    else:
+        options.update(q_positions=q_pos[None], k_positions=k_pos[None])
+        forward, backward = attention_block, attention_block_backward
+    out, lse = forward(q32, k32, v32, backend=TRITON, **options)
+    grads = backward(dout32, q32, k32, v32, out, lse, backend=TRITON, **options)
+    _check(out, lse, grads, *ref, packed)
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -226,3 +236,25 @@ def test_ring_at_three_ranks_runs_triton_with_a_window():
         for i, err in enumerate(rank_results):
             assert err["finite"] and err["out"] < 1e-5, (i, err)
             assert max(err["dq"], err["dk"], err["dv"]) < 1e-4, (i, err)
+
+
+def test_bad_options_raise_naming_the_argument():
+    """The launcher's own checks (its public entry points take the options directly): before any kernel runs."""
+    from seqpar.kernels.triton_attention import triton_attention_forward, triton_attention_forward_varlen
+
+    q = torch.randn(1, 8, 2, 16)
+    pos = torch.arange(8)[None]
+    cu = _cu([8])
+    band = dict(window=(2, 0))
+    cases = {
+        "window": lambda: triton_attention_forward(q, q, q, window=(-2, 0)),
+        "softcap": lambda: triton_attention_forward(q, q, q, softcap=float("nan")),
+        "q_positions": lambda: triton_attention_forward(q, q, q, q_positions=pos[:, :5], k_positions=pos, **band),
+        "k_positions": lambda: triton_attention_forward(q, q, q, q_positions=pos, k_positions=pos * 1.0, **band),
+        "k_positions ": lambda: triton_attention_forward(q, q, q, q_positions=pos),
+        "q_positions ": lambda: triton_attention_forward_varlen(q[0], q[0], q[0], cu, cu, window=(2, 0),
+                                                                q_positions=pos, k_positions=pos[0]),
+    }
+    for name, call in cases.items():
+        with pytest.raises(ValueError, match=f"^{name.strip()}:"):
+            call()

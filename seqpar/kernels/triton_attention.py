@@ -16,17 +16,17 @@ Options (the contract's, all in the kernels): ``softcap``; ``window=(left, right
 unbounded; with causal also j <= i), whose blocks wholly outside the band are not visited;
 ``q_positions``/``k_positions`` (int, (B, S) padded or (T,) packed): the positions the causal mask and the
 window compare instead of the bottom-right aligned ones (the SP ops pass their shards' global positions).
-The kernels find the blocks a tile's band reaches by a binary search in the positions, so they must be
-non-decreasing within each sequence (every SP layout's shards are). Without the ``max_seqlen_*`` hints (and
-always for padded input) the launcher checks that (one host read) and, where they are not sorted, runs every
-block masked (correct, not fast); with the hints the caller vouches for it, as for cu_seqlens.
+The kernels find the blocks a tile's band reaches by a binary search in the positions, which works where they
+never decrease within a sequence (every SP layout's shards); a flag computed on the device (no host read) sends
+any other positions through every block, masked: correct, not fast.
 Sinks are not a kernel option: they enter once, after the merge (``kernels.attention.apply_attention_sinks``).
 
 ``register()`` registers one backend, ``"triton"`` (named for its kernels, like the linear-attention one):
 asked for by name it runs on CUDA, and on CPU tensors when triton was imported with ``TRITON_INTERPRET=1``
 (the tests); ``backend="auto"`` picks it on CUDA only (``auto_eligible``), so "auto" on CPU stays torch.
 
-Raises ``ValueError`` (naming the argument) for bad shapes, dtypes, head dims > 256 or bad cu_seqlens.
+Raises ``ValueError`` (naming the argument) for bad shapes, dtypes, head dims > 256, bad cu_seqlens, a bad
+``window``/``softcap``, or positions of the wrong shape or dtype (or only one of the two).
 """
 
 from __future__ import annotations
@@ -153,8 +153,7 @@ class _Problem:
             if size > MAX_HEAD_DIM:
                 raise ValueError(f"{name}: head dim {size} > {MAX_HEAD_DIM} is not supported by the triton kernels")
         self.group = self.h // self.h_kv
-        self.hinted = self.varlen and max_q is not None
-        if self.hinted:
+        if self.varlen and max_q is not None:
             # The caller's hints (computed once per step where the batch was packed and validated): read nothing
             # of cu_seqlens on the host, so the launch does not wait for the device. Only metadata is checked.
             for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
@@ -197,7 +196,7 @@ class _Problem:
 
 class _Mask:
     """The kernels' band arguments of one call: ``win_left``/``win_right`` with the LEFT/RIGHT flags (causal is
-    RIGHT with 0), the positions (POSITIONS, their pointers and strides) and whether they are sorted."""
+    RIGHT with 0), the positions (POSITIONS, their pointers and strides) and the device flag of their order."""
 
     def __init__(self, p: _Problem, q, k, causal, window, q_positions, k_positions):
         window = check_window(window)
@@ -209,17 +208,18 @@ class _Mask:
         self.steps_q = max(1, int(p.seqlen_q).bit_length() + 1)  # binary-search steps over one sequence
         self.steps_k = max(1, int(p.seqlen_k).bit_length() + 1)
         if q_positions is None:
-            self.q_pos = self.k_pos = q  # never read without POSITIONS
+            self.q_pos = self.k_pos = self.sorted = q  # never read without POSITIONS
             self.q_strides = self.k_strides = (0, 0)
             return
         self.q_pos = self._checked(q_positions, "q_positions", q, p)
         self.k_pos = self._checked(k_positions, "k_positions", k, p)
         self.q_strides, self.k_strides = self._strides(self.q_pos, p), self._strides(self.k_pos, p)
         self.flags["POSITIONS"] = True
-        banded = self.flags["LEFT"] or self.flags["RIGHT"]
-        if banded and not p.hinted:  # the launch reads cu_seqlens anyway (or is padded): check the order
-            self.flags["SORTED"] = _sorted_within(self.q_pos, p.cu_q if p.varlen else None) and _sorted_within(
-                self.k_pos, p.cu_k if p.varlen else None)
+        if self.flags["LEFT"] or self.flags["RIGHT"]:
+            self.sorted = (_nondecreasing(self.q_pos, p.cu_q if p.varlen else None)
+                           & _nondecreasing(self.k_pos, p.cu_k if p.varlen else None)).to(torch.int32).reshape(1)
+        else:  # no band: every block is visited anyway
+            self.sorted = torch.ones(1, dtype=torch.int32, device=q.device)
 
     @staticmethod
     def _checked(pos, name, x, p):
@@ -237,18 +237,18 @@ class _Mask:
         return (*self.q_strides, *self.k_strides)
 
 
-def _sorted_within(pos: torch.Tensor, cu: torch.Tensor | None) -> bool:
-    """Whether positions never decrease within a sequence: rows of a (B, S) tensor, or the runs of a packed (T,)
-    tensor between ``cu`` boundaries. One host read."""
+def _nondecreasing(pos: torch.Tensor, cu: torch.Tensor | None) -> torch.Tensor:
+    """Bool scalar on pos's device (no host read): positions never decrease within a sequence, i.e. along the rows
+    of a (B, S) tensor, or between the ``cu`` boundaries of a packed (T,) tensor."""
     if pos.dim() == 2:
-        return bool((pos[:, 1:] >= pos[:, :-1]).all()) if pos.shape[1] > 1 else True
-    if pos.numel() < 2:
-        return True
-    step_ok = pos[1:] >= pos[:-1]
-    last = cu[1:-1].long() - 1  # the last token of every sequence but the final one: a decrease is allowed after it
-    last = last[(last >= 0) & (last < step_ok.numel())]
-    step_ok[last] = True
-    return bool(step_ok.all())
+        return (pos[:, 1:] >= pos[:, :-1]).all()
+    steps = pos[1:] >= pos[:-1]
+    if cu is None or steps.numel() == 0:
+        return steps.all()
+    # a decrease is allowed across a boundary: after token cu[i] - 1 (slot 0 takes -1, the last slot T - 1)
+    allowed = torch.zeros(steps.numel() + 2, dtype=torch.bool, device=pos.device)
+    allowed[(cu[1:-1].long() - 1).clamp(-1, steps.numel()) + 1] = True
+    return (steps | allowed[1:-1]).all()
 
 
 def _lastdim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -294,7 +294,7 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_acc=None, lse_acc=None, max
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.batch * p.h)
     cap, cap_flag = _softcap_args(softcap)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, acc_out, acc_lse, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos,
+        q, k, v, out, lse, acc_out, acc_lse, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos, mask.sorted,
         *p.bsh(q), *p.bsh(k), *p.bsh(v), *p.bsh(out), *p.bhs(lse), *p.bsh(acc_out), *p.bhs(acc_lse), *mask.args(),
         p.seqlen_q, p.seqlen_k, p.h, p.group, scale * LOG2E, cap, mask.left, mask.right, mask.steps_k,
         HEAD_DIM=p.d, HEAD_DV=p.dv, BLOCK_D=p.block_d, BLOCK_DV=p.block_dv, VARLEN=p.varlen, MERGE=merge,
@@ -333,13 +333,13 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_q=None, ma
     pointers = (q, k, v, dout, lse, delta)
     cfg = cfgs["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.batch * p.h_kv)](
-        *pointers, dk, dv, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos, *args, *p.bsh(dk), *p.bsh(dv),
+        *pointers, dk, dv, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos, mask.sorted, *args, *p.bsh(dk), *p.bsh(dv),
         p.seqlen_q, p.seqlen_k, p.h_kv, p.group, scale, scale * LOG2E, cap, mask.left, mask.right, mask.steps_q,
         **common, **cfg,
     )
     cfg = cfgs["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.batch * p.h)](
-        *pointers, dq, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos, *args, *p.bsh(dq),
+        *pointers, dq, p.cu_q, p.cu_k, mask.q_pos, mask.k_pos, mask.sorted, *args, *p.bsh(dq),
         p.seqlen_q, p.seqlen_k, p.h, p.group, scale, scale * LOG2E, cap, mask.left, mask.right, mask.steps_k,
         **common, **cfg,
     )
@@ -375,8 +375,8 @@ def triton_attention_forward_varlen(
     q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed forward: q (Tq, H, D), k (Tk, H_kv, D), v (Tk, H_kv, Dv) -> out (Tq, H, Dv), lse (H, Tq) float32.
-    With the ``max_seqlen_*`` hints (both or neither) cu_seqlens are neither validated nor read on the host (nor
-    the positions' order checked). Options as the module docstring (positions (Tq,) / (Tk,))."""
+    With the ``max_seqlen_*`` hints (both or neither) cu_seqlens are neither validated nor read on the host.
+    Options as the module docstring (positions (Tq,) / (Tk,))."""
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, scale), None, None, max_seqlen_q,
                     max_seqlen_k, softcap=softcap, window=window, q_positions=q_positions, k_positions=k_positions)
 

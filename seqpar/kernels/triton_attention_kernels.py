@@ -11,8 +11,8 @@ each side only when bounded (``LEFT``/``RIGHT``); causal is ``RIGHT`` with ``win
 ``POSITIONS``, read from int64 position tensors (an SP block: its rows' global positions in their sequence).
 Every kernel computes, per tile, which blocks of the other side the band reaches (``_block_range``: arithmetic
 for aligned positions, a binary search in the sorted position tensor otherwise) and visits only those; blocks
-every row sees whole run without masks. Positions that are not sorted within a sequence (``SORTED=False``, found
-by the launcher) visit every block with masks: correct, not fast.
+every row sees whole run without masks. Positions that are not sorted within a sequence (a flag the launcher
+computes on the device) visit every block with masks: correct, not fast.
 
 * ``_attn_fwd_kernel``: one program per (BLOCK_M query rows, sequence x head). Online softmax over key blocks.
   With ``MERGE`` the epilogue also reads a running (out_acc float32, lse_acc) for the same rows and writes the
@@ -135,16 +135,16 @@ def _first_at_least(Pos, stride_p, n, target, offset, steps, POSITIONS: tl.const
 
 
 @triton.jit
-def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, BLOCK: tl.constexpr,
-                 BELOW: tl.constexpr, ABOVE: tl.constexpr, POSITIONS: tl.constexpr, SORTED: tl.constexpr,
-                 TAIL_SAFE: tl.constexpr):
+def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, sorted_ok, BLOCK: tl.constexpr,
+                 BELOW: tl.constexpr, ABOVE: tl.constexpr, POSITIONS: tl.constexpr, TAIL_SAFE: tl.constexpr):
     """Block-aligned ``(first, full_first, full_last, last)`` of the searched side (keys for a query tile, queries
     for a key tile; n of them, positions in ``Pos`` or i + offset) that anchors at positions [a_min, a_max] can
     see: searched x is visible to anchor a when a - below <= x <= a + above (each side only when BELOW/ABOVE).
     Blocks in [first, last) are visited; those in [full_first, full_last) are seen whole by every anchor and
-    need no band mask; without BELOW, first == full_first (callers drop that loop at compile time); unsorted
-    positions visit every block, all in [full_last, last). TAIL_SAFE: the caller masks the searched side's length
-    itself (dK/dV's query rows), so the partial last block may count as full."""
+    need no band mask; without BELOW, first == full_first (callers drop that loop at compile time). Positions
+    that are not sorted within every sequence (``sorted_ok`` == 0) visit every block, all in [full_last, last).
+    TAIL_SAFE: the caller masks the searched side's length itself (dK/dV's query rows), so the partial last
+    block may count as full."""
     lo = n * 0
     hi = n + 0
     full_lo = n * 0
@@ -155,11 +155,12 @@ def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, BL
     if ABOVE:
         hi = _first_at_least(Pos, stride_p, n, a_max + above + 1, offset, steps, POSITIONS)
         full_hi = _first_at_least(Pos, stride_p, n, a_min + above + 1, offset, steps, POSITIONS)
-    if not SORTED:  # unsorted positions: no search; every block, masked (all in the last range)
-        lo = n * 0
-        hi = n + 0
-        full_lo = n * 0
-        full_hi = n * 0
+    if POSITIONS:  # unsorted positions: the search found nothing meaningful; every block, masked
+        unsorted = sorted_ok == 0
+        lo = tl.where(unsorted, 0, lo)
+        hi = tl.where(unsorted, n, hi)
+        full_lo = tl.where(unsorted, 0, full_lo)
+        full_hi = tl.where(unsorted, 0, full_hi)
     first = lo // BLOCK
     last = tl.maximum(tl.cdiv(hi, BLOCK), first)
     full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK), first), last)
@@ -169,6 +170,16 @@ def _block_range(Pos, stride_p, n, a_min, a_max, offset, below, above, steps, BL
         end = full_hi // BLOCK
     full_last = tl.minimum(tl.maximum(end, full_first), last)
     return first * BLOCK, full_first * BLOCK, full_last * BLOCK, last * BLOCK
+
+
+@triton.jit
+def _positions_sorted(PosSorted, POSITIONS: tl.constexpr):
+    """The launcher's device-side flag (int32, 1: the positions never decrease within a sequence), 1 without
+    positions. Read on the device, so the launch never waits for it."""
+    ok = 1
+    if POSITIONS:
+        ok = tl.load(PosSorted)
+    return ok
 
 
 @triton.jit
@@ -228,7 +239,7 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, OutAcc, LseAcc, CuQ, CuK, QPos, KPos,
+    Q, K, V, Out, Lse, OutAcc, LseAcc, CuQ, CuK, QPos, KPos, PosSorted,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -242,7 +253,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr = False, LEFT: tl.constexpr = False, RIGHT: tl.constexpr = False,
-    POSITIONS: tl.constexpr = False, SORTED: tl.constexpr = True,
+    POSITIONS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -272,8 +283,8 @@ def _attn_fwd_kernel(
     q_pos, q_lo, q_hi = _tile_positions(QPos + b64 * stride_qpb + q_start * stride_qps, stride_qps, m0, offs_m,
                                         row_ok, seqlen_k - seqlen_q, tl.minimum(BLOCK_M, seqlen_q - m0), POSITIONS)
     first, full_first, full_last, last = _block_range(
-        kpos_base, stride_kps, seqlen_k, q_lo, q_hi, 0, win_left, win_right, steps_k, BLOCK_N, LEFT, RIGHT,
-        POSITIONS, SORTED, False,
+        kpos_base, stride_kps, seqlen_k, q_lo, q_hi, 0, win_left, win_right, steps_k, _positions_sorted(PosSorted,
+        POSITIONS), BLOCK_N, LEFT, RIGHT, POSITIONS, False,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -408,7 +419,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, QPos, KPos,
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, QPos, KPos, PosSorted,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -423,7 +434,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr = False, LEFT: tl.constexpr = False, RIGHT: tl.constexpr = False,
-    POSITIONS: tl.constexpr = False, SORTED: tl.constexpr = True,
+    POSITIONS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -455,8 +466,8 @@ def _attn_bwd_dkdv_kernel(
     k_pos, k_lo, k_hi = _tile_positions(KPos + b64 * stride_kpb + k_start * stride_kps, stride_kps, n0, offs_n,
                                         key_ok, 0, tl.minimum(BLOCK_N, seqlen_k - n0), POSITIONS)
     first, full_first, full_last, last = _block_range(
-        qpos_base, stride_qps, seqlen_q, k_lo, k_hi, diag, win_right, win_left, steps_q, BLOCK_M, RIGHT, LEFT,
-        POSITIONS, SORTED, True,
+        qpos_base, stride_qps, seqlen_q, k_lo, k_hi, diag, win_right, win_left, steps_q, _positions_sorted(PosSorted,
+        POSITIONS), BLOCK_M, RIGHT, LEFT, POSITIONS, True,
     )
     # Key rows past seqlen_k are zeros: their dK/dV are never stored and they add nothing elsewhere.
     for g in range(group):  # GQA: every q head of this kv head, K/V loaded once
@@ -528,7 +539,7 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, QPos, KPos,
+    Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, QPos, KPos, PosSorted,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -542,7 +553,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr = False, LEFT: tl.constexpr = False, RIGHT: tl.constexpr = False,
-    POSITIONS: tl.constexpr = False, SORTED: tl.constexpr = True,
+    POSITIONS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -578,8 +589,8 @@ def _attn_bwd_dq_kernel(
     q_pos, q_lo, q_hi = _tile_positions(QPos + b64 * stride_qpb + q_start * stride_qps, stride_qps, m0, offs_m,
                                         row_ok, seqlen_k - seqlen_q, tl.minimum(BLOCK_M, seqlen_q - m0), POSITIONS)
     first, full_first, full_last, last = _block_range(
-        kpos_base, stride_kps, seqlen_k, q_lo, q_hi, 0, win_left, win_right, steps_k, BLOCK_N, LEFT, RIGHT,
-        POSITIONS, SORTED, False,
+        kpos_base, stride_kps, seqlen_k, q_lo, q_hi, 0, win_left, win_right, steps_k, _positions_sorted(PosSorted,
+        POSITIONS), BLOCK_N, LEFT, RIGHT, POSITIONS, False,
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if LEFT:  # keys a window's left edge cuts; without it this range is empty
