@@ -65,14 +65,14 @@ def _check(out, lse, grads, ref_out, ref_lse, ref_grads, case):
 )
 def test_window_and_value_head_dim_match_reference(sq, sk, d, dv, causal, window):
     gen = torch.Generator().manual_seed(sq * 100 + sk + d)
-    q, k, v = _rand(gen, 2, sq, 4, d), _rand(gen, 2, sk, 2, d), _rand(gen, 2, sk, 2, dv)
-    dout = _rand(gen, 2, sq, 4, dv)
+    q, k, v = _rand(gen, 1, sq, 4, d), _rand(gen, 1, sk, 2, d), _rand(gen, 1, sk, 2, dv)
+    dout = _rand(gen, 1, sq, 4, dv)
     ref = _reference(q, k, v, dout, causal=causal, window=window)
     q32, k32, v32 = q.float(), k.float(), v.float()
     out, lse = attention_block(q32, k32, v32, causal=causal, window=window, backend=TRITON)
     grads = attention_block_backward(dout.float(), q32, k32, v32, out, lse, causal=causal, window=window,
                                      backend=TRITON)
-    assert out.shape == (2, sq, 4, dv) and lse.shape == (2, 4, sq)
+    assert out.shape == (1, sq, 4, dv) and lse.shape == (1, 4, sq)
     _check(out, lse, grads, *ref, (sq, sk, d, dv, causal, window))
 
 
@@ -83,8 +83,8 @@ def test_varlen_window_value_head_dim_and_sinks_through_autograd():
     gen = torch.Generator().manual_seed(3)
     lens = [5, 1, 37, 0, 20]
     cu = _cu(lens)
-    q, k, v = _rand(gen, sum(lens), 4, 24), _rand(gen, sum(lens), 2, 24), _rand(gen, sum(lens), 2, 16)
-    sinks, dout = _rand(gen, 4), _rand(gen, sum(lens), 4, 16)
+    q, k, v = _rand(gen, sum(lens), 2, 24), _rand(gen, sum(lens), 1, 24), _rand(gen, sum(lens), 1, 16)
+    sinks, dout = _rand(gen, 2), _rand(gen, sum(lens), 2, 16)
     options = dict(causal=True, window=(9, 0), softcap=2.0)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, sinks)]
     ref, _ = reference_attention(*leaves[:3], cu_seqlens=cu, sinks=leaves[3], **options)
@@ -189,15 +189,15 @@ def test_backward_takes_a_strided_lse():
     gen = torch.Generator().manual_seed(4)
     lens = [9, 23]
     cu, t = _cu(lens), sum(lens)
-    q, k, v, dout = _rand(gen, t, 4, 16), _rand(gen, t, 2, 16), _rand(gen, t, 2, 16), _rand(gen, t, 4, 16)
+    q, k, v, dout = _rand(gen, t, 2, 16), _rand(gen, t, 1, 16), _rand(gen, t, 1, 16), _rand(gen, t, 2, 16)
     ref_out, _, ref_grads = _reference(q, k, v, dout, causal=True, cu_seqlens=cu)
     q32, k32, v32 = q.float(), k.float(), v.float()
     packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend=TRITON)
     out, lse = attention_block_varlen(q32, k32, v32, **packed)
-    wide = torch.full((4, t + 8), float("nan"))
+    wide = torch.full((2, t + 8), float("nan"))
     wide[:, 5:5 + t] = lse
     sliced = wide[:, 5:5 + t]  # strides (t + 8, 1)
-    transposed = lse.t().contiguous().t()  # strides (1, 4)
+    transposed = lse.t().contiguous().t()  # strides (1, 2)
     for lse_view in (sliced, transposed):
         assert not lse_view.is_contiguous() and torch.equal(lse_view, lse)
         grads = attention_block_varlen_backward(dout.float(), q32, k32, v32, out, lse_view, **packed)
@@ -222,16 +222,16 @@ def test_auto_picks_triton_on_cuda_for_window_positions_and_value_head_dim(monke
 def ring_triton_window_cases():
     cases = [
         dict(batch=1, seq_len=60, h=2, h_kv=1, d=24, dv=16, causal=True, layout="zigzag", window=(7, 0)),
-        dict(lens=[12, 36], h=2, h_kv=1, d=16, causal=True, layout="zigzag", window=(5, 2), hint=True, sinks=True),
-        dict(batch=1, seq_len=48, h=2, h_kv=2, d=16, causal=False, layout="contiguous", window=(20, 3)),
+        dict(lens=[12, 36], h=2, h_kv=1, d=16, causal=False, layout="zigzag", window=(5, 2), hint=True, sinks=True),
     ]
     return [check_against_reference("ring_attention", seed=i, op_options={"backend": TRITON}, **case)
             for i, case in enumerate(cases)]
 
 
 def test_ring_at_three_ranks_runs_triton_with_a_window():
-    """Ring attention at P = 3 on the Triton backend (float32, interpreter) with windows (zigzag causal with
-    MLA head dims, packed varlen with the hint and sinks, contiguous (left, right)) against float64."""
+    """Ring attention at P = 3 on the Triton backend (float32, interpreter; its merge fused in the kernel) with
+    windows (zigzag causal with MLA head dims; packed varlen with the hint, sinks and a (left, right) window
+    without causal) against float64."""
     for rank_results in run_distributed(ring_triton_window_cases, 3):
         for i, err in enumerate(rank_results):
             assert err["finite"] and err["out"] < 1e-5, (i, err)
