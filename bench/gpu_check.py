@@ -14,13 +14,17 @@ Stages (``STAGES``; ``--plan`` prints them):
 1. ``correctness``: the attention and linear kernels against float64 references at real sizes, bf16: Triton and
    flash-attn (when it imports) forward (out, lse) and backward (dq, dk, dv) at D = 64 and 128, GQA, S = 4K
    causal and not, S = 32K causal; packed varlen with the ``max_seqlen`` hints (no host read of cu_seqlens);
-   a NaN key (rows that see it NaN, the others exact); a head-dim-stride-2 view; the fused out/LSE merge;
+   a NaN key (rows that see it NaN, the others exact); a head-dim-stride-2 view; a 1K causal sliding window at
+   8K; Triton only: MLA head dims (D 192, Dv 128) with a (left, right) window, and the explicit zigzag positions
+   an SP block passes with a window; the fused out/LSE merge;
    Triton linear attention (three decay kinds vs the recurrence at 4K, per-token decay at 32K vs the torch
    chunked path in float64); the Triton gated delta rule (GDN and KDA bf16, GDN fp32 at 4K vs the torch chunked
    path in float64, every gradient). Tolerance 2e-2 relative error (fp32: 1e-4); the reference sees the same
    bf16-rounded inputs.
 2. ``speed``: TFLOP/s (medians, CUDA events) of softmax attention fwd and fwd+bwd, causal bf16 D = 128, B = 1,
-   H = 16, S = 4K..32K (+ non-causal 16K, D = 64 at 16K) for Triton, flash-attn 2 and torch SDPA; linear
+   H = 16, S = 4K..32K (+ non-causal 16K, D = 64 at 16K) for Triton, flash-attn 2 and torch SDPA; a causal
+   4K sliding window at the longest S for Triton and flash-attn (goal: Triton's windowed step <= 1.5x the visible
+   share of the full causal step's time, i.e. the blocks outside the band are skipped); linear
    attention (per-token decay) for Triton, the torch chunked path and fla's chunk_simple_gla (if installed);
    gated delta rule (GDN 4K/16K, KDA 4K) for Triton, the torch chunked path and fla's chunk_gated_delta_rule;
    ratios, and the goal lines (Triton attention fwd+bwd >= 0.9x flash-attn at 16K causal; Triton linear >= 0.9x
@@ -79,8 +83,10 @@ class Stage:
 
 
 STAGES = (
-    Stage("correctness", 255, 200, "kernels vs float64: bf16, D 64/128, GQA, 32K, varlen, NaN, stride 2, delta rule"),
-    Stage("speed", 245, 215, "TFLOP/s fwd, fwd+bwd: Triton vs flash-attn/SDPA; Triton linear, delta rule vs torch/fla"),
+    Stage("correctness", 250, 220, "kernels vs float64: bf16, D 64/128, GQA, 32K, varlen, NaN, stride 2, window, MLA, "
+          "positions, delta rule"),
+    Stage("speed", 250, 230, "TFLOP/s fwd, fwd+bwd: Triton vs flash-attn/SDPA (+ 4K window); Triton linear, delta rule "
+          "vs torch/fla"),
     Stage("sp_ops", 100, 60, "every registered SP op at world size 1 on NCCL, fwd+bwd vs float64, padded+packed"),
     Stage("train_smoke", 120, 80, "seqpar-train, 1 GPU, NCCL, 5 steps (--fsdp --activation-checkpointing if known)"),
 )
@@ -238,25 +244,30 @@ def _aot_variants(quick: bool):
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
         t = names[dtype]
-        for d in (128,) if quick else (64, 128, 96):
-            cfg = ta._configs(d, cuda, dtype)
-            base = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), PRECISION=ta._precision(dtype),
+        for d, dv in ((128, 128),) if quick else ((64, 64), (128, 128), (96, 96), (192, 128)):
+            cfg = ta._configs(max(d, dv), cuda, dtype)
+            block = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
+            base = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_D=block(d), BLOCK_DV=block(dv), PRECISION=ta._precision(dtype),
                         UPCAST=False)
             launch = lambda c: {k: v for k, v in c.items() if k in ("num_warps", "num_stages")}  # noqa: E731
             blocks = lambda c: {k: v for k, v in c.items() if k.startswith("BLOCK")}  # noqa: E731
-            flags = [(True, False, False), (True, True, False), (True, False, True), (False, False, False)]
-            for causal, varlen, merge in flags[:1] if quick else flags:
+            # masks: causal; a sliding window on the SP ops' explicit positions; none
+            causal, window = dict(RIGHT=True), dict(LEFT=True, RIGHT=True, POSITIONS=True)
+            masks = [causal, window, {}]
+            flags = [(causal, False, False), (window, True, False), (causal, True, True), ({}, False, False)]
+            for mask, varlen, merge in flags[:2] if quick else flags:
                 ptrs = {"Q": t, "K": t, "V": t, "Out": "fp32" if merge else t, "Lse": "fp32", "OutAcc": "fp32",
-                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32"}
-                yield ta._attn_fwd_kernel, ptrs, dict(base, CAUSAL=causal, VARLEN=varlen, MERGE=merge,
+                        "LseAcc": "fp32", "CuQ": "i32", "CuK": "i32", "QPos": "i64", "KPos": "i64", "PosSorted": "i32"}
+                yield ta._attn_fwd_kernel, ptrs, dict(base, VARLEN=varlen, MERGE=merge, **mask,
                                                       **blocks(cfg["fwd"])), launch(cfg["fwd"])
             yield (ta._attn_bwd_preprocess_kernel, {"Out": t, "DOut": t, "Delta": "fp32", "CuQ": "i32"},
-                   dict(HEAD_DIM=d, BLOCK_D=base["BLOCK_D"], VARLEN=False, **blocks(cfg["pre"])), launch(cfg["pre"]))
+                   dict(HEAD_DIM=dv, BLOCK_D=base["BLOCK_DV"], VARLEN=False, **blocks(cfg["pre"])), launch(cfg["pre"]))
             ptrs = {n: t for n in ("Q", "K", "V", "DOut", "DK", "DV", "DQ")}
-            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32")
-            for causal, varlen in [(True, False)] if quick else [(True, False), (True, True), (False, False)]:
+            ptrs.update(Lse="fp32", Delta="fp32", CuQ="i32", CuK="i32", QPos="i64", KPos="i64", PosSorted="i32")
+            bwd = [(masks[0], False), (masks[1], True)] + ([] if quick else [(masks[0], True), (masks[2], False)])
+            for mask, varlen in bwd:
                 for kernel, c in ((ta._attn_bwd_dkdv_kernel, cfg["dkdv"]), (ta._attn_bwd_dq_kernel, cfg["dq"])):
-                    yield kernel, ptrs, dict(base, CAUSAL=causal, VARLEN=varlen, **blocks(c)), launch(c)
+                    yield kernel, ptrs, dict(base, VARLEN=varlen, **mask, **blocks(c)), launch(c)
         for dk in (128,) if quick else (64, 128):
             state, tiles = tlin._state_tiles(dk, dk, cuda, dtype), tlin._tiles(dk, dk, cuda, dtype)
             decays = [(True, False), (True, True)] if quick else [(True, False), (False, False), (True, True)]
@@ -332,7 +343,8 @@ def compile_only(quick: bool) -> int:
                 signature[param.name] = "constexpr"
                 continue
             name = param.name
-            signature[name] = f"*{ptrs[name]}" if name in ptrs else ("fp32" if "scale" in name else "i32")
+            scalar = "fp32" if "scale" in name or name == "cap" else "i32"
+            signature[name] = f"*{ptrs[name]}" if name in ptrs else scalar
             if name in ptrs or name.startswith("stride_") or name.startswith("seqlen") or name.startswith("dim_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specialises for aligned real sizes
         label = f"{kernel.__name__} " + " ".join(
@@ -357,10 +369,13 @@ def compile_only(quick: bool) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def reference_attention_grads(q, k, v, dout, *, causal, scale=None, rows=512):
+def reference_attention_grads(q, k, v, dout, *, causal, scale=None, rows=512, window=None, q_positions=None,
+                              k_positions=None):
     """Float64 softmax attention and its gradients by query blocks (no S x S buffer): (out, lse, dq, dk, dv).
 
-    q (B, Sq, H, D), k/v (B, Sk, H_kv, D), bottom-right causal; the explicit formulas of the backward."""
+    q (B, Sq, H, D), k (B, Sk, H_kv, D), v (B, Sk, H_kv, Dv); the mask compares positions (1-D; default bottom-right
+    aligned): causal j <= i, ``window=(left, right)`` i - left <= j <= i + right (-1 unbounded); the explicit
+    formulas of the backward."""
     q, k, v, dout = (x.double() for x in (q, k, v, dout))
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
@@ -368,19 +383,27 @@ def reference_attention_grads(q, k, v, dout, *, causal, scale=None, rows=512):
     group = h // h_kv
     kk = k.repeat_interleave(group, 2).transpose(1, 2)  # (B, H, Sk, D)
     vv = v.repeat_interleave(group, 2).transpose(1, 2)
-    out = torch.empty_like(q)
+    out = torch.empty_like(dout)
     lse = torch.empty(b, h, sq, dtype=torch.float64, device=q.device)
     dq = torch.empty_like(q)
     dk = torch.zeros_like(kk)
     dv = torch.zeros_like(vv)
-    cols = torch.arange(sk, device=q.device)
+    q_pos = torch.arange(sq, device=q.device) + (sk - sq) if q_positions is None else q_positions.to(q.device)
+    k_pos = torch.arange(sk, device=q.device) if k_positions is None else k_positions.to(q.device)
+    left, right = (-1, -1) if window is None else window
     for start in range(0, sq, rows):
         end = min(start + rows, sq)
         qb, dob = q[:, start:end].transpose(1, 2), dout[:, start:end].transpose(1, 2)  # (B, H, r, D)
         s = qb @ kk.transpose(-1, -2) * scale
+        distance = q_pos[start:end, None] - k_pos[None, :]  # i - j
+        hidden = torch.zeros_like(distance, dtype=torch.bool)
         if causal:
-            i = torch.arange(start, end, device=q.device)[:, None] + (sk - sq)
-            s = s.masked_fill(cols[None, :] > i, float("-inf"))
+            hidden |= distance < 0
+        if left >= 0:
+            hidden |= distance > left
+        if right >= 0:
+            hidden |= distance < -right
+        s = s.masked_fill(hidden, float("-inf"))
         row_lse = torch.logsumexp(s, -1)
         p = torch.nan_to_num(torch.exp(s - row_lse[..., None]), nan=0.0)
         o = p @ vv
@@ -390,7 +413,7 @@ def reference_attention_grads(q, k, v, dout, *, causal, scale=None, rows=512):
         dq[:, start:end] = (ds @ kk).transpose(1, 2)
         dk += ds.transpose(-1, -2) @ qb
         del s, p, ds
-    fold = lambda x: x.view(b, h_kv, group, sk, d).sum(2).transpose(1, 2)  # noqa: E731
+    fold = lambda x: x.view(b, h_kv, group, sk, x.shape[-1]).sum(2).transpose(1, 2)  # noqa: E731
     return out, lse, dq, fold(dk), fold(dv)
 
 
@@ -574,6 +597,32 @@ class GpuCheck:
         self.record(f"attention {backend} head-dim stride 2 S={s} D={d}",
                     {n: rel_err(g, r) for n, g, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref)})
 
+    def check_options(self, backend: str, *, s: int = 8192, h: int = 8, h_kv: int = 2, d: int = 128, dv: int = 128,
+                      window=(1023, 0), causal: bool = True, zigzag: bool = False):
+        """A sliding window (Mistral's, shorter than S), MLA head dims (D=192, Dv=128) and, with ``zigzag``, the
+        explicit positions an SP block passes (q and k: two runs of a zigzag shard at P = 4), fwd + bwd."""
+        from seqpar.kernels.attention import attention_block, attention_block_backward
+
+        q, k, do = (self._rand(1, s, n, d if i < 2 else dv, seed=90 + i) for i, n in enumerate((h, h_kv, h)))
+        v = self._rand(1, s, h_kv, dv, seed=93)
+        options = dict(causal=causal, window=window)
+        positions = {}
+        if zigzag:  # shards of a sequence of 8 chunks of s / 2 (P = 4): q holds chunks (3, 4), k chunks (2, 5)
+            c = s // 2
+
+            def runs(a, b):
+                return torch.cat([torch.arange(a * c, (a + 1) * c), torch.arange(b * c, (b + 1) * c)]).to(self.dev)
+
+            positions = dict(q_positions=runs(3, 4), k_positions=runs(2, 5))
+        batched = {n: p[None] for n, p in positions.items()}
+        out, lse = attention_block(q, k, v, backend=backend, **options, **batched)
+        grads = attention_block_backward(do, q, k, v, out, lse, backend=backend, **options, **batched)
+        ref = reference_attention_grads(q, k, v, do, **options, **positions)
+        names = ("out", "lse", "dq", "dk", "dv")
+        self.record(f"attention {backend} S={q.shape[1]} window={window} causal={causal} D={d} Dv={dv}"
+                    + (" zigzag positions" if zigzag else ""),
+                    {n: rel_err(g, r) for n, g, r in zip(names, (out, lse, *grads), ref)})
+
     def check_fused_merge(self, s: int = 16384, h: int = 4, d: int = 128):
         from seqpar.kernels.fused_merge import attention_block_merge
 
@@ -691,6 +740,12 @@ class GpuCheck:
                 self.attempt(f"attention varlen {backend} D={d}", lambda: self.check_varlen(backend, d=d))
             self.attempt(f"attention {backend} NaN key", lambda: self.check_nan_key(backend))
             self.attempt(f"attention {backend} head-dim stride 2", lambda: self.check_strided(backend))
+            self.attempt(f"attention {backend} sliding window", lambda: self.check_options(backend))
+            if backend == "triton":  # flash-attn has no explicit positions or Dv != D
+                self.attempt("attention triton MLA head dims, window (left, right)", lambda: self.check_options(
+                    backend, d=192, dv=128, window=(700, 300), causal=False))
+                self.attempt("attention triton zigzag positions + window", lambda: self.check_options(
+                    backend, window=(2047, 0), zigzag=True))
         if "triton" in self.backends:
             self.attempt("fused merge", self.check_fused_merge)
         for decay in ("none", "head", "token"):
@@ -745,6 +800,28 @@ class GpuCheck:
                            lambda fn=fn, leaves=leaves, do=do: fn(*leaves).backward(do),
                            attention_flops(b, h, s, d, causal, "fwd+bwd"), causal=causal, D=d)
             del q, k, v, do, leaves
+        self.window_timing(b, h, lengths[-1])
+
+    def window_timing(self, b: int, h: int, s: int, w: int = 4096, d: int = 128) -> None:
+        """A causal sliding window of ``w`` keys at the longest S (Mistral's 4096): Triton (which visits only the
+        blocks the band reaches) and flash-attn's ``window_size``; FLOPs count only the visible pairs."""
+        from seqpar.kernels.attention import attention
+
+        q, k, v, do = (self._rand(b, s, h, d, seed=30 + i) for i in range(4))
+        leaves = [x.requires_grad_(True) for x in (q.clone(), k.clone(), v.clone())]
+        pairs = w * s - w * (w - 1) // 2  # query i sees min(i + 1, w) keys
+        fwd_flops = 4.0 * b * h * pairs * d
+        providers: dict[str, Callable[..., torch.Tensor]] = {}
+        if "triton" in self.backends:
+            providers["triton"] = lambda a, b_, c: attention(a, b_, c, causal=True, window=(w - 1, 0), backend="triton")
+        if self.fa_func is not None:
+            providers["flash_attn"] = lambda a, b_, c: self.fa_func(a, b_, c, causal=True, window_size=(w - 1, 0))
+        for name, fn in providers.items():
+            with torch.no_grad():
+                self._time("attention", name, s, "fwd", lambda fn=fn: fn(q, k, v), fwd_flops, causal=True, D=d,
+                           window=w)
+            self._time("attention", name, s, "fwd+bwd", lambda fn=fn: fn(*leaves).backward(do), 3.5 * fwd_flops,
+                       causal=True, D=d, window=w)
 
     def linear_timing(self, b=1, h=16, d=128, chunk=64) -> None:
         from seqpar.kernels.linear import linear_attention_chunk
@@ -809,10 +886,10 @@ class GpuCheck:
                            delta_rule_flops(b, h, s, d, d, 64, "fwd+bwd"))
             del x, args, do, leaves
 
-    def _ms(self, kind, provider, s, mode, causal=None, d=128):
+    def _ms(self, kind, provider, s, mode, causal=None, d=128, window=None):
         for r in self.timings:
             same = (r["kind"], r["provider"], r["S"], r["mode"]) == (kind, provider, s, mode)
-            if same and r.get("causal", causal) == causal and r.get("D", d) == d:
+            if same and r.get("causal", causal) == causal and r.get("D", d) == d and r.get("window") == window:
                 return r["ms"]
         return None
 
@@ -822,10 +899,10 @@ class GpuCheck:
         for r in self.timings:
             if r["provider"] == "triton":
                 continue
-            mine = self._ms(r["kind"], "triton", r["S"], r["mode"], r.get("causal"), r.get("D", 128))
+            mine = self._ms(r["kind"], "triton", r["S"], r["mode"], r.get("causal"), r.get("D", 128), r.get("window"))
             if mine:
                 ratios.append({**{k: r[k] for k in ("kind", "provider", "S", "mode")}, "causal": r.get("causal"),
-                               "D": r.get("D"), "triton_speedup": r["ms"] / mine})
+                               "D": r.get("D"), "window": r.get("window"), "triton_speedup": r["ms"] / mine})
                 print(f"  {r['kind']:9s} vs {r['provider']:14s} S={r['S']:6d} {r['mode']:8s} D={r.get('D')} "
                       f"{ratios[-1]['triton_speedup']:.2f}x")
         goals = {}
@@ -834,6 +911,17 @@ class GpuCheck:
         goals["attention_fwd_bwd_vs_flash_attn_S16K_causal"] = (
             {"ratio": fa / tr, "goal": 0.9, "met": fa / tr >= 0.9} if fa and tr
             else {"met": None, "why": "missing timing"})
+        windowed = [r for r in self.timings if r["provider"] == "triton" and r.get("window") and r["mode"] == "fwd+bwd"]
+        full = self._ms("attention", "triton", windowed[0]["S"], "fwd+bwd", True) if windowed else None
+        if windowed and full:  # block skipping: the windowed step should cost about its share of the visible pairs
+            w, s_w = windowed[0]["window"], windowed[0]["S"]
+            share = (w * s_w - w * (w - 1) / 2) / (s_w * (s_w + 1) / 2)
+            ratio = windowed[0]["ms"] / full
+            goals["triton_window_time_vs_causal_time"] = {"S": s_w, "window": w, "ratio": ratio, "visible_share": share,
+                                                          "goal": "<= 1.5x the visible share",
+                                                          "met": ratio <= 1.5 * share}
+        else:
+            goals["triton_window_time_vs_causal_time"] = {"met": None, "why": "missing timing"}
         s_lin = 16384
         others = {p: self._ms("linear", p, s_lin, "fwd+bwd") for p in ("torch_chunked", "fla_simple_gla")}
         others = {p: t for p, t in others.items() if t}

@@ -90,9 +90,10 @@ def test_kernel_positions_and_value_dim_on_the_fast_path():
     assert max(float((g.double() - r).abs().max()) for g, r in zip(grads, ref_grads)) < 1e-4
 
 
-def test_kernel_options_refused_where_unsupported():
+def test_kernel_options_refused_where_unsupported(monkeypatch):
     """Bad options raise ValueError naming them; "auto" resolves to a backend that has every needed feature and
-    a named backend without one refuses (Triton has no window/softcap/value head dim)."""
+    a named backend without one refuses (a backend registered with no features)."""
+    kernels = importlib.import_module("seqpar.kernels.attention")  # the module (seqpar.kernels.attention is a function)
     q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
     errors = value_errors({
         "window": lambda: attention_block(q, k, v, window=(2,)),
@@ -103,8 +104,11 @@ def test_kernel_options_refused_where_unsupported():
     assert all(message and message.startswith(name.strip() + ":") for name, message in errors.items()), errors
     for needs in (("window",), ("softcap",), ("positions",), ("value_head_dim",)):
         assert needs[0] in get_attention_backend("auto", q.device, q.dtype, needs=needs).features
-    with pytest.raises(ValueError, match="backend: 'triton' cannot do window"):
-        get_attention_backend("triton", torch.device("cuda"), torch.bfloat16, needs=("window",))
+    plain = kernels.AttentionBackend(name="plain", forward=kernels._torch_forward, backward=kernels._torch_backward,
+                                     supports=lambda device, dtype: True)
+    monkeypatch.setitem(kernels._BACKENDS, "plain", plain)
+    with pytest.raises(ValueError, match="backend: 'plain' cannot do window"):
+        get_attention_backend("plain", torch.device("cuda"), torch.bfloat16, needs=("window",))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -386,8 +386,8 @@ def block_operands(
 def _rows(t: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
     if rows is None:
         return t
-    if isinstance(rows, slice):  # a view; on dim 1 (an (H, T) lse) a small copy: kernels index lse rows densely
-        return t[rows] if dim == 0 else t[:, rows].contiguous()
+    if isinstance(rows, slice):  # a view, also of an (H, T) lse: every kernel takes lse's own strides
+        return t[rows] if dim == 0 else t[:, rows]
     return t.index_select(dim, rows)
 
 

@@ -33,7 +33,9 @@ _FUSED: dict[str, Callable] = {}
 
 def register_fused_merge(backend_name: str, fn: Callable) -> None:
     """Register ``fn(q, k, v, out_acc, lse_acc, *, causal, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k) -> (out, lse)`` as the fused merge of the attention backend called ``backend_name``."""
+    max_seqlen_k) -> (out, lse)`` as the fused merge of the attention backend called ``backend_name``. Calls
+    that use options (``window``, ``softcap``, ``q_positions``/``k_positions``) pass them as keywords too when
+    the backend has them (``features``), so ``fn`` must take them for every feature its backend declares."""
     _FUSED[backend_name] = fn
 
 
@@ -68,8 +70,7 @@ def attention_block_merge(
     """``merge_attention_outputs(out_acc, lse_acc, *attention_block(q, k, v))`` in one call; fused when the
     resolved backend registered a fused merge. ``out_acc=lse_acc=None`` starts from this block.
     ``max_seqlen_q``/``max_seqlen_k``: the packed form's hints (see ``attention_block_varlen``). ``window``,
-    ``softcap``, ``q_positions``/``k_positions``: as ``attention_block``; a backend's fused merge does not take
-    them, so a call that uses them runs unfused on a backend that has them.
+    ``softcap``, ``q_positions``/``k_positions``: as ``attention_block``; the fused merge takes them too.
 
     Raises:
         ValueError: only one of out_acc/lse_acc, or of cu_seqlens_q/cu_seqlens_k, given; anything
@@ -84,11 +85,11 @@ def attention_block_merge(
                if value is not None}
     needs = call_features(q, v, window=window, softcap=softcap, positions=q_positions is not None)
     impl = get_attention_backend(backend, q.device, q.dtype, needs=needs)
-    fused = None if options else _FUSED.get(impl.name)
+    fused = _FUSED.get(impl.name)
     if fused is not None:
         return fused(
             q, k, v, out_acc, lse_acc, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **options,
         )
     if cu_seqlens_q is None:
         block_out, block_lse = attention_block(q, k, v, causal=causal, scale=scale, backend=impl.name, **options)
