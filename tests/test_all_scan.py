@@ -230,3 +230,31 @@ def test_piece_rule_and_cost_model_charge_the_host_time_per_message(monkeypatch)
     chain = lambda pieces: (4 + pieces - 2) * (131072 / pieces / 1e6 + 1e-3)  # noqa: E731
     assert chain(16) < chain(64)
     assert strategies.lasp2_gather_time(shape, loaded) == pytest.approx(3 * (131072 / 1e6 + 20e-6) + 980e-6)
+
+
+def measure_host(pieces):
+    from seqpar.collectives import scan
+
+    link = comm.LinkEmulation(gbps=1.0, latency_s=20e-6)
+    comm.set_link_emulation(link)
+    try:
+        host_s = scan.measure_message_host_s(pieces=pieces, repeats=1)
+        restored = comm.emulation.link_emulation() is link
+    finally:
+        comm.set_link_emulation(None)
+    try:
+        scan.measure_message_host_s(pieces=1)
+        bad = None
+    except ValueError as err:
+        bad = str(err)
+    return {"host_s": host_s, "restored": restored, "bad": bad}
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_measured_host_time_per_message_is_agreed_and_leaves_the_link_as_it_was(world_size):
+    results = run_distributed(measure_host, world_size, 4)
+    assert len({r["host_s"] for r in results}) == 1  # every rank gets the same figure (it chooses K itself)
+    host_s = results[0]["host_s"]
+    assert host_s == 0.0 if world_size == 1 else 0.0 <= host_s < 1.0  # seconds; no relay at P = 1
+    assert all(r["restored"] for r in results)
+    assert all(r["bad"] is not None and "pieces" in r["bad"] for r in results)

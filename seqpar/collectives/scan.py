@@ -107,15 +107,20 @@ def link_latency_bytes() -> float:
     return (link.latency_s + message_host_s()) * link.gbps * 1e9 / 8
 
 
-def measure_message_host_s(*, group: dist.ProcessGroup | None = None, pieces: int = 16, repeats: int = 5) -> float:
+def measure_message_host_s(*, group: dist.ProcessGroup | None = None, pieces: int = 16, repeats: int = 5,
+                           while_computing: bool = True) -> float:
     """Measure the host time per piece and hop on this group: a scan of a tiny state (its bytes cost nothing)
-    in ``pieces`` pieces and in one, median over ``repeats``, the slowest rank's time each; the ``pieces`` -
-    1 extra pieces cost (pieces - 1) host times on the critical path. Collective (every rank of the group
-    calls it). With link emulation on it runs on an emulated link of no latency and unbounded bandwidth (the
-    headers emulation sends are part of the host cost the emulated runs pay), and restores the link after.
+    in ``pieces`` pieces and in one, median over ``repeats``, from the first rank's start to the last relay's
+    last forward; the ``pieces`` - 1 extra pieces cost (pieces - 1) host times on the critical path.
+    ``while_computing``: every rank computes (small matmuls, as the intra-chunk work) while the relay runs, as
+    in ZeCO, where the relay thread competes with the compute for the CPU and the GIL: on a loaded machine a
+    wake-up then costs far more than on idle ranks. Collective (every rank of the group calls it). With link
+    emulation on it runs on an emulated link of no latency and unbounded bandwidth (the headers emulation
+    sends are part of the host cost the emulated runs pay), and restores the link after.
 
     Returns:
-        seconds >= 0, the same on every rank; pass it to ``set_message_host_s`` (and to ``strategies.Link``'s
+        seconds >= 0 (with ``while_computing`` the larger of the idle and the busy figure), the same on every
+        rank; pass it to ``set_message_host_s`` (and to ``strategies.Link``'s
         ``host_s`` for the cost model) on every rank.
 
     Raises:
@@ -129,26 +134,35 @@ def measure_message_host_s(*, group: dist.ProcessGroup | None = None, pieces: in
     link = emulation.link_emulation()
     device = comm.required_device(group)
     state = torch.zeros(1, pieces, 4, device=device)
+
+    def scan_time(num_pieces: int, busy_s: float) -> float:
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        relay = ScanRelay(state.shape, state.dtype, device, group=group, num_pieces=num_pieces)
+        relay.start(state, None)
+        x = torch.full((128, 128), 0.01, device=device)
+        while time.perf_counter() - start < busy_s:
+            x = torch.tanh(x @ x)
+        relay.complete()
+        relay.finish()
+        done = relay.done_at if relay.done_at is not None else time.perf_counter()
+        stamps = torch.tensor([-start, done], dtype=torch.float64, device=device)
+        dist.all_reduce(stamps, op=dist.ReduceOp.MAX, group=group)  # the first start, the last relay's end
+        return float(stamps.sum().item())
+
+    def per_piece(busy_s: float) -> tuple[float, float]:
+        medians = [statistics.median([scan_time(k, busy_s) for _ in range(repeats + 1)][1:]) for k in (1, pieces)]
+        return max(0.0, (medians[1] - medians[0]) / (pieces - 1)), medians[1]
+
     if link is not None:
         emulation.set_link_emulation(emulation.LinkEmulation(gbps=1e9, latency_s=0.0))
     try:
-        medians = []
-        for num_pieces in (1, pieces):
-            times = []
-            for _ in range(repeats + 1):  # the first: warm-up
-                dist.barrier(group=group)
-                start = time.perf_counter()
-                relay = ScanRelay(state.shape, state.dtype, device, group=group, num_pieces=num_pieces)
-                relay.start(state, None)
-                relay.complete()
-                relay.finish()
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-                times.append(float(elapsed.item()))
-            medians.append(statistics.median(times[1:]))
+        host_s, idle_s = per_piece(0.0)
+        if while_computing:  # compute for longer than the idle relay took, so it runs under load throughout;
+            host_s = max(host_s, per_piece(3 * idle_s + 0.02)[0])  # at least what idle ranks pay (noise)
     finally:
         emulation.set_link_emulation(link)
-    return max(0.0, (medians[1] - medians[0]) / (pieces - 1))
+    return host_s
 
 
 def choose_pieces(world_size: int, state_bytes: float, dk: int, *, latency_bytes: float = LATENCY_BYTES) -> int:
@@ -225,6 +239,7 @@ class ScanRelay:
         self._sent: list[torch.Tensor] = []  # keeps the send buffers alive until finish()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.done_at: float | None = None  # time.perf_counter() when the relay thread forwarded its last piece
 
     @property
     def is_first(self) -> bool:
@@ -285,6 +300,7 @@ class ScanRelay:
                     recvs.append(comm.recv(buf, self.src, group=self.group, tag=self.tag + j))
                 for j, pending in enumerate(recvs):
                     self._forward_piece(j, pending.wait())
+            self.done_at = time.perf_counter()
         except BaseException as err:  # re-raised by complete() on the caller's thread
             self._error = err
 
