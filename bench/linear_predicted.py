@@ -2,7 +2,15 @@
 
     python bench/linear_predicted.py [--quick]        # ~3 min (--quick ~1.5 min) on a quiet 2-core machine
 
-For each P, in ONE run of P gloo ranks (one thread each), every repeat interleaves:
+For each P, in ONE run of P gloo ranks (one process each):
+
+0. Host time per message: ``scan.measure_message_host_s`` on the P ranks with link emulation on (a relay of
+   a tiny state in 16 pieces and in one: what each extra piece hop costs the host: the relay thread waking,
+   the emulation's header, posting the send), set on every rank (``scan.set_message_host_s``) so that ZeCO's
+   piece rule charges it, and given to the cost model's ``Link(host_s=...)``, which charges it per ZeCO piece
+   hop and per LASP-2 all-gather. On a loaded 2-core machine it is ~0.3-1.5 ms, far above the 20 us latency.
+
+Then every repeat interleaves:
 
 1. Calibration: every rank runs each op alone (a one-rank group: no communication, the P = 1 path) on its own
    copy of a sequence of ``--local-len`` / 2 and 2 x ``--local-len`` tokens, all ranks at once, so the
@@ -13,8 +21,9 @@ For each P, in ONE run of P gloo ranks (one thread each), every repeat interleav
    (``--gbps``, 20 us latency; arrival semantics, ``seqpar.collectives.comm.emulation``) and off.
    Every time is the slowest rank's; medians of the repeats; the spread (min-max) shows the noise.
 3. Prediction: the registry entry's ``layer_time`` (``seqpar.strategies``: what ``CostModel.seq_time`` charges
-   per layer) with the fitted compute and the emulated link: LASP-2's all-gather, ZeCO's (P - 1 + K - 1)-hop
-   pipelined scan with K from the op's rule on this link, each overlapped with the intra-chunk work.
+   per layer) with the fitted compute and the emulated link plus the measured host time: LASP-2's all-gather,
+   ZeCO's (P - 1 + K - 1)-hop pipelined scan with K from the op's rule on this link, each overlapped with the
+   intra-chunk work.
    ``schedule on link-off`` applies the same formula to the SP step measured with the link off (the
    schedule alone, without the calibration's fit). ``scan after compute`` charges a ZeCO whose scan started
    only after the whole local compute (compute + scan each way).
@@ -41,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, run_ranks, save_results  # noqa: E402
 
 from seqpar import strategies  # noqa: E402
-from seqpar.collectives import comm  # noqa: E402
+from seqpar.collectives import comm, scan  # noqa: E402
 from seqpar.collectives.lasp2 import lasp2_linear_attention  # noqa: E402
 from seqpar.collectives.zeco import zeco_linear_attention  # noqa: E402
 
@@ -72,6 +81,10 @@ def measure(s_local: int, calib_lens: list[int], repeats: int, gbps: float) -> d
     rank, world = dist.get_rank(), dist.get_world_size()
     alone_group = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group, in order
     links = {"link": comm.LinkEmulation(gbps=gbps, latency_s=LATENCY_S), "off": None}
+    comm.set_link_emulation(links["link"])
+    host_s = scan.measure_message_host_s()  # the same on every rank
+    scan.set_message_host_s(host_s)  # ZeCO's piece rule charges it, as the cost model below does
+    comm.set_link_emulation(None)
     sp_inputs = _inputs(s_local * world, rank, world)
     alone_inputs = {n: _inputs(n, 0, 1) for n in calib_lens}
 
@@ -102,7 +115,8 @@ def measure(s_local: int, calib_lens: list[int], repeats: int, gbps: float) -> d
                 times[run]["step"].append(_slowest(total))
     finally:
         comm.set_link_emulation(None)
-    return {f"{kind}:{name}:{which}": {"fwd_median_s": statistics.median(t["fwd"]),
+        scan.set_message_host_s(None)
+    return {"host_s_per_message": host_s} | {f"{kind}:{name}:{which}": {"fwd_median_s": statistics.median(t["fwd"]),
                                        "median_s": statistics.median(t["step"]),
                                        "min_s": min(t["step"]), "max_s": max(t["step"])}
             for (kind, name, which), t in times.items()}
@@ -133,12 +147,13 @@ def main() -> None:
     s_local = args.local_len or (512 if args.quick else 1024)
     repeats = args.repeats or (3 if args.quick else 5)
     calib_lens = [s_local // 2, 2 * s_local]
-    link = strategies.Link(args.gbps * 1e9 / 8, LATENCY_S)
     load_before = os.getloadavg()
     rows, raw = [], {}
     for world in args.worlds:
         measured = run_ranks(measure, world, s_local, calib_lens, repeats, args.gbps)[0]
         raw[world] = measured
+        host_s = measured["host_s_per_message"]
+        link = strategies.Link(args.gbps * 1e9 / 8, LATENCY_S, host_s=host_s)
         shape = layer_shape(s_local, world)
         for name in OPS:
             m = measured[f"sp:{name}:link"]
@@ -150,7 +165,7 @@ def main() -> None:
             schedule = float(entry.layer_time(shape, off_fwd, off["median_s"] - off_fwd, link))
             row = {"op": name, "P": world, "S": s_local * world, "measured ms": 1e3 * m["median_s"],
                    "spread ms": f"{1e3 * m['min_s']:.0f}-{1e3 * m['max_s']:.0f}",
-                   "fitted compute ms": 1e3 * (fwd + bwd), "predicted ms": 1e3 * predicted,
+                   "host us/msg": 1e6 * host_s, "fitted compute ms": 1e3 * (fwd + bwd), "predicted ms": 1e3 * predicted,
                    "predicted/measured": predicted / m["median_s"], "link off ms": 1e3 * off["median_s"],
                    "schedule on link-off ms": 1e3 * schedule, "schedule/measured": schedule / m["median_s"]}
             if name == "zeco":
@@ -171,7 +186,9 @@ def main() -> None:
                    "gbps": args.gbps, "latency_s": LATENCY_S, "repeats": repeats, "calibration_lens": calib_lens,
                    "cores": os.cpu_count()},
         "load_average_before": load_before, "load_average_after": load_after,
-        "note": "a shared 2-core machine loaded by other work; every time is interleaved with the others",
+        "note": ("a shared 2-core machine loaded by other work (see the load averages; the lead re-runs it on a "
+                 "quiet machine); every time is interleaved with the others" if max(load_before[0], load_after[0])
+                 > 2.5 else "a quiet machine (load average <= 2.5); every time is interleaved with the others"),
         "rows": rows, "raw": raw,
     })
     print(f"\nwrote {path}")

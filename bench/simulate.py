@@ -72,7 +72,7 @@ import numpy as np
 
 from seqpar.launch.data import long_tail_lengths
 from seqpar.solver import Cluster, CostCoefficients, CostModel, ModelSpec, plan_step, static_plan
-from seqpar.strategies import ZECO_PIECES, ZIGZAG_CAUSAL_QUERY_FRACTION
+from seqpar.strategies import ZIGZAG_CAUSAL_QUERY_FRACTION, LayerShape, Link, zeco_pieces
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -239,8 +239,10 @@ def compare_zeco(world: int = 256, length: float = 8 * M) -> dict:
     head["zeco_over_single_gpu"] = head["zeco_s"] / head["single_gpu_same_tokens_s"]
     small = linear_steps("H100", 64, 1 * M)
     head["zeco_1m_64_over_single_16k"] = small["zeco_s"] / small["single_gpu_same_tokens_s"]
-    _, lam = _beta_lam(CostModel(cluster("H100", world), LINEAR_LLAMA3_1B), world)
-    head["zeco_scan_latency_share"] = 2 * (world - 1 + ZECO_PIECES - 1) * lam / head["zeco_layer_s"]
+    beta, lam = _beta_lam(CostModel(cluster("H100", world), LINEAR_LLAMA3_1B), world)
+    pieces = _zeco_pieces(world, length, beta, lam)  # the op's rule (scan.choose_pieces), as the cost model's
+    head["zeco_pieces"] = pieces
+    head["zeco_scan_latency_share"] = 2 * (world - 1 + pieces - 1) * lam / head["zeco_layer_s"]
     fast = linear_steps("H100", world, length, latency_s=2e-6)
     head["latency_2us"] = {"lasp2_over_zeco": fast["lasp2_s"] / fast["zeco_s"],
                            "layer_lasp2_over_zeco": fast["lasp2_layer_s"] / fast["zeco_layer_s"],
@@ -248,6 +250,16 @@ def compare_zeco(world: int = 256, length: float = 8 * M) -> dict:
     sweep = [linear_steps("H100", p, 32 * K * p) for p in SWEEP]
     return {"hardware": "H100", "model": "Linear-Llama3-1B (the paper's GLA model is not in the cost model's terms)",
             "headline": head, "weak_sweep_32k_per_gpu": sweep}
+
+
+def _zeco_pieces(world: int, length: float, bytes_per_s: float, latency_s: float) -> int:
+    """K, the pieces ZeCO's All-Scan cuts one layer's state into on this link (``strategies.zeco_pieces``, the
+    rule the op and ``CostModel`` use; no host time per message is charged here, as the cost model's Link)."""
+    m = LINEAR_LLAMA3_1B
+    shape = LayerShape(seq_len=length, degree=world, heads=m.num_heads, kv_heads=m.num_kv_heads,
+                       head_dim=m.head_dim, elem_bytes=m.bytes_per_param,
+                       state_bytes=m.num_heads * m.head_dim * m.head_dim * 4)
+    return zeco_pieces(shape, Link(bytes_per_s, latency_s))
 
 
 def replace_bytes(model: ModelSpec, bytes_per_param: float) -> ModelSpec:

@@ -90,10 +90,13 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class Link:
-    """What one transfer costs: ``bytes_per_s`` per direction and ``latency_s`` per message or collective step."""
+    """What one transfer costs: ``bytes_per_s`` per direction and ``latency_s`` per message or collective step;
+    ``host_s``: host time per message beyond the link (posting it, a relay waking to forward it; charged by
+    the linear ops' terms, ``seqpar.collectives.scan.measure_message_host_s`` measures it)."""
 
     bytes_per_s: float
     latency_s: float
+    host_s: float = 0.0
 
 
 def _always_valid(degree: int, heads: int, kv_heads: int) -> str | None:
@@ -578,8 +581,9 @@ def lasp2_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
 
 
 def lasp2_gather_time(x: LayerShape, link: Link) -> Any:
-    """The all-gather of the states, a ring of ``P - 1`` rounds: ``(P-1) (state / beta + lam)``."""
-    return (x.degree - 1) * (x.state_bytes / link.bytes_per_s + link.latency_s)
+    """The all-gather of the states, a ring of ``P - 1`` rounds, posted by one call:
+    ``(P-1) (state / beta + lam) + host``."""
+    return (x.degree - 1) * (x.state_bytes / link.bytes_per_s + link.latency_s) + link.host_s
 
 
 def lasp2_layer_time(x: LayerShape, compute_fwd_s: Any, compute_bwd_s: Any, link: Link) -> Any:
@@ -604,21 +608,22 @@ def zeco_comm_bytes(x: LayerShape) -> tuple[Any, Any]:
 
 def zeco_pieces(x: LayerShape, link: Link | None = None) -> int:
     """K, the pieces the All-Scan cuts a state into: the op's rule, ``seqpar.collectives.scan.choose_pieces``,
-    from P, the state size and the link's latency x bandwidth (``scan.LATENCY_BYTES`` without a link)."""
+    from P, the state size and the link's (latency + host time per message) x bandwidth (``scan.LATENCY_BYTES``
+    without a link)."""
     from seqpar.collectives import scan  # here: scan needs torch, the formulas only numpy
 
-    latency_bytes = scan.LATENCY_BYTES if link is None else link.latency_s * link.bytes_per_s
+    latency_bytes = scan.LATENCY_BYTES if link is None else (link.latency_s + link.host_s) * link.bytes_per_s
     return scan.choose_pieces(x.degree, x.state_bytes, x.head_dim, latency_bytes=latency_bytes)
 
 
 def zeco_scan_time(x: LayerShape, link: Link) -> Any:
     """When the last rank has its incoming state after the scan starts: the state in ``K`` pieces relayed
     rank to rank, each hop forwarding a piece as soon as it arrived, so the last piece reaches rank P-1
-    after ``P - 1 + K - 1`` piece hops of ``state/K / beta + lam`` each (0 at P = 1)."""
+    after ``P - 1 + K - 1`` piece hops of ``state/K / beta + lam + host`` each (0 at P = 1)."""
     if x.degree == 1:
         return 0.0 * x.state_bytes
     pieces = zeco_pieces(x, link)
-    return (x.degree - 1 + pieces - 1) * (x.state_bytes / pieces / link.bytes_per_s + link.latency_s)
+    return (x.degree - 1 + pieces - 1) * (x.state_bytes / pieces / link.bytes_per_s + link.latency_s + link.host_s)
 
 
 def zeco_final_state_time(x: LayerShape, link: Link) -> Any:

@@ -174,20 +174,87 @@ def test_piece_count_comes_from_the_links_latency_bandwidth_product():
     the emulated link's product, the cost model its Link's, and both charge the same K."""
     from seqpar import strategies
     from seqpar.collectives import comm
+    from seqpar.collectives import scan
     from seqpar.collectives.scan import LATENCY_BYTES, choose_pieces, link_latency_bytes
 
     assert choose_pieces(4, 131072, 64, latency_bytes=32768) == 3  # sqrt(2 * 4) = 2.8
     assert choose_pieces(4, 131072, 64, latency_bytes=8) == 64  # sqrt(2 * 16384) = 181, clamped to Dk
     assert choose_pieces(8, 131072, 64, latency_bytes=0) == 64  # no latency: as fine as Dk allows
-    assert link_latency_bytes() == LATENCY_BYTES  # no emulation: the default assumption
-    comm.set_link_emulation(comm.LinkEmulation(gbps=0.008, latency_s=20e-6))  # 1 MB/s x 20 us = 20 bytes
+    scan.set_message_host_s(0.0)  # the link alone (the host time per message is charged below)
     try:
+        assert link_latency_bytes() == LATENCY_BYTES  # no emulation: the default assumption
+        comm.set_link_emulation(comm.LinkEmulation(gbps=0.008, latency_s=20e-6))  # 1 MB/s x 20 us = 20 bytes
         assert link_latency_bytes() == pytest.approx(20.0)
     finally:
         comm.set_link_emulation(None)
+        scan.set_message_host_s(None)
     shape = strategies.LayerShape(seq_len=4096, degree=4, heads=8, kv_heads=8, head_dim=64, elem_bytes=4,
                                   state_bytes=131072)
     link = strategies.Link(1e6, 20e-6)
     k = strategies.zeco_pieces(shape, link)
     assert k == choose_pieces(4, 131072, 64, latency_bytes=20.0) == 64
     assert strategies.zeco_scan_time(shape, link) == pytest.approx((4 - 1 + k - 1) * (131072 / k / 1e6 + 20e-6))
+
+
+def test_piece_rule_and_cost_model_charge_the_host_time_per_message(monkeypatch):
+    """alpha = latency + host time per message: a host cost that dominates the latency gives fewer, larger
+    pieces, in the op's rule and the cost model alike, and the scan time charges it on every piece hop."""
+    from seqpar import strategies
+    from seqpar.collectives import comm, scan
+
+    monkeypatch.delenv("SEQPAR_SCAN_HOST_US", raising=False)
+    assert scan.message_host_s() == scan.HOST_S_PER_MESSAGE
+    monkeypatch.setenv("SEQPAR_SCAN_HOST_US", "980")
+    comm.set_link_emulation(comm.LinkEmulation(gbps=0.008, latency_s=20e-6))  # 1 MB/s
+    try:
+        assert scan.link_latency_bytes() == pytest.approx((20e-6 + 980e-6) * 1e6)  # 1000 bytes
+        scan.set_message_host_s(0.0)  # the setter wins over the environment
+        assert scan.link_latency_bytes() == pytest.approx(20.0)
+    finally:
+        comm.set_link_emulation(None)
+        scan.set_message_host_s(None)
+    monkeypatch.setenv("SEQPAR_SCAN_HOST_US", "fast")
+    with pytest.raises(ValueError, match="SEQPAR_SCAN_HOST_US"):
+        scan.message_host_s()
+    with pytest.raises(ValueError, match="seconds"):
+        scan.set_message_host_s(-1.0)
+
+    shape = strategies.LayerShape(seq_len=4096, degree=4, heads=8, kv_heads=8, head_dim=64, elem_bytes=4,
+                                  state_bytes=131072)
+    bare, loaded = strategies.Link(1e6, 20e-6), strategies.Link(1e6, 20e-6, host_s=980e-6)
+    assert strategies.zeco_pieces(shape, bare) == 64  # sqrt(2 * 131072 / 20) = 114, clamped to Dk
+    k = strategies.zeco_pieces(shape, loaded)
+    assert k == round((2 * 131072 / 1000) ** 0.5) == 16
+    assert strategies.zeco_scan_time(shape, loaded) == pytest.approx((4 - 1 + k - 1) * (131072 / k / 1e6 + 1e-3))
+    # the piece count the host-aware rule picks is the better one on the loaded link
+    chain = lambda pieces: (4 + pieces - 2) * (131072 / pieces / 1e6 + 1e-3)  # noqa: E731
+    assert chain(16) < chain(64)
+    assert strategies.lasp2_gather_time(shape, loaded) == pytest.approx(3 * (131072 / 1e6 + 20e-6) + 980e-6)
+
+
+def measure_host(pieces):
+    from seqpar.collectives import scan
+
+    link = comm.LinkEmulation(gbps=1.0, latency_s=20e-6)
+    comm.set_link_emulation(link)
+    try:
+        host_s = scan.measure_message_host_s(pieces=pieces, repeats=1)
+        restored = comm.emulation.link_emulation() is link
+    finally:
+        comm.set_link_emulation(None)
+    try:
+        scan.measure_message_host_s(pieces=1)
+        bad = None
+    except ValueError as err:
+        bad = str(err)
+    return {"host_s": host_s, "restored": restored, "bad": bad}
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_measured_host_time_per_message_is_agreed_and_leaves_the_link_as_it_was(world_size):
+    results = run_distributed(measure_host, world_size, 4)
+    assert len({r["host_s"] for r in results}) == 1  # every rank gets the same figure (it chooses K itself)
+    host_s = results[0]["host_s"]
+    assert host_s == 0.0 if world_size == 1 else 0.0 <= host_s < 1.0  # seconds; no relay at P = 1
+    assert all(r["restored"] for r in results)
+    assert all(r["bad"] is not None and "pieces" in r["bad"] for r in results)

@@ -252,9 +252,11 @@ class LocalPass:
     autograd graphs from the forward so that the backward runs every op's backward once (no recomputation).
 
     Forward: ``states()`` (M_r, D_r), then ``output(i)`` for each output piece i (the intra-chunk work, split
-    so ZeCO can relay scan pieces between them), then ``finish(s_in)`` (the inter term; o). Backward:
-    ``incoming_state_grad(do)`` (L_r), ``output_grads(i, do)`` per piece, then ``state_grads(a, do)``
-    (through M_r, D_r and the inter term) and ``input_grads()``.
+    so ZeCO can relay scan pieces between them) and ``inter_queries()`` (the inter term's decayed queries),
+    all while the transfer runs, then ``finish(s_in)`` (the inter term's einsum; o). Backward:
+    ``incoming_state_grad(do)`` (L_r), then while the transfer runs ``output_grads(i, do)`` per piece and
+    ``inter_grads(do)`` (through the inter term: S_in is known), then ``state_grads(a, do)`` (through M_r and
+    D_r) and ``input_grads()``.
 
     The graphs: whole-sequence leaves Q, K, V, G feed the state pass, D and the inter term; each output piece
     (a chunk-aligned token range of one sequence) has its own leaves q_i, k_i, v_i, g_i and its entering states
@@ -289,6 +291,8 @@ class LocalPass:
         self.piece_leaves: list = [None] * len(self.pieces)  # (leaves q, k, v, g; entering states leaf)
         self.piece_out: list = [None] * len(self.pieces)
         self.piece_grads: list = [None] * len(self.pieces)  # (dq, dk, dv, dg, d_entering) after output_grads
+        self.qd_parts: list | None = None  # the inter term's decayed queries, from inter_queries()
+        self.inter_input_grads: list | None = None  # the inter term's input gradients, from inter_grads()
 
     def _g(self, g, a, b):
         return None if g is None else (g if self.shared_g else g[:, a:b])
@@ -337,6 +341,16 @@ class LocalPass:
         self.piece_leaves[i] = (leaves, entering)
         self.piece_out[i] = o
 
+    def inter_queries(self) -> None:
+        """The inter term's decayed queries (scale exp(b_t) q_t per sequence), which need no incoming state:
+        the ops compute them while their transfer runs, so that ``finish`` is one einsum per sequence. Call it
+        only where ``finish`` gets a state (else it is work for nothing)."""
+        sp = self.sp
+        with torch.set_grad_enabled(self.grad):
+            # the cumulative decay restarts at every sequence
+            self.qd_parts = [decayed_queries(self.Q[:, a:b], self._g(self.G, a, b), scale=sp.scale)
+                             for a, b in sp.segments]
+
     def finish(self, s_in: torch.Tensor | None) -> torch.Tensor:
         """o (B, S_local, H, Dv) in q's dtype: the pieces plus the inter term from ``s_in`` (None: zero, skipped)."""
         sp = self.sp
@@ -344,9 +358,10 @@ class LocalPass:
         o = torch.cat([p.detach() for p in self.piece_out], 1) if len(self.pieces) > 1 else self.piece_out[0].detach()
         self.o_inter, self.q_decayed = None, None
         if s_in is not None:
+            if self.qd_parts is None:
+                self.inter_queries()
+            qd, self.qd_parts = self.qd_parts, None
             with torch.set_grad_enabled(self.grad):
-                # the cumulative decay restarts at every sequence; one einsum per sequence's state
-                qd = [decayed_queries(self.Q[:, a:b], self._g(self.G, a, b), scale=sp.scale) for a, b in sp.segments]
                 states = s_in if not sp.packed else s_in[:, None]  # (B, ...) whole, or per sequence (1, ...)
                 parts = [torch.einsum("bshk,bhkv->bshv", x, states[j] if sp.packed else states)
                          for j, x in enumerate(qd)]
@@ -377,6 +392,15 @@ class LocalPass:
         self.piece_grads[i] = _grads([o], [do[:, a:b].to(o.dtype)], [*leaves, entering])
         self.piece_leaves[i] = self.piece_out[i] = None
 
+    def inter_grads(self, do: torch.Tensor) -> None:
+        """The input gradients through the inter term (o_inter = qd S_in, S_in a constant here), which need
+        nothing from the other ranks: the ops run them while the reverse transfer travels; ``state_grads``
+        adds them."""
+        if self.o_inter is not None:
+            self.inter_input_grads = _grads([self.o_inter], [do.to(self.o_inter.dtype)],
+                                            [self.Q, self.K, self.V, self.G, self.I])
+            self.o_inter = None  # its graph is spent
+
     def state_grads(self, a: torch.Tensor, do: torch.Tensor) -> None:
         """Backward through the state pass, D and the inter term, given a = dL/dM (the gradient of the state
         leaving each sequence's slice, a_{r+1}); dD = <a, exp(D) S_in> (S_in = 0 when it was skipped)."""
@@ -399,6 +423,9 @@ class LocalPass:
             outputs.append(self.o_inter)
             grad_outputs.append(do.to(self.o_inter.dtype))
         self.whole_grads = _grads(outputs, grad_outputs, [self.Q, self.K, self.V, self.G, self.I])
+        if self.inter_input_grads is not None:
+            self.whole_grads = add_grads(self.whole_grads, self.inter_input_grads)
+            self.inter_input_grads = None
 
     def initial_state_grad(self) -> torch.Tensor | None:
         """The initial state's gradient through the state pass (rank 0 when ``folds_initial``), after
@@ -441,6 +468,8 @@ class _Lasp2(torch.autograd.Function):
         tracing.record("kernel", name="lasp2.intra")
         for i in range(len(local.pieces)):
             local.output(i)
+        if sp.rank > 0 or (initial_state is not None and not local.folds_initial):  # finish() gets a state
+            local.inter_queries()
         gathered = pending.wait() if pending is not None else payload[None]
         states = gathered[:, :n].reshape(sp.world_size, *sp.state_shape)
         decays = None if d is None else gathered[:, n:].reshape(sp.world_size, *d.shape).clone()
@@ -475,6 +504,7 @@ class _Lasp2(torch.autograd.Function):
         tracing.record("kernel", name="lasp2.intra_backward")
         for i in range(len(local.pieces)):
             local.output_grads(i, do)
+        local.inter_grads(do)
         gathered = pending.wait() if pending is not None else payload[None]
         l_all = gathered[:, :n].reshape(sp.world_size, *sp.state_shape)
         # a_P = the sum of the ranks' final-state gradients; a_j = L_j + exp(D_j) a_{j+1}, folded down to r + 1

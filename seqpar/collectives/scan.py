@@ -32,7 +32,11 @@ relay is created after ``complete``).
 
 from __future__ import annotations
 
+import math
+import os
+import statistics
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,38 +44,139 @@ import torch.distributed as dist
 from seqpar.collectives import comm
 from seqpar.collectives.comm import emulation
 
-__all__ = ["DEFAULT_PIECES", "LATENCY_BYTES", "MAX_PIECES", "ScanRelay", "all_scan", "choose_pieces",
-           "link_latency_bytes", "piece_sizes"]
+__all__ = ["ASSUMED_BYTES_PER_S", "DEFAULT_PIECES", "HOST_S_PER_MESSAGE", "LATENCY_BYTES", "MAX_PIECES",
+           "ScanRelay", "all_scan", "choose_pieces", "link_latency_bytes", "measure_message_host_s",
+           "message_host_s", "piece_sizes", "set_message_host_s"]
 
 DEFAULT_PIECES = 8
 LATENCY_BYTES = 64 * 1024
 """The message size whose transfer time equals one link latency (alpha * bandwidth; ~64 KiB for 10 us at
 6.4 GB/s), assumed where the link is not known (``link_latency_bytes``)."""
+ASSUMED_BYTES_PER_S = 6.4e9
+"""The bandwidth assumed with ``LATENCY_BYTES`` (to turn the host cost per message into bytes)."""
+HOST_S_PER_MESSAGE = 50e-6
+"""Host time one piece costs each hop beyond the link's latency, assumed until set (``set_message_host_s``,
+``SEQPAR_SCAN_HOST_US``) or measured (``measure_message_host_s``): the relay thread waking, combining the
+piece and posting its send (Python and the transport's call). On a loaded CPU it is ~0.3-1.5 ms."""
 MAX_PIECES = comm.tags.SCAN_PIECES  # piece j travels with tag SCAN_NEXT + j (SCAN_PREV + j reversed)
 TAG_SCAN_NEXT = comm.tags.SCAN_NEXT
 TAG_SCAN_PREV = comm.tags.SCAN_PREV
 
 
+_host_s: float | None = None  # set_message_host_s; None: the environment or HOST_S_PER_MESSAGE
+
+
+def set_message_host_s(seconds: float | None) -> None:
+    """Set the host time per piece and hop that the piece rule charges on this process (None: back to
+    ``SEQPAR_SCAN_HOST_US`` or ``HOST_S_PER_MESSAGE``); set it alike on every rank (each chooses K itself).
+
+    Raises:
+        ValueError: ``seconds`` negative or not finite.
+    """
+    global _host_s
+    if seconds is not None and not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"seconds: expected None or a finite number >= 0, got {seconds!r}")
+    _host_s = None if seconds is None else float(seconds)
+
+
+def message_host_s() -> float:
+    """The host time per piece and hop the piece rule charges: ``set_message_host_s``'s, else
+    ``SEQPAR_SCAN_HOST_US`` (microseconds), else ``HOST_S_PER_MESSAGE``."""
+    if _host_s is not None:
+        return _host_s
+    spec = os.environ.get("SEQPAR_SCAN_HOST_US", "").strip()
+    if not spec:
+        return HOST_S_PER_MESSAGE
+    try:
+        value = float(spec)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"SEQPAR_SCAN_HOST_US: expected microseconds >= 0, e.g. '50', got {spec!r}")
+    return value * 1e-6
+
+
 def link_latency_bytes() -> float:
-    """alpha / beta of the link the scan runs on, in bytes (latency x bandwidth): the emulated link's when link
-    emulation is on (``comm.emulation.link_emulation()``), else ``LATENCY_BYTES``."""
+    """alpha / beta of the link the scan runs on, in bytes, where alpha is what one piece costs per hop beyond
+    its bytes: the link's latency plus the host time per message (``message_host_s``). The emulated link's
+    latency and bandwidth when link emulation is on (``comm.emulation.link_emulation()``), else
+    ``LATENCY_BYTES`` and ``ASSUMED_BYTES_PER_S``."""
     link = emulation.link_emulation()
     if link is None:
-        return float(LATENCY_BYTES)
-    return link.latency_s * link.gbps * 1e9 / 8
+        return LATENCY_BYTES + message_host_s() * ASSUMED_BYTES_PER_S
+    return (link.latency_s + message_host_s()) * link.gbps * 1e9 / 8
+
+
+def measure_message_host_s(*, group: dist.ProcessGroup | None = None, pieces: int = 16, repeats: int = 5,
+                           while_computing: bool = True) -> float:
+    """Measure the host time per piece and hop on this group: a scan of a tiny state (its bytes cost nothing)
+    in ``pieces`` pieces and in one, median over ``repeats``, from the first rank's start to the last relay's
+    last forward; the ``pieces`` - 1 extra pieces cost (pieces - 1) host times on the critical path.
+    ``while_computing``: every rank computes (small matmuls, as the intra-chunk work) while the relay runs, as
+    in ZeCO, where the relay thread competes with the compute for the CPU and the GIL: on a loaded machine a
+    wake-up then costs far more than on idle ranks. Collective (every rank of the group calls it). With link
+    emulation on it runs on an emulated link of no latency and unbounded bandwidth (the headers emulation
+    sends are part of the host cost the emulated runs pay), and restores the link after.
+
+    Returns:
+        seconds >= 0 (with ``while_computing`` the larger of the idle and the busy figure), the same on every
+        rank; pass it to ``set_message_host_s`` (and to ``strategies.Link``'s
+        ``host_s`` for the cost model) on every rank.
+
+    Raises:
+        ValueError: ``pieces`` not in [2, MAX_PIECES] or ``repeats`` < 1.
+    """
+    if not 2 <= pieces <= MAX_PIECES or repeats < 1:
+        raise ValueError(f"pieces: expected 2..{MAX_PIECES} and repeats >= 1, got pieces={pieces}, repeats={repeats}")
+    group, _, size = comm.group_info(group)
+    if size == 1:
+        return 0.0
+    link = emulation.link_emulation()
+    device = comm.required_device(group)
+    state = torch.zeros(1, pieces, 4, device=device)
+
+    def scan_time(num_pieces: int, busy_s: float) -> float:
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        relay = ScanRelay(state.shape, state.dtype, device, group=group, num_pieces=num_pieces)
+        relay.start(state, None)
+        x = torch.full((128, 128), 0.01, device=device)
+        while time.perf_counter() - start < busy_s:
+            x = torch.tanh(x @ x)
+        relay.complete()
+        relay.finish()
+        done = relay.done_at if relay.done_at is not None else time.perf_counter()
+        stamps = torch.tensor([-start, done], dtype=torch.float64, device=device)
+        dist.all_reduce(stamps, op=dist.ReduceOp.MAX, group=group)  # the first start, the last relay's end
+        return float(stamps.sum().item())
+
+    def per_piece(busy_s: float) -> tuple[float, float]:
+        medians = [statistics.median([scan_time(k, busy_s) for _ in range(repeats + 1)][1:]) for k in (1, pieces)]
+        return max(0.0, (medians[1] - medians[0]) / (pieces - 1)), medians[1]
+
+    if link is not None:
+        emulation.set_link_emulation(emulation.LinkEmulation(gbps=1e9, latency_s=0.0))
+    try:
+        host_s, idle_s = per_piece(0.0)
+        if while_computing:  # compute for longer than the idle relay took, so it runs under load throughout;
+            host_s = max(host_s, per_piece(3 * idle_s + 0.02)[0])  # at least what idle ranks pay (noise)
+    finally:
+        emulation.set_link_emulation(link)
+    return host_s
 
 
 def choose_pieces(world_size: int, state_bytes: float, dk: int, *, latency_bytes: float = LATENCY_BYTES) -> int:
     """The piece count for a scan over ``world_size`` ranks of a state of ``state_bytes``, cut along ``dk``, on
-    links whose latency equals the transfer time of ``latency_bytes`` (alpha / beta; ``link_latency_bytes``).
+    links where what a piece costs per hop beyond its bytes (latency + host time per message) equals the
+    transfer time of ``latency_bytes`` (alpha / beta; ``link_latency_bytes``).
 
     The last rank has its state after (P - 1) + (K - 1) piece hops of alpha + beta * N / K each (alpha the
-    latency, beta the time per byte): T(K) = (P + K - 2) (alpha + beta N / K) = beta N + (P - 2) alpha
-    + (P - 2) beta N / K + K alpha, smallest at K* = sqrt((P - 2) N beta / alpha) = sqrt((P - 2) N /
-    latency_bytes), where T = beta N + (P - 2) alpha + 2 sqrt((P - 2) alpha beta N): about one whole-state
-    transfer plus small-piece hops, instead of P - 1 whole-state hops with K = 1. Rounded and clamped to
-    [1, min(dk, MAX_PIECES)] (a latency-free link gives the most pieces); P <= 2 gives 1 (nothing to pipeline
-    through).
+    latency plus the host time per message, beta the time per byte): T(K) = (P + K - 2) (alpha + beta N / K)
+    = beta N + (P - 2) alpha + (P - 2) beta N / K + K alpha, smallest at K* = sqrt((P - 2) N beta / alpha)
+    = sqrt((P - 2) N / latency_bytes), where T = beta N + (P - 2) alpha + 2 sqrt((P - 2) alpha beta N):
+    about one whole-state transfer plus small-piece hops, instead of P - 1 whole-state hops with K = 1.
+    Rounded and clamped to [1, min(dk, MAX_PIECES)] (a latency-free link gives the most pieces); P <= 2 gives
+    1 (nothing to pipeline through). Where the host time per message dominates alpha, fewer, larger pieces.
     """
     if world_size <= 2:
         return 1
@@ -134,6 +239,7 @@ class ScanRelay:
         self._sent: list[torch.Tensor] = []  # keeps the send buffers alive until finish()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.done_at: float | None = None  # time.perf_counter() when the relay thread forwarded its last piece
 
     @property
     def is_first(self) -> bool:
@@ -194,6 +300,7 @@ class ScanRelay:
                     recvs.append(comm.recv(buf, self.src, group=self.group, tag=self.tag + j))
                 for j, pending in enumerate(recvs):
                     self._forward_piece(j, pending.wait())
+            self.done_at = time.perf_counter()
         except BaseException as err:  # re-raised by complete() on the caller's thread
             self._error = err
 

@@ -9,11 +9,12 @@ How the compute overlaps the scan (the paper's schedule; one thread per rank, as
 * forward: the state pass (M_r, D_r: O(S Dk Dv), cheap); then the scan starts: rank 0 sends all its pieces at
   once, every other rank's relay thread (``scan.ScanRelay``) forwards piece j (exp(D_r) S_in(r)[j] + M_r[j])
   as soon as it has arrived, while the rank runs the intra-chunk work (the output pass, O(S C D)), so the scan
-  travels down the chain while every rank computes. Then the relay is joined and the inter term is added with
-  the whole S_in(r).
+  travels down the chain while every rank computes, and the inter term's decayed queries (no state needed).
+  Then the relay is joined and one einsum per sequence adds the inter term with the whole S_in(r).
 * backward: L_r (one einsum) is computed; the reverse scan starts (rank P - 1 sends a_{P-1} = L_{P-1} +
-  exp(D_{P-1}) a_P at once; the others relay on their thread); the gradients through the output pass run
-  meanwhile; then the relay is joined, then the gradients through M_r and D_r.
+  exp(D_{P-1}) a_P at once; the others relay on their thread); the gradients through the output pass and
+  the inter term (S_in(r) is known) run meanwhile; then the relay is joined, then the gradients through M_r
+  and D_r.
 
 Piece count (``scan.choose_pieces``): K = sqrt((P - 2) * state bytes / (latency x bandwidth)), clamped to
 [1, Dk], with the link's latency-bandwidth product (``scan.link_latency_bytes``: the emulated link's, else
@@ -98,13 +99,16 @@ class _Zeco(torch.autograd.Function):
         for i in range(len(local.pieces)):
             local.output(i)
             relay.progress()
+        takes_state = sp.rank > 0 or start_from is not None
+        if takes_state:  # the inter term's queries need no state: still while the scan travels
+            local.inter_queries()
         s_in, s_out = relay.complete()
         final, final_sends = None, []
         if output_final_state and parent is None:  # s_out is the whole sequence's final state: down the tree
             final = s_out
             final_sends = [comm.send(final, c, group=sp.group, tag=TAG_FINAL_STATE) for c in children]
         tracing.record("kernel", name="zeco.inter")
-        o = local.finish(s_in if sp.rank > 0 or start_from is not None else None)  # rank 0: no inter term
+        o = local.finish(s_in if takes_state else None)  # rank 0: no inter term
         if final_recv is not None:
             final = final_recv.wait()
             final_sends = [comm.send(final, c, group=sp.group, tag=TAG_FINAL_STATE) for c in children]
@@ -140,6 +144,7 @@ class _Zeco(torch.autograd.Function):
         for i in range(len(local.pieces)):
             local.output_grads(i, do)
             relay.progress()
+        local.inter_grads(do)  # needs nothing from the scan either
         a_next, a_here = relay.complete()
         tracing.record("kernel", name="zeco.state_backward")
         local.state_grads(a_next, do)
