@@ -85,14 +85,17 @@ from common import RESULTS, print_table, run_ranks, save_results  # noqa: E402
 HEADS, HEAD_DIM, BATCH = 8, 64, 1
 TOLERANCE = {"out": 1e-5, "grad": 1e-4}  # relative errors of the SP ops' contract (docs/architecture.md)
 TOLERANCE_16BIT = {"out": 2e-2, "grad": 5e-2}  # bfloat16 / float16 inputs (GPU runs)
-PEER_NAMES = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring")
+PEER_NAMES = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring", "yunchang_usp")
 SEQPAR_OP = {  # the seqpar op and layout each peer meets
     "deepspeed_ulysses": ("ulysses_attention", "contiguous"),
     "yunchang_ulysses": ("ulysses_attention", "contiguous"),
     "ring_flash_attn_zigzag": ("ring_attention", "zigzag"),
     "torch_cp_ring": ("ring_attention", "zigzag"),
+    "yunchang_usp": ("usp_attention", "zigzag"),
 }
-SMOKE = {"world_sizes": [2], "seq_lens": [256], "dtypes": ["float32", "float64"], "repeats": 1}
+USP_ULYSSES_DEGREE = 2  # USP's Ulysses degree (both sides); the ring degree is W / 2
+SMOKE = {"world_sizes": [2, 4], "seq_lens": [256], "dtypes": ["float32", "float64"], "repeats": 1}
+MIN_WORLD = {"yunchang_usp": 4}  # USP needs a Ulysses and a ring degree > 1 (--smoke runs W=4 for these only)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,6 +276,37 @@ def _torch_cp_ring(group, scale):
     return lambda q, k, v: RingFunc.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def _yunchang_usp(group, scale):
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    world = dist.get_world_size(group)
+    if world < 2 * USP_ULYSSES_DEGREE:
+        raise RuntimeError(f"USP needs a Ulysses and a ring degree > 1, so W >= {2 * USP_ULYSSES_DEGREE}: at W={world} "
+                           "it is Ulysses or ring alone (the rows above)")
+    if group is not dist.group.WORLD:
+        raise RuntimeError("yunchang's USP builds its groups from the world (set_seq_parallel_pg)")
+    # Ulysses inside consecutive ranks, ring across them: seqpar's usp_attention places its groups the same way
+    set_seq_parallel_pg(USP_ULYSSES_DEGREE, world // USP_ULYSSES_DEGREE, dist.get_rank(), world,
+                        use_ulysses_low=True)
+    layer = LongContextAttention(ring_impl_type="zigzag", attn_type=AttnType.FA)
+    return lambda q, k, v: layer(q, k, v, softmax_scale=scale, causal=True)
+
+
+def _yunchang_usp_shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """yunchang's own token placement for USP with the zigzag ring (its ``zigzag_extract_local``): the ring rank's
+    zigzag pair of 2R chunks, cut contiguously among the Ulysses ranks. (seqpar's usp keeps the 1-D zigzag
+    placement of ``ring_attention`` instead; each side gets the same global inputs in its own placement.)"""
+    u = USP_ULYSSES_DEGREE
+    ring_degree, ring_rank, ulysses_rank = world // u, rank // u, rank % u
+    chunks = t.chunk(2 * ring_degree, dim=1)
+    pair = torch.cat([chunks[ring_rank], chunks[2 * ring_degree - 1 - ring_rank]], dim=1)
+    return pair.chunk(u, dim=1)[ulysses_rank]
+
+
+PEER_SHARD: dict[str, Callable] = {"yunchang_usp": _yunchang_usp_shard}  # peers that place tokens their own way
+
+
 def _import_ring_flash_attn() -> None:
     """ring-flash-attn's package __init__ imports its Hugging Face adapter, which (ring-flash-attn 0.1.8) needs a
     helper transformers 5 removed; the ring functions do not use it. Where that import fails, stand in an empty
@@ -295,6 +329,7 @@ PEER_BUILDERS: dict[str, Callable] = {
     "yunchang_ulysses": _yunchang_ulysses,
     "ring_flash_attn_zigzag": _ring_flash_attn_zigzag,
     "torch_cp_ring": _torch_cp_ring,
+    "yunchang_usp": _yunchang_usp,
 }
 
 
@@ -302,7 +337,8 @@ def _seqpar_op(name: str, layout: str, group, backend: str = "torch"):
     import seqpar.collectives as collectives
 
     op = getattr(collectives, name)
-    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend)
+    extra = {"ulysses_degree": USP_ULYSSES_DEGREE} if name == "usp_attention" else {}
+    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend, **extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,15 +527,21 @@ def measure(config: dict) -> list[dict]:
                     row["status"] = f"cannot run: {next(e for e in errors if e)}"
                     rows.append(row)
                     continue
-                shard = lambda t: shard_sequence(t, group=group, layout=layout)  # noqa: E731
-                local = [shard(t).to(device=device, dtype=dtype).contiguous() for t in inputs64]
-                local_ref = None if reference is None else [shard(t) for t in reference]
+                seqpar_shard = lambda t: shard_sequence(t, group=group, layout=layout)  # noqa: E731
+                peer_shard = ((lambda t: PEER_SHARD[peer](t, rank, world)) if peer in PEER_SHARD  # noqa: E731
+                              else seqpar_shard)
+                shards = {"seqpar": seqpar_shard, "peer": peer_shard}
+                local = {name: [shard(t).to(device=device, dtype=dtype).contiguous() for t in inputs64]
+                         for name, shard in shards.items()}
+                local_ref = None if reference is None else {name: [shard(t) for t in reference]
+                                                            for name, shard in shards.items()}
                 impls = {"peer": peer_fn, "seqpar": _seqpar_op(op_name, layout, group, backend)}
 
                 def step(fn, keep=False):
-                    leaves = [t.clone().requires_grad_(True) for t in local[:3]]
+                    inputs = local["peer" if fn is peer_fn else "seqpar"]
+                    leaves = [t.clone().requires_grad_(True) for t in inputs[:3]]
                     out = fn(*leaves)
-                    out.backward(local[3])
+                    out.backward(inputs[3])
                     sync()
                     return [t.detach().cpu() for t in (out, *(leaf.grad for leaf in leaves))] if keep else None
 
@@ -510,7 +552,8 @@ def measure(config: dict) -> list[dict]:
                         with _ByteCounter() as counter, comm.count_comm() as stats:
                             results[name] = step(fn, keep=True)
                         # past --reference-max-s the peer is checked against seqpar (whose own error is unknown)
-                        ref = local_ref if local_ref is not None else (results["seqpar"] if name == "peer" else None)
+                        ref = local_ref[name] if local_ref is not None else (
+                            results["seqpar"] if name == "peer" and peer not in PEER_SHARD else None)
                         if ref is not None:
                             errs = [_rel_err(g, r) for g, r in zip(results[name], ref)]
                             row[f"{name} out err"] = max_over_ranks(errs[0])
@@ -568,7 +611,8 @@ def available_peers() -> dict[str, str | None]:
     install_flash_stand_in()
     modules = {"deepspeed_ulysses": "deepspeed.sequence.layer", "yunchang_ulysses": "yunchang",
                "ring_flash_attn_zigzag": "ring_flash_attn",
-               "torch_cp_ring": "torch.distributed.tensor.experimental._context_parallel._attention"}
+               "torch_cp_ring": "torch.distributed.tensor.experimental._context_parallel._attention",
+               "yunchang_usp": "yunchang"}
     reasons = {}
     for peer, module in modules.items():
         try:
@@ -583,7 +627,9 @@ COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", 
            "peer peak MiB", "seqpar peak MiB", "peer grad err", "seqpar grad err", "status"]
 
 
-def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None) -> tuple[list[dict], dict]:
+def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None,
+        smoke: bool = False) -> tuple[list[dict], dict]:
+    """Every peer at every world size (``smoke``: W=2, and W=4 only for the peers that need it)."""
     reasons = available_peers()
     for peer, reason in reasons.items():
         if peer in peers and reason:
@@ -594,8 +640,13 @@ def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_m
         if reference_max_s is None or seq_len <= reference_max_s:
             make_reference(seq_len)
     for world in world_sizes:
-        if runnable:
-            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": runnable,
+        at_world = [p for p in runnable
+                    if world >= MIN_WORLD.get(p, 0) and (not smoke or world == 2 or p in MIN_WORLD)]
+        if not smoke:
+            rows += [{"peer": p, "W": world, "status": f"cannot run: {p} needs W >= {MIN_WORLD[p]} (at W={world} USP "
+                      "is Ulysses or ring alone: the rows above)"} for p in runnable if world < MIN_WORLD.get(p, 0)]
+        if at_world:
+            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": at_world,
                       "device": device}
             rows += run_ranks(measure, world, config)[0]
     return rows, reasons
@@ -625,7 +676,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="W=2, S=256, float32 and float64, one repeat; writes no results (see --rows-json)")
+                        help="W=2 (W=4 for USP), S=256, float32 and float64, one repeat; writes no results "
+                             "(see --rows-json)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
@@ -646,7 +698,7 @@ def main() -> None:
     load_before = os.getloadavg()
     reference_max_s = args.reference_max_s or (16384 if args.device == "cuda" else None)
     rows, reasons = run(settings["world_sizes"], settings["seq_lens"], settings["dtypes"], settings["repeats"],
-                        args.peers, args.device, reference_max_s)
+                        args.peers, args.device, reference_max_s, smoke=args.smoke)
     name = "peers" if args.device == "cpu" else "peers_gpu"
     print("\nforward+backward, causal, B=1 H=8 D=64; medians of interleaved repeats; MB sent and peak MiB per rank")
     print_table(rows, COLUMNS)

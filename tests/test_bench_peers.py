@@ -11,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "peers.py"
-PEERS = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring")
+PEERS = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring", "yunchang_usp")
 TIMEOUT_S = float(os.environ.get("SEQPAR_TEST_TIMEOUT_S", "120")) * 3
 
 
@@ -33,11 +33,13 @@ def test_smoke_runs_every_installed_peer_and_seqpar_matches_the_float64_referenc
         if skipped:  # the reason is printed and recorded
             assert any(r["peer"] == peer and r["status"].startswith("not installed: ") for r in rows)
             continue
-        assert {(r["W"], r["S"], r["dtype"]) for r in measured} == {(2, 256, "float32"), (2, 256, "float64")}
+        world = 4 if peer == "yunchang_usp" else 2  # USP: Ulysses degree 2 x ring degree 2
+        assert {(r["W"], r["S"], r["dtype"]) for r in measured} == {(world, 256, "float32"), (world, 256, "float64")}
         for r in measured:
             assert not r["status"].startswith(("failed", "cannot run")), r
             # seqpar within its contract in both precisions; every peer agrees with the reference in float64
-            # (in float32 ring-flash-attn's backward aliases its accumulators: see bench/README.md)
+            # (in float32 ring-flash-attn's backward, and yunchang's copy of it in USP, alias their accumulators:
+            # see bench/README.md)
             assert r["seqpar out err"] <= 1e-5 and r["seqpar grad err"] <= 1e-4, r
             if r["dtype"] == "float64":
                 assert r["peer out err"] <= 1e-5 and r["peer grad err"] <= 1e-4, r
@@ -47,6 +49,12 @@ def test_smoke_runs_every_installed_peer_and_seqpar_matches_the_float64_referenc
             kv = 2 * 128 * 8 * 64 * b
             if r["seqpar_op"].startswith("ring_attention"):  # forward K/V, backward K/V and float accumulators
                 assert abs(r["seqpar MB"] * 1e6 - (2 * kv + 2 * 128 * 8 * 64 * max(b, 4))) < 2e3, r
+            elif r["seqpar_op"].startswith("usp_attention"):  # T=64: Ulysses on pairs (half of q, k, v, out and
+                # of their gradients cross), then the ring of 2 on 2T tokens x 4 heads: K/V twice, fp accumulators
+                t, d = 64, 64
+                ulysses = 8 * t * 8 * d * b / 2
+                ring = 2 * (2 * t) * 4 * d * (2 * b + max(b, 4))
+                assert abs(r["seqpar MB"] * 1e6 - (ulysses + ring)) < 2e3, r
             else:  # Ulysses: q, k, v, out forward; dout, dq, dk, dv backward; half of each crosses
                 assert abs(r["seqpar MB"] * 1e6 - 8 * 128 * 8 * 64 * b / 2) < 2e3, r
 
