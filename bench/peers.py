@@ -16,6 +16,9 @@ peer                        what runs                                           
 ``torch_cp_ring``           torch's private ``_templated_ring_attention`` (+ its     ``ring_attention``, zigzag
                             backward) with the CPU flash kernel; load balance on,
                             the default all-gather rotation
+``yunchang_usp``            ``yunchang.LongContextAttention`` (USP: Ulysses in       ``usp_attention``, zigzag,
+                            consecutive pairs x its zigzag ring across them), its   ``ulysses_degree=2``
+                            own token placement (``zigzag_extract_local``); W >= 4
 ==========================  ======================================================  =======================
 
 Every configuration (world size W, sequence length S, dtype; causal, B=1, H=8, D=64, forward+backward) runs on
@@ -40,6 +43,10 @@ Bytes per rank: counted by wrapping torch.distributed's send and collective entr
 collectives torch CP rotates with) during one untimed call, for every implementation alike; a collective is
 charged what this rank sends in the nccl-tests convention seqpar uses (all-gather: input x (P-1), all-to-all:
 the pieces for other ranks, reduce-scatter: input x (P-1)/P). seqpar's own ``count_comm`` is recorded too.
+
+The work behind the time, which the machine's load does not change (CPU): ``aten ops`` (operator calls of one
+forward+backward, nested ones included) and ``allocated MB`` (every allocation's bytes, summed: copies, receive
+buffers, temporaries), from the same profiled step as the peak.
 
 Peak memory per rank: the CPU allocator's high-water mark during one forward+backward, read from
 ``torch.profiler(profile_memory=True)``: every allocation event carries the allocator's running total of the
@@ -422,32 +429,42 @@ class _ByteCounter:
 
 def peak_memory_bytes(step: Callable[[], object], device: torch.device | None = None) -> int:
     """The allocator's high-water mark of the bytes allocated during ``step()`` (see the module docstring)."""
+    return step_profile(step, device)["peak"]
+
+
+def step_profile(step: Callable[[], object], device: torch.device | None = None) -> dict[str, int]:
+    """One ``step()`` under the profiler: ``peak`` (see ``peak_memory_bytes``) and, on CPU, the work that does not
+    depend on the machine's load: ``allocated`` (the bytes of every allocation, summed: copies, receive buffers,
+    temporaries) and ``ops`` (aten operator calls, nested ones included)."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
+        return {"peak": int(torch.cuda.max_memory_allocated(device) - base)}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    allocation = torch._C._profiler._EventType.Allocation
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    allocation, torch_op = torch._C._profiler._EventType.Allocation, torch._C._profiler._EventType.TorchOp
+    events, ops, stack = [], 0, list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         kind, fields = node.typed
         if kind == allocation:
             events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        elif kind == torch_op and node.name.startswith("aten::"):
+            ops += 1
         stack.extend(node.children)
     if not events:
-        return 0
+        return {"peak": 0, "allocated": 0, "ops": ops}
     events.sort()
     # the reporter's total persists across profiling sessions (memory allocated while an earlier one ran and
     # still alive, e.g. a peer's cached buffers, stays in it): measure from the total just before this step
     baseline = events[0][2] - events[0][1]
-    return int(max(total for _, _, total in events) - baseline)
+    return {"peak": int(max(total for _, _, total in events) - baseline),
+            "allocated": sum(size for _, size, _ in events if size > 0), "ops": ops}
 
 
 def reference_path(seq_len: int) -> Path:
@@ -562,8 +579,11 @@ def measure(config: dict) -> list[dict]:
                         if name == "seqpar":
                             row["seqpar count_comm MB"] = max_over_ranks(stats.bytes_sent) / 1e6
                         dist.barrier()
-                        peak = peak_memory_bytes(lambda: step(fn), device)
-                        row[f"{name} peak MiB"] = max_over_ranks(peak) / 2**20
+                        profiled = step_profile(lambda: step(fn), device)
+                        row[f"{name} peak MiB"] = max_over_ranks(profiled["peak"]) / 2**20
+                        if "ops" in profiled:  # the work behind the time, which load does not change
+                            row[f"{name} allocated MB"] = max_over_ranks(profiled["allocated"]) / 1e6
+                            row[f"{name} aten ops"] = int(max_over_ranks(profiled["ops"]))
                     del results
                     times = {name: [] for name in impls}
                     order = list(impls)
@@ -624,7 +644,8 @@ def available_peers() -> dict[str, str | None]:
 
 
 COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "peer MB", "seqpar MB",
-           "peer peak MiB", "seqpar peak MiB", "peer grad err", "seqpar grad err", "status"]
+           "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer aten ops",
+           "seqpar aten ops", "peer grad err", "seqpar grad err", "status"]
 
 
 def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None,
@@ -695,7 +716,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = dict(SMOKE) if args.smoke else {"world_sizes": args.world_sizes, "seq_lens": args.seq_lens,
                                                "dtypes": args.dtypes, "repeats": args.repeats}
-    load_before = os.getloadavg()
+    load_before, start_time = os.getloadavg(), time.time()
     reference_max_s = args.reference_max_s or (16384 if args.device == "cuda" else None)
     rows, reasons = run(settings["world_sizes"], settings["seq_lens"], settings["dtypes"], settings["repeats"],
                         args.peers, args.device, reference_max_s, smoke=args.smoke)
@@ -706,8 +727,11 @@ def main() -> None:
         args.rows_json.write_text(json.dumps(rows, indent=1))
     if args.smoke or args.no_save:
         return
-    runs = [{"settings": settings, "load_average_before_after": [list(load_before), list(os.getloadavg())],
-             "note": args.note}]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start_time))
+    runs = [{"settings": settings, "started": started, "minutes": round((time.time() - start_time) / 60, 1),
+             "load_average_before_after": [list(load_before), list(os.getloadavg())], "note": args.note}]
+    for row in rows:  # which run measured a row (--append keeps older runs' rows: they say when)
+        row["run started"] = started
     recorded = RESULTS / f"{name}.json"
     if args.append and recorded.is_file():  # rows of earlier runs that this one did not re-measure stay
         old = json.loads(recorded.read_text())
