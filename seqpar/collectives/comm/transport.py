@@ -491,7 +491,8 @@ def all_to_all_single(
     return out
 
 
-_RELEASE_WAIT_S = 1.0
+_RELEASE_WAIT_S = 0.5
+_release_timeouts = 0  # after a few, stop waiting: a backend that keeps its buffers would otherwise stall every call
 
 
 def _references(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -506,12 +507,14 @@ def _released_by_backend(held: list[tuple[torch.Tensor, int]]) -> None:
     later on gloo's thread, or only after the step's peak: measured 0-4 local shards more or less at the same
     step of Ulysses. When this returns only the references from before the collective are left, so dropping a
     buffer frees it there and then. (CUDA tensors are not watched: NCCL's caching allocator handles them.)"""
+    global _release_timeouts
     deadline = None
     for tensor, before in held:
-        while tensor._use_count() > before:
+        while tensor._use_count() > before and _release_timeouts < 3:
             now = time.monotonic()
             deadline = deadline or now + _RELEASE_WAIT_S
             if now > deadline:
+                _release_timeouts += 1
                 return  # memory only: never fail a transfer that has completed
             time.sleep(0)
 
