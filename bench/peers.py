@@ -616,7 +616,9 @@ def measure(config: dict) -> list[dict]:
                         traceback.print_exc()
                 rows.append(row)
                 if rank == 0:
-                    print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}", flush=True)
+                    ratios = "".join(f", {key} {row[key]:.3f}" for key in ("time peer/seqpar", "peak peer/seqpar")
+                                     if key in row)
+                    print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}{ratios}", flush=True)
     return rows
 
 
