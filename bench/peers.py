@@ -585,21 +585,27 @@ def measure(config: dict) -> list[dict]:
                             row[f"{name} allocated MB"] = max_over_ranks(profiled["allocated"]) / 1e6
                             row[f"{name} aten ops"] = int(max_over_ranks(profiled["ops"]))
                     del results
-                    times = {name: [] for name in impls}
+                    times, cpu_times = {name: [] for name in impls}, {name: [] for name in impls}
                     order = list(impls)
                     for rep in range(config["repeats"] + 1):  # the first round is the warm-up
                         for name in order if rep % 2 == 0 else order[::-1]:
                             dist.barrier()
                             sync()
-                            start = time.perf_counter()
+                            start, cpu_start = time.perf_counter(), time.process_time()
                             step(impls[name])  # synchronizes the device before it returns
                             elapsed = max_over_ranks(time.perf_counter() - start)
+                            cpu = max_over_ranks(time.process_time() - cpu_start)
                             if rep:
                                 times[name].append(elapsed)
+                                cpu_times[name].append(cpu)
                     for name in impls:
                         row[f"{name} s"] = statistics.median(times[name])
                         row[f"{name} s spread"] = (max(times[name]) - min(times[name])) / row[f"{name} s"]
+                        row[f"{name} cpu s"] = statistics.median(cpu_times[name])
                     row["time peer/seqpar"] = row["peer s"] / row["seqpar s"]
+                    # CPU seconds of the step (the busiest rank's process, all its threads): what a loaded machine
+                    # does not stretch by making the ranks wait for a core; equal to the time on an idle one
+                    row["cpu peer/seqpar"] = row["peer cpu s"] / row["seqpar cpu s"]
                     row["peak peer/seqpar"] = row["peer peak MiB"] / row["seqpar peak MiB"]
                     if device.type == "cuda":  # causal forward+backward: 7 S^2 H D flops, W GPUs
                         flops = 7 * seq_len**2 * HEADS * HEAD_DIM * BATCH / world
@@ -616,7 +622,8 @@ def measure(config: dict) -> list[dict]:
                         traceback.print_exc()
                 rows.append(row)
                 if rank == 0:
-                    ratios = "".join(f", {key} {row[key]:.3f}" for key in ("time peer/seqpar", "peak peer/seqpar")
+                    ratios = "".join(f", {key} {row[key]:.3f}" for key in ("time peer/seqpar", "cpu peer/seqpar",
+                                                                             "peak peer/seqpar")
                                      if key in row)
                     print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}{ratios}", flush=True)
     return rows
@@ -645,8 +652,8 @@ def available_peers() -> dict[str, str | None]:
     return reasons
 
 
-COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "peer MB", "seqpar MB",
-           "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer aten ops",
+COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "cpu peer/seqpar", "peer MB",
+           "seqpar MB", "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer aten ops",
            "seqpar aten ops", "peer grad err", "seqpar grad err", "status"]
 
 
