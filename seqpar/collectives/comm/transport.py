@@ -154,6 +154,8 @@ class PendingTransfer:
             if self._finalize is not None:
                 self._result = self._finalize(self._result)
             self._done = True
+            # the finished works hold their tensors (a send's buffer): let go of them now, not when this object goes
+            self._works = []
         tracing.record("wait", what=self._describe)
         return self._result
 
