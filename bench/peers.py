@@ -16,6 +16,9 @@ peer                        what runs                                           
 ``torch_cp_ring``           torch's private ``_templated_ring_attention`` (+ its     ``ring_attention``, zigzag
                             backward) with the CPU flash kernel; load balance on,
                             the default all-gather rotation
+``yunchang_usp``            ``yunchang.LongContextAttention`` (USP: Ulysses in       ``usp_attention``, zigzag,
+                            consecutive pairs x its zigzag ring across them), its   ``ulysses_degree=2``
+                            own token placement (``zigzag_extract_local``); W >= 4
 ==========================  ======================================================  =======================
 
 Every configuration (world size W, sequence length S, dtype; causal, B=1, H=8, D=64, forward+backward) runs on
@@ -40,6 +43,10 @@ Bytes per rank: counted by wrapping torch.distributed's send and collective entr
 collectives torch CP rotates with) during one untimed call, for every implementation alike; a collective is
 charged what this rank sends in the nccl-tests convention seqpar uses (all-gather: input x (P-1), all-to-all:
 the pieces for other ranks, reduce-scatter: input x (P-1)/P). seqpar's own ``count_comm`` is recorded too.
+
+The work behind the time, which the machine's load does not change (CPU): ``aten ops`` (operator calls of one
+forward+backward, nested ones included) and ``allocated MB`` (every allocation's bytes, summed: copies, receive
+buffers, temporaries), from the same profiled step as the peak.
 
 Peak memory per rank: the CPU allocator's high-water mark during one forward+backward, read from
 ``torch.profiler(profile_memory=True)``: every allocation event carries the allocator's running total of the
@@ -85,14 +92,17 @@ from common import RESULTS, print_table, run_ranks, save_results  # noqa: E402
 HEADS, HEAD_DIM, BATCH = 8, 64, 1
 TOLERANCE = {"out": 1e-5, "grad": 1e-4}  # relative errors of the SP ops' contract (docs/architecture.md)
 TOLERANCE_16BIT = {"out": 2e-2, "grad": 5e-2}  # bfloat16 / float16 inputs (GPU runs)
-PEER_NAMES = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring")
+PEER_NAMES = ("deepspeed_ulysses", "yunchang_ulysses", "ring_flash_attn_zigzag", "torch_cp_ring", "yunchang_usp")
 SEQPAR_OP = {  # the seqpar op and layout each peer meets
     "deepspeed_ulysses": ("ulysses_attention", "contiguous"),
     "yunchang_ulysses": ("ulysses_attention", "contiguous"),
     "ring_flash_attn_zigzag": ("ring_attention", "zigzag"),
     "torch_cp_ring": ("ring_attention", "zigzag"),
+    "yunchang_usp": ("usp_attention", "zigzag"),
 }
-SMOKE = {"world_sizes": [2], "seq_lens": [256], "dtypes": ["float32", "float64"], "repeats": 1}
+USP_ULYSSES_DEGREE = 2  # USP's Ulysses degree (both sides); the ring degree is W / 2
+SMOKE = {"world_sizes": [2, 4], "seq_lens": [256], "dtypes": ["float32", "float64"], "repeats": 1}
+MIN_WORLD = {"yunchang_usp": 4}  # USP needs a Ulysses and a ring degree > 1 (--smoke runs W=4 for these only)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,6 +283,37 @@ def _torch_cp_ring(group, scale):
     return lambda q, k, v: RingFunc.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def _yunchang_usp(group, scale):
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    world = dist.get_world_size(group)
+    if world < 2 * USP_ULYSSES_DEGREE:
+        raise RuntimeError(f"USP needs a Ulysses and a ring degree > 1, so W >= {2 * USP_ULYSSES_DEGREE}: at W={world} "
+                           "it is Ulysses or ring alone (the rows above)")
+    if group is not dist.group.WORLD:
+        raise RuntimeError("yunchang's USP builds its groups from the world (set_seq_parallel_pg)")
+    # Ulysses inside consecutive ranks, ring across them: seqpar's usp_attention places its groups the same way
+    set_seq_parallel_pg(USP_ULYSSES_DEGREE, world // USP_ULYSSES_DEGREE, dist.get_rank(), world,
+                        use_ulysses_low=True)
+    layer = LongContextAttention(ring_impl_type="zigzag", attn_type=AttnType.FA)
+    return lambda q, k, v: layer(q, k, v, softmax_scale=scale, causal=True)
+
+
+def _yunchang_usp_shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """yunchang's own token placement for USP with the zigzag ring (its ``zigzag_extract_local``): the ring rank's
+    zigzag pair of 2R chunks, cut contiguously among the Ulysses ranks. (seqpar's usp keeps the 1-D zigzag
+    placement of ``ring_attention`` instead; each side gets the same global inputs in its own placement.)"""
+    u = USP_ULYSSES_DEGREE
+    ring_degree, ring_rank, ulysses_rank = world // u, rank // u, rank % u
+    chunks = t.chunk(2 * ring_degree, dim=1)
+    pair = torch.cat([chunks[ring_rank], chunks[2 * ring_degree - 1 - ring_rank]], dim=1)
+    return pair.chunk(u, dim=1)[ulysses_rank]
+
+
+PEER_SHARD: dict[str, Callable] = {"yunchang_usp": _yunchang_usp_shard}  # peers that place tokens their own way
+
+
 def _import_ring_flash_attn() -> None:
     """ring-flash-attn's package __init__ imports its Hugging Face adapter, which (ring-flash-attn 0.1.8) needs a
     helper transformers 5 removed; the ring functions do not use it. Where that import fails, stand in an empty
@@ -295,6 +336,7 @@ PEER_BUILDERS: dict[str, Callable] = {
     "yunchang_ulysses": _yunchang_ulysses,
     "ring_flash_attn_zigzag": _ring_flash_attn_zigzag,
     "torch_cp_ring": _torch_cp_ring,
+    "yunchang_usp": _yunchang_usp,
 }
 
 
@@ -302,7 +344,8 @@ def _seqpar_op(name: str, layout: str, group, backend: str = "torch"):
     import seqpar.collectives as collectives
 
     op = getattr(collectives, name)
-    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend)
+    extra = {"ulysses_degree": USP_ULYSSES_DEGREE} if name == "usp_attention" else {}
+    return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend, **extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,32 +429,42 @@ class _ByteCounter:
 
 def peak_memory_bytes(step: Callable[[], object], device: torch.device | None = None) -> int:
     """The allocator's high-water mark of the bytes allocated during ``step()`` (see the module docstring)."""
+    return step_profile(step, device)["peak"]
+
+
+def step_profile(step: Callable[[], object], device: torch.device | None = None) -> dict[str, int]:
+    """One ``step()`` under the profiler: ``peak`` (see ``peak_memory_bytes``) and, on CPU, the work that does not
+    depend on the machine's load: ``allocated`` (the bytes of every allocation, summed: copies, receive buffers,
+    temporaries) and ``ops`` (aten operator calls, nested ones included)."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
+        return {"peak": int(torch.cuda.max_memory_allocated(device) - base)}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    allocation = torch._C._profiler._EventType.Allocation
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    allocation, torch_op = torch._C._profiler._EventType.Allocation, torch._C._profiler._EventType.TorchOp
+    events, ops, stack = [], 0, list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         kind, fields = node.typed
         if kind == allocation:
             events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        elif kind == torch_op and node.name.startswith("aten::"):
+            ops += 1
         stack.extend(node.children)
     if not events:
-        return 0
+        return {"peak": 0, "allocated": 0, "ops": ops}
     events.sort()
     # the reporter's total persists across profiling sessions (memory allocated while an earlier one ran and
     # still alive, e.g. a peer's cached buffers, stays in it): measure from the total just before this step
     baseline = events[0][2] - events[0][1]
-    return int(max(total for _, _, total in events) - baseline)
+    return {"peak": int(max(total for _, _, total in events) - baseline),
+            "allocated": sum(size for _, size, _ in events if size > 0), "ops": ops}
 
 
 def reference_path(seq_len: int) -> Path:
@@ -491,15 +544,21 @@ def measure(config: dict) -> list[dict]:
                     row["status"] = f"cannot run: {next(e for e in errors if e)}"
                     rows.append(row)
                     continue
-                shard = lambda t: shard_sequence(t, group=group, layout=layout)  # noqa: E731
-                local = [shard(t).to(device=device, dtype=dtype).contiguous() for t in inputs64]
-                local_ref = None if reference is None else [shard(t) for t in reference]
+                seqpar_shard = lambda t: shard_sequence(t, group=group, layout=layout)  # noqa: E731
+                peer_shard = ((lambda t: PEER_SHARD[peer](t, rank, world)) if peer in PEER_SHARD  # noqa: E731
+                              else seqpar_shard)
+                shards = {"seqpar": seqpar_shard, "peer": peer_shard}
+                local = {name: [shard(t).to(device=device, dtype=dtype).contiguous() for t in inputs64]
+                         for name, shard in shards.items()}
+                local_ref = None if reference is None else {name: [shard(t) for t in reference]
+                                                            for name, shard in shards.items()}
                 impls = {"peer": peer_fn, "seqpar": _seqpar_op(op_name, layout, group, backend)}
 
                 def step(fn, keep=False):
-                    leaves = [t.clone().requires_grad_(True) for t in local[:3]]
+                    inputs = local["peer" if fn is peer_fn else "seqpar"]
+                    leaves = [t.clone().requires_grad_(True) for t in inputs[:3]]
                     out = fn(*leaves)
-                    out.backward(local[3])
+                    out.backward(inputs[3])
                     sync()
                     return [t.detach().cpu() for t in (out, *(leaf.grad for leaf in leaves))] if keep else None
 
@@ -510,7 +569,8 @@ def measure(config: dict) -> list[dict]:
                         with _ByteCounter() as counter, comm.count_comm() as stats:
                             results[name] = step(fn, keep=True)
                         # past --reference-max-s the peer is checked against seqpar (whose own error is unknown)
-                        ref = local_ref if local_ref is not None else (results["seqpar"] if name == "peer" else None)
+                        ref = local_ref[name] if local_ref is not None else (
+                            results["seqpar"] if name == "peer" and peer not in PEER_SHARD else None)
                         if ref is not None:
                             errs = [_rel_err(g, r) for g, r in zip(results[name], ref)]
                             row[f"{name} out err"] = max_over_ranks(errs[0])
@@ -519,24 +579,33 @@ def measure(config: dict) -> list[dict]:
                         if name == "seqpar":
                             row["seqpar count_comm MB"] = max_over_ranks(stats.bytes_sent) / 1e6
                         dist.barrier()
-                        peak = peak_memory_bytes(lambda: step(fn), device)
-                        row[f"{name} peak MiB"] = max_over_ranks(peak) / 2**20
+                        profiled = step_profile(lambda: step(fn), device)
+                        row[f"{name} peak MiB"] = max_over_ranks(profiled["peak"]) / 2**20
+                        if "ops" in profiled:  # the work behind the time, which load does not change
+                            row[f"{name} allocated MB"] = max_over_ranks(profiled["allocated"]) / 1e6
+                            row[f"{name} aten ops"] = int(max_over_ranks(profiled["ops"]))
                     del results
-                    times = {name: [] for name in impls}
+                    times, cpu_times = {name: [] for name in impls}, {name: [] for name in impls}
                     order = list(impls)
                     for rep in range(config["repeats"] + 1):  # the first round is the warm-up
                         for name in order if rep % 2 == 0 else order[::-1]:
                             dist.barrier()
                             sync()
-                            start = time.perf_counter()
+                            start, cpu_start = time.perf_counter(), time.process_time()
                             step(impls[name])  # synchronizes the device before it returns
                             elapsed = max_over_ranks(time.perf_counter() - start)
+                            cpu = max_over_ranks(time.process_time() - cpu_start)
                             if rep:
                                 times[name].append(elapsed)
+                                cpu_times[name].append(cpu)
                     for name in impls:
                         row[f"{name} s"] = statistics.median(times[name])
                         row[f"{name} s spread"] = (max(times[name]) - min(times[name])) / row[f"{name} s"]
+                        row[f"{name} cpu s"] = statistics.median(cpu_times[name])
                     row["time peer/seqpar"] = row["peer s"] / row["seqpar s"]
+                    # CPU seconds of the step (the busiest rank's process, all its threads): what a loaded machine
+                    # does not stretch by making the ranks wait for a core; equal to the time on an idle one
+                    row["cpu peer/seqpar"] = row["peer cpu s"] / row["seqpar cpu s"]
                     row["peak peer/seqpar"] = row["peer peak MiB"] / row["seqpar peak MiB"]
                     if device.type == "cuda":  # causal forward+backward: 7 S^2 H D flops, W GPUs
                         flops = 7 * seq_len**2 * HEADS * HEAD_DIM * BATCH / world
@@ -553,7 +622,10 @@ def measure(config: dict) -> list[dict]:
                         traceback.print_exc()
                 rows.append(row)
                 if rank == 0:
-                    print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}", flush=True)
+                    ratios = "".join(f", {key} {row[key]:.3f}" for key in ("time peer/seqpar", "cpu peer/seqpar",
+                                                                             "peak peer/seqpar")
+                                     if key in row)
+                    print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}{ratios}", flush=True)
     return rows
 
 
@@ -568,7 +640,8 @@ def available_peers() -> dict[str, str | None]:
     install_flash_stand_in()
     modules = {"deepspeed_ulysses": "deepspeed.sequence.layer", "yunchang_ulysses": "yunchang",
                "ring_flash_attn_zigzag": "ring_flash_attn",
-               "torch_cp_ring": "torch.distributed.tensor.experimental._context_parallel._attention"}
+               "torch_cp_ring": "torch.distributed.tensor.experimental._context_parallel._attention",
+               "yunchang_usp": "yunchang"}
     reasons = {}
     for peer, module in modules.items():
         try:
@@ -579,11 +652,14 @@ def available_peers() -> dict[str, str | None]:
     return reasons
 
 
-COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "peer MB", "seqpar MB",
-           "peer peak MiB", "seqpar peak MiB", "peer grad err", "seqpar grad err", "status"]
+COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "cpu peer/seqpar", "peer MB",
+           "seqpar MB", "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer aten ops",
+           "seqpar aten ops", "peer grad err", "seqpar grad err", "status"]
 
 
-def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None) -> tuple[list[dict], dict]:
+def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None,
+        smoke: bool = False) -> tuple[list[dict], dict]:
+    """Every peer at every world size (``smoke``: W=2, and W=4 only for the peers that need it)."""
     reasons = available_peers()
     for peer, reason in reasons.items():
         if peer in peers and reason:
@@ -594,8 +670,13 @@ def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_m
         if reference_max_s is None or seq_len <= reference_max_s:
             make_reference(seq_len)
     for world in world_sizes:
-        if runnable:
-            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": runnable,
+        at_world = [p for p in runnable
+                    if world >= MIN_WORLD.get(p, 0) and (not smoke or world == 2 or p in MIN_WORLD)]
+        if not smoke:
+            rows += [{"peer": p, "W": world, "status": f"cannot run: {p} needs W >= {MIN_WORLD[p]} (at W={world} USP "
+                      "is Ulysses or ring alone: the rows above)"} for p in runnable if world < MIN_WORLD.get(p, 0)]
+        if at_world:
+            config = {"seq_lens": seq_lens, "dtypes": dtypes, "repeats": repeats, "peers": at_world,
                       "device": device}
             rows += run_ranks(measure, world, config)[0]
     return rows, reasons
@@ -625,7 +706,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="W=2, S=256, float32 and float64, one repeat; writes no results (see --rows-json)")
+                        help="W=2 (W=4 for USP), S=256, float32 and float64, one repeat; writes no results "
+                             "(see --rows-json)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
@@ -643,10 +725,10 @@ def main() -> None:
     args = parser.parse_args()
     settings = dict(SMOKE) if args.smoke else {"world_sizes": args.world_sizes, "seq_lens": args.seq_lens,
                                                "dtypes": args.dtypes, "repeats": args.repeats}
-    load_before = os.getloadavg()
+    load_before, start_time = os.getloadavg(), time.time()
     reference_max_s = args.reference_max_s or (16384 if args.device == "cuda" else None)
     rows, reasons = run(settings["world_sizes"], settings["seq_lens"], settings["dtypes"], settings["repeats"],
-                        args.peers, args.device, reference_max_s)
+                        args.peers, args.device, reference_max_s, smoke=args.smoke)
     name = "peers" if args.device == "cpu" else "peers_gpu"
     print("\nforward+backward, causal, B=1 H=8 D=64; medians of interleaved repeats; MB sent and peak MiB per rank")
     print_table(rows, COLUMNS)
@@ -654,8 +736,11 @@ def main() -> None:
         args.rows_json.write_text(json.dumps(rows, indent=1))
     if args.smoke or args.no_save:
         return
-    runs = [{"settings": settings, "load_average_before_after": [list(load_before), list(os.getloadavg())],
-             "note": args.note}]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start_time))
+    runs = [{"settings": settings, "started": started, "minutes": round((time.time() - start_time) / 60, 1),
+             "load_average_before_after": [list(load_before), list(os.getloadavg())], "note": args.note}]
+    for row in rows:  # which run measured a row (--append keeps older runs' rows: they say when)
+        row["run started"] = started
     recorded = RESULTS / f"{name}.json"
     if args.append and recorded.is_file():  # rows of earlier runs that this one did not re-measure stay
         old = json.loads(recorded.read_text())

@@ -252,3 +252,30 @@ def test_primitives_and_batched_exchanges_are_unchanged_under_link_emulation(wor
         assert res["from_peers"] == [[float(100 * j + rank)] * (rank + 1) for j in peers]
         assert res["from_prev"] == [[float((rank - 1) % p)] * 3] * 2
         assert res["calls"] == {"send": p}
+
+
+def all_to_all_single_pieces():
+    rank, p = dist.get_rank(), dist.get_world_size()
+    send = torch.stack([torch.full((2, 3), float(10 * rank + j)) for j in range(p)])  # piece j goes to rank j
+    before = send._use_count()
+    with comm.count_comm() as c:
+        got = comm.all_to_all_single(send, group=None)
+    released = send._use_count() == before  # (views of send, made below, would count too)
+    errors = []
+    for bad in (send[:, :, :2], send[:1]):  # not contiguous; dim 0 is not the group size (raised before sending)
+        try:
+            comm.all_to_all_single(bad)
+        except ValueError as err:
+            errors.append(str(err).split(":")[0])
+    return {"from": got[:, 0, 0].tolist(), "bytes": c.bytes_sent, "calls": c.calls,
+            "released": released, "errors": errors}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_all_to_all_single_moves_pieces_counts_bytes_and_lets_go_of_its_buffers(world_size):
+    p = world_size
+    for rank, res in enumerate(run_distributed(all_to_all_single_pieces, p)):
+        assert res["from"] == [float(10 * j + rank) for j in range(p)]
+        assert res["bytes"] == 6 * 4 * (p - 1) and res["calls"] == {"all_to_all": 1}
+        assert res["released"]  # gloo's threads hold no reference when it returns: dropping it frees it there
+        assert res["errors"] == ["tensor", "tensor"]

@@ -15,6 +15,7 @@ from seqpar.kernels.attention import (
     attention_block_varlen,
     attention_block_varlen_backward,
     merge_attention_outputs,
+    merge_attention_outputs_,
 )
 from seqpar.kernels.linear import chunk_state, linear_attention_chunk
 from seqpar.kernels.reference import reference_attention, reference_linear_attention
@@ -92,7 +93,9 @@ def test_varlen_block_keeps_sequences_apart():
         assert rel_err(g, r) < 1e-4
 
 
-def test_merge_of_partials_equals_attention_over_the_union_and_is_inf_safe():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_merge_of_partials_equals_attention_over_the_union_and_is_inf_safe(in_place):
+    merge = merge_attention_outputs_ if in_place else merge_attention_outputs
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 2, 16, generator=gen, dtype=torch.float64)
     k = torch.randn(1, 10, 2, 16, generator=gen, dtype=torch.float64)
@@ -104,8 +107,11 @@ def test_merge_of_partials_equals_attention_over_the_union_and_is_inf_safe():
     empty_out, empty_lse = attention_block(q.float(), k[:, :1].float(), v[:, :1].float(), causal=True)
     assert torch.isinf(empty_lse[..., :5]).all()
     out, lse = merge_attention_outputs(None, None, empty_out, empty_lse)
-    out, lse = merge_attention_outputs(out, lse, *a)
-    out, lse = merge_attention_outputs(out, lse, b_out, b_lse)
+    accumulators = (out, lse)
+    out, lse = merge(out, lse, *a)
+    out, lse = merge(out, lse, b_out, b_lse)
+    if in_place:  # the caller's accumulators hold the result
+        assert out is accumulators[0] and lse is accumulators[1]
     # undo the extra key the "empty" block added to the last row by comparing rows 0..4 only
     assert not torch.isnan(out).any()
     assert rel_err(out[:, :5], ref[:, :5]) < 1e-6

@@ -81,13 +81,14 @@ def test_ring_issues_each_transfer_before_the_kernel_it_overlaps():
     p = 4
     for fwd, bwd in run_distributed(ring_event_order, p, "zigzag"):
         sends, kernels = _kv_sends_and_kernels(fwd, "attention_block_varlen")
-        assert len(sends) == p - 1 and len(kernels) == p
+        # K and V are two messages per hop (not packed into one buffer: that was a copy of both)
+        assert len(sends) == 2 * (p - 1) and len(kernels) == p
         for step in range(p - 1):  # the K/V for step+1 is in flight while the kernel of step runs
-            assert sends[step] < kernels[step]
+            assert sends[2 * step + 1] < kernels[step]
         kv_sends = [i for i, e in enumerate(bwd) if e[0] == "comm"]
         bwd_kernels = [i for i, e in enumerate(bwd) if e[0] == "kernel"]
-        assert len(kv_sends) == 2 * (p - 1) and len(bwd_kernels) == p
-        assert kv_sends[0] < bwd_kernels[0]  # K/V of step 1 leaves before step 0's kernel
+        assert len(kv_sends) == 4 * (p - 1) and len(bwd_kernels) == p  # K, V and their two accumulators
+        assert kv_sends[1] < bwd_kernels[0]  # K/V of step 1 leave before step 0's kernel
 
 
 def test_zigzag_balances_causal_work_and_contiguous_skips_masked_blocks():

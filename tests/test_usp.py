@@ -168,12 +168,12 @@ def test_ring_part_overlaps_each_transfer_with_a_kernel_and_balances_causal_work
     for events in results:
         comms = [(i, op) for i, (kind, op, _) in enumerate(events) if kind == "comm"]
         kernels = [i for i, (kind, *_) in enumerate(events) if kind == "kernel"]
-        # q and K/V all-to-alls, then the ring's r - 1 K/V sends, then the output's all-to-all
-        assert [op for _, op in comms] == ["all_to_all"] * 2 + ["send"] * (r - 1) + ["all_to_all"], comms
+        # q and K/V all-to-alls, then the ring's r - 1 K/V sends (K and V two messages each), then the output's
+        assert [op for _, op in comms] == ["all_to_all"] * 2 + ["send"] * 2 * (r - 1) + ["all_to_all"], comms
         assert len(kernels) == r  # zigzag: no block of the ring is skipped
         sends = [i for i, op in comms if op == "send"]
         for step in range(r - 1):  # the K/V of step + 1 is in flight while the kernel of step runs
-            assert sends[step] < kernels[step], events
+            assert sends[2 * step + 1] < kernels[step], events
     areas = [sum(area for kind, _, area in events if kind == "kernel") for events in results]
     assert len(set(areas)) == 1, areas  # every rank attends the same query x key area
 

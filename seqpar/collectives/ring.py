@@ -20,7 +20,8 @@ backward   (P - 1) * T * H_kv * (D + Dv) * b  +  (P - 1) * T * H_kv * (D + Dv) *
            (K and V again, then the float32 dK/dV accumulators)
 =========  ==============================================================
 
-(Dv: v's head dim, D for most models; K and V travel as one flat message, so they may differ.)
+(Dv: v's head dim, D for most models. K and V travel as two messages, one after the other on one tag, and so
+do their accumulators: nothing is packed into a joint buffer, which would cost a copy of both each way.)
 
 With a ``window`` only the shard pairs that meet inside it are computed and only what they need is sent: rank r
 sends its K/V straight to each rank q != r whose queries see some of its keys (``softmax_common.blocks_meet``:
@@ -72,20 +73,30 @@ def _split_kv(flat: torch.Tensor, sp: SoftmaxSP) -> tuple[torch.Tensor, torch.Te
     return flat[:n].view(sp.k.shape), flat[n:].view(sp.v.shape)
 
 
+def _ring_step(tensors: tuple[torch.Tensor, ...], sp: SoftmaxSP, stream: int) -> comm.PendingTransfer:
+    """Send ``tensors`` to rank + 1 and receive rank - 1's (same shapes and dtypes) as separate messages, in order
+    on one tag: K and V (or their accumulators) travel without being packed into one buffer (a copy each way)."""
+    tag = comm.tags.ring_tag("next", stream)
+    r, p = sp.rank, sp.world_size
+    return comm.exchange([(t, (r + 1) % p, tag) for t in tensors],
+                         [((t.shape, t.dtype), (r - 1) % p, tag) for t in tensors], group=sp.group,
+                         device=tensors[0].device, describe=f"ring exchange on rank {r} (stream {stream})")
+
+
 def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (T, H, Dv) out in the accumulation dtype and (H, T) lse."""
     if sp.window is not None:
         return _window_forward(sp, backend)
-    kv = _flat_kv(sp.k, sp.v)
+    kv = (sp.k, sp.v)
     out = lse = None
     for step in range(sp.world_size):
-        pending = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
+        pending = _ring_step(kv, sp, _KV_STREAM) if step < sp.world_size - 1 else None
         kv_rank = (sp.rank - step) % sp.world_size
         kind = block_kind(sp.layout, sp.causal, sp.rank, kv_rank)
         if kind != "skip":
-            out, lse = attend_and_merge(sp, *_split_kv(kv, sp), kind, out, lse, backend, kv_rank=kv_rank)
+            out, lse = attend_and_merge(sp, *kv, kind, out, lse, backend, kv_rank=kv_rank)
         if pending is not None:
-            kv = pending.wait()[0]
+            kv = tuple(pending.wait())
     return out, lse
 
 
@@ -95,45 +106,46 @@ def _ring_backward(
     if sp.window is not None:
         return _window_backward(sp, dout, out, lse, backend)
     acc = accumulation_dtype(sp.q.dtype)
-    dq = own_dk = own_dv = None  # step 0's block gradients become these accumulators (no zero-filled copies)
-    kv = _flat_kv(sp.k, sp.v)
-    pending_dkv = None
+    shapes = (sp.k.shape, sp.v.shape)
+    # step 0's block gradients become the accumulators (no zero-filled copies where a block covers every row)
+    dq = own_dkv = None
+    kv, pending_dkv = (sp.k, sp.v), None
     for step in range(sp.world_size):
-        pending_kv = comm.ring_exchange(kv, group=sp.group, stream=_KV_STREAM) if step < sp.world_size - 1 else None
+        pending_kv = _ring_step(kv, sp, _KV_STREAM) if step < sp.world_size - 1 else None
         kv_rank = (sp.rank - step) % sp.world_size
         kind = block_kind(sp.layout, sp.causal, sp.rank, kv_rank)
-        grads = None
+        kv_rows = g_kv = None
         if kind != "skip":
             q_rows, g_q, kv_rows, g_k, g_v = attend_block_backward(
-                sp, dout, sp.q, *_split_kv(kv, sp), out, lse, kind, backend, ranks=(sp.rank, kv_rank), views=True
+                sp, dout, sp.q, *kv, out, lse, kind, backend, ranks=(sp.rank, kv_rank), views=True
             )
             dq = _accumulate(dq, q_rows, g_q, sp.q.shape, acc)
-            grads = (kv_rows, g_k, g_v)
+            g_kv = (g_k, g_v)
             del g_q, g_k, g_v
         if step == 0:  # our own shard's dK/dV stay home (step 0's block always reads it: causal or full)
-            own_dk = _accumulate(None, grads[0], grads[1], sp.k.shape, acc)
-            own_dv = _accumulate(None, grads[0], grads[2], sp.v.shape, acc)
+            own_dkv = [_accumulate(None, kv_rows, g, shape, acc) for g, shape in zip(g_kv, shapes)]
         else:
-            if pending_dkv is None:  # step 1: the accumulator of shard r - 1 starts here
-                target = torch.zeros(sp.k.numel() + sp.v.numel(), dtype=acc, device=sp.k.device)
-            else:  # what the previous rank accumulated for shard r - step so far: ours is added into that buffer
-                target = pending_dkv.wait()[0]
-            if grads is not None:
-                target_k, target_v = _split_kv(target, sp)
-                add_rows(target_k, grads[0], grads[1])
-                add_rows(target_v, grads[0], grads[2])
-                del target_k, target_v
-            grads = None  # the block's dK/dV are freed before the exchange allocates its receive buffer
-            pending_dkv = comm.ring_exchange(target, group=sp.group, stream=_DKV_STREAM)
+            if pending_dkv is None:  # step 1: the accumulators of shard r - 1 start from this block's gradients
+                if g_kv is None:
+                    target = [torch.zeros(shape, dtype=acc, device=sp.k.device) for shape in shapes]
+                else:
+                    target = [_accumulate(None, kv_rows, g, shape, acc) for g, shape in zip(g_kv, shapes)]
+            else:  # what the previous rank accumulated for shard r - step so far: ours is added into it
+                target = pending_dkv.wait()
+                if g_kv is not None:
+                    for total, g in zip(target, g_kv):
+                        add_rows(total, kv_rows, g)
+            g_kv = None  # the block's dK/dV are freed before the exchange allocates its receive buffers
+            pending_dkv = _ring_step(tuple(target), sp, _DKV_STREAM)
             del target
-        grads = None
+        g_kv = None
         if pending_kv is not None:
-            kv = pending_kv.wait()[0]
-    if pending_dkv is not None:  # after the last step the accumulator of our own shard arrives home
-        home_k, home_v = _split_kv(pending_dkv.wait()[0], sp)
-        own_dk += home_k
-        own_dv += home_v
-    return dq.to(sp.q.dtype), own_dk.to(sp.k.dtype), own_dv.to(sp.v.dtype)
+            kv = tuple(pending_kv.wait())
+    if pending_dkv is not None:  # after the last step the accumulators of our own shard arrive home
+        for total, home in zip(own_dkv, pending_dkv.wait()):
+            total += home
+    dk, dv = own_dkv
+    return dq.to(sp.q.dtype), dk.to(sp.k.dtype), dv.to(sp.v.dtype)
 
 
 def _accumulate(total: torch.Tensor | None, rows, values: torch.Tensor, shape: torch.Size,

@@ -447,12 +447,14 @@ def attend_and_merge(
     max_q, max_k = sp.block_max_seqlens(kind)
     new_out, new_lse = attention_block_merge(
         q, k, v, sub_out, sub_lse, scale=sp.scale, backend=backend,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, in_place=True,
         **block_options(sp, kind, rows, kv_rows, (sp.rank, kv_rank)),
     )
     if rows is None:
         return new_out, new_lse
-    out[rows], lse[:, rows] = new_out, new_lse  # in place: no copy of the whole accumulator per block
+    if not (isinstance(rows, slice) and new_out is sub_out):  # a slice of out was merged into where it is
+        out[rows] = new_out
+    lse[:, rows] = new_lse  # (lse's rows are a copy: kernels index them densely)
     return out, lse
 
 

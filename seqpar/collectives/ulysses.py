@@ -76,13 +76,33 @@ def ulysses_attention(
             "use ring_attention (or token_ring_attention) for this group size"
         )
     per_rank = h // p
+    cu = sp.global_cu_seqlens()
+    hint = None if sp.max_seqlen is None else sp.max_seqlen * p  # every sequence gathered whole: P times longer
+    my_sinks = None if sp.sinks is None else sp.sinks[sp.rank * per_rank:(sp.rank + 1) * per_rank]
+    order, inverse = _global_order(sp)
+    if h_kv % p == 0:  # every rank reads its own H_kv / P K/V heads: one permuting copy each way (_SeqToHeads)
+        (q_full,) = _SeqToHeads.apply(sp.group, order, inverse, sp.q)  # (T*P, H/P, D)
+        k_full, v_full = _SeqToHeads.apply(sp.group, order, inverse, sp.k, sp.v)  # K and V in one all-to-all
+        out_full = attention(
+            q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu,
+            cu_seqlens_k=cu, max_seqlen_q=hint, max_seqlen_k=hint, window=sp.window, softcap=sp.softcap,
+            sinks=my_sinks,
+        )
+        del q_full, k_full, v_full
+        return sp.unpack(_HeadsToSeq.apply(sp.group, order, inverse, out_full))
+    return sp.unpack(_replicated_kv_heads(sp, backend, order, inverse, cu, hint, my_sinks))
+
+
+def _replicated_kv_heads(sp, backend, order, inverse, cu, hint, my_sinks) -> torch.Tensor:
+    """GQA with H_kv % P != 0: K/V heads go to every rank whose query heads read them (module docstring)."""
+    p, h, h_kv = sp.world_size, sp.q.shape[1], sp.k.shape[1]
+    per_rank = h // p
     needed = [ulysses_kv_heads(h, h_kv, p, j) for j in range(p)]
     mine = needed[sp.rank]
     tokens = sp.q.shape[0]
 
     # Each intermediate is dropped as soon as the next one exists, so only one copy of q / K,V / out is alive at
     # a time (the peak of this op is the forward's gathered q, K, V next to their send and receive buffers).
-    order, inverse = _global_order(sp)
     q_full = _in_global_order(
         comm.all_to_all_differentiable(list(sp.q.split(per_rank, dim=1)), group=sp.group), inverse
     )  # (T*P, H/P, D)
@@ -103,20 +123,106 @@ def ulysses_attention(
     kv_of_q = [(sp.rank * per_rank + t) // group_size - mine[0] for t in range(per_rank)]
     ratio = per_rank // len(mine) if per_rank % len(mine) == 0 else 0
     if not ratio or kv_of_q != [t // ratio for t in range(per_rank)]:
-        index = torch.tensor(kv_of_q, device=q.device)
+        index = torch.tensor(kv_of_q, device=sp.q.device)
         k_full, v_full = k_full[:, index], v_full[:, index]
 
-    cu = sp.global_cu_seqlens()
-    hint = None if sp.max_seqlen is None else sp.max_seqlen * p  # every sequence gathered whole: P times longer
-    my_sinks = None if sp.sinks is None else sp.sinks[sp.rank * per_rank:(sp.rank + 1) * per_rank]
     out_full = attention(
         q_full, k_full, v_full, causal=sp.causal, scale=sp.scale, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu,
         max_seqlen_q=hint, max_seqlen_k=hint, window=sp.window, softcap=sp.softcap, sinks=my_sinks,
     )
     out_parts = list((out_full if order is None else out_full[order]).split(tokens, dim=0))  # rank-major pieces
     del out_full
-    out = torch.cat(comm.all_to_all_differentiable(out_parts, group=sp.group), dim=1)
-    return sp.unpack(out)
+    return torch.cat(comm.all_to_all_differentiable(out_parts, group=sp.group), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence shards <-> head shards, one permuting copy each way (H_kv % P == 0)
+# ----------------------------------------------------------------------------------------------------
+#
+# A rank's (T, H_x, D_x) shard is sent as one (P, T, sum_x H_x/P * D_x) buffer: piece j holds, for each tensor x,
+# the heads of rank j, written there by one strided copy (the permute); what arrives is rank-major, (P*T, ...),
+# which is the global token order for the contiguous layout with one sequence and is reordered by one index
+# otherwise. Back: the (P*T, H_x/P, D_x) results are sent as they are when they are contiguous and in rank-major
+# order (one permuting copy after the transfer), else gathered into the send buffer. DeepSpeed-Ulysses and
+# yunchang make the same one copy per tensor each way; K and V share a message here (one collective fewer).
+
+
+def _seq_to_heads(shards, group, inverse: torch.Tensor | None) -> list[torch.Tensor]:
+    """(T, H_x, D_x) shards -> (P*T, H_x/P, D_x) whole sequences (views of one received buffer), one all-to-all."""
+    p = dist.get_world_size(group)
+    tokens = shards[0].shape[0]
+    widths = [t.shape[1] // p * t.shape[2] for t in shards]
+    send = shards[0].new_empty((p, tokens, sum(widths)))
+    offset = 0
+    for t, width in zip(shards, widths):  # the permute: piece j gets heads [j H_x/P, (j+1) H_x/P) of every token
+        send[:, :, offset:offset + width].unflatten(2, (t.shape[1] // p, t.shape[2])).copy_(
+            t.unflatten(1, (p, t.shape[1] // p)).transpose(0, 1))
+        offset += width
+    received = comm.all_to_all_single(send, group=group).view(p * tokens, -1)
+    del send  # released now: all_to_all_single returns once gloo let go of it
+    if inverse is not None:
+        received = received[inverse]
+    fulls, offset = [], 0
+    for t, width in zip(shards, widths):
+        fulls.append(received[:, offset:offset + width].unflatten(1, (t.shape[1] // p, t.shape[2])))
+        offset += width
+    return fulls
+
+
+def _heads_to_seq(fulls, group, order: torch.Tensor | None, shapes) -> list[torch.Tensor]:
+    """The adjoint of ``_seq_to_heads``: (P*T, H_x/P, D_x) -> (T, H_x, D_x) shaped like ``shapes``."""
+    p = dist.get_world_size(group)
+    tokens = shapes[0][0]
+    widths = [s[1] // p * s[2] for s in shapes]
+    if len(fulls) == 1 and order is None and fulls[0].is_contiguous():
+        send = fulls[0].view(p, tokens, widths[0])  # already rank-major and dense: sent as it is
+    else:
+        send = fulls[0].new_empty((p * tokens, sum(widths)))
+        offset = 0
+        for full, width in zip(fulls, widths):
+            send[:, offset:offset + width].unflatten(1, full.shape[1:]).copy_(full if order is None else full[order])
+            offset += width
+        send = send.view(p, tokens, -1)
+    received = comm.all_to_all_single(send, group=group)
+    del send
+    shards, offset = [], 0
+    for shape, width in zip(shapes, widths):  # piece j holds rank j's heads of our tokens: the inverse permute
+        piece = received[:, :, offset:offset + width].unflatten(2, (shape[1] // p, shape[2]))
+        shards.append(piece.transpose(0, 1).reshape(shape))
+        offset += width
+    return shards
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """Differentiable ``_seq_to_heads`` of one or more shards (one all-to-all each way)."""
+
+    @staticmethod
+    def forward(ctx, group, order, inverse, *shards):
+        ctx.group, ctx.order, ctx.shapes = group, order, [t.shape for t in shards]
+        fulls = _seq_to_heads(shards, group, inverse)
+        ctx.full_shapes = [f.shape for f in fulls]
+        return tuple(fulls)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        grads = [like.new_zeros(s) if g is None else g for g, s in zip(grads, ctx.full_shapes)]
+        return (None, None, None, *_heads_to_seq(grads, ctx.group, ctx.order, ctx.shapes))
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """Differentiable ``_heads_to_seq`` of one (P*T, H/P, Dv) result back to this rank's (T, H, Dv) shard."""
+
+    @staticmethod
+    def forward(ctx, group, order, inverse, full):
+        p = dist.get_world_size(group)
+        ctx.group, ctx.inverse = group, inverse
+        shape = (full.shape[0] // p, full.shape[1] * p, full.shape[2])
+        return _heads_to_seq([full], group, order, [shape])[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, None, _seq_to_heads([grad], ctx.group, ctx.inverse)[0]
 
 
 def _global_order(sp) -> tuple[torch.Tensor | None, torch.Tensor | None]:

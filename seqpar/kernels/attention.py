@@ -53,6 +53,7 @@ __all__ = [
     "check_window",
     "get_attention_backend",
     "merge_attention_outputs",
+    "merge_attention_outputs_",
     "register_attention_backend",
 ]
 
@@ -257,6 +258,21 @@ def merge_attention_outputs(
     w_old = torch.exp(lse - safe).transpose(-1, -2).unsqueeze(-1)
     w_new = torch.exp(block_lse - safe).transpose(-1, -2).unsqueeze(-1)
     return out * w_old + block_out * w_new, new_lse
+
+
+def merge_attention_outputs_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_attention_outputs`` into the caller's accumulators ``out``/``lse`` (float32, or float64 for float64
+    input) in place; returns them. One pass over ``out`` (``lerp_`` towards the block by its share of the new
+    normaliser) and no temporaries of its size, where the out-of-place merge makes three."""
+    block_out, block_lse = block_out.to(out.dtype), block_lse.to(lse.dtype)
+    new_lse = torch.logaddexp(lse, block_lse)
+    # Where both are -inf the row has seen no key yet: weight 0 keeps its zeros instead of exp(nan).
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    out.lerp_(block_out, torch.exp(block_lse - safe).transpose(-1, -2).unsqueeze(-1))
+    lse.copy_(new_lse)
+    return out, lse
 
 
 def apply_attention_sinks(

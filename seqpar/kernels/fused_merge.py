@@ -24,6 +24,7 @@ from seqpar.kernels.attention import (
     call_features,
     get_attention_backend,
     merge_attention_outputs,
+    merge_attention_outputs_,
 )
 
 __all__ = ["attention_block_merge", "has_fused_merge", "register_fused_merge"]
@@ -66,11 +67,14 @@ def attention_block_merge(
     softcap: float | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_attention_outputs(out_acc, lse_acc, *attention_block(q, k, v))`` in one call; fused when the
     resolved backend registered a fused merge. ``out_acc=lse_acc=None`` starts from this block.
     ``max_seqlen_q``/``max_seqlen_k``: the packed form's hints (see ``attention_block_varlen``). ``window``,
     ``softcap``, ``q_positions``/``k_positions``: as ``attention_block``; the fused merge takes them too.
+    ``in_place``: the unfused merge updates ``out_acc``/``lse_acc`` (the caller's accumulators, in the
+    accumulation dtype) and returns them; a fused one may still return new tensors.
 
     Raises:
         ValueError: only one of out_acc/lse_acc, or of cu_seqlens_q/cu_seqlens_k, given; anything
@@ -98,4 +102,6 @@ def attention_block_merge(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal, scale=scale,
             backend=impl.name, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **options,
         )
+    if in_place and out_acc is not None:
+        return merge_attention_outputs_(out_acc, lse_acc, block_out, block_lse)
     return merge_attention_outputs(out_acc, lse_acc, block_out, block_lse)

@@ -47,6 +47,7 @@ from seqpar.collectives.comm.transport import (
     all_reduce,
     all_reduce_async,
     all_to_all,
+    all_to_all_single,
     broadcast_bytes,
     default_timeout,
     exchange,

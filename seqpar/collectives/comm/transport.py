@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "all_reduce",
     "all_reduce_async",
     "all_to_all",
+    "all_to_all_single",
     "broadcast_bytes",
     "default_timeout",
     "exchange",
@@ -152,6 +154,8 @@ class PendingTransfer:
             if self._finalize is not None:
                 self._result = self._finalize(self._result)
             self._done = True
+            # the finished works hold their tensors (a send's buffer): let go of them now, not when this object goes
+            self._works = []
         tracing.record("wait", what=self._describe)
         return self._result
 
@@ -445,13 +449,76 @@ def all_to_all(
     _audit_devices(f"all_to_all on rank {rank}", group, [("input", send_buf), ("output", recv_buf)])
     nbytes = sum(_nbytes(t) for j, t in enumerate(inputs) if j != rank)
     _record("all_to_all", nbytes)
+    held = _references(send_buf, recv_buf)
     work = dist.all_to_all_single(
         recv_buf, send_buf, output_split_sizes=[s.numel() for s in shapes],
         input_split_sizes=[t.numel() for t in inputs], group=group, async_op=True,
     )
     works, finish = _emulate_collective([work], group, size, nbytes, size - 1, send_buf.device)
     PendingTransfer(works, None, f"all_to_all on rank {rank}", finish).wait()
+    del works, work
+    _released_by_backend(held)
     return [piece.view(shape) for piece, shape in zip(recv_buf.split([s.numel() for s in shapes]), shapes)]
+
+
+def all_to_all_single(
+    tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Send ``tensor[j]`` to rank j; returns ``out`` (default: a new tensor shaped like ``tensor``) whose j-th
+    entry came from rank j. ``tensor`` is contiguous with dim 0 of size P (equal pieces): the caller lays the
+    pieces out in the one copy it makes anyway (Ulysses' permute), so nothing is concatenated here. When this
+    returns, the backend holds no reference to ``tensor`` any more: dropping it frees it now (deterministic peaks).
+
+    Raises:
+        ValueError: ``tensor`` is not contiguous or its dim 0 is not the group size, or ``out`` is not contiguous
+            with as many elements.
+    """
+    group, rank, size = group_info(group)
+    if tensor.dim() == 0 or tensor.shape[0] != size or not tensor.is_contiguous():
+        raise ValueError(f"tensor: all_to_all_single needs a contiguous (P={size}, ...) tensor, got "
+                         f"{tuple(tensor.shape)}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+    if out is None:
+        out = torch.empty_like(tensor)
+    elif not out.is_contiguous() or out.numel() != tensor.numel():
+        raise ValueError(f"out: expected a contiguous tensor of {tensor.numel()} elements, got {tuple(out.shape)}")
+    _audit_devices(f"all_to_all on rank {rank}", group, [("input", tensor), ("output", out)])
+    nbytes = _nbytes(tensor) * (size - 1) // size
+    _record("all_to_all", nbytes)
+    held = _references(tensor, out)
+    work = dist.all_to_all_single(out, tensor, group=group, async_op=True)
+    works, finish = _emulate_collective([work], group, size, nbytes, size - 1, tensor.device)
+    PendingTransfer(works, None, f"all_to_all on rank {rank}", finish).wait()
+    del works, work
+    _released_by_backend(held)
+    return out
+
+
+_RELEASE_WAIT_S = 0.5
+_release_timeouts = 0  # after a few, stop waiting: a backend that keeps its buffers would otherwise stall every call
+
+
+def _references(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The tensors handed to a collective with their reference counts before it (``_released_by_backend``)."""
+    return [(t, t._use_count()) for t in tensors if t.device.type == "cpu"]
+
+
+def _released_by_backend(held: list[tuple[torch.Tensor, int]]) -> None:
+    """Wait (briefly, bounded) until torch.distributed's worker threads have dropped their references to a
+    finished collective's tensors. gloo completes the work's future before its thread lets go of the work (and
+    of the tensors it holds), so a send buffer the caller drops right after ``wait()`` may be freed a moment
+    later on gloo's thread, or only after the step's peak: measured 0-4 local shards more or less at the same
+    step of Ulysses. When this returns only the references from before the collective are left, so dropping a
+    buffer frees it there and then. (CUDA tensors are not watched: NCCL's caching allocator handles them.)"""
+    global _release_timeouts
+    deadline = None
+    for tensor, before in held:
+        while tensor._use_count() > before and _release_timeouts < 3:
+            now = time.monotonic()
+            deadline = deadline or now + _RELEASE_WAIT_S
+            if now > deadline:
+                _release_timeouts += 1
+                return  # memory only: never fail a transfer that has completed
+            time.sleep(0)
 
 
 def reduce_scatter(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
