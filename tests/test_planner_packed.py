@@ -153,3 +153,41 @@ def test_calibration_separates_dense_from_attention_with_two_lengths():
         assert fitted.seq_time(m.length, m.degree, m.strategy) == pytest.approx(m.seconds, rel=1e-4)
     with pytest.raises(ValueError, match="two lengths"):
         cm.calibrate([m for m in data if m.length == 256])
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_call_time_minorants_lie_below_every_packed_call(hybrid):
+    # what makes makespan_lower_bound(refined=True) valid: for any call, time >= both additive sums
+    spec = LLAMA.with_linear_layers(4) if hybrid else LLAMA
+    cm = CostModel(Cluster.dgx_h100(32), spec)
+    rng = np.random.default_rng(1)
+    floor_beats_compute = False
+    for degree in (1, 2, 8, 32):
+        for name in cm.strategy_names(degree):
+            for _ in range(8):
+                x = rng.integers(20, 60000, int(rng.integers(1, 6)))
+                compute, o, floor, c0 = cm.call_time_minorants(x, degree, name)
+                t = cm.call_time(x, degree, name)
+                assert t >= (o + compute.sum()) * (1 - 1e-12)
+                assert t >= (c0 + floor.sum()) * (1 - 1e-12)
+                floor_beats_compute |= c0 + floor.sum() > 1.05 * (o + compute.sum())
+    assert floor_beats_compute  # the floor adds something over compute (communication across nodes)
+
+
+def test_refined_lower_bound_never_exceeds_the_brute_force_optimum():
+    from seqpar.solver import makespan_lower_bound
+    from tests.test_solver import brute_force_makespan, tiny_model
+
+    rng = np.random.default_rng(11)
+    stronger = 0
+    for world, per_node, family in ((4, 4, "slow"), (8, 4, "slow"), (8, 4, "fast"), (4, 2, "fast")):
+        for n in (2, 4, 6):
+            lengths = (rng.integers(200, 9000, n) if family == "slow"
+                       else np.exp(rng.uniform(np.log(200), np.log(60000), n)).astype(int)).tolist()
+            cm = tiny_model(world, per_node, family)
+            optimum = brute_force_makespan(lengths, cm)
+            weak = makespan_lower_bound(lengths, cm)
+            refined = makespan_lower_bound(lengths, cm, refined=True)
+            assert weak <= refined <= optimum * (1 + 1e-9), (world, lengths, weak, refined, optimum)
+            stronger += refined > weak * 1.01
+    assert stronger >= 3, stronger  # it is stronger where communication or whole groups bind

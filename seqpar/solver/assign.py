@@ -6,6 +6,9 @@
   different shapes: the list-scheduling rule for unrelated machines).
 * ``improve``: local search on the slowest group: move one sequence out, or swap one with another group,
   whenever that lowers the slowest group without creating a new one as slow.
+* ``improve_packed``: the same on the packed model itself (``CostModel.call_time``): each group's strategy
+  re-picked for what it runs, then moves of the slowest group's sequences to the least-loaded group of each
+  shape, and swaps with the shortest sequences of the least-loaded groups.
 * ``greedy_groups``: binary search on a target makespan T; sequences, longest first, join the open group
   where they cost the fewest rank-seconds while finishing within T, or open a group of their cheapest
   shape; short ones are poured in as rank-seconds; the smallest T whose groups fit on the world wins and
@@ -19,13 +22,14 @@ Groups are given as a list of shape indices into ``Problem.shapes``; an assignme
 from __future__ import annotations
 
 import heapq
+import math
 import time
 
 import numpy as np
 
-from seqpar.solver.problem import Problem
+from seqpar.solver.problem import Problem, split_calls
 
-__all__ = ["lpt", "earliest_finish", "improve", "greedy_groups", "fill_ranks"]
+__all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "greedy_groups", "fill_ranks"]
 
 
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
@@ -144,6 +148,91 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
     return assign
 
 
+def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray, *, deadline: float,
+                   tries: int = 12) -> tuple[list[int], np.ndarray] | None:
+    """Local search on the PACKED makespan (a group's time: ``split_calls`` into calls that fit, each
+    ``CostModel.call_time``), from ``group_shapes`` / ``assign``; ``(shapes, assign)`` (new lists) or None
+    if ``deadline`` passed before anything was evaluated.
+
+    First every used group takes the strategy, among the shapes of its degree that fit its sequences, whose
+    packed time is least. Then, until no step lowers the slowest group or ``deadline`` passes: up to ``tries``
+    of the slowest group's sequences (longest first) are tried on the least-loaded group of every shape
+    (re-picking that group's strategy), and swapped with the shortest sequence of the least-loaded groups; the
+    step that leaves the lower of the two groups' maximum wins, when it is below the slowest group's time.
+    """
+    cm, lengths = problem.cost_model, problem.lengths
+    shapes = list(group_shapes)
+    members: list[list[int]] = [[] for _ in shapes]
+    for i, g in enumerate(np.asarray(assign).tolist()):
+        members[g].append(i)
+    by_degree: dict[int, list[int]] = {}
+    for s, (d, _) in enumerate(problem.shapes):
+        by_degree.setdefault(d, []).append(s)
+
+    def timed(seqs: list[int], s: int) -> float:
+        if not seqs:
+            return 0.0
+        if not problem.fits[s, seqs].all():
+            return np.inf
+        d, name = problem.shapes[s]
+        return math.fsum(cm.call_time(lengths[c], d, name) for c in split_calls(lengths, seqs, int(problem.cap[s])))
+
+    def best_shape(seqs: list[int], s: int) -> tuple[float, int]:
+        return min((timed(seqs, t), t) for t in by_degree[problem.shapes[s][0]])
+
+    if time.perf_counter() > deadline:
+        return None
+    times = np.zeros(len(shapes))
+    for g, seqs in enumerate(members):
+        if time.perf_counter() > deadline:
+            return None
+        times[g], shapes[g] = best_shape(seqs, shapes[g]) if seqs else (0.0, shapes[g])
+    while time.perf_counter() < deadline:
+        worst = int(np.argmax(times))
+        peak = float(times[worst])
+        mine = sorted(members[worst], key=lambda i: -int(lengths[i]))[:tries]
+        shape_arr = np.asarray(shapes)
+        targets = []
+        for s in set(shapes):  # the least-loaded group of every shape present
+            groups = np.flatnonzero(shape_arr == s)
+            g = int(groups[np.argmin(times[groups])])
+            if g != worst:
+                targets.append(g)
+        best: tuple[float, ...] | None = None
+        for i in mine:
+            if time.perf_counter() > deadline:
+                break
+            rest = [k for k in members[worst] if k != i]
+            t_rest, s_rest = best_shape(rest, shapes[worst])
+            if t_rest >= peak:
+                continue
+            for g in targets:
+                t_g, s_g = best_shape(members[g] + [i], shapes[g])
+                if max(t_g, t_rest) < peak * (1 - 1e-9) and (best is None or max(t_g, t_rest) < best[0]):
+                    best = (max(t_g, t_rest), i, None, g, t_rest, s_rest, t_g, s_g)
+                if members[g] and max(t_g, t_rest) < peak:  # swap with g's shortest
+                    j = min(members[g], key=lambda k: int(lengths[k]))
+                    if lengths[j] >= lengths[i]:
+                        continue
+                    t_w, s_w = best_shape(rest + [j], shapes[worst])
+                    t_g2, s_g2 = best_shape([k for k in members[g] if k != j] + [i], shapes[g])
+                    if max(t_w, t_g2) < peak * (1 - 1e-9) and (best is None or max(t_w, t_g2) < best[0]):
+                        best = (max(t_w, t_g2), i, j, g, t_w, s_w, t_g2, s_g2)
+        if best is None:
+            break
+        _, i, j, g, t_w, s_w, t_g, s_g = best
+        members[worst].remove(i)
+        members[g].append(i)
+        if j is not None:
+            members[g].remove(j)
+            members[worst].append(j)
+        times[worst], shapes[worst], times[g], shapes[g] = t_w, s_w, t_g, s_g
+    out = np.empty(problem.n, dtype=np.int64)
+    for g, seqs in enumerate(members):
+        out[seqs] = g
+    return shapes, out
+
+
 def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> list[int]:
     """``group_shapes`` plus degree-1 groups (shape 0) on the ranks left over, so the world is covered."""
     return list(group_shapes) + [0] * (problem.world - used_ranks)
@@ -223,7 +312,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
     ``_pack``'s rank-second estimates can be optimistic, so every group set it accepts is assigned for
     real (``earliest_finish``) and the fastest wins; the search stops within 0.2% or at ``deadline``.
     """
-    lo, hi = problem.refined_lower_bound(), upper
+    lo, hi = problem.lower_bound(), upper
     best: tuple[float, list[int], np.ndarray] | None = None
 
     def consider(shapes: list[int]) -> None:

@@ -615,6 +615,58 @@ class CostModel:
             t += count * float(layer)
         return float(t)
 
+    def call_time_minorants(self, lengths, degree: int, strategy: str) -> tuple[np.ndarray, float, np.ndarray, float]:
+        """Two additive lower bounds of ``call_time``, valid for any packed call of any subset of ``lengths``:
+        ``(compute, compute_const, floor, floor_const)`` with, for every call on the sequences ``I``,
+
+            call_time(I) >= compute_const + sum_{i in I} compute[i]      (compute: dense + attention, + overhead)
+            call_time(I) >= floor_const + sum_{i in I} floor[i]
+
+        ``floor`` charges each sequence its dense compute, its share of the communication with no attention
+        compute to hide it (the layer term at zero compute is affine in the packed tokens: bytes are per local
+        token, latency per step), and the part of its attention compute no strategy overlaps: ``rho`` per layer,
+        the slope of ``layer_time`` in the compute at zero compute (1 for Ulysses, 1/P for ring: the first
+        block). ``layer_time`` is convex in the compute (maxima and sums of affine terms), so it lies above that
+        tangent: ``layer_time(N, A) >= layer_time(N, 0) + rho A``. A strategy whose zero-compute term is not
+        affine in the tokens (a window's message count) gets no ``floor`` (its compute bound stands in).
+        Packed calls and micro-batches only add calls, so a group's time is bounded by the same sums
+        (``planner.makespan_lower_bound(refined=True)`` uses them).
+
+        Raises as ``seq_time``.
+        """
+        parts = self._check(degree, strategy)
+        S = self._lengths(lengths)
+        m, c = self.model, self.coefficients
+        compute = self.compute_times(S, degree)
+        dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
+        floor = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
+        floor_const = c.sequence_overhead_s
+        link = self._link(degree)
+        affine = True
+        for count, kind, entry, delta_rule in self._layer_terms(parts):
+            layer_time = self._entry_layer_time(entry, delta_rule)
+            probes = np.array([0.0, 1024.0 * degree, 2048.0 * degree, 65536.0 * degree])
+            zero = np.array([float(layer_time(self._layer_shape(float(n), degree), 0.0, 0.0, link)) for n in probes])
+            slope = (zero[1] - zero[0]) / probes[1]
+            if not np.allclose(zero, zero[0] + slope * probes, rtol=1e-9, atol=0.0):
+                affine = False
+                break
+            rho = 1.0
+            for n in probes[1:]:
+                forward, backward = self._attention_compute(np.array([n]), degree, kind)
+                shape = self._layer_shape(float(n), degree)
+                base = float(layer_time(shape, 0.0, 0.0, link))
+                eps = 1e-9 * max(base, 1e-12) / float(forward[0] + backward[0])
+                bumped = float(layer_time(shape, eps * float(forward[0]), eps * float(backward[0]), link))
+                rho = min(rho, (bumped - base) / (eps * float(forward[0] + backward[0])))
+            rho = max(rho * (1 - 1e-6), 0.0)  # shaded: a finite difference of a convex function overstates
+            forward, backward = self._attention_compute(S, degree, kind)
+            floor = floor + count * (slope * S + rho * (forward + backward))
+            floor_const += count * zero[0]
+        if not affine:
+            floor, floor_const = compute, c.sequence_overhead_s
+        return compute, c.sequence_overhead_s, np.asarray(floor, dtype=np.float64), float(floor_const)
+
     def group_time(self, lengths: Iterable[float], degree: int, strategy: str, *,
                    micro_batches: Sequence[Sequence[int]] | None = None) -> float:
         """Seconds one group of ``degree`` ranks needs for all of ``lengths``: one packed call
