@@ -191,3 +191,37 @@ def test_refined_lower_bound_never_exceeds_the_brute_force_optimum():
             assert weak <= refined <= optimum * (1 + 1e-9), (world, lengths, weak, refined, optimum)
             stronger += refined > weak * 1.01
     assert stronger >= 3, stronger  # it is stronger where communication or whole groups bind
+
+
+def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
+    # a machine whose links the link model does not describe: per-strategy step and token costs (as gloo on a
+    # CPU); fitted on two lengths, the fit predicts other lengths and the memory/packing rules still hold
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    truth = replace(cm, coefficients=CostCoefficients(
+        0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=(("ring", 0.03, 2e-5), ("ulysses", 0.004, 6e-5),
+                                                   ("token_ring", 0.01, 0.0))))
+    shapes = [(1, "ulysses")] + [(d, s) for d in (2, 4) for s in ("ulysses", "ring", "token_ring")]
+    data = [Measurement(n, d, s, truth.seq_time(n, d, s)) for n in (256, 1024) for d, s in shapes]
+    fitted = cm.calibrate(data)
+    expected = {"ring": (0.03, 2e-5), "ulysses": (0.004, 6e-5), "token_ring": (0.01, 0.0)}
+    assert sorted(n for n, _, _ in fitted.coefficients.strategy_terms) == sorted(expected)
+    for name, per_step, per_token in fitted.coefficients.strategy_terms:
+        assert (per_step, per_token) == pytest.approx(expected[name], rel=1e-6, abs=1e-12)
+    for n in (128, 512, 4096):
+        for d, s in shapes:
+            assert fitted.seq_time(n, d, s) == pytest.approx(truth.seq_time(n, d, s), rel=1e-6)
+    # hand check of one layer's measured term: (P - 1) (per_step + per_token N / P), on the packed total
+    lengths = [300, 500]
+    ring_terms = truth.call_time(lengths, 4, "ring") - replace(
+        truth, coefficients=replace(truth.coefficients, strategy_terms=(("ring", 0.0, 0.0),))).call_time(
+        lengths, 4, "ring")
+    assert ring_terms == pytest.approx(2 * 3 * (0.03 + 2e-5 * 800 / 4), rel=1e-12)
+    # the minorants (the refined lower bound) stay below every packed call under the measured form
+    for d, s in shapes:
+        compute, o, floor, c0 = truth.call_time_minorants(lengths, d, s)
+        t = truth.call_time(lengths, d, s)
+        assert t >= (o + compute.sum()) * (1 - 1e-12) and t >= (c0 + floor.sum()) * (1 - 1e-12)
+    with pytest.raises(ValueError, match="strategy_terms"):
+        CostCoefficients(strategy_terms=(("ring", -1.0, 0.0),))

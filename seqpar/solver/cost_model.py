@@ -333,6 +333,11 @@ class CostCoefficients:
         bandwidth_efficiency: fraction of the link bandwidth the collectives reach.
         latency_scale: multiplies ``Cluster.latency_s``.
         sequence_overhead_s: fixed time per sequence (launches, bookkeeping).
+        strategy_terms: ``(strategy, per_step_s, per_token_s)`` measured on this machine
+            (``CostModel.calibrate``): for a registered strategy named here, each layer forward + backward at
+            degree P > 1 costs its compute, unoverlapped, plus ``(P - 1) (per_step_s + per_token_s N / P)``
+            for a call of N packed tokens, INSTEAD of the link model (bandwidth, latency, overlap). For
+            machines the link model does not describe (gloo on a loaded CPU: bench/calibrate.py).
 
     Raises:
         ValueError: a non-positive efficiency or scale, or a negative overhead.
@@ -343,12 +348,28 @@ class CostCoefficients:
     bandwidth_efficiency: float = 0.8
     latency_scale: float = 1.0
     sequence_overhead_s: float = 0.0
+    strategy_terms: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
             _require_positive(name, getattr(self, name))
         if not (math.isfinite(self.sequence_overhead_s) and self.sequence_overhead_s >= 0):
             raise ValueError(f"sequence_overhead_s must be >= 0, got {self.sequence_overhead_s!r}")
+        terms = []
+        for term in self.strategy_terms:  # JSON gives lists: store tuples (the dataclass stays hashable)
+            if len(term) != 3 or not isinstance(term[0], str):
+                raise ValueError(f"strategy_terms entries must be (strategy, per_step_s, per_token_s), got {term!r}")
+            name, per_step, per_token = term[0], float(term[1]), float(term[2])
+            if not (math.isfinite(per_step) and math.isfinite(per_token) and per_step >= 0 and per_token >= 0):
+                raise ValueError(f"strategy_terms[{name!r}] must be finite and >= 0, got {term!r}")
+            terms.append((name, per_step, per_token))
+        if len({t[0] for t in terms}) != len(terms):
+            raise ValueError(f"strategy_terms names a strategy twice: {[t[0] for t in terms]}")
+        object.__setattr__(self, "strategy_terms", tuple(terms))
+
+    def measured_terms(self, strategy: str) -> tuple[float, float] | None:
+        """``(per_step_s, per_token_s)`` measured for the registered ``strategy``, or None (link model)."""
+        return next(((a, b) for name, a, b in self.strategy_terms if name == strategy), None)
 
 
 @dataclass(frozen=True)
@@ -461,9 +482,21 @@ class CostModel:
             terms.append((m.delta_rule_layers, "delta_rule", entry, True))
         return [t for t in terms if t[0]]
 
-    @staticmethod
-    def _entry_layer_time(entry: Strategy, delta_rule: bool):
-        return entry.delta_rule_layer_time if delta_rule else entry.layer_time
+    def _entry_layer_time(self, entry: Strategy, delta_rule: bool):
+        """The entry's ``layer_time`` (or ``delta_rule_layer_time``); for a strategy with measured terms
+        (``CostCoefficients.strategy_terms``) its compute alone (an infinitely fast link) plus those terms."""
+        formula = entry.delta_rule_layer_time if delta_rule else entry.layer_time
+        measured = self.coefficients.measured_terms(entry.name)
+        if formula is None or measured is None:
+            return formula
+        per_step, per_token = measured
+
+        def layer_time(shape: LayerShape, compute_fwd_s, compute_bwd_s, link: Link):
+            steps = shape.degree - 1
+            return (formula(shape, compute_fwd_s, compute_bwd_s, Link(math.inf, 0.0))
+                    + steps * (per_step + per_token * shape.seq_len / shape.degree))
+
+        return layer_time
 
     def _check(self, degree: int, strategy: str) -> tuple[str | None, str | None]:
         if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
@@ -754,18 +787,30 @@ class CostModel:
 
     # ---- calibration ----------------------------------------------------------------------------------------
 
-    def calibrate(self, measurements: Iterable[Measurement | tuple], *, max_iterations: int = 200) -> CostModel:
-        """A copy whose ``coefficients`` best fit measured step times (least squares on log time).
+    def calibrate(self, measurements: Iterable[Measurement | tuple], *, max_iterations: int = 200,
+                  measured_terms: bool = True) -> CostModel:
+        """A copy whose ``coefficients`` best fit measured step times; of two forms, the one with the smaller
+        squared log error on ``measurements``:
 
-        Levenberg-Marquardt over the five ``CostCoefficients`` (efficiencies and latency scale in log
-        space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the measurements
-        cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they are. The dense
-        (linear in the length) and attention (quadratic) efficiencies separate only with at least two
-        lengths at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
+        * the link model: Levenberg-Marquardt over the five scalar ``CostCoefficients`` (efficiencies and latency
+          scale in log space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the
+          measurements cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they
+          are;
+        * measured terms (``measured_terms=True``, a model with one attention kind, degree-1 measurements at two
+          lengths or more): every measurement is ``overhead + (dense(S) / dense_efficiency + attention(S) /
+          attention_efficiency) / P`` plus, per layer at P > 1, its strategy's ``(P - 1) (per_step_s +
+          per_token_s S / P)`` (``strategy_terms``; the link model is set aside for those strategies) — linear
+          in the unknowns, fitted by non-negative least squares on relative error (an efficiency the data
+          cannot see is 1e6: that term is negligible). The compute is measured, not assumed: for machines whose
+          links (and cores) the link model does not describe, like gloo on a shared CPU (bench/calibrate.py).
+
+        The dense (linear in the length) and attention (quadratic) terms separate only with at least two lengths
+        at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
             max_iterations: Levenberg-Marquardt iteration cap.
+            measured_terms: also try the measured-terms form.
 
         Raises:
             ValueError: no measurements, a non-positive time, an invalid length/degree/strategy, or a single
@@ -781,6 +826,57 @@ class CostModel:
         if len({m.length for m in data}) < 2:
             raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
                              "(quadratic) efficiencies cannot be separated; measure at least two lengths")
+        link = self._calibrate_link(data, max_iterations)
+        measured = self._calibrate_measured_terms(data) if measured_terms else None
+        if measured is None or link.calibration_error(data) <= measured.calibration_error(data):
+            return link
+        return measured
+
+    def calibration_error(self, measurements: Iterable[Measurement]) -> float:
+        """Sum of squared log errors of ``seq_time`` against the measured seconds."""
+        return float(sum(math.log(self.seq_time(m.length, m.degree, m.strategy) / m.seconds) ** 2
+                         for m in measurements))
+
+    def _calibrate_measured_terms(self, data: list[Measurement]) -> CostModel | None:
+        """``calibrate``'s measured-terms form, or None when the data cannot give it."""
+        if len(self._kinds()) != 1:
+            return None
+        ones = [m for m in data if m.degree == 1]
+        if len({m.length for m in ones}) < 2:
+            return None
+        unit = replace(self, coefficients=CostCoefficients(1.0, 1.0, 1.0, 1.0, 0.0))
+        m_ = self.model
+        dense_flops = 3.0 * 2.0 * (m_.num_layers * m_.layer_matmul_params + m_.hidden * m_.vocab)
+
+        def dense(S: float) -> float:  # seconds at efficiency 1, degree 1
+            return S * dense_flops / unit._flops_per_s(1.0)
+
+        def attention(S: float) -> float:
+            return float(unit.compute_times([S], 1)[0]) - dense(S)
+
+        strategies = sorted({m.strategy for m in data if m.degree > 1})
+        layers = self.model.num_layers
+        # one linear model of every measurement: overhead + (dense / dense_eff + attention / attention_eff) / P
+        # + per layer (P - 1) (per_step + per_token S / P) of its strategy; non-negative, on relative error
+        basis = np.zeros((len(data), 3 + 2 * len(strategies)))
+        for r, m in enumerate(data):
+            basis[r, :3] = (1.0, dense(m.length) / m.degree, attention(m.length) / m.degree)
+            if m.degree > 1:
+                k = 3 + 2 * strategies.index(m.strategy)
+                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, m.length / m.degree])
+        seconds = np.array([m.seconds for m in data])
+        x = _nnls(basis / seconds[:, None], np.ones(len(data)))
+        overhead, inv_dense, inv_attention = x[:3]
+        coefficients = CostCoefficients(
+            attention_efficiency=1.0 / inv_attention if inv_attention > 1e-6 else 1e6,
+            dense_efficiency=1.0 / inv_dense if inv_dense > 1e-6 else 1e6,
+            bandwidth_efficiency=self.coefficients.bandwidth_efficiency,
+            latency_scale=self.coefficients.latency_scale, sequence_overhead_s=float(overhead),
+            strategy_terms=tuple((name, float(x[3 + 2 * k]), float(x[4 + 2 * k])) for k, name in enumerate(strategies)))
+        return replace(self, coefficients=coefficients)
+
+    def _calibrate_link(self, data: list[Measurement], max_iterations: int) -> CostModel:
+        """``calibrate``'s link-model form (Levenberg-Marquardt)."""
         measured = np.log([m.seconds for m in data])
         low, high = math.log(1e-6), math.log(1e3)
 
@@ -822,3 +918,28 @@ class CostModel:
             if not improved or np.max(np.abs(delta * scale)) < 1e-12:
                 break
         return replace(self, coefficients=coefficients(theta))
+
+
+def _nnls(basis: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares ``basis @ x ~ target`` with ``x >= 0`` (Lawson and Hanson 1974, the active-set method)."""
+    n = basis.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    for _ in range(3 * n + 10):
+        gradient = basis.T @ (target - basis @ x)
+        candidates = np.flatnonzero(~passive & (gradient > 1e-12 * max(1.0, float(np.abs(gradient).max()))))
+        if candidates.size == 0:
+            break
+        passive[candidates[np.argmax(gradient[candidates])]] = True
+        while True:
+            z = np.zeros(n)
+            z[passive], *_ = np.linalg.lstsq(basis[:, passive], target, rcond=None)
+            if (z[passive] > 0).all():
+                x = z
+                break
+            blocking = passive & (z <= 0)
+            step = np.min(x[blocking] / np.maximum(x[blocking] - z[blocking], 1e-300))
+            x = x + step * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+    return x

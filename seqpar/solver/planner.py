@@ -164,10 +164,14 @@ def plan_step(
     status = "feasible" if milp_found else "greedy"
     order = sorted(range(len(candidates)), key=lambda k: problem.makespan(candidates[k][1], candidates[k][2]))
     plans: list[tuple[str, Plan]] = []
+    skipped = 0
     for k in order:
-        if plans and time.perf_counter() > deadline - 0.02 * time_limit_s:
+        if plans and time.perf_counter() > deadline - 0.15 * time_limit_s:
             break
         name, shapes, assign = candidates[k]
+        if plans and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
+            skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
+            continue
         plans.append((name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio)))
     name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
     # the surrogate over-charges packed groups of the overlapped strategies: re-pick each group's strategy and
@@ -182,7 +186,8 @@ def plan_step(
     best.solver_status = status
     scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in plans[:6])
     how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",
-                                f"{len(plans)} of {len(candidates)} candidates re-scored packed: {scores}") if x)
+                                f"{len(plans)} of {len(candidates)} candidates re-scored packed ({skipped} "
+                                f"bounded out): {scores}") if x)
     return finish(best, name, how, proved=False)
 
 
