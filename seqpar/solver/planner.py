@@ -16,11 +16,16 @@ to one group, minimising the makespan under the PACKED cost model: a group runs 
   2. the best homogeneous plan improved by local search;
   3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
   4. the MILP plan (``milp.solve_milp``: CBC or HiGHS, warm-started from the better of 1 and 3), its
-     assignment improved by local search, and its groups re-filled from scratch (earliest finish) and improved.
+     assignment improved by local search, and its groups re-filled from scratch (earliest finish) and improved;
+
+  then the fastest, re-scored packed, goes through ``assign.improve_packed`` (each group's strategy re-picked
+  for its packed call, moves and swaps out of the slowest group, on the packed model itself).
 
 ``time_limit_s`` is a deadline for the whole call: every phase checks it (the search stops at 80% of it, the
-MILP's own limit is what is left once its model is built, less a reserve for the re-balancing), and the
-packed re-scoring takes candidates in the surrogate's order while time is left (at least one).
+MILP's own limit is what is left once its model is built, less a reserve for the re-balancing; HiGHS also stops
+when its best solution stalls), the packed re-scoring takes candidates in the surrogate's order until 85% of
+it (at least one; a candidate whose packed bound, ``Problem.packed_floor``, cannot beat the best so far is
+skipped), and the packed search runs until 98%.
 ``solver_status``: ``"optimal"`` when the exact search ran or the plan meets ``Problem.lower_bound``;
 ``"feasible"`` when the MILP gave a solution (optimal or not on its surrogate, the note says which);
 ``"greedy"`` when it gave none.

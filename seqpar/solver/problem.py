@@ -223,6 +223,9 @@ class Problem:
             lp.integrality_ = [highspy.HighsVarType.kContinuous] * n_x + [highspy.HighsVarType.kInteger] * n_shapes
         h = highspy.Highs()
         h.setOptionValue("output_flag", False)
+        # one thread, as the planner's MILP (milp._backend): HiGHS's task scheduler is global, and a later
+        # solver asking for another thread count than the first one set up fails ("No Solution Found")
+        h.setOptionValue("threads", 1)
         h.setOptionValue("time_limit", 2.0)
         h.setOptionValue("mip_rel_gap", 1e-4)
         h.passModel(lp)
