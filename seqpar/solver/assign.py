@@ -35,25 +35,60 @@ __all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "greedy_groups
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
     """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups.
 
-    With many more items than groups (over ``32 n_groups`` and 4096), in rounds of ``n_groups`` items: each
-    round's longest go to the least-loaded groups, in order (LPT decided once per round, in numpy)."""
-    if times.size > max(32 * n_groups, 4096):
-        order = np.argsort(-times, kind="stable")
-        assign = np.empty(times.size, dtype=np.int64)
-        loads = np.zeros(n_groups)
-        for start in range(0, times.size, n_groups):
-            chunk = order[start:start + n_groups]
-            targets = np.argsort(loads, kind="stable")[:chunk.size]
-            assign[chunk] = targets
-            loads[targets] += times[chunk]
+    The longest ``max(4 n_groups, 512)`` items go one by one (a heap); the middle ones are poured in numpy: every
+    group is filled up to one common level (water filling), the items, longest first, cut into consecutive runs
+    of those amounts; the shortest go one by one again (as many as hold the longest poured item's size per group),
+    so they even out what the pouring left. O(n log n) in numpy plus the heap steps of the longest and shortest."""
+    times = np.asarray(times, dtype=np.float64)
+    assign = np.zeros(times.size, dtype=np.int64)
+    if n_groups == 1 or times.size == 0:
         return assign
-    assign = np.empty(times.size, dtype=np.int64)
+    order = np.argsort(-times, kind="stable")
+    head = min(times.size, max(4 * n_groups, 512))
     heap = [(0.0, g) for g in range(n_groups)]
-    for i in np.argsort(-times, kind="stable").tolist():
+    for i in order[:head].tolist():
+        load, g = heap[0]
+        assign[i] = g
+        heapq.heapreplace(heap, (load + float(times[i]), g))
+    # the shortest go last, one by one again, as many as it takes for their total to even out what pouring leaves
+    # (each group may end up to one poured item off the level): the longest poured item's size per group
+    if times.size <= head:
+        return assign
+    smallest_first = np.cumsum(times[order[::-1]])
+    enough = smallest_first >= n_groups * float(times[order[head]])
+    last = max(head, times.size - (int(np.argmax(enough)) + 1 if enough.any() else times.size))
+    tail = order[head:last]
+    if tail.size:
+        _pour(times, tail, heap, assign, n_groups)
+    for i in order[last:].tolist():
         load, g = heap[0]
         assign[i] = g
         heapq.heapreplace(heap, (load + float(times[i]), g))
     return assign
+
+
+def _pour(times: np.ndarray, tail: np.ndarray, heap: list[tuple[float, int]], assign: np.ndarray,
+          n_groups: int) -> None:
+    """``lpt``'s water filling of ``tail`` (longest first) onto the groups of ``heap``, which it updates."""
+    loads = np.zeros(n_groups)
+    for load, g in heap:
+        loads[g] = load
+    by_load = np.argsort(loads, kind="stable")
+    low = loads[by_load]
+    total = float(times[tail].sum())
+    # the level: the first k groups (least loaded) filled to (total + their loads) / k, no higher than group k+1
+    k = np.arange(1, n_groups + 1)
+    levels = (total + np.cumsum(low)) / k
+    fits = levels <= np.append(low[1:], np.inf)
+    level = float(levels[int(np.argmax(fits))])
+    fill = np.maximum(level - low, 0.0)
+    ends = np.cumsum(fill)
+    midpoints = np.cumsum(times[tail]) - 0.5 * times[tail]
+    slot = np.minimum(np.searchsorted(ends, midpoints, side="right"), n_groups - 1)
+    assign[tail] = by_load[slot]
+    loads += np.bincount(assign[tail], weights=times[tail], minlength=n_groups)
+    heap[:] = [(float(loads[g]), g) for g in range(n_groups)]
+    heapq.heapify(heap)
 
 
 def earliest_finish(problem: Problem, group_shapes: list[int], *,
@@ -169,13 +204,19 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
     for s, (d, _) in enumerate(problem.shapes):
         by_degree.setdefault(d, []).append(s)
 
+    checked: dict[int, tuple[str | None, str | None]] = {}
+
     def timed(seqs: list[int], s: int) -> float:
         if not seqs:
             return 0.0
         if not problem.fits[s, seqs].all():
             return np.inf
         d, name = problem.shapes[s]
-        return math.fsum(cm.call_time(lengths[c], d, name) for c in split_calls(lengths, seqs, int(problem.cap[s])))
+        parts = checked.get(s)
+        if parts is None:
+            parts = checked[s] = cm._check(d, name)  # once per shape: call_time's checks cost more than it
+        return math.fsum(cm._packed_time(lengths[c].astype(np.float64), d, parts)
+                         for c in split_calls(lengths, seqs, int(problem.cap[s])))
 
     def best_shape(seqs: list[int], s: int) -> tuple[float, int]:
         return min((timed(seqs, t), t) for t in by_degree[problem.shapes[s][0]])

@@ -156,12 +156,16 @@ def plan_step(
             if isinstance(result, MilpResult):
                 milp_found, milp_note = True, result.note
                 candidates.append(("milp", result.group_shapes, result.assign))
+                # each re-balancing gets a share of what is left, so the packed phases keep theirs
+                share = max(search_deadline - time.perf_counter(), 0.0) / 3
                 candidates.append(("milp + local search", result.group_shapes,
-                                   improve(problem, result.group_shapes, result.assign, deadline=search_deadline)))
+                                   improve(problem, result.group_shapes, result.assign,
+                                           deadline=_before(share, search_deadline))))
                 refill = earliest_finish(problem, result.group_shapes, deadline=search_deadline)
                 if refill is not None:
                     candidates.append(("milp groups re-filled", result.group_shapes,
-                                       improve(problem, result.group_shapes, refill, deadline=search_deadline)))
+                                       improve(problem, result.group_shapes, refill,
+                                               deadline=_before(share, search_deadline))))
             else:
                 why = result
 

@@ -331,6 +331,7 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
     for g in order:
         members[g] = by_group[bounds[g]:bounds[g + 1]].tolist()
     groups, start = [], 0
+    checked: dict[tuple[int, str], tuple[str | None, str | None]] = {}
     for g in order:
         degree, strategy = group_shapes[g]
         seqs = members[g]
@@ -340,8 +341,13 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         given = None if calls is None else calls.get(g)
         group_calls = [sorted(c) for c in given] if given else (split_calls(lengths, seqs, cap) if seqs else [[]])
         micro = None if len(group_calls) == 1 else group_calls
-        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition
-        time = math.fsum(cost_model.call_time(lengths[c], degree, strategy) for c in group_calls) if seqs else 0.0
+        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition or,
+        # per call, the strategy (call_time's checks, done once per shape here, cost more than the formula)
+        parts = checked.get((degree, strategy))
+        if parts is None:
+            parts = checked[(degree, strategy)] = cost_model._check(degree, strategy)
+        time = math.fsum(cost_model._packed_time(lengths[c].astype(np.float64), degree, parts)
+                         for c in group_calls) if seqs else 0.0
         softmax, linear = cost_model.split_strategy(strategy)
         groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time, micro))
         start += degree
