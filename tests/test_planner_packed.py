@@ -225,3 +225,27 @@ def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
         assert t >= (o + compute.sum()) * (1 - 1e-12) and t >= (c0 + floor.sum()) * (1 - 1e-12)
     with pytest.raises(ValueError, match="strategy_terms"):
         CostCoefficients(strategy_terms=(("ring", -1.0, 0.0),))
+
+
+def test_calibration_separates_per_sequence_cost_of_packed_calls():
+    # on CPU ranks each sequence of a packed call costs launches of its own on every rank of the group: with
+    # packed measurements the fit finds that cost, and then many short sequences favour small groups
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    truth = replace(cm, coefficients=CostCoefficients(0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=(
+        ("ulysses", 0.004, 6e-5),), packed_sequence_s=0.01))
+    shapes = [(1, "ulysses"), (2, "ulysses"), (4, "ulysses")]
+    data = [Measurement(n, d, s, truth.call_time([n] * k, d, s), k) for d, s in shapes
+            for n, k in ((256, 1), (1024, 1), (256, 4))]
+    fitted = cm.calibrate(data)
+    assert fitted.coefficients.packed_sequence_s == pytest.approx(0.01, rel=1e-6)
+    # by hand: 8 sequences in one call pay it 8 times, on top of what the call costs otherwise
+    lengths = [100] * 8
+    assert truth.call_time(lengths, 4, "ulysses") - replace(
+        truth, coefficients=replace(truth.coefficients, packed_sequence_s=0.0)).call_time(lengths, 4, "ulysses") \
+        == pytest.approx(0.08, rel=1e-12)
+    for d, s in shapes:
+        assert fitted.call_time([300] * 6, d, s) == pytest.approx(truth.call_time([300] * 6, d, s), rel=1e-6)
+    plan = plan_step([64] * 32, truth, time_limit_s=2.0)
+    assert {g.degree for g in plan.groups} == {1}  # 32 short sequences: 8 per rank beats 32 on every rank

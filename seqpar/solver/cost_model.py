@@ -60,7 +60,8 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
   ``layer_time`` on a ``LayerShape`` of ``N`` tokens with the summed compute (every op sends the packed
   local shard in one message per step: ring's K,V blocks, Ulysses' all-to-alls, LASP-2's one all-gather of
   the states whatever the token count);
-* ``sequence_overhead_s`` once (one call: one launch sequence).
+* ``sequence_overhead_s`` once (one call: one launch sequence), and ``packed_sequence_s`` per sequence of the
+  call (0 unless calibrated: the per-sequence launches of a varlen call on CPU ranks).
 
 ``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
@@ -338,6 +339,10 @@ class CostCoefficients:
             degree P > 1 costs its compute, unoverlapped, plus ``(P - 1) (per_step_s + per_token_s N / P)``
             for a call of N packed tokens, INSTEAD of the link model (bandwidth, latency, overlap). For
             machines the link model does not describe (gloo on a loaded CPU: bench/calibrate.py).
+        packed_sequence_s: seconds each sequence of a packed call adds on every rank of its group, whatever its
+            length (per-sequence kernel launches and bookkeeping of a varlen call; ``sequence_overhead_s`` is
+            paid once per call). 0 on GPUs as modelled; on CPU ranks it is what makes many short sequences
+            cheaper on small groups (each rank of a group runs every sequence of the call).
 
     Raises:
         ValueError: a non-positive efficiency or scale, or a negative overhead.
@@ -349,12 +354,15 @@ class CostCoefficients:
     latency_scale: float = 1.0
     sequence_overhead_s: float = 0.0
     strategy_terms: tuple[tuple[str, float, float], ...] = ()
+    packed_sequence_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
             _require_positive(name, getattr(self, name))
         if not (math.isfinite(self.sequence_overhead_s) and self.sequence_overhead_s >= 0):
             raise ValueError(f"sequence_overhead_s must be >= 0, got {self.sequence_overhead_s!r}")
+        if not (math.isfinite(self.packed_sequence_s) and self.packed_sequence_s >= 0):
+            raise ValueError(f"packed_sequence_s must be >= 0, got {self.packed_sequence_s!r}")
         terms = []
         for term in self.strategy_terms:  # JSON gives lists: store tuples (the dataclass stays hashable)
             if len(term) != 3 or not isinstance(term[0], str):
@@ -374,12 +382,18 @@ class CostCoefficients:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured step: a sequence of ``length`` tokens, SP ``degree``, ``strategy``, ``seconds``."""
+    """One measured step: ``sequences`` sequences of ``length`` tokens packed into one call per group, SP
+    ``degree``, ``strategy``, ``seconds``."""
 
     length: int
     degree: int
     strategy: str
     seconds: float
+    sequences: int = 1
+
+    def predicted(self, model: CostModel) -> float:
+        """What ``model`` says this measurement takes (``call_time`` of its packed call)."""
+        return model.call_time([self.length] * self.sequences, self.degree, self.strategy)
 
 
 @dataclass(frozen=True)
@@ -584,7 +598,8 @@ class CostModel:
         S = self._lengths(lengths)
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
-        t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+        t = (S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+             + c.packed_sequence_s)
         for count, _, entry, delta_rule in self._layer_terms(parts):
             t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule)
         return np.asarray(t, dtype=np.float64)
@@ -628,7 +643,8 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         total = math.fsum(S.tolist())
-        t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+        t = (total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+             + S.size * c.packed_sequence_s)
         shape = self._layer_shape(total, degree)
         for count, kind, entry, delta_rule in self._layer_terms(parts):
             forward, backward = self._attention_compute(S, degree, kind)
@@ -670,9 +686,9 @@ class CostModel:
         parts = self._check(degree, strategy)
         S = self._lengths(lengths)
         m, c = self.model, self.coefficients
-        compute = self.compute_times(S, degree)
+        compute = self.compute_times(S, degree) + c.packed_sequence_s  # (paid per sequence of a call)
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
-        floor = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency)
+        floor = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.packed_sequence_s
         floor_const = c.sequence_overhead_s
         link = self._link(degree)
         affine = True
@@ -798,8 +814,9 @@ class CostModel:
           are;
         * measured terms (``measured_terms=True``, a model with one attention kind, degree-1 measurements at two
           lengths or more): every measurement is ``overhead + (dense(S) / dense_efficiency + attention(S) /
-          attention_efficiency) / P`` plus, per layer at P > 1, its strategy's ``(P - 1) (per_step_s +
-          per_token_s S / P)`` (``strategy_terms``; the link model is set aside for those strategies) — linear
+          attention_efficiency) / P`` plus ``packed_sequence_s`` per sequence of the call plus, per layer at
+          P > 1, its strategy's ``(P - 1) (per_step_s + per_token_s N / P)`` (``strategy_terms``; the link
+          model is set aside for those strategies; N the call's tokens) — linear
           in the unknowns, fitted by non-negative least squares on relative error (an efficiency the data
           cannot see is 1e6: that term is negligible). The compute is measured, not assumed: for machines whose
           links (and cores) the link model does not describe, like gloo on a shared CPU (bench/calibrate.py).
@@ -834,8 +851,7 @@ class CostModel:
 
     def calibration_error(self, measurements: Iterable[Measurement]) -> float:
         """Sum of squared log errors of ``seq_time`` against the measured seconds."""
-        return float(sum(math.log(self.seq_time(m.length, m.degree, m.strategy) / m.seconds) ** 2
-                         for m in measurements))
+        return float(sum(math.log(m.predicted(self) / m.seconds) ** 2 for m in measurements))
 
     def _calibrate_measured_terms(self, data: list[Measurement]) -> CostModel | None:
         """``calibrate``'s measured-terms form, or None when the data cannot give it."""
@@ -858,21 +874,24 @@ class CostModel:
         layers = self.model.num_layers
         # one linear model of every measurement: overhead + (dense / dense_eff + attention / attention_eff) / P
         # + per layer (P - 1) (per_step + per_token S / P) of its strategy; non-negative, on relative error
-        basis = np.zeros((len(data), 3 + 2 * len(strategies)))
+        # (+ per packed sequence; the packed call's tokens are n * S)
+        basis = np.zeros((len(data), 4 + 2 * len(strategies)))
         for r, m in enumerate(data):
-            basis[r, :3] = (1.0, dense(m.length) / m.degree, attention(m.length) / m.degree)
+            n = m.sequences
+            basis[r, :4] = (1.0, n * dense(m.length) / m.degree, n * attention(m.length) / m.degree, n)
             if m.degree > 1:
-                k = 3 + 2 * strategies.index(m.strategy)
-                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, m.length / m.degree])
+                k = 4 + 2 * strategies.index(m.strategy)
+                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, n * m.length / m.degree])
         seconds = np.array([m.seconds for m in data])
         x = _nnls(basis / seconds[:, None], np.ones(len(data)))
-        overhead, inv_dense, inv_attention = x[:3]
+        overhead, inv_dense, inv_attention, per_sequence = x[:4]
         coefficients = CostCoefficients(
             attention_efficiency=1.0 / inv_attention if inv_attention > 1e-6 else 1e6,
             dense_efficiency=1.0 / inv_dense if inv_dense > 1e-6 else 1e6,
             bandwidth_efficiency=self.coefficients.bandwidth_efficiency,
             latency_scale=self.coefficients.latency_scale, sequence_overhead_s=float(overhead),
-            strategy_terms=tuple((name, float(x[3 + 2 * k]), float(x[4 + 2 * k])) for k, name in enumerate(strategies)))
+            strategy_terms=tuple((name, float(x[4 + 2 * k]), float(x[5 + 2 * k])) for k, name in enumerate(strategies)),
+            packed_sequence_s=float(per_sequence))
         return replace(self, coefficients=coefficients)
 
     def _calibrate_link(self, data: list[Measurement], max_iterations: int) -> CostModel:
@@ -885,7 +904,7 @@ class CostModel:
 
         def residuals(theta: np.ndarray) -> np.ndarray:
             model = replace(self, coefficients=coefficients(theta))
-            return np.log([model.seq_time(m.length, m.degree, m.strategy) for m in data]) - measured
+            return np.log([m.predicted(model) for m in data]) - measured
 
         c = self.coefficients
         theta = np.array([math.log(c.attention_efficiency), math.log(c.dense_efficiency),
