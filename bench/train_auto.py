@@ -1,7 +1,8 @@
 """Measured, not modelled: seqpar-train --strategy auto against the static strategies on this CPU.
 
 4 local gloo ranks, llama-tiny, long-tail synthetic data. Each configuration is one seqpar-train run on fresh
-ranks (``seqpar.launch.ranks.run_ranks``); runs are interleaved (round r runs every configuration once) and
+ranks (``seqpar.launch.ranks.run_ranks``); runs are interleaved (round r runs every configuration once, starting
+at configuration r, so a drifting load favours none) and
 each configuration's score is the median over rounds of the run's median tokens/s (the first step, which
 warms up, is dropped). ``auto`` is what a user gets with ``--strategy auto --calibrate`` (the calibration is
 profiled once, before the timed rounds, and read from its cache file in every run; plans made a step ahead).
@@ -75,7 +76,8 @@ def main() -> None:
     plans = {mix: [] for mix in MIXES}
     for r in range(args.rounds):
         for mix in MIXES:
-            for strategy in STRATEGIES:
+            # each round starts at another configuration: a load that drifts during a round favours none
+            for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
                 steps = run_ranks(train_run, WORLD, argv_for(mix, strategy, args.steps, calibration), timeout=3600)[0]
                 results[mix][strategy].append(statistics.median(t for t, _ in steps[1:]))
                 if strategy == "auto":
