@@ -1,20 +1,26 @@
 """Measured, not modelled: seqpar-train --strategy auto against the static strategies on this CPU.
 
 4 local gloo ranks, llama-tiny, long-tail synthetic data. Each configuration is one seqpar-train run on fresh
-ranks (``seqpar.launch.ranks.run_ranks``); runs are interleaved (round r runs every configuration once) and
+ranks (``seqpar.launch.ranks.run_ranks``); runs are interleaved (round r runs every configuration once, starting
+at configuration r, so a drifting load favours none) and
 each configuration's score is the median over rounds of the run's median tokens/s (the first step, which
 warms up, is dropped). ``auto`` is what a user gets with ``--strategy auto --calibrate`` (the calibration is
 profiled once, before the timed rounds, and read from its cache file in every run; plans made a step ahead).
 
+Static baselines: ring, ulysses and token_ring at degree 4 (every sequence on all 4 ranks) and ``degree1``
+(``--dp 4``: 4 data-parallel replicas, every sequence on one rank, sequences balanced by tokens).
+
 Two batch mixes:
-* ``longtail``: --tokens-per-step 8192 --max-len 4096 (the issue's run);
-* ``short``: --tokens-per-step 4096 --max-len 256: every sequence is short, so a static strategy's one degree
-  (all 4 ranks on every sequence) is the wrong degree; groups of 1 (no communication) win.
+* ``longtail``: --tokens-per-step 8192 --max-len 4096 (the issue's run): many short sequences and a few long
+  ones, so neither one degree fits all: degree 4 pays communication on the short ones, degree 1 leaves the
+  long ones' quadratic attention on one rank (a straggler);
+* ``short``: --tokens-per-step 4096 --max-len 256: every sequence is short, so degree 4 is the wrong degree;
+  groups of 1 (no communication) win.
 
 The machine's 2 cores are shared with other jobs: the load average is recorded, and only side-by-side ratios
 (interleaved) are meaningful.
 
-    python bench/train_auto.py [--rounds 3] [--steps 6]
+    python bench/train_auto.py                 # 2 rounds of 5 steps: ~5 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORLD = 4
 MIXES = {"longtail": ["--tokens-per-step", "8192", "--max-len", "4096"],
          "short": ["--tokens-per-step", "4096", "--max-len", "256"]}
-STRATEGIES = ("ring", "ulysses", "token_ring", "auto")
+STRATEGIES = ("ring", "ulysses", "token_ring", "degree1", "auto")
+STATIC_ARGS = {"degree1": ["--strategy", "ulysses", "--dp", "4"]}  # degree 1 = 4 replicas of one rank
 
 
 def train_run(argv):
@@ -51,14 +58,14 @@ def train_run(argv):
 
 def argv_for(mix: str, strategy: str, steps: int, calibration: str) -> list[str]:
     argv = ["--model", "llama-tiny", "--data", "longtail", "--steps", str(steps), "--no-progress", "--seed", "1",
-            "--strategy", strategy, *MIXES[mix]]
+            *STATIC_ARGS.get(strategy, ["--strategy", strategy]), *MIXES[mix]]
     return argv + (["--calibrate", calibration] if strategy == "auto" else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     load = os.getloadavg()
     calibration = os.path.join(tempfile.gettempdir(), "seqpar-bench-calibration.json")
@@ -69,7 +76,8 @@ def main() -> None:
     plans = {mix: [] for mix in MIXES}
     for r in range(args.rounds):
         for mix in MIXES:
-            for strategy in STRATEGIES:
+            # each round starts at another configuration: a load that drifts during a round favours none
+            for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
                 steps = run_ranks(train_run, WORLD, argv_for(mix, strategy, args.steps, calibration), timeout=3600)[0]
                 results[mix][strategy].append(statistics.median(t for t, _ in steps[1:]))
                 if strategy == "auto":

@@ -153,3 +153,99 @@ def test_calibration_separates_dense_from_attention_with_two_lengths():
         assert fitted.seq_time(m.length, m.degree, m.strategy) == pytest.approx(m.seconds, rel=1e-4)
     with pytest.raises(ValueError, match="two lengths"):
         cm.calibrate([m for m in data if m.length == 256])
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_call_time_minorants_lie_below_every_packed_call(hybrid):
+    # what makes makespan_lower_bound(refined=True) valid: for any call, time >= both additive sums
+    spec = LLAMA.with_linear_layers(4) if hybrid else LLAMA
+    cm = CostModel(Cluster.dgx_h100(32), spec)
+    rng = np.random.default_rng(1)
+    floor_beats_compute = False
+    for degree in (1, 2, 8, 32):
+        for name in cm.strategy_names(degree):
+            for _ in range(8):
+                x = rng.integers(20, 60000, int(rng.integers(1, 6)))
+                compute, o, floor, c0 = cm.call_time_minorants(x, degree, name)
+                t = cm.call_time(x, degree, name)
+                assert t >= (o + compute.sum()) * (1 - 1e-12)
+                assert t >= (c0 + floor.sum()) * (1 - 1e-12)
+                floor_beats_compute |= c0 + floor.sum() > 1.05 * (o + compute.sum())
+    assert floor_beats_compute  # the floor adds something over compute (communication across nodes)
+
+
+def test_refined_lower_bound_never_exceeds_the_brute_force_optimum():
+    from seqpar.solver import makespan_lower_bound
+    from tests.test_solver import brute_force_makespan, tiny_model
+
+    rng = np.random.default_rng(11)
+    stronger = 0
+    for world, per_node, family in ((4, 4, "slow"), (8, 4, "slow"), (8, 4, "fast"), (4, 2, "fast")):
+        for n in (2, 4, 6):
+            lengths = (rng.integers(200, 9000, n) if family == "slow"
+                       else np.exp(rng.uniform(np.log(200), np.log(60000), n)).astype(int)).tolist()
+            cm = tiny_model(world, per_node, family)
+            optimum = brute_force_makespan(lengths, cm)
+            weak = makespan_lower_bound(lengths, cm)
+            refined = makespan_lower_bound(lengths, cm, refined=True)
+            assert weak <= refined <= optimum * (1 + 1e-9), (world, lengths, weak, refined, optimum)
+            stronger += refined > weak * 1.01
+    assert stronger >= 3, stronger  # it is stronger where communication or whole groups bind
+
+
+def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
+    # a machine whose links the link model does not describe: per-strategy step and token costs (as gloo on a
+    # CPU); fitted on two lengths, the fit predicts other lengths and the memory/packing rules still hold
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    truth = replace(cm, coefficients=CostCoefficients(
+        0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=(("ring", 0.03, 2e-5), ("ulysses", 0.004, 6e-5),
+                                                   ("token_ring", 0.01, 0.0))))
+    shapes = [(1, "ulysses")] + [(d, s) for d in (2, 4) for s in ("ulysses", "ring", "token_ring")]
+    data = [Measurement(n, d, s, truth.seq_time(n, d, s)) for n in (256, 1024) for d, s in shapes]
+    fitted = cm.calibrate(data)
+    expected = {"ring": (0.03, 2e-5), "ulysses": (0.004, 6e-5), "token_ring": (0.01, 0.0)}
+    assert sorted(n for n, _, _ in fitted.coefficients.strategy_terms) == sorted(expected)
+    for name, per_step, per_token in fitted.coefficients.strategy_terms:
+        assert (per_step, per_token) == pytest.approx(expected[name], rel=1e-6, abs=1e-12)
+    for n in (128, 512, 4096):
+        for d, s in shapes:
+            assert fitted.seq_time(n, d, s) == pytest.approx(truth.seq_time(n, d, s), rel=1e-6)
+    # hand check of one layer's measured term: (P - 1) (per_step + per_token N / P), on the packed total
+    lengths = [300, 500]
+    ring_terms = truth.call_time(lengths, 4, "ring") - replace(
+        truth, coefficients=replace(truth.coefficients, strategy_terms=(("ring", 0.0, 0.0),))).call_time(
+        lengths, 4, "ring")
+    assert ring_terms == pytest.approx(2 * 3 * (0.03 + 2e-5 * 800 / 4), rel=1e-12)
+    # the minorants (the refined lower bound) stay below every packed call under the measured form
+    for d, s in shapes:
+        compute, o, floor, c0 = truth.call_time_minorants(lengths, d, s)
+        t = truth.call_time(lengths, d, s)
+        assert t >= (o + compute.sum()) * (1 - 1e-12) and t >= (c0 + floor.sum()) * (1 - 1e-12)
+    with pytest.raises(ValueError, match="strategy_terms"):
+        CostCoefficients(strategy_terms=(("ring", -1.0, 0.0),))
+
+
+def test_calibration_separates_per_sequence_cost_of_packed_calls():
+    # on CPU ranks each sequence of a packed call costs launches of its own on every rank of the group: with
+    # packed measurements the fit finds that cost, and then many short sequences favour small groups
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    truth = replace(cm, coefficients=CostCoefficients(0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=(
+        ("ulysses", 0.004, 6e-5),), packed_sequence_s=0.01))
+    shapes = [(1, "ulysses"), (2, "ulysses"), (4, "ulysses")]
+    data = [Measurement(n, d, s, truth.call_time([n] * k, d, s), k) for d, s in shapes
+            for n, k in ((256, 1), (1024, 1), (256, 4))]
+    fitted = cm.calibrate(data)
+    assert fitted.coefficients.packed_sequence_s == pytest.approx(0.01, rel=1e-6)
+    # by hand: 8 sequences in one call pay it 8 times, on top of what the call costs otherwise
+    lengths = [100] * 8
+    assert truth.call_time(lengths, 4, "ulysses") - replace(
+        truth, coefficients=replace(truth.coefficients, packed_sequence_s=0.0)).call_time(lengths, 4, "ulysses") \
+        == pytest.approx(0.08, rel=1e-12)
+    for d, s in shapes:
+        assert fitted.call_time([300] * 6, d, s) == pytest.approx(truth.call_time([300] * 6, d, s), rel=1e-6)
+    plan = plan_step([64] * 32, truth, time_limit_s=2.0)
+    assert {g.degree for g in plan.groups} == {1}  # 32 short sequences: 8 per rank beats 32 on every rank

@@ -2,8 +2,11 @@
 
 ``profile`` times one forward + backward of the wrapped model for every group shape the planner may use
 (each power-of-two degree up to the world, each strategy valid there) at two sequence lengths, so that the
-linear (dense) and quadratic (attention) terms separate; every group of the world runs one sequence at once,
-as in a plan, and a shape's time is the slowest rank's median over ``repeats``. ``CostModel.calibrate`` fits
+linear (dense) and quadratic (attention) terms separate, and once with ``PACKED_SEQUENCES`` of the shorter
+length packed into each group's call (what a sequence costs in a packed call apart from its tokens); every
+group of the world runs one sequence (call) at once,
+as in a plan, and a shape's time is the slowest rank's least over ``repeats`` rounds (every shape once per
+round, interleaved, so load from other jobs hits all alike). ``CostModel.calibrate`` fits
 the coefficients to those measurements. ``calibrated_cost_model`` does both once and caches the result in a
 JSON file (reused while the model, the world size and the profile lengths match).
 
@@ -13,7 +16,6 @@ JSON file (reused while the model, the world size and the profile lengths match)
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,7 +31,8 @@ from seqpar.solver import CostCoefficients, CostModel, Measurement, static_plan
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
 
 DEFAULT_LENGTHS = (256, 1024)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 3  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences
+PACKED_SEQUENCES = 4  # sequences per group in the profile's packed calls
 
 
 def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DEFAULT_LENGTHS, repeats: int = 3,
@@ -48,7 +51,7 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
     group = sp_model.runner.group
     world = cost_model.cluster.world_size
     gen = torch.Generator().manual_seed(0)
-    out: list[Measurement] = []
+    cases = []
     for degree in cost_model.cluster.degrees():
         names = cost_model.strategy_names(degree)
         for strategy in names[:1] if degree == 1 else names:
@@ -56,10 +59,25 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
                 seqs = [torch.randint(0, vocab_size, (int(length),), generator=gen).to(device)
                         for _ in range(world // degree)]
                 plan = static_plan([int(length)] * len(seqs), cost_model, degree, strategy)
-                times = [_time_step(sp_model, seqs, plan, group) for _ in range(repeats + 1)][1:]  # 1 warm-up
-                out.append(Measurement(int(length), degree, strategy, statistics.median(times)))
+                cases.append((int(length), degree, strategy, seqs, plan, 1))
+            # PACKED sequences of the shortest length per group, one call: the cost of a sequence in a packed
+            # call apart from its tokens (``CostCoefficients.packed_sequence_s``)
+            length = min(int(x) for x in lengths)
+            seqs = [torch.randint(0, vocab_size, (length,), generator=gen).to(device)
+                    for _ in range(PACKED_SEQUENCES * (world // degree))]
+            plan = static_plan([length] * len(seqs), cost_model, degree, strategy)
+            cases.append((length, degree, strategy, seqs, plan, PACKED_SEQUENCES))
+    # rounds over every case (the first a warm-up), so a burst of load from other jobs hits all cases alike;
+    # the least time of each: what the step costs when the machine lets it run (noise only adds time)
+    times: list[list[float]] = [[] for _ in cases]
+    for round_ in range(repeats + 1):
+        for k, (_, _, _, seqs, plan, _) in enumerate(cases):
+            elapsed = _time_step(sp_model, seqs, plan, group)
+            if round_:
+                times[k].append(elapsed)
     sp_model.module.zero_grad(set_to_none=True)
-    return out
+    return [Measurement(length, degree, strategy, min(t), packed)
+            for (length, degree, strategy, _, _, packed), t in zip(cases, times)]
 
 
 def _time_step(sp_model: Any, sequences: list[torch.Tensor], plan: Any, group: Any) -> float:
@@ -99,7 +117,7 @@ def calibrated_cost_model(sp_model: Any, cost_model: CostModel, path: Path | str
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": _CACHE_VERSION, "key": key, "coefficients": asdict(fitted.coefficients),
                    "measurements": [asdict(m) for m in data],
-                   "predicted_s": [fitted.seq_time(m.length, m.degree, m.strategy) for m in data]}
+                   "predicted_s": [m.predicted(fitted) for m in data]}
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(payload, indent=1))
         partial.replace(path)

@@ -6,6 +6,9 @@
   different shapes: the list-scheduling rule for unrelated machines).
 * ``improve``: local search on the slowest group: move one sequence out, or swap one with another group,
   whenever that lowers the slowest group without creating a new one as slow.
+* ``improve_packed``: the same on the packed model itself (``CostModel.call_time``): each group's strategy
+  re-picked for what it runs, then moves of the slowest group's sequences to the least-loaded group of each
+  shape, and swaps with the shortest sequences of the least-loaded groups.
 * ``greedy_groups``: binary search on a target makespan T; sequences, longest first, join the open group
   where they cost the fewest rank-seconds while finishing within T, or open a group of their cheapest
   shape; short ones are poured in as rank-seconds; the smallest T whose groups fit on the world wins and
@@ -19,37 +22,73 @@ Groups are given as a list of shape indices into ``Problem.shapes``; an assignme
 from __future__ import annotations
 
 import heapq
+import math
 import time
 
 import numpy as np
 
-from seqpar.solver.problem import Problem
+from seqpar.solver.problem import Problem, split_calls
 
-__all__ = ["lpt", "earliest_finish", "improve", "greedy_groups", "fill_ranks"]
+__all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "greedy_groups", "fill_ranks"]
 
 
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
     """Group of each item, longest first onto the least-loaded of ``n_groups`` identical groups.
 
-    With many more items than groups (over ``32 n_groups`` and 4096), in rounds of ``n_groups`` items: each
-    round's longest go to the least-loaded groups, in order (LPT decided once per round, in numpy)."""
-    if times.size > max(32 * n_groups, 4096):
-        order = np.argsort(-times, kind="stable")
-        assign = np.empty(times.size, dtype=np.int64)
-        loads = np.zeros(n_groups)
-        for start in range(0, times.size, n_groups):
-            chunk = order[start:start + n_groups]
-            targets = np.argsort(loads, kind="stable")[:chunk.size]
-            assign[chunk] = targets
-            loads[targets] += times[chunk]
+    The longest ``max(4 n_groups, 512)`` items go one by one (a heap); the middle ones are poured in numpy: every
+    group is filled up to one common level (water filling), the items, longest first, cut into consecutive runs
+    of those amounts; the shortest go one by one again (as many as hold the longest poured item's size per group),
+    so they even out what the pouring left. O(n log n) in numpy plus the heap steps of the longest and shortest."""
+    times = np.asarray(times, dtype=np.float64)
+    assign = np.zeros(times.size, dtype=np.int64)
+    if n_groups == 1 or times.size == 0:
         return assign
-    assign = np.empty(times.size, dtype=np.int64)
+    order = np.argsort(-times, kind="stable")
+    head = min(times.size, max(4 * n_groups, 512))
     heap = [(0.0, g) for g in range(n_groups)]
-    for i in np.argsort(-times, kind="stable").tolist():
+    for i in order[:head].tolist():
+        load, g = heap[0]
+        assign[i] = g
+        heapq.heapreplace(heap, (load + float(times[i]), g))
+    # the shortest go last, one by one again, as many as it takes for their total to even out what pouring leaves
+    # (each group may end up to one poured item off the level): the longest poured item's size per group
+    if times.size <= head:
+        return assign
+    smallest_first = np.cumsum(times[order[::-1]])
+    enough = smallest_first >= n_groups * float(times[order[head]])
+    last = max(head, times.size - (int(np.argmax(enough)) + 1 if enough.any() else times.size))
+    tail = order[head:last]
+    if tail.size:
+        _pour(times, tail, heap, assign, n_groups)
+    for i in order[last:].tolist():
         load, g = heap[0]
         assign[i] = g
         heapq.heapreplace(heap, (load + float(times[i]), g))
     return assign
+
+
+def _pour(times: np.ndarray, tail: np.ndarray, heap: list[tuple[float, int]], assign: np.ndarray,
+          n_groups: int) -> None:
+    """``lpt``'s water filling of ``tail`` (longest first) onto the groups of ``heap``, which it updates."""
+    loads = np.zeros(n_groups)
+    for load, g in heap:
+        loads[g] = load
+    by_load = np.argsort(loads, kind="stable")
+    low = loads[by_load]
+    total = float(times[tail].sum())
+    # the level: the first k groups (least loaded) filled to (total + their loads) / k, no higher than group k+1
+    k = np.arange(1, n_groups + 1)
+    levels = (total + np.cumsum(low)) / k
+    fits = levels <= np.append(low[1:], np.inf)
+    level = float(levels[int(np.argmax(fits))])
+    fill = np.maximum(level - low, 0.0)
+    ends = np.cumsum(fill)
+    midpoints = np.cumsum(times[tail]) - 0.5 * times[tail]
+    slot = np.minimum(np.searchsorted(ends, midpoints, side="right"), n_groups - 1)
+    assign[tail] = by_load[slot]
+    loads += np.bincount(assign[tail], weights=times[tail], minlength=n_groups)
+    heap[:] = [(float(loads[g]), g) for g in range(n_groups)]
+    heapq.heapify(heap)
 
 
 def earliest_finish(problem: Problem, group_shapes: list[int], *,
@@ -144,6 +183,97 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
     return assign
 
 
+def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray, *, deadline: float,
+                   tries: int = 12) -> tuple[list[int], np.ndarray] | None:
+    """Local search on the PACKED makespan (a group's time: ``split_calls`` into calls that fit, each
+    ``CostModel.call_time``), from ``group_shapes`` / ``assign``; ``(shapes, assign)`` (new lists) or None
+    if ``deadline`` passed before anything was evaluated.
+
+    First every used group takes the strategy, among the shapes of its degree that fit its sequences, whose
+    packed time is least. Then, until no step lowers the slowest group or ``deadline`` passes: up to ``tries``
+    of the slowest group's sequences (longest first) are tried on the least-loaded group of every shape
+    (re-picking that group's strategy), and swapped with the shortest sequence of the least-loaded groups; the
+    step that leaves the lower of the two groups' maximum wins, when it is below the slowest group's time.
+    """
+    cm, lengths = problem.cost_model, problem.lengths
+    shapes = list(group_shapes)
+    members: list[list[int]] = [[] for _ in shapes]
+    for i, g in enumerate(np.asarray(assign).tolist()):
+        members[g].append(i)
+    by_degree: dict[int, list[int]] = {}
+    for s, (d, _) in enumerate(problem.shapes):
+        by_degree.setdefault(d, []).append(s)
+
+    checked: dict[int, tuple[str | None, str | None]] = {}
+
+    def timed(seqs: list[int], s: int) -> float:
+        if not seqs:
+            return 0.0
+        if not problem.fits[s, seqs].all():
+            return np.inf
+        d, name = problem.shapes[s]
+        parts = checked.get(s)
+        if parts is None:
+            parts = checked[s] = cm._check(d, name)  # once per shape: call_time's checks cost more than it
+        return math.fsum(cm._packed_time(lengths[c].astype(np.float64), d, parts)
+                         for c in split_calls(lengths, seqs, int(problem.cap[s])))
+
+    def best_shape(seqs: list[int], s: int) -> tuple[float, int]:
+        return min((timed(seqs, t), t) for t in by_degree[problem.shapes[s][0]])
+
+    if time.perf_counter() > deadline:
+        return None
+    times = np.zeros(len(shapes))
+    for g, seqs in enumerate(members):
+        if time.perf_counter() > deadline:
+            return None
+        times[g], shapes[g] = best_shape(seqs, shapes[g]) if seqs else (0.0, shapes[g])
+    while time.perf_counter() < deadline:
+        worst = int(np.argmax(times))
+        peak = float(times[worst])
+        mine = sorted(members[worst], key=lambda i: -int(lengths[i]))[:tries]
+        shape_arr = np.asarray(shapes)
+        targets = []
+        for s in set(shapes):  # the least-loaded group of every shape present
+            groups = np.flatnonzero(shape_arr == s)
+            g = int(groups[np.argmin(times[groups])])
+            if g != worst:
+                targets.append(g)
+        best: tuple[float, ...] | None = None
+        for i in mine:
+            if time.perf_counter() > deadline:
+                break
+            rest = [k for k in members[worst] if k != i]
+            t_rest, s_rest = best_shape(rest, shapes[worst])
+            if t_rest >= peak:
+                continue
+            for g in targets:
+                t_g, s_g = best_shape(members[g] + [i], shapes[g])
+                if max(t_g, t_rest) < peak * (1 - 1e-9) and (best is None or max(t_g, t_rest) < best[0]):
+                    best = (max(t_g, t_rest), i, None, g, t_rest, s_rest, t_g, s_g)
+                if members[g] and max(t_g, t_rest) < peak:  # swap with g's shortest
+                    j = min(members[g], key=lambda k: int(lengths[k]))
+                    if lengths[j] >= lengths[i]:
+                        continue
+                    t_w, s_w = best_shape(rest + [j], shapes[worst])
+                    t_g2, s_g2 = best_shape([k for k in members[g] if k != j] + [i], shapes[g])
+                    if max(t_w, t_g2) < peak * (1 - 1e-9) and (best is None or max(t_w, t_g2) < best[0]):
+                        best = (max(t_w, t_g2), i, j, g, t_w, s_w, t_g2, s_g2)
+        if best is None:
+            break
+        _, i, j, g, t_w, s_w, t_g, s_g = best
+        members[worst].remove(i)
+        members[g].append(i)
+        if j is not None:
+            members[g].remove(j)
+            members[worst].append(j)
+        times[worst], shapes[worst], times[g], shapes[g] = t_w, s_w, t_g, s_g
+    out = np.empty(problem.n, dtype=np.int64)
+    for g, seqs in enumerate(members):
+        out[seqs] = g
+    return shapes, out
+
+
 def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> list[int]:
     """``group_shapes`` plus degree-1 groups (shape 0) on the ranks left over, so the world is covered."""
     return list(group_shapes) + [0] * (problem.world - used_ranks)
@@ -223,7 +353,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
     ``_pack``'s rank-second estimates can be optimistic, so every group set it accepts is assigned for
     real (``earliest_finish``) and the fastest wins; the search stops within 0.2% or at ``deadline``.
     """
-    lo, hi = problem.refined_lower_bound(), upper
+    lo, hi = problem.lower_bound(), upper
     best: tuple[float, list[int], np.ndarray] | None = None
 
     def consider(shapes: list[int]) -> None:

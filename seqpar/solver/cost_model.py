@@ -66,7 +66,8 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
   ``layer_time`` on a ``LayerShape`` of ``N`` tokens with the summed compute (every op sends the packed
   local shard in one message per step: ring's K,V blocks, Ulysses' all-to-alls, LASP-2's one all-gather of
   the states whatever the token count);
-* ``sequence_overhead_s`` once (one call: one launch sequence).
+* ``sequence_overhead_s`` once (one call: one launch sequence), and ``packed_sequence_s`` per sequence of the
+  call (0 unless calibrated: the per-sequence launches of a varlen call on CPU ranks).
 
 ``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
@@ -383,6 +384,15 @@ class CostCoefficients:
         bandwidth_efficiency: fraction of the link bandwidth the collectives reach.
         latency_scale: multiplies ``Cluster.latency_s``.
         sequence_overhead_s: fixed time per sequence (launches, bookkeeping).
+        strategy_terms: ``(strategy, per_step_s, per_token_s)`` measured on this machine
+            (``CostModel.calibrate``): for a registered strategy named here, each layer forward + backward at
+            degree P > 1 costs its compute, unoverlapped, plus ``(P - 1) (per_step_s + per_token_s N / P)``
+            for a call of N packed tokens, INSTEAD of the link model (bandwidth, latency, overlap). For
+            machines the link model does not describe (gloo on a loaded CPU: bench/calibrate.py).
+        packed_sequence_s: seconds each sequence of a packed call adds on every rank of its group, whatever its
+            length (per-sequence kernel launches and bookkeeping of a varlen call; ``sequence_overhead_s`` is
+            paid once per call). 0 on GPUs as modelled; on CPU ranks it is what makes many short sequences
+            cheaper on small groups (each rank of a group runs every sequence of the call).
 
     Raises:
         ValueError: a non-positive efficiency or scale, or a negative overhead.
@@ -393,22 +403,47 @@ class CostCoefficients:
     bandwidth_efficiency: float = 0.8
     latency_scale: float = 1.0
     sequence_overhead_s: float = 0.0
+    strategy_terms: tuple[tuple[str, float, float], ...] = ()
+    packed_sequence_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
             _require_positive(name, getattr(self, name))
         if not (math.isfinite(self.sequence_overhead_s) and self.sequence_overhead_s >= 0):
             raise ValueError(f"sequence_overhead_s must be >= 0, got {self.sequence_overhead_s!r}")
+        if not (math.isfinite(self.packed_sequence_s) and self.packed_sequence_s >= 0):
+            raise ValueError(f"packed_sequence_s must be >= 0, got {self.packed_sequence_s!r}")
+        terms = []
+        for term in self.strategy_terms:  # JSON gives lists: store tuples (the dataclass stays hashable)
+            if len(term) != 3 or not isinstance(term[0], str):
+                raise ValueError(f"strategy_terms entries must be (strategy, per_step_s, per_token_s), got {term!r}")
+            name, per_step, per_token = term[0], float(term[1]), float(term[2])
+            if not (math.isfinite(per_step) and math.isfinite(per_token) and per_step >= 0 and per_token >= 0):
+                raise ValueError(f"strategy_terms[{name!r}] must be finite and >= 0, got {term!r}")
+            terms.append((name, per_step, per_token))
+        if len({t[0] for t in terms}) != len(terms):
+            raise ValueError(f"strategy_terms names a strategy twice: {[t[0] for t in terms]}")
+        object.__setattr__(self, "strategy_terms", tuple(terms))
+
+    def measured_terms(self, strategy: str) -> tuple[float, float] | None:
+        """``(per_step_s, per_token_s)`` measured for the registered ``strategy``, or None (link model)."""
+        return next(((a, b) for name, a, b in self.strategy_terms if name == strategy), None)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured step: a sequence of ``length`` tokens, SP ``degree``, ``strategy``, ``seconds``."""
+    """One measured step: ``sequences`` sequences of ``length`` tokens packed into one call per group, SP
+    ``degree``, ``strategy``, ``seconds``."""
 
     length: int
     degree: int
     strategy: str
     seconds: float
+    sequences: int = 1
+
+    def predicted(self, model: CostModel) -> float:
+        """What ``model`` says this measurement takes (``call_time`` of its packed call)."""
+        return model.call_time([self.length] * self.sequences, self.degree, self.strategy)
 
 
 @dataclass(frozen=True)
@@ -513,9 +548,21 @@ class CostModel:
             terms.append((m.delta_rule_layers, "delta_rule", entry, True, None))
         return [t for t in terms if t[0]]
 
-    @staticmethod
-    def _entry_layer_time(entry: Strategy, delta_rule: bool):
-        return entry.delta_rule_layer_time if delta_rule else entry.layer_time
+    def _entry_layer_time(self, entry: Strategy, delta_rule: bool):
+        """The entry's ``layer_time`` (or ``delta_rule_layer_time``); for a strategy with measured terms
+        (``CostCoefficients.strategy_terms``) its compute alone (an infinitely fast link) plus those terms."""
+        formula = entry.delta_rule_layer_time if delta_rule else entry.layer_time
+        measured = self.coefficients.measured_terms(entry.name)
+        if formula is None or measured is None:
+            return formula
+        per_step, per_token = measured
+
+        def layer_time(shape: LayerShape, compute_fwd_s, compute_bwd_s, link: Link):
+            steps = shape.degree - 1
+            return (formula(shape, compute_fwd_s, compute_bwd_s, Link(math.inf, 0.0))
+                    + steps * (per_step + per_token * shape.seq_len / shape.degree))
+
+        return layer_time
 
     def _check(self, degree: int, strategy: str) -> tuple[str | None, str | None]:
         if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
@@ -620,7 +667,8 @@ class CostModel:
         S = self._lengths(lengths)
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
-        t = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+        t = (S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+             + c.packed_sequence_s)
         for count, _, entry, delta_rule, window in self._layer_terms(parts):
             t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule, window=window)
         return np.asarray(t, dtype=np.float64)
@@ -664,7 +712,8 @@ class CostModel:
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         total = math.fsum(S.tolist())
-        t = total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+        t = (total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
+             + S.size * c.packed_sequence_s)
         for count, kind, entry, delta_rule, window in self._layer_terms(parts):
             forward, backward = self._attention_compute(S, degree, kind, window)
             shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else float(S.min()))
@@ -683,6 +732,62 @@ class CostModel:
                 self._layer_shape(0.0, degree, delta_rule, window), 0.0, 0.0, self._link(degree))
             t += count * float(layer)
         return float(t)
+
+    def call_time_minorants(self, lengths, degree: int, strategy: str) -> tuple[np.ndarray, float, np.ndarray, float]:
+        """Two additive lower bounds of ``call_time``, valid for any packed call of any subset of ``lengths``:
+        ``(compute, compute_const, floor, floor_const)`` with, for every call on the sequences ``I``,
+
+            call_time(I) >= compute_const + sum_{i in I} compute[i]      (compute: dense + attention, + overhead)
+            call_time(I) >= floor_const + sum_{i in I} floor[i]
+
+        ``floor`` charges each sequence its dense compute, its share of the communication with no attention
+        compute to hide it (the layer term at zero compute is affine in the packed tokens: bytes are per local
+        token, latency per step), and the part of its attention compute no strategy overlaps: ``rho`` per layer,
+        the slope of ``layer_time`` in the compute at zero compute (1 for Ulysses, 1/P for ring: the first
+        block). ``layer_time`` is convex in the compute (maxima and sums of affine terms), so it lies above that
+        tangent: ``layer_time(N, A) >= layer_time(N, 0) + rho A``. A strategy whose zero-compute term is not
+        affine in the tokens (a window's message count) gets no ``floor`` (its compute bound stands in).
+        Packed calls and micro-batches only add calls, so a group's time is bounded by the same sums
+        (``planner.makespan_lower_bound(refined=True)`` uses them).
+
+        Raises as ``seq_time``.
+        """
+        parts = self._check(degree, strategy)
+        S = self._lengths(lengths)
+        m, c = self.model, self.coefficients
+        compute = self.compute_times(S, degree) + c.packed_sequence_s  # (paid per sequence of a call)
+        dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
+        floor = S / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.packed_sequence_s
+        floor_const = c.sequence_overhead_s
+        link = self._link(degree)
+        affine = True
+        for count, kind, entry, delta_rule, window in self._layer_terms(parts):
+            if window is not None:  # its messages depend on the shortest sequence of the call: not affine
+                affine = False
+                break
+            layer_time = self._entry_layer_time(entry, delta_rule)
+            probes = np.array([0.0, 1024.0 * degree, 2048.0 * degree, 65536.0 * degree])
+            zero = np.array([float(layer_time(self._layer_shape(float(n), degree, delta_rule), 0.0, 0.0, link))
+                             for n in probes])
+            slope = (zero[1] - zero[0]) / probes[1]
+            if not np.allclose(zero, zero[0] + slope * probes, rtol=1e-9, atol=0.0):
+                affine = False
+                break
+            rho = 1.0
+            for n in probes[1:]:
+                forward, backward = self._attention_compute(np.array([n]), degree, kind)
+                shape = self._layer_shape(float(n), degree, delta_rule)
+                base = float(layer_time(shape, 0.0, 0.0, link))
+                eps = 1e-9 * max(base, 1e-12) / float(forward[0] + backward[0])
+                bumped = float(layer_time(shape, eps * float(forward[0]), eps * float(backward[0]), link))
+                rho = min(rho, (bumped - base) / (eps * float(forward[0] + backward[0])))
+            rho = max(rho * (1 - 1e-6), 0.0)  # shaded: a finite difference of a convex function overstates
+            forward, backward = self._attention_compute(S, degree, kind)
+            floor = floor + count * (slope * S + rho * (forward + backward))
+            floor_const += count * zero[0]
+        if not affine:
+            floor, floor_const = compute, c.sequence_overhead_s
+        return compute, c.sequence_overhead_s, np.asarray(floor, dtype=np.float64), float(floor_const)
 
     def group_time(self, lengths: Iterable[float], degree: int, strategy: str, *,
                    micro_batches: Sequence[Sequence[int]] | None = None) -> float:
@@ -770,18 +875,31 @@ class CostModel:
 
     # ---- calibration ----------------------------------------------------------------------------------------
 
-    def calibrate(self, measurements: Iterable[Measurement | tuple], *, max_iterations: int = 200) -> CostModel:
-        """A copy whose ``coefficients`` best fit measured step times (least squares on log time).
+    def calibrate(self, measurements: Iterable[Measurement | tuple], *, max_iterations: int = 200,
+                  measured_terms: bool = True) -> CostModel:
+        """A copy whose ``coefficients`` best fit measured step times; of two forms, the one with the smaller
+        squared log error on ``measurements``:
 
-        Levenberg-Marquardt over the five ``CostCoefficients`` (efficiencies and latency scale in log
-        space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the measurements
-        cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they are. The dense
-        (linear in the length) and attention (quadratic) efficiencies separate only with at least two
-        lengths at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
+        * the link model: Levenberg-Marquardt over the five scalar ``CostCoefficients`` (efficiencies and latency
+          scale in log space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the
+          measurements cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they
+          are;
+        * measured terms (``measured_terms=True``, a model with one attention kind, degree-1 measurements at two
+          lengths or more): every measurement is ``overhead + (dense(S) / dense_efficiency + attention(S) /
+          attention_efficiency) / P`` plus ``packed_sequence_s`` per sequence of the call plus, per layer at
+          P > 1, its strategy's ``(P - 1) (per_step_s + per_token_s N / P)`` (``strategy_terms``; the link
+          model is set aside for those strategies; N the call's tokens) — linear
+          in the unknowns, fitted by non-negative least squares on relative error (an efficiency the data
+          cannot see is 1e6: that term is negligible). The compute is measured, not assumed: for machines whose
+          links (and cores) the link model does not describe, like gloo on a shared CPU (bench/calibrate.py).
+
+        The dense (linear in the length) and attention (quadratic) terms separate only with at least two lengths
+        at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
             max_iterations: Levenberg-Marquardt iteration cap.
+            measured_terms: also try the measured-terms form.
 
         Raises:
             ValueError: no measurements, a non-positive time, an invalid length/degree/strategy, or a single
@@ -797,6 +915,59 @@ class CostModel:
         if len({m.length for m in data}) < 2:
             raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
                              "(quadratic) efficiencies cannot be separated; measure at least two lengths")
+        link = self._calibrate_link(data, max_iterations)
+        measured = self._calibrate_measured_terms(data) if measured_terms else None
+        if measured is None or link.calibration_error(data) <= measured.calibration_error(data):
+            return link
+        return measured
+
+    def calibration_error(self, measurements: Iterable[Measurement]) -> float:
+        """Sum of squared log errors of ``seq_time`` against the measured seconds."""
+        return float(sum(math.log(m.predicted(self) / m.seconds) ** 2 for m in measurements))
+
+    def _calibrate_measured_terms(self, data: list[Measurement]) -> CostModel | None:
+        """``calibrate``'s measured-terms form, or None when the data cannot give it."""
+        if len(self._kinds()) != 1:
+            return None
+        ones = [m for m in data if m.degree == 1]
+        if len({m.length for m in ones}) < 2:
+            return None
+        unit = replace(self, coefficients=CostCoefficients(1.0, 1.0, 1.0, 1.0, 0.0))
+        m_ = self.model
+        dense_flops = 3.0 * 2.0 * (m_.num_layers * m_.layer_matmul_params + m_.hidden * m_.vocab)
+
+        def dense(S: float) -> float:  # seconds at efficiency 1, degree 1
+            return S * dense_flops / unit._flops_per_s(1.0)
+
+        def attention(S: float) -> float:
+            return float(unit.compute_times([S], 1)[0]) - dense(S)
+
+        strategies = sorted({m.strategy for m in data if m.degree > 1})
+        layers = self.model.num_layers
+        # one linear model of every measurement: overhead + (dense / dense_eff + attention / attention_eff) / P
+        # + per layer (P - 1) (per_step + per_token S / P) of its strategy; non-negative, on relative error
+        # (+ per packed sequence; the packed call's tokens are n * S)
+        basis = np.zeros((len(data), 4 + 2 * len(strategies)))
+        for r, m in enumerate(data):
+            n = m.sequences
+            basis[r, :4] = (1.0, n * dense(m.length) / m.degree, n * attention(m.length) / m.degree, n)
+            if m.degree > 1:
+                k = 4 + 2 * strategies.index(m.strategy)
+                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, n * m.length / m.degree])
+        seconds = np.array([m.seconds for m in data])
+        x = _nnls(basis / seconds[:, None], np.ones(len(data)))
+        overhead, inv_dense, inv_attention, per_sequence = x[:4]
+        coefficients = CostCoefficients(
+            attention_efficiency=1.0 / inv_attention if inv_attention > 1e-6 else 1e6,
+            dense_efficiency=1.0 / inv_dense if inv_dense > 1e-6 else 1e6,
+            bandwidth_efficiency=self.coefficients.bandwidth_efficiency,
+            latency_scale=self.coefficients.latency_scale, sequence_overhead_s=float(overhead),
+            strategy_terms=tuple((name, float(x[4 + 2 * k]), float(x[5 + 2 * k])) for k, name in enumerate(strategies)),
+            packed_sequence_s=float(per_sequence))
+        return replace(self, coefficients=coefficients)
+
+    def _calibrate_link(self, data: list[Measurement], max_iterations: int) -> CostModel:
+        """``calibrate``'s link-model form (Levenberg-Marquardt)."""
         measured = np.log([m.seconds for m in data])
         low, high = math.log(1e-6), math.log(1e3)
 
@@ -805,7 +976,7 @@ class CostModel:
 
         def residuals(theta: np.ndarray) -> np.ndarray:
             model = replace(self, coefficients=coefficients(theta))
-            return np.log([model.seq_time(m.length, m.degree, m.strategy) for m in data]) - measured
+            return np.log([m.predicted(model) for m in data]) - measured
 
         c = self.coefficients
         theta = np.array([math.log(c.attention_efficiency), math.log(c.dense_efficiency),
@@ -838,3 +1009,28 @@ class CostModel:
             if not improved or np.max(np.abs(delta * scale)) < 1e-12:
                 break
         return replace(self, coefficients=coefficients(theta))
+
+
+def _nnls(basis: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares ``basis @ x ~ target`` with ``x >= 0`` (Lawson and Hanson 1974, the active-set method)."""
+    n = basis.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    for _ in range(3 * n + 10):
+        gradient = basis.T @ (target - basis @ x)
+        candidates = np.flatnonzero(~passive & (gradient > 1e-12 * max(1.0, float(np.abs(gradient).max()))))
+        if candidates.size == 0:
+            break
+        passive[candidates[np.argmax(gradient[candidates])]] = True
+        while True:
+            z = np.zeros(n)
+            z[passive], *_ = np.linalg.lstsq(basis[:, passive], target, rcond=None)
+            if (z[passive] > 0).all():
+                x = z
+                break
+            blocking = passive & (z <= 0)
+            step = np.min(x[blocking] / np.maximum(x[blocking] - z[blocking], 1e-300))
+            x = x + step * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+    return x

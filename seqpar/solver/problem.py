@@ -108,9 +108,158 @@ class Problem:
         """
         return max(float(self.best_time.max()), math.fsum(self.compute.tolist()) / self.world)
 
-    def refined_lower_bound(self) -> float:
-        """The same bound (kept for callers of the additive model's refined bound, which packing invalidates)."""
-        return self.lower_bound()
+    def refined_lower_bound(self, *, deadline: float | None = None, rel_tol: float = 1e-3) -> float:
+        """A stronger bound: the least makespan T at which a linear relaxation of the step fits on the world.
+
+        Relaxation, for a trial T (``CostModel.call_time_minorants`` gives the two additive bounds of a packed
+        call of shape s: ``o_s + sum compute[s, i]`` and ``c0_s + sum floor[s, i]``):
+
+        * sequences are cut into buckets of lengths within a factor 1.05; a bucket may go (fractionally) to shape
+          s only if its SHORTEST member fits in memory there and its time alone is at most T (every member is as
+          long, so no member could go elsewhere), and each member is costed at the shortest member's cost per
+          token (both bounds per token grow with the length: linear + quadratic terms);
+        * ``m_s`` (real) groups of shape s must hold what they get: ``m_s (T - o_s) >= sum compute`` and
+          ``m_s (T - c0_s) >= sum floor`` (each group's time is at most T and above both sums);
+        * a sequence that cannot share a group with another as long within T (``2 compute > T - o_s`` or
+          ``2 floor > T - c0_s``) needs a group of its own: ``m_s >= `` their count;
+        * ranks: ``sum_s degree_s m_s <= world``.
+
+        Infeasible at T means no plan has makespan T; the bound is the bisection's largest infeasible T (to
+        ``rel_tol``), never below ``lower_bound``. Needs ``highspy`` (the ``highs`` extra) for the linear
+        programs; without it, or when ``deadline`` (``time.perf_counter()``) passes, what was proved so far.
+        """
+        lower = self.lower_bound()
+        try:
+            import highspy
+        except ImportError:
+            return lower
+        terms = self._relaxation_terms()
+        hi = lower * 1.25
+        while not self._relaxation_feasible(terms, hi, highspy, whole_groups=False):
+            lower, hi = hi, hi * 1.5
+            if deadline is not None and time.perf_counter() > deadline:
+                return lower
+        # bisect on the linear program first (fast), then on the one with whole groups (stronger), from there
+        for whole_groups in (False, True):
+            if whole_groups:
+                hi = lower * 1.25
+            while hi - lower > rel_tol * lower:
+                if deadline is not None and time.perf_counter() > deadline:
+                    return lower
+                mid = 0.5 * (lower + hi)
+                if self._relaxation_feasible(terms, mid, highspy, whole_groups=whole_groups):
+                    hi = mid
+                else:
+                    lower = mid
+        return lower
+
+    def _relaxation_terms(self) -> dict:
+        """Per bucket of lengths (ratio 1.05) and shape: tokens, count and the per-token bounds of its shortest
+        member, its time alone and whether it fits (``refined_lower_bound``)."""
+        order = np.sort(self.lengths)
+        edges = [0]
+        while edges[-1] < order.size:  # a bucket: lengths from order[start] up to 1.03 times that
+            start = edges[-1]
+            edges.append(int(np.searchsorted(order, order[start] * 1.05, side="right")))
+        starts = np.array(edges[:-1])
+        shortest = order[starts].astype(np.float64)
+        tokens = np.add.reduceat(order.astype(np.float64), starts)
+        count = np.diff(np.array(edges)).astype(np.float64)
+        cm = self.cost_model
+        rows = {"compute": [], "floor": [], "o": [], "c0": [], "alone": []}
+        for d, name in self.shapes:
+            compute, o, floor, c0 = cm.call_time_minorants(shortest, d, name)
+            rows["compute"].append(compute)
+            rows["floor"].append(floor)
+            rows["o"].append(o)
+            rows["c0"].append(c0)
+            rows["alone"].append(cm.seq_times(shortest, d, name))
+        terms = {k: np.array(v) for k, v in rows.items()}
+        terms.update(tokens=tokens, count=count, shortest=shortest,
+                     fits=shortest[None, :] <= self.cap[:, None])
+        return terms
+
+    def _relaxation_feasible(self, terms: dict, T: float, highspy, *, whole_groups: bool) -> bool:
+        """Whether ``refined_lower_bound``'s linear relaxation has a solution with makespan ``T``."""
+        per_token_compute = terms["compute"] / terms["shortest"]
+        per_token_floor = terms["floor"] / terms["shortest"]
+        room_compute = T - terms["o"]
+        room_floor = T - terms["c0"]
+        allowed = terms["fits"] & (terms["alone"] <= T) & (room_compute > 0)[:, None] & (room_floor > 0)[:, None]
+        n_shapes, n_buckets = allowed.shape
+        if not allowed.any(axis=0).all():
+            return False
+        alone = ((2 * terms["compute"] > room_compute[:, None]) | (2 * terms["floor"] > room_floor[:, None]))
+        pairs = np.argwhere(allowed)  # columns: x[s, b] = fraction of bucket b on shape s, then m[s]
+        n_x = len(pairs)
+        s_idx, b_idx = pairs[:, 0], pairs[:, 1]
+        # rows: n_buckets equalities, then per shape: compute, floor, own-group counts
+        col_rows, col_vals = [], []
+        for k in range(n_x):
+            s, b = int(s_idx[k]), int(b_idx[k])
+            r = [b, n_buckets + 3 * s, n_buckets + 3 * s + 1]
+            v = [1.0, per_token_compute[s, b] * terms["tokens"][b], per_token_floor[s, b] * terms["tokens"][b]]
+            if alone[s, b]:
+                r.append(n_buckets + 3 * s + 2)
+                v.append(terms["count"][b])
+            col_rows.append(r)
+            col_vals.append(v)
+        for s in range(n_shapes):
+            col_rows.append([n_buckets + 3 * s, n_buckets + 3 * s + 1, n_buckets + 3 * s + 2])
+            col_vals.append([-max(room_compute[s], 0.0), -max(room_floor[s], 0.0), -1.0])
+        lp = highspy.HighsLp()
+        lp.num_col_ = n_x + n_shapes
+        lp.num_row_ = n_buckets + 3 * n_shapes
+        lp.col_cost_ = np.concatenate([np.zeros(n_x), self.degrees.astype(np.float64)])
+        lp.col_lower_ = np.zeros(lp.num_col_)
+        lp.col_upper_ = np.full(lp.num_col_, highspy.kHighsInf)
+        lp.row_lower_ = np.concatenate([np.ones(n_buckets), np.full(3 * n_shapes, -highspy.kHighsInf)])
+        lp.row_upper_ = np.concatenate([np.ones(n_buckets), np.zeros(3 * n_shapes)])
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum([len(r) for r in col_rows])]).astype(np.int32)
+        lp.a_matrix_.index_ = np.concatenate(col_rows).astype(np.int32)
+        lp.a_matrix_.value_ = np.concatenate(col_vals).astype(np.float64)
+        if whole_groups:  # m[s] integer: a mixed-integer program, small (one integer per shape)
+            lp.integrality_ = [highspy.HighsVarType.kContinuous] * n_x + [highspy.HighsVarType.kInteger] * n_shapes
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        # one thread, as the planner's MILP (milp._backend): HiGHS's task scheduler is global, and a later
+        # solver asking for another thread count than the first one set up fails ("No Solution Found")
+        h.setOptionValue("threads", 1)
+        h.setOptionValue("time_limit", 2.0)
+        h.setOptionValue("mip_rel_gap", 1e-4)
+        h.passModel(lp)
+        h.run()
+        status = h.getModelStatus()
+        if status == highspy.HighsModelStatus.kInfeasible:
+            return False
+        info = h.getInfo()
+        if status != highspy.HighsModelStatus.kOptimal:
+            # stopped early: infeasible only when even the proved bound needs more ranks than there are
+            return not (whole_groups and info.mip_dual_bound > self.world * (1 + 1e-7))
+        # a bound must err low, so a marginal case (within the solver's tolerances) counts as feasible
+        bound = info.mip_dual_bound if whole_groups else info.objective_function_value
+        return bound <= self.world * (1 + 1e-7)
+
+    def packed_floor(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
+        """A lower bound of the PACKED makespan of an assignment, in numpy (no call is timed): the slowest
+        group's larger ``CostModel.call_time_minorants`` sum. Lets the planner skip re-scoring a candidate that
+        cannot beat the best plan found."""
+        if not hasattr(self, "_minorants"):
+            parts = [self.cost_model.call_time_minorants(self.lengths, d, name) for d, name in self.shapes]
+            self._minorants = (np.stack([p[0] for p in parts]), np.array([p[1] for p in parts]),
+                               np.stack([p[2] for p in parts]), np.array([p[3] for p in parts]))
+        compute, o, floor, c0 = self._minorants
+        shapes = np.asarray(group_shapes)
+        cols = np.arange(self.n)
+        by_compute = np.zeros(len(shapes))
+        by_floor = np.zeros(len(shapes))
+        np.add.at(by_compute, assign, compute[shapes[assign], cols])
+        np.add.at(by_floor, assign, floor[shapes[assign], cols])
+        used = np.zeros(len(shapes), dtype=bool)
+        used[assign] = True
+        bound = np.maximum(by_compute + o[shapes], by_floor + c0[shapes])
+        return float(np.where(used, bound, 0.0).max())
 
     def makespan(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
         """Surrogate makespan of an assignment (``assign[i]`` = group of sequence i; groups by shape index)."""
@@ -182,6 +331,7 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
     for g in order:
         members[g] = by_group[bounds[g]:bounds[g + 1]].tolist()
     groups, start = [], 0
+    checked: dict[tuple[int, str], tuple[str | None, str | None]] = {}
     for g in order:
         degree, strategy = group_shapes[g]
         seqs = members[g]
@@ -191,8 +341,13 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         given = None if calls is None else calls.get(g)
         group_calls = [sorted(c) for c in given] if given else (split_calls(lengths, seqs, cap) if seqs else [[]])
         micro = None if len(group_calls) == 1 else group_calls
-        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition
-        time = math.fsum(cost_model.call_time(lengths[c], degree, strategy) for c in group_calls) if seqs else 0.0
+        # CostModel.group_time with these micro-batches (the same sum), without re-checking the partition or,
+        # per call, the strategy (call_time's checks, done once per shape here, cost more than the formula)
+        parts = checked.get((degree, strategy))
+        if parts is None:
+            parts = checked[(degree, strategy)] = cost_model._check(degree, strategy)
+        time = math.fsum(cost_model._packed_time(lengths[c].astype(np.float64), degree, parts)
+                         for c in group_calls) if seqs else 0.0
         softmax, linear = cost_model.split_strategy(strategy)
         groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time, micro))
         start += degree
