@@ -58,7 +58,7 @@ def _run(call: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None
     handle = torch.tensor(key, dtype=torch.int64)
     if not record:
         with torch.no_grad():
-            return call(*inputs), handle
+            return _unaliased(call(*inputs), _storages(inputs)), handle
     leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
     with _autograd_on(), torch.enable_grad():
         out = call(*leaves)
@@ -77,7 +77,24 @@ def _recorded_backward(handle: torch.Tensor, grad_out: torch.Tensor, inputs: lis
                            "call backward once per forward (retain_graph is not supported under torch.compile)")
     out, leaves = kept
     grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    # a custom op's outputs may alias neither its inputs nor each other (an SP op may return dk, dv as views of
+    # one buffer, or pass a gradient through): copy those
+    taken = _storages([grad_out, *inputs])
+    results = []
+    for g, t in zip(grads, leaves):
+        g = _unaliased(torch.zeros_like(t) if g is None else g, taken)
+        taken.add(g.untyped_storage().data_ptr())
+        results.append(g)
+    return results
+
+
+def _storages(tensors: Sequence[torch.Tensor | None]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
+def _unaliased(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
+    """``t``, or a copy of it where it shares memory with one of ``storages``."""
+    return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
 
 @_recorded_backward.register_fake
