@@ -115,9 +115,10 @@ def summed_over_ranks(grad):
     return grad
 
 
-@pytest.mark.parametrize("model_name, world_size", [("llama", 2), ("llama", 3), ("gpt", 3)])
+@pytest.mark.parametrize("model_name, world_size", [("llama", 2), ("gpt", 3)])
 def test_compiled_model_equals_eager_and_one_process_without_graph_breaks(model_name, world_size):
-    """transformers' attention interface (Llama) and SDPA (a plain PyTorch GPT) under torch.compile."""
+    """transformers' attention interface (Llama) and SDPA (a plain PyTorch GPT, the interceptor's mode traced)
+    under torch.compile; W = 3 on the GPT, whose capture costs a fraction of the Llama's."""
     for r in run_distributed(compiled_matches_eager_and_reference, world_size, model_name, [70, 33], timeout=900):
         # one graph for the whole model, the SP attention inside it as one node per layer, nothing breaking it
         assert r["graph_breaks"] == 0, r["break_reasons"]
