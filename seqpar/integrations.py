@@ -23,21 +23,18 @@ from torch.overrides import TorchFunctionMode
 
 from seqpar import runtime
 
-# The SP ops communicate (point-to-point, async collectives, bounded waits) and read a few host values, which
-# torch.compile cannot trace: under torch.compile each routed attention call runs eagerly as ONE opaque call
-# (a single graph break per layer) instead of being traced into, which would break the graph at every transfer
-# and recompile per call. The model's own compute around it (projections, norms, MLPs) is compiled.
+# Under torch.compile every routed call is one opaque node of the traced graph (``seqpar.custom_ops``: the runtime
+# functions switch to the custom ops while Dynamo traces), so the model compiles without graph breaks around its
+# attention; these two names stay the entry points of the integrations below and of adapters.
 
 
-@torch.compiler.disable
 def sp_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
-    """``seqpar.runtime.softmax_attention``, opaque to torch.compile."""
+    """``seqpar.runtime.softmax_attention`` (one ``seqpar::softmax_attention`` node under torch.compile)."""
     return runtime.softmax_attention(q, k, v, **options)
 
 
-@torch.compiler.disable
 def sp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
-    """``seqpar.runtime.linear_attention``, opaque to torch.compile."""
+    """``seqpar.runtime.linear_attention`` (one ``seqpar::linear_attention`` node under torch.compile)."""
     return runtime.linear_attention(q, k, v, **options)
 
 
@@ -145,7 +142,7 @@ def hf_attention_forward(
     (Gemma2's ``attn_logit_softcapping``) -> ``softcap``, ``s_aux`` (gpt-oss's per-head sink logits) ->
     ``sinks``. Outside an SP step (eval, ``generate``) it runs the model's original implementation.
     """
-    if runtime.current_context() is None:
+    if not runtime.in_sp_step():
         return _original_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
     if args:
         raise ValueError(f"args: {type(module).__name__} passed {len(args)} positional options to the attention "
@@ -175,7 +172,7 @@ def hf_attention_forward(
 def hf_mask(*args: Any, **kwargs: Any) -> Any:
     """transformers mask function: inside an SP step no mask (the SP ops apply causality, windows and sequence
     boundaries in global positions themselves); outside, the original implementation's mask."""
-    if runtime.current_context() is not None:
+    if runtime.in_sp_step():
         return None
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

@@ -160,8 +160,28 @@ class SPModel(torch.nn.Module):
 
     # -- forward / loss / gradients ------------------------------------------------------------------
 
+    # torch.compile(sp_model) compiles the wrapped model's forward, not this frame: the step's set-up (the SP
+    # context the routed calls read at run time, the gradient-sync hooks) and the loss with its one all-reduce
+    # run eagerly around it (``_start_step`` / ``_finish_step``, which Dynamo skips whole), so the compiled
+    # graph holds no step state and needs no recompilation when the step changes
+    @torch.compiler.disable(recursive=False)
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 seqpar_step: StepShard, **kwargs: Any) -> SPOutput:
+        ctx, model_kwargs = self._start_step(seqpar_step, input_ids, position_ids, kwargs)
+        with _agreement_checks(self.config.check_consistency):
+            output = None
+            if input_ids.numel():
+                # transformers models reach seqpar through their attention interface (and modules that call
+                # SDPA themselves are routed one by one): no mode over the whole forward, which torch.compile
+                # would trace into for every op
+                intercept = contextlib.nullcontext() if self.original_attention else integrations.SDPAInterceptor()
+                with sp_context(ctx), intercept:
+                    output = self.module(**model_kwargs)
+            return self._finish_step(ctx, output, labels, seqpar_step)
+
+    @torch.compiler.disable
+    def _start_step(self, seqpar_step: StepShard, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    kwargs: dict[str, Any]) -> tuple[SPContext, dict[str, Any]]:
         ctx = SPContext(
             group=seqpar_step.group, softmax_strategy=seqpar_step.softmax_strategy,
             linear_strategy=seqpar_step.linear_strategy, layout=self.layout, cu_seqlens=seqpar_step.cu_seqlens,
@@ -169,33 +189,31 @@ class SPModel(torch.nn.Module):
         )
         _sum_gradients_in_fsdp(self.module, self.reduce_group)  # FSDP2 applied after parallelize
         self._grad_sync.arm(last_micro_batch=seqpar_step.micro_batch[0] == seqpar_step.micro_batch[1] - 1)
+        return ctx, _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
+
+    @torch.compiler.disable
+    def _finish_step(self, ctx: SPContext, output: Any, labels: torch.Tensor, seqpar_step: StepShard) -> SPOutput:
+        """The loss of the forward's ``output`` (None: the input was empty)."""
         logits = None
-        with _agreement_checks(self.config.check_consistency):
-            if input_ids.numel():
-                # transformers models reach seqpar through their attention interface (and modules that call
-                # SDPA themselves are routed one by one): no mode over the whole forward, which torch.compile
-                # would trace into for every op
-                intercept = contextlib.nullcontext() if self.original_attention else integrations.SDPAInterceptor()
-                with sp_context(ctx), intercept:
-                    model_kwargs = _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
-                    logits = _logits(self.module(**model_kwargs))
-                if ctx.calls == 0:
-                    raise RuntimeError(
-                        "model: the forward ran without any attention call reaching seqpar, so it computed "
-                        "attention over local tokens only; register an adapter for the model's attention module"
-                    )
-                bind_to_backward(ctx, logits)  # activation checkpointing recomputes blocks inside this backward
-                loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-                local_sum = F.cross_entropy(
-                    logits.to(loss_dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="sum",
+        if output is not None:
+            logits = _logits(output)
+            if ctx.calls == 0:
+                raise RuntimeError(
+                    "model: the forward ran without any attention call reaching seqpar, so it computed "
+                    "attention over local tokens only; register an adapter for the model's attention module"
                 )
-            else:  # an empty input passed by hand; stay in the graph so backward works
-                local_sum = sum(p.sum() * 0.0 for p in self.module.parameters())
-            # the sum and the count travel in one all-reduce that stays on the device (no host sync)
-            local_count = (labels != IGNORE_INDEX).sum()
-            totals = torch.stack([local_sum.detach().to(torch.float64), local_count.to(torch.float64)])
-            comm.all_reduce(totals, group=self.reduce_group)
+            bind_to_backward(ctx, logits)  # activation checkpointing recomputes blocks inside this backward
+            loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            local_sum = F.cross_entropy(
+                logits.to(loss_dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+        else:  # an empty input passed by hand; stay in the graph so backward works
+            local_sum = sum(p.sum() * 0.0 for p in self.module.parameters())
+        # the sum and the count travel in one all-reduce that stays on the device (no host sync)
+        local_count = (labels != IGNORE_INDEX).sum()
+        totals = torch.stack([local_sum.detach().to(torch.float64), local_count.to(torch.float64)])
+        comm.all_reduce(totals, group=self.reduce_group)
         normalizer = totals[1] if seqpar_step.loss_normalizer is None else seqpar_step.loss_normalizer
         normalizer = normalizer.to(totals).clamp(min=1)
         # value: the global sum / count; gradient: this rank's share only (gradients are summed over ranks)

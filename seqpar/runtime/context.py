@@ -23,10 +23,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from seqpar import strategies
+from seqpar import custom_ops, strategies
 
 __all__ = ["SPContext", "bind_to_backward", "causal_conv1d", "current_context", "delta_rule_attention",
-           "linear_attention", "softmax_attention", "sp_context"]
+           "in_sp_step", "linear_attention", "softmax_attention", "sp_context"]
 
 
 @dataclass
@@ -69,6 +69,15 @@ def sp_context(ctx: SPContext) -> Iterator[SPContext]:
         yield ctx
     finally:
         _active.pop()
+
+
+def in_sp_step() -> bool:
+    """Whether an SP context is current (``current_context() is not None``) without handing out the context:
+    what code that torch.compile traces asks, so that Dynamo guards on the context stack's length only, never on
+    one step's context object (which would recompile every step)."""
+    if _active:
+        return True
+    return bool(_backward_contexts) and torch._C._current_graph_task_id() in _backward_contexts
 
 
 def current_context() -> SPContext | None:
@@ -141,6 +150,9 @@ def softmax_attention(
         with torch.autocast(device_type, enabled=False):
             return softmax_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale,
                                      window=window, softcap=softcap, sinks=sinks)
+    if torch.compiler.is_compiling():  # one opaque node in the traced graph, this function again at run time
+        return custom_ops.softmax_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                                            sinks=sinks)
     ctx = _require_context("attention")
     ctx.calls += 1
     op = _op(ctx.softmax_strategy, "softmax")
@@ -162,6 +174,8 @@ def linear_attention(
     the ops take (None, (H,), (B, S_local, H), (B, S_local, H, Dk)). A packed batch (the context's local
     ``cu_seqlens``) runs as ONE SP call with ``cu_seqlens``: the state resets at every sequence boundary and one
     collective carries every sequence's state."""
+    if torch.compiler.is_compiling():
+        return custom_ops.linear_attention(q, k, v, log_decay=log_decay, scale=scale)
     ctx = _require_context("linear attention")
     ctx.calls += 1
     if ctx.layout != "contiguous":
@@ -189,6 +203,8 @@ def delta_rule_attention(
     (B, S_local, H) or (B, S_local, H, Dk). Runs the delta-rule variant of the context's linear strategy
     (``Strategy.delta_rule_op``). A packed batch runs as ONE SP call with ``cu_seqlens`` (the state resets at
     every sequence; one collective carries every sequence's state map)."""
+    if torch.compiler.is_compiling():
+        return custom_ops.delta_rule_attention(q, k, v, beta=beta, log_decay=log_decay, scale=scale)
     ctx = _require_context("delta-rule attention")
     ctx.calls += 1
     if ctx.layout != "contiguous":
@@ -209,6 +225,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     every sequence's halo in one exchange, each sequence starting from zeros like the unsharded conv."""
     from seqpar.collectives.halo import causal_conv1d as sharded_conv1d
 
+    if torch.compiler.is_compiling():
+        return custom_ops.causal_conv1d(x, weight, bias)
     ctx = _require_context("causal conv1d")
     if ctx.layout != "contiguous":
         raise ValueError("layout: a causal conv1d over shards needs the contiguous layout; "
