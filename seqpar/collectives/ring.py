@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
+from seqpar.collectives.comm.transport import global_rank
 from seqpar.collectives.softmax_common import (
     SoftmaxSP,
     add_rows,
@@ -78,9 +79,10 @@ def _ring_step(tensors: tuple[torch.Tensor, ...], sp: SoftmaxSP, stream: int) ->
     on one tag: K and V (or their accumulators) travel without being packed into one buffer (a copy each way)."""
     tag = comm.tags.ring_tag("next", stream)
     r, p = sp.rank, sp.world_size
+    prv, nxt = (global_rank(sp.group, (r - 1) % p), global_rank(sp.group, (r + 1) % p))
     return comm.exchange([(t, (r + 1) % p, tag) for t in tensors],
                          [((t.shape, t.dtype), (r - 1) % p, tag) for t in tensors], group=sp.group,
-                         device=tensors[0].device, describe=f"ring exchange on rank {r} (stream {stream})")
+                         device=tensors[0].device, describe=f"ring exchange on rank {r} (peers {prv}, {nxt})")
 
 
 def _ring_forward(sp: SoftmaxSP, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
