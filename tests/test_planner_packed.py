@@ -175,6 +175,7 @@ def test_call_time_minorants_lie_below_every_packed_call(hybrid):
 
 
 def test_refined_lower_bound_never_exceeds_the_brute_force_optimum():
+    pytest.importorskip("highspy", reason="the refined bound needs highspy (the highs extra; make test installs it)")
     from seqpar.solver import makespan_lower_bound
     from tests.test_solver import brute_force_makespan, tiny_model
 
