@@ -47,7 +47,6 @@ COMM_BYTES_OVER_RANKS = ("each", "mean", "max")
 ACCUM_BYTES = 4  # float32 accumulators and states (dK/dV in ring, partial outputs, linear-attention states)
 LSE_BYTES = 4  # float32 log-sum-exp per (token, head)
 ZIGZAG_CAUSAL_QUERY_FRACTION = 0.75  # TokenRing, causal zigzag: a quarter of the query blocks is skipped
-ZECO_PIECES = 8  # pieces the ZeCO All-Scan cuts a state into, at most (seqpar.collectives.scan.DEFAULT_PIECES)
 LINEAR_CHUNK = 64  # chunk length of the chunkwise linear-attention kernels (seqpar.kernels.linear's default)
 
 
