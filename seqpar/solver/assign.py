@@ -161,6 +161,9 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
                 t_j_home = times[s_j, other_seqs]
                 t_j_worst = np.where(fits[shapes[worst], other_seqs], times[shapes[worst], other_seqs], np.inf)
                 for k, i in enumerate(mine.tolist()):
+                    # one swap scan is a pass over every other sequence: check the deadline between them
+                    if deadline is not None and k % 8 == 7 and time.perf_counter() > deadline:
+                        break
                     t_i_there = np.where(fits[s_j, i], times[s_j, i], np.inf)
                     new_worst = peak - own[k] + t_j_worst
                     new_other = loads[g_j] - t_j_home + t_i_there
@@ -248,6 +251,8 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
             if t_rest >= peak:
                 continue
             for g in targets:
+                if time.perf_counter() > deadline:  # each target times a packed call per strategy
+                    break
                 t_g, s_g = best_shape(members[g] + [i], shapes[g])
                 if max(t_g, t_rest) < peak * (1 - 1e-9) and (best is None or max(t_g, t_rest) < best[0]):
                     best = (max(t_g, t_rest), i, None, g, t_rest, s_rest, t_g, s_g)

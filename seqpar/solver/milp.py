@@ -59,6 +59,8 @@ that assignment stays feasible; the decoded plan's true loads are at most its bu
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -316,14 +318,19 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
         time_limit_s = min(time_limit_s, 0.8 * (deadline - time.perf_counter()) - 0.05)
         if time_limit_s < 0.02:
             return f"no time left for {solver} after building the model"
-    backend = _backend(solver, time_limit_s, rel_gap)
+    started = time.perf_counter()
+    # the solver must be done by the caller's deadline (or its own limit, if sooner), whatever it costs to hand
+    # it the model: both backends are stopped (HiGHS) or abandoned (CBC) at that instant
+    stop_at = deadline if deadline is not None else started + 1.25 * time_limit_s + 0.1
+    backend = _backend(solver, time_limit_s, rel_gap, stop_at)
     if isinstance(backend, str):
         return backend
-    started = time.perf_counter()
     try:
         prob.solve(backend)
     except pulp.PulpSolverError as err:
         return f"{solver} failed: {err}"
+    except _Overran as err:
+        return str(err)
     elapsed = time.perf_counter() - started
     if prob.sol_status == pulp.LpSolutionOptimal:
         status = "optimal"
@@ -402,12 +409,19 @@ def _decode(problem: Problem, buckets: Buckets, units: list[_Unit], z: dict, n: 
 STALL_FRACTION = 0.15  # HiGHS stops when its best solution has not improved for this share of its time limit
 
 
+class _Overran(Exception):
+    """The solver could not finish by its deadline; its run was stopped and its result dropped."""
+
+
 class _WarmHiGHS(pulp.HiGHS):
     """PuLP's highspy interface, handed the variables' initial values as a starting solution (PuLP 3.3 passes
     none to highspy; without one HiGHS found no solution at all on some large instances), and interrupted at
-    its time limit from HiGHS's own interrupt callbacks, presolve off: with presolve its ``time_limit``
-    overshot by seconds (5.6 s against 2.6 s at 64 ranks); also interrupted once its best solution has not
-    improved for ``STALL_FRACTION`` of the time limit (at least 0.3 s)."""
+    ``stop_at`` (a ``time.perf_counter()`` instant: the sooner of the caller's deadline and the time limit
+    counted from when the model is handed over) from HiGHS's own interrupt callbacks, presolve off: with
+    presolve its ``time_limit`` overshot by seconds (5.6 s against 2.6 s at 64 ranks); also interrupted once its
+    best solution has not improved for ``STALL_FRACTION`` of the time limit (at least 0.3 s)."""
+
+    stop_at = math.inf
 
     def callSolver(self, lp):
         import highspy
@@ -422,7 +436,12 @@ class _WarmHiGHS(pulp.HiGHS):
         start.value_valid = True
         model.setSolution(start)
         now = time.perf_counter()
-        stop_at = now + (self.timeLimit or 1e9)
+        # handing HiGHS the model (PuLP adds rows one by one, in Python) took part of the time: stop at the
+        # absolute instant, and tell HiGHS what is left so its own clock agrees
+        stop_at = min(now + (self.timeLimit or 1e9), self.stop_at)
+        if stop_at - now < 0.01:
+            raise _Overran("highs: no time left once the model was handed over")
+        model.setOptionValue("time_limit", stop_at - now)
         # a search whose best solution has not improved for a while rarely improves later (on small steps HiGHS
         # spent the whole budget closing the gap of an incumbent it never bettered): stop it, so a plan made
         # ahead does not hold the CPU the training step needs; the status says "feasible", not "optimal"
@@ -446,14 +465,62 @@ class _WarmHiGHS(pulp.HiGHS):
         super().callSolver(lp)
 
 
-def _backend(solver: str, time_limit_s: float, rel_gap: float):
+class _DeadlineCBC(pulp.PULP_CBC_CMD):
+    """PuLP's bundled CBC, started from the warm start, killed at ``stop_at`` (a ``time.perf_counter()``
+    instant). CBC's own ``-sec`` limit is checked between its search phases and a loaded machine also delays
+    its start and its reading of the model: under load it overshot the limit by half a second and more
+    (bench/results/solver.json before this class), so the planner's deadline is enforced here, on the
+    process; a killed run gives no solution (``_Overran``)."""
+
+    stop_at = math.inf
+
+    def solve_CBC(self, lp, use_mps=True):
+        tmp_mps, tmp_sol, tmp_mst = self.create_tmp_files(lp.name, "mps", "sol", "mst")
+        try:
+            variables, var_names, con_names, _ = lp.writeMPS(tmp_mps, rename=1)
+            self.writesol(tmp_mst, lp, variables, var_names, con_names)
+            left = self.stop_at - time.perf_counter()
+            if left < 0.02:
+                raise _Overran("cbc: no time left once the model was written")
+            # CBC's own limit a little before the kill, so a run that honours it still hands back its solution
+            seconds = min(self.timeLimit if self.timeLimit is not None else math.inf, 0.8 * left)
+            args = [self.path, tmp_mps, "-mips", tmp_mst, "-sec", f"{max(seconds, 0.01):.3f}"]
+            for option in self.options + self.getOptions():
+                if not option.startswith("sec "):
+                    args += ["-" + option.split()[0], *option.split()[1:]]
+            args += ["-solve", "-printingOptions", "all", "-solution", tmp_sol]
+            with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  stdin=subprocess.DEVNULL) as proc:
+                try:
+                    code = proc.wait(timeout=max(self.stop_at - time.perf_counter(), 0.0))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise _Overran(f"cbc ran past its deadline (limit {seconds:.2f} s) and was stopped") from None
+            if code != 0 or not os.path.exists(tmp_sol):
+                raise pulp.PulpSolverError(f"cbc exited with status {code}")
+            status, values, reduced, prices, slacks, sol_status = self.readsol_MPS(
+                tmp_sol, lp, variables, var_names, con_names)
+        finally:
+            self.delete_tmp_files(tmp_mps, tmp_sol, tmp_mst)
+        lp.assignVarsVals(values)
+        lp.assignVarsDj(reduced)
+        lp.assignConsPi(prices)
+        lp.assignConsSlack(slacks, activity=True)
+        lp.assignStatus(status, sol_status)
+        return status
+
+
+def _backend(solver: str, time_limit_s: float, rel_gap: float, stop_at: float = math.inf):
+    """The PuLP solver object for ``solver``, stopped at ``stop_at`` (``time.perf_counter()``); or a string
+    saying why there is none."""
     if solver == "cbc":
         # PuLP 3.3 flags PULP_CBC_CMD as going away in PuLP 4, which also stops bundling CBC; we pin
         # pulp<4 precisely to keep the bundled binary, so the warning is noise here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
-                                        warmStart=True, threads=1, timeMode="elapsed")
+            backend = _DeadlineCBC(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
+                                   warmStart=True, threads=1, timeMode="elapsed")
     elif solver == "highs":
         backend = _WarmHiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
         if not backend.available():  # highspy missing: try a highs executable on PATH (it reads the start file)
@@ -462,4 +529,5 @@ def _backend(solver: str, time_limit_s: float, rel_gap: float):
         raise ValueError(f"unknown MILP solver {solver!r}")
     if not backend.available():
         return f"{solver} is not available"
+    backend.stop_at = stop_at
     return backend

@@ -174,19 +174,28 @@ def plan_step(
     order = sorted(range(len(candidates)), key=lambda k: problem.makespan(candidates[k][1], candidates[k][2]))
     plans: list[tuple[str, Plan]] = []
     skipped = 0
+    # re-scoring a candidate (Problem.to_plan) costs the same each time, and the polished plan needs one more:
+    # the loop stops when one more would eat into that, measured, not guessed (on a loaded machine it is slow)
+    rescore_s = 0.0
     for k in order:
-        if plans and time.perf_counter() > deadline - 0.15 * time_limit_s:
+        now = time.perf_counter()
+        if plans and (now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s):
             break
         name, shapes, assign = candidates[k]
         if plans and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
             skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
             continue
         plans.append((name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio)))
+        rescore_s = max(rescore_s, time.perf_counter() - now)
     name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
     # the surrogate over-charges packed groups of the overlapped strategies: re-pick each group's strategy and
-    # move sequences out of the slowest group on the packed model itself, while time is left
+    # move sequences out of the slowest group on the packed model itself, while time is left (less the time
+    # to re-score its result)
     winner = next(c for c in candidates if c[0] == name)
-    polished = improve_packed(problem, winner[1], winner[2], deadline=deadline - 0.02 * time_limit_s)
+    polished = improve_packed(problem, winner[1], winner[2],
+                              deadline=deadline - 0.02 * time_limit_s - 1.5 * rescore_s)
+    if polished is not None and polished[0] == list(winner[1]) and np.array_equal(polished[1], winner[2]):
+        polished = None  # nothing changed: no need to re-score it
     if polished is not None:
         plan = problem.to_plan(polished[0], polished[1], status=status, note="", bucket_cost_ratio=bucket_ratio)
         if plan.makespan_s < best.makespan_s * (1 - 1e-12):
