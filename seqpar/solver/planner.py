@@ -131,7 +131,7 @@ def plan_step(
                        improve(problem, best_homo[1], best_homo[2], deadline=_before(0.1 * left, search_deadline))))
     warm_plans = [(best_homo[1], best_homo[2])]
     greedy = greedy_groups(problem, problem.makespan(best_homo[1], best_homo[2]),
-                           deadline=_before(0.25 * left, search_deadline))
+                           deadline=_before(0.45 * left, search_deadline))
     if greedy is not None:
         greedy_assign = improve(problem, *greedy, deadline=_before(0.05 * left, search_deadline))
         candidates.append(("greedy", greedy[0], greedy_assign))
