@@ -6,6 +6,7 @@ sums to the world, every assignment of sequences to groups (subset DP), each gro
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from functools import lru_cache
@@ -407,8 +408,9 @@ def test_milp_with_pools_decodes_within_its_objective(world, per_node):
     lengths = long_tail_lengths(4 * world, seed=1, max_len=65536).tolist()
     problem = Problem(lengths, cm)
     homogeneous = min(_homogeneous(problem), key=lambda h: problem.makespan(h[1], h[2]))
+    solver = "highs" if importlib.util.find_spec("highspy") else "cbc"  # HiGHS returns the warm start at least
     result = solve_milp(problem, make_buckets(problem, 24), [(homogeneous[1], homogeneous[2])],
-                        time_limit_s=4.0, rel_gap=1e-3, solver="cbc")
+                        time_limit_s=10.0, rel_gap=1e-3, solver=solver)
     assert not isinstance(result, str), result
     assert "pooled shapes" in result.note and " 0 pooled" not in result.note
     assert result.decoded_s == pytest.approx(problem.makespan(result.group_shapes, result.assign), rel=1e-12)
@@ -483,7 +485,8 @@ def test_memory_decides_the_degree_when_a_sequence_is_too_long_for_one_gpu():
 def long_tail():
     cm = CostModel(Cluster.dgx_h100(64), ModelSpec.llama("2-7b"))
     lengths = long_tail_lengths(512, seed=3, max_len=131072).tolist()
-    return cm, lengths, plan_step(lengths, cm, time_limit_s=1.0)
+    # 3 s: the budget is a hard deadline, and on a loaded machine 1 s left the MILP no time (status "greedy")
+    return cm, lengths, plan_step(lengths, cm, time_limit_s=3.0)
 
 
 def test_plan_is_valid_and_never_slower_than_any_static_plan(long_tail):

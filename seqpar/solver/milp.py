@@ -71,6 +71,7 @@ import heapq
 import math
 import os
 import subprocess
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -569,7 +570,25 @@ class _WarmHiGHS(pulp.HiGHS):
         model.setCallback(interrupt, None)
         for kind in (kinds.kCallbackMipInterrupt, kinds.kCallbackSimplexInterrupt, kinds.kCallbackIpmInterrupt):
             model.startCallback(kind)
-        super().callSolver(lp)
+        # HiGHS calls back between its MIP phases, and some root phases (separation rounds with conflict analysis)
+        # ran 0.3-0.6 s past the limit without a call on a loaded machine: it runs in a thread (highspy releases
+        # the GIL) that the planner stops waiting for at the deadline; abandoned, it stops at its next call back
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                pulp.HiGHS.callSolver(self, lp)
+            except BaseException as err:  # handed to the caller's thread
+                failure.append(err)
+
+        worker = threading.Thread(target=run, name="seqpar-highs", daemon=True)
+        worker.start()
+        worker.join(timeout=max(stop_at - time.perf_counter(), 0.0) + 0.02)
+        if worker.is_alive():
+            stop_at = -math.inf  # read by interrupt(): stop at the next call back
+            raise _Overran("highs ran past its deadline and was abandoned")
+        if failure:
+            raise failure[0]
 
 
 class _DeadlineCBC(pulp.PULP_CBC_CMD):
