@@ -170,28 +170,35 @@ def test_the_budget_is_a_deadline_on_large_steps_and_tiny_budgets(world, budget,
     plan.validate(lengths, cm)
 
 
-def test_a_milp_solver_that_overruns_is_abandoned_at_the_deadline(monkeypatch, tmp_path):
-    # a stand-in CBC that ignores its time limit (as CBC did on a loaded machine): the planner kills it at its
-    # deadline and returns the best plan found without it, saying so
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_a_milp_solver_that_overruns_is_abandoned_at_the_deadline(solver, monkeypatch, tmp_path):
+    # a solver that ignores its time limit (CBC's -sec and HiGHS's interrupts both overran on a loaded machine):
+    # the planner stops waiting at its deadline and returns the best plan found without it, saying so
+    import pulp
+
     from seqpar.solver import milp
 
-    stuck = tmp_path / "cbc"
-    stuck.write_text("#!/bin/sh\nexec sleep 30\n")
-    stuck.chmod(0o755)
-    real = milp._backend
+    if solver == "cbc":
+        stuck = tmp_path / "cbc"
+        stuck.write_text("#!/bin/sh\nexec sleep 30\n")
+        stuck.chmod(0o755)
+        real = milp._backend
 
-    def backend(*args, **kwargs):
-        solver = real(*args, **kwargs)
-        solver.path = str(stuck)
-        return solver
+        def backend(*args, **kwargs):
+            made = real(*args, **kwargs)
+            made.path = str(stuck)
+            return made
 
-    monkeypatch.setattr(milp, "_backend", backend)
+        monkeypatch.setattr(milp, "_backend", backend)
+    else:
+        pytest.importorskip("highspy", reason="the HiGHS backend needs highspy (the highs extra)")
+        monkeypatch.setattr(pulp.HiGHS, "callSolver", lambda self, lp: time.sleep(5))  # never calls back
     cm = CostModel(Cluster.dgx_h100(16), LLAMA)
     lengths = np.random.default_rng(3).integers(500, 30000, 64).tolist()
     budget = 1.0
     slack = _least_work_s(lengths, cm)
     started = time.perf_counter()
-    plan = plan_step(lengths, cm, time_limit_s=budget, solver="cbc")
+    plan = plan_step(lengths, cm, time_limit_s=budget, solver=solver)
     wall = time.perf_counter() - started
     assert wall <= 1.1 * budget + slack, (wall, slack)
     assert "ran past its deadline" in plan.note and plan.solver_status in ("greedy", "optimal")
