@@ -370,12 +370,10 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
             if best is None or makespan < best[0]:
                 best = (makespan, shapes, assign)
 
-    packed = _pack(problem, hi, deadline)
-    if packed is None:
-        return None
-    consider(packed)
     if deadline is not None and time.perf_counter() > deadline:
-        return None if best is None else (best[1], best[2])
+        return None
+    # from the bound up (not from ``upper`` down: the caller has a plan at ``upper``, and on a loaded machine
+    # the deadline may leave time for a few targets only)
     near_bound = _pack(problem, lo * 1.002, deadline)  # often met when one sequence dominates the batch
     if near_bound is not None:
         consider(near_bound)
@@ -391,5 +389,9 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
             lo = mid
         else:
             hi = mid
+            consider(packed)
+    if best is None and not (deadline is not None and time.perf_counter() > deadline):
+        packed = _pack(problem, upper, deadline)  # every lower target failed
+        if packed is not None:
             consider(packed)
     return None if best is None else (best[1], best[2])

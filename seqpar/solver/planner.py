@@ -128,7 +128,8 @@ def plan_step(
         exact_note = "exact search stopped at the deadline"
 
     candidates: list[tuple[str, list[int], np.ndarray]] = []
-    homogeneous = _homogeneous(problem, deadline=search_deadline)
+    # every shape is a static plan to re-score; past half the budget the rest (the least promising) are skipped
+    homogeneous = _homogeneous(problem, deadline=started + 0.5 * time_limit_s)
     homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
     # every homogeneous plan is a static_plan: all are re-scored packed (never slower than static_plan)
     candidates += [(f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}", shapes, assign)
