@@ -142,15 +142,26 @@ def _least_work_s(lengths, cm: CostModel) -> float:
     return time.perf_counter() - started
 
 
+def _wall_within_budget(lengths, cm: CostModel, budget: float, **options):
+    """``plan_step``'s plan and whether its wall time was at most ``1.1 * budget`` plus the least work (measured
+    before and after it: other jobs' load comes and goes). A miss is tried once more: a deadline that does not
+    hold misses again, a burst of load on the shared cores rarely twice."""
+    for _ in range(2):
+        slack = _least_work_s(lengths, cm)
+        started = time.perf_counter()
+        plan = plan_step(lengths, cm, time_limit_s=budget, **options)
+        wall = time.perf_counter() - started
+        slack = max(slack, _least_work_s(lengths, cm))
+        if wall <= 1.1 * budget + slack:
+            return plan, (wall, slack)
+    return plan, None
+
+
 def test_the_budget_is_a_deadline_even_for_100000_tiny_sequences():
     cm = CostModel(Cluster.dgx_h100(64), LLAMA)
     lengths = np.random.default_rng(0).integers(16, 128, 100_000).tolist()
-    budget = 1.0
-    slack = _least_work_s(lengths, cm)
-    started = time.perf_counter()
-    plan = plan_step(lengths, cm, time_limit_s=budget)
-    wall = time.perf_counter() - started
-    assert wall <= 1.1 * budget + slack, (wall, slack)
+    plan, within = _wall_within_budget(lengths, cm, 1.0)
+    assert within, plan.note
     assert sorted(i for g in plan.groups for i in g.seq_indices) == list(range(len(lengths)))
 
 
@@ -162,11 +173,8 @@ def test_the_budget_is_a_deadline_on_large_steps_and_tiny_budgets(world, budget,
 
     cm = CostModel(Cluster.dgx_h100(world), LLAMA)
     lengths = long_tail_lengths(8 * world, seed=0, max_len=131072).tolist()
-    slack = _least_work_s(lengths, cm)
-    started = time.perf_counter()
-    plan = plan_step(lengths, cm, time_limit_s=budget, solver=solver)
-    wall = time.perf_counter() - started
-    assert wall <= 1.1 * budget + slack, (wall, slack, plan.note)
+    plan, within = _wall_within_budget(lengths, cm, budget, solver=solver)
+    assert within, plan.note
     plan.validate(lengths, cm)
 
 
@@ -195,12 +203,9 @@ def test_a_milp_solver_that_overruns_is_abandoned_at_the_deadline(solver, monkey
         monkeypatch.setattr(pulp.HiGHS, "callSolver", lambda self, lp: time.sleep(5))  # never calls back
     cm = CostModel(Cluster.dgx_h100(16), LLAMA)
     lengths = np.random.default_rng(3).integers(500, 30000, 64).tolist()
-    budget = 2.0  # the MILP's share of it must start even on a loaded machine
-    slack = _least_work_s(lengths, cm)
-    started = time.perf_counter()
-    plan = plan_step(lengths, cm, time_limit_s=budget, solver=solver)
-    wall = time.perf_counter() - started
-    assert wall <= 1.1 * budget + slack, (wall, slack)
+    # 2 s: the MILP's share of it must start even on a loaded machine
+    plan, within = _wall_within_budget(lengths, cm, 2.0, solver=solver)
+    assert within, plan.note
     assert "ran past its deadline" in plan.note and plan.solver_status in ("greedy", "optimal")
     plan.validate(lengths, cm)
 

@@ -194,9 +194,10 @@ def plan_step(
         name, shapes, assign = candidates[k]
         if plans and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
             skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
-            continue
-        plans.append((name, problem.to_plan(shapes, assign, status=status, note="", bucket_cost_ratio=bucket_ratio)))
-        rescore_s = max(rescore_s, time.perf_counter() - now)
+        else:
+            plans.append((name, problem.to_plan(shapes, assign, status=status, note="",
+                                                bucket_cost_ratio=bucket_ratio)))
+        rescore_s = max(rescore_s, time.perf_counter() - now)  # (the first bound builds its tables: counted)
     name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
     # the surrogate over-charges packed groups of the overlapped strategies: re-pick each group's strategy and
     # move sequences out of the slowest group on the packed model itself, while time is left (less the time
