@@ -21,11 +21,14 @@ to one group, minimising the makespan under the PACKED cost model: a group runs 
   then the fastest, re-scored packed, goes through ``assign.improve_packed`` (each group's strategy re-picked
   for its packed call, moves and swaps out of the slowest group, on the packed model itself).
 
-``time_limit_s`` is a deadline for the whole call: every phase checks it (the search stops at 80% of it, the
-MILP's own limit is what is left once its model is built, less a reserve for the re-balancing; HiGHS also stops
-when its best solution stalls), the packed re-scoring takes candidates in the surrogate's order until 85% of
-it (at least one; a candidate whose packed bound, ``Problem.packed_floor``, cannot beat the best so far is
-skipped), and the packed search runs until 98%.
+``time_limit_s`` is a deadline for the whole call: every phase checks it (the homogeneous plans stop at 50% of
+it, the search at 80%; the greedy gets up to 70% of the search's time and ends early once within 0.2%; the
+MILP's own limit is what is left once its model is built, less a reserve for the re-balancing, and its solver
+is stopped (HiGHS, run in a thread) or killed (CBC) at that instant whatever it is doing; HiGHS also stops when
+its best solution stalls), the packed re-scoring takes candidates in the surrogate's order until 85% of it, or
+sooner by its measured cost per candidate (at least one; a candidate whose packed bound,
+``Problem.packed_floor``, cannot beat the best so far is skipped), and the packed search runs until 98% less
+the cost of re-scoring its result.
 ``solver_status``: ``"optimal"`` when the exact search ran or the plan meets ``Problem.lower_bound``;
 ``"feasible"`` when the MILP gave a solution (optimal or not on its surrogate, the note says which);
 ``"greedy"`` when it gave none. The note says what was proved: the MILP's outcome ("optimal for the bucketed
