@@ -767,6 +767,10 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             }
             if out.plan is not None:
                 record["plan_ranks"] = [list(g.ranks) for g in out.plan.groups]
+            if plan_ahead and rank == 0:  # planning off the critical path: how long this step waited for its plan
+                # and the budget the next step's solve got
+                runner = sp_model.runner
+                record["plan_wait_s"], record["plan_budget_s"] = runner.last_plan_wait_s, runner.last_plan_budget_s
             if "cost_model" in parallel_options:  # several nodes: the planner kept groups node-aligned
                 record["ranks_per_node"] = parallel_options["cost_model"].cluster.gpus_per_node
             record["tokens_per_s"] = record["tokens"] / elapsed
