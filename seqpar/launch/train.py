@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 BUILTIN_MODELS = ("llama-tiny", "minimax-tiny")
-DATA_KINDS = ("fixed", "uniform", "longtail")
+DATA_KINDS = ("fixed", "uniform", "longtail", "bimodal")
 # Optimizer settings that the command line may change on resume; None in the parsed options means "not given":
 # a fresh run then uses the default, a resumed one keeps the checkpoint's value.
 OPTIMIZER_DEFAULTS = {"lr": 3e-3, "weight_decay": 0.0}
