@@ -8,8 +8,10 @@ shards it (``--dp N``: N data-parallel replicas, each training on its own part o
 ("dp", "sp") mesh). ``--fsdp`` (meant to be the default with more than one rank) shards weights, gradients and
 optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomputes each decoder layer in backward;
 ``--micro-batch-tokens N`` runs a step as micro-batches of at most N tokens per rank, accumulating gradients.
-With ``--strategy auto`` rank 0 plans step t+1 in a background process while step t trains (``--no-plan-ahead``:
-inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached).
+With ``--strategy auto`` rank 0 plans step t+1 in the background while step t trains, with a budget of a share of
+the step (5% on the CPU, whose cores the solve shares with training; 50% beside a GPU; ``--no-plan-ahead``:
+inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached; without
+it the planner assumes H100s).
 "cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
 Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
 ``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every group shape at two lengths, run once and cached in FILE; default "
                    f"{DEFAULT_CALIBRATION})")
     p.add_argument("--plan-ahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --strategy auto: plan step t+1 in the background while step t trains (default on)")
+                   help="with --strategy auto: plan step t+1 in the background while step t trains, within a "
+                   "share of the step's time (default on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, the synthetic data and the "
                    "document order")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="directory of the run's checkpoints (None: "
