@@ -26,6 +26,13 @@ The machine's 2 cores are shared with other jobs: the load average is recorded p
 ratios (interleaved) are meaningful.
 
     python bench/train_auto.py                 # 2 rounds of 8 steps: ~6 min on 2 idle cores
+    python bench/train_auto.py --overhead      # the auto path's own cost on the short mix (below), ~4 min
+
+``--overhead``: CPU seconds (all 4 ranks) and wall seconds per step of ``degree1``, ``auto`` and ``auto`` with
+the fixed 5 s plan-ahead budget it had before issue 16's fix, on the ``short`` mix, where auto runs degree1's
+layout: any difference is the auto path's own cost. Each is the difference between a 10-step and a 2-step run
+(start-up and warm-up cancel), interleaved rounds, medians -> results/train_auto_overhead.json. CPU seconds
+barely depend on the load from other jobs; wall seconds do.
 """
 
 from __future__ import annotations
@@ -64,6 +71,69 @@ def train_run(argv):
     return [(h["tokens_per_s"], h.get("plan", ""), h.get("plan_wait_s")) for h in history]
 
 
+def timed_run(argv, fixed_budget_s=None):
+    """CPU seconds of this rank and wall seconds of one seqpar-train run; ``fixed_budget_s``: every plan made
+    ahead gets this budget instead of a share of the step (what auto did before issue 16's fix: 5 s)."""
+    import time
+
+    import torch
+
+    from seqpar.launch import train as train_mod
+    from seqpar.runtime import steps as steps_mod
+
+    torch.set_num_threads(1)
+    args = train_mod.build_parser().parse_args(argv)
+    train_mod.validate_args(args)
+    original = steps_mod.StepRunner.plan_ahead_budget
+    if fixed_budget_s is not None:
+        steps_mod.StepRunner.plan_ahead_budget = lambda self: fixed_budget_s
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        train_mod.train(args)
+        return time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        steps_mod.StepRunner.plan_ahead_budget = original
+
+
+def overhead(pool: WorkerPool, rounds: int, calibration: str) -> None:
+    """The auto path's own cost: see the module docstring (``--overhead``)."""
+    configs = {"degree1": ("degree1", None), "auto": ("auto", None), "auto_fixed_5s_budget": ("auto", 5.0)}
+    names = list(configs)
+    few, many = 2, 10
+    measured = {n: [] for n in names}
+    for name in ("degree1", "auto"):  # warm the ranks (lazy imports, first kernels) before any timing
+        pool.run(timed_run, (argv_for("short", configs[name][0], few, calibration),), {}, 3600)
+    loads = [os.getloadavg()]
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            strategy, budget = configs[name]
+            short = pool.run(timed_run, (argv_for("short", strategy, few, calibration), budget), {}, 3600)
+            long = pool.run(timed_run, (argv_for("short", strategy, many, calibration), budget), {}, 3600)
+            cpu = sum(a[0] - b[0] for a, b in zip(long, short)) / (many - few)
+            wall = (long[0][1] - short[0][1]) / (many - few)
+            measured[name].append((cpu, wall))
+        loads.append(os.getloadavg())
+        print(f"round {r + 1} done, load {loads[-1][0]:.1f}", flush=True)
+    rows = []
+    print("| configuration (short mix) | CPU s per step, 4 ranks | vs degree1 | wall s per step | vs degree1 |")
+    print("| --- | --- | --- | --- | --- |")
+    base_cpu = statistics.median(c for c, _ in measured["degree1"])
+    base_wall = statistics.median(w for _, w in measured["degree1"])
+    for name in names:
+        cpu = statistics.median(c for c, _ in measured[name])
+        wall = statistics.median(w for _, w in measured[name])
+        rows.append({"configuration": name, "cpu_s_per_step": cpu, "wall_s_per_step": wall,
+                     "cpu_over_degree1": cpu / base_cpu, "wall_over_degree1": wall / base_wall,
+                     "rounds": measured[name]})
+        print(f"| {name} | {cpu:.3f} | {cpu / base_cpu:.2f} | {wall:.3f} | {wall / base_wall:.2f} |")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "train_auto_overhead.json"), "w") as f:
+        json.dump({"world": WORLD, "model": "llama-tiny", "mix": MIXES["short"], "steps": [few, many],
+                   "rounds": rounds, "rows": rows, "load_average_per_round": loads,
+                   "note": "per step = (10-step run - 2-step run) / 8; 2 CPU cores shared with other jobs"}, f,
+                  indent=1)
+
+
 def argv_for(mix: str, strategy: str, steps: int, calibration: str) -> list[str]:
     argv = ["--model", "llama-tiny", "--steps", str(steps), "--no-progress", "--seed", "1",
             *STATIC_ARGS.get(strategy, ["--strategy", strategy]), *MIXES[mix]]
@@ -72,10 +142,12 @@ def argv_for(mix: str, strategy: str, steps: int, calibration: str) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="default 2 (3 with --overhead)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--overhead", action="store_true", help="measure the auto path's own cost instead")
     args = parser.parse_args()
+    rounds = args.rounds or (3 if args.overhead else 2)
     if args.steps <= WARMUP_STEPS:
         raise SystemExit(f"--steps: must exceed the {WARMUP_STEPS} warm-up steps left out of tokens/s")
     started = time.perf_counter()
@@ -86,10 +158,13 @@ def main() -> None:
     pool = WorkerPool(WORLD, comm_timeout_s=600)
     try:
         pool.run(train_run, (argv_for("longtail", "auto", 1, calibration),), {}, 3600)  # profile once
+        if args.overhead:
+            overhead(pool, rounds, calibration)
+            return
         results = {mix: {s: [] for s in STRATEGIES} for mix in args.mixes}
         plans = {mix: [] for mix in args.mixes}
         waits = {mix: [] for mix in args.mixes}
-        for r in range(args.rounds):
+        for r in range(rounds):
             for mix in args.mixes:
                 # each round starts at another configuration: a load that drifts during a round favours none
                 for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
@@ -121,7 +196,7 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "train_auto.json"), "w") as f:
         json.dump({"world": WORLD, "model": "llama-tiny", "mixes": {m: MIXES[m] for m in args.mixes},
-                   "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "rounds": args.rounds, "rows": rows,
+                   "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "rounds": rounds, "rows": rows,
                    "auto_plans": plans, "auto_plan_wait_s": waits,
                    "calibration": json.load(open(calibration)) if os.path.exists(calibration) else None,
                    "load_average_per_round": loads, "wall_s": time.perf_counter() - started,
