@@ -1,26 +1,38 @@
 """Measured, not modelled: seqpar-train --strategy auto against the static strategies on this CPU.
 
-4 local gloo ranks, llama-tiny, long-tail synthetic data. Each configuration is one seqpar-train run on fresh
-ranks (``seqpar.launch.ranks.run_ranks``); runs are interleaved (round r runs every configuration once, starting
-at configuration r, so a drifting load favours none) and
-each configuration's score is the median over rounds of the run's median tokens/s (the first step, which
-warms up, is dropped). ``auto`` is what a user gets with ``--strategy auto --calibrate`` (the calibration is
-profiled once, before the timed rounds, and read from its cache file in every run; plans made a step ahead).
+4 local gloo ranks, llama-tiny. Each configuration is one seqpar-train run (``train``) on 4 rank processes
+started once for the whole benchmark (``seqpar.launch.ranks.WorkerPool``: no rank start-up in any run). Runs are
+interleaved: round r runs every mix x configuration once, each mix's configurations starting at configuration r,
+so a drifting load favours none. A run's score is its median tokens/s over its steps after the first
+``WARMUP_STEPS`` (step 1 plans inline and warms the kernels, step 2 is the first planned ahead); a
+configuration's score is the median over rounds. ``auto`` is what a user gets with ``--strategy auto
+--calibrate``: the calibration is profiled once, before the timed rounds, and read from its cache file in every
+run; each step's plan is made while the step before trains, with a budget of 5% of that step on the CPU.
 
 Static baselines: ring, ulysses and token_ring at degree 4 (every sequence on all 4 ranks) and ``degree1``
 (``--dp 4``: 4 data-parallel replicas, every sequence on one rank, sequences balanced by tokens).
 
-Two batch mixes:
-* ``longtail``: --tokens-per-step 8192 --max-len 4096 (the issue's run): many short sequences and a few long
-  ones, so neither one degree fits all: degree 4 pays communication on the short ones, degree 1 leaves the
-  long ones' quadratic attention on one rank (a straggler);
-* ``short``: --tokens-per-step 4096 --max-len 256: every sequence is short, so degree 4 is the wrong degree;
-  groups of 1 (no communication) win.
+Three batch mixes:
+* ``longtail`` (--tokens-per-step 8192 --max-len 4096, the issue's run): many short sequences and a few long
+  ones; here degree 4 wins most steps (the long ones' attention), so auto has to match the best static one;
+* ``short`` (--tokens-per-step 4096 --max-len 256): every sequence short, so degree 4 is the wrong degree and
+  groups of one rank (no communication) win; auto plans four degree-1 groups, the layout of ``degree1``;
+* ``bimodal`` (--data bimodal --tokens-per-step 8192 --max-len 2048): one 2048-token sequence and ~6K tokens of
+  16-128-token ones: ONE static degree is wrong for part of the batch (degree 1 leaves the long sequence to one
+  rank, degree 4 pays communication on every short one), so auto (the long one on 2 ranks, the short ones on
+  the other 2 at degree 1) should beat every static strategy.
 
-The machine's 2 cores are shared with other jobs: the load average is recorded, and only side-by-side ratios
-(interleaved) are meaningful.
+The machine's 2 cores are shared with other jobs: the load average is recorded per round, and only side-by-side
+ratios (interleaved) are meaningful.
 
-    python bench/train_auto.py                 # 2 rounds of 5 steps: ~5 min on 2 idle cores
+    python bench/train_auto.py                 # 2 rounds of 8 steps: ~6 min on 2 idle cores
+    python bench/train_auto.py --overhead      # the auto path's own cost on the short mix (below), ~4 min
+
+``--overhead``: CPU seconds (all 4 ranks) and wall seconds per step of ``degree1``, ``auto`` and ``auto`` with
+the fixed 5 s plan-ahead budget it had before issue 16's fix, on the ``short`` mix, where auto runs degree1's
+layout: any difference is the auto path's own cost. Each is the difference between a 10-step and a 2-step run
+(start-up and warm-up cancel), interleaved rounds, medians -> results/train_auto_overhead.json. CPU seconds
+barely depend on the load from other jobs; wall seconds do.
 """
 
 from __future__ import annotations
@@ -31,15 +43,18 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seqpar.launch.ranks import run_ranks  # noqa: E402
+from seqpar.launch.ranks import WorkerPool  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORLD = 4
-MIXES = {"longtail": ["--tokens-per-step", "8192", "--max-len", "4096"],
-         "short": ["--tokens-per-step", "4096", "--max-len", "256"]}
+WARMUP_STEPS = 2  # left out of every run's tokens/s
+MIXES = {"longtail": ["--data", "longtail", "--tokens-per-step", "8192", "--max-len", "4096"],
+         "short": ["--data", "longtail", "--tokens-per-step", "4096", "--max-len", "256"],
+         "bimodal": ["--data", "bimodal", "--tokens-per-step", "8192", "--max-len", "2048"]}
 STRATEGIES = ("ring", "ulysses", "token_ring", "degree1", "auto")
 STATIC_ARGS = {"degree1": ["--strategy", "ulysses", "--dp", "4"]}  # degree 1 = 4 replicas of one rank
 
@@ -53,40 +68,119 @@ def train_run(argv):
     args = train_mod.build_parser().parse_args(argv)
     train_mod.validate_args(args)
     history = train_mod.train(args)
-    return [(h["tokens_per_s"], h.get("plan", "")) for h in history]
+    return [(h["tokens_per_s"], h.get("plan", ""), h.get("plan_wait_s")) for h in history]
+
+
+def timed_run(argv, fixed_budget_s=None):
+    """CPU seconds of this rank and wall seconds of one seqpar-train run; ``fixed_budget_s``: every plan made
+    ahead gets this budget instead of a share of the step (what auto did before issue 16's fix: 5 s)."""
+    import time
+
+    import torch
+
+    from seqpar.launch import train as train_mod
+    from seqpar.runtime import steps as steps_mod
+
+    torch.set_num_threads(1)
+    args = train_mod.build_parser().parse_args(argv)
+    train_mod.validate_args(args)
+    original = steps_mod.StepRunner.plan_ahead_budget
+    if fixed_budget_s is not None:
+        steps_mod.StepRunner.plan_ahead_budget = lambda self: fixed_budget_s
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        train_mod.train(args)
+        return time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        steps_mod.StepRunner.plan_ahead_budget = original
+
+
+def overhead(pool: WorkerPool, rounds: int, calibration: str) -> None:
+    """The auto path's own cost: see the module docstring (``--overhead``)."""
+    configs = {"degree1": ("degree1", None), "auto": ("auto", None), "auto_fixed_5s_budget": ("auto", 5.0)}
+    names = list(configs)
+    few, many = 2, 10
+    measured = {n: [] for n in names}
+    for name in ("degree1", "auto"):  # warm the ranks (lazy imports, first kernels) before any timing
+        pool.run(timed_run, (argv_for("short", configs[name][0], few, calibration),), {}, 3600)
+    loads = [os.getloadavg()]
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            strategy, budget = configs[name]
+            short = pool.run(timed_run, (argv_for("short", strategy, few, calibration), budget), {}, 3600)
+            long = pool.run(timed_run, (argv_for("short", strategy, many, calibration), budget), {}, 3600)
+            cpu = sum(a[0] - b[0] for a, b in zip(long, short)) / (many - few)
+            wall = (long[0][1] - short[0][1]) / (many - few)
+            measured[name].append((cpu, wall))
+        loads.append(os.getloadavg())
+        print(f"round {r + 1} done, load {loads[-1][0]:.1f}", flush=True)
+    rows = []
+    print("| configuration (short mix) | CPU s per step, 4 ranks | vs degree1 | wall s per step | vs degree1 |")
+    print("| --- | --- | --- | --- | --- |")
+    base_cpu = statistics.median(c for c, _ in measured["degree1"])
+    base_wall = statistics.median(w for _, w in measured["degree1"])
+    for name in names:
+        cpu = statistics.median(c for c, _ in measured[name])
+        wall = statistics.median(w for _, w in measured[name])
+        rows.append({"configuration": name, "cpu_s_per_step": cpu, "wall_s_per_step": wall,
+                     "cpu_over_degree1": cpu / base_cpu, "wall_over_degree1": wall / base_wall,
+                     "rounds": measured[name]})
+        print(f"| {name} | {cpu:.3f} | {cpu / base_cpu:.2f} | {wall:.3f} | {wall / base_wall:.2f} |")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "train_auto_overhead.json"), "w") as f:
+        json.dump({"world": WORLD, "model": "llama-tiny", "mix": MIXES["short"], "steps": [few, many],
+                   "rounds": rounds, "rows": rows, "load_average_per_round": loads,
+                   "note": "per step = (10-step run - 2-step run) / 8; 2 CPU cores shared with other jobs"}, f,
+                  indent=1)
 
 
 def argv_for(mix: str, strategy: str, steps: int, calibration: str) -> list[str]:
-    argv = ["--model", "llama-tiny", "--data", "longtail", "--steps", str(steps), "--no-progress", "--seed", "1",
+    argv = ["--model", "llama-tiny", "--steps", str(steps), "--no-progress", "--seed", "1",
             *STATIC_ARGS.get(strategy, ["--strategy", strategy]), *MIXES[mix]]
     return argv + (["--calibrate", calibration] if strategy == "auto" else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="default 2 (3 with --overhead)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--overhead", action="store_true", help="measure the auto path's own cost instead")
     args = parser.parse_args()
-    load = os.getloadavg()
+    rounds = args.rounds or (3 if args.overhead else 2)
+    if args.steps <= WARMUP_STEPS:
+        raise SystemExit(f"--steps: must exceed the {WARMUP_STEPS} warm-up steps left out of tokens/s")
+    started = time.perf_counter()
+    loads = [os.getloadavg()]
     calibration = os.path.join(tempfile.gettempdir(), "seqpar-bench-calibration.json")
     if os.path.exists(calibration):
         os.remove(calibration)
-    run_ranks(train_run, WORLD, argv_for("longtail", "auto", 1, calibration), timeout=3600)  # profile once
-    results = {mix: {s: [] for s in STRATEGIES} for mix in MIXES}
-    plans = {mix: [] for mix in MIXES}
-    for r in range(args.rounds):
-        for mix in MIXES:
-            # each round starts at another configuration: a load that drifts during a round favours none
-            for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
-                steps = run_ranks(train_run, WORLD, argv_for(mix, strategy, args.steps, calibration), timeout=3600)[0]
-                results[mix][strategy].append(statistics.median(t for t, _ in steps[1:]))
-                if strategy == "auto":
-                    plans[mix] += [p for _, p in steps]
-        print(f"round {r + 1} done", flush=True)
+    pool = WorkerPool(WORLD, comm_timeout_s=600)
+    try:
+        pool.run(train_run, (argv_for("longtail", "auto", 1, calibration),), {}, 3600)  # profile once
+        if args.overhead:
+            overhead(pool, rounds, calibration)
+            return
+        results = {mix: {s: [] for s in STRATEGIES} for mix in args.mixes}
+        plans = {mix: [] for mix in args.mixes}
+        waits = {mix: [] for mix in args.mixes}
+        for r in range(rounds):
+            for mix in args.mixes:
+                # each round starts at another configuration: a load that drifts during a round favours none
+                for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
+                    steps = pool.run(train_run, (argv_for(mix, strategy, args.steps, calibration),), {}, 3600)[0]
+                    results[mix][strategy].append(statistics.median(t for t, _, _ in steps[WARMUP_STEPS:]))
+                    if strategy == "auto":
+                        plans[mix] += [p for _, p, _ in steps]
+                        waits[mix] += [w for _, _, w in steps[WARMUP_STEPS:] if w is not None]
+            loads.append(os.getloadavg())
+            print(f"round {r + 1} done, load {loads[-1][0]:.1f}", flush=True)
+    finally:
+        pool.close()
     rows = []
     print("| mix | strategy | tokens/s (median over rounds) | per round | vs best static |")
     print("| --- | --- | --- | --- | --- |")
-    for mix in MIXES:
+    for mix in args.mixes:
         medians = {s: statistics.median(v) for s, v in results[mix].items()}
         best_static = max((s for s in STRATEGIES if s != "auto"), key=medians.get)
         for s in STRATEGIES:
@@ -95,13 +189,19 @@ def main() -> None:
                          "over_best_static": ratio, "best_static": best_static})
             per_round = ", ".join(f"{x:.0f}" for x in results[mix][s])
             print(f"| {mix} | {s} | {medians[s]:.0f} | {per_round} | {ratio:.2f} |")
+    for mix in args.mixes:
+        if waits[mix]:
+            print(f"{mix}: auto waited for its prefetched plan median {statistics.median(waits[mix]) * 1e3:.1f} ms, "
+                  f"max {max(waits[mix]) * 1e3:.1f} ms per step")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "train_auto.json"), "w") as f:
-        json.dump({"world": WORLD, "model": "llama-tiny", "mixes": MIXES, "steps": args.steps,
-                   "rounds": args.rounds, "rows": rows, "auto_plans": plans,
+        json.dump({"world": WORLD, "model": "llama-tiny", "mixes": {m: MIXES[m] for m in args.mixes},
+                   "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "rounds": rounds, "rows": rows,
+                   "auto_plans": plans, "auto_plan_wait_s": waits,
                    "calibration": json.load(open(calibration)) if os.path.exists(calibration) else None,
-                   "load_average_before": load, "load_average_after": os.getloadavg(),
-                   "note": "2 CPU cores shared with other jobs; runs interleaved, medians"}, f, indent=1)
+                   "load_average_per_round": loads, "wall_s": time.perf_counter() - started,
+                   "note": "2 CPU cores shared with other jobs (see the load averages); one pool of 4 ranks, runs "
+                           "interleaved, medians"}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -150,11 +150,18 @@ class SPModel(torch.nn.Module):
         """
         return self.runner.prepare(batch, plan=plan, max_tokens_per_rank=max_tokens_per_rank)
 
-    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float = 5.0) -> None:
-        """With ``strategy="auto"``: start planning a coming step whose sequences have ``seq_lens`` now, in a
-        background process on rank 0, with a larger budget (the solve is off the critical path); the next
-        ``prepare`` of a batch with exactly these lengths uses that plan. Call it on every rank (ranks other than
-        0 do nothing) as soon as the data loader knows the next batch. A no-op for a fixed strategy.
+    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float | None = None) -> None:
+        """With ``strategy="auto"``: start planning a coming step whose sequences have ``seq_lens`` now, in the
+        background on rank 0 (the solve is off the critical path); the next ``prepare`` of a batch with exactly
+        these lengths uses that plan. Call it on every rank (ranks other than 0 do nothing) as soon as the data
+        loader knows the next batch, after this step's ``prepare``. A no-op for a fixed strategy.
+
+        ``time_limit_s``: the solve's budget in seconds; None (default) scales it with the step it overlaps: 5% of
+        the last step's time on the CPU (the solve shares the training cores), 50% beside an accelerator, within
+        [0.01, 5] s (``seqpar.runtime.steps.StepRunner.plan_ahead_budget``).
+
+        Raises:
+            ValueError: ``time_limit_s`` not None or a positive number.
         """
         self.runner.plan_ahead(seq_lens, time_limit_s=time_limit_s)
 

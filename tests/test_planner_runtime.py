@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 import seqpar
@@ -118,3 +119,48 @@ def test_calibration_profiles_every_shape_at_two_lengths_and_is_cached(tmp_path)
         shapes = {(m["degree"], m["strategy"]) for m in measured}
         assert shapes == {(1, "ulysses"), (2, "ulysses"), (2, "ring"), (2, "token_ring")}
         assert {m["length"] for m in measured} == {32, 128} and all(m["seconds"] > 0 for m in measured)
+
+
+def plan_ahead_budgets(lengths_per_step, world, step_seconds):
+    """Run steps that last at least ``step_seconds`` each (a sleep stands in for training) with every step's
+    plan made a step ahead; rank 0's budget for each solve, the step time it scaled with, and its waits."""
+    import time
+
+    from seqpar.runtime import steps as steps_mod
+
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(4)
+    batches = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in lengths_per_step]
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world))
+    runner = sp_model.runner
+    sp_model.plan_ahead([s.numel() for s in batches[0]])
+    budgets, measured, predicted, waits = [runner.last_plan_budget_s], [], [], []
+    for k, sequences in enumerate(batches):
+        started = time.perf_counter()
+        local = sp_model.prepare(sequences)
+        waits.append(runner.last_plan_wait_s)
+        measured.append(runner._step_seconds)
+        predicted.append(local["seqpar_step"].plan.makespan_s)
+        if k + 1 < len(batches):
+            sp_model.plan_ahead([s.numel() for s in batches[k + 1]])
+            budgets.append(runner.last_plan_budget_s)
+        sp_model(**local).loss.backward()
+        model.zero_grad(set_to_none=True)
+        time.sleep(max(step_seconds - (time.perf_counter() - started), 0.0))
+    return budgets, measured, predicted, waits, runner.plans_from_ahead, steps_mod.PLAN_AHEAD_SHARE["cpu"]
+
+
+def test_plans_made_ahead_get_a_share_of_the_step_and_are_ready_when_it_ends():
+    # issue 16: a 5 s solve per step in the background took the CPU's cores from training (auto 10-35% slower than
+    # the same layout run as --dp); the budget is now a share of the step it overlaps, so the solve ends within it
+    lengths = [[200, 30, 60], [90, 90, 16, 120], [40, 40, 40, 40], [150, 60]]
+    results = run_distributed(plan_ahead_budgets, 2, lengths, 2, 0.6)
+    budgets, measured, predicted, waits, from_ahead, share = results[0]
+    assert from_ahead == 4
+    assert budgets[0] == 1.0  # before any step: plan_step's inline budget
+    assert budgets[1] == pytest.approx(max(share * predicted[0], 0.01))  # one step in: its predicted makespan
+    for k in (2, 3):  # then the step time measured between prepares (>= the 0.6 s each step lasted)
+        assert measured[k - 1] >= 0.6 and budgets[k] == pytest.approx(min(max(share * measured[k - 1], 0.01), 5.0))
+    # each solve had at most 5% of a 0.6 s step: it was ready before the step ended (the wait is the queue's)
+    assert max(waits[1:]) < 0.1, waits
+    assert all(set(r[0]) == {None} and r[4] == 0 for r in results[1:])  # only rank 0 plans

@@ -120,7 +120,7 @@ def test_a_bin_file_needs_an_integer_dtype(tmp_path):
         train_mod.validate_args(args)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "longtail"])
+@pytest.mark.parametrize("kind", ["uniform", "longtail", "bimodal"])
 def test_a_short_max_len_gives_sequences_up_to_it(kind):
     import numpy as np
 
@@ -128,3 +128,13 @@ def test_a_short_max_len_gives_sequences_up_to_it(kind):
 
     lengths = step_lengths(kind, 64, 4, np.random.default_rng(0))  # the 16-token floor used to exceed --max-len 4
     assert sum(lengths) <= 64 and all(2 <= n <= 4 for n in lengths), lengths
+
+
+def test_a_bimodal_batch_is_one_long_sequence_and_short_ones():
+    import numpy as np
+
+    from seqpar.launch.data import step_lengths
+
+    lengths = step_lengths("bimodal", 8192, 2048, np.random.default_rng(1))
+    assert lengths[0] == 2048 and all(16 <= n <= 128 for n in lengths[1:]), lengths
+    assert 8192 - 128 < sum(lengths) <= 8192

@@ -90,16 +90,22 @@ def _truncated_lognormal(rng: np.random.Generator, n: int) -> np.ndarray:
 # Training batches (seqpar-train)
 # ---------------------------------------------------------------------------------------------------
 
-SYNTHETIC_KINDS = ("fixed", "uniform", "longtail")
+SYNTHETIC_KINDS = ("fixed", "uniform", "longtail", "bimodal")
 
 
 def step_lengths(kind: str, tokens_per_step: int, max_len: int, rng: np.random.Generator) -> list[int]:
-    """Sequence lengths of one global batch holding at most ``tokens_per_step`` tokens (at least one sequence)."""
+    """Sequence lengths of one global batch holding at most ``tokens_per_step`` tokens (at least one sequence).
+
+    ``bimodal``: one sequence of ``max_len`` tokens, then short ones (uniform in 16..``max_len // 16``): a batch for
+    which no single SP degree is right (the long one wants several ranks, the short ones one each)."""
     if kind == "fixed":
         return [max_len] * max(1, tokens_per_step // max_len)
     lengths, total = [], 0
     while True:
-        if kind == "uniform":
+        if kind == "bimodal":
+            low = min(16, max_len)
+            n = max_len if not lengths else int(rng.integers(low, max(low, max_len // 16) + 1))
+        elif kind == "uniform":
             n = int(rng.integers(min(16, max_len), max_len + 1))
         else:
             n = int(long_tail_lengths(1, seed=int(rng.integers(2**31)), max_len=max_len, min_len=min(16, max_len))[0])

@@ -8,8 +8,10 @@ shards it (``--dp N``: N data-parallel replicas, each training on its own part o
 ("dp", "sp") mesh). ``--fsdp`` (meant to be the default with more than one rank) shards weights, gradients and
 optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomputes each decoder layer in backward;
 ``--micro-batch-tokens N`` runs a step as micro-batches of at most N tokens per rank, accumulating gradients.
-With ``--strategy auto`` rank 0 plans step t+1 in a background process while step t trains (``--no-plan-ahead``:
-inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached).
+With ``--strategy auto`` rank 0 plans step t+1 in the background while step t trains, with a budget of a share of
+the step (5% on the CPU, whose cores the solve shares with training; 50% beside a GPU; ``--no-plan-ahead``:
+inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached; without
+it the planner assumes H100s).
 "cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
 Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
 ``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 BUILTIN_MODELS = ("llama-tiny", "minimax-tiny")
-DATA_KINDS = ("fixed", "uniform", "longtail")
+DATA_KINDS = ("fixed", "uniform", "longtail", "bimodal")
 # Optimizer settings that the command line may change on resume; None in the parsed options means "not given":
 # a fresh run then uses the default, a resumed one keeps the checkpoint's value.
 OPTIMIZER_DEFAULTS = {"lr": 3e-3, "weight_decay": 0.0}
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every group shape at two lengths, run once and cached in FILE; default "
                    f"{DEFAULT_CALIBRATION})")
     p.add_argument("--plan-ahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --strategy auto: plan step t+1 in the background while step t trains (default on)")
+                   help="with --strategy auto: plan step t+1 in the background while step t trains, within a "
+                   "share of the step's time (default on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, the synthetic data and the "
                    "document order")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="directory of the run's checkpoints (None: "
@@ -767,6 +770,10 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             }
             if out.plan is not None:
                 record["plan_ranks"] = [list(g.ranks) for g in out.plan.groups]
+            if plan_ahead and rank == 0:  # planning off the critical path: how long this step waited for its plan
+                # and the budget the next step's solve got
+                runner = sp_model.runner
+                record["plan_wait_s"], record["plan_budget_s"] = runner.last_plan_wait_s, runner.last_plan_budget_s
             if "cost_model" in parallel_options:  # several nodes: the planner kept groups node-aligned
                 record["ranks_per_node"] = parallel_options["cost_model"].cluster.gpus_per_node
             record["tokens_per_s"] = record["tokens"] / elapsed

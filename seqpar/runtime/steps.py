@@ -12,6 +12,7 @@ parent group (``seqpar.collectives.groups.subgroup``), so later steps and other 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -34,8 +35,17 @@ from seqpar.runtime.packing import (
 
 __all__ = ["StepRunner", "check_plan"]
 
-# The planner's budget when it plans a step ahead (the solve is off the critical path, so it may take longer).
+# The planner's budget when it plans a step ahead: a share of the step it overlaps (measured: the time between
+# the last two prepares; before that, the running plan's predicted makespan), at least PLAN_AHEAD_MIN_S and at
+# most PREFETCH_TIME_LIMIT_S. On the CPU the solve takes cores the training ranks use (4 ranks on 2 cores: a
+# 0.2 s solve per 0.4 s step cost auto 10-35% of its tokens/s), so it gets a small share; beside an accelerator
+# the host's cores are mostly idle and the plan only has to be ready when the next step starts.
 PREFETCH_TIME_LIMIT_S = 5.0
+PLAN_AHEAD_MIN_S = 0.01
+PLAN_AHEAD_SHARE = {"cpu": 0.05}
+PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
+# The budget of a plan asked for before any step ran (nothing to scale): plan_step's own default.
+PLAN_AHEAD_FIRST_S = 1.0
 # A broadcast payload starting with this carries rank 0's planning error instead of a plan (JSON never starts so).
 _FAILED = b"\x00error:"
 
@@ -62,43 +72,83 @@ class StepRunner:
         self._prefetcher = None  # rank 0's PlanPrefetcher, started by the first plan_ahead
         self._ahead: tuple[int, ...] | None = None  # the lengths it is planning for
         self._ahead_key = 0
-        self.plans_from_ahead = 0  # steps whose plan came from plan_ahead (rank 0), for tests and logs
+        # what the planning budget scales with: when the last step started, how long the one before took, the
+        # running plan's predicted makespan, and the device the steps compute on
+        self._step_started: float | None = None
+        self._step_seconds: float | None = None
+        self._predicted_s: float | None = None
+        self._device_type = "cpu"
+        # rank 0, for tests and logs: steps whose plan came from plan_ahead, the last plan_ahead's budget, and how
+        # long the last step waited for its prefetched plan (0 when it was ready: planning off the critical path)
+        self.plans_from_ahead = 0
+        self.last_plan_budget_s: float | None = None
+        self.last_plan_wait_s = 0.0
 
-    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float = PREFETCH_TIME_LIMIT_S) -> None:
+    def plan_ahead(self, seq_lens: Sequence[int], *, time_limit_s: float | None = None) -> None:
         """Start planning a coming step whose sequences have ``seq_lens`` (``strategy="auto"`` only; rank 0 plans
-        in a background process while the current step trains, the others do nothing). The next ``prepare``
-        whose batch has exactly these lengths uses that plan; any other batch is planned inline as usual.
+        in the background while the current step trains, the others do nothing). The next ``prepare`` whose
+        batch has exactly these lengths uses that plan; any other batch is planned inline as usual.
+
+        ``time_limit_s``: the solve's budget; None (default) scales it with the step it overlaps
+        (``plan_ahead_budget``), so the plan is ready when the next step starts and, on the CPU, the solve takes
+        little from the cores training uses.
 
         Raises:
-            ValueError: ``time_limit_s`` not a positive number.
+            ValueError: ``time_limit_s`` not None or a positive number.
         """
-        if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or time_limit_s <= 0:
-            raise ValueError(f"time_limit_s: expected a positive number of seconds, got {time_limit_s!r}")
+        if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                         or time_limit_s <= 0):
+            raise ValueError(f"time_limit_s: expected None or a positive number of seconds, got {time_limit_s!r}")
         if self.config.strategy != "auto" or self.rank != 0:
             return
         from seqpar.solver import PlanPrefetcher
 
-        if self._prefetcher is None:  # a process keeps the solve off this rank's interpreter; a daemonic rank
-            # (test harnesses) may not have children, so it plans in a thread there
+        if self._prefetcher is None:
+            # beside an accelerator a process keeps a long solve off this rank's interpreter; on the CPU (short
+            # solves that share the training cores anyway) and on a daemonic rank (test harnesses may not have
+            # children) a thread, which also saves a second interpreter's start-up (it imports torch again)
             import multiprocessing
 
-            daemon = multiprocessing.current_process().daemon
-            self._prefetcher = PlanPrefetcher(self.config.cost_model, use_process=not daemon)
+            use_process = self._device_type != "cpu" and not multiprocessing.current_process().daemon
+            self._prefetcher = PlanPrefetcher(self.config.cost_model, use_process=use_process)
         if self._ahead is not None:  # superseded before it was used: drop it
             self._prefetcher.discard(self._ahead_key)
         self._ahead_key += 1
         self._ahead = tuple(int(n) for n in seq_lens)
+        budget = self.plan_ahead_budget() if time_limit_s is None else float(time_limit_s)
+        self.last_plan_budget_s = budget
         self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
-                                time_limit_s=time_limit_s)
+                                time_limit_s=budget)
+
+    def plan_ahead_budget(self) -> float:
+        """The budget of a plan made a step ahead: a share of the step it overlaps (``PLAN_AHEAD_SHARE`` of the
+        device type, else ``PLAN_AHEAD_SHARE_ACCELERATOR``) of the last step's measured time (between the last two
+        ``prepare`` calls; before a second one, the running plan's predicted makespan), within
+        ``[PLAN_AHEAD_MIN_S, PREFETCH_TIME_LIMIT_S]``; ``PLAN_AHEAD_FIRST_S`` before any step."""
+        step_s = self._step_seconds if self._step_seconds is not None else self._predicted_s
+        if step_s is None:
+            return PLAN_AHEAD_FIRST_S
+        share = PLAN_AHEAD_SHARE.get(self._device_type, PLAN_AHEAD_SHARE_ACCELERATOR)
+        return min(max(share * step_s, PLAN_AHEAD_MIN_S), PREFETCH_TIME_LIMIT_S)
 
     def _planned_ahead(self, seq_lens: Sequence[int]) -> Any:
         """Rank 0: the prefetched plan for these lengths (waiting for it), or None when none was asked for them."""
         if self._ahead is None or self._ahead != tuple(int(n) for n in seq_lens):
             return None
         self._ahead = None
+        waited = time.perf_counter()
         plan = self._prefetcher.get(self._ahead_key)
+        self.last_plan_wait_s = time.perf_counter() - waited
         self.plans_from_ahead += 1
         return plan
+
+    def _mark_step(self, device: torch.device) -> None:
+        """A step starts (``prepare``): the time since the last one is the last step's duration."""
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self._step_seconds = now - self._step_started
+        self._step_started = now
+        self._device_type = device.type
 
     def fixed_step(self, softmax_strategy: str | None = None) -> StepShard:
         """A step on the whole group with the configured strategies (or ``softmax_strategy``)."""
@@ -115,11 +165,13 @@ class StepRunner:
             raise ValueError(f"max_tokens_per_rank: expected a positive int or None, got {max_tokens_per_rank!r}")
         sequences, labels, padded_batch = split_batch(batch)
         device = sequences[0].device
+        self._mark_step(device)
         if plan is None and self.config.strategy != "auto":
             step = self.fixed_step()
             groups = [(step.group_ranks, list(range(len(sequences))))]
         else:
             plan = self.agree_on_plan([int(s.numel()) for s in sequences], plan)
+            self._predicted_s = plan.makespan_s
             mine = next(g for g in plan.groups if self.rank in g.ranks)  # check_plan: exactly one
             step = StepShard(self.group_for(mine.ranks), tuple(mine.ranks), mine.softmax_strategy,
                              mine.linear_strategy, None, plan)
