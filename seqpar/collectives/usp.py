@@ -144,11 +144,18 @@ def _seq_to_ring(shards, group, inner_size: int, to_ring: torch.Tensor | None) -
             t.unflatten(1, (u, t.shape[1] // u)).transpose(0, 1))
         offset += width
     received = comm.all_to_all_single(send, group=group).view(u * tokens, -1)
-    del send  # freed now: all_to_all_single returns once the backend let go of it
-    rings, offset = [], 0
+    if to_ring is None and len(shards) == 1:  # already in ring order and dense
+        return [received.view(u * tokens, shards[0].shape[1] // u, shards[0].shape[2])]
+    # the ring tensors are gathered into the send buffer's memory, which gloo has let go of and which holds
+    # exactly as many elements: no third buffer per step (allocations are page faults on a CPU)
+    memory, rings, offset = send.view(-1), [], 0
     for t, width in zip(shards, widths):
+        ring = memory[offset * u * tokens:(offset + width) * u * tokens].view(u * tokens, width)
         columns = received[:, offset:offset + width]
-        ring = columns.contiguous() if to_ring is None else columns.index_select(0, to_ring)
+        if to_ring is None:
+            ring.copy_(columns)
+        else:
+            torch.index_select(columns, 0, to_ring, out=ring)
         rings.append(ring.view(u * tokens, t.shape[1] // u, t.shape[2]))
         offset += width
     return rings
@@ -161,10 +168,12 @@ def _ring_to_seq(rings, group, inner_size: int, to_ring: torch.Tensor | None, fr
     tokens = rows // u
     widths = [t.shape[1] * t.shape[2] for t in rings]
     flats = [t.reshape(rows, width) for t, width in zip(rings, widths)]
-    if len(rings) == 1:  # the gather into rank-major order is the send buffer itself
-        send = flats[0].contiguous() if from_ring is None else flats[0].index_select(0, from_ring)
+    if len(rings) == 1 and from_ring is None and flats[0].is_contiguous():
+        send, fresh = flats[0], False  # already rank-major and dense: sent as it is (the caller's tensor)
+    elif len(rings) == 1:  # the gather into rank-major order is the send buffer itself
+        send, fresh = flats[0].contiguous() if from_ring is None else flats[0].index_select(0, from_ring), True
     else:
-        send = rings[0].new_empty((rows, sum(widths)))
+        send, fresh = rings[0].new_empty((rows, sum(widths))), True
         offset = 0
         for flat, width in zip(flats, widths):
             if to_ring is None:
@@ -173,11 +182,16 @@ def _ring_to_seq(rings, group, inner_size: int, to_ring: torch.Tensor | None, fr
                 send[:, offset:offset + width].index_copy_(0, to_ring, flat)
             offset += width
     received = comm.all_to_all_single(send.view(u, tokens, -1), group=group)
-    del send, flats
-    shards, offset = [], 0
+    del flats
+    # the shards go into the send buffer's memory when it is ours (see _seq_to_ring), else into new tensors
+    memory, shards, offset = send.view(-1) if fresh else None, [], 0
     for t, width in zip(rings, widths):  # piece j holds inner rank j's heads of our tokens: the inverse permute
+        shape = (tokens, u * t.shape[1], t.shape[2])
+        shard = (t.new_empty(shape) if memory is None
+                 else memory[offset * rows:(offset + width) * rows].view(shape))
         piece = received[:, :, offset:offset + width].view(u, tokens, t.shape[1], t.shape[2])
-        shards.append(piece.transpose(0, 1).reshape(tokens, u * t.shape[1], t.shape[2]))
+        shard.view(tokens, u, t.shape[1], t.shape[2]).copy_(piece.transpose(0, 1))
+        shards.append(shard)
         offset += width
     return shards
 
