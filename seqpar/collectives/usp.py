@@ -10,15 +10,24 @@ no re-layout when a model switches strategy. After the inner all-to-all (sequenc
 tokens of inner group g are chunks {g*u .. g*u+u-1} and {2P-u-g*u .. 2P-1-g*u}: the zigzag shard of outer rank
 g on a ring of r ranks cut into 2r super-chunks (contiguous: the contiguous shard of outer rank g). So:
 
-1. inner all-to-all of q and of k, v (stacked), like ``ulysses_attention`` on the inner group: every rank
-   receives H/u query heads and the K/V heads they read (``ulysses_kv_heads``) of all u * T tokens;
-2. the received tokens are put in the outer ring's local order (per sequence for packed batches);
-3. ``ring_attention`` over the outer group on those heads: its transfer/compute overlap, the skipping of
-   masked blocks, the zigzag balance and its backward come with it;
-4. the inverse permutation and one all-to-all bring the output back to (T, all heads).
+1. inner all-to-all of q, and one of K and V together, like ``ulysses_attention`` on the inner group: every
+   rank receives H/u query heads and the K/V heads they read (``ulysses_kv_heads``) of all u * T tokens;
+2. the received tokens are gathered into the outer ring's local order (per sequence for packed batches), one
+   ``index_select`` per tensor into dense tensors (the ring sends K/V as they are at every step); with one
+   sequence in the contiguous layout the all-to-all already delivers that order and q needs no gather;
+3. ring attention over the outer group on those heads (``ring.py``'s forward/backward schedules, run on a view
+   derived from this call's checked arguments: no second check or agreement collective, and padded input stays
+   padded, so the zigzag halves are views): its transfer/compute overlap, the skipping of masked blocks, the
+   zigzag balance and its backward come with it;
+4. the output is gathered back into rank-major order (the send buffer) and one all-to-all and one permuting
+   copy bring it back to (T, all heads).
 
-The backward is autograd's: the adjoint all-to-alls and ring's own backward schedule. ``ulysses_degree=1`` is
-``ring_attention`` and ``ulysses_degree=P`` is ``ulysses_attention`` (the same contract, and the formula below
+Each tensor is copied twice each way (the permute into the send buffer, the gather into ring order), as
+yunchang's ``SeqAllToAll4D`` does; the gathered tensors reuse the send buffer's memory once the all-to-all has
+returned, so a step allocates a send and a receive buffer per tensor and nothing more
+(tests/test_usp.py counts the moves; bench/peers.py compares with yunchang's ``LongContextAttention``).
+The backward is the adjoint: the same all-to-alls reversed around ring's own backward schedule.
+``ulysses_degree=1`` is ``ring_attention`` and ``ulysses_degree=P`` is ``ulysses_attention`` (the same contract, and the formula below
 with u = 1 or r = 1); they run as those ops.
 
 GQA: when the query heads of inner rank i read their K/V heads in a regular pattern (query head t of the rank's
