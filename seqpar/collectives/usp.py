@@ -27,8 +27,8 @@ yunchang's ``SeqAllToAll4D`` does; the gathered tensors reuse the send buffer's 
 returned, so a step allocates a send and a receive buffer per tensor and nothing more
 (tests/test_usp.py counts the moves; bench/peers.py compares with yunchang's ``LongContextAttention``).
 The backward is the adjoint: the same all-to-alls reversed around ring's own backward schedule.
-``ulysses_degree=1`` is ``ring_attention`` and ``ulysses_degree=P`` is ``ulysses_attention`` (the same contract, and the formula below
-with u = 1 or r = 1); they run as those ops.
+``ulysses_degree=1`` is ``ring_attention`` and ``ulysses_degree=P`` is ``ulysses_attention`` (the same contract,
+and the formula below with u = 1 or r = 1); they run as those ops.
 
 GQA: when the query heads of inner rank i read their K/V heads in a regular pattern (query head t of the rank's
 H/u uses local K/V head t // (H/u / n_i)), the ring carries the n_i = len(ulysses_kv_heads(H, H_kv, u, i))
