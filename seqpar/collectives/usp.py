@@ -242,10 +242,12 @@ def _outer_sp(sp: SoftmaxSP, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     shards' tokens of every sequence, the heads this rank holds after the inner all-to-all."""
     u = inner_size
     return SoftmaxSP(
-        q, k, v, (sp.cu_seqlens.long() * u).to(torch.int32), None if sp.max_seqlen is None else sp.max_seqlen * u,
-        outer, outer_rank, sp.world_size // u, sp.layout, sp.causal, sp.scale,
-        None if sp.padded_shape is None else (sp.padded_shape[0], sp.padded_shape[1] * u),
-        sp.window, sp.softcap, sinks, None if sp.local_lengths is None else tuple(n * u for n in sp.local_lengths),
+        q=q, k=k, v=v, cu_seqlens=(sp.cu_seqlens.long() * u).to(torch.int32),
+        max_seqlen=None if sp.max_seqlen is None else sp.max_seqlen * u,
+        group=outer, rank=outer_rank, world_size=sp.world_size // u, layout=sp.layout, causal=sp.causal,
+        scale=sp.scale, padded_shape=None if sp.padded_shape is None else (sp.padded_shape[0], sp.padded_shape[1] * u),
+        window=sp.window, softcap=sp.softcap, sinks=sinks,
+        local_lengths=None if sp.local_lengths is None else tuple(n * u for n in sp.local_lengths),
     )
 
 
