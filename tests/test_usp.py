@@ -14,11 +14,12 @@ from tests.sp_cases import global_inputs
 
 from seqpar import strategies
 from seqpar.collectives import count_comm, ring_attention
-from seqpar.collectives.groups import subgroup
+from seqpar.collectives.groups import split_consecutive, subgroup
 from seqpar.collectives.layout import shard_sequence
 from seqpar.collectives.usp import usp_attention
 from seqpar.kernels.reference import reference_attention
 from seqpar.tracing import trace_events
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ---------------------------------------------------------------------------------------------------
 # against the float64 reference
@@ -59,6 +60,8 @@ def reference_cases(world_size):
         cases += [
             {"u": 2, "batch": 1, "seq_len": 2 * p * 4, "h_kv": 1, "d": 32},  # GQA, one K/V head for all
             {"u": 2, "batch": 1, "seq_len": 2 * p * 2, "h_kv": 8, "causal": False},  # MHA
+            # one sequence, contiguous: the all-to-all already delivers the ring's order (no gather)
+            {"u": 2, "batch": 1, "seq_len": 2 * p * 3, "h_kv": 2, "layout": "contiguous"},
             {"u": 2, "batch": 1, "seq_len": 2 * p * 2, "h": 6, "h_kv": 3},  # a rank's query heads straddle K/V heads
             {"u": 2, "lens": [2 * p * m for m in (1, 3, 2, 5, 1)], "h_kv": 2},  # packed varlen, zigzag
             {"u": 2, "lens": [p * m for m in (2, 1, 4, 3, 1)], "h_kv": 1, "layout": "contiguous"},  # packed varlen
@@ -176,6 +179,67 @@ def test_ring_part_overlaps_each_transfer_with_a_kernel_and_balances_causal_work
             assert sends[2 * step + 1] < kernels[step], events
     areas = [sum(area for kind, _, area in events if kind == "kernel") for events in results]
     assert len(set(areas)) == 1, areas  # every rank attends the same query x key area
+
+
+# ---------------------------------------------------------------------------------------------------
+# work per step, which the machine's load does not change: the Ulysses part adds two copies per tensor each
+# way (the permute into the send buffer, the gather into ring order) to what the ring itself does
+# ---------------------------------------------------------------------------------------------------
+
+DATA_MOVES = {"copy_", "clone", "contiguous", "_to_copy", "cat", "stack", "index", "index_select", "index_copy_",
+              "index_put_", "index_add_", "zeros", "zeros_like", "new_zeros", "full", "fill_"}
+
+
+class CountDataMoves(TorchDispatchMode):
+    """Counts the ops that write at least ``min_numel`` elements of new data: copies, gathers, scatters, fills
+    (what the 1.7x allocation of issue 19 was made of). Arithmetic and views are not counted."""
+
+    def __init__(self, min_numel: int):
+        super().__init__()
+        self.min_numel, self.count = min_numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if func.overloadpacket.__name__ in DATA_MOVES and isinstance(first, torch.Tensor):
+            self.count += first.numel() >= self.min_numel
+        return out
+
+
+def data_moves(op, q, k, v, dout, **options) -> tuple[int, int]:
+    """(forward, backward) data moves of one call of ``op`` after a warm-up call (cached groups and orders)."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    op(*leaves, causal=True, **options).backward(dout)
+    min_numel = k.numel()  # the smallest tensor either layer moves: a K shard (the ring's K has as many)
+    with CountDataMoves(min_numel) as forward:
+        out = op(*leaves, causal=True, **options)
+    with CountDataMoves(min_numel) as backward:
+        out.backward(dout)
+    return forward.count, backward.count
+
+
+def usp_and_ring_data_moves(layout):
+    u, h, h_kv, d = 2, 4, 2, 16
+    q, k, v, dout, _ = global_inputs(5, batch=1, seq_len=2 * dist.get_world_size() * 4, h=h, h_kv=h_kv, d=d)
+    usp = data_moves(usp_attention, *(shard_sequence(t, layout=layout).float() for t in (q, k, v, dout)),
+                     layout=layout, ulysses_degree=u)
+    # the ring part alone: ring_attention over the outer group on what USP hands it (u local shards' tokens,
+    # H/u query heads and H_kv/u K/V heads)
+    _, outer = split_consecutive(None, u)
+    tokens = u * q.shape[1] // dist.get_world_size()
+    ring_inputs = [torch.randn(1, tokens, heads, d) for heads in (h // u, h_kv // u, h_kv // u, h // u)]
+    ring = data_moves(ring_attention, *ring_inputs, group=outer, layout=layout)
+    return usp, ring
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ulysses_part_moves_each_tensor_twice_each_way(layout):
+    # q, k, v forward and out backward: permute + gather; out forward and dq, dk, dv backward: gather + permute.
+    # With one sequence in the contiguous layout the all-to-all delivers the ring's order: q is received as the
+    # ring's q and out is sent as the ring made it (one move fewer each way); K and V are still split out.
+    per_way = 8 if layout == "zigzag" else 6
+    for rank, (usp, ring) in enumerate(run_distributed(usp_and_ring_data_moves, 4, layout)):
+        assert usp == (ring[0] + per_way, ring[1] + per_way), (rank, usp, ring)
 
 
 # ---------------------------------------------------------------------------------------------------
