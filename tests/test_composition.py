@@ -148,14 +148,24 @@ def _reference(model_name: str, model, sequences):
 
 def composed_step_matches_reference(model_name, lengths, *, strategy="ring", linear_strategy="zeco", fsdp=False,
                                     checkpointing=None, compile=False, budget=None, mem_tokens=None,
-                                    batch_form="list"):
+                                    batch_form="list", overlap=False, dp_sp=False):
     """One training step with the given composition on every rank. Returns the loss's and the worst gradient's
     relative error (and that gradient's name), parameters left without a gradient, the step's plan group sizes,
-    the number of forwards it ran (micro-batches) and, compiled, the SP attention calls in the captured graphs."""
+    the number of forwards it ran (micro-batches) and, compiled, the SP attention calls in the captured graphs.
+
+    ``dp_sp``: a ("dp", "sp") mesh of 2 replicas; replica r trains on sequences r, r + 2, ... and the reference
+    is one process on all of them."""
     world = torch.distributed.get_world_size()
     model = MODELS[model_name]()
     sequences = _sequences(lengths)
     ref_loss, ref_grads = _reference(model_name, model, sequences)
+    mesh = None
+    if dp_sp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "sp"))
+        sequences, lengths = sequences[mesh.get_local_rank("dp")::2], lengths[mesh.get_local_rank("dp")::2]
+        world //= 2
     model.train()
     if checkpointing is not None:
         model.gradient_checkpointing_enable(
@@ -163,7 +173,8 @@ def composed_step_matches_reference(model_name, lengths, *, strategy="ring", lin
     if fsdp:
         _fully_shard(model)
     cost_model = _cost_model(model_name, world, mem_tokens) if strategy == "auto" else None
-    sp_model = seqpar.parallelize(model, strategy=strategy, linear_strategy=linear_strategy, cost_model=cost_model)
+    sp_model = seqpar.parallelize(model, mesh=mesh, strategy=strategy, linear_strategy=linear_strategy,
+                                  cost_model=cost_model, overlap_grad_sync=overlap)
     call, recorder = sp_model, None
     if compile:
         from tests.test_compile import GraphRecorder
@@ -174,6 +185,12 @@ def composed_step_matches_reference(model_name, lengths, *, strategy="ring", lin
     if batch_form == "packed":  # one flat row and its boundaries, as a packing data loader hands it over
         bounds = torch.tensor([0] + [int(n) for n in lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         batch = {"input_ids": torch.cat(sequences)[None], "cu_seqlens": bounds}
+    elif batch_form == "strided_padded":  # (B, S) ids and mask, right-padded, as every other column of a buffer
+        ids, mask = torch.full((len(lengths), 2 * max(lengths)), 7), torch.zeros(len(lengths), 2 * max(lengths))
+        for row, seq in enumerate(sequences):
+            ids[row, : 2 * len(seq): 2], mask[row, : 2 * len(seq): 2] = seq, 1
+        batch = {"input_ids": ids[:, ::2], "attention_mask": mask[:, ::2]}
+        assert not batch["input_ids"].is_contiguous()
     else:
         batch = sequences
     prepared = sp_model.prepare(batch, max_tokens_per_rank=budget)
@@ -198,10 +215,13 @@ def composed_step_matches_reference(model_name, lengths, *, strategy="ring", lin
             compiled_sp_calls)
 
 
-def check(results):
+def check(results, *, replicas=1):
     for loss_err, (worst, grad_err), missing, *_ in results:
         assert loss_err < TOL and grad_err < TOL and not missing, (loss_err, worst, grad_err, missing)
-    assert all(r[3] == results[0][3] for r in results)  # every rank ran rank 0's plan
+    per_replica = len(results) // replicas
+    for r in range(replicas):  # every rank of a replica ran its rank 0's plan
+        mine = results[r * per_replica:(r + 1) * per_replica]
+        assert all(x[3] == mine[0][3] for x in mine), [x[3] for x in mine]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,7 +290,28 @@ def test_unequal_shards_of_a_packed_batch_at_three_ranks(model_name):
     check(results)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
-def test_strided_hidden_states(strategy):
-    results = run_distributed(composed_step_matches_reference, 2, "sliced_gpt", [48, 19], strategy=strategy)
+@pytest.mark.parametrize("strategy, batch_form", [("ring", "strided_padded"), ("ulysses", "list")])
+def test_strided_hidden_states(strategy, batch_form):
+    """Strided hidden states inside the model; with "strided_padded" the batch's ids and padding mask are also
+    column views of a wider buffer."""
+    results = run_distributed(composed_step_matches_reference, 2, "sliced_gpt", [48, 19], strategy=strategy,
+                              batch_form=batch_form)
     check(results)
+
+
+@pytest.mark.parametrize("model_name, lengths, options", [
+    ("llama", [512, 16, 40, 24], dict(strategy="auto", checkpointing="non_reentrant")),
+    ("minimax", [40, 8, 13, 6], dict(linear_strategy="zeco", checkpointing="non_reentrant", budget=20)),
+])
+def test_dp_sp_mesh_under_fsdp2(model_name, lengths, options):
+    """Two replicas of 2 ranks, each on its own half of the batch (sequences 0, 2 and 1, 3), FSDP2 over all 4
+    ranks, checkpointed. "auto" plans each replica on its own: replica 0 splits its 512 tokens over both ranks,
+    replica 1 runs its two short sequences unsplit. The linear model's replica 0 needs 2 micro-batches under the
+    budget, replica 1 one: it runs a placeholder second, so FSDP2's collectives stay matched."""
+    results = run_distributed(composed_step_matches_reference, 4, model_name, lengths, fsdp=True, dp_sp=True,
+                              **options)
+    check(results, replicas=2)
+    if "strategy" in options:
+        assert results[0][3] == [2] and results[2][3] == [1, 1], (results[0][3], results[2][3])
+    else:
+        assert all(r[4] == 2 for r in results)
