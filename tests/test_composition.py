@@ -315,3 +315,46 @@ def test_dp_sp_mesh_under_fsdp2(model_name, lengths, options):
         assert results[0][3] == [2] and results[2][3] == [1, 1], (results[0][3], results[2][3])
     else:
         assert all(r[4] == 2 for r in results)
+
+
+# ---------------------------------------------------------------------------------------------------
+# wrappers applied to the SPModel itself
+# ---------------------------------------------------------------------------------------------------
+
+
+def wrapped_around_sp_model(wrap):
+    """FSDP2 with the SPModel as its root (the layers inside it sharded first), or DDP around the SPModel: the
+    loss and gradient errors of one step, or the ValueError's message."""
+    model = tiny_llama().double()
+    sequences = _sequences([40, 13])
+    ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
+    sp_model = seqpar.parallelize(model, strategy="ring")
+    if wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        outer = fully_shard(sp_model)
+    else:
+        outer = torch.nn.parallel.DistributedDataParallel(sp_model)
+    try:
+        out = outer(**sp_model.prepare(sequences))
+    except ValueError as err:
+        return str(err)
+    out.loss.backward()  # FSDP2's reduce-scatter gives the gradients: sync_gradients must do nothing more
+    sp_model.sync_gradients()
+    grad_err = max(rel_err(_dense(p.grad), ref_grads[n]) for n, p in model.named_parameters())
+    return abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err
+
+
+def test_fully_shard_with_the_sp_model_as_root():
+    # before: the root's parameters (embedding, final norm, head) kept FSDP's average, off by the world size
+    for loss_err, grad_err in run_distributed(wrapped_around_sp_model, 2, "fsdp"):
+        assert loss_err < TOL and grad_err < TOL, (loss_err, grad_err)
+
+
+def test_ddp_around_the_sp_model_is_refused():
+    # DDP would average the ranks' shares (the gradient is their sum); wrapping the model before parallelize works
+    for message in run_distributed(wrapped_around_sp_model, 2, "ddp"):
+        assert isinstance(message, str) and message.startswith("model: DistributedDataParallel wraps the SPModel")
+        assert "parallelize(DistributedDataParallel(model)" in message, message
