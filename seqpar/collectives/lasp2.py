@@ -55,6 +55,7 @@ term on the final state should be added on one rank only (or scaled by 1/P on ea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -262,7 +263,11 @@ def keeps_own_graph(forward):
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_same, _same))
+            except RuntimeError:  # hooks are disabled here (torch.func, an AOTAutograd region that inlined the
+                pass  # caller's hooks): none apply to step out of
             return forward(*args, **kwargs)
 
     return run
