@@ -194,7 +194,8 @@ class SPModel(torch.nn.Module):
             linear_strategy=seqpar_step.linear_strategy, layout=self.layout, cu_seqlens=seqpar_step.cu_seqlens,
             backend=self.config.backend, max_seqlen=seqpar_step.max_seqlen,
         )
-        _sum_gradients_in_fsdp(self.module, self.reduce_group)  # FSDP2 applied after parallelize
+        _refuse_ddp_around(self)
+        _sum_gradients_in_fsdp(self, self.reduce_group)  # FSDP2 applied after parallelize (to the SPModel too)
         self._grad_sync.arm(last_micro_batch=seqpar_step.micro_batch[0] == seqpar_step.micro_batch[1] - 1)
         return ctx, _model_kwargs(self.inner_model, input_ids, position_ids, kwargs)
 
@@ -240,7 +241,7 @@ class SPModel(torch.nn.Module):
         only waits for them (and reduces any bucket no hook started). A no-op when the model is wrapped in
         FSDP2 or ``DistributedDataParallel``: their own reduction already produced the summed gradients.
         """
-        if _reduced_by_wrapper(self.module):
+        if _reduced_by_wrapper(self):
             return
         self._grad_sync.finish()
 
@@ -326,7 +327,7 @@ class _GradientSync:
 
     def arm(self, *, last_micro_batch: bool) -> None:
         """Hooks start reductions only in the backward of a step's last micro-batch (earlier ones accumulate)."""
-        self.armed = last_micro_batch and torch.is_grad_enabled() and not _reduced_by_wrapper(self.sp_model.module)
+        self.armed = last_micro_batch and torch.is_grad_enabled() and not _reduced_by_wrapper(self.sp_model)
 
     def _on_grad_ready(self, bucket: int, size: int) -> None:
         if not self.armed or self.started[bucket]:
@@ -378,8 +379,20 @@ def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def _reduced_by_wrapper(model: torch.nn.Module) -> bool:
-    return isinstance(model, DistributedDataParallel) or bool(_fsdp_modules(model))
+def _reduced_by_wrapper(sp_model: SPModel) -> bool:
+    """DDP around the user's model, or FSDP2 on any of its modules or on the SPModel itself, reduces the gradients."""
+    return isinstance(sp_model.module, DistributedDataParallel) or bool(_fsdp_modules(sp_model))
+
+
+def _refuse_ddp_around(sp_model: SPModel) -> None:
+    """DDP wrapped around the SPModel would average the ranks' gradient shares, whose SUM is the gradient."""
+    active = DistributedDataParallel._get_active_ddp_module()  # set while a DDP forward runs its module
+    if active is not None and active.module is sp_model:
+        raise ValueError(
+            "model: DistributedDataParallel wraps the SPModel, so it would average the ranks' gradient shares "
+            "(seqpar's gradient is their sum); wrap the model before parallelize instead: "
+            "seqpar.parallelize(DistributedDataParallel(model), ...)"
+        )
 
 
 def _sum_gradients_in_fsdp(model: torch.nn.Module, reduce_group: dist.ProcessGroup) -> None:
@@ -487,13 +500,14 @@ def parallelize(
     * no wrapper: call ``sp_model.sync_gradients()`` after ``backward`` (bucketed all-reduce; with
       ``overlap_grad_sync`` started from backward hooks).
     * FSDP2: apply ``fully_shard`` (per layer, then the root) over all the ranks, before or after
-      ``parallelize`` (both work). seqpar sets each FSDP module's gradient divide factor to 1
-      (``FSDPModule.set_gradient_divide_factor(1.0)``, at ``parallelize`` and again at the first forward after
-      a later ``fully_shard``), so FSDP's reduce-scatter sums instead of averaging: after ``loss.backward()``
-      the sharded gradients ARE the single-device gradients, no extra call.
+      ``parallelize`` (both work; after, the root may be the model or the ``SPModel``). seqpar sets each FSDP
+      module's gradient divide factor to 1 (``FSDPModule.set_gradient_divide_factor(1.0)``, at ``parallelize``
+      and again at the first forward after a later ``fully_shard``), so FSDP's reduce-scatter sums instead of
+      averaging: after ``loss.backward()`` the sharded gradients ARE the single-device gradients, no extra call.
     * DDP: wrap with ``DistributedDataParallel`` over all the ranks BEFORE ``parallelize`` (DDP applied to the
-      ``SPModel`` is not supported: it would average). seqpar registers a comm hook that sums instead of
-      averaging (DDP allows one hook, registered before the first backward; do not register your own).
+      ``SPModel`` would average: its first forward raises ``ValueError``). seqpar registers a comm hook that
+      sums instead of averaging (DDP allows one hook, registered before the first backward; do not register
+      your own).
 
     ``sync_gradients()`` is a no-op under FSDP2 and DDP, so a training loop may always call it. Ranks whose
     group has no sequence in a step (``"auto"``, micro-batches) run a placeholder sequence of padding, so every

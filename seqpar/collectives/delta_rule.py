@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from seqpar import tracing
 from seqpar.collectives import comm
+from seqpar.collectives.lasp2 import keeps_own_graph
 from seqpar.collectives.scan import ScanRelay, choose_pieces, link_latency_bytes, piece_sizes
 from seqpar.collectives.zeco import TAG_FINAL_GRAD, TAG_FINAL_STATE, final_state_tree
 from seqpar.kernels.delta_rule import delta_rule_chunk_outputs, delta_rule_chunk_states, validate_delta_rule_inputs
@@ -422,6 +423,7 @@ class _DeltaRuleSP(torch.autograd.Function):
     it travels, then the state pass's backward."""
 
     @staticmethod
+    @keeps_own_graph
     def forward(ctx, q, k, v, beta, log_decay, initial_state, sp: DeltaSP, output_final_state: bool, transfer):
         local = _LocalPass(q, k, v, beta, log_decay, sp, ctx.needs_input_grad)
         tracing.record("kernel", name="delta_rule.transition")

@@ -55,6 +55,8 @@ term on the final state should be added on one rank only (or scaled by 1/P on ea
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -245,6 +247,30 @@ def _grads(outputs, grad_outputs, inputs) -> list[torch.Tensor | None]:
 
 def _leaf(t: torch.Tensor | None, need: bool) -> torch.Tensor | None:
     return None if t is None else t.detach().requires_grad_(need)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def keeps_own_graph(forward):
+    """Decorates an autograd.Function's ``forward`` that builds autograd graphs of its own and keeps them for its
+    backward (``LocalPass``): those graphs hold their saved tensors themselves, whatever saved-tensor hooks the
+    caller set. Non-reentrant activation checkpointing's hooks would drop them and, when the op's backward
+    reads them inside its own ``torch.autograd.grad``, recompute the whole checkpointed block a second time
+    in that nested graph task (its collectives included), where the recomputation does not match the forward
+    (``CheckpointError``). The block's other tensors are still recomputed as usual."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_same, _same))
+            except RuntimeError:  # hooks are disabled here (torch.func, an AOTAutograd region that inlined the
+                pass  # caller's hooks): none apply to step out of
+            return forward(*args, **kwargs)
+
+    return run
 
 
 class LocalPass:
@@ -456,6 +482,7 @@ class LocalPass:
 
 class _Lasp2(torch.autograd.Function):
     @staticmethod
+    @keeps_own_graph
     def forward(ctx, q, k, v, log_decay, initial_state, sp: LinearSP, output_final_state: bool):
         n = math.prod(sp.state_shape)
         local = LocalPass(q, k, v, log_decay, initial_state, sp, ctx.needs_input_grad)

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from seqpar import tracing
 from seqpar.collectives import comm
-from seqpar.collectives.lasp2 import LinearSP, LocalPass, prepare_linear_sp
+from seqpar.collectives.lasp2 import LinearSP, LocalPass, keeps_own_graph, prepare_linear_sp
 from seqpar.collectives.scan import ScanRelay, choose_pieces, link_latency_bytes, piece_sizes
 
 __all__ = ["INTRA_PIECES", "final_state_tree", "zeco_linear_attention"]
@@ -80,6 +80,7 @@ def _pieces(sp: LinearSP, num_pieces: int | None) -> int:
 
 class _Zeco(torch.autograd.Function):
     @staticmethod
+    @keeps_own_graph
     def forward(ctx, q, k, v, log_decay, initial_state, sp: LinearSP, output_final_state: bool,
                 num_pieces: int | None):
         pieces = _pieces(sp, num_pieces)
