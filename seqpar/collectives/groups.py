@@ -6,11 +6,24 @@ creates a group with a collective over the ranks that join it, so creating one i
 costly and, done in different orders on different ranks, hangs. Here every group is created with
 ``use_local_synchronization=True`` (only its members take part, so ranks outside it need not call) and cached
 per ``(parent, member ranks)``, so each is created once per process.
+
+Such a group's name, which keys its rendezvous in the store, is torch's hash of the member ranks AND of how
+many groups this process already has. Ranks that were in different groups before (an auto plan's degree-1
+groups on some ranks, another replica's groups on a mesh) count differently, so members of a new group would
+wait for each other under different names until the store timed out. ``_named_by_members`` makes the name a
+function of the members alone (and of how often seqpar created that member set before, which every member
+knows equally).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator
+
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from seqpar.collectives import comm
 
@@ -19,6 +32,31 @@ __all__ = ["subgroup", "split_consecutive"]
 # (id of the parent group, members as global ranks) -> the group; the parent object is kept alive alongside so
 # its id is never reused by another group while the entry exists.
 _cache: dict[tuple[int, tuple[int, ...]], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+# member ranks -> how many groups over exactly them seqpar created in this process (the same on every member)
+_created: dict[tuple[int, ...], int] = {}
+_naming = threading.Lock()
+
+
+@contextlib.contextmanager
+def _named_by_members(members: tuple[int, ...]) -> Iterator[None]:
+    """Inside: ``new_group(..., use_local_synchronization=True)`` names the group by ``members`` alone.
+
+    torch names such a group ``sha1(ranks + number of groups this process has)``
+    (``distributed_c10d._hash_ranks_to_str``), which differs between members with different histories. Where
+    that private function is missing (another torch), torch's own name is used, as before."""
+    original = getattr(c10d, "_hash_ranks_to_str", None)
+    if original is None:
+        yield
+        return
+    nth = _created.get(members, 0)
+    name = hashlib.sha1(f"seqpar/{'_'.join(map(str, members))}/{nth}".encode(), usedforsecurity=False).hexdigest()
+    with _naming:
+        c10d._hash_ranks_to_str = lambda ranks: name
+        try:
+            yield
+        finally:
+            c10d._hash_ranks_to_str = original
+    _created[members] = nth + 1
 
 
 def subgroup(parent: dist.ProcessGroup | None, ranks: tuple[int, ...] | list[int]) -> dist.ProcessGroup:
@@ -42,7 +80,8 @@ def subgroup(parent: dist.ProcessGroup | None, ranks: tuple[int, ...] | list[int
     key = (id(parent), members)
     cached = _cache.get(key)
     if cached is None:
-        group = dist.new_group(list(members), use_local_synchronization=True, timeout=comm.default_timeout())
+        with _named_by_members(members):
+            group = dist.new_group(list(members), use_local_synchronization=True, timeout=comm.default_timeout())
         cached = _cache[key] = (group, parent)
     return cached[0]
 
