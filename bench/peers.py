@@ -23,7 +23,8 @@ peer                        what runs                                           
 
 Every configuration (world size W, sequence length S, dtype; causal, B=1, H=8, D=64, forward+backward) runs on
 W gloo ranks (one thread each), every implementation on identical inputs; timed repeats are interleaved
-(peer, seqpar, seqpar, peer, ...) after a warm-up, each starts after a barrier and counts the slowest rank;
+(peer, seqpar, kernel, kernel, seqpar, peer, ...) after the untimed calls (checks, bytes, profile: the warm-up;
+on CUDA one more round), each starts after a barrier and counts the slowest rank;
 the table shows medians and the ratio peer / seqpar (> 1: seqpar is faster).
 
 The kernel underneath: flash-attn has no CPU build, so where a peer calls flash-attn the bench process installs
@@ -53,7 +54,7 @@ The ceiling: every row also times ``kernel``, the kernel work alone that the op 
 (``kernel_calls``: Ulysses one causal forward+backward on [S, H/W]; the zigzag ring the diagonal block and the
 half blocks of one rank's steps; USP the ring's calls on H/u heads), aten's kernel called directly on
 preallocated operands, no communication, no SP layer, no autograd, in the same interleaved rounds as the peer
-and seqpar (not the warm-up). ``ceiling peer/kernel`` = peer time / kernel time is the best time ratio
+and seqpar. ``ceiling peer/kernel`` = peer time / kernel time is the best time ratio
 peer / seqpar that ANY SP layer over the same kernel could reach (one that cost nothing); ``peer overhead`` and
 ``seqpar overhead`` = time / kernel time - 1 are each SP layer's own cost. The ``cpu`` columns are the same
 ratios of CPU seconds. Where the ceiling is below a target ratio, no SP layer reaches the target with this kernel.
@@ -690,23 +691,23 @@ def measure(config: dict) -> list[dict]:
                             fields = {k: v for k, v in row.items() if k.startswith("seqpar ")}
                             seqpar_untimed[op_name, layout] = fields, results[name]
                     del results
-                    # the kernel work alone (kernel_alone), timed in the same interleaved rounds as the two ops (not
-                    # in the warm-up round: the untimed calls above ran the same kernel at these shapes)
+                    # the kernel work alone (kernel_alone), timed in the same interleaved rounds as the two ops
                     timed = {"peer": lambda: step(peer_fn), "seqpar": lambda: step(impls["seqpar"]),
                              "kernel": kernel_alone(op_name, seq_len, rank, world, dtype, device)}
                     times, cpu_times = {name: [] for name in timed}, {name: [] for name in timed}
                     order = list(timed)
-                    for rep in range(config["repeats"] + 1):  # the first round is the warm-up
+                    # a warm-up round on CUDA; on CPU the untimed calls above warmed peer and seqpar up, on the
+                    # kernel that kernel_alone calls
+                    warm_up = int(device.type == "cuda")
+                    for rep in range(config["repeats"] + warm_up):
                         for name in order if rep % 2 == 0 else order[::-1]:
-                            if name == "kernel" and not rep:
-                                continue
                             dist.barrier()
                             sync()
                             start, cpu_start = time.perf_counter(), time.process_time()
                             timed[name]()  # synchronizes the device before it returns
                             elapsed = max_over_ranks(time.perf_counter() - start)
                             cpu = max_over_ranks(time.process_time() - cpu_start)
-                            if rep:
+                            if rep >= warm_up:
                                 times[name].append(elapsed)
                                 cpu_times[name].append(cpu)
                     del timed
