@@ -131,3 +131,20 @@ def test_ulysses_copies_each_tensor_once_per_transfer_like_deepspeed():
 
     copied = run_distributed(_copied_in_shards, 2, "ulysses_attention", "contiguous")
     assert all(3 + 8 <= c <= 3 + 8 + 0.1 for c in copied), copied
+
+
+def test_kernel_alone_does_each_ranks_share_of_the_causal_work():
+    """The ceiling's kernel calls (bench/peers.py ``kernel_calls``): every rank of every op does 1/W of the causal
+    score work S^2 H / 2 (a causal block counts half), so the kernel-alone time is a rank's share, no more."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import peers
+
+    seq_len = 8192
+    for op_name in ("ulysses_attention", "ring_attention", "usp_attention"):
+        for world in (2, 4, 8):
+            if op_name == "usp_attention" and world < 4:
+                continue
+            for rank in range(world):
+                calls = peers.kernel_calls(op_name, seq_len, rank, world)
+                work = sum(sq * sk * heads * (0.5 if causal else 1.0) for sq, sk, heads, causal in calls)
+                assert work == seq_len**2 * peers.HEADS / 2 / world, (op_name, world, rank, calls)
