@@ -23,7 +23,8 @@ peer                        what runs                                           
 
 Every configuration (world size W, sequence length S, dtype; causal, B=1, H=8, D=64, forward+backward) runs on
 W gloo ranks (one thread each), every implementation on identical inputs; timed repeats are interleaved
-(peer, seqpar, seqpar, peer, ...) after a warm-up, each starts after a barrier and counts the slowest rank;
+(peer, seqpar, kernel, kernel, seqpar, peer, ...) after the untimed calls (checks, bytes, profile: the warm-up;
+on CUDA one more round), each starts after a barrier and counts the slowest rank;
 the table shows medians and the ratio peer / seqpar (> 1: seqpar is faster).
 
 The kernel underneath: flash-attn has no CPU build, so where a peer calls flash-attn the bench process installs
@@ -45,8 +46,18 @@ charged what this rank sends in the nccl-tests convention seqpar uses (all-gathe
 the pieces for other ranks, reduce-scatter: input x (P-1)/P). seqpar's own ``count_comm`` is recorded too.
 
 The work behind the time, which the machine's load does not change (CPU): ``aten ops`` (operator calls of one
-forward+backward, nested ones included) and ``allocated MB`` (every allocation's bytes, summed: copies, receive
-buffers, temporaries), from the same profiled step as the peak.
+forward+backward, nested ones included), ``allocated MB`` (every allocation's bytes, summed: copies, receive
+buffers, temporaries) and ``copies`` / ``copied MB`` (the data-moving aten calls, ``COPY_OPS``, and the bytes they
+wrote; the step's three input clones, 3 shards, are in every side's count), from the same profiled step as the peak.
+
+The ceiling: every row also times ``kernel``, the kernel work alone that the op must do on a rank at those shapes
+(``kernel_calls``: Ulysses one causal forward+backward on [S, H/W]; the zigzag ring the diagonal block and the
+half blocks of one rank's steps; USP the ring's calls on H/u heads), aten's kernel called directly on
+preallocated operands, no communication, no SP layer, no autograd, in the same interleaved rounds as the peer
+and seqpar. ``ceiling peer/kernel`` = peer time / kernel time is the best time ratio
+peer / seqpar that ANY SP layer over the same kernel could reach (one that cost nothing); ``peer overhead`` and
+``seqpar overhead`` = time / kernel time - 1 are each SP layer's own cost. The ``cpu`` columns are the same
+ratios of CPU seconds. Where the ceiling is below a target ratio, no SP layer reaches the target with this kernel.
 
 Peak memory per rank: the CPU allocator's high-water mark during one forward+backward, read from
 ``torch.profiler(profile_memory=True)``: every allocation event carries the allocator's running total of the
@@ -348,6 +359,60 @@ def _seqpar_op(name: str, layout: str, group, backend: str = "torch"):
     return lambda q, k, v: op(q, k, v, group=group, causal=True, layout=layout, backend=backend, **extra)
 
 
+def kernel_calls(op_name: str, seq_len: int, rank: int, world: int) -> list[tuple[int, int, int, bool]]:
+    """``(Sq, Sk, heads, causal)`` of every attention kernel call one rank of ``op_name`` must make in a causal
+    forward (the backward makes the same calls): Ulysses one causal call over the whole sequence on H/W heads; the
+    zigzag ring (and USP's ring of degree W/u on H/u heads after its all-to-all) the diagonal block of its two
+    chunks (2c x 2c, causal) and, per other ring rank, half a block (2c x c for the r ranks before it, c x 2c
+    for the others, c = S / 2W): the split ring-flash-attn, torch CP's load balancing and seqpar make alike."""
+    if op_name == "ulysses_attention":
+        return [(seq_len, seq_len, HEADS // world, True)]
+    heads, ring_world, ring_rank = HEADS, world, rank
+    if op_name == "usp_attention":  # Ulysses inside consecutive ranks, the ring across them
+        u = USP_ULYSSES_DEGREE
+        heads, ring_world, ring_rank = HEADS // u, world // u, rank // u
+    chunk = seq_len // (2 * ring_world)
+    return ([(2 * chunk, 2 * chunk, heads, True)] + [(2 * chunk, chunk, heads, False)] * ring_rank
+            + [(chunk, 2 * chunk, heads, False)] * (ring_world - 1 - ring_rank))
+
+
+def kernel_alone(op_name: str, seq_len: int, rank: int, world: int, dtype: torch.dtype,
+                 device: torch.device) -> Callable[[], None]:
+    """A step that runs only the kernel work of ``kernel_calls`` on this rank: every call's forward, then every
+    call's backward, on (B, S, H, D) operands passed as (B, H, S, D) views (what every implementation measured here
+    hands its kernel), without communication, SP wrapper, autograd or input clones. On CPU that is aten's CPU flash
+    kernel and its backward (the kernel under all of them); on CUDA seqpar's ``attention_block`` (flash-attn, else
+    Triton). Its time is the floor of any SP layer over this kernel: peer time / kernel time is the best time ratio
+    peer / seqpar that an SP layer with no cost at all could reach."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    operands = [[torch.randn(BATCH, sk if i in (1, 2) else sq, heads, HEAD_DIM, generator=gen).to(device, dtype)
+                 for i in range(4)] + [causal] for sq, sk, heads, causal in kernel_calls(op_name, seq_len, rank, world)]
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    from seqpar.kernels.attention import attention_block, attention_block_backward
+
+    def step() -> None:
+        saved = []
+        for q, k, v, dout, causal in operands:
+            if device.type == "cpu":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    t(q), t(k), t(v), 0.0, causal, scale=scale)[:2]
+            else:
+                out, lse = attention_block(q, k, v, causal=causal, scale=scale, backend="auto")
+            saved.append((out, lse))
+        for (q, k, v, dout, causal), (out, lse) in zip(operands, saved):
+            if device.type == "cpu":
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    t(dout), t(q), t(k), t(v), out, lse.to(acc), 0.0, causal, scale=scale)
+            else:
+                attention_block_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, backend="auto")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------
 # Measuring: bytes (a torch.distributed wrapper), peak memory (profiler), time (interleaved medians)
 # ----------------------------------------------------------------------------------------------------
@@ -435,7 +500,8 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device | None = 
 def step_profile(step: Callable[[], object], device: torch.device | None = None) -> dict[str, int]:
     """One ``step()`` under the profiler: ``peak`` (see ``peak_memory_bytes``) and, on CPU, the work that does not
     depend on the machine's load: ``allocated`` (the bytes of every allocation, summed: copies, receive buffers,
-    temporaries) and ``ops`` (aten operator calls, nested ones included)."""
+    temporaries), ``ops`` (aten operator calls, nested ones included), ``copies`` and ``copied`` (the calls of
+    ``COPY_OPS`` and the bytes they wrote: ``copy_``'s destination, the outputs the others allocate)."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -445,26 +511,54 @@ def step_profile(step: Callable[[], object], device: torch.device | None = None)
         return {"peak": int(torch.cuda.max_memory_allocated(device) - base)}
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         step()
     allocation, torch_op = torch._C._profiler._EventType.Allocation, torch._C._profiler._EventType.TorchOp
-    events, ops, stack = [], 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, ops, copies, copied = [], 0, 0, 0
+    stack = [(node, False) for node in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
+        node, inside_copy = stack.pop()
         kind, fields = node.typed
         if kind == allocation:
             events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
         elif kind == torch_op and node.name.startswith("aten::"):
             ops += 1
-        stack.extend(node.children)
+            if node.name in COPY_OPS and not inside_copy:
+                copies += 1
+                copied += _bytes_written(node)
+                inside_copy = True
+        stack.extend((child, inside_copy) for child in node.children)
     if not events:
-        return {"peak": 0, "allocated": 0, "ops": ops}
+        return {"peak": 0, "allocated": 0, "ops": ops, "copies": copies, "copied": copied}
     events.sort()
     # the reporter's total persists across profiling sessions (memory allocated while an earlier one ran and
     # still alive, e.g. a peer's cached buffers, stays in it): measure from the total just before this step
     baseline = events[0][2] - events[0][1]
     return {"peak": int(max(total for _, _, total in events) - baseline),
-            "allocated": sum(size for _, size, _ in events if size > 0), "ops": ops}
+            "allocated": sum(size for _, size, _ in events if size > 0), "ops": ops, "copies": copies,
+            "copied": copied}
+
+
+# aten ops that only move data (counted once where one calls another, e.g. contiguous -> clone -> copy_); the
+# kernels' own zero fills and the reductions are not copies
+COPY_OPS = frozenset({"aten::copy_", "aten::cat", "aten::index", "aten::index_select", "aten::gather",
+                      "aten::stack"})
+
+
+def _bytes_written(node) -> int:
+    """Bytes a ``COPY_OPS`` call wrote: ``copy_``'s destination, else what it allocated (its output)."""
+    if node.name == "aten::copy_":
+        dst = node.typed[1].inputs[0]
+        return int(math.prod(dst.sizes)) * torch.tensor([], dtype=dst.dtype).element_size()
+    total, stack = 0, list(node.children)
+    allocation = torch._C._profiler._EventType.Allocation
+    while stack:
+        child = stack.pop()
+        kind, fields = child.typed
+        if kind == allocation and fields.alloc_size > 0:
+            total += fields.alloc_size
+        stack.extend(child.children)
+    return total
 
 
 def reference_path(seq_len: int) -> Path:
@@ -529,6 +623,9 @@ def measure(config: dict) -> list[dict]:
         for dtype_name in config["dtypes"]:
             dtype = getattr(torch, dtype_name)
             tolerance = TOLERANCE if dtype in (torch.float32, torch.float64) else TOLERANCE_16BIT
+            # seqpar's untimed calls (checks, bytes, profile) depend only on its op: made once per (S, dtype) and
+            # shared by the rows of the peers that meet the same op (its timed calls run in every row)
+            seqpar_untimed: dict[tuple[str, str], tuple[dict, list]] = {}
             for peer in config["peers"]:
                 op_name, layout = SEQPAR_OP[peer]
                 row = {"peer": peer, "seqpar_op": f"{op_name} ({layout})", "W": world, "S": seq_len,
@@ -565,6 +662,10 @@ def measure(config: dict) -> list[dict]:
                 try:
                     results = {}
                     for name in ("seqpar", "peer"):  # correctness and bytes, then memory: untimed calls
+                        if name == "seqpar" and (op_name, layout) in seqpar_untimed:
+                            fields, results[name] = seqpar_untimed[op_name, layout]
+                            row.update(fields)
+                            continue
                         fn = impls[name]
                         with _ByteCounter() as counter, comm.count_comm() as stats:
                             results[name] = step(fn, keep=True)
@@ -584,21 +685,33 @@ def measure(config: dict) -> list[dict]:
                         if "ops" in profiled:  # the work behind the time, which load does not change
                             row[f"{name} allocated MB"] = max_over_ranks(profiled["allocated"]) / 1e6
                             row[f"{name} aten ops"] = int(max_over_ranks(profiled["ops"]))
+                            row[f"{name} copies"] = int(max_over_ranks(profiled["copies"]))
+                            row[f"{name} copied MB"] = max_over_ranks(profiled["copied"]) / 1e6
+                        if name == "seqpar":
+                            fields = {k: v for k, v in row.items() if k.startswith("seqpar ")}
+                            seqpar_untimed[op_name, layout] = fields, results[name]
                     del results
-                    times, cpu_times = {name: [] for name in impls}, {name: [] for name in impls}
-                    order = list(impls)
-                    for rep in range(config["repeats"] + 1):  # the first round is the warm-up
+                    # the kernel work alone (kernel_alone), timed in the same interleaved rounds as the two ops
+                    timed = {"peer": lambda: step(peer_fn), "seqpar": lambda: step(impls["seqpar"]),
+                             "kernel": kernel_alone(op_name, seq_len, rank, world, dtype, device)}
+                    times, cpu_times = {name: [] for name in timed}, {name: [] for name in timed}
+                    order = list(timed)
+                    # a warm-up round on CUDA; on CPU the untimed calls above warmed peer and seqpar up, on the
+                    # kernel that kernel_alone calls
+                    warm_up = int(device.type == "cuda")
+                    for rep in range(config["repeats"] + warm_up):
                         for name in order if rep % 2 == 0 else order[::-1]:
                             dist.barrier()
                             sync()
                             start, cpu_start = time.perf_counter(), time.process_time()
-                            step(impls[name])  # synchronizes the device before it returns
+                            timed[name]()  # synchronizes the device before it returns
                             elapsed = max_over_ranks(time.perf_counter() - start)
                             cpu = max_over_ranks(time.process_time() - cpu_start)
-                            if rep:
+                            if rep >= warm_up:
                                 times[name].append(elapsed)
                                 cpu_times[name].append(cpu)
-                    for name in impls:
+                    del timed
+                    for name in times:
                         row[f"{name} s"] = statistics.median(times[name])
                         row[f"{name} s spread"] = (max(times[name]) - min(times[name])) / row[f"{name} s"]
                         row[f"{name} cpu s"] = statistics.median(cpu_times[name])
@@ -606,6 +719,13 @@ def measure(config: dict) -> list[dict]:
                     # CPU seconds of the step (the busiest rank's process, all its threads): what a loaded machine
                     # does not stretch by making the ranks wait for a core; equal to the time on an idle one
                     row["cpu peer/seqpar"] = row["peer cpu s"] / row["seqpar cpu s"]
+                    # the ceiling: the best time ratio peer / seqpar any SP layer over this kernel could reach
+                    # (one that cost nothing), and each side's SP overhead over the kernel work alone
+                    for unit in ("s", "cpu s"):
+                        prefix = "" if unit == "s" else "cpu "
+                        row[f"{prefix}ceiling peer/kernel"] = row[f"peer {unit}"] / row[f"kernel {unit}"]
+                        for name in impls:
+                            row[f"{name} {prefix}overhead"] = row[f"{name} {unit}"] / row[f"kernel {unit}"] - 1
                     row["peak peer/seqpar"] = row["peer peak MiB"] / row["seqpar peak MiB"]
                     if device.type == "cuda":  # causal forward+backward: 7 S^2 H D flops, W GPUs
                         flops = 7 * seq_len**2 * HEADS * HEAD_DIM * BATCH / world
@@ -622,8 +742,9 @@ def measure(config: dict) -> list[dict]:
                         traceback.print_exc()
                 rows.append(row)
                 if rank == 0:
-                    ratios = "".join(f", {key} {row[key]:.3f}" for key in ("time peer/seqpar", "cpu peer/seqpar",
-                                                                             "peak peer/seqpar")
+                    shown = ("time peer/seqpar", "ceiling peer/kernel", "cpu peer/seqpar", "cpu ceiling peer/kernel",
+                             "peak peer/seqpar")
+                    ratios = "".join(f", {key} {row[key]:.3f}" for key in shown
                                      if key in row)
                     print(f"  W={world} S={seq_len} {dtype_name} {peer}: {row['status']}{ratios}", flush=True)
     return rows
@@ -652,9 +773,11 @@ def available_peers() -> dict[str, str | None]:
     return reasons
 
 
-COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "peer s", "seqpar s", "cpu peer/seqpar", "peer MB",
-           "seqpar MB", "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer aten ops",
-           "seqpar aten ops", "peer grad err", "seqpar grad err", "status"]
+COLUMNS = ["peer", "W", "S", "dtype", "time peer/seqpar", "ceiling peer/kernel", "peer s", "seqpar s", "kernel s",
+           "peer overhead", "seqpar overhead", "cpu peer/seqpar", "cpu ceiling peer/kernel", "peer MB", "seqpar MB",
+           "peer peak MiB", "seqpar peak MiB", "peer allocated MB", "seqpar allocated MB", "peer copies",
+           "seqpar copies", "peer copied MB", "seqpar copied MB", "peer aten ops", "seqpar aten ops", "peer grad err",
+           "seqpar grad err", "status"]
 
 
 def run(world_sizes, seq_lens, dtypes, repeats, peers, device="cpu", reference_max_s=None,

@@ -70,9 +70,9 @@ def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
                      "status": "not installed: yunchang does not import: ImportError: hidden for the test"}]
 
 
-def _peak_in_shards(op_name: str, layout: str) -> float:
-    """Allocator peak of one forward+backward (leaves cloned inside, output held), in units of one local
-    (T, H, D) shard; measured as bench/peers.py measures it."""
+def _bench_step(op_name: str, layout: str):
+    """``(peers module, step, shard bytes)``: one forward+backward of the seqpar op as bench/peers.py times it (leaves
+    cloned inside, output held) on the benchmark's heads and head size, S=1024."""
     sys.path.insert(0, str(REPO / "bench"))
     import peers
 
@@ -89,9 +89,22 @@ def _peak_in_shards(op_name: str, layout: str) -> float:
         out.backward(local[3])
 
     step()
+    return peers, step, local[0].nbytes
+
+
+def _peak_in_shards(op_name: str, layout: str) -> float:
+    """Allocator peak of one forward+backward, in units of one local (T, H, D) shard; measured as bench/peers.py
+    measures it."""
+    peers, step, shard = _bench_step(op_name, layout)
     # two steps, both measured: a peak that depends on when gloo's threads let go of finished all-to-all buffers
     # (Ulysses measured 13-17 shards for the same step before comm released them deterministically) shows here
-    return max(peers.peak_memory_bytes(step) for _ in range(2)) / local[0].nbytes
+    return max(peers.peak_memory_bytes(step) for _ in range(2)) / shard
+
+
+def _copied_in_shards(op_name: str, layout: str) -> float:
+    """Bytes the data-moving aten calls of one forward+backward wrote (bench/peers.py's ``copied MB``), in shards."""
+    peers, step, shard = _bench_step(op_name, layout)
+    return peers.step_profile(step)["copied"] / shard
 
 
 def test_ring_and_ulysses_peak_memory_stays_at_the_leanest_peers():
@@ -107,3 +120,31 @@ def test_ring_and_ulysses_peak_memory_stays_at_the_leanest_peers():
     for op_name, layout in (("ring_attention", "zigzag"), ("ulysses_attention", "contiguous")):
         peaks = run_distributed(_peak_in_shards, 2, op_name, layout)
         assert max(peaks) <= 13.3, (op_name, peaks)
+
+
+def test_ulysses_copies_each_tensor_once_per_transfer_like_deepspeed():
+    """Ulysses' copies, pinned: each of the 8 tensors that cross an all-to-all (q, k, v, out forward; dout, dq, dk,
+    dv backward) is copied once (the permute into or out of the message), as DeepSpeed-Ulysses does (its 8 in
+    bench/results/peers.json), plus the step's 3 input clones; small change for lse and cu_seqlens. Before issue
+    19's work: 10, the fused dK/dV message packed both gradients into a send buffer first."""
+    from tests.harness import run_distributed
+
+    copied = run_distributed(_copied_in_shards, 2, "ulysses_attention", "contiguous")
+    assert all(3 + 8 <= c <= 3 + 8 + 0.1 for c in copied), copied
+
+
+def test_kernel_alone_does_each_ranks_share_of_the_causal_work():
+    """The ceiling's kernel calls (bench/peers.py ``kernel_calls``): every rank of every op does 1/W of the causal
+    score work S^2 H / 2 (a causal block counts half), so the kernel-alone time is a rank's share, no more."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import peers
+
+    seq_len = 8192
+    for op_name in ("ulysses_attention", "ring_attention", "usp_attention"):
+        for world in (2, 4, 8):
+            if op_name == "usp_attention" and world < 4:
+                continue
+            for rank in range(world):
+                calls = peers.kernel_calls(op_name, seq_len, rank, world)
+                work = sum(sq * sk * heads * (0.5 if causal else 1.0) for sq, sk, heads, causal in calls)
+                assert work == seq_len**2 * peers.HEADS / 2 / world, (op_name, world, rank, calls)

@@ -60,14 +60,15 @@ def allgather_kv_attention(
     d = sp.k.shape[-1]
     kv = torch.cat([sp.k, sp.v], dim=-1)  # (T, H_kv, D + Dv): one all-gather for both
     gathered = comm.all_gather_differentiable(kv, group=sp.group)  # (P, T, H_kv, D + Dv)
-    _, inverse = sp.rank_major_order()
-    kv_full = gathered.flatten(0, 1)[inverse]  # (T*P, H_kv, D + Dv), global order
+    _, inverse = sp.rank_major_order()  # gathered.flatten(0, 1)[inverse]: K/V in global token order
 
     # One "sequence" per local query chunk [a, b) of each sequence: it reads keys [0, b) of that sequence when
     # causal (bottom-right aligned mask), all of them otherwise. Built on the device from cu_seqlens and the
     # token counts (host-known from the shapes), so nothing is read on the host.
     cu_q, cu_k, key_index, max_q, max_k = _chunk_operands(sp)
-    keys = kv_full[key_index]
+    # the two reorderings composed on the (small) index: one gather of the keys, not a reordered copy of all of
+    # K/V first (and one scatter-add back instead of two in the backward)
+    keys = gathered.flatten(0, 1)[inverse[key_index]]  # (sum of chunk key lengths, H_kv, D + Dv)
     positions = {}
     if sp.window is not None:  # the chunks' queries are not bottom-right aligned with all their keys: say where
         cu = sp.global_cu_seqlens().long()

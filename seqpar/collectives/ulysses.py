@@ -9,9 +9,10 @@ GQA: rank j needs the K/V heads its query heads read. When H_kv >= P and P divid
 otherwise (e.g. H_kv < P) a K/V head is sent to every rank whose query heads use it, which replicates each head
 as little as needed.
 
-Three all-to-alls each way (K and V travel in one: each piece holds its K heads, then its V heads). Bytes sent by rank r
-(T: local tokens, b: element size, n_j: K/V heads rank j needs; with a value head dim Dv != D, the k, v
-terms carry (D + Dv) instead of 2 * D):
+Three all-to-alls forward (K and V travel in one: each piece holds its K heads, then its V heads) and four
+backward (dK and dV go as the kernel wrote them, two messages, where one would need a packing copy of both).
+Bytes sent by rank r (T: local tokens, b: element size, n_j: K/V heads rank j needs; with a value head dim
+Dv != D, the k, v terms carry (D + Dv) instead of 2 * D):
 
     forward  = (P-1)/P * T*H*D*b (q)  +  2 * sum_{j != r} T*n_j*D*b (k, v)  +  (P-1)/P * T*H*D*b (out)
     backward = (P-1)/P * T*H*D*b (dout)  +  (P-1) * 2*T*n_r*D*b (dk, dv of the heads r received)
@@ -142,9 +143,10 @@ def _replicated_kv_heads(sp, backend, order, inverse, cu, hint, my_sinks) -> tor
 # A rank's (T, H_x, D_x) shard is sent as one (P, T, sum_x H_x/P * D_x) buffer: piece j holds, for each tensor x,
 # the heads of rank j, written there by one strided copy (the permute); what arrives is rank-major, (P*T, ...),
 # which is the global token order for the contiguous layout with one sequence and is reordered by one index
-# otherwise. Back: the (P*T, H_x/P, D_x) results are sent as they are when they are contiguous and in rank-major
-# order (one permuting copy after the transfer), else gathered into the send buffer. DeepSpeed-Ulysses and
-# yunchang make the same one copy per tensor each way; K and V share a message here (one collective fewer).
+# otherwise. Back: each (P*T, H_x/P, D_x) result goes in its own message, sent as it is when it is contiguous and
+# in rank-major order (the kernel's output and gradients are), else reordered by one index copy; one permuting
+# copy after the transfer. DeepSpeed-Ulysses and yunchang make the same one copy per tensor each way (8 shard-sized
+# copies per forward+backward); K and V share the forward message here (one collective fewer, no extra copy).
 
 
 def _seq_to_heads(shards, group, inverse: torch.Tensor | None) -> list[torch.Tensor]:
@@ -169,32 +171,26 @@ def _seq_to_heads(shards, group, inverse: torch.Tensor | None) -> list[torch.Ten
     return fulls
 
 
-def _heads_to_seq(fulls, group, order: torch.Tensor | None, shapes) -> list[torch.Tensor]:
-    """The adjoint of ``_seq_to_heads``: (P*T, H_x/P, D_x) -> (T, H_x, D_x) shaped like ``shapes``."""
+def _heads_to_seq(full: torch.Tensor, group, order: torch.Tensor | None, shape) -> torch.Tensor:
+    """The adjoint of ``_seq_to_heads`` for one tensor: (P*T, H_x/P, D_x) -> this rank's (T, H_x, D_x) shard.
+
+    One copy on each side at most: the send buffer is the tensor itself when it is dense and rank-major (the
+    kernel's output and gradients are), else the one copy that puts it there (``full[order]`` writes rank-major
+    order directly); after the transfer the inverse permute writes the shard."""
     p = dist.get_world_size(group)
-    tokens = shapes[0][0]
-    widths = [s[1] // p * s[2] for s in shapes]
-    if len(fulls) == 1 and order is None and fulls[0].is_contiguous():
-        send = fulls[0].view(p, tokens, widths[0])  # already rank-major and dense: sent as it is
+    tokens, heads, dim = shape
+    if order is not None:
+        send = full[order]
     else:
-        send = fulls[0].new_empty((p * tokens, sum(widths)))
-        offset = 0
-        for full, width in zip(fulls, widths):
-            send[:, offset:offset + width].unflatten(1, full.shape[1:]).copy_(full if order is None else full[order])
-            offset += width
-        send = send.view(p, tokens, -1)
-    received = comm.all_to_all_single(send, group=group)
+        send = full if full.is_contiguous() else full.contiguous()
+    received = comm.all_to_all_single(send.view(p, tokens, heads // p * dim), group=group)
     del send
-    shards, offset = [], 0
-    for shape, width in zip(shapes, widths):  # piece j holds rank j's heads of our tokens: the inverse permute
-        piece = received[:, :, offset:offset + width].unflatten(2, (shape[1] // p, shape[2]))
-        shards.append(piece.transpose(0, 1).reshape(shape))
-        offset += width
-    return shards
+    # piece j holds rank j's heads of our tokens: the inverse permute
+    return received.unflatten(2, (heads // p, dim)).transpose(0, 1).reshape(shape)
 
 
 class _SeqToHeads(torch.autograd.Function):
-    """Differentiable ``_seq_to_heads`` of one or more shards (one all-to-all each way)."""
+    """Differentiable ``_seq_to_heads`` of one or more shards (one all-to-all forward, one per gradient back)."""
 
     @staticmethod
     def forward(ctx, group, order, inverse, *shards):
@@ -206,8 +202,11 @@ class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         like = next(g for g in grads if g is not None)
-        grads = [like.new_zeros(s) if g is None else g for g, s in zip(grads, ctx.full_shapes)]
-        return (None, None, None, *_heads_to_seq(grads, ctx.group, ctx.order, ctx.shapes))
+        # one all-to-all per gradient (dK and dV separately): each goes out as the kernel wrote it, where packing
+        # them into one message would copy both (two shard-sized copies for one collective fewer)
+        return (None, None, None, *(
+            _heads_to_seq(like.new_zeros(full_shape) if g is None else g, ctx.group, ctx.order, shape)
+            for g, full_shape, shape in zip(grads, ctx.full_shapes, ctx.shapes)))
 
 
 class _HeadsToSeq(torch.autograd.Function):
@@ -218,7 +217,7 @@ class _HeadsToSeq(torch.autograd.Function):
         p = dist.get_world_size(group)
         ctx.group, ctx.inverse = group, inverse
         shape = (full.shape[0] // p, full.shape[1] * p, full.shape[2])
-        return _heads_to_seq([full], group, order, [shape])[0]
+        return _heads_to_seq(full, group, order, shape)
 
     @staticmethod
     def backward(ctx, grad):

@@ -556,8 +556,9 @@ def _torch_backward(
     t = lambda x: x.transpose(1, 2)  # noqa: E731 -- (B, S, H, D) <-> (B, H, S, D)
     lse_rows = lse[:, :, first:]
     if _use_cpu_flash(q):
-        # aten's CPU flash backward honours every stride but the head dim's: views, no copies of the operands
-        lse_rows = lse_rows.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+        # aten's CPU flash backward honours every stride but the head dim's (lse's too, e.g. the (B, S, H) layout
+        # its forward returns it in): views, no copies of the operands or of lse (the copy was alive at the peak)
+        lse_rows = lse_rows.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         operands = _unit_stride_head_dim(dout[:, first:], q[:, first:], k, v, out[:, first:])
     else:
         operands = [x.contiguous() for x in (dout[:, first:], q[:, first:], k, v, out[:, first:])]
