@@ -806,7 +806,7 @@ def attention_block_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, **options,
         )
-    batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
+    batched = _as_batch(cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
     if batched is not None:  # equal lengths: one padded call instead of a loop
         n, sq, sk = batched
         out, lse = impl.forward(
@@ -854,7 +854,7 @@ def attention_block_varlen_backward(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **options,
         )
-    batched = _as_batch(cu_seqlens_q, cu_seqlens_k)
+    batched = _as_batch(cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
     if batched is not None:
         n, sq, sk = batched
         as_q = lambda x: x.reshape(n, sq, *x.shape[1:])  # noqa: E731
@@ -879,8 +879,14 @@ def _check_hints(max_seqlen_q: int | None, max_seqlen_k: int | None) -> None:
         raise ValueError("max_seqlen_k: pass both max_seqlen_q and max_seqlen_k, or neither")
 
 
-def _as_batch(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[int, int, int] | None:
-    """(n, Sq, Sk) when every packed sequence has the same lengths, else None."""
+def _as_batch(
+    cu_q: torch.Tensor, cu_k: torch.Tensor, tokens: tuple[int, int], hints: tuple[int | None, int | None]
+) -> tuple[int, int, int] | None:
+    """(n, Sq, Sk) when every packed sequence has the same lengths, else None. One sequence whose ``max_seqlen``
+    hints are all of its ``tokens`` (a padded batch of one, as the SP ops pass it) is read from the hints, which
+    the caller vouches for: no host read."""
+    if cu_q.numel() == 2 and cu_k.numel() == 2 and hints == tokens:
+        return 1, *tokens
     lq, lk = torch.diff(cu_q), torch.diff(cu_k)
     if lq.numel() != lk.numel() or lq.numel() == 0:
         return None
