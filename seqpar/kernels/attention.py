@@ -509,8 +509,8 @@ def _torch_backward_bhsd(dout, q, k, v, out, lse, causal, scale):
 # (full, no mask: every score kept) and a diagonal of small causal leaves, each level ONE call over strided views
 # of the same tensors (the g groups of 2h tokens, second half against first half, as a batch of g): the forward
 # merges each level's partial into the leaves' (out, lse) in place, the backward adds each level's gradients into
-# the leaves'. Measured on this CPU (one thread, fp32, H=8, D=64, forward+backward): S=2048 271 -> 247 ms, S=4096
-# 1096 -> 885 ms; below _CAUSAL_TILE_MIN nothing is gained.
+# the leaves'. Measured on this CPU (one thread, fp32, H=8, D=64, forward+backward, minima of 10 interleaved on a
+# shared machine): S=1024 74 -> 69 ms, S=2048 248 -> 235, S=4096 903 -> 879; below _CAUSAL_TILE_MIN nothing is gained.
 _CAUSAL_TILE_LEAF = 256  # the diagonal leaves' length (128 measured no better: its small calls cost more per score)
 _CAUSAL_TILE_MIN = 512  # shorter causal blocks run as one call
 
