@@ -81,6 +81,7 @@ class SoftmaxSP:
 
     def __post_init__(self) -> None:
         self._positions: dict[int, torch.Tensor] = {}
+        self._half_cu: torch.Tensor | None = None
 
     def positions(self, rank: int) -> torch.Tensor:
         """(T_local,) int64: the position within its sequence of every token of ``rank``'s shard (in that
@@ -133,7 +134,10 @@ class SoftmaxSP:
         return index if which == "first" else index + (half_cu[seq + 1] - half_cu[seq])
 
     def half_cu_seqlens(self) -> torch.Tensor:
-        return (self.cu_seqlens // 2).to(torch.int32)
+        """The boundaries of one zigzag chunk of every sequence (computed once per call: every half block uses them)."""
+        if self._half_cu is None:
+            self._half_cu = (self.cu_seqlens // 2).to(torch.int32)
+        return self._half_cu
 
     def block_max_seqlens(self, kind: str) -> tuple[int | None, int | None]:
         """The ``(max_seqlen_q, max_seqlen_k)`` kernel hints of a block kind (derived, not read): a zigzag half
