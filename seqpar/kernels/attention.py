@@ -502,92 +502,6 @@ def _torch_backward_bhsd(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-# A causal square block in one call of aten's CPU flash kernel computes more scores than it keeps: the kernel walks
-# query blocks of 256 rows against key blocks of up to 512 (64 / 32 rows for shorter queries) and computes every key
-# block it touches whole, so rows near the diagonal pay for up to 511 keys they do not see (S = 2048: 2.6M scores
-# for 2.1M kept; a causal block of 512 costs as much as a full one). Tiled, the block is its lower-left rectangles
-# (full, no mask: every score kept) and a diagonal of small causal leaves, each level ONE call over strided views
-# of the same tensors (the g groups of 2h tokens, second half against first half, as a batch of g): the forward
-# merges each level's partial into the leaves' (out, lse) in place, the backward adds each level's gradients into
-# the leaves'. Measured on this CPU (one thread, fp32, H=8, D=64, forward+backward, minima of 10 interleaved on a
-# shared machine): S=1024 74 -> 69 ms, S=2048 248 -> 235, S=4096 903 -> 879; below _CAUSAL_TILE_MIN nothing is gained.
-_CAUSAL_TILE_LEAF = 256  # the diagonal leaves' length (128 measured no better: its small calls cost more per score)
-_CAUSAL_TILE_MIN = 512  # shorter causal blocks run as one call
-
-
-def _causal_tiling(q, k, v, *more) -> tuple[list[int], int] | None:
-    """``(halves, leaf)`` of a tiled causal (B, S, H, D) block: the half lengths h of its levels (largest first)
-    and the leaves' length; None where it runs as one call: short, not square, bf16/fp16 (the levels' gradients
-    would be summed in low precision), Dv != D, or a tensor (``more``: the backward's dout, out) whose (B, S) dims
-    cannot be viewed as groups of tokens."""
-    n = q.shape[1]
-    if (n < _CAUSAL_TILE_MIN or k.shape[1] != n or q.dtype not in (torch.float32, torch.float64)
-            or v.shape[-1] != q.shape[-1] or q.device.type != "cpu"):
-        return None
-    if not all(x.shape[0] == 1 or x.stride(0) == n * x.stride(1) for x in (q, k, v, *more)):
-        return None
-    halves, leaf = [], n
-    while leaf > _CAUSAL_TILE_LEAF and leaf % 2 == 0:
-        leaf //= 2
-        halves.append(leaf)
-    return (halves, leaf) if halves else None
-
-
-def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, S, H, D) -> (B * S / size, size, H, D), a view (raises RuntimeError where the strides do not allow it)."""
-    return x.view(-1, size, *x.shape[2:])
-
-
-def _tiled_causal_forward(q, k, v, scale, halves, leaf):
-    """Causal (B, S, H, D) attention as the tiling above: (out (B, S, H, D), lse (B, H, S) in the accumulation
-    dtype). q, k, v have unit-stride head dims."""
-    b, n, h_q = q.shape[:3]
-    t = lambda x: x.transpose(1, 2)  # noqa: E731 -- (B, S, H, D) <-> (B, H, S, D)
-    groups = n // leaf
-    o, leaf_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        t(_groups(q, leaf)), t(_groups(k, leaf)), t(_groups(v, leaf)), 0.0, True, scale=scale
-    )[:2]
-    out = t(o).reshape(b, n, h_q, -1)  # a view: the kernel writes its out (B, S, H, D)-contiguous
-    lse = leaf_lse.to(accumulation_dtype(q.dtype)).view(b, groups, h_q, leaf).transpose(1, 2).reshape(b, h_q, n)
-    for h in reversed(halves):  # smallest first: each level's rows are merged into the running (out, lse)
-        groups = n // (2 * h)
-        first, second = (lambda x: _groups(x, 2 * h)[:, :h]), (lambda x: _groups(x, 2 * h)[:, h:])
-        block_out, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            t(second(q)), t(first(k)), t(first(v)), 0.0, False, scale=scale
-        )[:2]
-        merge_attention_outputs_(
-            out.view(b, groups, 2 * h, h_q, -1)[:, :, h:], lse.view(b, h_q, groups, 2 * h)[..., h:].transpose(1, 2),
-            t(block_out).view(b, groups, h, h_q, -1), block_lse.view(b, groups, h_q, h),
-        )
-    return out, lse
-
-
-def _tiled_causal_backward(dout, q, k, v, out, lse, scale, halves, leaf):
-    """Gradients of ``_tiled_causal_forward`` given the final out/lse; (B, S, H, D) operands with unit-stride
-    head dims, lse (B, H, S) in the accumulation dtype."""
-    b, n, h_q = q.shape[:3]
-    t = lambda x: x.transpose(1, 2)  # noqa: E731
-    groups = n // leaf
-    at = lambda x: t(_groups(x, leaf))  # noqa: E731
-    leaf_lse = lse.reshape(b, h_q, groups, leaf).transpose(1, 2).reshape(b * groups, h_q, leaf)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        at(dout), at(q), at(k), at(v), at(out), leaf_lse, 0.0, True, scale=scale
-    )
-    dq, dk, dv = (t(g).reshape(b, n, *t(g).shape[2:]) for g in grads)  # views, as the forward's out
-    for h in halves:
-        groups = n // (2 * h)
-        first, second = (lambda x: _groups(x, 2 * h)[:, :h]), (lambda x: _groups(x, 2 * h)[:, h:])
-        rows_lse = lse.reshape(b, h_q, groups, 2 * h)[..., h:].transpose(1, 2).reshape(b * groups, h_q, h)
-        g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            t(second(dout)), t(second(q)), t(first(k)), t(first(v)), t(second(out)), rows_lse, 0.0, False,
-            scale=scale,
-        )
-        second(dq).add_(t(g_q))
-        first(dk).add_(t(g_k))
-        first(dv).add_(t(g_v))
-    return dq, dk, dv
-
-
 def _window_hides_nothing(window: tuple[int, int] | None, sq: int, sk: int, causal: bool) -> bool:
     """Whether ``window`` masks no key of a bottom-right aligned (Sq, Sk) block (distances i - j lie in
     [1 - Sq, Sk - 1]; causal already hides the negative ones): then aten's fast kernel runs it as it is."""
@@ -611,13 +525,8 @@ def _torch_forward(q, k, v, *, causal, scale, window=None, softcap=None, q_posit
     if sk == 0 or first == sq:
         return q.new_zeros(b, sq, h, v.shape[-1]), torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
     q_rows = q[:, first:]
-    tiling = _causal_tiling(*_unit_stride_head_dim(q, k, v)) if causal and _use_cpu_flash(q) else None
-    if tiling is not None:  # a causal square block (first == 0): tiled, fewer scores computed
-        o, rows_lse = _tiled_causal_forward(*_unit_stride_head_dim(q, k, v), scale, *tiling)
-    else:
-        o, rows_lse = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal,
-                                          scale)
-        o, rows_lse = o.transpose(1, 2), rows_lse.to(acc)
+    o, rows_lse = _torch_forward_bhsd(q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    o, rows_lse = o.transpose(1, 2), rows_lse.to(acc)
     # aten's CPU kernel returns out 0, lse 0 for a query row holding NaN (a silent finite answer); the softmax of
     # NaN scores is NaN: put it back. (NaN in k or v does reach its output.) A row's sum is NaN when it holds a
     # NaN (or both infinities, whose scores are NaN too): one reduction over q, cheaper than isnan(q).any(-1);
@@ -647,11 +556,6 @@ def _torch_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     t = lambda x: x.transpose(1, 2)  # noqa: E731 -- (B, S, H, D) <-> (B, H, S, D)
     lse_rows = lse[:, :, first:]
-    if causal and _use_cpu_flash(q):
-        operands = _unit_stride_head_dim(dout, q, k, v, out)
-        tiling = _causal_tiling(*operands[1:4], operands[0], operands[4])
-        if tiling is not None:  # as the forward (first == 0)
-            return _tiled_causal_backward(*operands, lse.to(accumulation_dtype(q.dtype)), scale, *tiling)
     if _use_cpu_flash(q):
         # aten's CPU flash backward honours every stride but the head dim's (lse's too, e.g. the (B, S, H) layout
         # its forward returns it in): views, no copies of the operands or of lse (the copy was alive at the peak)
