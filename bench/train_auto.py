@@ -9,8 +9,10 @@ configuration's score is the median over rounds. ``auto`` is what a user gets wi
 --calibrate``: the calibration is profiled once, before the timed rounds, and read from its cache file in every
 run; each step's plan is made while the step before trains, with a budget of 5% of that step on the CPU.
 
-Static baselines: ring, ulysses and token_ring at degree 4 (every sequence on all 4 ranks) and ``degree1``
-(``--dp 4``: 4 data-parallel replicas, every sequence on one rank, sequences balanced by tokens).
+Static baselines, every degree a static run can have: ring, ulysses and token_ring at degree 4 (every sequence on
+all 4 ranks), ``ring_x2`` and ``ulysses_x2`` at degree 2 (``--dp 2``: 2 data-parallel replicas of 2-rank SP
+groups) and ``degree1`` (``--dp 4``: 4 replicas, every sequence on one rank); replicas get sequences balanced by
+tokens.
 
 Three batch mixes:
 * ``longtail`` (--tokens-per-step 8192 --max-len 4096, the issue's run): many short sequences and a few long
@@ -55,8 +57,10 @@ WARMUP_STEPS = 2  # left out of every run's tokens/s
 MIXES = {"longtail": ["--data", "longtail", "--tokens-per-step", "8192", "--max-len", "4096"],
          "short": ["--data", "longtail", "--tokens-per-step", "4096", "--max-len", "256"],
          "bimodal": ["--data", "bimodal", "--tokens-per-step", "8192", "--max-len", "2048"]}
-STRATEGIES = ("ring", "ulysses", "token_ring", "degree1", "auto")
-STATIC_ARGS = {"degree1": ["--strategy", "ulysses", "--dp", "4"]}  # degree 1 = 4 replicas of one rank
+STRATEGIES = ("ring", "ulysses", "token_ring", "ring_x2", "ulysses_x2", "degree1", "auto")
+STATIC_ARGS = {"ring_x2": ["--strategy", "ring", "--dp", "2"],  # degree 2 = 2 replicas of 2-rank SP groups
+               "ulysses_x2": ["--strategy", "ulysses", "--dp", "2"],
+               "degree1": ["--strategy", "ulysses", "--dp", "4"]}  # degree 1 = 4 replicas of one rank
 
 
 def train_run(argv):

@@ -819,6 +819,19 @@ def default_cost_model(model: torch.nn.Module, world_size: int) -> Any:
                           mem_bytes=80 * 2**30, intra_node_gbps=200.0, inter_node_gbps=25.0)
     else:  # CPU ranks over gloo: ~10 GFLOP/s per rank, millisecond-scale latency
         cluster = Cluster(world_size=world_size, gpus_per_node=world_size, peak_tflops=0.01, mem_bytes=8 * 2**30,
-                          intra_node_gbps=5.0, inter_node_gbps=5.0, latency_s=0.005)
+                          intra_node_gbps=5.0, inter_node_gbps=5.0, latency_s=0.005,
+                          cores_per_node=cpu_cores_per_node(world_size))
     return CostModel(cluster, spec)
+
+
+def cpu_cores_per_node(world_size: int) -> int | None:
+    """``Cluster.cores_per_node`` of CPU ranks on this host: how many of them compute at once (the cores this
+    process may run on, over the threads each rank uses), or None when every rank of the host
+    (``LOCAL_WORLD_SIZE``, else ``world_size``) has cores of its own."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slots = max(1, cores // max(1, torch.get_num_threads()))
+    ranks = min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    return slots if slots < ranks else None
 

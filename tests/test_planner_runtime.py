@@ -150,6 +150,50 @@ def plan_ahead_budgets(lengths_per_step, world, step_seconds):
     return budgets, measured, predicted, waits, runner.plans_from_ahead, steps_mod.PLAN_AHEAD_SHARE["cpu"]
 
 
+def inline_budgets(lengths_per_step, world, step_seconds):
+    """Run steps of at least ``step_seconds`` with nothing planned ahead; rank 0's budget for each inline solve
+    and the step time it scaled with."""
+    import time
+
+    import seqpar.solver as solver
+    from seqpar.runtime import steps as steps_mod
+
+    model = MODELS["llama"]()
+    gen = torch.Generator().manual_seed(4)
+    batches = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in lengths_per_step]
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world))
+    budgets, measured, original = [], [], solver.plan_step
+
+    def recording(seq_lens, cost_model, **options):
+        budgets.append(options.get("time_limit_s"))
+        return original(seq_lens, cost_model, **options)
+
+    solver.plan_step = recording
+    try:
+        for sequences in batches:
+            started = time.perf_counter()
+            local = sp_model.prepare(sequences)
+            measured.append(sp_model.runner._step_seconds)
+            sp_model(**local).loss.backward()
+            model.zero_grad(set_to_none=True)
+            time.sleep(max(step_seconds - (time.perf_counter() - started), 0.0))
+    finally:
+        solver.plan_step = original
+    return budgets, measured, steps_mod.PLAN_INLINE_SHARE
+
+
+def test_plans_made_inside_the_step_get_a_share_of_the_last_step():
+    # nothing planned ahead (a user who never calls plan_ahead, or --no-plan-ahead): a 1 s solve inside every
+    # 0.25 s step halved auto's tokens/s on the CPU; from the second step the budget scales with the last step
+    lengths = [[200, 30, 60], [90, 90, 16, 120], [40, 40, 40, 40]]
+    results = run_distributed(inline_budgets, 2, lengths, 2, 0.6)
+    budgets, measured, share = results[0]
+    assert budgets[0] == 1.0 and measured[0] is None  # no step measured yet: plan_step's default
+    for k in (1, 2):
+        assert measured[k] >= 0.6 and budgets[k] == pytest.approx(min(max(share * measured[k], 0.01), 1.0))
+    assert results[1][0] == []  # only rank 0 plans
+
+
 def test_plans_made_ahead_get_a_share_of_the_step_and_are_ready_when_it_ends():
     # issue 16: a 5 s solve per step in the background took the CPU's cores from training (auto 10-35% slower than
     # the same layout run as --dp); the budget is now a share of the step it overlaps, so the solve ends within it

@@ -1,8 +1,9 @@
 """Calibrate the planner's cost model on the machine it plans for: a short profile, a fit, a cache file.
 
 ``profile`` times one forward + backward of the wrapped model for every group shape the planner may use
-(each power-of-two degree up to the world, each strategy valid there) at two sequence lengths, so that the
-linear (dense) and quadratic (attention) terms separate, and once with ``PACKED_SEQUENCES`` of the shorter
+(each power-of-two degree up to the world, each strategy valid there) at several sequence lengths (256, 1024
+and 4096 tokens by default), so that the linear (dense) and quadratic (attention) terms separate and the
+attention term is measured at the lengths where it dominates, and once with ``PACKED_SEQUENCES`` of the shorter
 length packed into each group's call (what a sequence costs in a packed call apart from its tokens); every
 group of the world runs one sequence (call) at once,
 as in a plan, and a shape's time is the slowest rank's least over ``repeats`` rounds (every shape once per
@@ -30,7 +31,7 @@ from seqpar.solver import CostCoefficients, CostModel, Measurement, static_plan
 
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
 
-DEFAULT_LENGTHS = (256, 1024)
+DEFAULT_LENGTHS = (256, 1024, 4096)  # the longest anchors attention time where long-tail batches need it
 _CACHE_VERSION = 3  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences
 PACKED_SEQUENCES = 4  # sequences per group in the profile's packed calls
 

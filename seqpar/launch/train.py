@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "N tokens per rank (prepare's max_tokens_per_rank), accumulating gradients")
     p.add_argument("--calibrate", nargs="?", type=Path, const=DEFAULT_CALIBRATION, default=None, metavar="FILE",
                    help="with --strategy auto: plan with a cost model fitted to this machine (a short profile of "
-                   "every group shape at two lengths, run once and cached in FILE; default "
+                   "every group shape at 256, 1024 and 4096 tokens, run once and cached in FILE; default "
                    f"{DEFAULT_CALIBRATION})")
     p.add_argument("--plan-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="with --strategy auto: plan step t+1 in the background while step t trains, within a "

@@ -46,6 +46,10 @@ PLAN_AHEAD_SHARE = {"cpu": 0.05}
 PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
 # The budget of a plan asked for before any step ran (nothing to scale): plan_step's own default.
 PLAN_AHEAD_FIRST_S = 1.0
+# A plan made inside the step (nothing planned ahead) stalls every rank while rank 0 solves: from the second
+# step on its budget is this share of the last step, within [PLAN_AHEAD_MIN_S, PLAN_AHEAD_FIRST_S] (a 1 s solve
+# in every 0.25 s step of the short mix halved auto's tokens/s on the CPU, bench/train_auto.py).
+PLAN_INLINE_SHARE = 0.05
 # A broadcast payload starting with this carries rank 0's planning error instead of a plan (JSON never starts so).
 _FAILED = b"\x00error:"
 
@@ -130,6 +134,14 @@ class StepRunner:
             return PLAN_AHEAD_FIRST_S
         share = PLAN_AHEAD_SHARE.get(self._device_type, PLAN_AHEAD_SHARE_ACCELERATOR)
         return min(max(share * step_s, PLAN_AHEAD_MIN_S), PREFETCH_TIME_LIMIT_S)
+
+    def inline_budget(self) -> float:
+        """The budget of a plan made inside the step (none was planned ahead for its lengths):
+        ``PLAN_INLINE_SHARE`` of the last step's measured time within ``[PLAN_AHEAD_MIN_S, PLAN_AHEAD_FIRST_S]``;
+        ``PLAN_AHEAD_FIRST_S`` before two steps have run."""
+        if self._step_seconds is None:
+            return PLAN_AHEAD_FIRST_S
+        return min(max(PLAN_INLINE_SHARE * self._step_seconds, PLAN_AHEAD_MIN_S), PLAN_AHEAD_FIRST_S)
 
     def _planned_ahead(self, seq_lens: Sequence[int]) -> Any:
         """Rank 0: the prefetched plan for these lengths (waiting for it), or None when none was asked for them."""
@@ -247,7 +259,7 @@ class StepRunner:
             try:
                 chosen = plan if plan is not None else self._planned_ahead(seq_lens)
                 if chosen is None:
-                    chosen = plan_step(list(seq_lens), self.config.cost_model)
+                    chosen = plan_step(list(seq_lens), self.config.cost_model, time_limit_s=self.inline_budget())
                 payload = chosen.to_json().encode()
             except Exception as err:  # tell the other ranks, which wait in the broadcast, instead of hanging them
                 payload = _FAILED + (str(err) if isinstance(err, ValueError) else

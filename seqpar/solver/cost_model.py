@@ -143,9 +143,13 @@ class Cluster:
         inter_node_gbps: per-GPU, per-direction bandwidth between nodes, in GB/s (1e9 bytes/s;
             a 400 Gb/s NIC per GPU is 50).
         latency_s: latency of one message (one step of a collective), in seconds.
+        cores_per_node: None (default) when every rank computes on its own device (GPUs); else how many ranks
+            of a node compute at full speed at once, on a CPU host running more single-threaded ranks than it
+            has cores. Those ranks share the cores, so a group runs faster while other groups' ranks wait
+            (``CostModel.step_time``); group times (calibrated with every rank busy) are at full occupancy.
 
     Raises:
-        ValueError: a non-positive or non-integer size, or a non-positive rate.
+        ValueError: a non-positive or non-integer size or ``cores_per_node``, or a non-positive rate.
     """
 
     world_size: int
@@ -155,10 +159,13 @@ class Cluster:
     intra_node_gbps: float
     inter_node_gbps: float
     latency_s: float = 10e-6
+    cores_per_node: int | None = None
 
     def __post_init__(self) -> None:
         _require_positive("world_size", self.world_size, integer=True)
         _require_positive("gpus_per_node", self.gpus_per_node, integer=True)
+        if self.cores_per_node is not None:
+            _require_positive("cores_per_node", self.cores_per_node, integer=True)
         for name in ("peak_tflops", "mem_bytes", "intra_node_gbps", "inter_node_gbps", "latency_s"):
             _require_positive(name, getattr(self, name))
 
@@ -186,6 +193,15 @@ class Cluster:
                 f"cluster.gpus_per_node={g} must be a power of two when world_size={w} spans several nodes, "
                 "so power-of-two groups never straddle a node boundary"
             )
+
+    def ranks_on_node(self, node: int) -> int:
+        """How many ranks node ``node`` runs (the last node of a world that is not a multiple may run fewer)."""
+        return min(self.gpus_per_node, self.world_size - node * self.gpus_per_node)
+
+    @property
+    def shares_cores(self) -> bool:
+        """True when some node runs more ranks than ``cores_per_node``: group times then depend on one another."""
+        return self.cores_per_node is not None and self.cores_per_node < self.ranks_on_node(0)
 
     def degrees(self) -> list[int]:
         """The group sizes a plan may use: every power of two up to ``world_size``."""
@@ -804,6 +820,41 @@ class CostModel:
         if flat != list(range(len(lengths))):
             raise ValueError(f"micro_batches must partition positions 0..{len(lengths) - 1}, got {micro_batches}")
         return math.fsum(self.call_time([lengths[i] for i in mb], degree, strategy) for mb in micro_batches)
+
+    def step_time(self, groups: Iterable[tuple[Sequence[int], float]]) -> float:
+        """Seconds of a step whose groups, given as ``(ranks, group_time)``, run at once: the slowest group's time,
+        unless the ranks share cores (``Cluster.cores_per_node``).
+
+        Shared cores: group times are at full occupancy (every rank of the node busy, each at
+        ``min(1, cores / ranks)`` of a core, as the calibration measured them). When ``A`` ranks of a node are
+        still busy the scheduler shares the cores fairly, each at ``min(1, cores / A)`` of a core (processor
+        sharing; a rank whose group is done waits for the step's gradient reduction without using a core), so a
+        node's groups finish in the order of their times and each phase runs faster than at full occupancy by
+        the ratio of the two rates. A group made of whole nodes shares them with no other group: its time. The
+        step is the latest finish on any node; never more than the slowest group's time.
+        """
+        groups = [(tuple(ranks), float(t)) for ranks, t in groups]
+        slowest = max((t for _, t in groups), default=0.0)
+        cluster = self.cluster
+        if not cluster.shares_cores:
+            return slowest
+        per_node, cores = cluster.gpus_per_node, cluster.cores_per_node
+        nodes: dict[int, list[tuple[int, float]]] = {}
+        step = 0.0
+        for ranks, t in groups:
+            if len(ranks) > per_node:  # whole nodes (plans are node-aligned): nothing else runs there
+                step = max(step, t)
+            else:
+                nodes.setdefault(ranks[0] // per_node, []).append((len(ranks), t))
+        for node, members in nodes.items():
+            full = min(1.0, cores / cluster.ranks_on_node(node))  # a rank's share of a core at full occupancy
+            busy = sum(d for d, _ in members)
+            clock, done = 0.0, 0.0
+            for degree, t in sorted(members, key=lambda m: m[1]):
+                clock += (t - done) * full / min(1.0, cores / busy)
+                done, busy = t, busy - degree
+            step = max(step, clock)
+        return min(step, slowest)
 
     # ---- memory ---------------------------------------------------------------------------------------------
 

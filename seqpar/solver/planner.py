@@ -110,27 +110,36 @@ def plan_step(
     search_deadline = started + 0.8 * time_limit_s
     problem = Problem(seq_lens, cost_model, strategies=strategies, linear_strategies=linear_strategies)
     lower = problem.lower_bound()
+    # ranks that share cores: the step time (CostModel.step_time) is not the slowest group's, which every search
+    # and bound below optimises; their candidates are compared on the step time and nothing is claimed proved
+    shared = cost_model.cluster.shares_cores
 
     def finish(plan: Plan, name: str, how: str, proved: bool) -> Plan:
-        if proved or plan.makespan_s <= lower * (1 + 1e-9):
+        if not shared and (proved or plan.makespan_s <= lower * (1 + 1e-9)):
             plan.solver_status = "optimal"
         proof = ("optimal" if plan.solver_status == "optimal"
-                 else f"proved within {plan.makespan_s / lower - 1:.2%} of the optimum")
+                 else "ranks share cores: candidates compared on the shared-core step time, no bound proved"
+                 if shared else f"proved within {plan.makespan_s / lower - 1:.2%} of the optimum")
         plan.note = (f"chose {name}; {how}; lower bound {lower:.6g} s: {proof}; "
                      f"{time.perf_counter() - started:.2f} s")
         return plan
 
     exact_note = ""
+    candidates: list[tuple[str, list[int], np.ndarray]] = []
+    given_calls: dict[str, dict[int, list[list[int]]]] = {}  # a candidate's micro-batches, when it fixes them
     if problem.n <= EXACT_MAX_SEQUENCES and problem.world <= EXACT_MAX_WORLD:
-        found = exact_plan(problem, deadline=search_deadline)
-        if found is not None:
+        found = exact_plan(problem, deadline=search_deadline if not shared else started + 0.4 * time_limit_s)
+        if found is not None and not shared:
             shapes, assign, calls = found
             plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
             return finish(plan, "exact search", "optimal under the packed model, micro-batches included (dynamic "
                           "programming over subsets and ranks)", proved=True)
-        exact_note = "exact search stopped at the deadline"
+        if found is not None:  # optimal for the slowest group: one candidate among the others
+            candidates.append(("exact search", found[0], found[1]))
+            given_calls["exact search"] = found[2]
+        else:
+            exact_note = "exact search stopped at the deadline"
 
-    candidates: list[tuple[str, list[int], np.ndarray]] = []
     # every shape is a static plan to re-score; past half the budget the rest (the least promising) are skipped
     homogeneous = _homogeneous(problem, deadline=started + 0.5 * time_limit_s)
     homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
@@ -195,11 +204,11 @@ def plan_step(
         if plans and (now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s):
             break
         name, shapes, assign = candidates[k]
-        if plans and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
+        if plans and not shared and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
             skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
         else:
             plans.append((name, problem.to_plan(shapes, assign, status=status, note="",
-                                                bucket_cost_ratio=bucket_ratio)))
+                                                bucket_cost_ratio=bucket_ratio, calls=given_calls.get(name))))
         rescore_s = max(rescore_s, time.perf_counter() - now)  # (the first bound builds its tables: counted)
     name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
     # the surrogate over-charges packed groups of the overlapped strategies: re-pick each group's strategy and

@@ -355,7 +355,8 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         start += degree
     if start != cost_model.cluster.world_size:
         raise AssertionError(f"groups cover {start} ranks, world is {cost_model.cluster.world_size}")
-    return Plan(groups, max(g.predicted_time_s for g in groups), status, note, bucket_cost_ratio)
+    return Plan(groups, cost_model.step_time((g.ranks, g.predicted_time_s) for g in groups), status, note,
+                bucket_cost_ratio)
 
 
 def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndarray, dict[int, list[list[int]]]] | None:

@@ -1,0 +1,116 @@
+"""Ranks that share CPU cores (``Cluster.cores_per_node``): the step time of a plan, and the planner using it.
+
+The reference is a time-stepped simulation of fair sharing, written here independently of
+``CostModel.step_time``'s event calculation: every tick each busy rank gets ``min(1, cores / busy)`` of a core.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from seqpar.solver import Cluster, CostModel, ModelSpec, plan_step, static_plan
+
+SPEC = ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn_hidden=128, vocab=256)
+
+
+def cluster(world: int, per_node: int, cores: int | None) -> Cluster:
+    return Cluster(world, per_node, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=cores)
+
+
+def simulated_step(groups, *, per_node: int, world: int, cores: int, dt: float = 1e-5) -> float:
+    """Time-stepped fair sharing: ``groups`` = (ranks, seconds at full occupancy); each rank of a busy group
+    advances ``dt * share / full_share`` of its group's seconds per tick."""
+    left = {k: t for k, (_, t) in enumerate(groups)}
+    clock = 0.0
+    while any(v > 0 for v in left.values()):
+        busy_on = {}
+        for k, (ranks, _) in enumerate(groups):
+            if left[k] > 0:
+                for r in ranks:
+                    busy_on[r // per_node] = busy_on.get(r // per_node, 0) + 1
+        for k, (ranks, _) in enumerate(groups):
+            if left[k] > 0:
+                node = ranks[0] // per_node
+                on_node = min(per_node, world - node * per_node)
+                rate = min(1.0, cores / busy_on[node]) / min(1.0, cores / on_node)
+                left[k] -= dt * rate
+        clock += dt
+    return clock
+
+
+@pytest.mark.parametrize("groups", [
+    [((0, 1), 0.5), ((2,), 0.2), ((3,), 0.1)],
+    [((0,), 0.3), ((1,), 0.3), ((2,), 0.05), ((3,), 0.0)],
+    [((0, 1, 2, 3), 0.4)],
+    [((0, 1), 0.25), ((2, 3), 0.1)],
+])
+def test_step_time_on_shared_cores_matches_a_simulation_of_fair_sharing(groups):
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    expected = simulated_step(groups, per_node=4, world=4, cores=2)
+    assert cm.step_time(groups) == pytest.approx(expected, abs=1e-4)
+    assert cm.step_time(groups) <= max(t for _, t in groups) + 1e-12  # sharing never makes a step slower
+
+
+def test_step_time_per_node_and_for_groups_of_whole_nodes():
+    cm = CostModel(cluster(12, 4, 2), SPEC)  # nodes of 4 ranks on 2 cores; the third node runs 4 ranks too
+    groups = [((0, 1, 2, 3, 4, 5, 6, 7), 0.3), ((8, 9), 0.4), ((10,), 0.1), ((11,), 0.1)]
+    expected = max(0.3, simulated_step(groups[1:], per_node=4, world=12, cores=2))
+    assert cm.step_time(groups) == pytest.approx(expected, abs=1e-4)
+
+
+def test_step_time_is_the_slowest_group_when_every_rank_has_its_own_device():
+    groups = [((0, 1), 0.5), ((2,), 0.2), ((3,), 0.1)]
+    for cores in (None, 4, 8):  # no sharing: own devices, or at least one core per rank
+        assert CostModel(cluster(4, 4, cores), SPEC).step_time(groups) == 0.5
+
+
+def test_cores_per_node_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="cores_per_node"):
+        cluster(4, 4, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_planner_on_shared_cores_is_never_slower_than_any_static_plan_and_claims_no_proof(seed):
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in np.concatenate([rng.integers(16, 256, 9), rng.integers(1024, 4096, 2)])]
+    plan = plan_step(lengths, cm, time_limit_s=2.0)
+    plan.validate(lengths, cm)
+    assert plan.makespan_s == pytest.approx(cm.step_time((g.ranks, g.predicted_time_s) for g in plan.groups))
+    assert plan.solver_status != "optimal" and "share cores" in plan.note
+    for degree, strategy in itertools.product((1, 2, 4), ("ring", "ulysses")):
+        assert plan.makespan_s <= static_plan(lengths, cm, degree, strategy).makespan_s * (1 + 1e-9)
+
+
+def test_planner_on_shared_cores_leaves_the_long_sequence_fewer_ranks_when_the_short_ones_finish_early():
+    """Shared cores: once the short sequences' ranks are done, the long one's group gets their cores, so the
+    planner no longer needs all ranks on it; with one device per rank it does."""
+    lengths = [4096] + [128] * 24
+    own = plan_step(lengths, CostModel(cluster(4, 4, None), SPEC), time_limit_s=2.0)
+    shared_cm = CostModel(cluster(4, 4, 2), SPEC)
+    shared = plan_step(lengths, shared_cm, time_limit_s=2.0)
+    long_group = lambda plan: next(g for g in plan.groups if 0 in g.seq_indices)  # noqa: E731
+    assert long_group(shared).degree < 4
+    assert shared.makespan_s < static_plan(lengths, shared_cm, 4, "ulysses").makespan_s
+    assert own.makespan_s == max(g.predicted_time_s for g in own.groups)
+
+
+def test_cpu_cores_per_node_counts_the_cores_over_each_ranks_threads(monkeypatch):
+    import os
+
+    import torch
+
+    from seqpar.wrapper import cpu_cores_per_node
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_cores_per_node(8) == 4
+    assert cpu_cores_per_node(4) is None  # a core per rank: no sharing
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_cores_per_node(8) is None  # 4 ranks on this host
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cpu_cores_per_node(8) == 2  # 4 cores, 2 threads per rank: 2 ranks compute at once
