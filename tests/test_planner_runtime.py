@@ -190,7 +190,7 @@ def test_plans_made_inside_the_step_get_a_share_of_the_last_step():
     budgets, measured, share = results[0]
     assert budgets[0] == 1.0 and measured[0] is None  # no step measured yet: plan_step's default
     for k in (1, 2):
-        assert measured[k] >= 0.6 and budgets[k] == pytest.approx(min(max(share * measured[k], 0.01), 1.0))
+        assert measured[k] > 0.55 and budgets[k] == pytest.approx(min(max(share * measured[k], 0.01), 1.0))
     assert results[1][0] == []  # only rank 0 plans
 
 
