@@ -3,8 +3,9 @@
 ``profile`` times one forward + backward of the wrapped model for every group shape the planner may use
 (each power-of-two degree up to the world, each strategy valid there) at several sequence lengths (256, 1024
 and 4096 tokens by default), so that the linear (dense) and quadratic (attention) terms separate and the
-attention term is measured at the lengths where it dominates, and once with ``PACKED_SEQUENCES`` of the shorter
-length packed into each group's call (what a sequence costs in a packed call apart from its tokens); every
+attention term is measured at the lengths where it dominates, and once with ``PACKED_SEQUENCES`` short sequences
+of unequal lengths packed into each group's call (``packed_lengths``: what a sequence costs in a packed call apart
+from its tokens); every
 group of the world runs one sequence (call) at once,
 as in a plan, and a shape's time is the slowest rank's least over ``repeats`` rounds (every shape once per
 round, interleaved, so load from other jobs hits all alike). ``CostModel.calibrate`` fits
@@ -22,18 +23,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from seqpar.collectives import comm
 
 from seqpar.solver import CostCoefficients, CostModel, Measurement, static_plan
+from seqpar.solver.problem import build_plan
 
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
 
 DEFAULT_LENGTHS = (256, 1024, 4096)  # the longest anchors attention time where long-tail batches need it
-_CACHE_VERSION = 3  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences
-PACKED_SEQUENCES = 4  # sequences per group in the profile's packed calls
+_CACHE_VERSION = 4  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths
+PACKED_SEQUENCES = 16  # sequences per group in the profile's packed calls
 
 
 def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DEFAULT_LENGTHS, repeats: int = 3,
@@ -61,13 +64,15 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
                         for _ in range(world // degree)]
                 plan = static_plan([int(length)] * len(seqs), cost_model, degree, strategy)
                 cases.append((int(length), degree, strategy, seqs, plan, 1))
-            # PACKED sequences of the shortest length per group, one call: the cost of a sequence in a packed
-            # call apart from its tokens (``CostCoefficients.packed_sequence_s``)
-            length = min(int(x) for x in lengths)
-            seqs = [torch.randint(0, vocab_size, (length,), generator=gen).to(device)
-                    for _ in range(PACKED_SEQUENCES * (world // degree))]
-            plan = static_plan([length] * len(seqs), cost_model, degree, strategy)
-            cases.append((length, degree, strategy, seqs, plan, PACKED_SEQUENCES))
+            # PACKED short sequences of unequal lengths per group, one call (as real batches are: equal lengths
+            # would take the kernels' one-batched-call path): the cost of a sequence in a packed call apart from
+            # its tokens (``CostCoefficients.packed_sequence_s``)
+            call = packed_lengths(min(int(x) for x in lengths))
+            groups = world // degree
+            seqs = [torch.randint(0, vocab_size, (n,), generator=gen).to(device) for _ in range(groups) for n in call]
+            plan = build_plan(cost_model, np.array([int(s.numel()) for s in seqs]), [(degree, strategy)] * groups,
+                              np.repeat(np.arange(groups), len(call)), status="static", note="calibration profile")
+            cases.append((call, degree, strategy, seqs, plan, len(call)))
     # rounds over every case (the first a warm-up), so a burst of load from other jobs hits all cases alike;
     # the least time of each: what the step costs when the machine lets it run (noise only adds time)
     times: list[list[float]] = [[] for _ in cases]
@@ -77,8 +82,16 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
             if round_:
                 times[k].append(elapsed)
     sp_model.module.zero_grad(set_to_none=True)
-    return [Measurement(length, degree, strategy, min(t), packed)
+    return [Measurement(length, degree, strategy, min(t)) if packed == 1 else
+            Measurement(round(sum(length) / packed), degree, strategy, min(t), packed, tuple(length))
             for (length, degree, strategy, _, _, packed), t in zip(cases, times)]
+
+
+def packed_lengths(shortest: int) -> list[int]:
+    """The profile's packed call: ``PACKED_SEQUENCES`` distinct lengths from ``shortest / 8`` to ``3 shortest / 8``
+    (their mean a quarter of ``shortest``: many short sequences, the case where the per-sequence cost shows)."""
+    low, high = max(1, shortest // 8), max(2, 3 * shortest // 8)
+    return [round(low + (high - low) * k / (PACKED_SEQUENCES - 1)) for k in range(PACKED_SEQUENCES)]
 
 
 def _time_step(sp_model: Any, sequences: list[torch.Tensor], plan: Any, group: Any) -> float:

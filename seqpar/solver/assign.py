@@ -9,6 +9,10 @@
 * ``improve_packed``: the same on the packed model itself (``CostModel.call_time``): each group's strategy
   re-picked for what it runs, then moves of the slowest group's sequences to the least-loaded group of each
   shape, and swaps with the shortest sequences of the least-loaded groups.
+* ``isolate_longest`` and ``improve_step_time``: for ranks that share cores (``Cluster.cores_per_node``), where a
+  group speeds up once the others are done (``CostModel.step_time``): the longest sequences alone on groups of
+  their own with the rest balanced on the others, and moves of single sequences between groups while they lower
+  the step time.
 * ``greedy_groups``: binary search on a target makespan T; sequences, longest first, join the open group
   where they cost the fewest rank-seconds while finishing within T, or open a group of their cheapest
   shape; short ones are poured in as rank-seconds; the smallest T whose groups fit on the world wins and
@@ -27,9 +31,10 @@ import time
 
 import numpy as np
 
-from seqpar.solver.problem import Problem, split_calls
+from seqpar.solver.problem import Problem, placed_ranks, split_calls
 
-__all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "greedy_groups", "fill_ranks"]
+__all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "isolate_longest", "improve_step_time",
+           "greedy_groups", "fill_ranks"]
 
 
 def lpt(times: np.ndarray, n_groups: int) -> np.ndarray:
@@ -198,7 +203,7 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
     (re-picking that group's strategy), and swapped with the shortest sequence of the least-loaded groups; the
     step that leaves the lower of the two groups' maximum wins, when it is below the slowest group's time.
     """
-    cm, lengths = problem.cost_model, problem.lengths
+    lengths = problem.lengths
     shapes = list(group_shapes)
     members: list[list[int]] = [[] for _ in shapes]
     for i, g in enumerate(np.asarray(assign).tolist()):
@@ -210,16 +215,7 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
     checked: dict[int, tuple[str | None, str | None]] = {}
 
     def timed(seqs: list[int], s: int) -> float:
-        if not seqs:
-            return 0.0
-        if not problem.fits[s, seqs].all():
-            return np.inf
-        d, name = problem.shapes[s]
-        parts = checked.get(s)
-        if parts is None:
-            parts = checked[s] = cm._check(d, name)  # once per shape: call_time's checks cost more than it
-        return math.fsum(cm._packed_time(lengths[c].astype(np.float64), d, parts)
-                         for c in split_calls(lengths, seqs, int(problem.cap[s])))
+        return _packed_group_time(problem, seqs, s, checked)
 
     def best_shape(seqs: list[int], s: int) -> tuple[float, int]:
         return min((timed(seqs, t), t) for t in by_degree[problem.shapes[s][0]])
@@ -277,6 +273,81 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
     for g, seqs in enumerate(members):
         out[seqs] = g
     return shapes, out
+
+
+def _packed_group_time(problem: Problem, seqs: list[int], s: int, checked: dict) -> float:
+    """``CostModel.group_time`` of ``seqs`` on shape ``s`` (calls split to fit, ``split_calls``); inf when one does
+    not fit. ``checked`` caches each shape's strategy check (call_time's checks cost more than its formula)."""
+    cm, lengths = problem.cost_model, problem.lengths
+    d, name = problem.shapes[s]
+    if not seqs:  # the runtime's placeholder call
+        return cm.group_time([], d, name)
+    if not problem.fits[s, seqs].all():
+        return np.inf
+    parts = checked.get(s)
+    if parts is None:
+        parts = checked[s] = cm._check(d, name)
+    return math.fsum(cm._packed_time(lengths[c].astype(np.float64), d, parts)
+                     for c in split_calls(lengths, seqs, int(problem.cap[s])))
+
+
+def isolate_longest(problem: Problem, s: int, n_groups: int, k: int) -> np.ndarray:
+    """``n_groups`` groups of shape ``s``: its ``k`` longest sequences (by their time on ``s``) each alone in
+    groups 0..k-1, the rest by ``lpt`` over the other groups. On ranks that share cores a long sequence's group
+    gets the cores the others free when they finish, so it need not share its group's time with short ones."""
+    times = problem.times[s]
+    order = np.argsort(-times, kind="stable")
+    assign = np.empty(problem.n, dtype=np.int64)
+    assign[order[:k]] = np.arange(k)
+    rest = order[k:]
+    assign[rest] = k + lpt(times[rest], n_groups - k)
+    return assign
+
+
+def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndarray, *, deadline: float,
+                      tries: int = 12) -> np.ndarray | None:
+    """Local search on the step time of ranks that share cores (``CostModel.step_time`` of the packed group times
+    on the ranks ``build_plan`` gives the groups): until no move lowers it or ``deadline`` passes, up to
+    ``tries`` sequences of every group (longest first) are tried on every other group and the move that lowers
+    the step time most is made. The groups keep their shapes. A new assignment, or None if ``deadline`` passed
+    before the groups were timed."""
+    cm = problem.cost_model
+    ranks = placed_ranks([problem.shapes[s][0] for s in group_shapes])
+    members: list[list[int]] = [[] for _ in group_shapes]
+    for i, g in enumerate(np.asarray(assign).tolist()):
+        members[g].append(i)
+    checked: dict = {}
+    times = []
+    for g, seqs in enumerate(members):
+        if time.perf_counter() > deadline:
+            return None
+        times.append(_packed_group_time(problem, seqs, group_shapes[g], checked))
+    step = cm.step_time(zip(ranks, times))
+    while time.perf_counter() < deadline:
+        best = None
+        for a, seqs in enumerate(members):
+            for i in sorted(seqs, key=lambda k: -int(problem.lengths[k]))[:tries]:
+                if time.perf_counter() > deadline:
+                    break
+                t_a = _packed_group_time(problem, [k for k in seqs if k != i], group_shapes[a], checked)
+                for b in range(len(members)):
+                    if b == a:
+                        continue
+                    t_b = _packed_group_time(problem, members[b] + [i], group_shapes[b], checked)
+                    trial = list(times)
+                    trial[a], trial[b] = t_a, t_b
+                    t = cm.step_time(zip(ranks, trial))
+                    if t < step * (1 - 1e-9) and (best is None or t < best[0]):
+                        best = (t, i, a, b, t_a, t_b)
+        if best is None:
+            break
+        step, i, a, b, times[a], times[b] = best
+        members[a].remove(i)
+        members[b].append(i)
+    out = np.empty(problem.n, dtype=np.int64)
+    for g, seqs in enumerate(members):
+        out[seqs] = g
+    return out
 
 
 def fill_ranks(problem: Problem, group_shapes: list[int], used_ranks: int) -> list[int]:

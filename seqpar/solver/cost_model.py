@@ -449,17 +449,29 @@ class CostCoefficients:
 @dataclass(frozen=True)
 class Measurement:
     """One measured step: ``sequences`` sequences of ``length`` tokens packed into one call per group, SP
-    ``degree``, ``strategy``, ``seconds``."""
+    ``degree``, ``strategy``, ``seconds``; ``lengths``: the call's sequence lengths when they differ (then
+    ``length`` is their mean, rounded, and ``sequences`` their count)."""
 
     length: int
     degree: int
     strategy: str
     seconds: float
     sequences: int = 1
+    lengths: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None:  # JSON gives a list: store a tuple (the dataclass stays hashable)
+            object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+            if len(self.lengths) != self.sequences:
+                raise ValueError(f"lengths: {len(self.lengths)} lengths for sequences={self.sequences}")
+
+    def call_lengths(self) -> list[int]:
+        """The lengths of the measured packed call."""
+        return list(self.lengths) if self.lengths is not None else [self.length] * self.sequences
 
     def predicted(self, model: CostModel) -> float:
         """What ``model`` says this measurement takes (``call_time`` of its packed call)."""
-        return model.call_time([self.length] * self.sequences, self.degree, self.strategy)
+        return model.call_time(self.call_lengths(), self.degree, self.strategy)
 
 
 @dataclass(frozen=True)
@@ -809,11 +821,15 @@ class CostModel:
                    micro_batches: Sequence[Sequence[int]] | None = None) -> float:
         """Seconds one group of ``degree`` ranks needs for all of ``lengths``: one packed call
         (``call_time``), or, with ``micro_batches`` (lists of positions into ``lengths`` that partition them),
-        one call per micro-batch, run one after another (the exactly rounded sum). 0.0 for no sequences.
+        one call per micro-batch, run one after another (the exactly rounded sum). A group without sequences
+        runs one call of ``2 * degree`` padding tokens (``runtime.packing.pack_sequences``' placeholder, which
+        keeps wrappers' collectives matched): its ``call_time``.
 
         Raises as ``seq_time``; ValueError if ``micro_batches`` does not partition the positions.
         """
         lengths = list(lengths)
+        if not lengths and not micro_batches:
+            return self.call_time([2 * degree], degree, strategy)
         if micro_batches is None:
             return self.call_time(lengths, degree, strategy)
         flat = sorted(i for mb in micro_batches for i in mb)
@@ -997,14 +1013,15 @@ class CostModel:
         layers = self.model.num_layers
         # one linear model of every measurement: overhead + (dense / dense_eff + attention / attention_eff) / P
         # + per layer (P - 1) (per_step + per_token S / P) of its strategy; non-negative, on relative error
-        # (+ per packed sequence; the packed call's tokens are n * S)
+        # (+ per packed sequence)
         basis = np.zeros((len(data), 4 + 2 * len(strategies)))
         for r, m in enumerate(data):
-            n = m.sequences
-            basis[r, :4] = (1.0, n * dense(m.length) / m.degree, n * attention(m.length) / m.degree, n)
+            call = m.call_lengths()
+            tokens = sum(call)
+            basis[r, :4] = (1.0, dense(tokens) / m.degree, sum(map(attention, call)) / m.degree, len(call))
             if m.degree > 1:
                 k = 4 + 2 * strategies.index(m.strategy)
-                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, n * m.length / m.degree])
+                basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, tokens / m.degree])
         seconds = np.array([m.seconds for m in data])
         x = _nnls(basis / seconds[:, None], np.ones(len(data)))
         overhead, inv_dense, inv_attention, per_sequence = x[:4]

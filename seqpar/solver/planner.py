@@ -47,7 +47,15 @@ from typing import Sequence
 
 import numpy as np
 
-from seqpar.solver.assign import earliest_finish, greedy_groups, improve, improve_packed, lpt
+from seqpar.solver.assign import (
+    earliest_finish,
+    greedy_groups,
+    improve,
+    improve_packed,
+    improve_step_time,
+    isolate_longest,
+    lpt,
+)
 from seqpar.solver.cost_model import CostModel, is_power_of_two
 from seqpar.solver.milp import SLOTS, MilpResult, make_buckets, solve_milp
 from seqpar.solver.plan import Plan
@@ -56,6 +64,7 @@ from seqpar.solver.problem import EXACT_MAX_SEQUENCES, EXACT_MAX_WORLD, Problem,
 __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
 SOLVERS = ("auto", "cbc", "highs", "greedy")
+ISOLATED_LONGEST = 2  # ranks that share cores: homogeneous candidates with up to this many longest sequences alone
 
 
 def plan_step(
@@ -146,6 +155,12 @@ def plan_step(
     # every homogeneous plan is a static_plan: all are re-scored packed (never slower than static_plan)
     candidates += [(f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}", shapes, assign)
                    for s, shapes, assign in homogeneous]
+    if shared:  # the longest sequences alone, so their groups get the cores the short ones' groups free
+        for s, shapes, _ in homogeneous:
+            n_groups = shapes.count(s)
+            for k in range(1, min(ISOLATED_LONGEST, n_groups - 1) + 1):
+                candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, {k} longest alone",
+                                   shapes, isolate_longest(problem, s, n_groups, k)))
     best_homo = homogeneous[0]
     left = max(search_deadline - time.perf_counter(), 0.0)
     reserve = 0.05 + 0.15 * left  # to re-balance the MILP's plan
@@ -193,7 +208,8 @@ def plan_step(
 
     # re-score on the packed model, most promising first (the surrogate's order), while time is left
     status = "feasible" if milp_found else "greedy"
-    order = sorted(range(len(candidates)), key=lambda k: problem.makespan(candidates[k][1], candidates[k][2]))
+    surrogate = problem.step_time if shared else problem.makespan
+    order = sorted(range(len(candidates)), key=lambda k: surrogate(candidates[k][1], candidates[k][2]))
     plans: list[tuple[str, Plan]] = []
     skipped = 0
     # re-scoring a candidate (Problem.to_plan) costs the same each time, and the polished plan needs one more:
@@ -215,8 +231,10 @@ def plan_step(
     # move sequences out of the slowest group on the packed model itself, while time is left (less the time
     # to re-score its result)
     winner = next(c for c in candidates if c[0] == name)
+    end = deadline - 0.02 * time_limit_s - 1.5 * rescore_s
+    # with shared cores the step-time search below gets half of what is left
     polished = improve_packed(problem, winner[1], winner[2],
-                              deadline=deadline - 0.02 * time_limit_s - 1.5 * rescore_s)
+                              deadline=(time.perf_counter() + end) / 2 if shared else end)
     if polished is not None and polished[0] == list(winner[1]) and np.array_equal(polished[1], winner[2]):
         polished = None  # nothing changed: no need to re-score it
     if polished is not None:
@@ -224,6 +242,15 @@ def plan_step(
         if plan.makespan_s < best.makespan_s * (1 - 1e-12):
             name, best = f"{name} + packed search", plan
             plans.insert(0, (name, plan))
+            winner = (name, polished[0], polished[1])
+    if shared:  # the step time, not the slowest group: move sequences between the winner's groups
+        moved = improve_step_time(problem, list(winner[1]), winner[2],
+                                  deadline=end - 1.5 * rescore_s)
+        if moved is not None and not np.array_equal(moved, winner[2]):
+            plan = problem.to_plan(winner[1], moved, status=status, note="", bucket_cost_ratio=bucket_ratio)
+            if plan.makespan_s < best.makespan_s * (1 - 1e-12):
+                name, best = f"{name} + step-time search", plan
+                plans.insert(0, (name, plan))
     best.solver_status = status
     scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in plans[:6])
     how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",

@@ -26,7 +26,8 @@ from seqpar import strategies as registry
 from seqpar.solver.cost_model import CostModel
 from seqpar.solver.plan import Group, Plan
 
-__all__ = ["Problem", "check_seq_lens", "build_plan", "split_calls", "exact_plan", "EXACT_MAX_SEQUENCES"]
+__all__ = ["Problem", "check_seq_lens", "build_plan", "placed_ranks", "split_calls", "exact_plan",
+           "EXACT_MAX_SEQUENCES"]
 
 
 def check_seq_lens(seq_lens: Sequence[int]) -> np.ndarray:
@@ -263,14 +264,25 @@ class Problem:
         bound = np.maximum(by_compute + o[shapes], by_floor + c0[shapes])
         return float(np.where(used, bound, 0.0).max())
 
-    def makespan(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
-        """Surrogate makespan of an assignment (``assign[i]`` = group of sequence i; groups by shape index)."""
+    def group_loads(self, group_shapes: Sequence[int], assign: np.ndarray) -> np.ndarray:
+        """Surrogate time of every group of an assignment (``assign[i]`` = group of sequence i; groups by shape
+        index); 0 for a group without sequences."""
         shapes = np.asarray(group_shapes)
         loads = np.zeros(len(group_shapes))
         np.add.at(loads, assign, self.times[shapes[assign], np.arange(self.n)])
         used = np.zeros(len(group_shapes), dtype=bool)
         used[assign] = True
-        return float((loads + np.where(used, self.const[shapes], 0.0)).max())
+        return loads + np.where(used, self.const[shapes], 0.0)
+
+    def makespan(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
+        """Surrogate makespan of an assignment: its slowest group's ``group_loads``."""
+        return float(self.group_loads(group_shapes, assign).max())
+
+    def step_time(self, group_shapes: Sequence[int], assign: np.ndarray) -> float:
+        """Surrogate step time of an assignment: ``CostModel.step_time`` of its ``group_loads`` on the ranks
+        ``build_plan`` gives the groups (the makespan, unless ranks share cores)."""
+        ranks = placed_ranks([self.shapes[s][0] for s in group_shapes])
+        return self.cost_model.step_time(zip(ranks, self.group_loads(group_shapes, assign).tolist()))
 
     def to_plan(self, group_shapes: Sequence[int], assign: np.ndarray, *, status: str, note: str,
                 bucket_cost_ratio: float = 1.0, calls: dict[int, list[list[int]]] | None = None) -> Plan:
@@ -325,14 +337,15 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
     """
     lengths = np.asarray(lengths)
     caps = {} if caps is None else caps
-    order = sorted(range(len(group_shapes)), key=lambda g: -group_shapes[g][0])
+    ranks = placed_ranks([d for d, _ in group_shapes])
+    order = sorted(range(len(group_shapes)), key=lambda g: ranks[g][0])
     members: dict[int, list[int]] = {g: [] for g in order}
     assign = np.asarray(assign)
     by_group = np.argsort(assign, kind="stable")
     bounds = np.searchsorted(assign[by_group], np.arange(len(group_shapes) + 1))
     for g in order:
         members[g] = by_group[bounds[g]:bounds[g + 1]].tolist()
-    groups, start = [], 0
+    groups = []
     checked: dict[tuple[int, str], tuple[str | None, str | None]] = {}
     for g in order:
         degree, strategy = group_shapes[g]
@@ -348,15 +361,27 @@ def build_plan(cost_model: CostModel, lengths: np.ndarray, group_shapes: Sequenc
         parts = checked.get((degree, strategy))
         if parts is None:
             parts = checked[(degree, strategy)] = cost_model._check(degree, strategy)
-        time = math.fsum(cost_model._packed_time(lengths[c].astype(np.float64), degree, parts)
-                         for c in group_calls) if seqs else 0.0
+        time = (math.fsum(cost_model._packed_time(lengths[c].astype(np.float64), degree, parts)
+                          for c in group_calls) if seqs else cost_model.group_time([], degree, strategy))
         softmax, linear = cost_model.split_strategy(strategy)
-        groups.append(Group(tuple(range(start, start + degree)), softmax, linear, seqs, time, micro))
-        start += degree
-    if start != cost_model.cluster.world_size:
-        raise AssertionError(f"groups cover {start} ranks, world is {cost_model.cluster.world_size}")
+        groups.append(Group(ranks[g], softmax, linear, seqs, time, micro))
+    covered = sum(d for d, _ in group_shapes)
+    if covered != cost_model.cluster.world_size:
+        raise AssertionError(f"groups cover {covered} ranks, world is {cost_model.cluster.world_size}")
     return Plan(groups, cost_model.step_time((g.ranks, g.predicted_time_s) for g in groups), status, note,
                 bucket_cost_ratio)
+
+
+def placed_ranks(degrees: Sequence[int]) -> list[tuple[int, ...]]:
+    """The ranks of groups of these ``degrees`` as ``build_plan`` places them: largest first on consecutive ranks
+    (ties in the given order), so a power-of-two group starts at a multiple of its size."""
+    order = sorted(range(len(degrees)), key=lambda g: -degrees[g])
+    ranks: list[tuple[int, ...]] = [()] * len(degrees)
+    start = 0
+    for g in order:
+        ranks[g] = tuple(range(start, start + int(degrees[g])))
+        start += int(degrees[g])
+    return ranks
 
 
 def exact_plan(problem: Problem, *, deadline: float) -> tuple[list[int], np.ndarray, dict[int, list[list[int]]]] | None:
