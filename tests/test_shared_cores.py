@@ -114,3 +114,58 @@ def test_cpu_cores_per_node_counts_the_cores_over_each_ranks_threads(monkeypatch
     assert cpu_cores_per_node(8) is None  # 4 ranks on this host
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert cpu_cores_per_node(8) == 2  # 4 cores, 2 threads per rank: 2 ranks compute at once
+
+
+def test_isolate_longest_puts_the_k_longest_alone_and_balances_the_rest():
+    from seqpar.solver.assign import isolate_longest
+    from seqpar.solver.problem import Problem
+
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    lengths = [2048, 64, 1500, 96, 128, 80, 200, 72]
+    problem = Problem(lengths, cm)
+    s = next(k for k, (d, _) in enumerate(problem.shapes) if d == 1)
+    assign = isolate_longest(problem, s, 4, 2)
+    assert [int(assign[0]), int(assign[2])] == [0, 1]  # the two longest, each alone
+    assert sorted(int(g) for g in assign).count(0) == 1 and sorted(int(g) for g in assign).count(1) == 1
+    rest = [i for i in range(len(lengths)) if i not in (0, 2)]
+    loads = {g: sum(float(problem.times[s, i]) for i in rest if assign[i] == g) for g in (2, 3)}
+    longest_rest = max(float(problem.times[s, i]) for i in rest)
+    assert abs(loads[2] - loads[3]) <= longest_rest  # list scheduling's bound on two identical groups
+
+
+def test_step_time_search_ends_where_no_single_move_helps():
+    """improve_step_time's result, checked with CostModel.group_time and step_time directly: no sequence moved to
+    another group lowers the step time, and it is no slower than where it started."""
+    from seqpar.solver.assign import improve_step_time, lpt
+    from seqpar.solver.problem import Problem, placed_ranks
+
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    lengths = [2048, 64, 1500, 96, 128, 80, 200, 72, 300, 40]
+    problem = Problem(lengths, cm)
+    s = next(k for k, (d, name) in enumerate(problem.shapes) if d == 2 and name == "ulysses")
+    t = next(k for k, (d, _) in enumerate(problem.shapes) if d == 1)
+    shapes = [s, t, t]
+    start = lpt(problem.times[s], 3)
+    found = improve_step_time(problem, shapes, start, deadline=float("inf"))
+    ranks = placed_ranks([problem.shapes[g][0] for g in shapes])
+
+    def step(assign):
+        times = [cm.group_time([lengths[i] for i in range(len(lengths)) if assign[i] == g], *problem.shapes[sh])
+                 for g, sh in enumerate(shapes)]
+        return cm.step_time(zip(ranks, times))
+
+    assert step(found) <= step(start) * (1 + 1e-12)
+    for i in range(len(lengths)):
+        for g in range(len(shapes)):
+            moved = found.copy()
+            moved[i] = g
+            assert step(moved) >= step(found) * (1 - 1e-9)
+
+
+def test_an_idle_group_costs_its_placeholder_call():
+    cm = CostModel(cluster(4, 4, None), SPEC)
+    plan = static_plan([100], cm, 1, "ulysses")  # one sequence, four groups: three run the runtime's placeholder
+    plan.validate([100], cm)
+    idle = [g for g in plan.groups if not g.seq_indices]
+    assert len(idle) == 3
+    assert all(g.predicted_time_s == cm.call_time([2], 1, "ulysses") > 0 for g in idle)

@@ -21,6 +21,14 @@ to one group, minimising the makespan under the PACKED cost model: a group runs 
   then the fastest, re-scored packed, goes through ``assign.improve_packed`` (each group's strategy re-picked
   for its packed call, moves and swaps out of the slowest group, on the packed model itself).
 
+Ranks that share cores (``Cluster.cores_per_node``: CPU ranks outnumbering the host's cores): a plan's step time
+is ``CostModel.step_time`` (a group speeds up once other groups are done), not its slowest group, which the
+searches above optimise. Then the exact search's plan is one candidate among the others, every homogeneous plan
+also comes with its ``ISOLATED_LONGEST`` longest sequences alone on groups of their own
+(``assign.isolate_longest``), candidates are ordered and compared by step time, the winner goes through
+``assign.improve_step_time`` (moves of single sequences between its groups) after the packed search, and no
+status claims a proof (the lower bounds bound the slowest group).
+
 ``time_limit_s`` is a deadline for the whole call: every phase checks it (the homogeneous plans stop at 50% of
 it, the search at 80%; the greedy gets up to 70% of the search's time and ends early once within 0.2%; the
 MILP's own limit is what is left once its model is built, less a reserve for the re-balancing, and its solver
