@@ -28,12 +28,14 @@ def cost_model_for(world: int, mem_tokens: int | None = None) -> CostModel:
     return cm
 
 
-def auto_step_matches_reference(lengths, world, mem_tokens=None):
+def auto_step_matches_reference(lengths, world, mem_tokens=None, cores=None):
     model = MODELS["llama"]()
     gen = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 96, (n,), generator=gen) for n in lengths]
     ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
-    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world, mem_tokens))
+    cost_model = cost_model_for(world, mem_tokens)
+    cost_model = replace(cost_model, cluster=replace(cost_model.cluster, cores_per_node=cores))
+    sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model)
     prepared = sp_model.prepare(sequences)
     micro_batches = prepared if isinstance(prepared, list) else [prepared]
     loss, plan = 0.0, None
@@ -54,6 +56,15 @@ def test_auto_at_three_ranks_equals_one_process():
         assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
         assert sum(sizes) == 3
     assert all(r[2] == results[0][2] for r in results)  # every rank ran rank 0's plan
+
+
+def test_auto_on_shared_cores_equals_one_process():
+    # 4 ranks on 2 cores: plans scored by the shared-core step time (the longest sequence alone, idle groups)
+    results = run_distributed(auto_step_matches_reference, 4, [400, 20, 24, 16, 30, 18, 22], 4, None, 2)
+    for loss_err, grad_err, sizes, _, _ in results:
+        assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+        assert sum(sizes) == 4
+    assert all(r[2] == results[0][2] for r in results)
 
 
 def test_micro_batched_auto_step_equals_one_process():
