@@ -169,3 +169,25 @@ def test_an_idle_group_costs_its_placeholder_call():
     idle = [g for g in plan.groups if not g.seq_indices]
     assert len(idle) == 3
     assert all(g.predicted_time_s == cm.call_time([2], 1, "ulysses") > 0 for g in idle)
+
+
+def test_calibration_fits_the_effective_cores_from_a_step_with_idle_groups():
+    """Measurements made by a model whose ranks behave as sharing 3 cores (not the 2 the host has): the fit finds
+    3 from the one step in which half the groups were idle, and the call terms from the others."""
+    from dataclasses import replace
+
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    truth = replace(cm, coefficients=CostCoefficients(effective_cores=3.0, sequence_overhead_s=0.01))
+    data = [Measurement(n, 1, "ulysses", truth.seq_time(n, 1, "ulysses")) for n in (256, 1024, 4096)]
+    idle = Measurement(1024, 1, "ulysses", 1.0, busy_groups=2)
+    data.append(replace(idle, seconds=idle.predicted(truth)))
+    # the idle step, by simulation: two ranks busy for the whole call, the other two done after their placeholder
+    call, placeholder = truth.seq_time(1024, 1, "ulysses"), truth.group_time([], 1, "ulysses")
+    groups = [((0,), call), ((1,), call), ((2,), placeholder), ((3,), placeholder)]
+    assert data[-1].seconds < call  # the busy ranks sped up
+    fitted = cm.calibrate(data)
+    assert fitted.coefficients.effective_cores == pytest.approx(3.0, rel=0.02)
+    shared_3 = simulated_step(groups, per_node=4, world=4, cores=3)
+    assert fitted.step_time(groups) == pytest.approx(shared_3, rel=0.02)

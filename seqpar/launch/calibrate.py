@@ -35,7 +35,8 @@ from seqpar.solver.problem import build_plan
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
 
 DEFAULT_LENGTHS = (256, 1024, 4096)  # the longest anchors attention time where long-tail batches need it
-_CACHE_VERSION = 4  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths
+_CACHE_VERSION = 5  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths;
+# 5: effective_cores
 PACKED_SEQUENCES = 16  # sequences per group in the profile's packed calls
 
 
@@ -63,7 +64,7 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
                 seqs = [torch.randint(0, vocab_size, (int(length),), generator=gen).to(device)
                         for _ in range(world // degree)]
                 plan = static_plan([int(length)] * len(seqs), cost_model, degree, strategy)
-                cases.append((int(length), degree, strategy, seqs, plan, 1))
+                cases.append((int(length), degree, strategy, seqs, plan, 1, None))
             # PACKED short sequences of unequal lengths per group, one call (as real batches are: equal lengths
             # would take the kernels' one-batched-call path): the cost of a sequence in a packed call apart from
             # its tokens (``CostCoefficients.packed_sequence_s``)
@@ -72,19 +73,29 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
             seqs = [torch.randint(0, vocab_size, (n,), generator=gen).to(device) for _ in range(groups) for n in call]
             plan = build_plan(cost_model, np.array([int(s.numel()) for s in seqs]), [(degree, strategy)] * groups,
                               np.repeat(np.arange(groups), len(call)), status="static", note="calibration profile")
-            cases.append((call, degree, strategy, seqs, plan, len(call)))
+            cases.append((call, degree, strategy, seqs, plan, len(call), None))
+    if cost_model.cluster.shares_cores:
+        # ranks that share cores: the median length on the first half of the degree-1 groups, the others idle
+        # (their placeholder calls), as a plan with short groups leaves them: how much the busy ranks speed up
+        # (``CostCoefficients.effective_cores``)
+        length = sorted(int(x) for x in lengths)[len(lengths) // 2]
+        strategy, busy = cost_model.strategy_names(1)[0], (world + 1) // 2
+        seqs = [torch.randint(0, vocab_size, (length,), generator=gen).to(device) for _ in range(busy)]
+        plan = build_plan(cost_model, np.full(busy, length), [(1, strategy)] * world, np.arange(busy),
+                          status="static", note="calibration profile: idle groups")
+        cases.append((length, 1, strategy, seqs, plan, 1, busy))
     # rounds over every case (the first a warm-up), so a burst of load from other jobs hits all cases alike;
     # the least time of each: what the step costs when the machine lets it run (noise only adds time)
     times: list[list[float]] = [[] for _ in cases]
     for round_ in range(repeats + 1):
-        for k, (_, _, _, seqs, plan, _) in enumerate(cases):
+        for k, (_, _, _, seqs, plan, _, _) in enumerate(cases):
             elapsed = _time_step(sp_model, seqs, plan, group)
             if round_:
                 times[k].append(elapsed)
     sp_model.module.zero_grad(set_to_none=True)
-    return [Measurement(length, degree, strategy, min(t)) if packed == 1 else
+    return [Measurement(length, degree, strategy, min(t), busy_groups=busy) if packed == 1 else
             Measurement(round(sum(length) / packed), degree, strategy, min(t), packed, tuple(length))
-            for (length, degree, strategy, _, _, packed), t in zip(cases, times)]
+            for (length, degree, strategy, _, _, packed, busy), t in zip(cases, times)]
 
 
 def packed_lengths(shortest: int) -> list[int]:

@@ -409,6 +409,11 @@ class CostCoefficients:
             length (per-sequence kernel launches and bookkeeping of a varlen call; ``sequence_overhead_s`` is
             paid once per call). 0 on GPUs as modelled; on CPU ranks it is what makes many short sequences
             cheaper on small groups (each rank of a group runs every sequence of the call).
+        effective_cores: on ranks that share cores (``Cluster.cores_per_node``), how many cores they behave as
+            sharing in ``CostModel.step_time``, fitted from a profile step in which half the groups are idle
+            (``CostModel.calibrate``): ranks that wait in communication leave part of their share unused, so a
+            busy rank speeds up less than fair sharing of ``cores_per_node`` says once others are done. None:
+            ``cores_per_node``.
 
     Raises:
         ValueError: a non-positive efficiency or scale, or a negative overhead.
@@ -421,6 +426,7 @@ class CostCoefficients:
     sequence_overhead_s: float = 0.0
     strategy_terms: tuple[tuple[str, float, float], ...] = ()
     packed_sequence_s: float = 0.0
+    effective_cores: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
@@ -429,6 +435,8 @@ class CostCoefficients:
             raise ValueError(f"sequence_overhead_s must be >= 0, got {self.sequence_overhead_s!r}")
         if not (math.isfinite(self.packed_sequence_s) and self.packed_sequence_s >= 0):
             raise ValueError(f"packed_sequence_s must be >= 0, got {self.packed_sequence_s!r}")
+        if self.effective_cores is not None and not (math.isfinite(self.effective_cores) and self.effective_cores > 0):
+            raise ValueError(f"effective_cores must be None or > 0, got {self.effective_cores!r}")
         terms = []
         for term in self.strategy_terms:  # JSON gives lists: store tuples (the dataclass stays hashable)
             if len(term) != 3 or not isinstance(term[0], str):
@@ -450,7 +458,8 @@ class CostCoefficients:
 class Measurement:
     """One measured step: ``sequences`` sequences of ``length`` tokens packed into one call per group, SP
     ``degree``, ``strategy``, ``seconds``; ``lengths``: the call's sequence lengths when they differ (then
-    ``length`` is their mean, rounded, and ``sequences`` their count)."""
+    ``length`` is their mean, rounded, and ``sequences`` their count); ``busy_groups``: only the first this many
+    of the world's ``world // degree`` groups ran the call, the others were idle (None: every group)."""
 
     length: int
     degree: int
@@ -458,6 +467,7 @@ class Measurement:
     seconds: float
     sequences: int = 1
     lengths: tuple[int, ...] | None = None
+    busy_groups: int | None = None
 
     def __post_init__(self) -> None:
         if self.lengths is not None:  # JSON gives a list: store a tuple (the dataclass stays hashable)
@@ -470,8 +480,15 @@ class Measurement:
         return list(self.lengths) if self.lengths is not None else [self.length] * self.sequences
 
     def predicted(self, model: CostModel) -> float:
-        """What ``model`` says this measurement takes (``call_time`` of its packed call)."""
-        return model.call_time(self.call_lengths(), self.degree, self.strategy)
+        """What ``model`` says this measurement takes: ``call_time`` of its packed call, or with ``busy_groups``
+        the ``step_time`` of those groups beside idle ones (their placeholder calls)."""
+        call = model.call_time(self.call_lengths(), self.degree, self.strategy)
+        if self.busy_groups is None:
+            return call
+        idle = model.group_time([], self.degree, self.strategy)
+        groups = model.cluster.world_size // self.degree
+        return model.step_time((tuple(range(g * self.degree, (g + 1) * self.degree)),
+                                call if g < self.busy_groups else idle) for g in range(groups))
 
 
 @dataclass(frozen=True)
@@ -854,7 +871,8 @@ class CostModel:
         cluster = self.cluster
         if not cluster.shares_cores:
             return slowest
-        per_node, cores = cluster.gpus_per_node, cluster.cores_per_node
+        per_node = cluster.gpus_per_node
+        cores = self.coefficients.effective_cores or cluster.cores_per_node
         nodes: dict[int, list[tuple[int, float]]] = {}
         step = 0.0
         for ranks, t in groups:
@@ -982,11 +1000,28 @@ class CostModel:
         if len({m.length for m in data}) < 2:
             raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
                              "(quadratic) efficiencies cannot be separated; measure at least two lengths")
+        # steps with idle groups measure how ranks share cores (effective_cores), not the terms of a call
+        sharing = [m for m in data if m.busy_groups is not None]
+        data = [m for m in data if m.busy_groups is None]
         link = self._calibrate_link(data, max_iterations)
         measured = self._calibrate_measured_terms(data) if measured_terms else None
+        best = measured
         if measured is None or link.calibration_error(data) <= measured.calibration_error(data):
-            return link
-        return measured
+            best = link
+        return best._calibrate_effective_cores(sharing) if sharing and self.cluster.shares_cores else best
+
+    def _calibrate_effective_cores(self, data: list[Measurement]) -> CostModel:
+        """A copy whose ``effective_cores`` best fits ``data`` (steps with idle groups; squared log error), searched
+        between ``Cluster.cores_per_node`` and the ranks of a node (there sharing changes nothing)."""
+        low, high = float(self.cluster.cores_per_node), float(self.cluster.ranks_on_node(0))
+
+        def error(cores: float) -> float:
+            model = replace(self, coefficients=replace(self.coefficients, effective_cores=cores))
+            return model.calibration_error(data)
+
+        grid = np.linspace(low, high, 65)
+        return replace(self, coefficients=replace(self.coefficients,
+                                                  effective_cores=float(min(grid, key=error))))
 
     def calibration_error(self, measurements: Iterable[Measurement]) -> float:
         """Sum of squared log errors of ``seq_time`` against the measured seconds."""
