@@ -191,3 +191,15 @@ def test_calibration_fits_the_effective_cores_from_a_step_with_idle_groups():
     assert fitted.coefficients.effective_cores == pytest.approx(3.0, rel=0.02)
     shared_3 = simulated_step(groups, per_node=4, world=4, cores=3)
     assert fitted.step_time(groups) == pytest.approx(shared_3, rel=0.02)
+
+
+@pytest.mark.parametrize("world", [3, 4, 8])
+@pytest.mark.parametrize("lengths", [[700], [700, 30], [5, 3000, 40]])
+def test_planner_on_shared_cores_plans_steps_with_fewer_sequences_than_groups(world, lengths):
+    # a step of one long document: the longest-alone candidates must not ask for more sequences than there are
+    cm = CostModel(cluster(world, world, 2), SPEC)
+    plan = plan_step(lengths, cm, time_limit_s=0.5)
+    plan.validate(lengths, cm)
+    statics = [static_plan(lengths, cm, d, name).makespan_s for d in cm.cluster.degrees()
+               for name in cm.strategy_names(d)]
+    assert plan.makespan_s <= min(statics) * (1 + 1e-9)

@@ -166,7 +166,7 @@ def plan_step(
     if shared:  # the longest sequences alone, so their groups get the cores the short ones' groups free
         for s, shapes, _ in homogeneous:
             n_groups = shapes.count(s)
-            for k in range(1, min(ISOLATED_LONGEST, n_groups - 1) + 1):
+            for k in range(1, min(ISOLATED_LONGEST, n_groups - 1, problem.n) + 1):
                 candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, {k} longest alone",
                                    shapes, isolate_longest(problem, s, n_groups, k)))
     best_homo = homogeneous[0]
