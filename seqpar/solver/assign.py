@@ -293,8 +293,9 @@ def _packed_group_time(problem: Problem, seqs: list[int], s: int, checked: dict)
 
 def isolate_longest(problem: Problem, s: int, n_groups: int, k: int) -> np.ndarray:
     """``n_groups`` groups of shape ``s``: its ``k`` longest sequences (by their time on ``s``) each alone in
-    groups 0..k-1, the rest by ``lpt`` over the other groups (``k`` at most the sequences, below ``n_groups``). On ranks that share cores a long sequence's group
-    gets the cores the others free when they finish, so it need not share its group's time with short ones."""
+    groups 0..k-1, the rest by ``lpt`` over the other groups (``k`` at most the sequences, below ``n_groups``).
+    On ranks that share cores a long sequence's group gets the cores the others free when they finish, so it
+    need not share its group's time with short ones."""
     times = problem.times[s]
     order = np.argsort(-times, kind="stable")
     assign = np.empty(problem.n, dtype=np.int64)
