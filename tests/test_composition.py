@@ -193,14 +193,9 @@ def composed_step_matches_reference(model_name, lengths, *, strategy="ring", lin
         assert not batch["input_ids"].is_contiguous()
     else:
         batch = sequences
-    prepared = sp_model.prepare(batch, max_tokens_per_rank=budget)
-    micro_batches = prepared if isinstance(prepared, list) else [prepared]
-    loss, plan = 0.0, None
-    for local in micro_batches:
-        out = call(**local)
-        out.loss.backward()
-        loss += out.loss.item()
-        plan = out.plan
+    from tests.test_planner_runtime import train_micro_batches
+
+    loss, plan, ran = train_micro_batches(call, sp_model.prepare(batch, max_tokens_per_rank=budget))
     sp_model.sync_gradients()  # a no-op under FSDP2, whose reduce-scatter already summed
     grads = {n: _dense(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     missing = sorted(set(ref_grads) - set(grads))
@@ -211,8 +206,7 @@ def composed_step_matches_reference(model_name, lengths, *, strategy="ring", lin
     if compile:  # the SP attention calls the compiled graphs hold (0: Dynamo ran nothing of the model)
         compiled_sp_calls = recorder.count(torch.ops.seqpar.softmax_attention.default)
         torch._dynamo.reset()
-    return (abs(loss - ref_loss) / abs(ref_loss), (worst, errors[worst]), missing, sizes, len(micro_batches),
-            compiled_sp_calls)
+    return (abs(loss - ref_loss) / abs(ref_loss), (worst, errors[worst]), missing, sizes, ran, compiled_sp_calls)
 
 
 def check(results, *, replicas=1):

@@ -36,18 +36,24 @@ def auto_step_matches_reference(lengths, world, mem_tokens=None, cores=None):
     cost_model = cost_model_for(world, mem_tokens)
     cost_model = replace(cost_model, cluster=replace(cost_model.cluster, cores_per_node=cores))
     sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model)
-    prepared = sp_model.prepare(sequences)
-    micro_batches = prepared if isinstance(prepared, list) else [prepared]
-    loss, plan = 0.0, None
-    for local in micro_batches:
-        out = sp_model(**local)
-        out.loss.backward()
-        loss += out.loss.item()
-        plan = out.plan
+    loss, plan, ran = train_micro_batches(sp_model, sp_model.prepare(sequences))
     sp_model.sync_gradients()
     grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
     sizes = sorted(len(g.ranks) for g in plan.groups)
-    return abs(loss - ref_loss) / abs(ref_loss), grad_err, sizes, plan.num_micro_batches, len(micro_batches)
+    return abs(loss - ref_loss) / abs(ref_loss), grad_err, sizes, plan.num_micro_batches, ran
+
+
+def train_micro_batches(call, prepared):
+    """Forward + backward through ``call`` of every micro-batch ``SPModel.prepare`` gave (one dict, or a list):
+    the summed loss, the last step's plan and how many micro-batches ran."""
+    micro_batches = prepared if isinstance(prepared, list) else [prepared]
+    loss, plan = 0.0, None
+    for local in micro_batches:
+        out = call(**local)
+        out.loss.backward()
+        loss += out.loss.item()
+        plan = out.plan
+    return loss, plan, len(micro_batches)
 
 
 def test_auto_at_three_ranks_equals_one_process():

@@ -311,16 +311,23 @@ def test_plan_matches_brute_force_optimum_on_tiny_instances(world, per_node, len
     assert lower <= refined <= optimum * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("world, per_node, lengths, family", [c for c in tiny_instances() if c[3] == "slow"])
-def test_milp_decodes_without_loss_and_packing_only_helps(world, per_node, lengths, family):
-    # The MILP optimises the additive surrogate (Problem docstring); with a slot per group (world <= SLOTS) and
-    # a bucket per length its solution decodes to a plan whose surrogate makespan IS its objective, and the
-    # packed model (what the runtime runs) never scores that plan slower, for the softmax strategies.
+def solve_tiny_milp(world, per_node, lengths, family):
+    """The MILP (CBC, to optimality) on a tiny instance, warm-started from its best homogeneous plan:
+    ``(cost model, problem, that homogeneous plan, result)``."""
     cm = tiny_model(world, per_node, family)
     problem = Problem(lengths, cm, strategies=("ulysses", "ring", "token_ring"), linear_strategies=())
     homogeneous = min(_homogeneous(problem), key=lambda h: problem.makespan(h[1], h[2]))
     result = solve_milp(problem, make_buckets(problem, 16), [(homogeneous[1], homogeneous[2])],
                         time_limit_s=20.0, rel_gap=1e-9, solver="cbc")
+    return cm, problem, homogeneous, result
+
+
+@pytest.mark.parametrize("world, per_node, lengths, family", [c for c in tiny_instances() if c[3] == "slow"])
+def test_milp_decodes_without_loss_and_packing_only_helps(world, per_node, lengths, family):
+    # The MILP optimises the additive surrogate (Problem docstring); with a slot per group (world <= SLOTS) and
+    # a bucket per length its solution decodes to a plan whose surrogate makespan IS its objective, and the
+    # packed model (what the runtime runs) never scores that plan slower, for the softmax strategies.
+    cm, problem, homogeneous, result = solve_tiny_milp(world, per_node, lengths, family)
     assert result.status == "optimal"
     # (CBC writes its objective with 8 or 9 significant digits)
     assert problem.makespan(result.group_shapes, result.assign) == pytest.approx(result.objective, rel=1e-7)
@@ -425,11 +432,7 @@ def test_milp_pools_on_tiny_instances_decode_within_their_objective(world, per_n
     from seqpar.solver import milp
 
     monkeypatch.setattr(milp, "SLOTS", 2)
-    cm = tiny_model(world, per_node, family)
-    problem = Problem(lengths, cm, strategies=("ulysses", "ring", "token_ring"), linear_strategies=())
-    homogeneous = min(_homogeneous(problem), key=lambda h: problem.makespan(h[1], h[2]))
-    result = solve_milp(problem, make_buckets(problem, 16), [(homogeneous[1], homogeneous[2])],
-                        time_limit_s=20.0, rel_gap=1e-9, solver="cbc")
+    cm, problem, homogeneous, result = solve_tiny_milp(world, per_node, lengths, family)
     assert result.status == "optimal"
     assert result.decoded_s <= result.objective * (1 + 1e-7)
     assert result.objective <= problem.makespan(homogeneous[1], homogeneous[2]) * (1 + 1e-7)  # the warm start
