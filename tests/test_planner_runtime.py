@@ -122,9 +122,12 @@ def calibrate_twice(path):
     def no_profile(*args, **kwargs):
         raise AssertionError("profiled again although the cache matches")
 
-    calibrate.profile = no_profile
-    second = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128),
-                                             vocab_size=96)
+    profile, calibrate.profile = calibrate.profile, no_profile
+    try:  # the rank processes are reused by later tests: put profile back
+        second = calibrate.calibrated_cost_model(sp_model, base, path, model_name="tiny", lengths=(32, 128),
+                                                 vocab_size=96)
+    finally:
+        calibrate.profile = profile
     calibrate.use_cost_model(sp_model, second)
     return first.coefficients, second.coefficients, measured, sp_model.runner.config.cost_model is second
 
@@ -141,6 +144,29 @@ def test_calibration_profiles_every_shape_at_two_lengths_and_is_cached(tmp_path)
         packed = [m for m in measured if m["sequences"] > 1]
         assert len(packed) == len(shapes)
         assert all(len(set(m["lengths"])) > 1 and max(m["lengths"]) < 32 for m in packed)
+
+
+def calibrate_on_shared_cores(path, world):
+    from seqpar.launch import calibrate
+
+    cost_model = cost_model_for(world)
+    cost_model = replace(cost_model, cluster=replace(cost_model.cluster, cores_per_node=1))
+    sp_model = seqpar.parallelize(MODELS["llama"](), strategy="auto", cost_model=cost_model)
+    fitted = calibrate.calibrated_cost_model(sp_model, cost_model, path, model_name="tiny", lengths=(32, 128),
+                                             repeats=1, vocab_size=96)
+    return fitted.coefficients.effective_cores, calibrate._read(Path(path))["measurements"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_calibration_on_shared_cores_profiles_a_step_with_idle_groups(tmp_path, world):
+    # ranks on one core: the profile adds one degree-1 step with the second half of the groups idle, and the fit
+    # sets effective_cores between the host's core and the node's ranks
+    results = run_distributed(calibrate_on_shared_cores, world, str(tmp_path / "calibration.json"), world)
+    cores, measured = results[0]
+    idle_steps = [m for m in measured if m["busy_groups"] is not None]
+    assert [(m["degree"], m["busy_groups"]) for m in idle_steps] == [(1, (world + 1) // 2)]
+    assert 1.0 <= cores <= world
+    assert all(r[0] == cores for r in results)  # every rank plans with the same model
 
 
 def plan_ahead_budgets(lengths_per_step, world, step_seconds):

@@ -71,8 +71,11 @@ def profile(sp_model: Any, cost_model: CostModel, *, lengths: Sequence[int] = DE
             call = packed_lengths(min(int(x) for x in lengths))
             groups = world // degree
             seqs = [torch.randint(0, vocab_size, (n,), generator=gen).to(device) for _ in range(groups) for n in call]
-            plan = build_plan(cost_model, np.array([int(s.numel()) for s in seqs]), [(degree, strategy)] * groups,
-                              np.repeat(np.arange(groups), len(call)), status="static", note="calibration profile")
+            # ranks left over (3 = 2 + 1) run idle degree-1 groups, as static_plan leaves them
+            idle = [(1, cost_model.strategy_names(1)[0])] * (world - groups * degree)
+            plan = build_plan(cost_model, np.array([int(s.numel()) for s in seqs]),
+                              [(degree, strategy)] * groups + idle, np.repeat(np.arange(groups), len(call)),
+                              status="static", note="calibration profile")
             cases.append((call, degree, strategy, seqs, plan, len(call), None))
     if cost_model.cluster.shares_cores:
         # ranks that share cores: the median length on the first half of the degree-1 groups, the others idle
