@@ -3,6 +3,8 @@ process (tiny Llama, real gloo ranks)."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,17 +83,35 @@ def test_micro_batched_auto_step_equals_one_process():
         assert planned > 1 and ran == planned
 
 
-def planned_ahead_steps_match_reference(lengths_per_step, world):
+def kill_planning_worker(runner):
+    """Rank 0: SIGKILL the plan-ahead worker process and wait until it is gone."""
+    process = runner._prefetcher._process
+    process.kill()
+    process.wait()
+    return process.pid
+
+
+def planned_ahead_steps_match_reference(lengths_per_step, world, kill_workers=False):
+    """``kill_workers``: rank 0 kills the planning worker right after the first plan_ahead (before it can answer:
+    its start-up alone takes longer) and again before the last step's plan_ahead."""
     model = MODELS["llama"]()
     gen = torch.Generator().manual_seed(2)
     steps = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in lengths_per_step]
     sp_model = seqpar.parallelize(model, strategy="auto", cost_model=cost_model_for(world))
-    errors = []
+    runner = sp_model.runner
+    errors, killed = [], []
     sp_model.plan_ahead([s.numel() for s in steps[0]])
+    if kill_workers and runner.rank == 0:
+        killed.append(kill_planning_worker(runner))
     for k, sequences in enumerate(steps):
         ref_loss, ref_grads = reference_loss_and_grads(model, sequences)
-        local = sp_model.prepare(sequences)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            local = sp_model.prepare(sequences)
+        killed += [str(w.message) for w in caught if "planning it inline" in str(w.message)]
         if k + 1 < len(steps):
+            if kill_workers and runner.rank == 0 and k + 2 == len(steps):
+                killed.append(kill_planning_worker(runner))
             sp_model.plan_ahead([s.numel() for s in steps[k + 1]])
         out = sp_model(**local)
         out.loss.backward()
@@ -99,14 +119,28 @@ def planned_ahead_steps_match_reference(lengths_per_step, world):
         grad_err = max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads)
         errors.append((abs(out.loss.item() - ref_loss) / abs(ref_loss), grad_err))
         model.zero_grad(set_to_none=True)
-    return errors, sp_model.runner.plans_from_ahead
+    worker = runner._prefetcher.worker_pid if runner._prefetcher is not None else None
+    return errors, runner.plans_from_ahead, killed, worker
 
 
 def test_plans_made_a_step_ahead_are_used_and_correct():
     results = run_distributed(planned_ahead_steps_match_reference, 2, [[200, 30, 60], [90, 90, 16, 120]], 2)
-    for errors, _ in results:
+    for errors, *_ in results:
         assert all(loss_err < 1e-5 and grad_err < 1e-4 for loss_err, grad_err in errors), errors
     assert results[0][1] == 2  # rank 0 took both plans from the background planner
+    assert results[0][3] is not None and results[0][3] != os.getpid()  # ... a child process of its own
+
+
+def test_a_killed_planning_worker_costs_one_inline_plan_and_is_replaced():
+    lengths = [[200, 30, 60], [90, 90, 16, 120], [50, 150, 70]]
+    results = run_distributed(planned_ahead_steps_match_reference, 2, lengths, 2, True)
+    for errors, *_ in results:
+        assert all(loss_err < 1e-5 and grad_err < 1e-4 for loss_err, grad_err in errors), errors
+    errors, from_ahead, killed, worker = results[0]
+    first_pid, lost, second_pid = killed
+    assert "exited with code -9" in lost  # step 0's plan was lost with the worker: planned inline, with a warning
+    assert from_ahead == 2  # steps 1 and 2: a new worker after each kill (the second found dead at submit)
+    assert len({first_pid, second_pid, worker}) == 3
 
 
 def calibrate_twice(path):

@@ -6,9 +6,13 @@ sums to the world, every assignment of sequences to groups (subset DP), each gro
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import itertools
 import math
+import os
+import signal
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -18,6 +22,7 @@ import pytest
 from seqpar.launch.data import long_tail_lengths
 from seqpar.solver.milp import _dp_ends, make_buckets, solve_milp
 from seqpar.solver.planner import _homogeneous
+from seqpar.solver.prefetch import WorkerExited
 from seqpar.solver.problem import Problem
 from seqpar.strategies import planner_defaults
 from seqpar.solver import (
@@ -607,10 +612,11 @@ def test_hybrid_model_plans_use_linear_strategies():
     assert all("+" in g.strategy for g in plan.groups)
 
 
-def test_prefetcher_hands_back_the_plan_of_each_step():
+@pytest.mark.parametrize("use_process", [False, True])
+def test_prefetcher_hands_back_the_plan_of_each_step(use_process):
     cm = small_model(8, 4)
     steps = {0: [500, 7000, 20000], 1: [100, 200, 300, 40000]}
-    with PlanPrefetcher(cm, use_process=False, time_limit_s=10.0) as prefetcher:
+    with PlanPrefetcher(cm, use_process=use_process, time_limit_s=10.0) as prefetcher:
         for step, lengths in steps.items():
             prefetcher.submit(step, lengths)
         for step, lengths in steps.items():
@@ -632,6 +638,29 @@ def test_prefetcher_worker_process_returns_a_broadcastable_plan():
         plan = prefetcher.get(0, timeout=60)
     plan.validate(lengths, cm)
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_a_killed_prefetcher_worker_fails_the_waiting_step_instead_of_hanging():
+    cm = small_model(8, 4)
+    prefetcher = PlanPrefetcher(cm, time_limit_s=10.0)
+    prefetcher.submit(0, [500, 7000, 20000])
+    os.kill(prefetcher.worker_pid, signal.SIGKILL)  # before it can answer: its start-up alone takes longer
+    started = time.perf_counter()
+    with pytest.raises(WorkerExited, match="exited with code -9"):
+        prefetcher.get(0, timeout=60)
+    assert time.perf_counter() - started < 10
+    with pytest.raises(WorkerExited, match="has exited"):
+        prefetcher.submit(1, [100, 200])
+    prefetcher.close()
+
+
+def test_dropping_a_prefetcher_ends_its_worker_process():
+    prefetcher = PlanPrefetcher(small_model(8, 4), time_limit_s=10.0)
+    prefetcher.submit(0, [500, 7000])
+    process = prefetcher._process
+    del prefetcher
+    gc.collect()
+    assert process.wait(timeout=30) == 0  # its input closed: it finished the solve and exited by itself
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -44,6 +45,9 @@ PREFETCH_TIME_LIMIT_S = 5.0
 PLAN_AHEAD_MIN_S = 0.01
 PLAN_AHEAD_SHARE = {"cpu": 0.05}
 PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
+# How long a step waits for the plan made ahead before it plans inline (a stopped worker must not hang rank 0):
+# ten times the solve's budget, at least this.
+PLAN_WAIT_MIN_S = 60.0
 # The budget of a plan asked for before any step ran (nothing to scale): plan_step's own default.
 PLAN_AHEAD_FIRST_S = 1.0
 # A plan made inside the step (nothing planned ahead) stalls every rank while rank 0 solves: from the second
@@ -106,23 +110,26 @@ class StepRunner:
         if self.config.strategy != "auto" or self.rank != 0:
             return
         from seqpar.solver import PlanPrefetcher
+        from seqpar.solver.prefetch import WorkerExited
 
         if self._prefetcher is None:
-            # beside an accelerator a process keeps a long solve off this rank's interpreter; on the CPU (short
-            # solves that share the training cores anyway) and on a daemonic rank (test harnesses may not have
-            # children) a thread, which also saves a second interpreter's start-up (it imports torch again)
-            import multiprocessing
-
-            use_process = self._device_type != "cpu" and not multiprocessing.current_process().daemon
-            self._prefetcher = PlanPrefetcher(self.config.cost_model, use_process=use_process)
+            # a child process (PlanPrefetcher's docstring: a solver thread would hold the GIL this rank's training
+            # thread needs between operators)
+            self._prefetcher = PlanPrefetcher(self.config.cost_model)
         if self._ahead is not None:  # superseded before it was used: drop it
             self._prefetcher.discard(self._ahead_key)
         self._ahead_key += 1
         self._ahead = tuple(int(n) for n in seq_lens)
         budget = self.plan_ahead_budget() if time_limit_s is None else float(time_limit_s)
         self.last_plan_budget_s = budget
-        self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
-                                time_limit_s=budget)
+        try:
+            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
+                                    time_limit_s=budget)
+        except WorkerExited:  # the worker died since the last step (killed?): start another
+            self._prefetcher.close()
+            self._prefetcher = PlanPrefetcher(self.config.cost_model)
+            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
+                                    time_limit_s=budget)
 
     def plan_ahead_budget(self) -> float:
         """The budget of a plan made a step ahead: a share of the step it overlaps (``PLAN_AHEAD_SHARE`` of the
@@ -147,10 +154,20 @@ class StepRunner:
         """Rank 0: the prefetched plan for these lengths (waiting for it), or None when none was asked for them."""
         if self._ahead is None or self._ahead != tuple(int(n) for n in seq_lens):
             return None
+        from seqpar.solver.prefetch import WorkerExited
+
         self._ahead = None
         waited = time.perf_counter()
-        plan = self._prefetcher.get(self._ahead_key)
-        self.last_plan_wait_s = time.perf_counter() - waited
+        try:
+            plan = self._prefetcher.get(self._ahead_key, timeout=max(PLAN_WAIT_MIN_S, 10 * self.last_plan_budget_s))
+        except (WorkerExited, TimeoutError) as err:  # plan this step inline; the next plan_ahead starts a worker
+            warnings.warn(f"seqpar: the plan made ahead for this step is lost ({err}); planning it inline",
+                          RuntimeWarning, stacklevel=2)
+            self._prefetcher.close()
+            self._prefetcher = None
+            return None
+        finally:
+            self.last_plan_wait_s = time.perf_counter() - waited
         self.plans_from_ahead += 1
         return plan
 
