@@ -7,11 +7,13 @@ The reference is a time-stepped simulation of fair sharing, written here indepen
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from seqpar.solver import Cluster, CostModel, ModelSpec, plan_step, static_plan
+from seqpar.solver.problem import split_calls
 
 SPEC = ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn_hidden=128, vocab=256)
 
@@ -203,3 +205,35 @@ def test_planner_on_shared_cores_plans_steps_with_fewer_sequences_than_groups(wo
     statics = [static_plan(lengths, cm, d, name).makespan_s for d in cm.cluster.degrees()
                for name in cm.strategy_names(d)]
     assert plan.makespan_s <= min(statics) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("spec", [SPEC, replace(SPEC, layer_windows=(48, None)), SPEC.with_linear_layers(2)],
+                         ids=["softmax", "sliding-window", "hybrid-linear"])
+def test_step_time_search_times_a_moved_sequence_as_a_group_timed_from_scratch(spec):
+    """The search times a group with one sequence more or fewer from running sums (``_GroupTimer``); each such
+    time equals ``CostModel.group_time`` of the new member list, including a group pushed past its one-call
+    capacity (several calls) and an emptied one (its placeholder call)."""
+    from seqpar.solver.assign import _GroupTimer
+    from seqpar.solver.problem import Problem
+
+    rng = np.random.default_rng(3)
+    lengths = [int(x) for x in rng.integers(8, 400, 14)]
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=2), spec)
+    problem = Problem(lengths, cm)
+    for s, (degree, name) in enumerate(problem.shapes):
+        problem.cap[s] = 900  # a group of more than 900 tokens runs as several calls
+        members = [[0], list(range(1, 8)), list(range(8, 14))]
+        timer = _GroupTimer(problem, [s, s, s], members)
+
+        def scratch(seqs):
+            calls = split_calls(problem.lengths, seqs, 900) if seqs else []
+            micro = [[seqs.index(i) for i in call] for call in calls] if len(calls) > 1 else None
+            return cm.group_time([lengths[i] for i in seqs], degree, name, micro_batches=micro)
+
+        for g, seqs in enumerate(members):
+            assert timer.time(g) == pytest.approx(scratch(seqs), rel=1e-12)
+            for i in seqs:
+                assert timer.time_without(g, i) == pytest.approx(scratch([k for k in seqs if k != i]), rel=1e-12)
+            for i in range(len(lengths)):
+                if i not in seqs:
+                    assert timer.time_with(g, i) == pytest.approx(scratch(seqs + [i]), rel=1e-12)

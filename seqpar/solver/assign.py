@@ -305,6 +305,54 @@ def isolate_longest(problem: Problem, s: int, n_groups: int, k: int) -> np.ndarr
     return assign
 
 
+class _GroupTimer:
+    """Packed group times under moves of one sequence: each group's token total, count and ``attention_terms``
+    column sums are kept, so a group with one sequence more or less is timed from its sums
+    (``CostModel.packed_time_from_sums``) instead of from every member; a group whose total would pass its
+    shape's one-call capacity (several calls, ``split_calls``) or become empty is timed in full
+    (``_packed_group_time``)."""
+
+    def __init__(self, problem: Problem, group_shapes: list[int], members: list[list[int]]) -> None:
+        cm = problem.cost_model
+        self.problem, self.shapes, self.members = problem, group_shapes, members
+        self.checked: dict = {}
+        self.parts = {s: cm._check(*problem.shapes[s]) for s in set(group_shapes)}
+        self.terms = {s: cm.attention_terms(problem.lengths.astype(np.float64), problem.shapes[s][0],
+                                            self.parts[s]) for s in set(group_shapes)}
+        self.totals = [0.0] * len(members)
+        self.sums: list[np.ndarray] = [np.zeros(0)] * len(members)
+        for g in range(len(members)):
+            self.refresh(g)
+
+    def refresh(self, g: int) -> None:
+        """Recompute group ``g``'s sums from its members (after a move: no drift from repeated updates)."""
+        seqs = self.members[g]
+        self.totals[g] = float(self.problem.lengths[seqs].sum()) if seqs else 0.0
+        self.sums[g] = self.terms[self.shapes[g]][seqs].sum(axis=0)
+
+    def time(self, g: int) -> float:
+        """Group ``g``'s time with its members."""
+        return self._time(g, self.members[g], self.totals[g], self.sums[g])
+
+    def time_with(self, g: int, i: int) -> float:
+        """Group ``g``'s time with sequence ``i`` added."""
+        return self._time(g, self.members[g] + [i], self.totals[g] + float(self.problem.lengths[i]),
+                          self.sums[g] + self.terms[self.shapes[g]][i])
+
+    def time_without(self, g: int, i: int) -> float:
+        """Group ``g``'s time with its member ``i`` removed."""
+        return self._time(g, [k for k in self.members[g] if k != i], self.totals[g] - float(self.problem.lengths[i]),
+                          self.sums[g] - self.terms[self.shapes[g]][i])
+
+    def _time(self, g: int, seqs: list[int], total: float, sums: np.ndarray) -> float:
+        s, problem = self.shapes[g], self.problem
+        if not seqs or total > problem.cap[s]:
+            return _packed_group_time(problem, seqs, s, self.checked)
+        return problem.cost_model.packed_time_from_sums(total, len(seqs), sums.tolist(),
+                                                        float(problem.lengths[seqs].min()), problem.shapes[s][0],
+                                                        self.parts[s])
+
+
 def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndarray, *, deadline: float,
                       tries: int = 12) -> np.ndarray | None:
     """Local search on the step time of ranks that share cores (``CostModel.step_time`` of the packed group times
@@ -317,12 +365,14 @@ def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndar
     members: list[list[int]] = [[] for _ in group_shapes]
     for i, g in enumerate(np.asarray(assign).tolist()):
         members[g].append(i)
-    checked: dict = {}
+    if time.perf_counter() > deadline:
+        return None
+    timer = _GroupTimer(problem, list(group_shapes), members)
     times = []
-    for g, seqs in enumerate(members):
+    for g in range(len(members)):
         if time.perf_counter() > deadline:
             return None
-        times.append(_packed_group_time(problem, seqs, group_shapes[g], checked))
+        times.append(timer.time(g))
     step = cm.step_time(zip(ranks, times))
     while time.perf_counter() < deadline:
         best = None
@@ -330,21 +380,25 @@ def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndar
             for i in sorted(seqs, key=lambda k: -int(problem.lengths[k]))[:tries]:
                 if time.perf_counter() > deadline:
                     break
-                t_a = _packed_group_time(problem, [k for k in seqs if k != i], group_shapes[a], checked)
+                t_a = timer.time_without(a, i)
                 for b in range(len(members)):
                     if b == a:
                         continue
-                    t_b = _packed_group_time(problem, members[b] + [i], group_shapes[b], checked)
+                    t_b = timer.time_with(b, i)
                     trial = list(times)
                     trial[a], trial[b] = t_a, t_b
                     t = cm.step_time(zip(ranks, trial))
                     if t < step * (1 - 1e-9) and (best is None or t < best[0]):
-                        best = (t, i, a, b, t_a, t_b)
+                        best = (t, i, a, b)
         if best is None:
             break
-        step, i, a, b, times[a], times[b] = best
+        _, i, a, b = best
         members[a].remove(i)
         members[b].append(i)
+        for g in (a, b):
+            timer.refresh(g)
+            times[g] = timer.time(g)
+        step = cm.step_time(zip(ranks, times))
     out = np.empty(problem.n, dtype=np.int64)
     for g, seqs in enumerate(members):
         out[seqs] = g

@@ -754,17 +754,33 @@ class CostModel:
         return self._packed_time(S, degree, parts)
 
     def _packed_time(self, S: np.ndarray, degree: int, parts) -> float:
+        sums = [math.fsum(column.tolist()) for column in self.attention_terms(S, degree, parts).T]
+        return self.packed_time_from_sums(math.fsum(S.tolist()), S.size, sums, float(S.min()), degree, parts)
+
+    def attention_terms(self, S: np.ndarray, degree: int, parts) -> np.ndarray:
+        """Each sequence's attention compute in a packed call on a group of ``degree``: shape ``(len(S), 2 T)``,
+        forward and backward seconds of each of the T layer terms (``_layer_terms`` of ``parts``, the pair
+        ``_check`` returns). A call's time depends on its sequences only through the column sums of these rows,
+        its token total, its sequence count and its shortest sequence (``packed_time_from_sums``), so a search
+        that moves sequences between groups updates those sums instead of re-timing the group."""
+        columns = []
+        for _, kind, _, _, window in self._layer_terms(parts):
+            columns += self._attention_compute(S, degree, kind, window)
+        return np.stack(columns, axis=1) if columns else np.zeros((S.size, 0))
+
+    def packed_time_from_sums(self, total: float, count: int, sums: Sequence[float], shortest: float, degree: int,
+                              parts) -> float:
+        """``call_time`` of a packed call of ``count`` sequences, ``total`` tokens, shortest ``shortest`` tokens,
+        whose ``attention_terms`` rows add up to ``sums`` (module docstring: dense compute on the total, attention
+        compute per sequence inside each layer's term, latency and ``sequence_overhead_s`` once)."""
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
-        total = math.fsum(S.tolist())
         t = (total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-             + S.size * c.packed_sequence_s)
-        for count, kind, entry, delta_rule, window in self._layer_terms(parts):
-            forward, backward = self._attention_compute(S, degree, kind, window)
-            shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else float(S.min()))
-            layer = self._entry_layer_time(entry, delta_rule)(
-                shape, math.fsum(forward.tolist()), math.fsum(backward.tolist()), self._link(degree))
-            t = t + count * float(layer)
+             + count * c.packed_sequence_s)
+        for k, (layers, _, entry, delta_rule, window) in enumerate(self._layer_terms(parts)):
+            shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else shortest)
+            layer = self._entry_layer_time(entry, delta_rule)(shape, sums[2 * k], sums[2 * k + 1], self._link(degree))
+            t = t + layers * float(layer)
         return float(t)
 
     def call_overhead(self, degree: int, strategy: str) -> float:
@@ -932,7 +948,13 @@ class CostModel:
 
     def max_call_tokens(self, degree: int, strategy: str) -> int:
         """The most tokens one packed call may hold on a group of ``degree`` within ``cluster.mem_bytes``
-        (``call_memory`` grows with the packed total); 0 when even the model state does not fit."""
+        (``call_memory`` grows with the packed total); 0 when even the model state does not fit.
+
+        Cached per cost model, shape and registry entries (every plan asks it for every shape, and the search
+        for the boundary takes a millisecond or more: a third of a small plan's budget on a CPU)."""
+        return _cached_max_call_tokens(self, degree, strategy, tuple(map(id, self._registered(strategy))))
+
+    def _max_call_tokens(self, degree: int, strategy: str) -> int:
         mem = self.cluster.mem_bytes
 
         def need(tokens: int) -> float:
@@ -1137,3 +1159,10 @@ def _nnls(basis: np.ndarray, target: np.ndarray) -> np.ndarray:
             passive &= x > 1e-15
             x[~passive] = 0.0
     return x
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_max_call_tokens(cost_model: CostModel, degree: int, strategy: str, entries: tuple[int, ...]) -> int:
+    """``CostModel.max_call_tokens``; ``entries`` (the ids of the strategy's registry entries) keys the cache on
+    the registry too, so a re-registered strategy is measured anew."""
+    return cost_model._max_call_tokens(degree, strategy)

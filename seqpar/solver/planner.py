@@ -73,6 +73,7 @@ __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
 SOLVERS = ("auto", "cbc", "highs", "greedy")
 ISOLATED_LONGEST = 2  # ranks that share cores: homogeneous candidates with up to this many longest sequences alone
+STEP_TIME_STARTS = 3  # ranks that share cores: the step-time search starts from this many of the best plans
 
 
 def plan_step(
@@ -175,8 +176,9 @@ def plan_step(
     candidates.append(("homogeneous + local search", best_homo[1],
                        improve(problem, best_homo[1], best_homo[2], deadline=_before(0.1 * left, search_deadline))))
     warm_plans = [(best_homo[1], best_homo[2])]
+    # shared cores: the slowest-group searches (greedy, MILP) get less, the step-time search below the rest
     greedy = greedy_groups(problem, problem.makespan(best_homo[1], best_homo[2]),
-                           deadline=_before(0.7 * left, search_deadline))
+                           deadline=_before((0.2 if shared else 0.7) * left, search_deadline))
     if greedy is not None:
         greedy_assign = improve(problem, *greedy, deadline=_before(0.05 * left, search_deadline))
         candidates.append(("greedy", greedy[0], greedy_assign))
@@ -187,6 +189,9 @@ def plan_step(
         solver = "highs" if _highs_available() else "cbc"
     if solver == "greedy":
         why = "solver='greedy'"
+    elif shared:
+        why = "ranks share cores: the MILP minimises the slowest group, not the step time; its time goes to the " \
+              "step-time search"
     else:
         budget = search_deadline - time.perf_counter() - reserve
         if budget < 0.05:
@@ -227,6 +232,8 @@ def plan_step(
         now = time.perf_counter()
         if plans and (now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s):
             break
+        if shared and len(plans) >= 2 * STEP_TIME_STARTS:  # the rest of the budget: the step-time searches
+            break
         name, shapes, assign = candidates[k]
         if plans and not shared and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
             skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
@@ -251,14 +258,23 @@ def plan_step(
             name, best = f"{name} + packed search", plan
             plans.insert(0, (name, plan))
             winner = (name, polished[0], polished[1])
-    if shared:  # the step time, not the slowest group: move sequences between the winner's groups
-        moved = improve_step_time(problem, list(winner[1]), winner[2],
-                                  deadline=end - 1.5 * rescore_s)
-        if moved is not None and not np.array_equal(moved, winner[2]):
-            plan = problem.to_plan(winner[1], moved, status=status, note="", bucket_cost_ratio=bucket_ratio)
-            if plan.makespan_s < best.makespan_s * (1 - 1e-12):
-                name, best = f"{name} + step-time search", plan
-                plans.insert(0, (name, plan))
+    if shared:
+        # the step time, not the slowest group: move sequences between the groups of each of the best
+        # STEP_TIME_STARTS plans, best first, each search with an equal share of the time left (from the winner
+        # alone the search can stop above where it ends from the runner-up)
+        starts = [winner] + [next(c for c in candidates if c[0] == n) for n, _ in
+                             sorted(plans, key=lambda p: p[1].makespan_s) if n != name][:STEP_TIME_STARTS - 1]
+        for k, (start_name, shapes, assign) in enumerate(starts):
+            now = time.perf_counter()
+            stop = end - 1.5 * rescore_s
+            if now >= stop:
+                break
+            moved = improve_step_time(problem, list(shapes), assign, deadline=now + (stop - now) / (len(starts) - k))
+            if moved is not None and not np.array_equal(moved, assign):
+                plan = problem.to_plan(shapes, moved, status=status, note="", bucket_cost_ratio=bucket_ratio)
+                if plan.makespan_s < best.makespan_s * (1 - 1e-12):
+                    name, best = f"{start_name} + step-time search", plan
+                    plans.insert(0, (name, plan))
     best.solver_status = status
     scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in plans[:6])
     how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",
