@@ -237,3 +237,30 @@ def test_step_time_search_times_a_moved_sequence_as_a_group_timed_from_scratch(s
             for i in range(len(lengths)):
                 if i not in seqs:
                     assert timer.time_with(g, i) == pytest.approx(scratch(seqs + [i]), rel=1e-12)
+
+
+def test_greedy_step_time_with_its_search_is_near_the_brute_force_optimum():
+    """4 ranks on 2 cores, degree-1 groups, one long sequence and six short ones: greedy_step_time (then
+    improve_step_time) against every assignment of the 7 sequences to the 4 groups, each timed with
+    CostModel.group_time and step_time directly."""
+    from seqpar.solver.assign import greedy_step_time, improve_step_time
+    from seqpar.solver.problem import Problem, placed_ranks
+
+    cm = CostModel(cluster(4, 4, 2), SPEC)
+    lengths = [2048, 300, 260, 200, 150, 120, 64]
+    problem = Problem(lengths, cm)
+    s = next(k for k, (d, _) in enumerate(problem.shapes) if d == 1)
+    shapes = [s] * 4
+    ranks = placed_ranks([1] * 4)
+    subset_time = {mask: cm.group_time([lengths[i] for i in range(7) if mask >> i & 1], *problem.shapes[s])
+                   for mask in range(1 << 7)}
+
+    def step(assign):
+        masks = [sum(1 << i for i in range(7) if assign[i] == g) for g in range(4)]
+        return cm.step_time(zip(ranks, [subset_time[m] for m in masks]))
+
+    optimum = min(step(a) for a in itertools.product(range(4), repeat=7))
+    greedy = greedy_step_time(problem, shapes, deadline=float("inf"))
+    searched = improve_step_time(problem, shapes, greedy, deadline=float("inf"))
+    assert step(searched) <= step(greedy) * (1 + 1e-12)
+    assert step(searched) <= optimum * 1.02, (step(searched), optimum)

@@ -353,6 +353,39 @@ class _GroupTimer:
                                                         self.parts[s])
 
 
+def greedy_step_time(problem: Problem, group_shapes: list[int], *, deadline: float) -> np.ndarray | None:
+    """An assignment to groups of ``group_shapes`` for ranks that share cores: sequences longest first, each into
+    the group where the step time (``CostModel.step_time``) of what is placed so far is least. On shared cores a
+    group that finishes before the slowest one costs little (its cores go to the others), so this fills groups
+    up to the longest one where LPT would balance them. None if ``deadline`` passes or a sequence fits nowhere."""
+    cm = problem.cost_model
+    ranks = placed_ranks([problem.shapes[s][0] for s in group_shapes])
+    members: list[list[int]] = [[] for _ in group_shapes]
+    timer = _GroupTimer(problem, list(group_shapes), members)
+    times = [timer.time(g) for g in range(len(members))]
+    for i in np.argsort(-problem.lengths, kind="stable").tolist():
+        if time.perf_counter() > deadline:
+            return None
+        best = None
+        for g in range(len(members)):
+            trial = list(times)
+            trial[g] = timer.time_with(g, i)
+            if math.isfinite(trial[g]):
+                t = cm.step_time(zip(ranks, trial))
+                if best is None or t < best[0]:
+                    best = (t, g)
+        if best is None:
+            return None
+        g = best[1]
+        members[g].append(i)
+        timer.refresh(g)
+        times[g] = timer.time(g)
+    out = np.empty(problem.n, dtype=np.int64)
+    for g, seqs in enumerate(members):
+        out[seqs] = g
+    return out
+
+
 def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndarray, *, deadline: float,
                       tries: int = 12) -> np.ndarray | None:
     """Local search on the step time of ranks that share cores (``CostModel.step_time`` of the packed group times

@@ -58,6 +58,7 @@ import numpy as np
 from seqpar.solver.assign import (
     earliest_finish,
     greedy_groups,
+    greedy_step_time,
     improve,
     improve_packed,
     improve_step_time,
@@ -73,6 +74,7 @@ __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
 
 SOLVERS = ("auto", "cbc", "highs", "greedy")
 ISOLATED_LONGEST = 2  # ranks that share cores: homogeneous candidates with up to this many longest sequences alone
+STEP_TIME_GREEDY_GROUPS = 3  # ranks that share cores: homogeneous plans of this many groups get greedy_step_time
 STEP_TIME_STARTS = 3  # ranks that share cores: the step-time search starts from this many of the best plans
 
 
@@ -170,6 +172,13 @@ def plan_step(
             for k in range(1, min(ISOLATED_LONGEST, n_groups - 1, problem.n) + 1):
                 candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, {k} longest alone",
                                    shapes, isolate_longest(problem, s, n_groups, k)))
+            # many groups: fill them by the step time itself (a few ms; 3x faster to a better plan than the
+            # step-time search from the longest alone, measured on bimodal batches)
+            filled = (greedy_step_time(problem, shapes, deadline=started + 0.5 * time_limit_s)
+                      if n_groups >= STEP_TIME_GREEDY_GROUPS else None)
+            if filled is not None:
+                candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, step-time greedy",
+                                   shapes, filled))
     best_homo = homogeneous[0]
     left = max(search_deadline - time.perf_counter(), 0.0)
     reserve = 0.05 + 0.15 * left  # to re-balance the MILP's plan
