@@ -3,14 +3,19 @@
 4 local gloo ranks, llama-tiny. Each configuration is one seqpar-train run (``train``) on 4 rank processes started
 once for the whole benchmark (``seqpar.launch.ranks.WorkerPool``: no rank start-up in any run). Runs are
 interleaved: round r runs every mix x configuration once, each mix's configurations starting at configuration r, so
-a drifting load favours none. A configuration's score is the median tokens/s over every step of every round after
-each run's first ``WARMUP_STEPS`` (step 1 plans inline and warms the kernels, step 2 is the first planned ahead): on
-2 shared cores one step's tokens/s varies by +-20% and a whole round can run 25% slower than the next, so the steps
-of all rounds are pooled (each round's median is printed beside it), and auto is also compared with the best static
-configuration round by round (the median of the per-round ratios: a slow round slows both). ``auto`` is what a user
-gets with ``--strategy auto --calibrate``: the calibration is profiled once, before the timed rounds, and read from
-its cache file in every run; each step's plan is made while the step before trains, with a budget of 5% of that step
-on the CPU.
+a drifting load favours none. Every run of a mix trains on the same batches (``--seed 1``), step for step.
+
+A run's score is its throughput: the tokens of every step after its first ``WARMUP_STEPS`` (step 1 plans inline
+and warms the kernels, step 2 is the first planned ahead) over the seconds those steps took, which is what a
+training job gets. (Until this version the score was the median of the steps' tokens/s; that weighs a 0.7 s step
+with a 4096-token sequence like a 0.3 s step of short ones, and it is on the long steps that the right layout
+matters most.) A configuration's score is the median over rounds; on 2 shared cores a whole round can run 25%
+slower than the next, so auto is also compared with each static configuration round by round (the median of the
+per-round ratios: a slow round slows both) and step by step (``paired``: the median over every round and timed
+step of the static run's seconds over auto's for the same batch). The pooled median of the steps' tokens/s, the
+old score, is printed beside. ``auto`` is what a user gets with ``--strategy auto --calibrate``: the calibration
+is profiled once, before the timed rounds, and read from its cache file in every run; each step's plan is made
+while the step before trains, in a planning process of its own, with a budget of 5% of that step on the CPU.
 
 Static baselines, every degree a static run can have: ring and ulysses at degree 4 (every sequence on all 4
 ranks), ``ring_x2`` and ``ulysses_x2`` at degree 2 (``--dp 2``: 2 data-parallel replicas of 2-rank SP groups) and
@@ -35,7 +40,7 @@ On this CPU 4 ranks share 2 cores: the planner scores a plan by the step time un
 The machine's 2 cores are shared with other jobs: the load average is recorded per round, and only side-by-side
 ratios (interleaved) are meaningful.
 
-    python bench/train_auto.py                 # 5 rounds of 8 steps: ~12 min on 2 idle cores
+    python bench/train_auto.py                 # 6 rounds of 12 steps: ~20 min on 2 idle cores
     python bench/train_auto.py --overhead      # the auto path's own cost on the short mix (below), ~4 min
 
 ``--overhead``: CPU seconds (all 4 ranks) and wall seconds per step of ``degree1``, ``auto`` and ``auto`` with
@@ -80,7 +85,39 @@ def train_run(argv):
     args = train_mod.build_parser().parse_args(argv)
     train_mod.validate_args(args)
     history = train_mod.train(args)
-    return [(h["tokens_per_s"], h.get("plan", ""), h.get("plan_wait_s")) for h in history]
+    return [(h["tokens"], h["seconds"], h.get("plan", ""), h.get("plan_wait_s")) for h in history]
+
+
+def throughput(steps: list[tuple[int, float]]) -> float:
+    """Tokens per second of a run's timed steps, ``(tokens, seconds)`` each: its total tokens over its total time."""
+    return sum(n for n, _ in steps) / sum(t for _, t in steps)
+
+
+def score(results: dict, mixes: list[str]) -> list[dict]:
+    """Print and return the table: per mix and configuration the median throughput over rounds, auto over each
+    configuration round by round and step by step (module docstring)."""
+    rows = []
+    print("| mix | strategy | tokens/s (median of runs) | per round | vs best static | auto faster: per round |"
+          " per step (paired) | median step tokens/s (old score) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for mix in mixes:
+        runs = {s: [throughput(steps) for steps in v] for s, v in results[mix].items()}
+        medians = {s: statistics.median(v) for s, v in runs.items()}
+        best_static = max((s for s in STRATEGIES if s != "auto"), key=medians.get)
+        for s in STRATEGIES:
+            per_round = [a / b for a, b in zip(runs["auto"], runs[s])]
+            paired = [b_t / a_t for a_run, b_run in zip(results[mix]["auto"], results[mix][s])
+                      for (_, a_t), (_, b_t) in zip(a_run, b_run)]
+            old = statistics.median(n / t for steps in results[mix][s] for n, t in steps)
+            rows.append({"mix": mix, "strategy": s, "tokens_per_s": medians[s], "round_throughputs": runs[s],
+                         "steps": results[mix][s], "over_best_static": medians[s] / medians[best_static],
+                         "best_static": best_static, "auto_over_this_per_round": per_round,
+                         "auto_over_this_paired_steps": statistics.median(paired),
+                         "median_step_tokens_per_s": old})
+            print(f"| {mix} | {s} | {medians[s]:.0f} | {', '.join(f'{x:.0f}' for x in runs[s])} | "
+                  f"{medians[s] / medians[best_static]:.3f} | median {statistics.median(per_round):.3f} "
+                  f"({min(per_round):.2f}-{max(per_round):.2f}) | {statistics.median(paired):.3f} | {old:.0f} |")
+    return rows
 
 
 def timed_run(argv, fixed_budget_s=None):
@@ -154,8 +191,8 @@ def argv_for(mix: str, strategy: str, steps: int, calibration: str) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     parser.add_argument("--overhead", action="store_true", help="measure the auto path's own cost instead")
     args = parser.parse_args()
@@ -173,7 +210,7 @@ def main() -> None:
         if args.overhead:
             overhead(pool, rounds, calibration)
             return
-        results = {mix: {s: [] for s in STRATEGIES} for mix in args.mixes}  # per round: its steps' tokens/s
+        results = {mix: {s: [] for s in STRATEGIES} for mix in args.mixes}  # per round: (tokens, seconds) per step
         plans = {mix: [] for mix in args.mixes}
         waits = {mix: [] for mix in args.mixes}
         for r in range(rounds):
@@ -181,36 +218,15 @@ def main() -> None:
                 # each round starts at another configuration: a load that drifts during a round favours none
                 for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
                     steps = pool.run(train_run, (argv_for(mix, strategy, args.steps, calibration),), {}, 3600)[0]
-                    results[mix][strategy].append([t for t, _, _ in steps[WARMUP_STEPS:]])
+                    results[mix][strategy].append([(n, t) for n, t, _, _ in steps[WARMUP_STEPS:]])
                     if strategy == "auto":
-                        plans[mix] += [p for _, p, _ in steps]
-                        waits[mix] += [w for _, _, w in steps[WARMUP_STEPS:] if w is not None]
+                        plans[mix] += [p for _, _, p, _ in steps]
+                        waits[mix] += [w for _, _, _, w in steps[WARMUP_STEPS:] if w is not None]
             loads.append(os.getloadavg())
             print(f"round {r + 1} done, load {loads[-1][0]:.1f}", flush=True)
     finally:
         pool.close()
-    rows = []
-    print("| mix | strategy | tokens/s (median of all timed steps) | per round | vs best static |")
-    print("| --- | --- | --- | --- | --- |")
-    for mix in args.mixes:
-        medians = {s: statistics.median(t for steps in v for t in steps) for s, v in results[mix].items()}
-        best_static = max((s for s in STRATEGIES if s != "auto"), key=medians.get)
-        for s in STRATEGIES:
-            ratio = medians[s] / medians[best_static]
-            per_round = [statistics.median(steps) for steps in results[mix][s]]
-            rows.append({"mix": mix, "strategy": s, "tokens_per_s": medians[s], "round_medians": per_round,
-                         "steps": results[mix][s], "over_best_static": ratio, "best_static": best_static})
-            per_round = ", ".join(f"{x:.0f}" for x in per_round)
-            print(f"| {mix} | {s} | {medians[s]:.0f} | {per_round} | {ratio:.2f} |")
-    for mix in args.mixes:
-        best_static = next(r["best_static"] for r in rows if r["mix"] == mix)
-        paired = [statistics.median(a) / statistics.median(b)
-                  for a, b in zip(results[mix]["auto"], results[mix][best_static])]
-        for r in rows:
-            if r["mix"] == mix and r["strategy"] == "auto":
-                r["over_best_static_per_round"] = paired
-        print(f"{mix}: auto / {best_static} round by round: {', '.join(f'{x:.2f}' for x in paired)} "
-              f"(median {statistics.median(paired):.2f})")
+    rows = score(results, args.mixes)
     for mix in args.mixes:
         if waits[mix]:
             print(f"{mix}: auto waited for its prefetched plan median {statistics.median(waits[mix]) * 1e3:.1f} ms, "
@@ -223,7 +239,8 @@ def main() -> None:
                    "calibration": json.load(open(calibration)) if os.path.exists(calibration) else None,
                    "load_average_per_round": loads, "wall_s": time.perf_counter() - started,
                    "note": "2 CPU cores shared with other jobs (see the load averages); one pool of 4 ranks, runs "
-                           "interleaved, medians"}, f, indent=1)
+                           "interleaved; a run's score is its throughput (tokens / seconds of its timed steps), a "
+                           "configuration's the median over rounds"}, f, indent=1)
 
 
 if __name__ == "__main__":
