@@ -43,11 +43,11 @@ ratios (interleaved) are meaningful.
     python bench/train_auto.py                 # 6 rounds of 12 steps: ~20 min on 2 idle cores
     python bench/train_auto.py --overhead      # the auto path's own cost on the short mix (below), ~4 min
 
-``--overhead``: CPU seconds (all 4 ranks and rank 0's planning process) and wall seconds per step of ``degree1``, ``auto`` and ``auto`` with
-the fixed 5 s plan-ahead budget it had before issue 16's fix, on the ``short`` mix, where auto runs degree1's
-layout: any difference is the auto path's own cost. Each is the difference between a 10-step and a 2-step run
-(start-up and warm-up cancel), interleaved rounds, medians -> results/train_auto_overhead.json. CPU seconds
-barely depend on the load from other jobs; wall seconds do.
+``--overhead``: CPU seconds (all 4 ranks and rank 0's planning process) and wall seconds per step of ``degree1``,
+``auto`` and ``auto`` with the fixed 5 s plan-ahead budget it had before issue 16's fix, on the ``short`` mix, where
+auto runs degree1's layout: any difference is the auto path's own cost. Each is the difference between a 10-step
+and a 2-step run (start-up and warm-up cancel), interleaved rounds, medians -> results/train_auto_overhead.json.
+CPU seconds barely depend on the load from other jobs; wall seconds do.
 """
 
 from __future__ import annotations
