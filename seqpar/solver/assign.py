@@ -317,6 +317,7 @@ class _GroupTimer:
         self.problem, self.shapes, self.members = problem, group_shapes, members
         self.checked: dict = {}
         self.parts = {s: cm._check(*problem.shapes[s]) for s in set(group_shapes)}
+        self.packed_time = {s: cm.packed_time_function(problem.shapes[s][0], self.parts[s]) for s in self.parts}
         self.terms = {s: cm.attention_terms(problem.lengths.astype(np.float64), problem.shapes[s][0],
                                             self.parts[s]) for s in set(group_shapes)}
         self.totals = [0.0] * len(members)
@@ -348,9 +349,7 @@ class _GroupTimer:
         s, problem = self.shapes[g], self.problem
         if not seqs or total > problem.cap[s]:
             return _packed_group_time(problem, seqs, s, self.checked)
-        return problem.cost_model.packed_time_from_sums(total, len(seqs), sums.tolist(),
-                                                        float(problem.lengths[seqs].min()), problem.shapes[s][0],
-                                                        self.parts[s])
+        return self.packed_time[s](total, len(seqs), sums.tolist(), float(problem.lengths[seqs].min()))
 
 
 def greedy_step_time(problem: Problem, group_shapes: list[int], *, deadline: float) -> np.ndarray | None:

@@ -771,17 +771,29 @@ class CostModel:
     def packed_time_from_sums(self, total: float, count: int, sums: Sequence[float], shortest: float, degree: int,
                               parts) -> float:
         """``call_time`` of a packed call of ``count`` sequences, ``total`` tokens, shortest ``shortest`` tokens,
-        whose ``attention_terms`` rows add up to ``sums`` (module docstring: dense compute on the total, attention
-        compute per sequence inside each layer's term, latency and ``sequence_overhead_s`` once)."""
+        whose ``attention_terms`` rows add up to ``sums`` (``packed_time_function``)."""
+        return self.packed_time_function(degree, parts)(total, count, sums, shortest)
+
+    def packed_time_function(self, degree: int, parts):
+        """``f(total, count, sums, shortest)``: ``packed_time_from_sums`` on a group of ``degree`` with the
+        strategy pair ``parts``, its per-shape terms resolved once (a search times thousands of calls of one shape).
+        Module docstring: dense compute on the total, attention compute per sequence inside each layer's term,
+        latency and ``sequence_overhead_s`` once."""
         m, c = self.model, self.coefficients
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
-        t = (total / degree * dense_flops / self._flops_per_s(c.dense_efficiency) + c.sequence_overhead_s
-             + count * c.packed_sequence_s)
-        for k, (layers, _, entry, delta_rule, window) in enumerate(self._layer_terms(parts)):
-            shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else shortest)
-            layer = self._entry_layer_time(entry, delta_rule)(shape, sums[2 * k], sums[2 * k + 1], self._link(degree))
-            t = t + layers * float(layer)
-        return float(t)
+        dense_per_token = dense_flops / degree / self._flops_per_s(c.dense_efficiency)
+        link = self._link(degree)
+        terms = [(layers, self._entry_layer_time(entry, delta_rule), delta_rule, window)
+                 for layers, _, entry, delta_rule, window in self._layer_terms(parts)]
+
+        def packed_time(total: float, count: int, sums: Sequence[float], shortest: float) -> float:
+            t = total * dense_per_token + c.sequence_overhead_s + count * c.packed_sequence_s
+            for k, (layers, layer_time, delta_rule, window) in enumerate(terms):
+                shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else shortest)
+                t = t + layers * float(layer_time(shape, sums[2 * k], sums[2 * k + 1], link))
+            return float(t)
+
+        return packed_time
 
     def call_overhead(self, degree: int, strategy: str) -> float:
         """What a packed call costs whatever it carries: ``call_time`` as its tokens go to zero (latency per

@@ -174,7 +174,7 @@ def plan_step(
                                    shapes, isolate_longest(problem, s, n_groups, k)))
             # many groups: fill them by the step time itself (a few ms; 3x faster to a better plan than the
             # step-time search from the longest alone, measured on bimodal batches)
-            filled = (greedy_step_time(problem, shapes, deadline=started + 0.5 * time_limit_s)
+            filled = (greedy_step_time(problem, shapes, deadline=started + 0.7 * time_limit_s)
                       if n_groups >= STEP_TIME_GREEDY_GROUPS else None)
             if filled is not None:
                 candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, step-time greedy",
