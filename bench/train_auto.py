@@ -42,6 +42,7 @@ ratios (interleaved) are meaningful.
 
     python bench/train_auto.py                 # 6 rounds of 12 steps: ~20 min on 2 idle cores
     python bench/train_auto.py --overhead      # the auto path's own cost on the short mix (below), ~4 min
+    python bench/train_auto.py --pool results/train_auto*.json   # pool the rounds of several runs
 
 ``--overhead``: CPU seconds (all 4 ranks and rank 0's planning process) and wall seconds per step of ``degree1``,
 ``auto`` and ``auto`` with the fixed 5 s plan-ahead budget it had before issue 16's fix, on the ``short`` mix, where
@@ -119,6 +120,26 @@ def score(results: dict, mixes: list[str]) -> list[dict]:
                   f"{medians[s] / medians[best_static]:.3f} | median {statistics.median(per_round):.3f} "
                   f"({min(per_round):.2f}-{max(per_round):.2f}) | {statistics.median(paired):.3f} | {old:.0f} |")
     return rows
+
+
+def pooled(paths: list[str]) -> None:
+    """Print auto against each static configuration over the rounds of several result files (``--pool``): the
+    median of the per-round throughput ratios, the rounds auto won, and the median of the paired step ratios."""
+    runs = [json.load(open(p)) for p in paths]
+    print("| mix | auto vs | rounds | per-round median | rounds auto faster | paired steps median |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mix in dict.fromkeys(m for d in runs for m in d["mixes"]):
+        for s in (x for x in STRATEGIES if x != "auto"):
+            per_round, paired = [], []
+            for d in runs:
+                rows = {(r["mix"], r["strategy"]): r["steps"] for r in d["rows"]}
+                if (mix, s) not in rows:
+                    continue
+                auto, static = rows[(mix, "auto")], rows[(mix, s)]
+                per_round += [throughput(a) / throughput(b) for a, b in zip(auto, static)]
+                paired += [tb / ta for a, b in zip(auto, static) for (_, ta), (_, tb) in zip(a, b)]
+            print(f"| {mix} | {s} | {len(per_round)} | {statistics.median(per_round):.3f} | "
+                  f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} |")
 
 
 def timed_run(argv, fixed_budget_s=None):
@@ -201,7 +222,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     parser.add_argument("--overhead", action="store_true", help="measure the auto path's own cost instead")
+    parser.add_argument("--pool", nargs="+", metavar="JSON", help="measure nothing: pool the rounds of these "
+                        "result files (e.g. results/train_auto*.json) and print auto against each static")
     args = parser.parse_args()
+    if args.pool:
+        pooled(args.pool)
+        return
     rounds = args.rounds
     if args.steps <= WARMUP_STEPS:
         raise SystemExit(f"--steps: must exceed the {WARMUP_STEPS} warm-up steps left out of tokens/s")
