@@ -589,6 +589,18 @@ def test_falls_back_to_greedy_when_cbc_is_missing(monkeypatch):
     assert plan.solver_status == "greedy" and "cbc is not available" in plan.note
 
 
+def test_highs_without_highspy_is_unavailable_not_unbounded(monkeypatch):
+    # a highs executable on PATH used to be run in highspy's place, with no way to stop it at the deadline
+    cm = small_model(8, 4)
+    lengths = [400, 1200, 30000, 9000, 700, 2000, 5000, 300, 800]
+    monkeypatch.setattr(pulp.HiGHS, "available", lambda self: False)
+    monkeypatch.setattr(pulp.HiGHS_CMD, "available", lambda self: True)
+    monkeypatch.setattr(pulp.HiGHS_CMD, "actualSolve", lambda self, lp, **kw: pytest.fail("ran HiGHS_CMD"))
+    plan = plan_step(lengths, cm, time_limit_s=5.0, solver="highs")
+    plan.validate(lengths, cm)
+    assert plan.solver_status == "greedy" and "highs is not available (pip install highspy" in plan.note
+
+
 def test_falls_back_to_greedy_when_the_solver_finds_nothing(monkeypatch):
     cm = small_model(8, 4)
     lengths = [400, 1200, 30000, 9000, 700, 2000, 5000, 300, 800]  # more than the exact search takes

@@ -648,12 +648,12 @@ def _backend(solver: str, time_limit_s: float, rel_gap: float, stop_at: float = 
             backend = _DeadlineCBC(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap,
                                    warmStart=True, threads=1, timeMode="elapsed")
     elif solver == "highs":
+        # highspy only: PuLP's HiGHS_CMD (a highs executable on PATH) cannot be interrupted at the deadline
         backend = _WarmHiGHS(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, threads=1)
-        if not backend.available():  # highspy missing: try a highs executable on PATH (it reads the start file)
-            backend = pulp.HiGHS_CMD(msg=False, timeLimit=max(time_limit_s, 0.01), gapRel=rel_gap, warmStart=True)
     else:
         raise ValueError(f"unknown MILP solver {solver!r}")
     if not backend.available():
-        return f"{solver} is not available"
+        return f"{solver} is not available" + (" (pip install highspy: seqpar's highs extra)"
+                                               if solver == "highs" else "")
     backend.stop_at = stop_at
     return backend
