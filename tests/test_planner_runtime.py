@@ -290,3 +290,77 @@ def test_plans_made_ahead_get_a_share_of_the_step_and_are_ready_when_it_ends():
     # each solve had at most 5% of a 0.6 s step: it was ready before the step ended (the wait is the queue's)
     assert max(waits[1:]) < 0.1, waits
     assert all(set(r[0]) == {None} and r[4] == 0 for r in results[1:])  # only rank 0 plans
+
+
+def budgets_and_gains(lengths_per_step, world, step_seconds):
+    """``plan_ahead_budgets``' run, also returning each step's predicted gain over the fastest static plan."""
+    from seqpar.runtime.steps import StepRunner
+
+    gains = []
+    original = StepRunner.prepare
+
+    def recording(self, batch, **options):
+        local = original(self, batch, **options)
+        plan = local["seqpar_step"].plan
+        gains.append(plan.static_makespan_s / plan.makespan_s - 1.0)
+        return local
+
+    StepRunner.prepare = recording
+    try:
+        budgets, *_ = plan_ahead_budgets(lengths_per_step, world, step_seconds)
+    finally:
+        StepRunner.prepare = original
+    return budgets, gains
+
+
+def test_plans_made_ahead_get_little_time_while_planning_gains_nothing():
+    # on the CPU the solve's cores are training's: on the short mix a 5%-of-step solve cost ~2.5% of the step for
+    # plans predicted 0.1% faster than the static one; balanced equal lengths are such batches
+    from seqpar.runtime import steps as steps_mod
+
+    lengths = [[64] * 4] * 11
+    budgets, gains = run_distributed(budgets_and_gains, 2, lengths, 2, 0.05)[0]
+    assert max(gains) < steps_mod.PLAN_GAIN_WORTH and min(gains) >= 0.0
+    full = [k for k, b in enumerate(budgets) if b != steps_mod.PLAN_AHEAD_CHEAP_S]
+    # budgets[k] is asked for once step k - 1 has its plan: cheap from the 4th plan that gained nothing on, but
+    # for the probe (the 8th plan asked for, budgets[7]) that looks for batches where planning pays again
+    assert full == [0, 1, 2, 3, 7], budgets
+    assert budgets[0] == 1.0 and all(b >= 0.01 for b in budgets[1:4] + budgets[7:8])
+
+
+def scripted_gain_budgets(lengths_per_step, gains, world, step_seconds):
+    """``budgets_and_gains`` with each step's plan reporting the gain ``gains[k]`` over the static plans (the
+    plans made in a thread of rank 0, so the scripted planner is the one used)."""
+    import functools
+
+    import seqpar.solver as solver
+    import seqpar.solver.prefetch as prefetch
+
+    real, real_prefetcher = prefetch.plan_step, solver.PlanPrefetcher
+    gain_of = {tuple(lengths): gain for lengths, gain in zip(lengths_per_step, gains)}
+
+    def scripted(seq_lens, cost_model, **options):
+        plan = real(seq_lens, cost_model, **options)
+        plan.static_makespan_s = plan.makespan_s * (1.0 + gain_of[tuple(int(n) for n in seq_lens)])
+        return plan
+
+    prefetch.plan_step = solver.plan_step = scripted
+    solver.PlanPrefetcher = functools.partial(real_prefetcher, use_process=False)
+    try:
+        return budgets_and_gains(lengths_per_step, world, step_seconds)
+    finally:
+        prefetch.plan_step, solver.plan_step, solver.PlanPrefetcher = real, real, real_prefetcher
+
+
+def test_plans_made_ahead_get_their_share_back_once_planning_gains():
+    from seqpar.runtime import steps as steps_mod
+
+    lengths = [[64, 64, 64, 64 + k] for k in range(12)]
+    scripted = [0.0] * 12
+    scripted[5] = 0.05  # step 5's plan gains 5% over the static plans
+    budgets, gains = run_distributed(scripted_gain_budgets, 2, lengths, scripted, 2, 0.05)[0]
+    assert gains == pytest.approx(scripted)
+    cheap = [k for k, b in enumerate(budgets) if b == steps_mod.PLAN_AHEAD_CHEAP_S]
+    # budgets[k] is asked for once step k - 1 has its plan: cheap after 4 plans that gained nothing, full again
+    # from the plan after step 5's, for as long as step 5 is among the last PLAN_GAIN_WINDOW plans
+    assert cheap == [4, 5], budgets

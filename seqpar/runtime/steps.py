@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import deque
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -45,6 +46,17 @@ PREFETCH_TIME_LIMIT_S = 5.0
 PLAN_AHEAD_MIN_S = 0.01
 PLAN_AHEAD_SHARE = {"cpu": 0.05}
 PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
+# On the CPU the solve's cores are training's: a solve of the full share costs about half its CPU time in step
+# time (4 ranks on 2 cores), while on batches where one static plan is as good as any (the short mix: the plan
+# predicted 0.1% faster) it buys nothing. So once the last PLAN_GAIN_WINDOW plans gained less than
+# PLAN_GAIN_WORTH over the fastest static plan (``Plan.static_makespan_s``), a plan made ahead gets
+# PLAN_AHEAD_CHEAP_S (enough for the static plans: 3 ms on the short mix), except every PLAN_PROBE_EVERY-th, which
+# gets the full share to notice batches where planning pays again (one that gains puts the next
+# PLAN_GAIN_WINDOW back on the full share).
+PLAN_GAIN_WORTH = 0.01
+PLAN_GAIN_WINDOW = 8
+PLAN_PROBE_EVERY = 8
+PLAN_AHEAD_CHEAP_S = 0.003
 # How long a step waits for the plan made ahead before it plans inline (a stopped worker must not hang rank 0):
 # ten times the solve's budget, at least this.
 PLAN_WAIT_MIN_S = 60.0
@@ -86,6 +98,7 @@ class StepRunner:
         self._step_seconds: float | None = None
         self._predicted_s: float | None = None
         self._device_type = "cpu"
+        self._gains: deque[float] = deque(maxlen=PLAN_GAIN_WINDOW)  # recent plans' gains over static plans
         # rank 0, for tests and logs: steps whose plan came from plan_ahead, the last plan_ahead's budget, and how
         # long the last step waited for its prefetched plan (0 when it was ready: planning off the critical path)
         self.plans_from_ahead = 0
@@ -99,7 +112,7 @@ class StepRunner:
 
         ``time_limit_s``: the solve's budget; None (default) scales it with the step it overlaps
         (``plan_ahead_budget``), so the plan is ready when the next step starts and, on the CPU, the solve takes
-        little from the cores training uses.
+        little from the cores training uses (and less while planning gains nothing over static plans).
 
         Raises:
             ValueError: ``time_limit_s`` not None or a positive number.
@@ -135,12 +148,23 @@ class StepRunner:
         """The budget of a plan made a step ahead: a share of the step it overlaps (``PLAN_AHEAD_SHARE`` of the
         device type, else ``PLAN_AHEAD_SHARE_ACCELERATOR``) of the last step's measured time (between the last two
         ``prepare`` calls; before a second one, the running plan's predicted makespan), within
-        ``[PLAN_AHEAD_MIN_S, PREFETCH_TIME_LIMIT_S]``; ``PLAN_AHEAD_FIRST_S`` before any step."""
+        ``[PLAN_AHEAD_MIN_S, PREFETCH_TIME_LIMIT_S]``; ``PLAN_AHEAD_FIRST_S`` before any step. On the CPU,
+        ``PLAN_AHEAD_CHEAP_S`` while recent plans gained under ``PLAN_GAIN_WORTH`` over the fastest static plan
+        (the constants' comment: the solve's CPU is training's there), but for every ``PLAN_PROBE_EVERY``-th."""
         step_s = self._step_seconds if self._step_seconds is not None else self._predicted_s
         if step_s is None:
             return PLAN_AHEAD_FIRST_S
+        if self.planning_pays_little() and self._ahead_key % PLAN_PROBE_EVERY != 0:
+            return PLAN_AHEAD_CHEAP_S
         share = PLAN_AHEAD_SHARE.get(self._device_type, PLAN_AHEAD_SHARE_ACCELERATOR)
         return min(max(share * step_s, PLAN_AHEAD_MIN_S), PREFETCH_TIME_LIMIT_S)
+
+    def planning_pays_little(self) -> bool:
+        """On the CPU (``PLAN_AHEAD_SHARE``'s devices), whether at least half of ``PLAN_GAIN_WINDOW`` plans have
+        run and none of the last ``PLAN_GAIN_WINDOW`` was predicted ``PLAN_GAIN_WORTH`` faster than the fastest
+        static plan of its step."""
+        return (self._device_type in PLAN_AHEAD_SHARE and len(self._gains) >= PLAN_GAIN_WINDOW // 2
+                and max(self._gains) < PLAN_GAIN_WORTH)
 
     def inline_budget(self) -> float:
         """The budget of a plan made inside the step (none was planned ahead for its lengths):
@@ -201,6 +225,8 @@ class StepRunner:
         else:
             plan = self.agree_on_plan([int(s.numel()) for s in sequences], plan)
             self._predicted_s = plan.makespan_s
+            if plan.static_makespan_s is not None and plan.makespan_s > 0:
+                self._gains.append(plan.static_makespan_s / plan.makespan_s - 1.0)
             mine = next(g for g in plan.groups if self.rank in g.ranks)  # check_plan: exactly one
             step = StepShard(self.group_for(mine.ranks), tuple(mine.ranks), mine.softmax_strategy,
                              mine.linear_strategy, None, plan)

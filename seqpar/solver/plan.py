@@ -71,6 +71,10 @@ class Plan:
         bucket_cost_ratio: largest ratio, over the MILP's length buckets and group shapes, of the bucket's
             longest sequence's time to its shortest's; 1.0 when every distinct length had its own bucket (or
             no MILP ran). Informational: the MILP's surrogate is bucketed, the plan is scored on true lengths.
+        static_makespan_s: the predicted step time of the fastest static plan (one degree and strategy for
+            every group, sequences by LPT, as ``static_plan``) that ``plan_step`` scored for this step, so
+            ``static_makespan_s / makespan_s - 1`` is what planning gained over it; None for a plan that
+            ``plan_step`` did not make.
     """
 
     groups: list[Group]
@@ -78,6 +82,7 @@ class Plan:
     solver_status: str
     note: str = ""
     bucket_cost_ratio: float = 1.0
+    static_makespan_s: float | None = None
 
     @property
     def num_micro_batches(self) -> int:
@@ -113,7 +118,9 @@ class Plan:
                       for g in payload.pop("groups")]
             return cls(groups=groups, makespan_s=float(payload["makespan_s"]),
                        solver_status=str(payload["solver_status"]), note=str(payload["note"]),
-                       bucket_cost_ratio=float(payload["bucket_cost_ratio"]))
+                       bucket_cost_ratio=float(payload["bucket_cost_ratio"]),
+                       static_makespan_s=None if payload.get("static_makespan_s") is None
+                       else float(payload["static_makespan_s"]))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
             raise ValueError(f"text is not a Plan.to_json() document: {err}") from err
 
