@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -124,10 +125,14 @@ def score(results: dict, mixes: list[str]) -> list[dict]:
 
 def pooled(paths: list[str]) -> None:
     """Print auto against each static configuration over the rounds of several result files (``--pool``): the
-    median of the per-round throughput ratios, the rounds auto won, and the median of the paired step ratios."""
+    median of the per-round throughput ratios, the rounds auto won, the median of the paired step ratios, the
+    paired steps auto won and the two-sided sign test's p-value for them (the chance of a split at least this
+    uneven if auto and the static run were equally fast; steps of one round share its load, so read it as a
+    guide, not an exact probability)."""
     runs = [json.load(open(p)) for p in paths]
-    print("| mix | auto vs | rounds | per-round median | rounds auto faster | paired steps median |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mix | auto vs | rounds | per-round median | rounds auto faster | paired steps median | "
+          "steps auto faster | sign test p |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for mix in dict.fromkeys(m for d in runs for m in d["mixes"]):
         for s in (x for x in STRATEGIES if x != "auto"):
             per_round, paired = [], []
@@ -138,8 +143,16 @@ def pooled(paths: list[str]) -> None:
                 auto, static = rows[(mix, "auto")], rows[(mix, s)]
                 per_round += [throughput(a) / throughput(b) for a, b in zip(auto, static)]
                 paired += [tb / ta for a, b in zip(auto, static) for (_, ta), (_, tb) in zip(a, b)]
+            won = sum(r > 1 for r in paired)
             print(f"| {mix} | {s} | {len(per_round)} | {statistics.median(per_round):.3f} | "
-                  f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} |")
+                  f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} | {won} of {len(paired)} | "
+                  f"{sign_test_p(won, len(paired)):.2g} |")
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """Two-sided exact sign test: the chance, with a fair coin per pair, of ``wins`` of ``n`` or a split as uneven."""
+    tail = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n)
 
 
 def timed_run(argv, fixed_budget_s=None):
