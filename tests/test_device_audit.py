@@ -110,7 +110,7 @@ def test_broadcast_bytes_and_the_consistency_check_use_the_required_device():
         assert got["payload"] == b"plan of rank 0"
         assert {device for _, _, device in got["calls"]} == {"cpu"}, got["calls"]
         roles = [role for op, role, _ in got["calls"] if op.startswith("broadcast")]
-        assert roles == ["length", "payload"], got["calls"]
+        assert roles == ["header"], got["calls"]  # a short payload travels with its length: one broadcast
         assert any(op.startswith("agreement check of audit test") for op, _, _ in got["calls"]), got["calls"]
 
 
@@ -186,3 +186,24 @@ def test_a_whole_parallelize_training_step_uses_the_required_device(strategy):
     for got in run_distributed(audited_training_step, 2, strategy):
         assert got["devices"] == {"cpu"}
         assert got["loss_err"] < 1e-6 and got["grad_err"] < 1e-6, got  # float64 model, float32 loss
+
+
+def broadcast_many_sizes(sizes: list[int]) -> list[tuple[bool, list[str]]]:
+    """Broadcast payloads of ``sizes`` bytes (distinct byte patterns) from the LAST rank; per payload, whether
+    every byte arrived and the roles of the broadcasts it took."""
+    src = dist.get_world_size() - 1
+    out = []
+    for n in sizes:
+        expected = bytes((7 * k + n) % 251 for k in range(n))
+        with comm.device_audit(required_device="cpu") as audit:
+            got = comm.broadcast_bytes(expected if dist.get_rank() == src else None, src=src)
+        out.append((got == expected, [role for op, role, _ in audit.calls if op.startswith("broadcast")]))
+    return out
+
+
+def test_broadcast_bytes_sends_a_long_payload_in_two_messages_and_a_short_one_in_one():
+    inline = comm.transport.BROADCAST_INLINE_BYTES - 8
+    sizes = [0, 1, inline - 1, inline, inline + 1, 3 * inline + 5]
+    for results in run_distributed(broadcast_many_sizes, 3, sizes):
+        assert [ok for ok, _ in results] == [True] * len(sizes)
+        assert [roles for _, roles in results] == [["header"]] * 4 + [["header", "rest"]] * 2
