@@ -19,11 +19,10 @@ import datetime
 import math
 import os
 import time
-
-import numpy as np
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
