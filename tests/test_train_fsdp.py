@@ -238,3 +238,40 @@ def test_data_parallel_replicas_and_micro_batches_train_the_same_steps():
     micro = run_distributed(run_train, 2, BASE + ["--steps", "3", "--micro-batch-tokens", "64"])[0]
     for a, b, c in zip(one_group, two_replicas, micro):
         assert abs(a - b) <= 1e-5 * abs(a) and abs(a - c) <= 1e-5 * abs(a), (one_group, two_replicas, micro)
+
+
+def run_train_history(argv):
+    args = train_mod.build_parser().parse_args(argv)
+    train_mod.validate_args(args)
+    return train_mod.train(args)
+
+
+def test_auto_with_data_parallel_replicas_plans_each_replicas_part_a_step_ahead():
+    # with --dp each replica's first rank plans that replica's part of the next step while this one trains
+    # (replica_indices on the coming lengths: the part replica_batch will give it); the loss is the global token
+    # mean whichever plan runs, so it equals the static --dp run's and the one-group run's
+    argv = BASE[:BASE.index("--strategy")] + BASE[BASE.index("--strategy") + 2:] + ["--steps", "4", "--dp", "2"]
+    auto = run_distributed(run_train_history, 4, argv + ["--strategy", "auto"], timeout=600)
+    ring = run_distributed(run_train, 4, argv + ["--strategy", "ring"])[0]
+    for rank, history in enumerate(auto):
+        assert [h["loss"] for h in history] == pytest.approx(ring, rel=1e-5), (rank, history, ring)
+        if rank in (0, 2):  # the planning rank of replica 0 and of replica 1: every step after the first
+            assert [h["plans_from_ahead"] for h in history] == [0, 1, 2, 3], (rank, history)
+        else:
+            assert all("plans_from_ahead" not in h for h in history)
+
+
+def test_replica_indices_are_the_positions_replica_batch_takes():
+    from seqpar.launch.data import replica_batch, replica_indices
+
+    lengths = [50, 10, 40, 30, 20, 5, 40]
+    batch = [torch.full((n,), i) for i, n in enumerate(lengths)]
+    for replicas in (1, 2, 3):
+        parts = [replica_indices(lengths, replica=r, replicas=replicas) for r in range(replicas)]
+        assert sorted(i for part in parts for i in part) == list(range(len(lengths)))
+        for r, part in enumerate(parts):
+            assert [int(t[0]) for t in replica_batch(batch, replica=r, replicas=replicas)] == part
+    # by hand at 3 replicas, longest first onto the replica with the fewest tokens (ties: the lowest)
+    assert parts == [[0, 1, 5], [2, 3], [4, 6]]  # tokens 65, 70, 60
+    with pytest.raises(ValueError, match="--dp: the step has 2 sequences for 3 data-parallel replicas"):
+        replica_indices([5, 6], replica=0, replicas=3)

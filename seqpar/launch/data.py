@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["WIKIPEDIA_TOKEN_STATS", "SyntheticTokens", "TokenFile", "long_tail_lengths", "make_source", "step_lengths"]
+__all__ = ["WIKIPEDIA_TOKEN_STATS", "SyntheticTokens", "TokenFile", "long_tail_lengths", "make_source", "replica_batch",
+           "replica_indices", "step_lengths"]
 
 WIKIPEDIA_TOKEN_STATS = {
     "median": 350.0,
@@ -261,11 +262,21 @@ def replica_batch(batch: list["torch.Tensor"], *, replica: int, replicas: int) -
     Raises:
         ValueError: the step has fewer sequences than replicas (one would have nothing to train on).
     """
-    if len(batch) < replicas:
-        raise ValueError(f"--dp: the step has {len(batch)} sequences for {replicas} data-parallel replicas; raise "
+    return [batch[i] for i in replica_indices([int(t.numel()) for t in batch], replica=replica, replicas=replicas)]
+
+
+def replica_indices(lengths: Sequence[int], *, replica: int, replicas: int) -> list[int]:
+    """The positions, in the step's order, of the sequences ``replica_batch`` gives ``replica``, from the step's
+    sequence ``lengths`` alone (so a coming step's part is known before its tokens: a replica plans it ahead).
+
+    Raises:
+        ValueError: fewer sequences than replicas, as ``replica_batch``.
+    """
+    if len(lengths) < replicas:
+        raise ValueError(f"--dp: the step has {len(lengths)} sequences for {replicas} data-parallel replicas; raise "
                          "--tokens-per-step, lower --max-len (more, shorter sequences per step) or lower --dp")
-    tokens, owner = [0] * replicas, [0] * len(batch)
-    for i in sorted(range(len(batch)), key=lambda i: (-int(batch[i].numel()), i)):
+    tokens, owner = [0] * replicas, [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
         owner[i] = min(range(replicas), key=lambda r: (tokens[r], r))
-        tokens[owner[i]] += int(batch[i].numel())
-    return [t for t, r in zip(batch, owner) if r == replica]
+        tokens[owner[i]] += int(lengths[i])
+    return [i for i, r in enumerate(owner) if r == replica]

@@ -8,10 +8,10 @@ shards it (``--dp N``: N data-parallel replicas, each training on its own part o
 ("dp", "sp") mesh). ``--fsdp`` (meant to be the default with more than one rank) shards weights, gradients and
 optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomputes each decoder layer in backward;
 ``--micro-batch-tokens N`` runs a step as micro-batches of at most N tokens per rank, accumulating gradients.
-With ``--strategy auto`` rank 0 plans step t+1 in the background while step t trains, with a budget of a share of
-the step (5% on the CPU, whose cores the solve shares with training; 50% beside a GPU; ``--no-plan-ahead``:
-inline), and ``--calibrate [FILE]`` plans with a cost model fitted to this machine (profiled once, cached; without
-it the planner assumes H100s).
+With ``--strategy auto`` rank 0 (with ``--dp``, each replica's first rank, for its part of the batch) plans step
+t+1 in the background while step t trains, with a budget of a share of the step (5% on the CPU, whose cores the
+solve shares with training; 50% beside a GPU; ``--no-plan-ahead``: inline), and ``--calibrate [FILE]`` plans with
+a cost model fitted to this machine (profiled once, cached; without it the planner assumes H100s).
 "cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
 Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
 ``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
@@ -634,7 +634,7 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
     import seqpar
     from seqpar.collectives import count_comm
     from seqpar.launch import checkpoint
-    from seqpar.launch.data import replica_batch
+    from seqpar.launch.data import replica_batch, replica_indices
 
     rank, world = dist.get_rank(), dist.get_world_size()
     fsdp = resolve_fsdp(args, world_size=world)
@@ -668,8 +668,8 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
                                                        model_name=args.model, vocab_size=model.config.vocab_size,
                                                        device=device))
     # plan step t+1 while step t trains (rank 0, a background process); the data source knows its lengths
-    plan_ahead = (args.strategy == "auto" and args.plan_ahead and args.dp == 1
-                  and hasattr(source, "upcoming_lengths"))
+    # (with --dp, each replica's first rank plans that replica's part of the next step)
+    plan_ahead = args.strategy == "auto" and args.plan_ahead and hasattr(source, "upcoming_lengths")
     prepare_options = {} if args.micro_batch_tokens is None else {"max_tokens_per_rank": args.micro_batch_tokens}
     settings = {name: default if getattr(args, name) is None else getattr(args, name)
                 for name, default in OPTIMIZER_DEFAULTS.items()}
@@ -704,7 +704,10 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
         mine = batch if args.dp == 1 else replica_batch(batch, replica=replica, replicas=args.dp)
         prepared = sp_model.prepare(mine, **prepare_options)
         if plan_next:
-            sp_model.plan_ahead(source.upcoming_lengths())
+            upcoming = source.upcoming_lengths()
+            if args.dp > 1 and len(upcoming) >= args.dp:  # (fewer: the next step raises replica_batch's error)
+                upcoming = [upcoming[i] for i in replica_indices(upcoming, replica=replica, replicas=args.dp)]
+            sp_model.plan_ahead(upcoming)
         # with a token budget, prepare gives a list of micro-batches, each normalised by the whole step's
         # tokens: their losses add up to the step's and their gradients accumulate to its gradient
         micro_batches = prepared if isinstance(prepared, list) else [prepared]
@@ -770,10 +773,12 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
             }
             if out.plan is not None:
                 record["plan_ranks"] = [list(g.ranks) for g in out.plan.groups]
-            if plan_ahead and rank == 0:  # planning off the critical path: how long this step waited for its plan
-                # and the budget the next step's solve got
+            if plan_ahead and sp_model.runner.rank == 0:  # the rank that plans (each replica's first): how long
+                # this step waited for its plan, the budget the next step's solve got, and how many steps so far
+                # ran a plan made ahead (the first plans inline)
                 runner = sp_model.runner
                 record["plan_wait_s"], record["plan_budget_s"] = runner.last_plan_wait_s, runner.last_plan_budget_s
+                record["plans_from_ahead"] = runner.plans_from_ahead
             if "cost_model" in parallel_options:  # several nodes: the planner kept groups node-aligned
                 record["ranks_per_node"] = parallel_options["cost_model"].cluster.gpus_per_node
             record["tokens_per_s"] = record["tokens"] / elapsed
