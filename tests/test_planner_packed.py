@@ -265,7 +265,7 @@ def test_refined_lower_bound_never_exceeds_the_brute_force_optimum():
 
 def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
     # a machine whose links the link model does not describe: per-strategy step and token costs (as gloo on a
-    # CPU); fitted on two lengths, the fit predicts other lengths and the memory/packing rules still hold
+    # CPU); fitted on three lengths, the fit predicts other lengths and the memory/packing rules still hold
     from seqpar.solver import CostCoefficients, Measurement
 
     cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
@@ -273,11 +273,13 @@ def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
         0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=(("ring", 0.03, 2e-5), ("ulysses", 0.004, 6e-5),
                                                    ("token_ring", 0.01, 0.0))))
     shapes = [(1, "ulysses")] + [(d, s) for d in (2, 4) for s in ("ulysses", "ring", "token_ring")]
-    data = [Measurement(n, d, s, truth.seq_time(n, d, s)) for n in (256, 1024) for d, s in shapes]
+    data = [Measurement(n, d, s, truth.seq_time(n, d, s)) for n in (256, 1024, 4096) for d, s in shapes]
     fitted = cm.calibrate(data)
     expected = {"ring": (0.03, 2e-5), "ulysses": (0.004, 6e-5), "token_ring": (0.01, 0.0)}
-    assert sorted(n for n, _, _ in fitted.coefficients.strategy_terms) == sorted(expected)
-    for name, per_step, per_token in fitted.coefficients.strategy_terms:
+    # one pair per strategy and degree measured, each the strategy's (the truth has one for all degrees)
+    assert sorted((n, d) for n, _, _, d in fitted.coefficients.strategy_terms) == sorted(
+        (s, d) for d, s in shapes if d > 1)
+    for name, per_step, per_token, _ in fitted.coefficients.strategy_terms:
         assert (per_step, per_token) == pytest.approx(expected[name], rel=1e-6, abs=1e-12)
     for n in (128, 512, 4096):
         for d, s in shapes:
@@ -295,6 +297,54 @@ def test_calibration_with_measured_strategy_terms_predicts_held_out_lengths():
         assert t >= (o + compute.sum()) * (1 - 1e-12) and t >= (c0 + floor.sum()) * (1 - 1e-12)
     with pytest.raises(ValueError, match="strategy_terms"):
         CostCoefficients(strategy_terms=(("ring", -1.0, 0.0),))
+
+
+def test_measured_strategy_terms_per_degree_rank_strategies_differently_at_each_degree():
+    # gloo on this CPU: ring measured faster than Ulysses at degree 2, slower at degree 4. One pair per strategy,
+    # (P - 1) (a + b N / P), cannot say both; a pair per degree can, and the fit recovers it
+    from seqpar.solver import CostCoefficients, Measurement
+
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005), ModelSpec(2, 64, 4, 2, 16, 128, 96))
+    terms = {("ring", 2): (0.002, 1e-6), ("ring", 4): (0.02, 4e-5), ("ulysses", 2): (0.004, 3e-5),
+             ("ulysses", 4): (0.006, 1e-5)}
+    truth = replace(cm, coefficients=CostCoefficients(0.05, 0.3, 0.8, 1.0, 0.02, strategy_terms=tuple(
+        (name, a, b, degree) for (name, degree), (a, b) in terms.items())))
+    shapes = [(1, "ulysses")] + [(d, s) for d in (2, 4) for s in ("ulysses", "ring")]
+    data = [Measurement(n, d, s, truth.call_time([n], d, s)) for n in (256, 1024, 4096) for d, s in shapes]
+    fitted = cm.calibrate(data, measured_terms=True)
+    got = {(name, degree): (a, b) for name, a, b, degree in fitted.coefficients.strategy_terms}
+    assert got.keys() == terms.keys()
+    for key, pair in terms.items():
+        assert got[key] == pytest.approx(pair, rel=1e-6, abs=1e-12), key
+    # held-out lengths and packed calls, against the truth; and the order of the strategies flips with the degree
+    for lengths in ([512], [2048], [300, 700, 2000]):
+        for d, s in shapes:
+            assert fitted.call_time(lengths, d, s) == pytest.approx(truth.call_time(lengths, d, s), rel=1e-6)
+    assert fitted.call_time([4096], 2, "ring") < fitted.call_time([4096], 2, "ulysses")
+    assert fitted.call_time([4096], 4, "ring") > fitted.call_time([4096], 4, "ulysses")
+    # the planner follows (exact search: optimal): groups of 2 run ring, of 4 Ulysses
+    chosen = set()
+    for lengths in ([4096, 4096], [4096, 256, 256, 512], [4096]):
+        plan = plan_step(lengths, fitted, strategies=["ring", "ulysses"], time_limit_s=2.0)
+        chosen |= {(len(g.ranks), g.softmax_strategy) for g in plan.groups if len(g.ranks) > 1}
+    assert chosen == {(2, "ring"), (4, "ulysses")}, chosen
+    # by hand, one layer's measured term at degree 4: (P - 1) (per_step + per_token N / P), N = 1000 packed tokens
+    zero = replace(truth, coefficients=replace(truth.coefficients, strategy_terms=tuple(
+        (name, 0.0, 0.0, degree) for (name, degree) in terms)))
+    assert truth.call_time([400, 600], 4, "ring") - zero.call_time([400, 600], 4, "ring") == pytest.approx(
+        2 * 3 * (0.02 + 4e-5 * 1000 / 4), rel=1e-12)
+    # an entry without a degree serves the degrees that have none of their own; a degree with neither: link model
+    mixed = CostCoefficients(strategy_terms=(("ring", 0.5, 0.0), ("ring", 0.25, 0.0, 4)))
+    assert mixed.measured_terms("ring", 2) == (0.5, 0.0) and mixed.measured_terms("ring", 4) == (0.25, 0.0)
+    assert CostCoefficients(strategy_terms=(("ring", 0.25, 0.0, 4),)).measured_terms("ring", 2) is None
+    for bad in (("ring", 0.1, 0.0, 1), ("ring", 0.1, 0.0, 2.0), ("ring", 0.1, 0.0, True)):
+        with pytest.raises(ValueError, match="degree must be an integer >= 2"):
+            CostCoefficients(strategy_terms=(bad,))
+    with pytest.raises(ValueError, match="twice"):
+        CostCoefficients(strategy_terms=(("ring", 0.1, 0.0, 2), ("ring", 0.2, 0.0, 2)))
+    # only two degree-1 calls: the per-degree form cannot separate overhead, dense and attention; the link model
+    two = [m for m in data if not (m.degree == 1 and m.length == 4096)]
+    assert cm.calibrate(two).coefficients.strategy_terms == ()
 
 
 def test_calibration_separates_per_sequence_cost_of_packed_calls():

@@ -400,11 +400,15 @@ class CostCoefficients:
         bandwidth_efficiency: fraction of the link bandwidth the collectives reach.
         latency_scale: multiplies ``Cluster.latency_s``.
         sequence_overhead_s: fixed time per sequence (launches, bookkeeping).
-        strategy_terms: ``(strategy, per_step_s, per_token_s)`` measured on this machine
-            (``CostModel.calibrate``): for a registered strategy named here, each layer forward + backward at
-            degree P > 1 costs its compute, unoverlapped, plus ``(P - 1) (per_step_s + per_token_s N / P)``
-            for a call of N packed tokens, INSTEAD of the link model (bandwidth, latency, overlap). For
-            machines the link model does not describe (gloo on a loaded CPU: bench/calibrate.py).
+        strategy_terms: ``(strategy, per_step_s, per_token_s)`` or ``(strategy, per_step_s, per_token_s,
+            degree)`` measured on this machine (``CostModel.calibrate`` fits one per strategy and degree): for a
+            registered strategy named here, each layer forward + backward at degree P > 1 costs its compute,
+            unoverlapped, plus ``(P - 1) (per_step_s + per_token_s N / P)`` for a call of N packed tokens,
+            INSTEAD of the link model (bandwidth, latency, overlap); the entry of degree P if there is one, else
+            the entry without a degree, else (a degree never measured) the link model. For machines the link
+            model does not describe (gloo on a loaded CPU: bench/calibrate.py). Per degree because one pair per
+            strategy ordered gloo's ring and Ulysses at degree 2 against the measurement in 9 of 10 measured
+            pairs on this CPU (two profiles, 256-4096 tokens), a pair per degree in 1 of 10.
         packed_sequence_s: seconds each sequence of a packed call adds on every rank of its group, whatever its
             length (per-sequence kernel launches and bookkeeping of a varlen call; ``sequence_overhead_s`` is
             paid once per call). 0 on GPUs as modelled; on CPU ranks it is what makes many short sequences
@@ -439,19 +443,38 @@ class CostCoefficients:
             raise ValueError(f"effective_cores must be None or > 0, got {self.effective_cores!r}")
         terms = []
         for term in self.strategy_terms:  # JSON gives lists: store tuples (the dataclass stays hashable)
-            if len(term) != 3 or not isinstance(term[0], str):
-                raise ValueError(f"strategy_terms entries must be (strategy, per_step_s, per_token_s), got {term!r}")
+            if len(term) not in (3, 4) or not isinstance(term[0], str):
+                raise ValueError("strategy_terms entries must be (strategy, per_step_s, per_token_s) or (strategy, "
+                                 f"per_step_s, per_token_s, degree), got {term!r}")
             name, per_step, per_token = term[0], float(term[1]), float(term[2])
             if not (math.isfinite(per_step) and math.isfinite(per_token) and per_step >= 0 and per_token >= 0):
                 raise ValueError(f"strategy_terms[{name!r}] must be finite and >= 0, got {term!r}")
-            terms.append((name, per_step, per_token))
-        if len({t[0] for t in terms}) != len(terms):
-            raise ValueError(f"strategy_terms names a strategy twice: {[t[0] for t in terms]}")
+            if len(term) == 4:
+                degree = term[3]
+                if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 2:
+                    raise ValueError(f"strategy_terms[{name!r}]: the degree must be an integer >= 2 (degree 1 "
+                                     f"communicates nothing), got {term!r}")
+                terms.append((name, per_step, per_token, int(degree)))
+            else:
+                terms.append((name, per_step, per_token))
+        keys = [(t[0], t[3] if len(t) == 4 else None) for t in terms]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"strategy_terms names a (strategy, degree) twice: {keys}")
         object.__setattr__(self, "strategy_terms", tuple(terms))
 
-    def measured_terms(self, strategy: str) -> tuple[float, float] | None:
-        """``(per_step_s, per_token_s)`` measured for the registered ``strategy``, or None (link model)."""
-        return next(((a, b) for name, a, b in self.strategy_terms if name == strategy), None)
+    def measured_terms(self, strategy: str, degree: int | None = None) -> tuple[float, float] | None:
+        """``(per_step_s, per_token_s)`` measured for the registered ``strategy`` at ``degree``: its entry of that
+        degree, else its entry without one; None when neither exists (the link model). ``degree=None``: the
+        entry without a degree only."""
+        found = None
+        for term in self.strategy_terms:
+            if term[0] != strategy:
+                continue
+            if len(term) == 4 and term[3] == degree:
+                return term[1], term[2]
+            if len(term) == 3:
+                found = (term[1], term[2])
+        return found
 
 
 @dataclass(frozen=True)
@@ -593,11 +616,12 @@ class CostModel:
             terms.append((m.delta_rule_layers, "delta_rule", entry, True, None))
         return [t for t in terms if t[0]]
 
-    def _entry_layer_time(self, entry: Strategy, delta_rule: bool):
-        """The entry's ``layer_time`` (or ``delta_rule_layer_time``); for a strategy with measured terms
-        (``CostCoefficients.strategy_terms``) its compute alone (an infinitely fast link) plus those terms."""
+    def _entry_layer_time(self, entry: Strategy, delta_rule: bool, degree: int):
+        """The entry's ``layer_time`` (or ``delta_rule_layer_time``) at ``degree``; for a strategy with measured
+        terms there (``CostCoefficients.measured_terms``) its compute alone (an infinitely fast link) plus those
+        terms."""
         formula = entry.delta_rule_layer_time if delta_rule else entry.layer_time
-        measured = self.coefficients.measured_terms(entry.name)
+        measured = self.coefficients.measured_terms(entry.name, degree)
         if formula is None or measured is None:
             return formula
         per_step, per_token = measured
@@ -697,7 +721,7 @@ class CostModel:
         Raises ValueError for an unknown strategy, or with ``delta_rule`` one without a delta-rule variant.
         """
         entry = strategies.get(strategy)
-        layer_time = self._entry_layer_time(entry, delta_rule)
+        layer_time = self._entry_layer_time(entry, delta_rule, degree)
         if layer_time is None or (delta_rule and entry.kind != "linear"):
             raise ValueError(f"strategy: {strategy!r} has no delta-rule variant")
         S = self._lengths(lengths)
@@ -783,7 +807,7 @@ class CostModel:
         dense_flops = 3.0 * 2.0 * (m.num_layers * m.layer_matmul_params + m.hidden * m.vocab)
         dense_per_token = dense_flops / degree / self._flops_per_s(c.dense_efficiency)
         link = self._link(degree)
-        terms = [(layers, self._entry_layer_time(entry, delta_rule), delta_rule, window)
+        terms = [(layers, self._entry_layer_time(entry, delta_rule, degree), delta_rule, window)
                  for layers, _, entry, delta_rule, window in self._layer_terms(parts)]
 
         def packed_time(total: float, count: int, sums: Sequence[float], shortest: float) -> float:
@@ -801,7 +825,7 @@ class CostModel:
         parts = self._check(degree, strategy)
         t = self.coefficients.sequence_overhead_s
         for count, _, entry, delta_rule, window in self._layer_terms(parts):
-            layer = self._entry_layer_time(entry, delta_rule)(
+            layer = self._entry_layer_time(entry, delta_rule, degree)(
                 self._layer_shape(0.0, degree, delta_rule, window), 0.0, 0.0, self._link(degree))
             t += count * float(layer)
         return float(t)
@@ -838,7 +862,7 @@ class CostModel:
             if window is not None:  # its messages depend on the shortest sequence of the call: not affine
                 affine = False
                 break
-            layer_time = self._entry_layer_time(entry, delta_rule)
+            layer_time = self._entry_layer_time(entry, delta_rule, degree)
             probes = np.array([0.0, 1024.0 * degree, 2048.0 * degree, 65536.0 * degree])
             zero = np.array([float(layer_time(self._layer_shape(float(n), degree, delta_rule), 0.0, 0.0, link))
                              for n in probes])
@@ -1003,17 +1027,19 @@ class CostModel:
           scale in log space, kept within ``[1e-6, 1e3]``; the overhead linear and kept >= 0). Coefficients the
           measurements cannot see (e.g. the bandwidth when every measurement is at degree 1) stay where they
           are;
-        * measured terms (``measured_terms=True``, a model with one attention kind, degree-1 measurements at two
-          lengths or more): every measurement is ``overhead + (dense(S) / dense_efficiency + attention(S) /
-          attention_efficiency) / P`` plus ``packed_sequence_s`` per sequence of the call plus, per layer at
-          P > 1, its strategy's ``(P - 1) (per_step_s + per_token_s N / P)`` (``strategy_terms``; the link
-          model is set aside for those strategies; N the call's tokens) — linear
-          in the unknowns, fitted by non-negative least squares on relative error (an efficiency the data
-          cannot see is 1e6: that term is negligible). The compute is measured, not assumed: for machines whose
-          links (and cores) the link model does not describe, like gloo on a shared CPU (bench/calibrate.py).
+        * measured terms (``measured_terms=True``, a model with one attention kind, degree-1 measurements of three
+          different calls or more, e.g. three lengths: only they separate the overhead, the dense and the attention
+          terms once every degree has terms of its own): every measurement is ``overhead + (dense(S) / dense_efficiency
+          + attention(S) / attention_efficiency) / P`` plus ``packed_sequence_s`` per sequence of the call plus, per
+          layer at P > 1, its strategy's ``(P - 1) (per_step_s + per_token_s N / P)``, one pair per strategy and degree
+          measured (``strategy_terms``; the link model is set aside for those; N the call's tokens) — linear in the
+          unknowns, fitted by non-negative least squares on relative error (an efficiency the data cannot see is 1e6:
+          that term is negligible). The compute is measured, not assumed: for machines whose links (and cores) the link
+          model does not describe, like gloo on a shared CPU (bench/calibrate.py).
 
         The dense (linear in the length) and attention (quadratic) terms separate only with at least two lengths
-        at one degree: profile at two (``seqpar.launch.calibrate.profile`` does).
+        at one degree (three at degree 1 for the measured terms): ``seqpar.launch.calibrate.profile`` measures
+        three.
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
@@ -1066,7 +1092,8 @@ class CostModel:
         if len(self._kinds()) != 1:
             return None
         ones = [m for m in data if m.degree == 1]
-        if len({m.length for m in ones}) < 2:
+        # with a pair per strategy and degree, only degree 1 separates the overhead, dense and attention terms
+        if len({tuple(m.call_lengths()) for m in ones}) < 3:
             return None
         unit = replace(self, coefficients=CostCoefficients(1.0, 1.0, 1.0, 1.0, 0.0))
         m_ = self.model
@@ -1078,18 +1105,18 @@ class CostModel:
         def attention(S: float) -> float:
             return float(unit.compute_times([S], 1)[0]) - dense(S)
 
-        strategies = sorted({m.strategy for m in data if m.degree > 1})
+        shapes = sorted({(m.strategy, m.degree) for m in data if m.degree > 1})
         layers = self.model.num_layers
         # one linear model of every measurement: overhead + (dense / dense_eff + attention / attention_eff) / P
-        # + per layer (P - 1) (per_step + per_token S / P) of its strategy; non-negative, on relative error
-        # (+ per packed sequence)
-        basis = np.zeros((len(data), 4 + 2 * len(strategies)))
+        # + per layer (P - 1) (per_step + per_token S / P) of its strategy at its degree; non-negative, on
+        # relative error (+ per packed sequence)
+        basis = np.zeros((len(data), 4 + 2 * len(shapes)))
         for r, m in enumerate(data):
             call = m.call_lengths()
             tokens = sum(call)
             basis[r, :4] = (1.0, dense(tokens) / m.degree, sum(map(attention, call)) / m.degree, len(call))
             if m.degree > 1:
-                k = 4 + 2 * strategies.index(m.strategy)
+                k = 4 + 2 * shapes.index((m.strategy, m.degree))
                 basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, tokens / m.degree])
         seconds = np.array([m.seconds for m in data])
         x = _nnls(basis / seconds[:, None], np.ones(len(data)))
@@ -1099,7 +1126,8 @@ class CostModel:
             dense_efficiency=1.0 / inv_dense if inv_dense > 1e-6 else 1e6,
             bandwidth_efficiency=self.coefficients.bandwidth_efficiency,
             latency_scale=self.coefficients.latency_scale, sequence_overhead_s=float(overhead),
-            strategy_terms=tuple((name, float(x[4 + 2 * k]), float(x[5 + 2 * k])) for k, name in enumerate(strategies)),
+            strategy_terms=tuple((name, float(x[4 + 2 * k]), float(x[5 + 2 * k]), degree)
+                                 for k, (name, degree) in enumerate(shapes)),
             packed_sequence_s=float(per_sequence))
         return replace(self, coefficients=coefficients)
 
