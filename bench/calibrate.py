@@ -11,8 +11,8 @@ Second table, whole plans: on long-tail and bimodal batches (``seqpar-train``'s 
 predicted step time (``Plan.makespan_s``: with 4 ranks on 2 cores, ``CostModel.step_time`` under fair sharing of
 the cores) and against the slowest group's time (what the planner predicted before it modelled shared cores).
 
-The fit picks the link model or measured per-strategy terms (``CostModel.calibrate``), whichever fits the profile
-better; the JSON records which and its coefficients.
+The fit picks the link model or measured terms per strategy and degree (``CostModel.calibrate``), whichever fits
+the profile better; the JSON records which and its coefficients.
 
 Each time is the least of ``REPEATS`` interleaved rounds (``profile``); the machine is shared with other jobs
 (its load average is recorded).
