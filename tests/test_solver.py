@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -759,3 +760,71 @@ def test_plan_reports_the_fastest_static_plan(lengths):
     assert plan.static_makespan_s == pytest.approx(min(statics), rel=1e-12)
     assert plan.makespan_s <= plan.static_makespan_s
     assert Plan.from_json(plan.to_json()).static_makespan_s == plan.static_makespan_s
+
+
+def _fastest_static_s(lengths, cm):
+    """The fastest static_plan over every degree and strategy, each timed on its own."""
+    statics = []
+    for degree in cm.cluster.degrees():
+        for strategy in cm.strategy_names(degree):
+            try:
+                statics.append(static_plan(lengths, cm, degree, strategy).makespan_s)
+            except ValueError:  # does not fit at this degree
+                pass
+    return min(statics)
+
+
+def test_min_gain_keeps_the_static_plan_unless_the_exact_plan_beats_it_by_more():
+    # slow links: the optimum mixes group sizes and is 22% faster than any static plan; a plan is returned over the
+    # fastest static one only when predicted faster by MORE than min_gain, so the threshold is tested at both sides
+    cm = slow_links_model(8, 4)
+    lengths = [1000, 1000, 9000, 6000, 6000]
+    static_s = _fastest_static_s(lengths, cm)
+    free = plan_step(lengths, cm, time_limit_s=2.0)
+    gain = static_s / free.makespan_s - 1
+    assert gain > 0.2 and free.solver_status == "optimal"
+    taken = plan_step(lengths, cm, time_limit_s=2.0, min_gain=gain * (1 - 1e-6))
+    assert taken.makespan_s == pytest.approx(free.makespan_s, rel=1e-12) and taken.solver_status == "optimal"
+    kept = plan_step(lengths, cm, time_limit_s=2.0, min_gain=gain * (1 + 1e-6))
+    kept.validate(lengths, cm)
+    assert kept.makespan_s == pytest.approx(static_s, rel=1e-12)
+    assert kept.static_makespan_s == pytest.approx(static_s, rel=1e-12)
+    assert len({(g.degree, g.softmax_strategy) for g in kept.groups if g.seq_indices}) == 1
+    assert kept.solver_status != "optimal" and "kept the fastest static plan" in kept.note
+
+
+def test_plan_margin_is_min_gains_default_in_the_search():
+    cm = slow_links_model(8, 4)
+    lengths = [6000, 300, 200, 250, 400, 350, 500, 220, 260, 5000, 310]  # past the exact search: MILP and searches
+    static_s = _fastest_static_s(lengths, cm)
+    assert plan_step(lengths, cm, time_limit_s=2.0).makespan_s < static_s * (1 - 0.03)  # 6% faster
+    wary = replace(cm, coefficients=replace(cm.coefficients, plan_margin=0.5))
+    kept = plan_step(lengths, wary, time_limit_s=2.0)
+    kept.validate(lengths, wary)
+    # one degree and strategy for every group (the planner's own static layout may pack a little better)
+    assert len({(g.degree, g.softmax_strategy) for g in kept.groups}) == 1
+    assert kept.makespan_s <= static_s * (1 + 1e-12) and "kept the fastest static plan" in kept.note
+    taken = plan_step(lengths, wary, time_limit_s=2.0, min_gain=0.03)  # the argument wins over the default
+    assert taken.makespan_s < static_s * (1 - 0.03)
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="min_gain"):
+            plan_step(lengths, cm, min_gain=bad)
+    with pytest.raises(ValueError, match="plan_margin"):
+        CostCoefficients(plan_margin=1.0)
+
+
+def test_calibrate_sets_plan_margin_to_the_fits_rms_relative_error():
+    cluster = Cluster(16, 8, 400.0, 1e12, 200.0, 25.0, latency_s=10e-6)
+    truth = CostModel(cluster, SMALL, CostCoefficients(0.37, 0.71, 0.55, 2.0, 3e-4))
+    shapes = [(length, degree, name) for length in (256, 2048, 16384, 65536) for degree in (1, 2, 8, 16)
+              for name in ("ulysses", "ring") if truth.strategy_valid(degree, name)]
+    exact = truth.calibrate([Measurement(n, p, s, truth.seq_time(n, p, s)) for n, p, s in shapes])
+    assert exact.coefficients.plan_margin < 1e-4  # measurements the model's form describes exactly
+    # +-10% noise: the fit absorbs part of it, the rest is the margin, recomputed here from the fitted times
+    noisy = [Measurement(n, p, s, truth.seq_time(n, p, s) * math.exp(0.1 if k % 2 else -0.1))
+             for k, (n, p, s) in enumerate(shapes)]
+    fitted = CostModel(cluster, SMALL).calibrate(noisy)
+    rms = math.sqrt(sum(math.log(fitted.seq_time(m.length, m.degree, m.strategy) / m.seconds) ** 2
+                        for m in noisy) / len(noisy))
+    assert fitted.coefficients.plan_margin == pytest.approx(rms, rel=1e-9)
+    assert 0.05 < fitted.coefficients.plan_margin <= 0.1

@@ -35,8 +35,8 @@ from seqpar.solver.problem import build_plan
 __all__ = ["DEFAULT_LENGTHS", "profile", "calibrated_cost_model", "use_cost_model"]
 
 DEFAULT_LENGTHS = (256, 1024, 4096)  # the longest anchors attention time where long-tail batches need it
-_CACHE_VERSION = 6  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths;
-# 5: effective_cores; 6: strategy_terms per degree
+_CACHE_VERSION = 7  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths;
+# 5: effective_cores; 6: strategy_terms per degree; 7: plan_margin
 PACKED_SEQUENCES = 16  # sequences per group in the profile's packed calls
 
 

@@ -115,6 +115,9 @@ LAYER_KINDS = strategies.KINDS
 
 ATTENTION_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward / forward FLOPs
 LINEAR_BWD_OVER_FWD = 2.0
+# calibrate's plan_margin is the fitted model's RMS relative error, at most this: a model worse than 50% off
+# still lets plan_step leave the static plan for a plan predicted twice as fast
+MAX_PLAN_MARGIN = 0.5
 
 
 def is_power_of_two(n: int) -> bool:
@@ -418,9 +421,16 @@ class CostCoefficients:
             (``CostModel.calibrate``): ranks that wait in communication leave part of their share unused, so a
             busy rank speeds up less than fair sharing of ``cores_per_node`` says once others are done. None:
             ``cores_per_node``.
+        plan_margin: how much faster (a fraction) ``plan_step`` must predict a plan than the fastest static plan
+            to return it instead of that static plan (its ``min_gain`` default). A search over many candidates
+            picks the ones the model over-rates most, so predicted gains within the model's error are mostly its
+            error: on 4 CPU ranks sharing 2 cores, degree-1 plans predicted 3-14% faster than the static degree-1
+            plan measured 0.94-1.08 of it. ``CostModel.calibrate`` sets it to the fitted model's RMS relative error
+            on the profile (0.06 on that CPU, where the bimodal mix's plans are predicted 10-11% faster); 0 (the
+            uncalibrated default): any predicted gain counts.
 
     Raises:
-        ValueError: a non-positive efficiency or scale, or a negative overhead.
+        ValueError: a non-positive efficiency or scale, a negative overhead, or ``plan_margin`` outside [0, 1).
     """
 
     attention_efficiency: float = 0.5
@@ -431,8 +441,11 @@ class CostCoefficients:
     strategy_terms: tuple[tuple[str, float, float], ...] = ()
     packed_sequence_s: float = 0.0
     effective_cores: float | None = None
+    plan_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.plan_margin) and 0 <= self.plan_margin < 1):
+            raise ValueError(f"plan_margin must be in [0, 1), got {self.plan_margin!r}")
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
             _require_positive(name, getattr(self, name))
         if not (math.isfinite(self.sequence_overhead_s) and self.sequence_overhead_s >= 0):
@@ -1039,7 +1052,9 @@ class CostModel:
 
         The dense (linear in the length) and attention (quadratic) terms separate only with at least two lengths
         at one degree (three at degree 1 for the measured terms): ``seqpar.launch.calibrate.profile`` measures
-        three.
+        three. The copy's ``plan_margin`` is the chosen fit's RMS log error over all ``measurements`` (at most
+        ``MAX_PLAN_MARGIN``): ``plan_step`` then leaves the fastest static plan only for a predicted gain larger
+        than the model's own error.
 
         Args:
             measurements: ``Measurement`` or ``(length, degree, strategy, seconds)`` tuples.
@@ -1068,7 +1083,13 @@ class CostModel:
         best = measured
         if measured is None or link.calibration_error(data) <= measured.calibration_error(data):
             best = link
-        return best._calibrate_effective_cores(sharing) if sharing and self.cluster.shares_cores else best
+        if sharing and self.cluster.shares_cores:
+            best = best._calibrate_effective_cores(sharing)
+        # the model's typical relative error on what it was fitted to (an under-estimate of its error on new
+        # steps): plan_step's default min_gain (CostCoefficients.plan_margin)
+        everything = data + sharing
+        rms = math.sqrt(best.calibration_error(everything) / len(everything))
+        return replace(best, coefficients=replace(best.coefficients, plan_margin=min(rms, MAX_PLAN_MARGIN)))
 
     def _calibrate_effective_cores(self, data: list[Measurement]) -> CostModel:
         """A copy whose ``effective_cores`` best fits ``data`` (steps with idle groups; squared log error), searched

@@ -29,6 +29,11 @@ also comes with its ``ISOLATED_LONGEST`` longest sequences alone on groups of th
 ``assign.improve_step_time`` (moves of single sequences between its groups) after the packed search, and no
 status claims a proof (the lower bounds bound the slowest group).
 
+Last, the plan found is returned only when predicted faster than the fastest static plan by more than
+``min_gain`` (default the calibrated model's own error, ``CostCoefficients.plan_margin``; 0 uncalibrated): a search
+over many candidates picks the ones whose predictions are most optimistic, so gains within the model's error are
+mostly its error (on a shared CPU, plans predicted 3-14% faster measured 0.94-1.08 of the static plan).
+
 ``time_limit_s`` is a deadline for the whole call: every phase checks it (the homogeneous plans stop at 50% of
 it, the search at 80%; the greedy gets up to 70% of the search's time and ends early once within 0.2%; the
 MILP's own limit is what is left once its model is built, less a reserve for the re-balancing, and its solver
@@ -88,6 +93,7 @@ def plan_step(
     solver: str = "auto",
     max_buckets: int = 16,
     rel_gap: float | None = None,
+    min_gain: float | None = None,
 ) -> Plan:
     """The fastest plan found for one step's sequences.
 
@@ -106,6 +112,10 @@ def plan_step(
         max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
         rel_gap: relative optimality gap at which the MILP stops; default 1e-9 when the formulation is
             exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
+        min_gain: the fastest static plan (``static_plan``'s layout at its best degree and strategy) is returned
+            unless the best plan found is predicted faster than it by more than this fraction; default the cost
+            model's ``CostCoefficients.plan_margin`` (its error on its calibration profile; 0 uncalibrated), so
+            the plan leaves the layout a user would run by hand only for a gain the model can tell from its error.
 
     Returns:
         A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says what was proved
@@ -125,6 +135,10 @@ def plan_step(
         raise ValueError(f"max_buckets must be a positive integer, got {max_buckets!r}")
     if rel_gap is not None and not (0 <= rel_gap < 1):
         raise ValueError(f"rel_gap must be in [0, 1) or None, got {rel_gap!r}")
+    if min_gain is None:
+        min_gain = cost_model.coefficients.plan_margin
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain must be a fraction in [0, 1) or None, got {min_gain!r}")
     # every phase stops at the deadline; the final re-scoring of what was found keeps a share of the budget
     deadline = started + time_limit_s
     search_deadline = started + 0.8 * time_limit_s
@@ -157,8 +171,15 @@ def plan_step(
         if found is not None and not shared:
             shapes, assign, calls = found
             plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
-            plan.static_makespan_s = min(problem.to_plan(h_shapes, h_assign, status="static", note="").makespan_s
-                                         for _, h_shapes, h_assign in homogeneous)
+            s, h_shapes, h_assign = min(homogeneous, key=lambda h: problem.to_plan(h[1], h[2], status="static",
+                                                                                 note="").makespan_s)
+            static = problem.to_plan(h_shapes, h_assign, status="feasible", note="")
+            plan.static_makespan_s = static.makespan_s
+            if min_gain > 0 and static.makespan_s <= plan.makespan_s * (1 + min_gain):
+                static.static_makespan_s = static.makespan_s
+                return finish(static, f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}",
+                              _kept_static("the exact search's plan", plan.makespan_s, static.makespan_s, min_gain),
+                              proved=static.makespan_s <= plan.makespan_s * (1 + 1e-12))
             return finish(plan, "exact search", "optimal under the packed model, micro-batches included (dynamic "
                           "programming over subsets and ranks)", proved=True)
         if found is not None:  # optimal for the slowest group: one candidate among the others
@@ -295,13 +316,24 @@ def plan_step(
                 if plan.makespan_s < best.makespan_s * (1 - 1e-12):
                     name, best = f"{start_name} + step-time search", plan
                     plans.insert(0, (name, plan))
+    kept = ""
+    if min_gain > 0 and static_s <= best.makespan_s * (1 + min_gain):
+        static_name, static_best = min(((n, p) for n, p in plans if n in static_names), key=lambda p: p[1].makespan_s)
+        if static_best is not best:
+            kept = _kept_static(name, best.makespan_s, static_s, min_gain)
+            name, best = static_name, static_best
     best.solver_status = status
     best.static_makespan_s = static_s
     scores = ", ".join(f"{n} {p.makespan_s:.6g}" for n, p in plans[:6])
-    how = "; ".join(x for x in (exact_note, milp_note if milp_note else f"no MILP: {why}",
+    how = "; ".join(x for x in (kept, exact_note, milp_note if milp_note else f"no MILP: {why}",
                                 f"{len(plans)} of {len(candidates)} candidates re-scored packed ({skipped} "
                                 f"bounded out): {scores}") if x)
     return finish(best, name, how, proved=False)
+
+
+def _kept_static(name: str, makespan_s: float, static_s: float, min_gain: float) -> str:
+    return (f"kept the fastest static plan: {name} was predicted {static_s / makespan_s - 1:.2%} faster, not more "
+            f"than min_gain={min_gain:.2%}")
 
 
 def _highs_available() -> bool:
