@@ -96,7 +96,7 @@ def throughput(steps: list[tuple[int, float]]) -> float:
     return sum(n for n, _ in steps) / sum(t for _, t in steps)
 
 
-def score(results: dict, mixes: list[str]) -> list[dict]:
+def score(results: dict, mixes: list[str], configurations: list[str]) -> list[dict]:
     """Print and return the table: per mix and configuration the median throughput over rounds, auto over each
     configuration round by round and step by step (module docstring)."""
     rows = []
@@ -106,8 +106,8 @@ def score(results: dict, mixes: list[str]) -> list[dict]:
     for mix in mixes:
         runs = {s: [throughput(steps) for steps in v] for s, v in results[mix].items()}
         medians = {s: statistics.median(v) for s, v in runs.items()}
-        best_static = max((s for s in STRATEGIES if s != "auto"), key=medians.get)
-        for s in STRATEGIES:
+        best_static = max((s for s in configurations if s != "auto"), key=medians.get)
+        for s in configurations:
             per_round = [a / b for a, b in zip(runs["auto"], runs[s])]
             paired = [b_t / a_t for a_run, b_run in zip(results[mix]["auto"], results[mix][s])
                       for (_, a_t), (_, b_t) in zip(a_run, b_run)]
@@ -130,9 +130,9 @@ def pooled(paths: list[str]) -> None:
     uneven if auto and the static run were equally fast; steps of one round share its load, so read it as a
     guide, not an exact probability)."""
     runs = [json.load(open(p)) for p in paths]
-    print("| mix | auto vs | rounds | per-round median | rounds auto faster | paired steps median | "
+    print("| mix | auto vs | rounds | per-round median | rounds auto faster | paired steps median | its 95% interval | "
           "steps auto faster | sign test p |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mix in dict.fromkeys(m for d in runs for m in d["mixes"]):
         for s in (x for x in STRATEGIES if x != "auto"):
             per_round, paired = [], []
@@ -145,8 +145,44 @@ def pooled(paths: list[str]) -> None:
                 paired += [tb / ta for a, b in zip(auto, static) for (_, ta), (_, tb) in zip(a, b)]
             won = sum(r > 1 for r in paired)
             print(f"| {mix} | {s} | {len(per_round)} | {statistics.median(per_round):.3f} | "
-                  f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} | {won} of {len(paired)} | "
+                  f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} | "
+                  f"{'-'.join(f'{x:.3f}' for x in median_interval(paired))} | {won} of {len(paired)} | "
                   f"{sign_test_p(won, len(paired)):.2g} |")
+    room(runs)
+
+
+def room(runs: list[dict]) -> None:
+    """Print how much any per-step choice among the static configurations could gain: each step's seconds are
+    the median over the pooled rounds of each configuration (the mixes' batches are the same in every run: seeded);
+    an oracle that runs every step on its fastest static configuration against the best single static one, and
+    auto against it (both as seconds summed over the timed steps, ratios above 1 meaning faster)."""
+    print("| mix | best static | its seconds (sum of step medians) | per-step oracle faster by | auto faster by |")
+    print("| --- | --- | --- | --- | --- |")
+    for mix in dict.fromkeys(m for d in runs for m in d["mixes"]):
+        steps: dict[str, list[list[float]]] = {}
+        for d in runs:
+            for r in d["rows"]:
+                if r["mix"] == mix:
+                    steps.setdefault(r["strategy"], []).extend([[t for _, t in run] for run in r["steps"]])
+        medians = {s: [statistics.median(col) for col in zip(*runs_of_s)] for s, runs_of_s in steps.items()}
+        statics = [s for s in medians if s != "auto"]
+        best = min(statics, key=lambda s: sum(medians[s]))
+        oracle = sum(min(medians[s][i] for s in statics) for i in range(len(medians[best])))
+        print(f"| {mix} | {best} | {sum(medians[best]):.3f} | {sum(medians[best]) / oracle:.3f} | "
+              f"{sum(medians[best]) / sum(medians['auto']):.3f} |")
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the order statistics k and n + 1 - k of the sorted values, k the
+    largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (steps of one round share its load, so like the sign
+    test it is a guide, not an exact coverage)."""
+    ordered, n = sorted(values), len(values)
+    k, below = 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2 ** n <= (1 - level) / 2:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
 
 
 def sign_test_p(wins: int, n: int) -> float:
@@ -234,6 +270,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
+                        help="the configurations to run (auto and at least one static; fewer: more rounds in the "
+                             "same time, e.g. auto against the two best static ones)")
+    parser.add_argument("--out", default="train_auto.json", help="result file name under bench/results/")
     parser.add_argument("--overhead", action="store_true", help="measure the auto path's own cost instead")
     parser.add_argument("--pool", nargs="+", metavar="JSON", help="measure nothing: pool the rounds of these "
                         "result files (e.g. results/train_auto*.json) and print auto against each static")
@@ -242,6 +282,9 @@ def main() -> None:
         pooled(args.pool)
         return
     rounds = args.rounds
+    configurations = [s for s in STRATEGIES if s in args.strategies]
+    if "auto" not in configurations or len(configurations) < 2:
+        raise SystemExit("--strategies: name auto and at least one static configuration")
     if args.steps <= WARMUP_STEPS:
         raise SystemExit(f"--steps: must exceed the {WARMUP_STEPS} warm-up steps left out of tokens/s")
     started = time.perf_counter()
@@ -255,13 +298,13 @@ def main() -> None:
         if args.overhead:
             overhead(pool, rounds, calibration)
             return
-        results = {mix: {s: [] for s in STRATEGIES} for mix in args.mixes}  # per round: (tokens, seconds) per step
+        results = {mix: {s: [] for s in configurations} for mix in args.mixes}  # per round: (tokens, seconds) per step
         plans = {mix: [] for mix in args.mixes}
         waits = {mix: [] for mix in args.mixes}
         for r in range(rounds):
             for mix in args.mixes:
                 # each round starts at another configuration: a load that drifts during a round favours none
-                for strategy in STRATEGIES[r % len(STRATEGIES):] + STRATEGIES[:r % len(STRATEGIES)]:
+                for strategy in configurations[r % len(configurations):] + configurations[:r % len(configurations)]:
                     steps = pool.run(train_run, (argv_for(mix, strategy, args.steps, calibration),), {}, 3600)[0]
                     results[mix][strategy].append([(n, t) for n, t, _, _ in steps[WARMUP_STEPS:]])
                     if strategy == "auto":
@@ -271,13 +314,13 @@ def main() -> None:
             print(f"round {r + 1} done, load {loads[-1][0]:.1f}", flush=True)
     finally:
         pool.close()
-    rows = score(results, args.mixes)
+    rows = score(results, args.mixes, configurations)
     for mix in args.mixes:
         if waits[mix]:
             print(f"{mix}: auto waited for its prefetched plan median {statistics.median(waits[mix]) * 1e3:.1f} ms, "
                   f"max {max(waits[mix]) * 1e3:.1f} ms per step")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "train_auto.json"), "w") as f:
+    with open(os.path.join(RESULTS, args.out), "w") as f:
         json.dump({"world": WORLD, "model": "llama-tiny", "mixes": {m: MIXES[m] for m in args.mixes},
                    "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "rounds": rounds, "rows": rows,
                    "auto_plans": plans, "auto_plan_wait_s": waits,
