@@ -143,6 +143,8 @@ def pooled(paths: list[str]) -> None:
                 auto, static = rows[(mix, "auto")], rows[(mix, s)]
                 per_round += [throughput(a) / throughput(b) for a, b in zip(auto, static)]
                 paired += [tb / ta for a, b in zip(auto, static) for (_, ta), (_, tb) in zip(a, b)]
+            if not per_round:  # not run in these files (--strategies)
+                continue
             won = sum(r > 1 for r in paired)
             print(f"| {mix} | {s} | {len(per_round)} | {statistics.median(per_round):.3f} | "
                   f"{sum(r > 1 for r in per_round)} | {statistics.median(paired):.3f} | "
@@ -160,9 +162,12 @@ def room(runs: list[dict]) -> None:
     print("| --- | --- | --- | --- | --- |")
     for mix in dict.fromkeys(m for d in runs for m in d["mixes"]):
         steps: dict[str, list[list[float]]] = {}
+        # only configurations every file ran: each step's median then comes from the same rounds for all of them
+        common = set.intersection(*({r["strategy"] for r in d["rows"] if r["mix"] == mix}
+                                    for d in runs if mix in d["mixes"]))
         for d in runs:
             for r in d["rows"]:
-                if r["mix"] == mix:
+                if r["mix"] == mix and r["strategy"] in common:
                     steps.setdefault(r["strategy"], []).extend([[t for _, t in run] for run in r["steps"]])
         medians = {s: [statistics.median(col) for col in zip(*runs_of_s)] for s, runs_of_s in steps.items()}
         statics = [s for s in medians if s != "auto"]
