@@ -285,8 +285,10 @@ def test_plans_made_ahead_get_a_share_of_the_step_and_are_ready_when_it_ends():
     assert from_ahead == 4
     assert budgets[0] == 1.0  # before any step: plan_step's inline budget
     assert budgets[1] == pytest.approx(max(share * predicted[0], 0.01))  # one step in: its predicted makespan
-    for k in (2, 3):  # then the step time measured between prepares (>= the 0.6 s each step lasted)
-        assert measured[k - 1] >= 0.6 and budgets[k] == pytest.approx(min(max(share * measured[k - 1], 0.01), 5.0))
+    # then the step time measured between prepares: the 0.6 s each step lasted, less the difference of the two
+    # prepares' time before they read the clock (CI once measured 0.59982)
+    for k in (2, 3):
+        assert measured[k - 1] >= 0.59 and budgets[k] == pytest.approx(min(max(share * measured[k - 1], 0.01), 5.0))
     # each solve had at most 5% of a 0.6 s step: it was ready before the step ended (the wait is the queue's)
     assert max(waits[1:]) < 0.1, waits
     assert all(set(r[0]) == {None} and r[4] == 0 for r in results[1:])  # only rank 0 plans
