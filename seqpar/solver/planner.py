@@ -171,9 +171,8 @@ def plan_step(
         if found is not None and not shared:
             shapes, assign, calls = found
             plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
-            s, h_shapes, h_assign = min(homogeneous, key=lambda h: problem.to_plan(h[1], h[2], status="static",
-                                                                                 note="").makespan_s)
-            static = problem.to_plan(h_shapes, h_assign, status="feasible", note="")
+            s, static = min(((h_s, problem.to_plan(h_shapes, h_assign, status="feasible", note=""))
+                             for h_s, h_shapes, h_assign in homogeneous), key=lambda h: h[1].makespan_s)
             plan.static_makespan_s = static.makespan_s
             if min_gain > 0 and static.makespan_s <= plan.makespan_s * (1 + min_gain):
                 static.static_makespan_s = static.makespan_s
