@@ -14,7 +14,8 @@ slower than the next, so auto is also compared with each static configuration ro
 per-round ratios: a slow round slows both) and step by step (``paired``: the median over every round and timed
 step of the static run's seconds over auto's for the same batch). The pooled median of the steps' tokens/s, the
 old score, is printed beside. ``auto`` is what a user gets with ``--strategy auto --calibrate``: the calibration
-is profiled once, before the timed rounds, and read from its cache file in every run; each step's plan is made
+is profiled once per mix (the synthetic profile, then every static plan timed on the mix's first 3 batches:
+``shape_scales``), before the timed rounds, and read from its cache file in every run; each step's plan is made
 while the step before trains, in a planning process of its own, with a budget of 5% of that step on the CPU.
 
 Static baselines, every degree a static run can have: ring and ulysses at degree 4 (every sequence on all 4
@@ -294,14 +295,17 @@ def main() -> None:
         raise SystemExit(f"--steps: must exceed the {WARMUP_STEPS} warm-up steps left out of tokens/s")
     started = time.perf_counter()
     loads = [os.getloadavg()]
-    calibration = os.path.join(tempfile.gettempdir(), "seqpar-bench-calibration.json")
-    if os.path.exists(calibration):
-        os.remove(calibration)
+    # one calibration per mix: the profile, then every static plan timed on the mix's first batches
+    calibrations = {mix: os.path.join(tempfile.gettempdir(), f"seqpar-bench-calibration-{mix}.json") for mix in MIXES}
+    for path in calibrations.values():
+        if os.path.exists(path):
+            os.remove(path)
     pool = WorkerPool(WORLD, comm_timeout_s=600)
     try:
-        pool.run(train_run, (argv_for("longtail", "auto", 1, calibration),), {}, 3600)  # profile once
+        for mix in ["short"] if args.overhead else args.mixes:  # profile once, before any timed run
+            pool.run(train_run, (argv_for(mix, "auto", 1, calibrations[mix]),), {}, 3600)
         if args.overhead:
-            overhead(pool, rounds, calibration)
+            overhead(pool, rounds, calibrations["short"])
             return
         results = {mix: {s: [] for s in configurations} for mix in args.mixes}  # per round: (tokens, seconds) per step
         plans = {mix: [] for mix in args.mixes}
@@ -310,7 +314,8 @@ def main() -> None:
             for mix in args.mixes:
                 # each round starts at another configuration: a load that drifts during a round favours none
                 for strategy in configurations[r % len(configurations):] + configurations[:r % len(configurations)]:
-                    steps = pool.run(train_run, (argv_for(mix, strategy, args.steps, calibration),), {}, 3600)[0]
+                    steps = pool.run(train_run, (argv_for(mix, strategy, args.steps, calibrations[mix]),), {},
+                                     3600)[0]
                     results[mix][strategy].append([(n, t) for n, t, _, _ in steps[WARMUP_STEPS:]])
                     if strategy == "auto":
                         plans[mix] += [p for _, _, p, _ in steps]
@@ -329,7 +334,7 @@ def main() -> None:
         json.dump({"world": WORLD, "model": "llama-tiny", "mixes": {m: MIXES[m] for m in args.mixes},
                    "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "rounds": rounds, "rows": rows,
                    "auto_plans": plans, "auto_plan_wait_s": waits,
-                   "calibration": json.load(open(calibration)) if os.path.exists(calibration) else None,
+                   "calibration": {mix: json.load(open(calibrations[mix])) for mix in args.mixes},
                    "load_average_per_round": loads, "wall_s": time.perf_counter() - started,
                    "note": "2 CPU cores shared with other jobs (see the load averages); one pool of 4 ranks, runs "
                            "interleaved; a run's score is its throughput (tokens / seconds of its timed steps), a "

@@ -3,6 +3,7 @@ process (tiny Llama, real gloo ranks)."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import replace
@@ -180,6 +181,39 @@ def test_calibration_profiles_every_shape_at_two_lengths_and_is_cached(tmp_path)
         assert all(len(set(m["lengths"])) > 1 and max(m["lengths"]) < 32 for m in packed)
 
 
+def calibrate_on_batches(path, batches, other_batches):
+    from seqpar.launch import calibrate
+
+    sp_model = seqpar.parallelize(MODELS["llama"](), strategy="auto", cost_model=cost_model_for(2))
+    base = sp_model.config.cost_model
+    options = dict(model_name="tiny", lengths=(32, 128), repeats=1, vocab_size=96)
+    fitted = calibrate.calibrated_cost_model(sp_model, base, path, batches=batches, **options)
+    first = calibrate._read(Path(path))
+    again = calibrate.calibrated_cost_model(sp_model, base, path, batches=batches, **options)  # the cache
+    calibrate.calibrated_cost_model(sp_model, base, path, batches=other_batches, **options)  # profiled
+    return fitted.coefficients, again.coefficients, first, calibrate._read(Path(path))
+
+
+def test_calibration_on_the_runs_batches_times_every_static_plan_and_scales_each_shape(tmp_path):
+    path = str(tmp_path / "calibration.json")
+    batches, other = [[60, 20, 90], [130, 12]], [[100, 100]]
+    results = run_distributed(calibrate_on_batches, 2, path, batches, other)
+    for fitted, again, first, last in results:
+        assert again == fitted == results[0][0]  # every rank plans with the same model; the cache matched
+        timed = first["static_plans"]
+        shapes = {(1, "ulysses"), (2, "ulysses"), (2, "ring"), (2, "token_ring")}
+        assert sorted((m["degree"], m["strategy"], tuple(m["lengths"])) for m in timed) == sorted(
+            (d, s, tuple(b)) for d, s in shapes for b in batches)
+        assert {(s, d) for s, d, _ in fitted.shape_scales} == {(s, d) for d, s in shapes}
+        # scaled, each shape's static plans are off their measurements by factors whose geometric mean is 1
+        for degree, name in shapes:
+            logs = [math.log(p / m["seconds"]) for m, p in zip(timed, first["static_plans_predicted_s"])
+                    if (m["degree"], m["strategy"]) == (degree, name)]
+            assert abs(sum(logs)) < 1e-9 and len(logs) == len(batches)
+        assert first["key"]["batches"] == batches and last["key"]["batches"] == other
+        assert [m["lengths"] for m in last["static_plans"]] == [[100, 100]] * len(shapes)
+
+
 def calibrate_on_shared_cores(path, world):
     from seqpar.launch import calibrate
 
@@ -294,12 +328,18 @@ def test_plans_made_ahead_get_a_share_of_the_step_and_are_ready_when_it_ends():
     assert all(set(r[0]) == {None} and r[4] == 0 for r in results[1:])  # only rank 0 plans
 
 
+CHEAP_MARK_S = 0.0123  # PLAN_AHEAD_CHEAP_S in these runs: no other budget equals it (the floor, 0.01, may)
+
+
 def budgets_and_gains(lengths_per_step, world, step_seconds):
-    """``plan_ahead_budgets``' run, also returning each step's predicted gain over the fastest static plan."""
+    """``plan_ahead_budgets``' run, also returning each step's predicted gain over the fastest static plan; the
+    cheap budget is ``CHEAP_MARK_S``, so the budgets that are cheap can be told from the others."""
+    from seqpar.runtime import steps as steps_mod
     from seqpar.runtime.steps import StepRunner
 
     gains = []
-    original = StepRunner.prepare
+    original, cheap = StepRunner.prepare, steps_mod.PLAN_AHEAD_CHEAP_S
+    steps_mod.PLAN_AHEAD_CHEAP_S = CHEAP_MARK_S
 
     def recording(self, batch, **options):
         local = original(self, batch, **options)
@@ -310,8 +350,8 @@ def budgets_and_gains(lengths_per_step, world, step_seconds):
     StepRunner.prepare = recording
     try:
         budgets, *_ = plan_ahead_budgets(lengths_per_step, world, step_seconds)
-    finally:
-        StepRunner.prepare = original
+    finally:  # the rank processes are reused by later tests
+        StepRunner.prepare, steps_mod.PLAN_AHEAD_CHEAP_S = original, cheap
     return budgets, gains
 
 
@@ -323,7 +363,7 @@ def test_plans_made_ahead_get_little_time_while_planning_gains_nothing():
     lengths = [[64] * 4] * 11
     budgets, gains = run_distributed(budgets_and_gains, 2, lengths, 2, 0.05)[0]
     assert max(gains) < steps_mod.PLAN_GAIN_WORTH and min(gains) >= 0.0
-    full = [k for k, b in enumerate(budgets) if b != steps_mod.PLAN_AHEAD_CHEAP_S]
+    full = [k for k, b in enumerate(budgets) if b != CHEAP_MARK_S]
     # budgets[k] is asked for once step k - 1 has its plan: cheap from the 4th plan that gained nothing on, but
     # for the probe (the 8th plan asked for, budgets[7]) that looks for batches where planning pays again
     assert full == [0, 1, 2, 3, 7], budgets
@@ -355,14 +395,13 @@ def scripted_gain_budgets(lengths_per_step, gains, world, step_seconds):
 
 
 def test_plans_made_ahead_get_their_share_back_once_planning_gains():
-    from seqpar.runtime import steps as steps_mod
 
     lengths = [[64, 64, 64, 64 + k] for k in range(12)]
     scripted = [0.0] * 12
     scripted[5] = 0.05  # step 5's plan gains 5% over the static plans
     budgets, gains = run_distributed(scripted_gain_budgets, 2, lengths, scripted, 2, 0.05)[0]
     assert gains == pytest.approx(scripted)
-    cheap = [k for k, b in enumerate(budgets) if b == steps_mod.PLAN_AHEAD_CHEAP_S]
+    cheap = [k for k, b in enumerate(budgets) if b == CHEAP_MARK_S]
     # budgets[k] is asked for once step k - 1 has its plan: cheap after 4 plans that gained nothing, full again
     # from the plan after step 5's, for as long as step 5 is among the last PLAN_GAIN_WINDOW plans
     assert cheap == [4, 5], budgets

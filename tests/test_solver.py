@@ -821,3 +821,97 @@ def test_calibrate_sets_plan_margin_to_the_fits_rms_relative_error():
                         for m in noisy) / len(noisy))
     assert fitted.coefficients.plan_margin == pytest.approx(rms, rel=1e-9)
     assert 0.05 < fitted.coefficients.plan_margin <= 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shape_scales: static plans timed on the run's own batches set each shape's level
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scaled(cm: CostModel, **scales: float) -> CostModel:
+    """``cm`` with ``shape_scales`` from ``strategy_degree=scale`` keywords (``ring_2=1.7``)."""
+    entries = tuple((key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]), value) for key, value in scales.items())
+    return replace(cm, coefficients=replace(cm.coefficients, shape_scales=entries))
+
+
+def test_shape_scales_multiply_every_time_of_their_shape_and_no_other():
+    cm = slow_links_model(8, 4)
+    scaled = _scaled(cm, ring_2=1.7, ulysses_1=0.6)
+    lengths = [3000, 250, 700, 40]
+    for (degree, name), factor in {(2, "ring"): 1.7, (1, "ulysses"): 0.6, (2, "ulysses"): 1.0,
+                                   (4, "ring"): 1.0}.items():
+        assert scaled.call_time(lengths, degree, name) == pytest.approx(factor * cm.call_time(lengths, degree, name),
+                                                                        rel=1e-12)
+        np.testing.assert_allclose(scaled.seq_times(lengths, degree, name),
+                                   factor * cm.seq_times(lengths, degree, name), rtol=1e-12)
+        assert scaled.call_overhead(degree, name) == pytest.approx(factor * cm.call_overhead(degree, name),
+                                                                   rel=1e-12)
+        for got, want in zip(scaled.call_time_minorants(lengths, degree, name),
+                             cm.call_time_minorants(lengths, degree, name)):
+            np.testing.assert_allclose(got, factor * np.asarray(want), rtol=1e-12)
+    # the planner's plans are scored with the scaled times (validate re-derives every group's time)
+    plan = plan_step(lengths * 3, scaled, time_limit_s=2.0)
+    plan.validate(lengths * 3, scaled)
+
+
+def test_lower_bound_scales_with_the_shapes_so_it_stays_below_every_plan():
+    cm = slow_links_model(8, 4)
+    lengths = [900] * 40  # the compute rank-seconds term of the bound dominates
+    half = _scaled(cm, **{f"{name}_{degree}": 0.5 for degree in (1, 2, 4, 8)
+                          for name in cm.strategy_names(degree)})
+    assert makespan_lower_bound(lengths, half) == pytest.approx(0.5 * makespan_lower_bound(lengths, cm), rel=1e-12)
+    one_fast = _scaled(cm, ulysses_1=0.25)  # only degree 1 runs faster: no plan beats the bound
+    plan = plan_step(lengths, one_fast, time_limit_s=2.0)
+    assert makespan_lower_bound(lengths, one_fast) <= plan.makespan_s * (1 + 1e-12)
+
+
+def test_calibrate_static_scales_makes_static_plans_predict_their_measurements():
+    from seqpar.solver import StaticPlanMeasurement, calibrate_static_scales
+
+    cm = slow_links_model(8, 4)
+    batches = [[3000, 250, 700, 40, 90], [1200, 1100, 30]]
+    shapes = [(1, "ulysses"), (2, "ring"), (4, "ulysses")]
+    truth = {(1, "ulysses"): 0.8, (2, "ring"): 1.3, (4, "ulysses"): 2.0}
+    # one batch per shape: the scaled static plans take exactly what was measured
+    once = [StaticPlanMeasurement(tuple(batches[0]), d, s, truth[(d, s)] * static_plan(batches[0], cm, d, s).makespan_s)
+            for d, s in shapes]
+    fitted = calibrate_static_scales(cm, once)
+    for m in once:
+        assert static_plan(list(m.lengths), fitted, m.degree, m.strategy).makespan_s == pytest.approx(m.seconds,
+                                                                                                    rel=1e-9)
+    assert fitted.coefficients.plan_margin == 0.0  # nothing left over: the model's own margin (0) stands
+    # two batches per shape measured 10% above and below the truth: the geometric mean, and the spread as margin
+    twice = [StaticPlanMeasurement(tuple(b), d, s, truth[(d, s)] * math.exp(sign * 0.1)
+                                   * static_plan(b, cm, d, s).makespan_s)
+             for d, s in shapes for b, sign in zip(batches, (1, -1))]
+    fitted = calibrate_static_scales(_scaled(cm, ring_2=5.0), twice)  # scales already there are replaced
+    assert dict(((s, d), scale) for s, d, scale in fitted.coefficients.shape_scales) == pytest.approx(
+        {(s, d): v for (d, s), v in truth.items()}, rel=1e-12)
+    # residuals +-0.1 on 6 measurements, 3 scales fitted: sqrt(6 * 0.01 / 3)
+    assert fitted.coefficients.plan_margin == pytest.approx(math.sqrt(0.02), rel=1e-9)
+    with pytest.raises(ValueError, match="measurements is empty"):
+        calibrate_static_scales(cm, [])
+    with pytest.raises(ValueError, match="seconds"):
+        StaticPlanMeasurement((10,), 1, "ulysses", 0.0)
+
+
+def test_shape_scales_survive_json_and_bad_entries_are_refused():
+    import json
+    from dataclasses import asdict
+
+    coefficients = CostCoefficients(shape_scales=(("ring", 2, 1.25), ("ulysses", 1, 0.5)))
+    assert CostCoefficients(**json.loads(json.dumps(asdict(coefficients)))) == coefficients
+    assert coefficients.shape_scale("ring", 2) == 1.25 and coefficients.shape_scale("ring", 4) == 1.0
+    for bad in ((("ring", 2, 0.0),), (("ring", 0, 1.0),), (("ring", 2, float("inf")),), (("ring", 2),),
+                (("ring", 2, 1.0), ("ring", 2, 2.0)), (("ring", True, 1.0),)):
+        with pytest.raises(ValueError, match="shape_scales"):
+            CostCoefficients(shape_scales=bad)
+
+
+def test_calibrate_fits_the_formulas_without_the_scales():
+    cluster = Cluster(16, 8, 400.0, 1e12, 200.0, 25.0, latency_s=10e-6)
+    truth = CostModel(cluster, SMALL, CostCoefficients(0.37, 0.71, 0.55, 2.0, 3e-4))
+    data = [Measurement(n, p, "ring", truth.seq_time(n, p, "ring")) for n in (256, 4096, 65536) for p in (1, 2, 8)]
+    fitted = _scaled(CostModel(cluster, SMALL), ring_2=3.0).calibrate(data)
+    assert fitted.coefficients.shape_scales == ()
+    assert fitted.coefficients.plan_margin < 1e-4

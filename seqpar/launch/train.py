@@ -11,7 +11,8 @@ optimizer state over all ranks with FSDP2; ``--activation-checkpointing`` recomp
 With ``--strategy auto`` rank 0 (with ``--dp``, each replica's first rank, for its part of the batch) plans step
 t+1 in the background while step t trains, with a budget of a share of the step (5% on the CPU, whose cores the
 solve shares with training; 50% beside a GPU; ``--no-plan-ahead``: inline), and ``--calibrate [FILE]`` plans with
-a cost model fitted to this machine (profiled once, cached; without it the planner assumes H100s).
+a cost model fitted to this machine and to the run's own batches (profiled once, cached; without it the planner
+assumes H100s).
 "cpu:gloo,cuda:nccl" on CUDA (NCCL for the tensors on the GPU, gloo for the few on the host), gloo otherwise.
 Rank 0 shows a progress bar (loss, tokens/s, the step's plan) and appends one JSON line per step to
 ``--metrics`` (a resumed run first drops the lines of steps after its checkpoint, so no step is logged twice).
@@ -55,6 +56,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 DEFAULT_CALIBRATION = Path("seqpar-calibration.json")
+CALIBRATION_BATCHES = 3  # first steps --calibrate times every static plan on: ~1 min on 4 CPU ranks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "N tokens per rank (prepare's max_tokens_per_rank), accumulating gradients")
     p.add_argument("--calibrate", nargs="?", type=Path, const=DEFAULT_CALIBRATION, default=None, metavar="FILE",
                    help="with --strategy auto: plan with a cost model fitted to this machine (a short profile of "
-                   "every group shape at 256, 1024 and 4096 tokens, run once and cached in FILE; default "
-                   f"{DEFAULT_CALIBRATION})")
+                   "every group shape at 256, 1024 and 4096 tokens, then every static plan timed on the run's first "
+                   f"{CALIBRATION_BATCHES} batches; run once and cached in FILE; default {DEFAULT_CALIBRATION})")
     p.add_argument("--plan-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="with --strategy auto: plan step t+1 in the background while step t trains, within a "
                    "share of the step's time (default on)")
@@ -576,6 +578,22 @@ def cost_model_options(model: torch.nn.Module, *, strategy: str, world_size: int
     return {"cost_model": CostModel(replace(base.cluster, gpus_per_node=local), base.model)}
 
 
+def _calibration_batches(args: argparse.Namespace, source, replica: int) -> list[list[int]]:
+    """The sequence lengths of the run's first ``CALIBRATION_BATCHES`` steps (this replica's part with ``--dp``),
+    read without moving the data position: ``--calibrate`` times every static plan on them."""
+    from seqpar.launch.data import replica_indices
+
+    saved = source.state()
+    batches = []
+    for _ in range(CALIBRATION_BATCHES):
+        lengths = [int(t.numel()) for t in source.next_batch()]
+        if args.dp > 1:
+            lengths = [lengths[i] for i in replica_indices(lengths, replica=replica, replicas=args.dp)]
+        batches.append(lengths)
+    source.load_state(saved)
+    return batches
+
+
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """The global gradient norm (a tensor on the gradients' device): FSDP2 gradients are DTensor shards, whose
     norm is reduced over the ranks by ``full_tensor``."""
@@ -666,7 +684,8 @@ def _train(args: argparse.Namespace, model, source, device: torch.device) -> lis
 
         use_cost_model(sp_model, calibrated_cost_model(sp_model, sp_model.config.cost_model, args.calibrate,
                                                        model_name=args.model, vocab_size=model.config.vocab_size,
-                                                       device=device))
+                                                       device=device,
+                                                       batches=_calibration_batches(args, source, replica)))
     # plan step t+1 while step t trains (rank 0, a background process); the data source knows its lengths
     # (with --dp, each replica's first rank plans that replica's part of the next step)
     plan_ahead = args.strategy == "auto" and args.plan_ahead and hasattr(source, "upcoming_lengths")

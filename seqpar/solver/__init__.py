@@ -12,7 +12,13 @@ from seqpar.solver.cost_model import (
     ModelSpec,
 )
 from seqpar.solver.plan import Group, Plan
-from seqpar.solver.planner import makespan_lower_bound, plan_step, static_plan
+from seqpar.solver.planner import (
+    StaticPlanMeasurement,
+    calibrate_static_scales,
+    makespan_lower_bound,
+    plan_step,
+    static_plan,
+)
 from seqpar.solver.prefetch import PlanPrefetcher
 
 
@@ -37,5 +43,7 @@ __all__ = [
     "plan_step",
     "static_plan",
     "makespan_lower_bound",
+    "StaticPlanMeasurement",
+    "calibrate_static_scales",
     "PlanPrefetcher",
 ]

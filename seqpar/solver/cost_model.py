@@ -67,7 +67,8 @@ sequences ``S_1 .. S_n`` (``N = sum S_i`` tokens), ``call_time`` is
   local shard in one message per step: ring's K,V blocks, Ulysses' all-to-alls, LASP-2's one all-gather of
   the states whatever the token count);
 * ``sequence_overhead_s`` once (one call: one launch sequence), and ``packed_sequence_s`` per sequence of the
-  call (0 unless calibrated: the per-sequence launches of a varlen call on CPU ranks).
+  call (0 unless calibrated: the per-sequence launches of a varlen call on CPU ranks);
+* all of it times the shape's ``shape_scales`` factor (1 unless calibrated on the run's own batches).
 
 ``group_time`` is the sum of ``call_time`` over the group's micro-batches (one when the packed call
 fits in memory). For one sequence ``call_time == seq_time``. Every term is non-decreasing in the sequences
@@ -428,6 +429,12 @@ class CostCoefficients:
             plan measured 0.94-1.08 of it. ``CostModel.calibrate`` sets it to the fitted model's RMS relative error
             on the profile (0.06 on that CPU, where the bimodal mix's plans are predicted 10-11% faster); 0 (the
             uncalibrated default): any predicted gain counts.
+        shape_scales: ``(strategy, degree, scale)``: every call of that group shape is predicted ``scale`` times
+            what the formulas above give. ``planner.calibrate_static_scales`` sets them from whole static plans
+            timed on the run's own batches (``seqpar.launch.calibrate.profile_static_plans``): the profile's
+            synthetic calls fix how a shape's time grows with the lengths, the real batches its level. On 4 CPU
+            ranks the profile alone predicted the static plans of bimodal batches 20-40% off, in an order
+            that differed between profiles (ring x2 predicted faster than degree 1 and measured 10% slower).
 
     Raises:
         ValueError: a non-positive efficiency or scale, a negative overhead, or ``plan_margin`` outside [0, 1).
@@ -442,8 +449,19 @@ class CostCoefficients:
     packed_sequence_s: float = 0.0
     effective_cores: float | None = None
     plan_margin: float = 0.0
+    shape_scales: tuple[tuple[str, int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        scales = []
+        for entry in self.shape_scales:  # JSON gives lists: store tuples (the dataclass stays hashable)
+            ok = (len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], (int, np.integer))
+                  and not isinstance(entry[1], bool) and entry[1] >= 1)
+            if not ok or not (math.isfinite(float(entry[2])) and float(entry[2]) > 0):
+                raise ValueError(f"shape_scales entries must be (strategy, degree >= 1, scale > 0), got {entry!r}")
+            scales.append((entry[0], int(entry[1]), float(entry[2])))
+        if len({(name, degree) for name, degree, _ in scales}) != len(scales):
+            raise ValueError(f"shape_scales names a (strategy, degree) twice: {scales}")
+        object.__setattr__(self, "shape_scales", tuple(scales))
         if not (math.isfinite(self.plan_margin) and 0 <= self.plan_margin < 1):
             raise ValueError(f"plan_margin must be in [0, 1), got {self.plan_margin!r}")
         for name in ("attention_efficiency", "dense_efficiency", "bandwidth_efficiency", "latency_scale"):
@@ -474,6 +492,10 @@ class CostCoefficients:
         if len(set(keys)) != len(keys):
             raise ValueError(f"strategy_terms names a (strategy, degree) twice: {keys}")
         object.__setattr__(self, "strategy_terms", tuple(terms))
+
+    def shape_scale(self, strategy: str, degree: int) -> float:
+        """The ``shape_scales`` factor of ``strategy`` at ``degree``; 1.0 when none is set."""
+        return next((scale for name, d, scale in self.shape_scales if name == strategy and d == degree), 1.0)
 
     def measured_terms(self, strategy: str, degree: int | None = None) -> tuple[float, float] | None:
         """``(per_step_s, per_token_s)`` measured for the registered ``strategy`` at ``degree``: its entry of that
@@ -753,7 +775,7 @@ class CostModel:
              + c.packed_sequence_s)
         for count, _, entry, delta_rule, window in self._layer_terms(parts):
             t = t + count * self.layer_times(S, degree, entry.name, delta_rule=delta_rule, window=window)
-        return np.asarray(t, dtype=np.float64)
+        return np.asarray(t * c.shape_scale(strategy, degree), dtype=np.float64)
 
     def seq_time(self, length: float, degree: int, strategy: str) -> float:
         """Seconds of one training step (forward + backward) of one sequence on a group of ``degree``.
@@ -822,13 +844,14 @@ class CostModel:
         link = self._link(degree)
         terms = [(layers, self._entry_layer_time(entry, delta_rule, degree), delta_rule, window)
                  for layers, _, entry, delta_rule, window in self._layer_terms(parts)]
+        scale = c.shape_scale(_strategy_name(parts), degree)
 
         def packed_time(total: float, count: int, sums: Sequence[float], shortest: float) -> float:
             t = total * dense_per_token + c.sequence_overhead_s + count * c.packed_sequence_s
             for k, (layers, layer_time, delta_rule, window) in enumerate(terms):
                 shape = self._layer_shape(total, degree, delta_rule, window, None if window is None else shortest)
                 t = t + layers * float(layer_time(shape, sums[2 * k], sums[2 * k + 1], link))
-            return float(t)
+            return float(t * scale)
 
         return packed_time
 
@@ -841,7 +864,7 @@ class CostModel:
             layer = self._entry_layer_time(entry, delta_rule, degree)(
                 self._layer_shape(0.0, degree, delta_rule, window), 0.0, 0.0, self._link(degree))
             t += count * float(layer)
-        return float(t)
+        return float(t * self.coefficients.shape_scale(strategy, degree))
 
     def call_time_minorants(self, lengths, degree: int, strategy: str) -> tuple[np.ndarray, float, np.ndarray, float]:
         """Two additive lower bounds of ``call_time``, valid for any packed call of any subset of ``lengths``:
@@ -897,7 +920,9 @@ class CostModel:
             floor_const += count * zero[0]
         if not affine:
             floor, floor_const = compute, c.sequence_overhead_s
-        return compute, c.sequence_overhead_s, np.asarray(floor, dtype=np.float64), float(floor_const)
+        scale = c.shape_scale(strategy, degree)  # the call's time scales as a whole, and so do both bounds
+        return (compute * scale, c.sequence_overhead_s * scale, np.asarray(floor * scale, dtype=np.float64),
+                float(floor_const * scale))
 
     def group_time(self, lengths: Iterable[float], degree: int, strategy: str, *,
                    micro_batches: Sequence[Sequence[int]] | None = None) -> float:
@@ -1075,6 +1100,9 @@ class CostModel:
         if len({m.length for m in data}) < 2:
             raise ValueError("measurements: every one has the same length, so the dense (linear) and attention "
                              "(quadratic) efficiencies cannot be separated; measure at least two lengths")
+        if self.coefficients.shape_scales:  # the fit is of the formulas; scales come after it, from whole plans
+            return replace(self, coefficients=replace(self.coefficients, shape_scales=())).calibrate(
+                data, max_iterations=max_iterations, measured_terms=measured_terms)
         # steps with idle groups measure how ranks share cores (effective_cores), not the terms of a call
         sharing = [m for m in data if m.busy_groups is not None]
         data = [m for m in data if m.busy_groups is None]
@@ -1195,6 +1223,11 @@ class CostModel:
             if not improved or np.max(np.abs(delta * scale)) < 1e-12:
                 break
         return replace(self, coefficients=coefficients(theta))
+
+
+def _strategy_name(parts: tuple[str | None, str | None]) -> str:
+    """The strategy name ``CostModel.split_strategy`` took apart into ``parts``."""
+    return "+".join(name for name in parts if name is not None)
 
 
 def _nnls(basis: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -55,7 +55,9 @@ is done whatever the budget; every later phase stops at its share of the budget.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -70,12 +72,13 @@ from seqpar.solver.assign import (
     isolate_longest,
     lpt,
 )
-from seqpar.solver.cost_model import CostModel, is_power_of_two
+from seqpar.solver.cost_model import MAX_PLAN_MARGIN, CostModel, is_power_of_two
 from seqpar.solver.milp import SLOTS, MilpResult, make_buckets, solve_milp
 from seqpar.solver.plan import Plan
 from seqpar.solver.problem import EXACT_MAX_SEQUENCES, EXACT_MAX_WORLD, Problem, build_plan, check_seq_lens, exact_plan
 
-__all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS"]
+__all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS", "StaticPlanMeasurement",
+           "calibrate_static_scales"]
 
 SOLVERS = ("auto", "cbc", "highs", "greedy")
 ISOLATED_LONGEST = 2  # ranks that share cores: homogeneous candidates with up to this many longest sequences alone
@@ -402,6 +405,50 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
                       status="static", note=f"static {strategy} x{degree}, LPT")
     plan.static_makespan_s = plan.makespan_s
     return plan
+
+
+@dataclass(frozen=True)
+class StaticPlanMeasurement:
+    """One step of ``static_plan(lengths, cost_model, degree, strategy)`` timed on the machine: ``seconds``."""
+
+    lengths: tuple[int, ...]
+    degree: int
+    strategy: str
+    seconds: float
+
+    def __post_init__(self) -> None:  # JSON gives a list: store a tuple (the dataclass stays hashable)
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ValueError(f"seconds must be positive and finite, got {self.seconds!r}")
+
+
+def calibrate_static_scales(cost_model: CostModel, measurements: Sequence[StaticPlanMeasurement]) -> CostModel:
+    """A copy whose ``shape_scales`` make its static plans take what they measured (``CostCoefficients``).
+
+    Each measured shape's scale is the geometric mean, over its measurements, of measured seconds / the
+    unscaled model's ``static_plan(...).makespan_s`` (a static plan's groups are all of that shape, so the scale
+    moves its makespan by the same factor). ``plan_margin`` becomes the larger of the model's own and the RMS
+    log error left on these measurements (over their count less the scales fitted, at most ``MAX_PLAN_MARGIN``):
+    the model's error on the run's own batches, which is what ``plan_step``'s ``min_gain`` guards against.
+
+    Raises:
+        ValueError: no measurements, or one that ``static_plan`` refuses (its shape, its lengths).
+    """
+    if not measurements:
+        raise ValueError("measurements is empty; time at least one static plan (profile_static_plans)")
+    base = replace(cost_model, coefficients=replace(cost_model.coefficients, shape_scales=()))
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for m in measurements:
+        predicted = static_plan(list(m.lengths), base, m.degree, m.strategy).makespan_s
+        ratios.setdefault((m.strategy, m.degree), []).append(math.log(m.seconds / predicted))
+    scales = {shape: sum(logs) / len(logs) for shape, logs in ratios.items()}
+    residuals = [r - scales[shape] for shape, logs in ratios.items() for r in logs]
+    spread = math.sqrt(math.fsum(r * r for r in residuals) / max(1, len(residuals) - len(scales)))
+    coefficients = replace(base.coefficients,
+                           shape_scales=tuple((name, degree, math.exp(log_scale))
+                                              for (name, degree), log_scale in sorted(scales.items())),
+                           plan_margin=min(MAX_PLAN_MARGIN, max(base.coefficients.plan_margin, spread)))
+    return replace(base, coefficients=coefficients)
 
 
 def makespan_lower_bound(

@@ -85,7 +85,9 @@ class Problem:
         self.times = np.maximum(self.single - self.const[:, None], 0.0)
         self.cap = np.array([cost_model.max_call_tokens(d, s) for d, s in self.shapes])
         self.fits = self.lengths[None, :] <= self.cap[:, None]
-        self.compute = cost_model.compute_times(distinct, 1)[inverse]  # rank-seconds no plan can avoid
+        # rank-seconds no plan can avoid (a shape whose calls are scaled below the formulas runs them faster)
+        least_scale = min(1.0, *(cost_model.coefficients.shape_scale(s, d) for d, s in self.shapes))
+        self.compute = cost_model.compute_times(distinct, 1)[inverse] * least_scale
         unplaceable = np.flatnonzero(~self.fits.any(axis=0))
         if unplaceable.size:
             i = int(unplaceable[0])
