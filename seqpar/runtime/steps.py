@@ -50,13 +50,15 @@ PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
 # time (4 ranks on 2 cores), while on batches where one static plan is as good as any (the short mix: the plan
 # predicted 0.1% faster) it buys nothing. So once the last PLAN_GAIN_WINDOW plans gained less than
 # PLAN_GAIN_WORTH over the fastest static plan (``Plan.static_makespan_s``), a plan made ahead gets
-# PLAN_AHEAD_CHEAP_S (enough for the static plans: 3 ms on the short mix), except every PLAN_PROBE_EVERY-th, which
-# gets the full share to notice batches where planning pays again (one that gains puts the next
-# PLAN_GAIN_WINDOW back on the full share).
+# PLAN_AHEAD_CHEAP_S, enough to score the static plans beside 4 busy processes on 2 cores (with 3 ms, 3-4 of 12
+# long-tail plans came out worse than a 0.5 s solve's, 17% in sum, and in bench/train_auto.py the solve often
+# scored only its first static plan, USP x4, measured 11% slower than ring x2; with 10 ms, 0-1 of 12), except
+# every PLAN_PROBE_EVERY-th, which gets the full share to notice batches where planning pays again (one that
+# gains puts the next PLAN_GAIN_WINDOW back on the full share).
 PLAN_GAIN_WORTH = 0.01
 PLAN_GAIN_WINDOW = 8
 PLAN_PROBE_EVERY = 8
-PLAN_AHEAD_CHEAP_S = 0.003
+PLAN_AHEAD_CHEAP_S = 0.01
 # How long a step waits for the plan made ahead before it plans inline (a stopped worker must not hang rank 0):
 # ten times the solve's budget, at least this.
 PLAN_WAIT_MIN_S = 60.0
