@@ -906,6 +906,10 @@ def test_shape_scales_survive_json_and_bad_entries_are_refused():
                 (("ring", 2, 1.0), ("ring", 2, 2.0)), (("ring", True, 1.0),)):
         with pytest.raises(ValueError, match="shape_scales"):
             CostCoefficients(shape_scales=bad)
+    cm = slow_links_model(8, 4)
+    for misspelt in (("rign", 2, 1.5), ("ring", 16, 1.5)):  # unknown strategy; a degree above the world
+        with pytest.raises(ValueError, match="shape_scales"):
+            _scaled(cm, **{f"{misspelt[0]}_{misspelt[1]}": misspelt[2]})
 
 
 def test_calibrate_fits_the_formulas_without_the_scales():

@@ -570,6 +570,12 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.state_shards is not None:
             _require_positive("state_shards", self.state_shards, integer=True)
+        for name, degree, _ in self.coefficients.shape_scales:  # a misspelt shape would silently scale nothing
+            try:
+                self._check(degree, name)
+            except ValueError as err:
+                raise ValueError(f"coefficients.shape_scales: ({name!r}, {degree}) is no group shape of this "
+                                 f"model and cluster: {err}") from None
 
     # ---- strategies -------------------------------------------------------------------------------------
 
