@@ -1174,7 +1174,11 @@ class CostModel:
                 k = 4 + 2 * shapes.index((m.strategy, m.degree))
                 basis[r, k:k + 2] = layers * (m.degree - 1) * np.array([1.0, tokens / m.degree])
         seconds = np.array([m.seconds for m in data])
-        x = _nnls(basis / seconds[:, None], np.ones(len(data)))
+        if basis[:, 3].max() > 1:
+            x = _nnls(basis / seconds[:, None], np.ones(len(data)))
+        else:  # no packed call: the per-sequence column equals the per-call one, so it is left out (else the
+            # split of the overhead between the two is arbitrary and changed with numpy's version)
+            x = np.insert(_nnls(np.delete(basis, 3, axis=1) / seconds[:, None], np.ones(len(data))), 3, 0.0)
         overhead, inv_dense, inv_attention, per_sequence = x[:4]
         coefficients = CostCoefficients(
             attention_efficiency=1.0 / inv_attention if inv_attention > 1e-6 else 1e6,
