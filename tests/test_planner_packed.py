@@ -369,3 +369,76 @@ def test_calibration_separates_per_sequence_cost_of_packed_calls():
         assert fitted.call_time([300] * 6, d, s) == pytest.approx(truth.call_time([300] * 6, d, s), rel=1e-6)
     plan = plan_step([64] * 32, truth, time_limit_s=2.0)
     assert {g.degree for g in plan.groups} == {1}  # 32 short sequences: 8 per rank beats 32 on every rank
+
+
+@pytest.mark.parametrize("cluster", [Cluster.dgx_h100(8),
+                                     Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=2)])
+def test_the_exact_search_keeps_a_tiny_budget(cluster):
+    # EXACT_MAX_SEQUENCES sequences, so the exact search runs first: it timed every subset's packed call on every
+    # shape (~0.1 ms each) before its first deadline check, and a 10 ms plan made ahead took 25 ms
+    spec = ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn_hidden=128, vocab=256)
+    cm = CostModel(cluster, spec)
+    lengths = [1972, 1887, 1754, 1160, 883, 255, 125, 94]
+    plan, within = _wall_within_budget(lengths, cm, 0.01)
+    assert within, plan.note
+    plan.validate(lengths, cm)
+
+
+def test_the_cpu_clock_counts_only_the_planning_threads_cpu_seconds():
+    import threading
+
+    from seqpar.solver import clock
+
+    def elapsed_over_a_sleep() -> float:
+        started = clock.now()
+        time.sleep(0.05)
+        return clock.now() - started
+
+    assert elapsed_over_a_sleep() >= 0.05  # wall time by default
+    seen = []
+    with clock.reading("cpu"):
+        assert elapsed_over_a_sleep() < 0.02  # asleep: no CPU time
+        other = threading.Thread(target=lambda: seen.append(elapsed_over_a_sleep()))
+        other.start()
+        other.join()
+    assert seen[0] >= 0.05  # per thread: another thread still reads the wall clock
+    assert elapsed_over_a_sleep() >= 0.05  # restored after the block
+    with pytest.raises(ValueError, match="clock: expected one of"):
+        plan_step([100, 200], CostModel(Cluster.dgx_h100(8), LLAMA), clock="process")
+
+
+def test_plan_step_reads_its_deadlines_on_the_clock_it_is_given(monkeypatch):
+    # a clock that moves 50 ms at every reading: a 1 s budget on it ends after ~20 readings, so fewer candidates
+    # are scored than by the same call on the wall clock (and the plan is valid either way)
+    from seqpar.solver import clock
+
+    readings = itertools.count()
+    monkeypatch.setitem(clock.CLOCKS, "cpu", lambda: 0.05 * next(readings))
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=2),
+                   ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn_hidden=128,
+                             vocab=256))
+    lengths = [1972, 1887, 1754, 1160, 883, 255, 125, 94, 60, 33]
+    cut = plan_step(lengths, cm, time_limit_s=1.0, clock="cpu")
+    full = plan_step(lengths, cm, time_limit_s=1.0)
+    cut.validate(lengths, cm)
+    scored = [int(note.split("candidates re-scored")[0].rsplit(" of ", 1)[0].split()[-1])
+              for note in (cut.note, full.note)]
+    assert scored[0] < scored[1], (cut.note, full.note)
+
+
+def test_the_static_solver_scores_only_the_static_plans_and_returns_the_fastest():
+    cm = CostModel(Cluster(4, 4, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=2),
+                   ModelSpec(num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn_hidden=128,
+                             vocab=256))
+    for lengths in ([1972, 1887, 1754, 1160, 883, 255, 125, 94, 60, 33], [64] * 12, [4096, 100, 90, 80]):
+        plan = plan_step(lengths, cm, time_limit_s=1.0, solver="static")
+        plan.validate(lengths, cm)
+        busy = {(g.degree, g.softmax_strategy) for g in plan.groups if g.seq_indices}
+        assert len(busy) == 1 and plan.solver_status == "static" and "8 of 8" in plan.note
+        assert plan.static_makespan_s == plan.makespan_s
+        # the fastest static plan the full search scored is this one
+        assert plan.makespan_s == pytest.approx(plan_step(lengths, cm, time_limit_s=1.0).static_makespan_s,
+                                                rel=1e-12)
+        statics = [static_plan(lengths, cm, d, s).makespan_s for d in (1, 2, 4) for s in cm.strategy_names(d)
+                   if d > 1 or s == cm.strategy_names(1)[0]]
+        assert plan.makespan_s <= min(statics) * 1.01

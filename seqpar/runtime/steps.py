@@ -46,19 +46,20 @@ PREFETCH_TIME_LIMIT_S = 5.0
 PLAN_AHEAD_MIN_S = 0.01
 PLAN_AHEAD_SHARE = {"cpu": 0.05}
 PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
-# On the CPU the solve's cores are training's: a solve of the full share costs about half its CPU time in step
-# time (4 ranks on 2 cores), while on batches where one static plan is as good as any (the short mix: the plan
-# predicted 0.1% faster) it buys nothing. So once the last PLAN_GAIN_WINDOW plans gained less than
-# PLAN_GAIN_WORTH over the fastest static plan (``Plan.static_makespan_s``), a plan made ahead gets
-# PLAN_AHEAD_CHEAP_S, enough to score the static plans beside 4 busy processes on 2 cores (with 3 ms, 3-4 of 12
-# long-tail plans came out worse than a 0.5 s solve's, 17% in sum, and in bench/train_auto.py the solve often
-# scored only its first static plan, USP x4, measured 11% slower than ring x2; with 10 ms, 0-1 of 12), except
-# every PLAN_PROBE_EVERY-th, which gets the full share to notice batches where planning pays again (one that
-# gains puts the next PLAN_GAIN_WINDOW back on the full share).
+# On the CPU the solve's cores are training's: a solve costs about half its CPU time in step time (4 ranks on 2
+# cores), so there its budget counts the planning thread's CPU seconds (``plan_step(clock="cpu")``; on the wall
+# clock a solve starved by the ranks searched less, and a 10 ms budget used 9-25 ms of CPU). On batches where one
+# static plan is as good as any (the short and long-tail mixes: plans predicted under 1% faster) a search buys
+# nothing. So once PLAN_GAIN_FIRST plans have run and none of the last PLAN_GAIN_WINDOW gained PLAN_GAIN_WORTH
+# over the fastest static plan (``Plan.static_makespan_s``), a plan made ahead on the CPU only scores the static
+# plans (``plan_step(solver="static")``: ~3.3 ms of CPU for the 8 shapes of 4 ranks; PLAN_AHEAD_CHEAP_S caps it),
+# except every PLAN_PROBE_EVERY-th, which gets the full share to notice batches where planning pays again (one
+# that gains puts the next PLAN_GAIN_WINDOW back on the full share).
 PLAN_GAIN_WORTH = 0.01
+PLAN_GAIN_FIRST = 2
 PLAN_GAIN_WINDOW = 8
 PLAN_PROBE_EVERY = 8
-PLAN_AHEAD_CHEAP_S = 0.01
+PLAN_AHEAD_CHEAP_S = 0.008
 # How long a step waits for the plan made ahead before it plans inline (a stopped worker must not hang rank 0):
 # ten times the solve's budget, at least this.
 PLAN_WAIT_MIN_S = 60.0
@@ -112,9 +113,10 @@ class StepRunner:
         in the background while the current step trains, the others do nothing). The next ``prepare`` whose
         batch has exactly these lengths uses that plan; any other batch is planned inline as usual.
 
-        ``time_limit_s``: the solve's budget; None (default) scales it with the step it overlaps
-        (``plan_ahead_budget``), so the plan is ready when the next step starts and, on the CPU, the solve takes
-        little from the cores training uses (and less while planning gains nothing over static plans).
+        ``time_limit_s``: the solve's budget (on the CPU, CPU seconds of the planning process); None (default)
+        scales it with the step it overlaps (``plan_ahead_options``), so the plan is ready when the next step
+        starts and, on the CPU, the solve takes little from the cores training uses (and, while planning gains
+        nothing over static plans, only the static plans are scored).
 
         Raises:
             ValueError: ``time_limit_s`` not None or a positive number.
@@ -135,16 +137,33 @@ class StepRunner:
             self._prefetcher.discard(self._ahead_key)
         self._ahead_key += 1
         self._ahead = tuple(int(n) for n in seq_lens)
-        budget = self.plan_ahead_budget() if time_limit_s is None else float(time_limit_s)
-        self.last_plan_budget_s = budget
+        options = self.plan_ahead_options() if time_limit_s is None else {
+            "time_limit_s": float(time_limit_s), **self._solve_clock()}
+        self.last_plan_budget_s = options["time_limit_s"]
         try:
-            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
-                                    time_limit_s=budget)
+            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model, **options)
         except WorkerExited:  # the worker died since the last step (killed?): start another
             self._prefetcher.close()
             self._prefetcher = PlanPrefetcher(self.config.cost_model)
-            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model,
-                                    time_limit_s=budget)
+            self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model, **options)
+
+    def plan_ahead_options(self) -> dict[str, Any]:
+        """``plan_step``'s options for the next plan made ahead: ``time_limit_s`` (``plan_ahead_budget``), on the
+        CPU ``clock="cpu"`` (the solve's CPU seconds are the ranks'), and ``solver="static"`` when the budget is
+        the cheap one (recent plans gained nothing over the static plans: only those are scored)."""
+        options: dict[str, Any] = {"time_limit_s": self.plan_ahead_budget(), **self._solve_clock()}
+        if self._cheap_plan_due():
+            options["solver"] = "static"
+        return options
+
+    def _solve_clock(self) -> dict[str, str]:
+        return {"clock": "cpu"} if self._device_type in PLAN_AHEAD_SHARE else {}
+
+    def _cheap_plan_due(self) -> bool:
+        """Whether the plan being asked for gets ``PLAN_AHEAD_CHEAP_S``: a step has run, planning pays little and
+        it is not a probe (every ``PLAN_PROBE_EVERY``-th)."""
+        return ((self._step_seconds is not None or self._predicted_s is not None) and self.planning_pays_little()
+                and self._ahead_key % PLAN_PROBE_EVERY != 0)
 
     def plan_ahead_budget(self) -> float:
         """The budget of a plan made a step ahead: a share of the step it overlaps (``PLAN_AHEAD_SHARE`` of the
@@ -152,20 +171,21 @@ class StepRunner:
         ``prepare`` calls; before a second one, the running plan's predicted makespan), within
         ``[PLAN_AHEAD_MIN_S, PREFETCH_TIME_LIMIT_S]``; ``PLAN_AHEAD_FIRST_S`` before any step. On the CPU,
         ``PLAN_AHEAD_CHEAP_S`` while recent plans gained under ``PLAN_GAIN_WORTH`` over the fastest static plan
-        (the constants' comment: the solve's CPU is training's there), but for every ``PLAN_PROBE_EVERY``-th."""
+        (the constants' comment: the solve's CPU is training's there), but for every ``PLAN_PROBE_EVERY``-th.
+        On the CPU the budget is CPU seconds of the planning process (``plan_ahead_options``)."""
         step_s = self._step_seconds if self._step_seconds is not None else self._predicted_s
         if step_s is None:
             return PLAN_AHEAD_FIRST_S
-        if self.planning_pays_little() and self._ahead_key % PLAN_PROBE_EVERY != 0:
+        if self._cheap_plan_due():
             return PLAN_AHEAD_CHEAP_S
         share = PLAN_AHEAD_SHARE.get(self._device_type, PLAN_AHEAD_SHARE_ACCELERATOR)
         return min(max(share * step_s, PLAN_AHEAD_MIN_S), PREFETCH_TIME_LIMIT_S)
 
     def planning_pays_little(self) -> bool:
-        """On the CPU (``PLAN_AHEAD_SHARE``'s devices), whether at least half of ``PLAN_GAIN_WINDOW`` plans have
-        run and none of the last ``PLAN_GAIN_WINDOW`` was predicted ``PLAN_GAIN_WORTH`` faster than the fastest
-        static plan of its step."""
-        return (self._device_type in PLAN_AHEAD_SHARE and len(self._gains) >= PLAN_GAIN_WINDOW // 2
+        """On the CPU (``PLAN_AHEAD_SHARE``'s devices), whether ``PLAN_GAIN_FIRST`` plans have run and none of
+        the last ``PLAN_GAIN_WINDOW`` was predicted ``PLAN_GAIN_WORTH`` faster than the fastest static plan of its
+        step."""
+        return (self._device_type in PLAN_AHEAD_SHARE and len(self._gains) >= PLAN_GAIN_FIRST
                 and max(self._gains) < PLAN_GAIN_WORTH)
 
     def inline_budget(self) -> float:

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 
 import numpy as np
 
+from seqpar.solver import clock
 from seqpar.solver.problem import Problem, placed_ranks, split_calls
 
 __all__ = ["lpt", "earliest_finish", "improve", "improve_packed", "isolate_longest", "improve_step_time",
@@ -109,7 +109,7 @@ def earliest_finish(problem: Problem, group_shapes: list[int], *,
     fits = problem.fits[shape_ids]
     assign = np.empty(problem.n, dtype=np.int64)
     for k_seq, i in enumerate(np.argsort(-problem.best_time, kind="stable").tolist()):
-        if deadline is not None and k_seq % 256 == 255 and time.perf_counter() > deadline:
+        if deadline is not None and k_seq % 256 == 255 and clock.now() > deadline:
             return None
         finish = np.where(fits[:, i], top + times[:, i], np.inf)
         k = int(np.argmin(finish))
@@ -133,7 +133,7 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
     loads = problem.const[shapes].astype(np.float64)  # surrogate: the per-call cost once per group
     np.add.at(loads, assign, times[shapes[assign], cols])
     for _ in range(max_rounds):
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and clock.now() > deadline:
             break
         worst = int(np.argmax(loads))
         peak = loads[worst]
@@ -167,7 +167,7 @@ def improve(problem: Problem, group_shapes: list[int], assign: np.ndarray, *,
                 t_j_worst = np.where(fits[shapes[worst], other_seqs], times[shapes[worst], other_seqs], np.inf)
                 for k, i in enumerate(mine.tolist()):
                     # one swap scan is a pass over every other sequence: check the deadline between them
-                    if deadline is not None and k % 8 == 7 and time.perf_counter() > deadline:
+                    if deadline is not None and k % 8 == 7 and clock.now() > deadline:
                         break
                     t_i_there = np.where(fits[s_j, i], times[s_j, i], np.inf)
                     new_worst = peak - own[k] + t_j_worst
@@ -220,14 +220,14 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
     def best_shape(seqs: list[int], s: int) -> tuple[float, int]:
         return min((timed(seqs, t), t) for t in by_degree[problem.shapes[s][0]])
 
-    if time.perf_counter() > deadline:
+    if clock.now() > deadline:
         return None
     times = np.zeros(len(shapes))
     for g, seqs in enumerate(members):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return None
         times[g], shapes[g] = best_shape(seqs, shapes[g]) if seqs else (0.0, shapes[g])
-    while time.perf_counter() < deadline:
+    while clock.now() < deadline:
         worst = int(np.argmax(times))
         peak = float(times[worst])
         mine = sorted(members[worst], key=lambda i: -int(lengths[i]))[:tries]
@@ -240,14 +240,14 @@ def improve_packed(problem: Problem, group_shapes: list[int], assign: np.ndarray
                 targets.append(g)
         best: tuple[float, ...] | None = None
         for i in mine:
-            if time.perf_counter() > deadline:
+            if clock.now() > deadline:
                 break
             rest = [k for k in members[worst] if k != i]
             t_rest, s_rest = best_shape(rest, shapes[worst])
             if t_rest >= peak:
                 continue
             for g in targets:
-                if time.perf_counter() > deadline:  # each target times a packed call per strategy
+                if clock.now() > deadline:  # each target times a packed call per strategy
                     break
                 t_g, s_g = best_shape(members[g] + [i], shapes[g])
                 if max(t_g, t_rest) < peak * (1 - 1e-9) and (best is None or max(t_g, t_rest) < best[0]):
@@ -363,7 +363,7 @@ def greedy_step_time(problem: Problem, group_shapes: list[int], *, deadline: flo
     timer = _GroupTimer(problem, list(group_shapes), members)
     times = [timer.time(g) for g in range(len(members))]
     for i in np.argsort(-problem.lengths, kind="stable").tolist():
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return None
         best = None
         for g in range(len(members)):
@@ -397,20 +397,20 @@ def improve_step_time(problem: Problem, group_shapes: list[int], assign: np.ndar
     members: list[list[int]] = [[] for _ in group_shapes]
     for i, g in enumerate(np.asarray(assign).tolist()):
         members[g].append(i)
-    if time.perf_counter() > deadline:
+    if clock.now() > deadline:
         return None
     timer = _GroupTimer(problem, list(group_shapes), members)
     times = []
     for g in range(len(members)):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return None
         times.append(timer.time(g))
     step = cm.step_time(zip(ranks, times))
-    while time.perf_counter() < deadline:
+    while clock.now() < deadline:
         best = None
         for a, seqs in enumerate(members):
             for i in sorted(seqs, key=lambda k: -int(problem.lengths[k]))[:tries]:
-                if time.perf_counter() > deadline:
+                if clock.now() > deadline:
                     break
                 t_a = timer.time_without(a, i)
                 for b in range(len(members)):
@@ -466,7 +466,7 @@ def _pack(problem: Problem, target: float, deadline: float | None = None) -> lis
     own_time = problem.times[choice, cols]
     long_ones = np.flatnonzero(own_time > target / 32)
     for k, i in enumerate(long_ones[np.argsort(-own_time[long_ones], kind="stable")].tolist()):
-        if deadline is not None and k % 256 == 255 and time.perf_counter() > deadline:
+        if deadline is not None and k % 256 == 255 and clock.now() > deadline:
             return None
         join = np.where(least + problem.times[:, i] <= target, area[:, i], np.inf)
         s = int(np.argmin(join))
@@ -528,7 +528,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
             if best is None or makespan < best[0]:
                 best = (makespan, shapes, assign)
 
-    if deadline is not None and time.perf_counter() > deadline:
+    if deadline is not None and clock.now() > deadline:
         return None
     # from the bound up (not from ``upper`` down: the caller has a plan at ``upper``, and on a loaded machine
     # the deadline may leave time for a few targets only)
@@ -537,7 +537,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
         consider(near_bound)
         hi = lo
     for _ in range(iterations):
-        if hi <= lo * 1.002 or (deadline is not None and time.perf_counter() > deadline):
+        if hi <= lo * 1.002 or (deadline is not None and clock.now() > deadline):
             break
         # gallop up from the bound while the bracket is wide: good plans sit a few percent above it, a failed
         # target is cheap (no assignment) and a deadline may cut the search after a few targets
@@ -548,7 +548,7 @@ def greedy_groups(problem: Problem, upper: float, *, iterations: int = 14,
         else:
             hi = mid
             consider(packed)
-    if best is None and not (deadline is not None and time.perf_counter() > deadline):
+    if best is None and not (deadline is not None and clock.now() > deadline):
         packed = _pack(problem, upper, deadline)  # every lower target failed
         if packed is not None:
             consider(packed)

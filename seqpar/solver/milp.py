@@ -79,6 +79,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
+from seqpar.solver import clock as solver_clock
 from seqpar.solver.assign import fill_ranks
 from seqpar.solver.problem import Problem
 
@@ -265,7 +266,8 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
     """Solve; a ``MilpResult``, or a string saying why there is no solution.
 
     ``warm_plans`` are complete plans ``(group shapes, assignment)``; the one that is best in bucketed
-    terms is the warm start (and bounds which (shape, bucket) pairs get a variable).
+    terms is the warm start (and bounds which (shape, bucket) pairs get a variable). ``deadline`` is a reading
+    of the planner's clock (``seqpar.solver.clock.now()``); the solver process is stopped on wall time.
     """
     nb = len(buckets.members)
     counts = np.array([m.size for m in buckets.members])
@@ -391,6 +393,7 @@ def solve_milp(problem: Problem, buckets: Buckets, warm_plans: list[tuple[list[i
 
     # ---- solve ---------------------------------------------------------------------------------------------
     if deadline is not None:  # building the model took part of the budget; the solver process starts slowly
+        deadline = time.perf_counter() + (deadline - solver_clock.now())  # the planner's clock -> wall time
         time_limit_s = min(time_limit_s, 0.8 * (deadline - time.perf_counter()) - 0.05)
         if time_limit_s < 0.02:
             return f"no time left for {solver} after building the model"

@@ -56,12 +56,12 @@ is done whatever the budget; every later phase stops at its share of the budget.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
+from seqpar.solver import clock as solver_clock
 from seqpar.solver.assign import (
     earliest_finish,
     greedy_groups,
@@ -80,7 +80,7 @@ from seqpar.solver.problem import EXACT_MAX_SEQUENCES, EXACT_MAX_WORLD, Problem,
 __all__ = ["plan_step", "static_plan", "makespan_lower_bound", "SOLVERS", "StaticPlanMeasurement",
            "calibrate_static_scales"]
 
-SOLVERS = ("auto", "cbc", "highs", "greedy")
+SOLVERS = ("auto", "cbc", "highs", "greedy", "static")
 ISOLATED_LONGEST = 2  # ranks that share cores: homogeneous candidates with up to this many longest sequences alone
 STEP_TIME_GREEDY_GROUPS = 3  # ranks that share cores: homogeneous plans of this many groups get greedy_step_time
 STEP_TIME_STARTS = 3  # ranks that share cores: the step-time search starts from this many of the best plans
@@ -97,6 +97,7 @@ def plan_step(
     max_buckets: int = 16,
     rel_gap: float | None = None,
     min_gain: float | None = None,
+    clock: str = "wall",
 ) -> Plan:
     """The fastest plan found for one step's sequences.
 
@@ -108,10 +109,12 @@ def plan_step(
             read at each call, so a newly registered strategy is considered.
         linear_strategies: linear-attention strategies a group may use; default
             ``seqpar.strategies.planner_defaults("linear")``.
-        time_limit_s: wall-clock budget of the whole call, in seconds.
+        time_limit_s: budget of the whole call, in seconds of ``clock``.
         solver: ``"auto"`` (HiGHS when ``highspy`` is installed: the ``highs`` extra; it found solutions where
             CBC found none within the budget, bench/results/solver.json; else CBC), ``"cbc"`` (bundled with
-            PuLP), ``"highs"`` or ``"greedy"`` (no MILP).
+            PuLP), ``"highs"``, ``"greedy"`` (no MILP) or ``"static"`` (no search: every static plan, one degree
+            and strategy for all groups as ``static_plan``, scored packed, the fastest returned; a few ms, for a
+            planner beside training while planning gains nothing over them, ``StepRunner.plan_ahead_budget``).
         max_buckets: length buckets of the MILP (more buckets: closer to exact, bigger model).
         rel_gap: relative optimality gap at which the MILP stops; default 1e-9 when the formulation is
             exact (world <= ``milp.SLOTS``) and 1e-3 otherwise.
@@ -119,6 +122,9 @@ def plan_step(
             unless the best plan found is predicted faster than it by more than this fraction; default the cost
             model's ``CostCoefficients.plan_margin`` (its error on its calibration profile; 0 uncalibrated), so
             the plan leaves the layout a user would run by hand only for a gain the model can tell from its error.
+        clock: what ``time_limit_s`` counts: ``"wall"`` (default) wall-clock seconds, or ``"cpu"`` the CPU seconds
+            of the calling thread, for a planner beside training on cores the ranks share (``seqpar.solver.clock``;
+            a MILP solver's own process still stops at its wall-clock limit).
 
     Returns:
         A ``Plan`` that passes ``Plan.validate(seq_lens, cost_model)``; ``solver_status`` says what was proved
@@ -127,9 +133,19 @@ def plan_step(
     Raises:
         ValueError: empty ``seq_lens``, a non-positive or non-integer length, a sequence that does not fit
             in memory even on all ranks, a world spanning nodes whose ``gpus_per_node`` is not a power of two
-            (``Cluster.check_plannable``), an unknown strategy or solver, or a bad option value.
+            (``Cluster.check_plannable``), an unknown strategy, solver or clock, or a bad option value.
     """
-    started = time.perf_counter()
+    with solver_clock.reading(clock):
+        return _plan_step(seq_lens, cost_model, strategies=strategies, linear_strategies=linear_strategies,
+                          time_limit_s=time_limit_s, solver=solver, max_buckets=max_buckets, rel_gap=rel_gap,
+                          min_gain=min_gain)
+
+
+def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Sequence[str] | None,
+               linear_strategies: Sequence[str] | None, time_limit_s: float, solver: str, max_buckets: int,
+               rel_gap: float | None, min_gain: float | None) -> Plan:
+    """``plan_step`` with its deadlines on the clock it set."""
+    started = solver_clock.now()
     if isinstance(time_limit_s, bool) or not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
         raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if solver not in SOLVERS:
@@ -158,14 +174,25 @@ def plan_step(
                  else "ranks share cores: candidates compared on the shared-core step time, no bound proved"
                  if shared else f"proved within {plan.makespan_s / lower - 1:.2%} of the optimum")
         plan.note = (f"chose {name}; {how}; lower bound {lower:.6g} s: {proof}; "
-                     f"{time.perf_counter() - started:.2f} s")
+                     f"{solver_clock.now() - started:.2f} s")
         return plan
 
     # every shape is a static plan to re-score, built before the exact search can spend the budget (it once
     # left a long-tail batch on shared cores with Ulysses x2 alone, 4.7% slower than degree 1); past half the
     # budget the rest (the least promising) are skipped
-    homogeneous = _homogeneous(problem, deadline=started + 0.5 * time_limit_s)
+    homogeneous = _homogeneous(problem, deadline=started + (0.7 if solver == "static" else 0.5) * time_limit_s)
     homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
+    if solver == "static":
+        statics: list[tuple[str, Plan]] = []
+        for s, shapes, assign in homogeneous:  # the most promising first; at least one
+            if statics and solver_clock.now() > deadline - 0.1 * time_limit_s:
+                break
+            statics.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}",
+                            problem.to_plan(shapes, assign, status="static", note="")))
+        name, best = min(statics, key=lambda p: p[1].makespan_s)
+        best.static_makespan_s = best.makespan_s
+        return finish(best, name, f"solver='static': {len(statics)} of {len(problem.shapes)} group shapes scored",
+                      proved=False)
     exact_note = ""
     candidates: list[tuple[str, list[int], np.ndarray]] = []
     given_calls: dict[str, dict[int, list[list[int]]]] = {}  # a candidate's micro-batches, when it fixes them
@@ -207,7 +234,7 @@ def plan_step(
                 candidates.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}, step-time greedy",
                                    shapes, filled))
     best_homo = homogeneous[0]
-    left = max(search_deadline - time.perf_counter(), 0.0)
+    left = max(search_deadline - solver_clock.now(), 0.0)
     reserve = 0.05 + 0.15 * left  # to re-balance the MILP's plan
     candidates.append(("homogeneous + local search", best_homo[1],
                        improve(problem, best_homo[1], best_homo[2], deadline=_before(0.1 * left, search_deadline))))
@@ -229,21 +256,21 @@ def plan_step(
         why = "ranks share cores: the MILP minimises the slowest group, not the step time; its time goes to the " \
               "step-time search"
     else:
-        budget = search_deadline - time.perf_counter() - reserve
+        budget = search_deadline - solver_clock.now() - reserve
         if budget < 0.05:
             why = f"no time left for the MILP within time_limit_s={time_limit_s}"
         else:
             buckets = make_buckets(problem, max_buckets)
             bucket_ratio = buckets.cost_ratio
             gap = rel_gap if rel_gap is not None else (1e-9 if problem.world <= SLOTS else 1e-3)
-            budget = search_deadline - time.perf_counter() - reserve
+            budget = search_deadline - solver_clock.now() - reserve
             result = solve_milp(problem, buckets, warm_plans, time_limit_s=max(budget, 0.02),
                                 rel_gap=gap, solver=solver, deadline=search_deadline - reserve)
             if isinstance(result, MilpResult):
                 milp_found, milp_note = True, result.note
                 candidates.append(("milp", result.group_shapes, result.assign))
                 # each re-balancing gets a share of what is left, so the packed phases keep theirs
-                share = max(search_deadline - time.perf_counter(), 0.0) / 3
+                share = max(search_deadline - solver_clock.now(), 0.0) / 3
                 candidates.append(("milp + local search", result.group_shapes,
                                    improve(problem, result.group_shapes, result.assign,
                                            deadline=_before(share, search_deadline))))
@@ -265,7 +292,7 @@ def plan_step(
     # the loop stops when one more would eat into that, measured, not guessed (on a loaded machine it is slow)
     rescore_s = 0.0
     for k in order:
-        now = time.perf_counter()
+        now = solver_clock.now()
         if plans and (now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s):
             break
         if shared and len(plans) >= 2 * STEP_TIME_STARTS:  # the rest of the budget: the step-time searches
@@ -276,7 +303,7 @@ def plan_step(
         else:
             plans.append((name, problem.to_plan(shapes, assign, status=status, note="",
                                                 bucket_cost_ratio=bucket_ratio, calls=given_calls.get(name))))
-        rescore_s = max(rescore_s, time.perf_counter() - now)  # (the first bound builds its tables: counted)
+        rescore_s = max(rescore_s, solver_clock.now() - now)  # (the first bound builds its tables: counted)
     # the fastest static plan scored: what the plan gained over it is reported (Plan.static_makespan_s)
     static_names = {f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}" for s, _, _ in homogeneous}
     if not any(n in static_names for n, _ in plans):
@@ -292,7 +319,7 @@ def plan_step(
     end = deadline - 0.02 * time_limit_s - 1.5 * rescore_s
     # with shared cores the step-time search below gets half of what is left
     polished = improve_packed(problem, winner[1], winner[2],
-                              deadline=(time.perf_counter() + end) / 2 if shared else end)
+                              deadline=(solver_clock.now() + end) / 2 if shared else end)
     if polished is not None and polished[0] == list(winner[1]) and np.array_equal(polished[1], winner[2]):
         polished = None  # nothing changed: no need to re-score it
     if polished is not None:
@@ -308,7 +335,7 @@ def plan_step(
         starts = [winner] + [next(c for c in candidates if c[0] == n) for n, _ in
                              sorted(plans, key=lambda p: p[1].makespan_s) if n != name][:STEP_TIME_STARTS - 1]
         for k, (start_name, shapes, assign) in enumerate(starts):
-            now = time.perf_counter()
+            now = solver_clock.now()
             stop = end - 1.5 * rescore_s
             if now >= stop:
                 break
@@ -347,7 +374,7 @@ def _highs_available() -> bool:
 
 
 def _before(seconds: float, deadline: float) -> float:
-    return min(time.perf_counter() + seconds, deadline)
+    return min(solver_clock.now() + seconds, deadline)
 
 
 def _homogeneous(problem: Problem, *, deadline: float | None = None) -> list[tuple[int, list[int], np.ndarray]]:
@@ -365,7 +392,7 @@ def _homogeneous(problem: Problem, *, deadline: float | None = None) -> list[tup
 
     out = []
     for s in sorted(usable, key=estimate):
-        if out and deadline is not None and time.perf_counter() > deadline:
+        if out and deadline is not None and solver_clock.now() > deadline:
             break
         degree = int(problem.degrees[s])
         n_groups = problem.world // degree
