@@ -442,3 +442,21 @@ def test_the_static_solver_scores_only_the_static_plans_and_returns_the_fastest(
         statics = [static_plan(lengths, cm, d, s).makespan_s for d in (1, 2, 4) for s in cm.strategy_names(d)
                    if d > 1 or s == cm.strategy_names(1)[0]]
         assert plan.makespan_s <= min(statics) * 1.01
+
+
+def test_a_static_plan_is_the_layout_of_a_data_parallel_run():
+    # the baseline auto leaves only for a predicted gain above plan_margin is what `seqpar-train --dp` runs: the
+    # same sequences on the same ranks (launch.data.replica_indices, written apart), ties included
+    from seqpar.launch.data import replica_indices
+
+    spec = ModelSpec(num_layers=2, hidden=64, num_heads=8, num_kv_heads=8, head_dim=8, ffn_hidden=128, vocab=256)
+    cm = CostModel(Cluster(8, 8, 0.01, 8e9, 5.0, 5.0, latency_s=0.005, cores_per_node=2), spec)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        lengths = rng.integers(16, 3000, int(rng.integers(8, 40))).tolist() + [512] * 3
+        for degree in (1, 2, 4, 8):
+            plan = static_plan(lengths, cm, degree, "ulysses")
+            replicas = 8 // degree
+            assert sorted((g.ranks, sorted(g.seq_indices)) for g in plan.groups) == [
+                (tuple(range(r * degree, (r + 1) * degree)), replica_indices(lengths, replica=r, replicas=replicas))
+                for r in range(replicas)]

@@ -180,19 +180,21 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
     # every shape is a static plan to re-score, built before the exact search can spend the budget (it once
     # left a long-tail batch on shared cores with Ulysses x2 alone, 4.7% slower than degree 1); past half the
     # budget the rest (the least promising) are skipped
-    homogeneous = _homogeneous(problem, deadline=started + (0.7 if solver == "static" else 0.5) * time_limit_s)
+    # (when the tables took most of a tiny budget, the static plans still get a share of it)
+    homogeneous = _homogeneous(problem, deadline=max(started + (0.7 if solver == "static" else 0.5) * time_limit_s,
+                                                     solver_clock.now() + 0.1 * time_limit_s))
     homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
+    # the static plans are scored packed first, before any search can spend the budget: the fastest of them is
+    # the baseline min_gain keeps (~0.2 ms each), the least promising left out past their share of the budget
+    stop = (deadline - 0.1 * time_limit_s if solver == "static"
+            else max(started + 0.6 * time_limit_s, solver_clock.now() + 0.3 * time_limit_s))
+    statics, rescore_s = _scored_static_plans(problem, homogeneous, stop=stop)
     if solver == "static":
-        statics: list[tuple[str, Plan]] = []
-        for s, shapes, assign in homogeneous:  # the most promising first; at least one
-            if statics and solver_clock.now() > deadline - 0.1 * time_limit_s:
-                break
-            statics.append((f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}",
-                            problem.to_plan(shapes, assign, status="static", note="")))
         name, best = min(statics, key=lambda p: p[1].makespan_s)
         best.static_makespan_s = best.makespan_s
         return finish(best, name, f"solver='static': {len(statics)} of {len(problem.shapes)} group shapes scored",
                       proved=False)
+    static_names = {_shape_name(problem, s) for s, _, _ in homogeneous}
     exact_note = ""
     candidates: list[tuple[str, list[int], np.ndarray]] = []
     given_calls: dict[str, dict[int, list[list[int]]]] = {}  # a candidate's micro-batches, when it fixes them
@@ -201,13 +203,12 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
         if found is not None and not shared:
             shapes, assign, calls = found
             plan = problem.to_plan(shapes, assign, status="feasible", note="", calls=calls)
-            s, static = min(((h_s, problem.to_plan(h_shapes, h_assign, status="feasible", note=""))
-                             for h_s, h_shapes, h_assign in homogeneous), key=lambda h: h[1].makespan_s)
+            static_name, static = min(statics, key=lambda h: h[1].makespan_s)
             plan.static_makespan_s = static.makespan_s
             if min_gain > 0 and static.makespan_s <= plan.makespan_s * (1 + min_gain):
-                static.static_makespan_s = static.makespan_s
-                return finish(static, f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}",
-                              _kept_static("the exact search's plan", plan.makespan_s, static.makespan_s, min_gain),
+                static.solver_status, static.static_makespan_s = "feasible", static.makespan_s
+                return finish(static, static_name, _kept_static("the exact search's plan", plan.makespan_s,
+                                                                static.makespan_s, min_gain),
                               proved=static.makespan_s <= plan.makespan_s * (1 + 1e-12))
             return finish(plan, "exact search", "optimal under the packed model, micro-batches included (dynamic "
                           "programming over subsets and ranks)", proved=True)
@@ -218,8 +219,13 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
             exact_note = "exact search stopped at the deadline"
 
     # every homogeneous plan is a static_plan: all are re-scored packed (never slower than static_plan)
-    candidates += [(f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}", shapes, assign)
-                   for s, shapes, assign in homogeneous]
+    candidates += [(_shape_name(problem, s), shapes, assign) for s, shapes, assign in homogeneous]
+    # the same groups balanced by the model's times instead of tokens: a layout no static run has, so like any
+    # other plan it must beat the static plans by min_gain
+    for s, shapes, assign in homogeneous:
+        by_time = lpt(problem.times[s], shapes.count(s))
+        if not np.array_equal(by_time, assign):
+            candidates.append((f"{_shape_name(problem, s)}, balanced by time", shapes, by_time))
     if shared:  # the longest sequences alone, so their groups get the cores the short ones' groups free
         for s, shapes, _ in homogeneous:
             n_groups = shapes.count(s)
@@ -282,21 +288,22 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
             else:
                 why = result
 
-    # re-score on the packed model, most promising first (the surrogate's order), while time is left
+    # re-score the other candidates on the packed model, most promising first (the surrogate's order), while
+    # time is left
     status = "feasible" if milp_found else "greedy"
     surrogate = problem.step_time if shared else problem.makespan
-    order = sorted(range(len(candidates)), key=lambda k: surrogate(candidates[k][1], candidates[k][2]))
-    plans: list[tuple[str, Plan]] = []
+    order = sorted((k for k in range(len(candidates)) if candidates[k][0] not in static_names),
+                   key=lambda k: surrogate(candidates[k][1], candidates[k][2]))
+    plans: list[tuple[str, Plan]] = list(statics)
     skipped = 0
     # re-scoring a candidate (Problem.to_plan) costs the same each time, and the polished plan needs one more:
     # the loop stops when one more would eat into that, measured, not guessed (on a loaded machine it is slow)
-    rescore_s = 0.0
     for k in order:
         now = solver_clock.now()
-        if plans and (now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s):
+        if now > deadline - 0.15 * time_limit_s or now + 2 * rescore_s > deadline - 0.02 * time_limit_s:
             break
-        if shared and len(plans) >= 2 * STEP_TIME_STARTS:  # the rest of the budget: the step-time searches
-            break
+        if shared and len(plans) - len(statics) >= 2 * STEP_TIME_STARTS:
+            break  # the rest of the budget: the step-time searches
         name, shapes, assign = candidates[k]
         if plans and not shared and problem.packed_floor(shapes, assign) >= min(p.makespan_s for _, p in plans):
             skipped += 1  # cannot beat the best so far (a bound of its packed makespan, in numpy)
@@ -305,12 +312,7 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
                                                 bucket_cost_ratio=bucket_ratio, calls=given_calls.get(name))))
         rescore_s = max(rescore_s, solver_clock.now() - now)  # (the first bound builds its tables: counted)
     # the fastest static plan scored: what the plan gained over it is reported (Plan.static_makespan_s)
-    static_names = {f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}" for s, _, _ in homogeneous}
-    if not any(n in static_names for n, _ in plans):
-        plans.append((f"homogeneous {problem.shapes[best_homo[0]][1]} x{problem.shapes[best_homo[0]][0]}",
-                      problem.to_plan(best_homo[1], best_homo[2], status=status, note="",
-                                      bucket_cost_ratio=bucket_ratio)))
-    static_s = min(p.makespan_s for n, p in plans if n in static_names)
+    static_s = min(p.makespan_s for _, p in statics)
     name, best = min(plans, key=lambda p: p[1].makespan_s)  # ties keep the surrogate's best
     # the surrogate over-charges packed groups of the overlapped strategies: re-pick each group's strategy and
     # move sequences out of the slowest group on the packed model itself, while time is left (less the time
@@ -360,6 +362,25 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
     return finish(best, name, how, proved=False)
 
 
+def _shape_name(problem: Problem, s: int) -> str:
+    return f"homogeneous {problem.shapes[s][1]} x{problem.shapes[s][0]}"
+
+
+def _scored_static_plans(problem: Problem, homogeneous: list[tuple[int, list[int], np.ndarray]], *,
+                         stop: float) -> tuple[list[tuple[str, Plan]], float]:
+    """``homogeneous``'s plans scored packed (``Problem.to_plan``), in order, until one more would pass ``stop``
+    (at least one); and the most seconds one took."""
+    scored: list[tuple[str, Plan]] = []
+    most = 0.0
+    for s, shapes, assign in homogeneous:
+        now = solver_clock.now()
+        if scored and now + most > stop:
+            break
+        scored.append((_shape_name(problem, s), problem.to_plan(shapes, assign, status="static", note="")))
+        most = max(most, solver_clock.now() - now)
+    return scored, most
+
+
 def _kept_static(name: str, makespan_s: float, static_s: float, min_gain: float) -> str:
     return (f"kept the fastest static plan: {name} was predicted {static_s / makespan_s - 1:.2%} faster, not more "
             f"than min_gain={min_gain:.2%}")
@@ -378,10 +399,10 @@ def _before(seconds: float, deadline: float) -> float:
 
 
 def _homogeneous(problem: Problem, *, deadline: float | None = None) -> list[tuple[int, list[int], np.ndarray]]:
-    """Every shape on which all sequences fit, as ``(shape, group shapes, LPT assignment)``: ``world // degree``
-    groups of it, any ranks left over as idle degree-1 groups. Shapes are tried by a quick bound of their
-    makespan (the largest of the slowest sequence and the mean load) and at ``deadline`` the rest are skipped
-    (at least one is always built)."""
+    """Every shape on which all sequences fit, as ``(shape, group shapes, assignment)``: ``world // degree``
+    groups of it, any ranks left over as idle degree-1 groups, sequences balanced by tokens (``static_plan``).
+    Shapes are tried by a quick bound of their makespan (the largest of the slowest sequence and the mean load)
+    and at ``deadline`` the rest are skipped (at least one is always built)."""
     usable = [s for s in range(len(problem.shapes)) if problem.fits[s].all()]
     if not usable:  # cannot happen: the full world fits every sequence, or Problem raised
         raise ValueError("no single group shape fits every sequence")
@@ -391,17 +412,24 @@ def _homogeneous(problem: Problem, *, deadline: float | None = None) -> list[tup
         return float(problem.const[s]) + max(float(problem.times[s].max()), float(problem.times[s].sum()) / groups)
 
     out = []
+    tokens = problem.lengths.astype(np.float64)
     for s in sorted(usable, key=estimate):
         if out and deadline is not None and solver_clock.now() > deadline:
             break
         degree = int(problem.degrees[s])
         n_groups = problem.world // degree
-        out.append((s, [s] * n_groups + [0] * (problem.world - n_groups * degree), lpt(problem.times[s], n_groups)))
+        balanced_by_tokens = lpt(tokens, n_groups)
+        out.append((s, [s] * n_groups + [0] * (problem.world - n_groups * degree), balanced_by_tokens))
     return out
 
 
 def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, strategy: str) -> Plan:
-    """The baseline: ``world_size // degree`` groups of one ``degree`` and ``strategy``, sequences by LPT.
+    """The baseline: ``world_size // degree`` groups of one ``degree`` and ``strategy``, the sequences balanced by
+    tokens as a data-parallel split does (``seqpar-train --dp``, ``launch.data.replica_indices``): longest first to
+    the group with the fewest tokens so far (ties: the lowest group, the lowest ranks). That is the layout a user
+    runs by hand; the model's times would balance long sequences differently (quadratic attention), which on this
+    CPU measured 1-5% slower on long-tail steps (bench/README.md), so that balance is one of ``plan_step``'s
+    candidates, not the baseline.
 
     Raises:
         ValueError: bad ``seq_lens``; a world that cannot be split (see ``Cluster.check_plannable``);
@@ -415,8 +443,7 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
     is_int = isinstance(degree, (int, np.integer)) and not isinstance(degree, bool)
     if not is_int or not is_power_of_two(int(degree)) or degree > cluster.world_size:
         raise ValueError(f"degree={degree!r} must be a power of two no larger than world_size={cluster.world_size}")
-    times = cost_model.seq_times(lengths, degree, strategy)  # raises for a bad strategy
-    mems = cost_model.seq_memories(lengths, degree, strategy)
+    mems = cost_model.seq_memories(lengths, degree, strategy)  # raises for a bad strategy
     too_big = np.flatnonzero(mems > cluster.mem_bytes)
     if too_big.size:
         i = int(too_big[0])
@@ -428,8 +455,8 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
     idle = cluster.world_size - n_groups * int(degree)  # a world like 6 = 2 x 2 + 2 idle ranks at degree 2
     first = cost_model.strategy_names(1)[0]
     shapes = [(int(degree), strategy)] * n_groups + [(1, first)] * idle
-    plan = build_plan(cost_model, lengths, shapes, lpt(times, n_groups),
-                      status="static", note=f"static {strategy} x{degree}, LPT")
+    plan = build_plan(cost_model, lengths, shapes, lpt(lengths.astype(np.float64), n_groups),
+                      status="static", note=f"static {strategy} x{degree}, balanced by tokens")
     plan.static_makespan_s = plan.makespan_s
     return plan
 
