@@ -46,8 +46,9 @@ from seqpar.solver.problem import build_plan
 __all__ = ["DEFAULT_LENGTHS", "profile", "profile_static_plans", "calibrated_cost_model", "use_cost_model"]
 
 DEFAULT_LENGTHS = (256, 1024, 4096)  # the longest anchors attention time where long-tail batches need it
-_CACHE_VERSION = 8  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths;
-# 5: effective_cores; 6: strategy_terms per degree; 7: plan_margin; 8: shape_scales from the run's batches
+_CACHE_VERSION = 9  # 2: least of interleaved rounds, strategy_terms; 3: packed sequences; 4: of unequal lengths;
+# 5: effective_cores; 6: strategy_terms per degree; 7: plan_margin; 8: shape_scales from the run's batches;
+# 9: static plans balanced by tokens (the scales are fitted on static plans' layouts)
 PACKED_SEQUENCES = 16  # sequences per group in the profile's packed calls
 
 
