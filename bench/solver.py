@@ -8,7 +8,8 @@ call would not fit in memory):
 
 * planner: ``plan_step`` (solver "auto": HiGHS when installed) with the inline budget (1 s) and the budget it
   gets when the step is planned ahead (5 s);
-* best static: the fastest homogeneous plan (one degree and strategy for every sequence, LPT);
+* best static: the fastest homogeneous plan (one degree and strategy for every group, sequences balanced by
+  tokens as a data-parallel split does: ``static_plan``);
 * fixed for longest: the smallest degree at which the batch's longest sequence fits in memory, with the
   best strategy at that degree (how DeepSpeed-Ulysses / Megatron CP are sized);
 * lower bound: ``makespan_lower_bound(refined=True)`` (the least makespan at which a relaxation of the step fits

@@ -156,13 +156,12 @@ class SPModel(torch.nn.Module):
         these lengths uses that plan. Call it on every rank (ranks other than 0 do nothing) as soon as the data
         loader knows the next batch, after this step's ``prepare``. A no-op for a fixed strategy.
 
-        ``time_limit_s``: the solve's budget in seconds (on the CPU, CPU seconds of the planning process: its
-        cores are training's); None (default) scales it with the step it overlaps: 5% of the last step's time on
-        the CPU, 50% beside an accelerator, within [0.01, 5] s; on the CPU, while recent plans gained under 1% over
-        the fastest static plan, only the static plans are scored (a few ms; ``seqpar.runtime.steps.StepRunner
-        .plan_ahead_options``). A step nothing was planned ahead
-        for is planned inside ``prepare``, stalling every rank, with 5% of the last step's time within [0.01, 1] s
-        (1 s for the first step; ``StepRunner.inline_budget``).
+        ``time_limit_s``: the solve's budget in seconds; None (default) scales it with the step it overlaps: 5% of
+        the last step's time on the CPU (the solve shares the training cores), 50% beside an accelerator, within
+        [0.01, 5] s; on the CPU, while recent plans gained under 1% over the fastest static plan, only the static
+        plans are scored (a few ms of CPU; ``seqpar.runtime.steps.StepRunner.plan_ahead_options``). A step nothing
+        was planned ahead for is planned inside ``prepare``, stalling every rank, with 5% of the last step's time
+        within [0.01, 1] s (1 s for the first step; ``StepRunner.inline_budget``).
 
         Raises:
             ValueError: ``time_limit_s`` not None or a positive number.

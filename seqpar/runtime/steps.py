@@ -47,12 +47,12 @@ PLAN_AHEAD_MIN_S = 0.01
 PLAN_AHEAD_SHARE = {"cpu": 0.05}
 PLAN_AHEAD_SHARE_ACCELERATOR = 0.5
 # On the CPU the solve's cores are training's: a solve costs about half its CPU time in step time (4 ranks on 2
-# cores), so there its budget counts the planning thread's CPU seconds (``plan_step(clock="cpu")``; on the wall
-# clock a solve starved by the ranks searched less, and a 10 ms budget used 9-25 ms of CPU). On batches where one
-# static plan is as good as any (the short and long-tail mixes: plans predicted under 1% faster) a search buys
-# nothing. So once PLAN_GAIN_FIRST plans have run and none of the last PLAN_GAIN_WINDOW gained PLAN_GAIN_WORTH
-# over the fastest static plan (``Plan.static_makespan_s``), a plan made ahead on the CPU only scores the static
-# plans (``plan_step(solver="static")``: ~3.3 ms of CPU for the 8 shapes of 4 ranks; PLAN_AHEAD_CHEAP_S caps it),
+# cores), while on batches where one static plan is as good as any (the short and long-tail mixes: plans
+# predicted under 1% faster) a search buys nothing. So once PLAN_GAIN_FIRST plans have run and none of the last
+# PLAN_GAIN_WINDOW gained PLAN_GAIN_WORTH over the fastest static plan (``Plan.static_makespan_s``), a plan made
+# ahead on the CPU only scores the static plans (``plan_step(solver="static")``: ~3.3 ms of CPU for the 8 shapes
+# of 4 ranks), within PLAN_AHEAD_CHEAP_S of its own CPU time (``clock="cpu"``: the 10 ms wall budget before this
+# used 9-25 ms of the ranks' CPU, or, starved by them, scored one static plan of eight),
 # except every PLAN_PROBE_EVERY-th, which gets the full share to notice batches where planning pays again (one
 # that gains puts the next PLAN_GAIN_WINDOW back on the full share).
 PLAN_GAIN_WORTH = 0.01
@@ -113,10 +113,10 @@ class StepRunner:
         in the background while the current step trains, the others do nothing). The next ``prepare`` whose
         batch has exactly these lengths uses that plan; any other batch is planned inline as usual.
 
-        ``time_limit_s``: the solve's budget (on the CPU, CPU seconds of the planning process); None (default)
-        scales it with the step it overlaps (``plan_ahead_options``), so the plan is ready when the next step
-        starts and, on the CPU, the solve takes little from the cores training uses (and, while planning gains
-        nothing over static plans, only the static plans are scored).
+        ``time_limit_s``: the solve's budget; None (default) scales it with the step it overlaps
+        (``plan_ahead_options``), so the plan is ready when the next step starts and, on the CPU, the solve takes
+        little from the cores training uses (and, while planning gains nothing over static plans, only the static
+        plans are scored).
 
         Raises:
             ValueError: ``time_limit_s`` not None or a positive number.
@@ -137,8 +137,7 @@ class StepRunner:
             self._prefetcher.discard(self._ahead_key)
         self._ahead_key += 1
         self._ahead = tuple(int(n) for n in seq_lens)
-        options = self.plan_ahead_options() if time_limit_s is None else {
-            "time_limit_s": float(time_limit_s), **self._solve_clock()}
+        options = self.plan_ahead_options() if time_limit_s is None else {"time_limit_s": float(time_limit_s)}
         self.last_plan_budget_s = options["time_limit_s"]
         try:
             self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model, **options)
@@ -148,16 +147,14 @@ class StepRunner:
             self._prefetcher.submit(self._ahead_key, list(self._ahead), cost_model=self.config.cost_model, **options)
 
     def plan_ahead_options(self) -> dict[str, Any]:
-        """``plan_step``'s options for the next plan made ahead: ``time_limit_s`` (``plan_ahead_budget``), on the
-        CPU ``clock="cpu"`` (the solve's CPU seconds are the ranks'), and ``solver="static"`` when the budget is
-        the cheap one (recent plans gained nothing over the static plans: only those are scored)."""
-        options: dict[str, Any] = {"time_limit_s": self.plan_ahead_budget(), **self._solve_clock()}
+        """``plan_step``'s options for the next plan made ahead: ``time_limit_s`` (``plan_ahead_budget``), and,
+        when that is the cheap budget (on the CPU, recent plans gained nothing over the static plans),
+        ``solver="static"`` (only those are scored) with ``clock="cpu"`` (CPU seconds: a worker starved by the
+        ranks still scores them all)."""
+        options: dict[str, Any] = {"time_limit_s": self.plan_ahead_budget()}
         if self._cheap_plan_due():
-            options["solver"] = "static"
+            options.update(solver="static", clock="cpu")
         return options
-
-    def _solve_clock(self) -> dict[str, str]:
-        return {"clock": "cpu"} if self._device_type in PLAN_AHEAD_SHARE else {}
 
     def _cheap_plan_due(self) -> bool:
         """Whether the plan being asked for gets ``PLAN_AHEAD_CHEAP_S``: a step has run, planning pays little and
@@ -171,8 +168,8 @@ class StepRunner:
         ``prepare`` calls; before a second one, the running plan's predicted makespan), within
         ``[PLAN_AHEAD_MIN_S, PREFETCH_TIME_LIMIT_S]``; ``PLAN_AHEAD_FIRST_S`` before any step. On the CPU,
         ``PLAN_AHEAD_CHEAP_S`` while recent plans gained under ``PLAN_GAIN_WORTH`` over the fastest static plan
-        (the constants' comment: the solve's CPU is training's there), but for every ``PLAN_PROBE_EVERY``-th.
-        On the CPU the budget is CPU seconds of the planning process (``plan_ahead_options``)."""
+        (the constants' comment: the solve's CPU is training's there; CPU seconds, ``plan_ahead_options``), but for
+        every ``PLAN_PROBE_EVERY``-th."""
         step_s = self._step_seconds if self._step_seconds is not None else self._predicted_s
         if step_s is None:
             return PLAN_AHEAD_FIRST_S

@@ -220,12 +220,6 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
 
     # every homogeneous plan is a static_plan: all are re-scored packed (never slower than static_plan)
     candidates += [(_shape_name(problem, s), shapes, assign) for s, shapes, assign in homogeneous]
-    # the same groups balanced by the model's times instead of tokens: a layout no static run has, so like any
-    # other plan it must beat the static plans by min_gain
-    for s, shapes, assign in homogeneous:
-        by_time = lpt(problem.times[s], shapes.count(s))
-        if not np.array_equal(by_time, assign):
-            candidates.append((f"{_shape_name(problem, s)}, balanced by time", shapes, by_time))
     if shared:  # the longest sequences alone, so their groups get the cores the short ones' groups free
         for s, shapes, _ in homogeneous:
             n_groups = shapes.count(s)
@@ -427,9 +421,9 @@ def static_plan(seq_lens: Sequence[int], cost_model: CostModel, degree: int, str
     """The baseline: ``world_size // degree`` groups of one ``degree`` and ``strategy``, the sequences balanced by
     tokens as a data-parallel split does (``seqpar-train --dp``, ``launch.data.replica_indices``): longest first to
     the group with the fewest tokens so far (ties: the lowest group, the lowest ranks). That is the layout a user
-    runs by hand; the model's times would balance long sequences differently (quadratic attention), which on this
-    CPU measured 1-5% slower on long-tail steps (bench/README.md), so that balance is one of ``plan_step``'s
-    candidates, not the baseline.
+    runs by hand, and the baseline ``plan_step`` leaves only for a predicted gain above ``min_gain``: balanced by
+    the model's times (quadratic attention) instead, auto's degree-1 and ring x2 layouts of long-tail steps
+    measured 1-5% slower than ``--dp``'s on this CPU (bench/README.md).
 
     Raises:
         ValueError: bad ``seq_lens``; a world that cannot be split (see ``Cluster.check_plannable``);
