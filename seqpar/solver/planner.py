@@ -11,8 +11,9 @@ to one group, minimising the makespan under the PACKED cost model: a group runs 
 * Otherwise it builds candidates on the additive surrogate (``problem`` docstring), re-scores each with the
   packed model (``Problem.to_plan``) and returns the fastest:
 
-  1. every homogeneous plan (one degree and strategy for all, sequences by LPT) — so the result is never
-     slower than ``static_plan``;
+  1. every homogeneous plan (one degree and strategy for all, sequences balanced by tokens as ``static_plan``
+     and a ``--dp`` run: the static plans), scored first — so the result is never slower than the fastest of
+     them (``solver="static"`` stops there);
   2. the best homogeneous plan improved by local search;
   3. the greedy target-makespan plan (``assign.greedy_groups``), improved by local search;
   4. the MILP plan (``milp.solve_milp``: CBC or HiGHS, warm-started from the better of 1 and 3), its
@@ -34,14 +35,15 @@ Last, the plan found is returned only when predicted faster than the fastest sta
 over many candidates picks the ones whose predictions are most optimistic, so gains within the model's error are
 mostly its error (on a shared CPU, plans predicted 3-14% faster measured 0.94-1.08 of the static plan).
 
-``time_limit_s`` is a deadline for the whole call: every phase checks it (the homogeneous plans stop at 50% of
-it, the search at 80%; the greedy gets up to 70% of the search's time and ends early once within 0.2%; the
-MILP's own limit is what is left once its model is built, less a reserve for the re-balancing, and its solver
-is stopped (HiGHS, run in a thread) or killed (CBC) at that instant whatever it is doing; HiGHS also stops when
-its best solution stalls), the packed re-scoring takes candidates in the surrogate's order until 85% of it, or
-sooner by its measured cost per candidate (at least one; a candidate whose packed bound,
-``Problem.packed_floor``, cannot beat the best so far is skipped), and the packed search runs until 98% less
-the cost of re-scoring its result.
+``time_limit_s`` is a deadline for the whole call, read on ``clock`` (wall, or the thread's CPU time:
+``seqpar.solver.clock``): every phase checks it (the homogeneous plans stop at 50% of it, their scoring at 60%, each
+at least a share once the tables are built; the search at 80%; the greedy gets up to 70% of the search's time and
+ends early once within 0.2%; the MILP's own limit is what is left once its model is built, less a reserve for the
+re-balancing, and its solver is stopped (HiGHS, run in a thread) or killed (CBC) at that instant whatever it is
+doing; HiGHS also stops when its best solution stalls), the packed re-scoring takes candidates in the surrogate's
+order until 85% of it, or sooner by its measured cost per candidate (at least one; a candidate whose packed bound,
+``Problem.packed_floor``, cannot beat the best so far is skipped), and the packed search runs until 98% less the
+cost of re-scoring its result.
 ``solver_status``: ``"optimal"`` when the exact search ran or the plan meets ``Problem.lower_bound``;
 ``"feasible"`` when the MILP gave a solution (optimal or not on its surrogate, the note says which);
 ``"greedy"`` when it gave none. The note says what was proved: the MILP's outcome ("optimal for the bucketed
