@@ -187,10 +187,13 @@ def _plan_step(seq_lens: Sequence[int], cost_model: CostModel, *, strategies: Se
                                                      solver_clock.now() + 0.1 * time_limit_s))
     homogeneous.sort(key=lambda h: problem.makespan(h[1], h[2]))
     # the static plans are scored packed first, before any search can spend the budget: the fastest of them is
-    # the baseline min_gain keeps (~0.2 ms each), the least promising left out past their share of the budget
+    # the baseline min_gain keeps (~0.2 ms each), the least promising left out past their share of the budget;
+    # most promising first on the surrogate of what is compared (shared cores: the step time), so that the one a
+    # starved call scores is the likeliest fastest
     stop = (deadline - 0.1 * time_limit_s if solver == "static"
             else max(started + 0.6 * time_limit_s, solver_clock.now() + 0.3 * time_limit_s))
-    statics, rescore_s = _scored_static_plans(problem, homogeneous, stop=stop)
+    by_promise = sorted(homogeneous, key=lambda h: problem.step_time(h[1], h[2])) if shared else homogeneous
+    statics, rescore_s = _scored_static_plans(problem, by_promise, stop=stop)
     if solver == "static":
         name, best = min(statics, key=lambda p: p[1].makespan_s)
         best.static_makespan_s = best.makespan_s
