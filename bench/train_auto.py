@@ -14,7 +14,7 @@ slower than the next, so auto is also compared with each static configuration ro
 per-round ratios: a slow round slows both) and step by step (``paired``: the median over every round and timed
 step of the static run's seconds over auto's for the same batch). The pooled median of the steps' tokens/s, the
 old score, is printed beside. ``auto`` is what a user gets with ``--strategy auto --calibrate``: the calibration
-is profiled once per mix (the synthetic profile, then every static plan timed on the mix's first 3 batches:
+is profiled once per mix (the synthetic profile, then every static plan timed on the mix's first 6 batches:
 ``shape_scales``), before the timed rounds, and read from its cache file in every run; each step's plan is made
 while the step before trains, in a planning process of its own, with a budget of 5% of that step on the CPU.
 
